@@ -1,0 +1,329 @@
+// GRU ("reset after", as torch.nn and cuDNN) over a whole sequence, one layer and one
+// direction, on the CPU. Same structure as lstm_cpu.cpp: one input-projection GEMM, per
+// step a recurrent GEMM over the running rows and a fused pointwise pass; backward per
+// step, then the weight-gradient GEMMs over all steps for the weights that need them.
+// Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
+#include "sequence_cpu.h"
+
+#include <rnntl/cell_math.h>
+
+namespace rnntl {
+namespace cpu {
+namespace {
+
+template <typename T>
+struct GruForwardStep {
+  int64_t batch, hidden, t;
+  const int64_t* order;
+  const T* input_gates;      // [T, B, 3H] W_ih x + b_ih
+  const T* recurrent_gates;  // [B, 3H]    slot-major W_hh h_{t-1} (no bias)
+  const T* bias_hh;          // [3H]       b_hh, or zeros
+  T* hidden_state;           // [B, H]     slot-major
+  T* output;                 // [T, B, H]
+  T* gates;                  // [T, B, 3H] activations r, z, n, when saving for backward
+  T* hidden_n;               // [T, B, H]  W_hn h_{t-1} + b_hn, when saving
+};
+
+template <typename T, bool kSave>
+inline void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
+  const int64_t H = s.hidden, G = 3 * s.hidden;
+  const int64_t row = s.t * s.batch + s.order[j];
+  const T* __restrict__ x = s.input_gates + row * G;
+  const T* __restrict__ r = s.recurrent_gates + j * G;
+  const T* __restrict__ bias = s.bias_hh;
+  T* __restrict__ h = s.hidden_state + j * H;
+  T* __restrict__ out = s.output + row * H;
+  T* __restrict__ gates = kSave ? s.gates + row * G : nullptr;
+  T* __restrict__ hidden_n = kSave ? s.hidden_n + row * H : nullptr;
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const T hn = r[2 * H + k] + bias[2 * H + k];
+    const GruForwardElement<T> e =
+        gru_element_forward(x[k], x[H + k], x[2 * H + k], r[k] + bias[k], r[H + k] + bias[H + k], hn, h[k]);
+    h[k] = e.hidden;
+    out[k] = e.hidden;
+    if (kSave) {
+      gates[k] = e.r;
+      gates[H + k] = e.z;
+      gates[2 * H + k] = e.n;
+      hidden_n[k] = hn;
+    }
+  }
+}
+
+template <typename T>
+inline void gru_forward_rows(const GruForwardStep<T>& s, int64_t begin, int64_t end, bool save) {
+  for (int64_t j = begin; j < end; ++j) save ? gru_forward_row<T, true>(s, j) : gru_forward_row<T, false>(s, j);
+}
+
+RNNTL_VECTOR_CLONES void gru_forward_rows_entry(const GruForwardStep<float>& s, int64_t begin, int64_t end,
+                                                bool save) {
+  gru_forward_rows(s, begin, end, save);
+}
+void gru_forward_rows_entry(const GruForwardStep<double>& s, int64_t begin, int64_t end, bool save) {
+  gru_forward_rows(s, begin, end, save);
+}
+
+template <typename T>
+struct GruBackwardStep {
+  int64_t batch, hidden, t;
+  bool reverse;
+  const SequenceOrder* sequence;
+  const T* gates;             // [T, B, 3H]
+  const T* hidden_n;          // [T, B, H]
+  const T* output;            // [T, B, H]
+  const T* grad_output;       // [T, B, H]
+  const T* h0;                // [B, H] or nullptr
+  const T* zeros;             // [H]
+  T* grad_hidden_carry;       // [B, H]  slot-major dL/dh_t from step t+1 (read)
+  T* grad_hidden_direct;      // [B, H]  slot-major z * dL/dh_t (written)
+  T* grad_hidden_gates;       // [B, 3H] slot-major dL/d(W_hh h + b_hh)
+  T* grad_hidden_gates_all;   // [T, B, 3H] or nullptr (may alias grad_hidden_gates)
+  T* grad_input_gates_all;    // [T, B, 3H] dL/d(W_ih x + b_ih)
+  T* hidden_prev_all;         // [T, B, H] or nullptr
+  T state_clip, gate_clip;
+};
+
+template <typename T>
+inline void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
+  const int64_t H = s.hidden, G = 3 * s.hidden;
+  const int64_t b = s.sequence->order[j];
+  const int64_t row = s.t * s.batch + b;
+  const bool first = s.sequence->is_first_step(b, s.t, s.reverse);
+  const int64_t prev_row = SequenceOrder::previous_step(s.t, s.reverse) * s.batch + b;
+  const T* __restrict__ h_prev = first ? (s.h0 ? s.h0 + b * H : s.zeros) : s.output + prev_row * H;
+  const T* __restrict__ act = s.gates + row * G;
+  const T* __restrict__ hn = s.hidden_n + row * H;
+  const T* __restrict__ go = s.grad_output + row * H;
+  const T* __restrict__ carry = s.grad_hidden_carry + j * H;
+  T* __restrict__ direct = s.grad_hidden_direct + j * H;
+  T* __restrict__ dgh = s.grad_hidden_gates + j * G;
+  T* __restrict__ dgi = s.grad_input_gates_all + row * G;
+  const T state_clip = s.state_clip, gate_clip = s.gate_clip;
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const T dh = clip_value(carry[k] + go[k], state_clip);
+    const GruBackwardElement<T> e =
+        gru_element_backward(act[k], act[H + k], act[2 * H + k], hn[k], h_prev[k], dh, gate_clip);
+    dgi[k] = e.d_r;
+    dgi[H + k] = e.d_z;
+    dgi[2 * H + k] = e.d_n;
+    dgh[k] = e.d_r;
+    dgh[H + k] = e.d_z;
+    dgh[2 * H + k] = e.d_hidden_n;
+    direct[k] = e.grad_hidden_prev;
+  }
+  if (s.grad_hidden_gates_all) {
+    T* all = s.grad_hidden_gates_all + row * G;
+    if (all != dgh) std::copy(dgh, dgh + G, all);
+  }
+  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + row * H);
+}
+
+template <typename T>
+inline void gru_backward_rows(const GruBackwardStep<T>& s, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) gru_backward_row(s, j);
+}
+
+RNNTL_VECTOR_CLONES void gru_backward_rows_entry(const GruBackwardStep<float>& s, int64_t begin, int64_t end) {
+  gru_backward_rows(s, begin, end);
+}
+void gru_backward_rows_entry(const GruBackwardStep<double>& s, int64_t begin, int64_t end) {
+  gru_backward_rows(s, begin, end);
+}
+
+int64_t check_gru_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                          const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh) {
+  check_input(input);
+  check_same(input, weight_ih, "weight_ih");
+  check_same(input, weight_hh, "weight_hh");
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 3 == 0 && weight_ih.size(0) > 0,
+              "rnntl_fast: weight_ih must have shape [3*hidden_size, input_size], got ", weight_ih.sizes());
+  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
+              " features but weight_ih expects input_size=", weight_ih.size(1));
+  const int64_t H = weight_ih.size(0) / 3;
+  check_shape(weight_hh, {3 * H, H}, "weight_hh");
+  check_optional(bias_ih, input, {3 * H}, "bias_ih");
+  check_optional(bias_hh, input, {3 * H}, "bias_hh");
+  return H;
+}
+
+}  // namespace
+
+// Returns (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]); the last two
+// are empty unless save_for_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, bool reverse,
+    c10::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
+  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
+  check_optional(h0, input, {B, H}, "h0");
+  check_lengths(lengths, T, B);
+  clip_or_zero(grad_clip, "grad_clip");
+  check_grad_clip_mode(grad_clip_mode);
+  const auto options = input.options();
+
+  const at::Tensor x = input.contiguous().view({T * B, I});
+  const at::Tensor input_gates = bias_ih.has_value() ? at::addmm(*bias_ih, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+  const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
+  const SequenceOrder sequence(lengths, T, B);
+  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, H}, options);
+  at::Tensor recurrent_gates = at::empty({B, G}, options);
+  at::Tensor output = at::empty({T, B, H}, options);
+  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
+  at::Tensor hidden_n = empty_if(save_for_backward, {T, B, H}, options);
+  const at::Tensor weight_hh_t = weight_hh.t();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] {
+    using T_ = scalar_t;
+    GruForwardStep<T_> s;
+    s.batch = B;
+    s.hidden = H;
+    s.order = sequence.order.data();
+    s.input_gates = input_gates.data_ptr<T_>();
+    s.recurrent_gates = recurrent_gates.data_ptr<T_>();
+    s.bias_hh = bias.data_ptr<T_>();
+    s.hidden_state = hidden_state.data_ptr<T_>();
+    s.output = output.data_ptr<T_>();
+    s.gates = save_for_backward ? gates.data_ptr<T_>() : nullptr;
+    s.hidden_n = save_for_backward ? hidden_n.data_ptr<T_>() : nullptr;
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = sequence.active[t];
+      s.t = t;
+      if (n > 0) {
+        mm_into(slots(recurrent_gates, n), slots(hidden_state, n), weight_hh_t);
+        parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });
+      }
+      for (int64_t j = n; j < B; ++j) {
+        const int64_t row = t * B + sequence.order[j];
+        std::fill_n(s.output + row * H, H, T_(0));
+        if (save_for_backward) {
+          std::fill_n(s.gates + row * G, G, T_(0));
+          std::fill_n(s.hidden_n + row * H, H, T_(0));
+        }
+      }
+    }
+  });
+
+  at::Tensor h_n = at::empty({B, H}, options);
+  h_n.index_copy_(0, order_tensor, hidden_state);
+  return {output, h_n, gates, hidden_n};
+}
+
+// Returns (grad_input [T,B,I], grad_weight_ih [3H,I], grad_weight_hh [3H,H],
+// grad_bias_ih [3H], grad_bias_hh [3H], grad_h0 [B,H]); an entry whose output_mask is
+// false is an empty tensor and costs nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, c10::optional<double> grad_clip,
+    c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
+  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
+  check_optional(h0, input, {B, H}, "h0");
+  check_optional(grad_output, input, {T, B, H}, "grad_output");
+  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
+  check_lengths(lengths, T, B);
+  check_same(input, output, "output");
+  check_shape(output, {T, B, H}, "output");
+  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
+  check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
+  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
+  check_grad_clip_mode(grad_clip_mode);
+  const bool gate_mode = grad_clip_mode == "gates";
+  const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
+             need_bias_ih = output_mask[3], need_bias_hh = output_mask[4], need_h0 = output_mask[5];
+  const bool keep_hidden_gates = need_weight_hh || need_bias_hh;
+  const auto options = input.options();
+
+  const SequenceOrder sequence(lengths, T, B);
+  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const bool identity_order = !lengths.has_value();
+  const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, H}, options);
+  at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, H}, options).index_select(0, order_tensor);
+  at::Tensor grad_hidden_direct = at::empty({B, H}, options);
+  at::Tensor grad_input_gates_all = at::empty({T, B, G}, options);
+  at::Tensor grad_hidden_gates_all = keep_hidden_gates ? at::empty({T, B, G}, options) : at::Tensor();
+  at::Tensor grad_hidden_gates_buffer = at::empty({B, G}, options);
+  at::Tensor hidden_prev_all = need_weight_hh ? at::empty({T, B, H}, options) : at::Tensor();
+  const at::Tensor zeros = at::zeros({H}, options);
+  const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
+  const at::Tensor output_c = output.contiguous();
+  const at::Tensor gates_c = gates.contiguous();
+  const at::Tensor hidden_n_c = hidden_n.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] {
+    using T_ = scalar_t;
+    GruBackwardStep<T_> s;
+    s.batch = B;
+    s.hidden = H;
+    s.reverse = reverse;
+    s.sequence = &sequence;
+    s.gates = gates_c.data_ptr<T_>();
+    s.hidden_n = hidden_n_c.data_ptr<T_>();
+    s.output = output_c.data_ptr<T_>();
+    s.grad_output = grad_out.data_ptr<T_>();
+    s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
+    s.zeros = zeros.data_ptr<T_>();
+    s.grad_hidden_carry = grad_hidden_carry.data_ptr<T_>();
+    s.grad_hidden_direct = grad_hidden_direct.data_ptr<T_>();
+    s.grad_hidden_gates_all = keep_hidden_gates ? grad_hidden_gates_all.data_ptr<T_>() : nullptr;
+    s.grad_input_gates_all = grad_input_gates_all.data_ptr<T_>();
+    s.hidden_prev_all = need_weight_hh ? hidden_prev_all.data_ptr<T_>() : nullptr;
+    s.state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
+    s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
+    T_* carry = s.grad_hidden_carry;
+
+    for (int64_t step = T - 1; step >= 0; --step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = sequence.active[t];
+      s.t = t;
+      at::Tensor grad_hidden_gates =
+          identity_order && keep_hidden_gates ? grad_hidden_gates_all[t] : grad_hidden_gates_buffer;
+      s.grad_hidden_gates = grad_hidden_gates.data_ptr<T_>();
+      if (n > 0) {
+        parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
+        addmm_into(slots(grad_hidden_carry, n), slots(grad_hidden_direct, n), slots(grad_hidden_gates, n),
+                      weight_hh);
+      }
+      for (int64_t j = n; j < B; ++j) {
+        const int64_t row = t * B + sequence.order[j];
+        if (s.state_clip > 0) {
+          for (int64_t k = 0; k < H; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
+        }
+        std::fill_n(s.grad_input_gates_all + row * G, G, T_(0));
+        if (s.grad_hidden_gates_all) std::fill_n(s.grad_hidden_gates_all + row * G, G, T_(0));
+        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * H, H, T_(0));
+      }
+    }
+  });
+
+  const at::Tensor grad_input_gates = grad_input_gates_all.view({T * B, G});
+  // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
+  const auto none = [&] { return at::empty({0}, options); };
+  at::Tensor grad_input = need_input ? at::mm(grad_input_gates, weight_ih).view({T, B, I}) : none();
+  at::Tensor grad_weight_ih = need_weight_ih ? at::mm(grad_input_gates.t(), input.contiguous().view({T * B, I})) : none();
+  at::Tensor grad_bias_ih = need_bias_ih ? grad_input_gates.sum(0) : none();
+  at::Tensor grad_weight_hh =
+      need_weight_hh ? at::mm(grad_hidden_gates_all.view({T * B, G}).t(), hidden_prev_all.view({T * B, H})) : none();
+  at::Tensor grad_bias_hh = need_bias_hh ? grad_hidden_gates_all.view({T * B, G}).sum(0) : none();
+  at::Tensor grad_h0 = none();
+  if (need_h0) {
+    grad_h0 = at::empty({B, H}, options);
+    grad_h0.index_copy_(0, order_tensor, grad_hidden_carry);
+  }
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0};
+}
+
+}  // namespace cpu
+}  // namespace rnntl
+
+TORCH_LIBRARY_IMPL(rnntl_fast, CPU, m) {
+  m.impl("gru_forward", &rnntl::cpu::gru_forward_cpu);
+  m.impl("gru_backward", &rnntl::cpu::gru_backward_cpu);
+}

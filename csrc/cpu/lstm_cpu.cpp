@@ -1,0 +1,483 @@
+// LSTM over a whole sequence, one layer and one direction, on the CPU.
+//
+// Forward: one GEMM for the input projection of all steps; per step one GEMM for the
+// recurrent part (over the rows still running) and one fused pointwise pass; with
+// proj_size a second small GEMM and an epilogue. Backward mirrors it per step and ends
+// with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
+// Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
+// h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
+#include "sequence_cpu.h"
+
+#include <rnntl/cell_math.h>
+
+namespace rnntl {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------
+// Forward pointwise pass of one step.
+// ------------------------------------------------------------------------------------
+template <typename T>
+struct LstmForwardStep {
+  int64_t batch, hidden, t;
+  const int64_t* order;
+  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh
+  const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
+  T* cell_state;             // [B, H]      slot-major
+  T* hidden_state;           // [B, H]      slot-major, only without projection
+  T* hidden_unprojected;     // [B, H]      slot-major o*tanh(c), only with projection
+  T* output;                 // [T, B, H]   only without projection
+  T* gates;                  // [T, B, 4H]  activations i,f,g,o, when saving for backward
+  T* cells;                  // [T, B, H]   cell before clip, when saving
+  T* hidden_pre_clip;        // [T, B, H]   hidden before proj_clip, when saving with proj_clip
+  T cell_clip, proj_clip;
+};
+
+template <typename T, bool kSave, bool kProject>
+inline void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
+  const int64_t H = s.hidden, G = 4 * s.hidden;
+  const int64_t row = s.t * s.batch + s.order[j];
+  const T* __restrict__ x = s.input_gates + row * G;
+  const T* __restrict__ r = s.recurrent_gates + j * G;
+  T* __restrict__ c = s.cell_state + j * H;
+  T* __restrict__ gates = kSave ? s.gates + row * G : nullptr;
+  T* __restrict__ cells = kSave ? s.cells + row * H : nullptr;
+  T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
+  T* __restrict__ h = kProject ? nullptr : s.hidden_state + j * H;
+  T* __restrict__ out = kProject ? nullptr : s.output + row * H;
+  const bool keep_pre_clip = !kProject && kSave && s.hidden_pre_clip != nullptr;
+  T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + row * H : nullptr;
+  const T cell_clip = s.cell_clip, proj_clip = s.proj_clip;
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const LstmForwardElement<T> e =
+        lstm_element_forward(x[k] + r[k], x[H + k] + r[H + k], x[2 * H + k] + r[2 * H + k],
+                             x[3 * H + k] + r[3 * H + k], c[k], cell_clip);
+    c[k] = e.cell;
+    if (kSave) {
+      gates[k] = e.i;
+      gates[H + k] = e.f;
+      gates[2 * H + k] = e.g;
+      gates[3 * H + k] = e.o;
+      cells[k] = e.cell_before_clip;
+    }
+    if (kProject) {
+      m[k] = e.hidden;
+    } else {
+      const T hv = clip_value(e.hidden, proj_clip);
+      h[k] = hv;
+      out[k] = hv;
+    }
+  }
+  if (keep_pre_clip) {
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) pre[k] = gates[3 * H + k] * tanh_(c[k]);
+  }
+}
+
+template <typename T>
+inline void lstm_forward_rows(const LstmForwardStep<T>& s, int64_t begin, int64_t end, bool save,
+                              bool project) {
+  for (int64_t j = begin; j < end; ++j) {
+    if (save) {
+      project ? lstm_forward_row<T, true, true>(s, j) : lstm_forward_row<T, true, false>(s, j);
+    } else {
+      project ? lstm_forward_row<T, false, true>(s, j) : lstm_forward_row<T, false, false>(s, j);
+    }
+  }
+}
+
+RNNTL_VECTOR_CLONES void lstm_forward_rows_entry(const LstmForwardStep<float>& s, int64_t begin,
+                                                 int64_t end, bool save, bool project) {
+  lstm_forward_rows(s, begin, end, save, project);
+}
+void lstm_forward_rows_entry(const LstmForwardStep<double>& s, int64_t begin, int64_t end, bool save,
+                             bool project) {
+  lstm_forward_rows(s, begin, end, save, project);
+}
+
+// ------------------------------------------------------------------------------------
+// Backward pointwise pass of one step (after dL/dm is known for the active slots).
+// ------------------------------------------------------------------------------------
+template <typename T>
+struct LstmBackwardStep {
+  int64_t batch, hidden, out_size, t;
+  bool reverse;
+  const SequenceOrder* sequence;
+  const T* gates;                   // [T, B, 4H]
+  const T* cells;                   // [T, B, H]  before clip
+  const T* output;                  // [T, B, P]
+  const T* h0;                      // [B, P] or nullptr
+  const T* c0;                      // [B, H] or nullptr
+  const T* zeros;                   // [max(H, P)] zeros, stands for an omitted h0 / c0
+  const T* grad_hidden_unprojected; // [B, H] slot-major dL/dm
+  T* grad_cell_carry;               // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
+  T* grad_gates;                    // [B, 4H] slot-major dL/da (feeds the recurrent GEMM)
+  T* grad_gates_all;                // [T, B, 4H] (may alias grad_gates at this step)
+  T* hidden_prev_all;               // [T, B, P] h_{t-1} per row, or nullptr
+  T* hidden_unprojected_all;        // [T, B, H] m per row (for dW_hr), or nullptr
+  T cell_clip, state_clip, gate_clip;
+};
+
+template <typename T>
+inline void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
+  const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
+  const int64_t b = s.sequence->order[j];
+  const int64_t row = s.t * s.batch + b;
+  const bool first = s.sequence->is_first_step(b, s.t, s.reverse);
+  const int64_t prev_row = SequenceOrder::previous_step(s.t, s.reverse) * s.batch + b;
+  const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros) : s.cells + prev_row * H;
+  const T prev_clip = first ? T(0) : s.cell_clip;  // c0 is not clipped; saved cells are pre-clip
+  const T* __restrict__ act = s.gates + row * G;
+  const T* __restrict__ cell = s.cells + row * H;
+  const T* __restrict__ dm = s.grad_hidden_unprojected + j * H;
+  T* __restrict__ dc = s.grad_cell_carry + j * H;
+  T* __restrict__ da = s.grad_gates + j * G;
+  const T cell_clip = s.cell_clip, state_clip = s.state_clip, gate_clip = s.gate_clip;
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const LstmBackwardElement<T> e = lstm_element_backward(
+        act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], clip_value(cell_prev[k], prev_clip),
+        dm[k], dc[k], cell_clip, state_clip, gate_clip);
+    da[k] = e.d_i;
+    da[H + k] = e.d_f;
+    da[2 * H + k] = e.d_g;
+    da[3 * H + k] = e.d_o;
+    dc[k] = e.grad_cell_prev;
+  }
+  T* da_all = s.grad_gates_all + row * G;
+  if (da_all != da) std::copy(da, da + G, da_all);
+  if (s.hidden_prev_all) {
+    const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
+    std::copy(h_prev, h_prev + P, s.hidden_prev_all + row * P);
+  }
+  if (s.hidden_unprojected_all) {
+    T* __restrict__ m = s.hidden_unprojected_all + row * H;
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) m[k] = act[3 * H + k] * tanh_(clip_value(cell[k], cell_clip));
+  }
+}
+
+template <typename T>
+inline void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) lstm_backward_row(s, j);
+}
+
+RNNTL_VECTOR_CLONES void lstm_backward_rows_entry(const LstmBackwardStep<float>& s, int64_t begin,
+                                                  int64_t end) {
+  lstm_backward_rows(s, begin, end);
+}
+void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, int64_t end) {
+  lstm_backward_rows(s, begin, end);
+}
+
+// dL/dh_t total (carry from step t+1 plus the output's gradient), clipped in state mode,
+// then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
+template <typename T>
+void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
+                               const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
+                               const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
+                               T state_clip, T proj_clip) {
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t row = t * batch + order[j];
+    const T* __restrict__ go = grad_output + row * P;
+    const T* __restrict__ carry = grad_hidden_carry + j * P;
+    const T* __restrict__ pre = hidden_pre_clip ? hidden_pre_clip + row * P : nullptr;
+    T* __restrict__ d = grad_pre_clip + j * P;
+#pragma omp simd
+    for (int64_t k = 0; k < P; ++k) {
+      const T g = clip_value(carry[k] + go[k], state_clip);
+      d[k] = pre ? g * clip_pass(pre[k], proj_clip) : g;
+    }
+    if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + row * P);
+  }
+}
+
+void check_lstm_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                        const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+                        const c10::optional<at::Tensor>& weight_hr, int64_t* hidden, int64_t* out_size) {
+  check_input(input);
+  check_same(input, weight_ih, "weight_ih");
+  check_same(input, weight_hh, "weight_hh");
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_ih.size(0) > 0,
+              "rnntl_fast: weight_ih must have shape [4*hidden_size, input_size], got ", weight_ih.sizes());
+  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
+              " features but weight_ih expects input_size=", weight_ih.size(1));
+  const int64_t H = weight_ih.size(0) / 4;
+  int64_t P = H;
+  if (weight_hr.has_value()) {
+    check_same(input, *weight_hr, "weight_hr");
+    TORCH_CHECK(weight_hr->dim() == 2 && weight_hr->size(1) == H && weight_hr->size(0) > 0,
+                "rnntl_fast: weight_hr must have shape [proj_size, ", H, "], got ", weight_hr->sizes());
+    P = weight_hr->size(0);
+  }
+  check_shape(weight_hh, {4 * H, P}, "weight_hh");
+  check_optional(bias_ih, input, {4 * H}, "bias_ih");
+  check_optional(bias_hh, input, {4 * H}, "bias_hh");
+  *hidden = H;
+  *out_size = P;
+}
+
+}  // namespace
+
+// Returns (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H],
+// hidden_pre_clip [T,B,P]); the last three are empty unless save_for_backward (and,
+// for hidden_pre_clip, proj_clip) is set.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+    const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, bool reverse,
+    c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip,
+    c10::string_view grad_clip_mode, bool save_for_backward) {
+  int64_t H = 0, P = 0;
+  check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
+  check_optional(h0, input, {B, P}, "h0");
+  check_optional(c0, input, {B, H}, "c0");
+  check_lengths(lengths, T, B);
+  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
+  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
+  clip_or_zero(grad_clip, "grad_clip");
+  check_grad_clip_mode(grad_clip_mode);
+  const bool project = weight_hr.has_value();
+  const auto options = input.options();
+
+  at::Tensor input_gates;
+  {
+    const at::Tensor x = input.contiguous().view({T * B, I});
+    c10::optional<at::Tensor> bias;
+    if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
+    else if (bias_ih.has_value()) bias = *bias_ih;
+    else if (bias_hh.has_value()) bias = *bias_hh;
+    input_gates = bias ? at::addmm(*bias, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+  }
+  const SequenceOrder sequence(lengths, T, B);
+  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+
+  at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
+  at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
+  at::Tensor recurrent_gates = at::empty({B, G}, options);
+  at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
+  at::Tensor projected = project ? at::empty({B, P}, options) : at::Tensor();
+  at::Tensor output = at::empty({T, B, P}, options);
+  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
+  at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
+  at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
+  const at::Tensor weight_hh_t = weight_hh.t();
+  const at::Tensor weight_hr_t = project ? weight_hr->t() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] {
+    using T_ = scalar_t;
+    LstmForwardStep<T_> s;
+    s.batch = B;
+    s.hidden = H;
+    s.order = sequence.order.data();
+    s.input_gates = input_gates.data_ptr<T_>();
+    s.recurrent_gates = recurrent_gates.data_ptr<T_>();
+    s.cell_state = cell_state.data_ptr<T_>();
+    s.hidden_state = project ? nullptr : hidden_state.data_ptr<T_>();
+    s.hidden_unprojected = project ? hidden_unprojected.data_ptr<T_>() : nullptr;
+    s.output = project ? nullptr : output.data_ptr<T_>();
+    s.gates = save_for_backward ? gates.data_ptr<T_>() : nullptr;
+    s.cells = save_for_backward ? cells.data_ptr<T_>() : nullptr;
+    s.hidden_pre_clip = hidden_pre_clip.numel() ? hidden_pre_clip.data_ptr<T_>() : nullptr;
+    s.cell_clip = static_cast<T_>(cell_limit);
+    s.proj_clip = static_cast<T_>(proj_limit);
+    T_* out_data = output.data_ptr<T_>();
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = sequence.active[t];
+      s.t = t;
+      if (n > 0) {
+        mm_into(slots(recurrent_gates, n), slots(hidden_state, n), weight_hh_t);
+        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
+      }
+      if (project && n > 0) {
+        mm_into(slots(projected, n), slots(hidden_unprojected, n), weight_hr_t);
+        const T_* r = projected.data_ptr<T_>();
+        T_* h = hidden_state.data_ptr<T_>();
+        T_* pre = s.hidden_pre_clip;
+        const T_ limit = s.proj_clip;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t row = t * B + sequence.order[j];
+          for (int64_t k = 0; k < P; ++k) {
+            const T_ v = r[j * P + k];
+            if (pre) pre[row * P + k] = v;
+            const T_ hv = clip_value(v, limit);
+            h[j * P + k] = hv;
+            out_data[row * P + k] = hv;
+          }
+        }
+      }
+      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged.
+      for (int64_t j = n; j < B; ++j) {
+        const int64_t row = t * B + sequence.order[j];
+        std::fill_n(out_data + row * P, P, T_(0));
+        if (save_for_backward) {
+          std::fill_n(s.gates + row * G, G, T_(0));
+          std::fill_n(s.cells + row * H, H, T_(0));
+          if (s.hidden_pre_clip) std::fill_n(s.hidden_pre_clip + row * P, P, T_(0));
+        }
+      }
+    }
+  });
+
+  at::Tensor h_n = at::empty({B, P}, options);
+  at::Tensor c_n = at::empty({B, H}, options);
+  h_n.index_copy_(0, order_tensor, hidden_state);
+  c_n.index_copy_(0, order_tensor, cell_state);
+  return {output, h_n, c_n, gates, cells, hidden_pre_clip};
+}
+
+// Returns (grad_input [T,B,I], grad_weight_ih [4H,I], grad_weight_hh [4H,P],
+// grad_bias [4H] (the same for bias_ih and bias_hh), grad_weight_hr [P,H], grad_h0 [B,P],
+// grad_c0 [B,H]); an entry whose output_mask is false is an empty tensor and costs nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+                  const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                  const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                  const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
+                  const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+                  const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                  const at::Tensor& hidden_pre_clip, bool reverse, c10::optional<double> cell_clip,
+                  c10::optional<double> proj_clip, c10::optional<double> grad_clip,
+                  c10::string_view grad_clip_mode, std::array<bool, 7> output_mask) {
+  int64_t H = 0, P = 0;
+  check_lstm_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt, weight_hr, &H, &P);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
+  check_optional(h0, input, {B, P}, "h0");
+  check_optional(c0, input, {B, H}, "c0");
+  check_optional(grad_output, input, {T, B, P}, "grad_output");
+  check_optional(grad_h_n, input, {B, P}, "grad_h_n");
+  check_optional(grad_c_n, input, {B, H}, "grad_c_n");
+  check_lengths(lengths, T, B);
+  check_same(input, output, "output");
+  check_shape(output, {T, B, P}, "output");
+  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
+  check_shape(cells, {T, B, H}, "cells (forward run without save_for_backward?)");
+  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
+  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
+  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
+  check_grad_clip_mode(grad_clip_mode);
+  if (proj_limit > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
+  const bool gate_mode = grad_clip_mode == "gates";
+  const bool project = weight_hr.has_value();
+  const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
+             need_bias = output_mask[3], need_weight_hr = output_mask[4], need_h0 = output_mask[5],
+             need_c0 = output_mask[6];
+  const bool want_weight_hr = project && need_weight_hr;
+  const auto options = input.options();
+
+  const SequenceOrder sequence(lengths, T, B);
+  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const bool identity_order = !lengths.has_value();
+  const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, P}, options);
+  at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, P}, options).index_select(0, order_tensor);
+  at::Tensor grad_cell_carry = defined_or_zeros(grad_c_n, {B, H}, options).index_select(0, order_tensor);
+  at::Tensor grad_gates_all = at::empty({T, B, G}, options);
+  at::Tensor grad_gates = identity_order ? at::Tensor() : at::empty({B, G}, options);
+  at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
+  at::Tensor grad_hidden_unprojected = project ? at::empty({B, H}, options) : grad_pre_clip;
+  at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
+  at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
+  at::Tensor hidden_prev_all = need_weight_hh ? at::empty({T, B, P}, options) : at::Tensor();
+  const at::Tensor zeros = at::zeros({std::max(H, P)}, options);
+  const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
+  const at::Tensor c0c = c0.has_value() ? c0->contiguous() : at::Tensor();
+  const at::Tensor output_c = output.contiguous();
+  const at::Tensor gates_c = gates.contiguous();
+  const at::Tensor cells_c = cells.contiguous();
+  const at::Tensor pre_clip_c = proj_limit > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] {
+    using T_ = scalar_t;
+    const T_ state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
+    LstmBackwardStep<T_> s;
+    s.batch = B;
+    s.hidden = H;
+    s.out_size = P;
+    s.reverse = reverse;
+    s.sequence = &sequence;
+    s.gates = gates_c.data_ptr<T_>();
+    s.cells = cells_c.data_ptr<T_>();
+    s.output = output_c.data_ptr<T_>();
+    s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
+    s.c0 = c0c.defined() ? c0c.data_ptr<T_>() : nullptr;
+    s.zeros = zeros.data_ptr<T_>();
+    s.grad_hidden_unprojected = grad_hidden_unprojected.data_ptr<T_>();
+    s.grad_cell_carry = grad_cell_carry.data_ptr<T_>();
+    s.grad_gates_all = grad_gates_all.data_ptr<T_>();
+    s.hidden_prev_all = need_weight_hh ? hidden_prev_all.data_ptr<T_>() : nullptr;
+    s.hidden_unprojected_all = want_weight_hr ? hidden_unprojected_all.data_ptr<T_>() : nullptr;
+    s.cell_clip = static_cast<T_>(cell_limit);
+    s.state_clip = state_clip;
+    s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
+    const T_* go = grad_out.data_ptr<T_>();
+    const T_* pre = pre_clip_c.defined() ? pre_clip_c.data_ptr<T_>() : nullptr;
+    T_* carry_h = grad_hidden_carry.data_ptr<T_>();
+    T_* carry_c = grad_cell_carry.data_ptr<T_>();
+    T_* d_pre = grad_pre_clip.data_ptr<T_>();
+    T_* d_pre_all = want_weight_hr ? grad_pre_clip_all.data_ptr<T_>() : nullptr;
+    const T_ proj_limit_t = static_cast<T_>(proj_limit);
+
+    for (int64_t step = T - 1; step >= 0; --step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = sequence.active[t];
+      s.t = t;
+      at::Tensor grad_gates_step = identity_order ? grad_gates_all[t] : grad_gates;
+      s.grad_gates = grad_gates_step.data_ptr<T_>();
+      if (n > 0) {
+        parallel_rows(n, P, [&](int64_t j) {
+          lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order.data(), go, pre, carry_h, d_pre,
+                                        d_pre_all, state_clip, proj_limit_t);
+        });
+        if (project) mm_into(slots(grad_hidden_unprojected, n), slots(grad_pre_clip, n), *weight_hr);
+        parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
+        mm_into(slots(grad_hidden_carry, n), slots(grad_gates_step, n), weight_hh);
+      }
+      // Rows past their length pass their state gradients through unchanged (clamped in
+      // state mode, as the reference's hooks on the carried-over state do).
+      for (int64_t j = n; j < B; ++j) {
+        const int64_t row = t * B + sequence.order[j];
+        if (state_clip > 0) {
+          for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_clip);
+          for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_clip);
+        }
+        std::fill_n(s.grad_gates_all + row * G, G, T_(0));
+        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * P, P, T_(0));
+        if (s.hidden_unprojected_all) std::fill_n(s.hidden_unprojected_all + row * H, H, T_(0));
+        if (d_pre_all) std::fill_n(d_pre_all + row * P, P, T_(0));
+      }
+    }
+  });
+
+  const at::Tensor grad_gates_2d = grad_gates_all.view({T * B, G});
+  // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
+  const auto none = [&] { return at::empty({0}, options); };
+  at::Tensor grad_input = need_input ? at::mm(grad_gates_2d, weight_ih).view({T, B, I}) : none();
+  at::Tensor grad_weight_ih = need_weight_ih ? at::mm(grad_gates_2d.t(), input.contiguous().view({T * B, I})) : none();
+  at::Tensor grad_weight_hh = need_weight_hh ? at::mm(grad_gates_2d.t(), hidden_prev_all.view({T * B, P})) : none();
+  at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
+  at::Tensor grad_weight_hr =
+      want_weight_hr ? at::mm(grad_pre_clip_all.view({T * B, P}).t(), hidden_unprojected_all.view({T * B, H}))
+                     : none();
+  at::Tensor grad_h0 = none(), grad_c0 = none();
+  if (need_h0) {
+    grad_h0 = at::empty({B, P}, options);
+    grad_h0.index_copy_(0, order_tensor, grad_hidden_carry);
+  }
+  if (need_c0) {
+    grad_c0 = at::empty({B, H}, options);
+    grad_c0.index_copy_(0, order_tensor, grad_cell_carry);
+  }
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0};
+}
+
+}  // namespace cpu
+}  // namespace rnntl
+
+TORCH_LIBRARY_IMPL(rnntl_fast, CPU, m) {
+  m.impl("lstm_forward", &rnntl::cpu::lstm_forward_cpu);
+  m.impl("lstm_backward", &rnntl::cpu::lstm_backward_cpu);
+}

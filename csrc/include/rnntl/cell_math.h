@@ -1,0 +1,211 @@
+// Gate math of one LSTM / GRU element, forward and backward, shared by every native
+// backend: the CPU kernels include it from C++, the CUDA kernels from .cu files.
+// No torch headers here: this file must compile with g++ alone and with nvcc alone.
+//
+// Conventions (DESIGN.md section 3): LSTM gates in order i, f, g, o; GRU gates in order
+// r, z, n with "reset after" (n = tanh(gi_n + r * gh_n)). "Pre-activation" is the gate
+// input before its nonlinearity. A clip value <= 0 means "no clip" inside this header;
+// the op layer has already rejected negative and non-finite user values.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define RNNTL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RNNTL_HOST_DEVICE inline
+#endif
+
+namespace rnntl {
+
+// ---------------------------------------------------------------------------------------
+// Nonlinearities. float on the host uses a branch-free exp so that the CPU pointwise loops
+// vectorize (std::exp does not); device code and double use the library functions.
+// ---------------------------------------------------------------------------------------
+
+#if !defined(__CUDA_ARCH__)
+// exp(x) for float, relative error below 2 ulp on [-87, 88]: x = n*ln2 + r, |r| <= ln2/2,
+// degree-6 polynomial for exp(r), 2^n assembled in the exponent bits.
+inline float exp_branchless(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Round to nearest by the 1.5*2^23 trick: vectorizes on plain SSE2, unlike std::floor.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // ln2 split in two so that n*ln2 is exact to float precision.
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+#endif
+
+RNNTL_HOST_DEVICE float sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + exp_branchless(-x));
+#endif
+}
+
+RNNTL_HOST_DEVICE double sigmoid(double x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0 / (1.0 + ::exp(-x));
+#else
+  return 1.0 / (1.0 + std::exp(-x));
+#endif
+}
+
+RNNTL_HOST_DEVICE float tanh_(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  // Near zero 1 - 2/(e^{2x}+1) cancels, so a short odd series takes over there.
+  const float ax = x < 0.0f ? -x : x;
+  const float e = exp_branchless(2.0f * ax);
+  const float far = 1.0f - 2.0f / (e + 1.0f);
+  const float x2 = ax * ax;
+  const float near =
+      ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * (-0.0539682540f + x2 * 0.0218694885f))));
+  const float t = ax < 0.25f ? near : far;
+  return x < 0.0f ? -t : t;
+#endif
+}
+
+RNNTL_HOST_DEVICE double tanh_(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+// clamp to [-limit, limit]; limit <= 0 means no clip.
+template <typename T>
+RNNTL_HOST_DEVICE T clip_value(T x, T limit) {
+  if (!(limit > T(0))) return x;
+  return x < -limit ? -limit : (x > limit ? limit : x);
+}
+
+// Derivative mask of clamp(x, -limit, limit) as torch.clamp defines it: gradient passes
+// where -limit <= x <= limit (boundaries included).
+template <typename T>
+RNNTL_HOST_DEVICE T clip_pass(T x, T limit) {
+  if (!(limit > T(0))) return T(1);
+  return (x >= -limit && x <= limit) ? T(1) : T(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// LSTM element, forward. a_* are full pre-activations (input part + recurrent part +
+// biases). Writes the gate activations, the cell before clipping (what backward needs
+// for the clip mask), the cell after clipping (the state) and m = o * tanh(c).
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct LstmForwardElement {
+  T i, f, g, o;
+  T cell_before_clip;
+  T cell;
+  T hidden;  // o * tanh(cell), before any projection
+};
+
+template <typename T>
+RNNTL_HOST_DEVICE LstmForwardElement<T> lstm_element_forward(T a_i, T a_f, T a_g, T a_o, T cell_prev,
+                                                             T cell_clip) {
+  LstmForwardElement<T> e;
+  e.i = sigmoid(a_i);
+  e.f = sigmoid(a_f);
+  e.g = tanh_(a_g);
+  e.o = sigmoid(a_o);
+  e.cell_before_clip = e.f * cell_prev + e.i * e.g;
+  e.cell = clip_value(e.cell_before_clip, cell_clip);
+  e.hidden = e.o * tanh_(e.cell);
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------
+// LSTM element, backward of one valid step.
+//   grad_hidden:     dL/dm (m = o*tanh(c), before projection), already through the
+//                    projection and proj_clip, and the state clip of h.
+//   grad_cell_carry: dL/dc_t arriving from step t+1 (processing order).
+// State-mode clipping of c_t happens on the total dL/dc_t; gate-mode clipping on dL/da.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct LstmBackwardElement {
+  T d_i, d_f, d_g, d_o;  // dL/d(pre-activations)
+  T grad_cell_prev;      // dL/dc_{t-1} through this step
+};
+
+template <typename T>
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,
+                                                               T cell_prev, T grad_hidden,
+                                                               T grad_cell_carry, T cell_clip,
+                                                               T state_clip, T gate_clip) {
+  const T cell = clip_value(cell_before_clip, cell_clip);
+  const T tanh_cell = tanh_(cell);
+  T grad_cell = grad_cell_carry + grad_hidden * o * (T(1) - tanh_cell * tanh_cell);
+  grad_cell = clip_value(grad_cell, state_clip);
+  grad_cell = grad_cell * clip_pass(cell_before_clip, cell_clip);
+  LstmBackwardElement<T> e;
+  e.d_i = clip_value(grad_cell * g * i * (T(1) - i), gate_clip);
+  e.d_f = clip_value(grad_cell * cell_prev * f * (T(1) - f), gate_clip);
+  e.d_g = clip_value(grad_cell * i * (T(1) - g * g), gate_clip);
+  e.d_o = clip_value(grad_hidden * tanh_cell * o * (T(1) - o), gate_clip);
+  e.grad_cell_prev = grad_cell * f;
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU element, forward. input_* = W_i* x + b_i*; hidden_* = W_h* h + b_h*.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct GruForwardElement {
+  T r, z, n;
+  T hidden;
+};
+
+template <typename T>
+RNNTL_HOST_DEVICE GruForwardElement<T> gru_element_forward(T input_r, T input_z, T input_n, T hidden_r,
+                                                           T hidden_z, T hidden_n, T hidden_prev) {
+  GruForwardElement<T> e;
+  e.r = sigmoid(input_r + hidden_r);
+  e.z = sigmoid(input_z + hidden_z);
+  e.n = tanh_(input_n + e.r * hidden_n);
+  e.hidden = (T(1) - e.z) * e.n + e.z * hidden_prev;
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU element, backward of one valid step. grad_hidden is the total dL/dh_t (already
+// state-clipped). hidden_n is W_hn h_{t-1} + b_hn as the forward computed it.
+// The gradient of the input-side pre-activations is (d_r, d_z, d_n); of the
+// hidden-side ones (d_r, d_z, d_n * r).
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct GruBackwardElement {
+  T d_r, d_z, d_n;      // dL/d(pre-activations); the n one is w.r.t. gi_n + r*gh_n
+  T d_hidden_n;         // dL/d(gh_n) = d_n * r
+  T grad_hidden_prev;   // direct path z * dh (the GEMM path is added by the caller)
+};
+
+template <typename T>
+RNNTL_HOST_DEVICE GruBackwardElement<T> gru_element_backward(T r, T z, T n, T hidden_n, T hidden_prev,
+                                                             T grad_hidden, T gate_clip) {
+  GruBackwardElement<T> e;
+  e.d_n = clip_value(grad_hidden * (T(1) - z) * (T(1) - n * n), gate_clip);
+  e.d_z = clip_value(grad_hidden * (hidden_prev - n) * z * (T(1) - z), gate_clip);
+  e.d_r = clip_value(e.d_n * hidden_n * r * (T(1) - r), gate_clip);
+  e.d_hidden_n = e.d_n * r;
+  e.grad_hidden_prev = grad_hidden * z;
+  return e;
+}
+
+}  // namespace rnntl

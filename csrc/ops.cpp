@@ -1,0 +1,52 @@
+// Op schemas of the rnntl_fast namespace (one place), plus the tiny Python module `_C`
+// that only reports how the extension was built. Kernels register their implementations
+// per device in csrc/cpu/*.cpp and csrc/cuda/*_cuda.cpp; fake (meta) implementations and
+// autograd are registered from Python (rnntl_fast/ops/cpp.py).
+//
+// Layout conventions for every op: input [T, B, I] (time-major, one layer, one direction);
+// lengths, when given, is a CPU integer tensor [B] with 0 <= lengths[b] <= T; rows past
+// their length keep their state and produce zero output; reverse runs t = T-1 .. 0 with
+// each row starting at its own last step.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(rnntl_fast, m) {
+  // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
+  m.def(
+      "lstm_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+      "Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, bool reverse, float? cell_clip, "
+      "float? proj_clip, float? grad_clip, str grad_clip_mode, bool save_for_backward) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0)
+  m.def(
+      "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, "
+      "Tensor output, Tensor gates, Tensor cells, Tensor hidden_pre_clip, bool reverse, float? cell_clip, "
+      "float? proj_clip, float? grad_clip, str grad_clip_mode, bool[7] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H])
+  m.def(
+      "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+      "Tensor? h0, Tensor? lengths, bool reverse, float? grad_clip, str grad_clip_mode, "
+      "bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0)
+  m.def(
+      "gru_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? h0, Tensor? lengths, Tensor output, Tensor gates, Tensor hidden_n, "
+      "bool reverse, float? grad_clip, str grad_clip_mode, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "rnntl_fast native kernels (ops are registered under torch.ops.rnntl_fast)";
+#ifdef RNNTL_WITH_CUDA
+  module.attr("with_cuda") = true;
+#else
+  module.attr("with_cuda") = false;
+#endif
+  module.attr("compiler") = __VERSION__;
+#ifdef _OPENMP
+  module.attr("openmp") = _OPENMP;
+#else
+  module.attr("openmp") = 0;
+#endif
+}

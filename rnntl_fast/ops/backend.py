@@ -1,0 +1,71 @@
+"""Backend choice, in one function.
+
+``auto`` picks ``cpu`` for CPU tensors; for CUDA tensors ``cuda`` when the CUDA kernels
+were built, else ``triton`` when triton imports, else ``reference`` (with one warning).
+Asking for a backend that is not available raises an error that says what to install
+or set; nothing falls back silently.
+"""
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+_warned = set()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """The backend that will run an op on tensors of `device` when `requested` was asked."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "reference":
+        return requested
+    if requested == "auto":
+        if device.type == "cpu" and _ext.HAS_CPU_KERNELS:
+            return "cpu"
+        if device.type == "cuda" and _ext.HAS_CUDA_KERNELS:
+            return "cuda"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        _warn_once(f"rnntl_fast: no compiled backend for {device.type} tensors "
+                   f"({'rnntl_fast._C is not built: ' + str(_ext.IMPORT_ERROR) if _ext._C is None else 'build with RNNTL_BUILD_CUDA=1 or pip install triton'}); "
+                   "running the (slow) reference step loop")
+        return "reference"
+    if requested == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        if not _ext.HAS_CPU_KERNELS:
+            raise RuntimeError(f"backend='cpu' needs the compiled extension rnntl_fast._C, which failed to import "
+                               f"({_ext.IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`")
+        return requested
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _ext.HAS_CUDA_KERNELS:
+            raise RuntimeError("backend='cuda' needs rnntl_fast built with its CUDA kernels: reinstall with "
+                               "RNNTL_BUILD_CUDA=1 against a CUDA build of torch (see docs/ENVIRONMENT.md)")
+        return requested
+    # triton
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+                         f"before rnntl_fast is imported), got tensors on {device}")
+    return requested

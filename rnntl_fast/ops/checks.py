@@ -1,0 +1,115 @@
+"""Argument checks shared by every backend, so bad input gets the same clear error
+whichever kernel would have run. Each message names the argument at fault."""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+GRAD_CLIP_MODES = ("state", "gates")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_clip(value: Optional[float], name: str) -> Optional[float]:
+    """None, or a finite number > 0 (returned as float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 or None, got {value}")
+    return value
+
+
+def check_grad_clip_mode(mode: str) -> str:
+    if mode not in GRAD_CLIP_MODES:
+        raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {mode!r}")
+    return mode
+
+
+def _check_tensor(t: Tensor, name: str, input: Tensor, shape: Sequence[int]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def check_input(input: Tensor) -> Tuple[int, int, int]:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 3:
+        raise ValueError(f"input must have shape [T, B, I] (3 dims), got {input.dim()} dims {list(input.shape)}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {input.dtype}")
+    steps, batch, features = input.shape
+    if steps == 0:
+        raise ValueError("input must have at least one step (T > 0)")
+    if batch == 0:
+        raise ValueError("input must have a non-empty batch (B > 0)")
+    return steps, batch, features
+
+
+def normalize_lengths(lengths: Union[None, Tensor, Sequence[int]], steps: int, batch: int) -> Optional[Tensor]:
+    """lengths as a CPU int64 tensor [B] with 0 <= lengths <= T (or None)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(list(lengths))
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    lengths = lengths.to("cpu", torch.int64)
+    if lengths.dim() != 1 or lengths.numel() != batch:
+        raise ValueError(f"lengths must have shape [{batch}] (one per batch row), got {list(lengths.shape)}")
+    if int(lengths.min()) < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lengths.min())}")
+    if int(lengths.max()) > steps:
+        raise ValueError(f"lengths must be <= the number of steps T={steps}, got {int(lengths.max())}")
+    return lengths
+
+
+def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0):
+    """Returns (T, B, I, H, P) after checking every shape, dtype and device."""
+    steps, batch, features = check_input(input)
+    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 4 or weight_ih.shape[0] == 0:
+        raise ValueError(f"weight_ih must have shape [4*hidden_size, input_size], got "
+                         f"{list(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__}")
+    if weight_ih.shape[1] != features:
+        raise ValueError(f"input has {features} features (last dim) but weight_ih expects input_size={weight_ih.shape[1]}")
+    hidden = weight_ih.shape[0] // 4
+    out_size = hidden
+    if weight_hr is not None:
+        if not isinstance(weight_hr, Tensor) or weight_hr.dim() != 2 or weight_hr.shape[1] != hidden:
+            raise ValueError(f"weight_hr must have shape [proj_size, {hidden}], got "
+                             f"{list(weight_hr.shape) if isinstance(weight_hr, Tensor) else type(weight_hr).__name__}")
+        out_size = weight_hr.shape[0]
+        _check_tensor(weight_hr, "weight_hr", input, (out_size, hidden))
+    _check_tensor(weight_ih, "weight_ih", input, (4 * hidden, features))
+    _check_tensor(weight_hh, "weight_hh", input, (4 * hidden, out_size))
+    for name, t, shape in (("bias_ih", bias_ih, (4 * hidden,)), ("bias_hh", bias_hh, (4 * hidden,)),
+                           ("h0", h0, (batch, out_size)), ("c0", c0, (batch, hidden))):
+        if t is not None:
+            _check_tensor(t, name, input, shape)
+    return steps, batch, features, hidden, out_size
+
+
+def check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0):
+    """Returns (T, B, I, H) after checking every shape, dtype and device."""
+    steps, batch, features = check_input(input)
+    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 3 or weight_ih.shape[0] == 0:
+        raise ValueError(f"weight_ih must have shape [3*hidden_size, input_size], got "
+                         f"{list(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__}")
+    if weight_ih.shape[1] != features:
+        raise ValueError(f"input has {features} features (last dim) but weight_ih expects input_size={weight_ih.shape[1]}")
+    hidden = weight_ih.shape[0] // 3
+    _check_tensor(weight_ih, "weight_ih", input, (3 * hidden, features))
+    _check_tensor(weight_hh, "weight_hh", input, (3 * hidden, hidden))
+    for name, t, shape in (("bias_ih", bias_ih, (3 * hidden,)), ("bias_hh", bias_hh, (3 * hidden,)),
+                           ("h0", h0, (batch, hidden))):
+        if t is not None:
+            _check_tensor(t, name, input, shape)
+    return steps, batch, features, hidden

@@ -1,0 +1,149 @@
+"""The reference step loop: the definition of what every backend computes.
+
+Plain PyTorch, one step at a time, autograd for the backward. Gradient clipping is
+defined here by hooks, exactly as DESIGN.md section 3 states:
+
+* ``grad_clip_mode="state"``: a hook clamps the total gradient of every hidden state h_t
+  (and cell state c_t) the loop produces to [-grad_clip, grad_clip];
+* ``grad_clip_mode="gates"``: a hook clamps the gradient of every gate pre-activation
+  (LSTM: a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh; GRU: a_r, a_z and
+  a_n = W_in x + b_in + r * (W_hn h + b_hn)).
+
+Variable lengths: row b is valid at step t iff t < lengths[b], in both directions. Invalid
+steps keep the state (``torch.where``) and output zeros; the state tensors they produce are
+still hooked, as the loop still produces them.
+
+It is slow by design and serves as the oracle of the tests (in float64) and as the
+fallback backend when no compiled one exists.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _clamp_hook(limit: float):
+    return lambda grad: grad.clamp(-limit, limit)
+
+
+def _hook(tensor: Tensor, limit: Optional[float]) -> None:
+    if limit is not None and tensor.requires_grad:
+        tensor.register_hook(_clamp_hook(limit))
+
+
+def _valid_mask(lengths: Optional[Tensor], t: int, device) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    return (lengths.to(device) > t).unsqueeze(1)
+
+
+def lstm_reference(
+    input: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    weight_hr: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    c0: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    cell_clip: Optional[float] = None,
+    proj_clip: Optional[float] = None,
+    grad_clip: Optional[float] = None,
+    grad_clip_mode: str = "state",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer-direction over a sequence.
+
+    Args:
+        input: [T, B, I]
+        weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] (gate order i, f, g, o)
+        weight_hr: [P, H] projection (LSTM proj_size), or None (then P = H)
+        h0: [B, P]; c0: [B, H]; None means zeros
+        lengths: [B] integer, 0 <= lengths[b] <= T, or None for all T
+    Returns:
+        output [T, B, P], h_n [B, P], c_n [B, H]
+    """
+    steps, batch, _ = input.shape
+    hidden = weight_ih.shape[0] // 4
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    h = h0 if h0 is not None else input.new_zeros(batch, out_size)
+    c = c0 if c0 is not None else input.new_zeros(batch, hidden)
+    state_clip = grad_clip if grad_clip_mode == "state" else None
+    gate_clip = grad_clip if grad_clip_mode == "gates" else None
+    input_gates = F.linear(input, weight_ih, bias_ih)
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        a = input_gates[t] + F.linear(h, weight_hh, bias_hh)
+        _hook(a, gate_clip)
+        a_i, a_f, a_g, a_o = a.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
+        c_new = f * c + i * g
+        if cell_clip is not None:
+            c_new = c_new.clamp(-cell_clip, cell_clip)
+        valid = _valid_mask(lengths, t, input.device)
+        if valid is not None:
+            c_new = torch.where(valid, c_new, c)
+        h_new = o * torch.tanh(c_new)
+        if weight_hr is not None:
+            h_new = F.linear(h_new, weight_hr)
+        if proj_clip is not None:
+            h_new = h_new.clamp(-proj_clip, proj_clip)
+        if valid is not None:
+            h_new = torch.where(valid, h_new, h)
+        _hook(h_new, state_clip)
+        _hook(c_new, state_clip)
+        outputs[t] = h_new if valid is None else torch.where(valid, h_new, torch.zeros_like(h_new))
+        h, c = h_new, c_new
+    return torch.stack(outputs), h, c
+
+
+def gru_reference(
+    input: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    grad_clip: Optional[float] = None,
+    grad_clip_mode: str = "state",
+) -> Tuple[Tensor, Tensor]:
+    """One GRU layer-direction over a sequence ("reset after", as torch.nn).
+
+    Args:
+        input: [T, B, I]
+        weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] (gate order r, z, n)
+        h0: [B, H] or None (zeros)
+        lengths: [B] integer, 0 <= lengths[b] <= T, or None for all T
+    Returns:
+        output [T, B, H], h_n [B, H]
+    """
+    steps, batch, _ = input.shape
+    hidden = weight_ih.shape[0] // 3
+    h = h0 if h0 is not None else input.new_zeros(batch, hidden)
+    state_clip = grad_clip if grad_clip_mode == "state" else None
+    gate_clip = grad_clip if grad_clip_mode == "gates" else None
+    input_gates = F.linear(input, weight_ih, bias_ih)
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        x_r, x_z, x_n = input_gates[t].chunk(3, dim=1)
+        h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=1)
+        a_r = x_r + h_r
+        a_z = x_z + h_z
+        _hook(a_r, gate_clip)
+        _hook(a_z, gate_clip)
+        r, z = torch.sigmoid(a_r), torch.sigmoid(a_z)
+        a_n = x_n + r * h_n
+        _hook(a_n, gate_clip)
+        n = torch.tanh(a_n)
+        h_new = (1 - z) * n + z * h
+        valid = _valid_mask(lengths, t, input.device)
+        if valid is not None:
+            h_new = torch.where(valid, h_new, h)
+        _hook(h_new, state_clip)
+        outputs[t] = h_new if valid is None else torch.where(valid, h_new, torch.zeros_like(h_new))
+        h = h_new
+    return torch.stack(outputs), h

@@ -1,0 +1,57 @@
+"""Build of rnntl_fast and its native extension rnntl_fast._C.
+
+What gets built is decided by environment variables only (never by probing for a GPU);
+docs/ENVIRONMENT.md documents each one:
+  RNNTL_BUILD_CUDA=1      also build the CUDA kernels (csrc/cuda) into _C; needs nvcc and a
+                          CUDA build of torch.
+  TORCH_CUDA_ARCH_LIST    GPU architectures for the CUDA build (default "7.5;8.0;8.6;9.0").
+  MAX_JOBS                parallel compile jobs (read by torch's build_ext).
+  RNNTL_DEBUG=1           -O0 -g, for debuggers and sanitizers.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    debug = _flag("RNNTL_DEBUG")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    if not _flag("RNNTL_BUILD_CUDA"):
+        return [CppExtension("rnntl_fast._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx_flags})]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
+    nvcc_flags = ["-O3", "-lineinfo", "--use_fast_math", "-std=c++17"]
+    return [CUDAExtension("rnntl_fast._C", sources, include_dirs=include_dirs,
+                          define_macros=[("RNNTL_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx_flags + ["-std=c++20"], "nvcc": nvcc_flags},
+                          libraries=["cublas"])]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="rnntl-fast",
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+)
