@@ -1,0 +1,34 @@
+"""The correctness rule of DESIGN.md section 4, in one place.
+
+A result of dtype D is compared with the float64 reference; its error must be at most
+2x the error that the baseline (torch.nn, or the reference loop, run in the same dtype D)
+makes against the same float64 reference, plus a small absolute slack for D.
+"""
+import torch
+
+# Absolute slack per dtype, added to 2x the baseline's error.
+ABSOLUTE_SLACK = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+ERROR_FACTOR = 2.0
+
+
+def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    if value is None or reference is None:
+        assert value is None and reference is None, "one side has a gradient, the other has none"
+        return 0.0
+    assert value.shape == reference.shape, f"shape {tuple(value.shape)} != reference {tuple(reference.shape)}"
+    return (value.double() - reference.double()).abs().max().item() if value.numel() else 0.0
+
+
+def assert_within_error_rule(name, fast, baseline, reference64, dtype):
+    """fast, baseline: results in `dtype`; reference64: the float64 oracle."""
+    fast_error = max_error(fast, reference64)
+    baseline_error = max_error(baseline, reference64)
+    bound = ERROR_FACTOR * baseline_error + ABSOLUTE_SLACK[dtype]
+    assert fast_error <= bound, (f"{name}: error {fast_error:.3e} vs float64 reference exceeds "
+                                 f"{ERROR_FACTOR} x baseline error {baseline_error:.3e} + {ABSOLUTE_SLACK[dtype]:.0e}")
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
