@@ -69,7 +69,7 @@ def lstm(
     proj_clip = check_clip(proj_clip, "proj_clip")
     grad_clip = check_clip(grad_clip, "grad_clip")
     check_grad_clip_mode(grad_clip_mode)
-    chosen = select_backend(backend, input.device)
+    chosen = select_backend(backend, input.device, input.dtype)
     args = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, bool(reverse), cell_clip,
             proj_clip, grad_clip, grad_clip_mode)
     if chosen in ("cpu", "cuda"):
@@ -107,7 +107,7 @@ def gru(
     lengths = normalize_lengths(lengths, steps, batch)
     grad_clip = check_clip(grad_clip, "grad_clip")
     check_grad_clip_mode(grad_clip_mode)
-    chosen = select_backend(backend, input.device)
+    chosen = select_backend(backend, input.device, input.dtype)
     args = (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, bool(reverse), grad_clip, grad_clip_mode)
     if chosen in ("cpu", "cuda"):
         return cpp.gru_native(*args)

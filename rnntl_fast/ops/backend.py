@@ -31,15 +31,18 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def select_backend(requested: str, device: torch.device) -> str:
-    """The backend that will run an op on tensors of `device` when `requested` was asked."""
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that will run an op on tensors of `device` and `dtype` when `requested` was asked."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return requested
     if requested == "auto":
         if device.type == "cpu" and _ext.HAS_CPU_KERNELS:
-            return "cpu"
+            return select_backend("cpu", device, dtype)
         if device.type == "cuda" and _ext.HAS_CUDA_KERNELS:
             return "cuda"
         if device.type == "cuda" and triton_available():
@@ -54,6 +57,9 @@ def select_backend(requested: str, device: torch.device) -> str:
         if not _ext.HAS_CPU_KERNELS:
             raise RuntimeError(f"backend='cpu' needs the compiled extension rnntl_fast._C, which failed to import "
                                f"({_ext.IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`")
+        if dtype not in CPU_KERNEL_DTYPES:
+            raise TypeError(f"the cpu backend supports float32 and float64, got {dtype}; convert the input "
+                            "(and module) to float32, or pass backend='reference'")
         return requested
     if requested == "cuda":
         if device.type != "cuda":

@@ -1,0 +1,380 @@
+"""`rnntl_fast.LSTM` and `rnntl_fast.GRU`: drop-in replacements for torch.nn.LSTM / GRU.
+
+Same constructor, parameter names, shapes, gate order, registration order and
+initialisation as torch.nn (so state_dicts load both ways with strict=True and the same
+seed gives the same weights), same inputs and outputs ([T, B, I], batch_first [B, T, I],
+unbatched [T, I], PackedSequence in -> PackedSequence out, optional hx). Extra keyword
+arguments, all off by default: grad_clip, grad_clip_mode, backend, and for LSTM cell_clip
+and proj_clip.
+
+They are plain nn.Modules (not torch.nn.LSTM subclasses) so that torch.compile traces them
+without the graph break Dynamo applies to torch.nn's recurrent modules.
+"""
+import math
+import numbers
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import ops
+from .ops.checks import check_clip, check_grad_clip_mode
+
+HiddenLSTM = Tuple[Tensor, Tensor]
+
+
+class _RecurrentStack(nn.Module):
+    """What LSTM and GRU share: parameters laid out exactly as torch.nn.RNNBase does, input
+    forms (batch_first, unbatched, PackedSequence), and the layer/direction loop."""
+
+    mode = ""  # "LSTM" or "GRU"
+    gates = 0
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, grad_clip: Optional[float] = None,
+                 grad_clip_mode: str = "state", backend: str = "auto") -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             f"element being zeroed, got {dropout}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                            ("proj_size", proj_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if input_size < 0:
+            raise ValueError("input_size must be non-negative")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.grad_clip = check_clip(grad_clip, "grad_clip")
+        self.grad_clip_mode = check_grad_clip_mode(grad_clip_mode)
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        directions = 2 if bidirectional else 1
+        gate_size = self.gates * hidden_size
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            for direction in range(directions):
+                layer_input = input_size if layer == 0 else real_hidden * directions
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for base, shape in shapes:
+                    name = f"{base}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch.nn.RNNBase's initialisation, in parameter registration order.
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op: the kernels read the parameters where they are (cuDNN's packed buffer is not needed)."""
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _layer_weights(self, layer: int, direction: int):
+        suffix = "_reverse" if direction == 1 else ""
+        get = lambda base: getattr(self, f"{base}_l{layer}{suffix}", None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        for name, default in self._extra_defaults().items():
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)!r}"
+        return s
+
+    def _extra_defaults(self):
+        return {"grad_clip": None, "grad_clip_mode": "state", "backend": "auto"}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name, default in self._extra_defaults().items():
+            self.__dict__.setdefault(name, default)
+
+    # -- input forms ------------------------------------------------------------------
+    def _state_sizes(self) -> List[Tuple[str, int]]:
+        raise NotImplementedError
+
+    def _prepare(self, input, hx):
+        """Returns (time-major input [T, B, I], lengths or None, hx tuple in batch order or None,
+        a function that turns (output [T,B,*], states) back into the caller's forms)."""
+        if isinstance(input, PackedSequence):
+            sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+            # Padded in the packed (sorted) order; the kernels mask by lengths.
+            padded, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
+            self._check_input(padded, batched=True)
+            hx = self._check_hx(hx, padded.shape[1], padded, batched=True)
+            if hx is not None and sorted_indices is not None:
+                hx = tuple(h.index_select(1, sorted_indices) for h in hx)
+
+            def finish(output, states):
+                packed = pack_padded_sequence(output, lengths, enforce_sorted=True)
+                out = PackedSequence(packed.data, packed.batch_sizes, sorted_indices, unsorted_indices)
+                if unsorted_indices is not None:
+                    states = tuple(s.index_select(1, unsorted_indices) for s in states)
+                return out, states
+            return padded, lengths, hx, finish
+
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        self._check_input(x, batched)
+        hx = self._check_hx(hx, x.shape[1], x, batched)
+
+        def finish(output, states):
+            if not batched:
+                return output.squeeze(1), tuple(s.squeeze(1) for s in states)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            return output, states
+        return x, None, hx, finish
+
+    def _check_input(self, x: Tensor, batched: bool) -> None:
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {x.shape[-1]}")
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the module's parameters' dtype {weight.dtype}; "
+                            "convert one of them (e.g. module.to(input.dtype))")
+        if x.device != weight.device:
+            raise RuntimeError(f"input is on {x.device} but the module's parameters are on {weight.device}")
+
+    def _check_hx(self, hx, batch: int, x: Tensor, batched: bool):
+        if hx is None:
+            return None
+        sizes = self._state_sizes()
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        if len(states) != len(sizes):
+            raise TypeError(f"{self.mode}: hx must be {'a tuple (h_0, c_0)' if len(sizes) == 2 else 'a Tensor'}, "
+                            f"got {type(hx).__name__} of {len(states)}")
+        checked = []
+        for index, (state, (name, width)) in enumerate(zip(states, sizes)):
+            if not isinstance(state, Tensor):
+                raise TypeError(f"{self.mode}: {name} must be a Tensor, got {type(state).__name__}")
+            if batched and state.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, {name} should also be 3-D but got {state.dim()}-D tensor")
+            if not batched and state.dim() != 2:
+                raise RuntimeError(f"For unbatched 2-D input, {name} should also be 2-D but got {state.dim()}-D tensor")
+            state = state if batched else state.unsqueeze(1)
+            expected = (self.num_layers * self.num_directions, batch, width)
+            if tuple(state.shape) != expected:
+                label = f"hidden[{index}]" if len(sizes) == 2 else "hidden"
+                raise RuntimeError(f"Expected {label} size {expected}, got {list(state.shape)}")
+            if state.dtype != x.dtype or state.device != x.device:
+                raise RuntimeError(f"{name} must have the input's dtype and device ({x.dtype}, {x.device}), "
+                                   f"got ({state.dtype}, {state.device})")
+            checked.append(state)
+        return tuple(checked)
+
+    def _stack(self, x: Tensor, lengths: Optional[Tensor], hx, run_layer):
+        """Runs all layers and directions; run_layer(x, weights, states, reverse) -> (out, new_states)."""
+        finals: List[List[Tensor]] = [[] for _ in self._state_sizes()]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                states = None if hx is None else tuple(h[index] for h in hx)
+                out, new_states = run_layer(layer_input, self._layer_weights(layer, direction), states,
+                                            lengths, direction == 1)
+                outputs.append(out)
+                for store, state in zip(finals, new_states):
+                    store.append(state)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        return layer_input, tuple(torch.stack(store) for store in finals)
+
+
+class LSTM(_RecurrentStack):
+    r"""Drop-in replacement for :class:`torch.nn.LSTM` running fused rnntl_fast kernels.
+
+    Args: exactly torch.nn.LSTM's (input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None,
+    dtype=None), plus keyword-only extras, all off by default:
+        grad_clip: clamp gradients inside the backward to [-grad_clip, grad_clip].
+        grad_clip_mode: "state" (dL/dh_t, dL/dc_t at every step) or "gates" (gate pre-activations).
+        cell_clip: clamp the cell state after every update.
+        proj_clip: clamp the (projected) hidden state after every update.
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
+    PackedSequence), optional (h_0, c_0) each [D*num_layers, B, H_out] / [D*num_layers, B, H].
+    Outputs: output [T, B, D*H_out] (same form as the input), (h_n, c_n).
+    H_out = proj_size or hidden_size; D = 2 if bidirectional else 1.
+    """
+
+    mode = "LSTM"
+    gates = 4
+
+    def __init__(self, *args, grad_clip: Optional[float] = None, grad_clip_mode: str = "state",
+                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None, backend: str = "auto",
+                 **kwargs) -> None:
+        super().__init__(*args, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode, backend=backend, **kwargs)
+        self.cell_clip = check_clip(cell_clip, "cell_clip")
+        self.proj_clip = check_clip(proj_clip, "proj_clip")
+
+    def _extra_defaults(self):
+        return {**super()._extra_defaults(), "cell_clip": None, "proj_clip": None}
+
+    def _state_sizes(self):
+        return [("hx", self.proj_size if self.proj_size > 0 else self.hidden_size), ("cx", self.hidden_size)]
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenLSTM] = None):
+        x, lengths, hx, finish = self._prepare(input, hx)
+
+        def run_layer(layer_input, weights, states, lengths, reverse):
+            weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
+            h0, c0 = states if states is not None else (None, None)
+            out, h_n, c_n = ops.lstm(layer_input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
+                                     reverse=reverse, cell_clip=self.cell_clip, proj_clip=self.proj_clip,
+                                     grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
+                                     backend=self.backend)
+            return out, (h_n, c_n)
+
+        output, states = self._stack(x, lengths, hx, run_layer)
+        output, (h_n, c_n) = finish(output, states)
+        return output, (h_n, c_n)
+
+
+class GRU(_RecurrentStack):
+    r"""Drop-in replacement for :class:`torch.nn.GRU` running fused rnntl_fast kernels.
+
+    Args: exactly torch.nn.GRU's (input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None), plus
+    keyword-only extras, all off by default: grad_clip, grad_clip_mode, backend (as LSTM).
+
+    Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
+    PackedSequence), optional h_0 [D*num_layers, B, H].
+    Outputs: output [T, B, D*H] (same form as the input), h_n [D*num_layers, B, H].
+    """
+
+    mode = "GRU"
+    gates = 3
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs or len(args) > 7:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__(*args, **kwargs)
+
+    def _state_sizes(self):
+        return [("hx", self.hidden_size)]
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None):
+        x, lengths, hx, finish = self._prepare(input, hx)
+
+        def run_layer(layer_input, weights, states, lengths, reverse):
+            weight_ih, weight_hh, bias_ih, bias_hh, _ = weights
+            h0 = states[0] if states is not None else None
+            out, h_n = ops.gru(layer_input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse=reverse,
+                               grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode, backend=self.backend)
+            return out, (h_n,)
+
+        output, states = self._stack(x, lengths, hx, run_layer)
+        output, (h_n,) = finish(output, states)
+        return output, h_n
+
+
+_PAIRS = ((nn.LSTM, LSTM), (nn.GRU, GRU))
+_CONSTRUCTOR_FIELDS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
+def _swap(module: nn.Module, inverse: bool, extras) -> nn.Module:
+    for torch_class, fast_class in _PAIRS:
+        source, target = (fast_class, torch_class) if inverse else (torch_class, fast_class)
+        if type(module) is not source:
+            continue
+        kwargs = {name: getattr(module, name) for name in _CONSTRUCTOR_FIELDS}
+        if torch_class is nn.LSTM:
+            kwargs["proj_size"] = module.proj_size
+        reference = next(iter(module.parameters()))
+        kwargs.update(device=reference.device, dtype=reference.dtype)
+        if not inverse:
+            kwargs.update(extras)
+        replacement = target(**kwargs)
+        replacement.load_state_dict(module.state_dict(), strict=True)
+        replacement.train(module.training)
+        for name, parameter in module.named_parameters():
+            getattr(replacement, name).requires_grad_(parameter.requires_grad)
+        return replacement
+    return module
+
+
+def convert(model: nn.Module, inverse: bool = False, **extras) -> nn.Module:
+    """Swaps every torch.nn.LSTM / torch.nn.GRU inside `model` for rnntl_fast.LSTM / GRU with
+    the same configuration, weights, requires_grad flags and training mode (in place; the
+    model is also returned, which matters when `model` itself is an LSTM/GRU).
+    `inverse=True` swaps back. `extras` (grad_clip, backend, ...) go to the new modules."""
+    if inverse and extras:
+        raise ValueError(f"convert(inverse=True) takes no extra arguments, got {sorted(extras)}")
+    swapped = _swap(model, inverse, extras)
+    if swapped is not model:
+        return swapped
+    for name, child in list(model.named_children()):
+        replacement = convert(child, inverse, **extras)
+        if replacement is not child:
+            setattr(model, name, replacement)
+    return model
