@@ -6,6 +6,8 @@ error at call time.
 """
 import importlib
 
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+
 _C = None
 IMPORT_ERROR = None
 try:
