@@ -157,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, bool reverse,
     c10::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
+  // The kernels' own GEMMs are not part of any autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");
@@ -223,6 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, c10::optional<double> grad_clip,
     c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
+  // The kernels' own GEMMs are not part of any autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");

@@ -230,6 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, bool reverse,
     c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip,
     c10::string_view grad_clip_mode, bool save_for_backward) {
+  // The kernels' own GEMMs are not part of any autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   int64_t H = 0, P = 0;
   check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
@@ -343,6 +345,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
                   const at::Tensor& hidden_pre_clip, bool reverse, c10::optional<double> cell_clip,
                   c10::optional<double> proj_clip, c10::optional<double> grad_clip,
                   c10::string_view grad_clip_mode, std::array<bool, 7> output_mask) {
+  // The kernels' own GEMMs are not part of any autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   int64_t H = 0, P = 0;
   check_lstm_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
