@@ -4,6 +4,7 @@
 // step, then the weight-gradient GEMMs over all steps for the weights that need them.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
 #include "gemm_cpu.h"
+#include "kernels_cpu.h"
 #include "sequence_cpu.h"
 
 #include <rnntl/cell_math.h>

@@ -7,6 +7,7 @@
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
 // h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
 #include "gemm_cpu.h"
+#include "kernels_cpu.h"
 #include "sequence_cpu.h"
 
 #include <rnntl/cell_math.h>
