@@ -1,0 +1,22 @@
+"""Pretrained weights into rnntl_fast modules, and word vectors into nn.Embedding.
+
+Loaders (each returns {source layer name: rnntl_fast.LSTM/GRU} in source order, with
+`.reports` saying what was mapped and how; each refuses what torch.nn.LSTM/GRU cannot
+express with UnsupportedLayerError instead of loading something else):
+
+    load_torch   PyTorch state_dicts / checkpoints
+    load_keras   Keras HDF5 (whole models, save_weights files), Keras 3 .keras
+    load_tf1     TF1 LSTMCell / LSTMBlockCell checkpoints (tensor bundles, npz, dicts)
+    load_elmo    bilm-tf / ELMo weight files (hdf5 + options json)
+    load_onnx    ONNX LSTM / GRU nodes
+
+    load_word_vectors  word2vec text/binary, GloVe, fastText .vec -> nn.Embedding + coverage
+
+See docs/pretrained.md for the formats and the exact conversions.
+"""
+from ._common import LayerReport, LoadedLayers, PretrainedFormatError, UnsupportedLayerError
+from ._keras import keras_weights, load_keras
+from ._torch import load_torch
+
+__all__ = ["load_torch", "load_keras", "keras_weights", "LayerReport", "LoadedLayers",
+           "PretrainedFormatError", "UnsupportedLayerError"]
