@@ -16,7 +16,8 @@ See docs/pretrained.md for the formats and the exact conversions.
 """
 from ._common import LayerReport, LoadedLayers, PretrainedFormatError, UnsupportedLayerError
 from ._keras import keras_weights, load_keras
+from ._onnx import ReversedDirection, load_onnx
 from ._torch import load_torch
 
-__all__ = ["load_torch", "load_keras", "keras_weights", "LayerReport", "LoadedLayers",
+__all__ = ["load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
            "PretrainedFormatError", "UnsupportedLayerError"]
