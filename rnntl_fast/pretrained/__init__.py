@@ -18,6 +18,7 @@ from ._common import LayerReport, LoadedLayers, PretrainedFormatError, Unsupport
 from ._keras import keras_weights, load_keras
 from ._onnx import ReversedDirection, load_onnx
 from ._torch import load_torch
+from .word_vectors import CoverageReport, iter_word_vectors, load_word_vectors
 
-__all__ = ["load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
+__all__ = ["load_word_vectors", "iter_word_vectors", "CoverageReport", "load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
            "PretrainedFormatError", "UnsupportedLayerError"]
