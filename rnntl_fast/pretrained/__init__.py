@@ -17,8 +17,10 @@ See docs/pretrained.md for the formats and the exact conversions.
 from ._common import LayerReport, LoadedLayers, PretrainedFormatError, UnsupportedLayerError
 from ._keras import keras_weights, load_keras
 from ._onnx import ReversedDirection, load_onnx
+from ._tf1 import load_elmo, load_tf1
+from ._tf_bundle import read_tf_checkpoint
 from ._torch import load_torch
 from .word_vectors import CoverageReport, iter_word_vectors, load_word_vectors
 
-__all__ = ["load_word_vectors", "iter_word_vectors", "CoverageReport", "load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
+__all__ = ["load_tf1", "load_elmo", "read_tf_checkpoint", "load_word_vectors", "iter_word_vectors", "CoverageReport", "load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
            "PretrainedFormatError", "UnsupportedLayerError"]
