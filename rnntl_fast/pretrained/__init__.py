@@ -12,6 +12,9 @@ express with UnsupportedLayerError instead of loading something else):
 
     load_word_vectors  word2vec text/binary, GloVe, fastText .vec -> nn.Embedding + coverage
 
+    build_encoder / encoder_from_checkpoint   embedding + stacked LSTM/GRU as one module
+    save_encoder / load_encoder                that encoder with its config, in one file
+
 See docs/pretrained.md for the formats and the exact conversions.
 """
 from ._common import LayerReport, LoadedLayers, PretrainedFormatError, UnsupportedLayerError
@@ -20,7 +23,12 @@ from ._onnx import ReversedDirection, load_onnx
 from ._tf1 import load_elmo, load_tf1
 from ._tf_bundle import read_tf_checkpoint
 from ._torch import load_torch
+from .encoder import RecurrentEncoder, build_encoder, encoder_from_checkpoint, load_encoder, save_encoder
 from .word_vectors import CoverageReport, iter_word_vectors, load_word_vectors
 
-__all__ = ["load_tf1", "load_elmo", "read_tf_checkpoint", "load_word_vectors", "iter_word_vectors", "CoverageReport", "load_torch", "load_keras", "keras_weights", "load_onnx", "ReversedDirection", "LayerReport", "LoadedLayers",
-           "PretrainedFormatError", "UnsupportedLayerError"]
+__all__ = [
+    "load_torch", "load_keras", "load_tf1", "load_elmo", "load_onnx", "load_word_vectors",
+    "keras_weights", "read_tf_checkpoint", "iter_word_vectors", "ReversedDirection",
+    "RecurrentEncoder", "build_encoder", "encoder_from_checkpoint", "save_encoder", "load_encoder",
+    "LayerReport", "LoadedLayers", "CoverageReport", "PretrainedFormatError", "UnsupportedLayerError",
+]

@@ -37,6 +37,21 @@ def flatten_tensors(tree, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
     return found
 
 
+# Keys under which training scripts commonly nest the model's state_dict in a checkpoint.
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+
+
+def unwrap_checkpoint(tree):
+    """Descends through {"state_dict": {...}}-style containers while the current level holds
+    no tensors itself, so that layer names do not start with "model." or "state_dict."."""
+    while isinstance(tree, Mapping) and not any(isinstance(v, torch.Tensor) for v in tree.values()):
+        inner = next((tree[key] for key in _CONTAINER_KEYS if isinstance(tree.get(key), Mapping)), None)
+        if inner is None:
+            break
+        tree = inner
+    return tree
+
+
 def _strip_wrappers(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
 
@@ -105,8 +120,9 @@ def load_torch(source, *, weights_only: bool = True, prefix: Optional[str] = Non
     """Loads every LSTM/GRU found in a PyTorch state_dict or checkpoint.
 
     source: a path for torch.load, a (possibly nested) checkpoint dict, a state_dict, or an
-        nn.Module. Tensors are found at any depth; "module." (DataParallel/DDP) and
-        "_orig_mod." (torch.compile) path segments are ignored.
+        nn.Module. A checkpoint's {"state_dict"|"model_state_dict"|"model"|"net": {...}}
+        container is entered; tensors are found at any depth below; "module."
+        (DataParallel/DDP) and "_orig_mod." (torch.compile) path segments are ignored.
     prefix: keep only layers whose dotted prefix (after removing those segments) starts
         with this.
     batch_first: the returned modules' batch_first (a state_dict does not record it).
@@ -115,7 +131,7 @@ def load_torch(source, *, weights_only: bool = True, prefix: Optional[str] = Non
     Returns {layer prefix: rnntl_fast.LSTM/GRU} in checkpoint order; `.reports` tells the
     recovered configuration. Shapes fix everything except batch_first and dropout.
     """
-    tensors = flatten_tensors(_read_source(source, weights_only))
+    tensors = flatten_tensors(unwrap_checkpoint(_read_source(source, weights_only)))
     groups = _group_layers(tensors)
     result = LoadedLayers()
     for layer_prefix, group in groups.items():
