@@ -134,6 +134,21 @@ def test_keras3_model_matches_keras(keras, tmp_path, suffix):
     assert "z,r,h -> r,z,n" in layers.reports["gru_b"].mappings[0]
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_keras3_nested_sequential(keras, tmp_path, suffix):
+    inner = keras.Sequential([keras.Input((5, 4)), keras.layers.LSTM(3, return_sequences=True, name="inner_lstm"),
+                              keras.layers.Bidirectional(keras.layers.GRU(2, return_sequences=True), name="inner_bi")],
+                             name="inner")
+    inputs = keras.Input((5, 3))
+    model = keras.Model(inputs, inner(keras.layers.LSTM(4, return_sequences=True, name="outer_lstm")(inputs)))
+    path = str(tmp_path / f"nested{suffix}")
+    model.save(path)
+    layers = load_keras(path)
+    assert list(layers) == ["outer_lstm", "inner_lstm", "inner_bi"]
+    x = np.random.default_rng(6).standard_normal((2, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(_run_stack(layers, x), np.asarray(model.predict(x, verbose=0)), atol=2e-5, rtol=1e-4)
+
+
 def test_keras3_weights_only_file(keras, tmp_path):
     model = _keras_model(keras)
     path = str(tmp_path / "model.weights.h5")

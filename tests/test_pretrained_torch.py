@@ -69,7 +69,8 @@ def test_encoder_from_checkpoint_save_and_load(tmp_path):
     model = Tagger()
     tokens = torch.tensor([[3, 4, 5, 6, 0], [7, 8, 0, 0, 0]])
     lengths = torch.tensor([4, 2])
-    encoder = encoder_from_checkpoint({"state_dict": model.state_dict()}, prefix="rnn", embedding_key="embedding.weight")
+    encoder = encoder_from_checkpoint({"state_dict": model.state_dict()}, prefix="rnn",
+                                      embedding_key="embedding.weight")
     assert isinstance(encoder, RecurrentEncoder) and len(encoder.layers) == 1
     encoder.eval()
     with torch.no_grad():

@@ -8,7 +8,7 @@ constructor arguments) and a state_dict in torch.nn's layout, and hand both to
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,8 +125,3 @@ def lstm_gru_kind(gates: int, where: str) -> str:
     if gates == 1:
         raise UnsupportedLayerError(f"{where}: a vanilla RNN (1 gate); rnntl_fast has only LSTM and GRU")
     raise PretrainedFormatError(f"{where}: {gates} gate blocks is neither an LSTM (4) nor a GRU (3)")
-
-
-def check_shape(name: str, array, expected: Tuple[int, ...]) -> None:
-    if tuple(array.shape) != tuple(expected):
-        raise PretrainedFormatError(f"{name}: expected shape {list(expected)}, got {list(array.shape)}")

@@ -77,8 +77,9 @@ class _Source:
         self.layout = layout                 # "legacy-h5" or "keras3"
 
 
-def _read_legacy_group(root) -> "OrderedDict[str, Weights]":
-    """Keras 2-style HDF5: root.attrs['layer_names'], each group has attrs['weight_names']."""
+def _read_legacy_group(root, configs: Mapping[str, Tuple[str, dict]]) -> "OrderedDict[str, Weights]":
+    """Keras 2-style HDF5: root.attrs['layer_names'], each group has attrs['weight_names'].
+    configs: {layer name: (class name, config)} from the model config ({} if none)."""
     layers: "OrderedDict[str, Weights]" = OrderedDict()
     for layer_name in _name_list(root.attrs.get("layer_names")):
         if layer_name not in root:
@@ -90,9 +91,17 @@ def _read_legacy_group(root) -> "OrderedDict[str, Weights]":
                 raise PretrainedFormatError(f"layer {layer_name!r}: weight {weight_name!r} is listed in "
                                             "weight_names but the dataset is missing")
             weights[weight_name] = np.asarray(group[weight_name])
-        # A nested model's group holds its sub-layers' weights; split them by first segment.
+        if configs.get(layer_name, ("",))[0] in _MODEL_CLASSES:
+            # A nested model's group holds its layers' weights, named ".../<layer>/...": file
+            # each under the first path segment that is a (non-model) layer of the config.
+            for weight_name, array in weights.items():
+                owner = next((segment for segment in weight_name.split("/")[:-1]
+                              if configs.get(segment, ("",))[0] not in _MODEL_CLASSES | {""}), layer_name)
+                layers.setdefault(owner, OrderedDict())[weight_name] = array
+            continue
+        # Without a config, a group whose weights start with several other names is a nested model.
         first_segments = OrderedDict((name.split("/")[0], None) for name in weights)
-        if len(first_segments) > 1 and layer_name not in first_segments:
+        if not configs and len(first_segments) > 1 and layer_name not in first_segments:
             for segment in first_segments:
                 layers[segment] = OrderedDict((n, a) for n, a in weights.items() if n.split("/")[0] == segment)
         else:
@@ -100,7 +109,7 @@ def _read_legacy_group(root) -> "OrderedDict[str, Weights]":
     return layers
 
 
-def _read_keras3_group(group, path: str, layers: "OrderedDict[str, Weights]") -> None:
+def _read_keras3_group(group, layers: "OrderedDict[str, Weights]") -> None:
     """Keras 3 weights: layers/<key>/vars/<i> with attrs['name'] on `vars`, sub-objects as groups
     (cell, forward_layer, backward_layer, layers/...)."""
     for key in group:
@@ -108,7 +117,7 @@ def _read_keras3_group(group, path: str, layers: "OrderedDict[str, Weights]") ->
         if not hasattr(child, "keys"):
             continue
         if "layers" in child:   # a nested model
-            _read_keras3_group(child["layers"], f"{path}{key}/", layers)
+            _read_keras3_group(child["layers"], layers)
             continue
         name = _text(child["vars"].attrs.get("name", key)) if "vars" in child else key
         weights: Weights = OrderedDict()
@@ -139,7 +148,7 @@ def _open(path) -> _Source:
         with h5py.File(io.BytesIO(weights_bytes), "r") as weights_file:
             layers: "OrderedDict[str, Weights]" = OrderedDict()
             if "layers" in weights_file:
-                _read_keras3_group(weights_file["layers"], "", layers)
+                _read_keras3_group(weights_file["layers"], layers)
         return _Source(config, layers, "keras3")
     try:
         handle = h5py.File(path, "r")
@@ -151,12 +160,12 @@ def _open(path) -> _Source:
             if "model_weights" not in handle:
                 raise PretrainedFormatError(f"{path}: has model_config but no model_weights group "
                                             "(saved with include_optimizer only?)")
-            return _Source(config, _read_legacy_group(handle["model_weights"]), "legacy-h5")
+            return _Source(config, _read_legacy_group(handle["model_weights"], _layer_configs(config)), "legacy-h5")
         if "layer_names" in handle.attrs:
-            return _Source(None, _read_legacy_group(handle), "legacy-h5")
+            return _Source(None, _read_legacy_group(handle, {}), "legacy-h5")
         if "layers" in handle:
             layers = OrderedDict()
-            _read_keras3_group(handle["layers"], "", layers)
+            _read_keras3_group(handle["layers"], layers)
             return _Source(None, layers, "keras3")
     raise PretrainedFormatError(f"{path}: no Keras weights found (neither model_config, layer_names nor a "
                                 "Keras 3 'layers' group)")
@@ -429,6 +438,11 @@ def load_keras(path, *, batch_first: bool = True, module_kwargs: Optional[Mappin
                          "batch_first": batch_first, "bidirectional": bidirectional}
         result[layer] = build_module(kind, report.config, state, module_kwargs, dtype, device)
         result.reports[layer] = report
+    masking = [name for name, (class_name, config) in configs.items()
+               if class_name == "Masking" or (isinstance(config, dict) and config.get("mask_zero"))]
+    if masking:
+        result.notes.append(f"{masking} mask steps in Keras (masked steps keep the state); give the modules "
+                            "PackedSequence input or lengths to get the same outputs")
     if not result:
         raise PretrainedFormatError(f"{path}: no recurrent layers (kernel + recurrent_kernel) found; layers: "
                                     f"{list(source.layer_weights)}")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
