@@ -110,6 +110,7 @@ def _keras_model(keras):
     x = keras.layers.GRU(4, return_sequences=True, name="gru_b")(x)          # reset_after=True
     x = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi_lstm")(x)
     x = keras.layers.Bidirectional(keras.layers.GRU(5, return_sequences=True, use_bias=False), name="bi_gru")(x)
+    x = keras.layers.RNN(keras.layers.GRUCell(3), return_sequences=True, name="rnn_gru_cell")(x)
     x = keras.layers.LSTM(4, return_sequences=True, name="lstm_top")(x)
     model = keras.Model(inputs, x)
     # Random biases: the defaults (zeros, forget bias 1) would hide bias-mapping mistakes.
@@ -127,8 +128,9 @@ def test_keras3_model_matches_keras(keras, tmp_path, suffix):
     expected = np.asarray(model.predict(x, verbose=0))
 
     layers = load_keras(path)
-    assert list(layers) == ["lstm_a", "gru_b", "bi_lstm", "bi_gru", "lstm_top"]
-    assert [type(m) for m in layers.values()] == [LSTM, GRU, LSTM, GRU, LSTM]
+    assert list(layers) == ["lstm_a", "gru_b", "bi_lstm", "bi_gru", "rnn_gru_cell", "lstm_top"]
+    assert [type(m) for m in layers.values()] == [LSTM, GRU, LSTM, GRU, GRU, LSTM]
+    assert layers.reports["rnn_gru_cell"].source_kind == "RNN(GRUCell)"
     assert layers["bi_gru"].bidirectional and not layers["bi_gru"].bias
     np.testing.assert_allclose(_run_stack(layers, x), expected, atol=2e-5, rtol=1e-4)
     assert "z,r,h -> r,z,n" in layers.reports["gru_b"].mappings[0]
@@ -156,7 +158,7 @@ def test_keras3_weights_only_file(keras, tmp_path):
     x = np.random.default_rng(4).standard_normal((2, 7, 5)).astype(np.float32)
     layers = load_keras(path)
     # No config in the file: HDF5 groups come back by name, so order by the model.
-    ordered = {name: layers[name] for name in ["lstm_a", "gru_b", "bi_lstm", "bi_gru", "lstm_top"]}
+    ordered = {name: layers[name] for name in ["lstm_a", "gru_b", "bi_lstm", "bi_gru", "rnn_gru_cell", "lstm_top"]}
     np.testing.assert_allclose(_run_stack(ordered, x), np.asarray(model.predict(x, verbose=0)), atol=2e-5, rtol=1e-4)
 
 

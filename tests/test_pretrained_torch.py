@@ -108,3 +108,17 @@ def test_load_encoder_rejects_other_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(PretrainedFormatError, match="save_encoder"):
         load_encoder(path)
+
+
+def test_pickled_module_needs_weights_only_false(tmp_path):
+    path = tmp_path / "whole_module.pt"
+    source = Tagger()
+    torch.save(source, path)   # a pickled custom class: torch.load(weights_only=True) refuses it
+    with pytest.raises(PretrainedFormatError, match="weights_only=False"):
+        load_torch(str(path))
+    layers = load_torch(str(path), weights_only=False, batch_first=True)
+    _assert_same_module(layers["gru"], source.gru, torch.randn(5, 2, 6))
+    torch.save(nn.GRU(3, 4), path)   # torch.nn modules may load with weights_only=True
+    source = torch.load(path, weights_only=False)
+    layers = load_torch(str(path))
+    _assert_same_module(layers[""], source, torch.randn(5, 2, 3))

@@ -432,6 +432,8 @@ def load_keras(path, *, batch_first: bool = True, module_kwargs: Optional[Mappin
             report.notes.append(f"no model config in the file: {inferred} inferred from the weight shapes; "
                                 "activations assumed tanh/sigmoid")
             inner_class = inferred
+        if inner_class == "RNN":
+            inner_class = f"RNN({inner_config.get('cell', {}).get('class_name', '?')})"
         report.source_kind = f"Bidirectional({inner_class})" if bidirectional else inner_class
         report.module_kind = kind
         report.config = {"input_size": input_size, "hidden_size": hidden, "num_layers": 1, "bias": has_bias,

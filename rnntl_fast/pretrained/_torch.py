@@ -61,7 +61,8 @@ def _read_source(source, weights_only: bool):
         return source.state_dict()
     if isinstance(source, (str, os.PathLike)):
         try:
-            return torch.load(source, map_location="cpu", weights_only=weights_only)
+            loaded = torch.load(source, map_location="cpu", weights_only=weights_only)
+            return loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
         except Exception as error:  # noqa: BLE001 - re-raised with the fix
             if weights_only and "weights_only" in str(error):
                 raise PretrainedFormatError(
@@ -128,8 +129,8 @@ def load_torch(source, *, weights_only: bool = True, prefix: Optional[str] = Non
     batch_first: the returned modules' batch_first (a state_dict does not record it).
     module_kwargs: extra constructor arguments (dropout, backend, grad_clip, ...).
 
-    Returns {layer prefix: rnntl_fast.LSTM/GRU} in checkpoint order; `.reports` tells the
-    recovered configuration. Shapes fix everything except batch_first and dropout.
+    Returns {layer prefix: rnntl_fast.LSTM/GRU} in checkpoint order (the prefix is "" for
+    the state_dict of a bare nn.LSTM/GRU); `.reports` tells the recovered configuration. Shapes fix everything except batch_first and dropout.
     """
     tensors = flatten_tensors(unwrap_checkpoint(_read_source(source, weights_only)))
     groups = _group_layers(tensors)
