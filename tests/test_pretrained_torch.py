@@ -118,7 +118,7 @@ def test_pickled_module_needs_weights_only_false(tmp_path):
         load_torch(str(path))
     layers = load_torch(str(path), weights_only=False, batch_first=True)
     _assert_same_module(layers["gru"], source.gru, torch.randn(5, 2, 6))
-    torch.save(nn.GRU(3, 4), path)   # torch.nn modules may load with weights_only=True
-    source = torch.load(path, weights_only=False)
-    layers = load_torch(str(path))
+    source = nn.GRU(3, 4)
+    torch.save(source, path)
+    layers = load_torch(str(path), weights_only=False)
     _assert_same_module(layers[""], source, torch.randn(5, 2, 3))
