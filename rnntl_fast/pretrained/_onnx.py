@@ -12,7 +12,7 @@ layout=1 -> batch_first=True.
 Refused: GRU linear_before_reset=0 (reset gate before the recurrent matmul), non-default
 activations, `clip` (ONNX clamps the gate pre-activations, which is neither torch.nn nor
 rnntl_fast's cell_clip), input_forget=1 (coupled input/forget gates), non-zero peepholes,
-weights computed inside the graph (not initializers or Constant nodes).
+weights computed inside the graph (not initializers, Constant nodes, or Identity of those).
 """
 from __future__ import annotations
 
@@ -61,11 +61,13 @@ def _onnx():
 def _constants(graph, numpy_helper) -> Dict[str, np.ndarray]:
     """Initializers and Constant-node outputs: the tensors whose values the file fixes."""
     values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:   # nodes are topologically sorted, so one pass follows Identity chains
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attribute.t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
