@@ -2,7 +2,8 @@
 vocabulary, with a coverage report.
 
 Formats (all read in one streaming pass; nothing is read twice, and with a vocabulary
-only the vectors it needs are kept in memory):
+only the vectors it needs are parsed and kept in memory; other lines are only checked for
+their number of fields):
 - "word2vec": header "<count> <dim>", then one "<token> <v1> ... <vdim>" line per vector.
   fastText's .vec is this format ("fasttext" is accepted as a synonym).
 - "word2vec-binary": the same header line, then per vector: the token's UTF-8 bytes, one
@@ -81,13 +82,17 @@ def _parse_header(line: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: str, errors: str):
+def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: str, errors: str, keep=None):
+    """(token, vector [dim] float32), or (token, None) when keep(token) is false: the numbers
+    of unwanted lines are counted but not parsed, the expensive part of reading a big file."""
     text = line.decode(encoding, errors=errors).rstrip()
     parts = text.rsplit(" ", dim)
     if len(parts) != dim + 1 or not parts[0]:
         raise PretrainedFormatError(f"{path}:{line_number}: expected a token and {dim} numbers, got "
                                     f"{len(text.split())} fields (wrong dimension, or for GloVe a token with "
                                     "spaces on the first line: pass dim=)")
+    if keep is not None and not keep(parts[0]):
+        return parts[0], None
     try:
         vector = np.array(parts[1:], dtype=np.float32)
     except ValueError as error:
@@ -95,7 +100,7 @@ def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: s
     return parts[0], vector
 
 
-def _iter_text(stream, path, dim, stop, announced, encoding, errors, line_number) -> Iterator[Tuple[str, np.ndarray]]:
+def _iter_text(stream, path, dim, stop, announced, encoding, errors, line_number, keep=None) -> Iterator:
     """Text records until `stop` records (None: end of file); `announced` is the header's count,
     which the file must hold."""
     read = 0
@@ -109,11 +114,11 @@ def _iter_text(stream, path, dim, stop, announced, encoding, errors, line_number
         line_number += 1
         if not line.strip():
             continue
-        yield _text_record(line, dim, line_number, path, encoding, errors)
+        yield _text_record(line, dim, line_number, path, encoding, errors, keep)
         read += 1
 
 
-def _iter_binary(stream, path, dim, count, encoding, errors) -> Iterator[Tuple[str, np.ndarray]]:
+def _iter_binary(stream, path, dim, count, encoding, errors, keep=None) -> Iterator:
     vector_bytes = 4 * dim
     buffer = b""
     position = 0
@@ -137,8 +142,6 @@ def _iter_binary(stream, path, dim, count, encoding, errors) -> Iterator[Tuple[s
                                             f"({len(buffer) - start} of {vector_bytes} bytes; truncated, or the "
                                             "header's dimension is wrong?)")
             buffer, start = buffer[start:] + more, 0
-        vector = np.frombuffer(buffer, dtype="<f4", count=dim, offset=start).astype(np.float32)
-        position = start + vector_bytes
         try:
             word = token.decode(encoding, errors=errors)
         except UnicodeDecodeError as error:
@@ -146,6 +149,10 @@ def _iter_binary(stream, path, dim, count, encoding, errors) -> Iterator[Tuple[s
                                         "dimension?); pass unicode_errors='replace' to accept it") from error
         if not word:
             raise PretrainedFormatError(f"{path}: record {read + 1}: empty token (wrong dimension in the header?)")
+        vector = None
+        if keep is None or keep(word):
+            vector = np.frombuffer(buffer, dtype="<f4", count=dim, offset=start).astype(np.float32)
+        position = start + vector_bytes
         yield word, vector
         if position > chunk_size:   # drop what was consumed, keep memory bounded
             buffer, position = buffer[position:], 0
@@ -178,9 +185,12 @@ def _detect(stream, path: str, dim: Optional[int], encoding: str, errors: str):
 
 
 def iter_word_vectors(path, *, format: str = "auto", dim: Optional[int] = None, limit: Optional[int] = None,
-                      encoding: str = "utf-8", unicode_errors: str = "strict"):
+                      encoding: str = "utf-8", unicode_errors: str = "strict", keep=None):
     """Streams (token, vector [dim] float32) records from a vector file, in file order,
-    stopping after `limit` records. Returns (format, dim, count or None, iterator)."""
+    stopping after `limit` records. Returns (format, dim, count or None, iterator).
+
+    keep: optional predicate on tokens; records it rejects come back as (token, None)
+    without their numbers being parsed (their field count is still checked)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = os.fspath(path)
@@ -202,9 +212,10 @@ def iter_word_vectors(path, *, format: str = "auto", dim: Optional[int] = None, 
     def records():
         with stream:
             if detected == "word2vec-binary":
-                yield from _iter_binary(stream, path, found_dim, wanted, encoding, unicode_errors)
+                yield from _iter_binary(stream, path, found_dim, wanted, encoding, unicode_errors, keep)
             else:
-                yield from _iter_text(stream, path, found_dim, wanted, count, encoding, unicode_errors, data_line)
+                yield from _iter_text(stream, path, found_dim, wanted, count, encoding, unicode_errors, data_line,
+                                      keep)
     return detected, found_dim, count, records()
 
 
@@ -252,10 +263,10 @@ def load_word_vectors(path, vocab: Union[Sequence[str], Mapping[str, int], None]
         raise ValueError(f"oov_init must be 'normal', 'zeros' or 'mean', got {oov_init!r}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    detected, dim, count, records = iter_word_vectors(path, format=format, dim=dim, limit=limit, encoding=encoding,
-                                                      unicode_errors=unicode_errors)
     read = 0
     if vocab is None:
+        detected, dim, count, records = iter_word_vectors(path, format=format, dim=dim, limit=limit,
+                                                          encoding=encoding, unicode_errors=unicode_errors)
         if padding_idx is not None:
             raise ValueError("padding_idx needs a vocab (the file's rows have no padding row)")
         tokens, vectors, seen = [], [], set()
@@ -276,17 +287,22 @@ def load_word_vectors(path, vocab: Union[Sequence[str], Mapping[str, int], None]
             raise ValueError(f"padding_idx {padding_idx} is outside the vocabulary of {len(tokens)}")
         if padding_idx is not None and padding_idx < 0:
             padding_idx += len(tokens)
-        matrix = np.zeros((len(tokens), dim), dtype=np.float32)
-        exact = np.zeros(len(tokens), dtype=bool)
         # Lower-case keys to look for, only for tokens whose lower-case form differs.
         lower_wanted = {}
         if lowercase_fallback:
             for index, token in enumerate(tokens):
                 if index != padding_idx and token.lower() != token:
                     lower_wanted.setdefault(token.lower(), []).append(index)
+        detected, dim, count, records = iter_word_vectors(
+            path, format=format, dim=dim, limit=limit, encoding=encoding, unicode_errors=unicode_errors,
+            keep=lambda token: token in rows or token in lower_wanted)
+        matrix = np.zeros((len(tokens), dim), dtype=np.float32)
+        exact = np.zeros(len(tokens), dtype=bool)
         lower_vectors: Dict[str, np.ndarray] = {}
         for token, vector in records:
             read += 1
+            if vector is None:   # a token nobody asked for (its numbers were not parsed)
+                continue
             index = rows.get(token)
             if index is not None and index != padding_idx and not exact[index]:
                 matrix[index] = vector
