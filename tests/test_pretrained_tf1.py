@@ -176,6 +176,12 @@ def test_tf1_refusals_and_errors():
     peephole = {**_cell_variables(rng, "rnn/lstm_cell", 2, 3), "rnn/lstm_cell/w_f_diag": np.zeros(3, np.float32)}
     with pytest.raises(UnsupportedLayerError, match="peephole"):
         load_tf1(peephole)
+    layer_norm = {**_cell_variables(rng, "rnn/layer_norm_basic_lstm_cell", 2, 3),
+                  "rnn/layer_norm_basic_lstm_cell/input/gamma": np.ones(3, np.float32)}
+    with pytest.raises(UnsupportedLayerError, match="not those of a plain LSTMCell"):
+        load_tf1(layer_norm)
+    slots = {**_cell_variables(rng, "rnn/lstm_cell", 2, 3), "rnn/lstm_cell/kernel/Adam": np.zeros((5, 12))}
+    assert list(load_tf1(slots)) == ["rnn/lstm_cell"]   # optimizer slots are not variables of the cell
     gru = {"rnn/gru_cell/gates/kernel": np.zeros((5, 6), np.float32), "rnn/gru_cell/gates/bias": np.zeros(6),
            "rnn/gru_cell/candidate/kernel": np.zeros((5, 3), np.float32)}
     with pytest.raises(UnsupportedLayerError, match="GRUCell"):

@@ -145,6 +145,14 @@ def load_tf1(source, *, forget_bias: Union[float, Mapping[str, float]] = 1.0, ce
         peepholes = [name for name in _PEEPHOLE_NAMES if f"{scope}/{name}" in variables]
         if peepholes:
             raise UnsupportedLayerError(f"{scope}: peephole weights {peepholes}; torch.nn.LSTM has no peepholes")
+        # Anything else in the cell's scope (e.g. LayerNormBasicLSTMCell's gamma/beta) means
+        # another computation; optimizer slots ("kernel/Adam") sit under known names.
+        known = {name.split("/")[0] for name in _KERNEL_NAMES + _BIAS_NAMES + _PROJECTION_NAMES}
+        unknown = sorted(name for name in variables if name.startswith(scope + "/")
+                         and name[len(scope) + 1:].split("/")[0] not in known)
+        if unknown:
+            raise UnsupportedLayerError(f"{scope}: variables {unknown[:5]} are not those of a plain LSTMCell (layer "
+                                        "norm? other cell?); torch.nn.LSTM cannot express them")
         kernel_name, kernel = _first(variables, scope, _KERNEL_NAMES)
         bias_name, bias = _first(variables, scope, _BIAS_NAMES)
         projection_name, projection = _first(variables, scope, _PROJECTION_NAMES)
