@@ -244,6 +244,16 @@ def test_keras_weights_only_gru_reset_before_refused(tmp_path):
         load_keras(path)
 
 
+def test_keras_extra_cell_weights_refused(tmp_path):
+    path = str(tmp_path / "peephole.h5")
+    _write_keras2_weights(path, {"lstm_1": {"lstm_1/kernel:0": np.zeros((2, 12), np.float32),
+                                            "lstm_1/recurrent_kernel:0": np.zeros((3, 12), np.float32),
+                                            "lstm_1/bias:0": np.zeros(12, np.float32),
+                                            "lstm_1/input_gate_peephole_weights:0": np.zeros(3, np.float32)}})
+    with pytest.raises(UnsupportedLayerError, match="peephole"):
+        load_keras(path)
+
+
 def test_keras_malformed_files(tmp_path):
     missing = str(tmp_path / "missing.h5")
     with h5py.File(missing, "w") as handle:

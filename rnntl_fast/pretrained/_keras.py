@@ -271,10 +271,12 @@ def _direction_arrays(layer: str, weights: Weights) -> Dict[str, Tuple[str, np.n
     arrays: Dict[str, Tuple[str, np.ndarray]] = {}
     for name, array in weights.items():
         role = _role(name)
-        if role in _CELL_ROLES:
-            if role in arrays:
-                raise PretrainedFormatError(f"{layer}: two {role} weights ({arrays[role][0]!r}, {name!r})")
-            arrays[role] = (name, array)
+        if role not in _CELL_ROLES:   # e.g. peephole weights: another computation
+            raise UnsupportedLayerError(f"{layer}: weight {name!r} is not a kernel, recurrent_kernel or bias; "
+                                        "torch.nn.LSTM/GRU have no such parameter")
+        if role in arrays:
+            raise PretrainedFormatError(f"{layer}: two {role} weights ({arrays[role][0]!r}, {name!r})")
+        arrays[role] = (name, array)
     for role in ("kernel", "recurrent_kernel"):
         if role not in arrays:
             raise PretrainedFormatError(f"{layer}: missing {role} (weights present: {list(weights)})")
