@@ -170,7 +170,9 @@ def load_onnx(source, *, module_kwargs: Optional[Mapping] = None, dtype: Optiona
         for position, label in ((4, "sequence_lens"), (5, "initial_h"), (6, "initial_c")):
             value = constant(position, label, False)
             if isinstance(value, str):
-                report.notes.append(f"{label} is a graph input: pass it to the module at call time")
+                report.notes.append("sequence_lens is a graph input: give the module a PackedSequence"
+                                    if label == "sequence_lens" else
+                                    f"{label} is a graph input: pass it to the module as part of hx")
             elif value is not None and label != "sequence_lens" and np.any(value != 0):
                 report.notes.append(f"{label} is a non-zero constant in the graph: pass it as hx")
 
