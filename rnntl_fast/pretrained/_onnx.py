@@ -173,7 +173,10 @@ def load_onnx(source, *, module_kwargs: Optional[Mapping] = None, dtype: Optiona
                 report.notes.append("sequence_lens is a graph input: give the module a PackedSequence"
                                     if label == "sequence_lens" else
                                     f"{label} is a graph input: pass it to the module as part of hx")
-            elif value is not None and label != "sequence_lens" and np.any(value != 0):
+            elif value is not None and label == "sequence_lens":
+                report.notes.append(f"sequence_lens is the constant {value.tolist()}: give the module a "
+                                    "PackedSequence with these lengths")
+            elif value is not None and np.any(value != 0):
                 report.notes.append(f"{label} is a non-zero constant in the graph: pass it as hx")
 
         order = ONNX_LSTM_TO_TORCH if kind == "LSTM" else ONNX_GRU_TO_TORCH
