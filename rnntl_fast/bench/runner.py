@@ -1,0 +1,88 @@
+"""Runs the cases: warm-up, interleaved timing, same-run GEMM throughput, peak memory; one
+result row per (case, provider) with the fields the module docstring of rnntl_fast.bench lists."""
+import math
+import sys
+from typing import List
+
+import torch
+
+from . import timing
+from .grids import Case
+from .workloads import HOOKS, TORCH, Workload, build_steps, gates_of, provider_description
+
+# Step failures that mean "this provider cannot run this case" (unsupported dtype, missing
+# backend); they are reported as skipped rows with the error, never hidden.
+UNSUPPORTED = (RuntimeError, TypeError, ValueError, NotImplementedError)
+
+
+def _progress(cases: List[Case], enabled: bool):
+    if not enabled or len(cases) < 4:
+        return cases
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is an optional extra ("bench")
+        return cases
+    return tqdm(cases, desc="bench", unit="case", file=sys.stderr, leave=False)
+
+
+def _base_row(case: Case, provider: str) -> dict:
+    row = case.to_dict()
+    row.update(label=case.label, provider=provider, description=provider_description(provider, case.device),
+               status="ok", note="", time_ms=None, samples_ms=[], calls_per_sample=None, speedup_vs_torch=None,
+               speedup_vs_hooks=None, flops=None, gflops=None, gemm_gflops=None, gemm_fraction=None,
+               peak_memory_mb=None)
+    return row
+
+
+def _skipped(case: Case, provider: str, note: str) -> dict:
+    row = _base_row(case, provider)
+    row.update(status="skipped", note=note)
+    return row
+
+
+def run_case(case: Case, providers: List[str], settings: dict, measure_memory: bool) -> List[dict]:
+    device = torch.device(case.device)
+    workload = Workload(case, seed=settings["seed"])
+    steps = build_steps(workload, providers)
+    rows = {}
+    runnable, estimates = {}, {}
+    for name, step in steps.items():
+        if isinstance(step, str):
+            rows[name] = _skipped(case, name, step.removeprefix("skipped: "))
+            continue
+        try:
+            estimates[name] = timing.warm_up(step, device, settings["warmup_ms"] / 1000)
+            runnable[name] = step
+        except UNSUPPORTED as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            rows[name] = _skipped(case, name, f"{type(error).__name__}: {message}")
+    samples = timing.interleaved(runnable, estimates, device, settings["repeats"], settings["sample_ms"] / 1000,
+                                 provider_budget=30.0)
+    flops = workload.flops()
+    recurrent = case.proj_size or case.H
+    gemm = timing.gemm_gflops(case.T * case.B, case.I + recurrent, gates_of(case.cell) * case.H,
+                              workload.dtype, device)
+    for name, step in runnable.items():
+        row = _base_row(case, name)
+        seconds = timing.median(samples[name])
+        row.update(time_ms=seconds * 1e3, samples_ms=[s * 1e3 for s in samples[name]],
+                   calls_per_sample=max(1, int(settings["sample_ms"] / 1000 / max(estimates[name], 1e-9))),
+                   flops=flops, gflops=flops / seconds / 1e9, gemm_gflops=gemm)
+        row["gemm_fraction"] = row["gflops"] / gemm if gemm and not math.isnan(gemm) else None
+        if TORCH in samples:
+            row["speedup_vs_torch"] = timing.paired_ratio(samples[TORCH], samples[name])
+        if HOOKS in samples:
+            row["speedup_vs_hooks"] = timing.paired_ratio(samples[HOOKS], samples[name])
+        if measure_memory and case.mode != "inference":
+            peak = timing.peak_memory_bytes(step, device)
+            row["peak_memory_mb"] = peak / 2**20 if peak is not None else None
+        rows[name] = row
+    return [rows[name] for name in steps]  # provider order as asked
+
+
+def run_cases(cases: List[Case], providers: List[str], settings: dict, measure_memory: bool = True,
+              progress: bool = True) -> List[dict]:
+    rows = []
+    for case in _progress(cases, progress):
+        rows += run_case(case, providers, settings, measure_memory)
+    return rows
