@@ -260,23 +260,35 @@ def command_line(args) -> str:
 
 def run(args) -> int:
     import torch
-
-    from .runner import run_cases
-    from . import report
     parser = args.bench_parser
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cases = resolve_cases(args, parser)
     providers = resolve_providers(args, parser)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, cases, providers)
+    finally:
+        torch.set_num_threads(threads_before)  # callers in the same process keep their setting
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _run(args, cases, providers) -> int:
+    from . import report
+    from .runner import run_cases
+    from .workloads import CLIP_VALUE, REFERENCE_MAX_STEPS
     settings = {"grid": args.grid or ("custom" if cases and cases[0].group == "custom" else "default"),
                 "repeats": args.repeats, "sample_ms": args.sample_ms, "warmup_ms": args.warmup_ms,
-                "seed": args.seed, "providers": providers}
+                "seed": args.seed, "threads": torch_threads(), "providers": providers,
+                "reference_max_steps": REFERENCE_MAX_STEPS, "clip_value": CLIP_VALUE}
     rows = run_cases(cases, providers, settings, measure_memory=not args.no_memory,
                      progress=not args.no_progress)
     machine = report.machine_info(args.device)
     summary = report.summarize(rows)
-    from .workloads import CLIP_VALUE, REFERENCE_MAX_STEPS
-    settings.update(reference_max_steps=REFERENCE_MAX_STEPS, clip_value=CLIP_VALUE)
     command = command_line(args)
     text = "\n\n".join([report.machine_line(machine), report.markdown_table(rows),
                         "Geometric means:", report.summary_markdown(summary)])

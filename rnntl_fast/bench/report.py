@@ -3,6 +3,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -151,6 +152,7 @@ def write_plot(path: str, rows: List[dict], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     measured = [r for r in rows if r["status"] == "ok" and r["provider"] != TORCH and r["speedup_vs_torch"]]
     keys = []
@@ -160,7 +162,7 @@ def write_plot(path: str, rows: List[dict], title: str) -> None:
             keys.append(key)
     providers = sorted({r["provider"] for r in measured})
     markers = "os^Dv<>P"
-    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.22 * max(len(keys), 1)), dpi=80)
+    figure, axis = plt.subplots(figsize=(9, 1.5 + 0.22 * max(len(keys), 1)), dpi=80)
     for index, provider in enumerate(providers):
         points = [(r["speedup_vs_torch"], keys.index(f"{r['label']} {r['mode']}"))
                   for r in measured if r["provider"] == provider]
@@ -169,11 +171,14 @@ def write_plot(path: str, rows: List[dict], title: str) -> None:
             axis.scatter(xs, ys, marker=markers[index % len(markers)], label=provider, s=22)
     axis.axvline(1.0, color="grey", linewidth=0.8)
     axis.set_xscale("log")
+    speedup_format = FuncFormatter(lambda value, _: f"{value:g}x")
+    axis.xaxis.set_major_formatter(speedup_format)
+    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}x" if str(value)[0] in "25" else ""))
     axis.set_yticks(range(len(keys)))
     axis.set_yticklabels(keys, fontsize=7)
     axis.invert_yaxis()
     axis.set_xlabel("speedup vs torch.nn (torch.nn time / time; > 1 is faster)")
-    axis.set_title(title, fontsize=8)
+    axis.set_title(textwrap.fill(title, 120), fontsize=7)
     axis.grid(axis="x", which="both", alpha=0.3)
     if providers:
         axis.legend(fontsize=7, loc="best")

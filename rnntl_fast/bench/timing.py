@@ -55,6 +55,7 @@ def interleaved(steps: Dict[str, Callable[[], None]], estimates: Dict[str, float
               for name in names}
     samples: Dict[str, List[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
+    gc.collect()
     gc.disable()  # a collection inside one sample would be charged to whichever provider ran
     try:
         for round_index in range(repeats):
@@ -62,7 +63,6 @@ def interleaved(steps: Dict[str, Callable[[], None]], estimates: Dict[str, float
             for name in names[shift:] + names[:shift]:
                 if round_index < rounds[name]:
                     samples[name].append(_time_calls(steps[name], calls[name], device))
-            gc.collect()
     finally:
         if gc_was_enabled:
             gc.enable()
