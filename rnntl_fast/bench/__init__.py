@@ -28,9 +28,11 @@ before it; CUDA: torch.cuda.max_memory_allocated; CPU: running sum of torch.prof
 allocator events (memory a library takes from malloc directly is not seen).
 
 JSON (--json FILE), schema "rnntl_fast.bench/1":
-    schema: str; command: str (argv); machine: {cpu, cores, threads, torch, rnntl_fast,
-        rnntl_fast_extension, device, python, torch_backend[, gpu, cuda]};
-    settings: {grid, repeats, sample_ms, warmup_ms, seed, reference_max_steps, clip_value};
+    schema: str; command: str (the flags, as a command that reproduces the run);
+    machine: {cpu, cores, threads, torch, rnntl_fast, rnntl_fast_extension, device, python,
+        load_average (1-minute, at start), torch_backend[, gpu, cuda]};
+    settings: {grid, repeats, sample_ms, warmup_ms, seed, threads, providers,
+        reference_max_steps, reference_max_forward_flops, clip_value};
     results: list of rows, one per (case, provider):
         cell, mode, T, B, I, H, layers, bidirectional, proj_size, lengths, dtype, device,
         group, label: the case;
@@ -280,14 +282,15 @@ def torch_threads() -> int:
 def _run(args, cases, providers) -> int:
     from . import report
     from .runner import run_cases
-    from .workloads import CLIP_VALUE, REFERENCE_MAX_STEPS
+    from .workloads import CLIP_VALUE, REFERENCE_MAX_FORWARD_FLOPS, REFERENCE_MAX_STEPS
+    machine = report.machine_info(args.device)  # before the run: the load average at start
     settings = {"grid": args.grid or ("custom" if cases and cases[0].group == "custom" else "default"),
                 "repeats": args.repeats, "sample_ms": args.sample_ms, "warmup_ms": args.warmup_ms,
                 "seed": args.seed, "threads": torch_threads(), "providers": providers,
-                "reference_max_steps": REFERENCE_MAX_STEPS, "clip_value": CLIP_VALUE}
+                "reference_max_steps": REFERENCE_MAX_STEPS, "reference_max_forward_flops": REFERENCE_MAX_FORWARD_FLOPS,
+                "clip_value": CLIP_VALUE}
     rows = run_cases(cases, providers, settings, measure_memory=not args.no_memory,
                      progress=not args.no_progress)
-    machine = report.machine_info(args.device)
     summary = report.summarize(rows)
     command = command_line(args)
     text = "\n\n".join([report.machine_line(machine), report.markdown_table(rows),

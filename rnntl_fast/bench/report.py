@@ -46,6 +46,8 @@ def machine_info(device: str) -> dict:
         "rnntl_fast_extension": bool(_ext.HAS_CPU_KERNELS),
         "device": device,
         "python": platform.python_version(),
+        # Shared machines: the load when the run started says how much the numbers can be trusted.
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
@@ -61,7 +63,7 @@ def machine_line(info: dict) -> str:
     where = f"GPU {info['gpu']} (CUDA {info['cuda']}), " if "gpu" in info else ""
     return (f"**Machine:** {where}CPU {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads; "
             f"torch {info['torch']}, rnntl_fast {info['rnntl_fast']}; torch.nn backend {info['torch_backend']}; "
-            f"device {info['device']}")
+            f"device {info['device']}; load average {info['load_average']} at start")
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:

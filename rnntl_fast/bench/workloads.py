@@ -27,9 +27,11 @@ RNNTL_BACKENDS = ("cpu", "cuda", "triton", "reference")
 PROVIDERS = RNNTL_BACKENDS + (TORCH, HOOKS)
 CLIP_VALUE = 1.0  # grad_clip of the "clip" mode, in rnntl_fast and in the hook loop
 
-# The reference step loop runs one Python iteration per step, layer and direction; past
-# this many of them a row takes minutes, so the reference is skipped with a note.
+# The reference step loop runs one Python iteration per step, layer and direction and
+# unfused autograd; past these limits one row takes minutes on a small machine, so the
+# reference is skipped there with a note.
 REFERENCE_MAX_STEPS = 200
+REFERENCE_MAX_FORWARD_FLOPS = 2e8
 
 
 def gates_of(cell: str) -> int:
@@ -236,6 +238,9 @@ def build_steps(workload: Workload, providers: List[str]) -> Dict[str, object]:
         elif name == "reference" and reference_steps(case) > REFERENCE_MAX_STEPS:
             steps[name] = (f"skipped: T*layers*directions = {reference_steps(case)} > {REFERENCE_MAX_STEPS} "
                            "(the reference loop is slow)")
+        elif name == "reference" and forward_flops(case, workload.lengths) > REFERENCE_MAX_FORWARD_FLOPS:
+            steps[name] = (f"skipped: forward FLOPs {forward_flops(case, workload.lengths):.2g} > "
+                           f"{REFERENCE_MAX_FORWARD_FLOPS:.0e} (the reference loop is slow)")
         else:
             try:
                 steps[name] = workload.module_step(workload.rnntl_module(name))
