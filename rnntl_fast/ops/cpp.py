@@ -102,6 +102,15 @@ def _gru_backward(ctx, grad_output, grad_h_n, *_reserve):
     return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * 5
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("rnntl_fast: double backward (create_graph=True through the backward of a fused "
+                              "LSTM/GRU op) is not supported; use backend='reference' for higher-order gradients")
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
 def register() -> bool:
     """Registers fakes and autograd once; False when the extension is not built."""
     global REGISTERED
@@ -113,6 +122,8 @@ def register() -> bool:
     torch.library.register_fake("rnntl_fast::gru_backward")(_gru_backward_fake)
     torch.library.register_autograd("rnntl_fast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
     torch.library.register_autograd("rnntl_fast::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+    for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward"):
+        torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     REGISTERED = True
     return True
 

@@ -1,0 +1,126 @@
+"""Shared machinery of the parity tests: one case description, the runs it needs (fast
+backend, float64 reference, baseline in the test dtype) and the comparison by the error
+rule of tests/tolerances.py."""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from rnntl_fast import ops
+from tolerances import assert_within_error_rule
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str = "lstm"              # "lstm" or "gru"
+    T: int = 5
+    B: int = 3
+    I: int = 4
+    H: int = 6
+    proj: int = 0                   # LSTM proj_size (0 = none)
+    reverse: bool = False
+    lengths: Optional[tuple] = None  # per-row lengths, unsorted allowed
+    initial_state: bool = True
+    bias: bool = True
+    cell_clip: Optional[float] = None
+    proj_clip: Optional[float] = None
+    grad_clip: Optional[float] = None
+    grad_clip_mode: str = "state"
+    frozen: tuple = ()              # names of weights with requires_grad=False
+
+    @property
+    def id(self) -> str:
+        parts = [self.cell, f"T{self.T}-B{self.B}-I{self.I}-H{self.H}"]
+        if self.proj:
+            parts.append(f"P{self.proj}")
+        if self.reverse:
+            parts.append("rev")
+        if self.lengths:
+            parts.append("len" + "_".join(map(str, self.lengths)))
+        if not self.initial_state:
+            parts.append("nostate")
+        if not self.bias:
+            parts.append("nobias")
+        if self.cell_clip:
+            parts.append(f"cellclip{self.cell_clip}")
+        if self.proj_clip:
+            parts.append(f"projclip{self.proj_clip}")
+        if self.grad_clip:
+            parts.append(f"gradclip{self.grad_clip}-{self.grad_clip_mode}")
+        if self.frozen:
+            parts.append("frozen-" + "+".join(self.frozen))
+        return "-".join(parts)
+
+    @property
+    def out_size(self) -> int:
+        return self.proj or self.H
+
+
+def make_tensors(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """float64 leaves: input, weights, states, and random loss weights for each output."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale  # noqa
+    gates = 4 if case.cell == "lstm" else 3
+    bound = 1.0 / case.H ** 0.5
+    t = {"input": rand(case.T, case.B, case.I),
+         "weight_ih": rand(gates * case.H, case.I, scale=bound * 2),
+         "weight_hh": rand(gates * case.H, case.out_size, scale=bound * 2)}
+    if case.bias:
+        t["bias_ih"] = rand(gates * case.H, scale=bound)
+        t["bias_hh"] = rand(gates * case.H, scale=bound)
+    if case.proj:
+        t["weight_hr"] = rand(case.proj, case.H, scale=bound * 2)
+    if case.initial_state:
+        t["h0"] = rand(case.B, case.out_size)
+        if case.cell == "lstm":
+            t["c0"] = rand(case.B, case.H)
+    t["loss_output"] = rand(case.T, case.B, case.out_size, scale=3.0)
+    t["loss_h_n"] = rand(case.B, case.out_size, scale=3.0)
+    t["loss_c_n"] = rand(case.B, case.H, scale=3.0)
+    return t
+
+
+LEAVES = ("input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "h0", "c0")
+
+
+def run(case: Case, tensors, dtype, backend, grad_clip="case"):
+    """Runs one case; returns {name: tensor} of outputs and gradients (None when no grad)."""
+    leaves = {}
+    for name in LEAVES:
+        if name in tensors:
+            leaves[name] = tensors[name].to(dtype).detach().requires_grad_(name not in case.frozen)
+    lengths = torch.tensor(case.lengths) if case.lengths else None
+    clip = case.grad_clip if grad_clip == "case" else grad_clip
+    get = leaves.get
+    if case.cell == "lstm":
+        output, h_n, c_n = ops.lstm(get("input"), get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                                    get("weight_hr"), get("h0"), get("c0"), lengths, reverse=case.reverse,
+                                    cell_clip=case.cell_clip, proj_clip=case.proj_clip, grad_clip=clip,
+                                    grad_clip_mode=case.grad_clip_mode, backend=backend)
+        results = {"output": output, "h_n": h_n, "c_n": c_n}
+    else:
+        output, h_n = ops.gru(get("input"), get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                              get("h0"), lengths, reverse=case.reverse, grad_clip=clip,
+                              grad_clip_mode=case.grad_clip_mode, backend=backend)
+        results = {"output": output, "h_n": h_n}
+    loss = sum((value * tensors["loss_" + name].to(dtype)).sum() for name, value in results.items())
+    wrt = [name for name, leaf in leaves.items() if leaf.requires_grad]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
+    results = {name: value.detach() for name, value in results.items()}
+    for name in leaves:
+        results["grad_" + name] = None
+    for name, grad in zip(wrt, grads):
+        results["grad_" + name] = grad
+    return results
+
+
+def assert_case_matches(case: Case, fast, baseline, reference64, dtype) -> List[str]:
+    checked = []
+    for name, expected in reference64.items():
+        if expected is None:
+            assert fast[name] is None, f"{name}: expected no gradient (frozen), got one"
+            continue
+        assert fast[name] is not None, f"{name}: missing"
+        assert_within_error_rule(f"{case.id}:{name}", fast[name], baseline[name], expected, dtype)
+        checked.append(name)
+    return checked

@@ -1,0 +1,349 @@
+"""The cpu backend's ops against the float64 reference and torch.nn (DESIGN.md section 4)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnntl_fast
+from rnntl_fast import ops
+from parity import LEAVES, Case, assert_case_matches, make_tensors, run
+
+pytestmark = pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="rnntl_fast._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_allocations():
+    """Every torch.empty (also inside the kernels) comes back NaN-filled, so an output
+    element the kernel forgot to write shows up as NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _cases():
+    cases = []
+    for cell in ("lstm", "gru"):
+        cases += [
+            Case(cell),
+            Case(cell, T=1, B=1, I=3, H=5),
+            Case(cell, T=9, B=4, I=7, H=13),
+            Case(cell, reverse=True),
+            Case(cell, initial_state=False),
+            Case(cell, bias=False),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5)),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), reverse=True),
+            Case(cell, T=6, B=3, lengths=(6, 0, 2), initial_state=True),
+            Case(cell, grad_clip=0.05, grad_clip_mode="state"),
+            Case(cell, grad_clip=0.05, grad_clip_mode="gates"),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), reverse=True, grad_clip=0.05),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), grad_clip=0.05, grad_clip_mode="gates"),
+            Case(cell, frozen=("weight_ih", "weight_hh")),
+            Case(cell, frozen=("bias_ih", "bias_hh", "input")),
+        ]
+    cases += [
+        Case("lstm", proj=3),
+        Case("lstm", proj=3, reverse=True, lengths=(2, 5, 4)),
+        Case("lstm", T=9, B=4, I=7, H=13, proj=5, initial_state=False),
+        Case("lstm", cell_clip=0.3),
+        Case("lstm", proj_clip=0.2),
+        Case("lstm", proj=3, cell_clip=0.3, proj_clip=0.1, lengths=(2, 5, 4), reverse=True),
+        Case("lstm", proj=3, cell_clip=0.3, proj_clip=0.1, grad_clip=0.02),
+        Case("lstm", proj=3, grad_clip=0.02, grad_clip_mode="gates", lengths=(5, 1, 3)),
+        Case("lstm", proj=3, frozen=("weight_hr",)),
+        Case("lstm", proj=3, frozen=("weight_ih", "weight_hh", "bias_ih", "bias_hh")),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def _torch_nn_expressible(case: Case) -> bool:
+    return case.cell_clip is None and case.proj_clip is None and case.grad_clip is None and 0 not in (case.lengths or ())
+
+
+def run_torch_nn(case: Case, tensors, dtype):
+    """The same case through torch.nn (a bidirectional module's reverse half for reverse=True)."""
+    cls = nn.LSTM if case.cell == "lstm" else nn.GRU
+    kwargs = {"proj_size": case.proj} if case.cell == "lstm" else {}
+    module = cls(case.I, case.H, bias=case.bias, bidirectional=case.reverse, dtype=dtype, **kwargs)
+    suffix = "_reverse" if case.reverse else ""
+    leaves = {}
+    for name in LEAVES[1:6]:
+        if name in tensors:
+            parameter = getattr(module, f"{name}_l0{suffix}")
+            with torch.no_grad():
+                parameter.copy_(tensors[name])
+            parameter.requires_grad_(name not in case.frozen)
+            leaves[name] = parameter
+    for name in ("input", "h0", "c0"):
+        if name in tensors:
+            leaves[name] = tensors[name].to(dtype).detach().requires_grad_(name not in case.frozen)
+    x = leaves["input"]
+    directions = 2 if case.reverse else 1
+    states = []
+    for name, width in (("h0", case.out_size), ("c0", case.H)):
+        if case.cell == "gru" and name == "c0":
+            continue
+        state = leaves.get(name, torch.zeros(case.B, width, dtype=dtype))
+        states.append(state.unsqueeze(0) if directions == 1 else torch.stack([torch.zeros_like(state), state]))
+    hx = (tuple(states) if case.cell == "lstm" else states[0]) if case.initial_state else None
+    inp = pack_padded_sequence(x, torch.tensor(case.lengths), enforce_sorted=False) if case.lengths else x
+    out, state = module(inp, hx)
+    if case.lengths:
+        out = pad_packed_sequence(out, total_length=case.T)[0]
+    if case.reverse:
+        out = out[..., case.out_size:]
+    results = {"output": out}
+    if case.cell == "lstm":
+        results["h_n"], results["c_n"] = state[0][-1], state[1][-1]
+    else:
+        results["h_n"] = state[-1]
+    loss = sum((value * tensors["loss_" + name].to(dtype)).sum() for name, value in results.items())
+    wrt = [name for name, leaf in leaves.items() if leaf.requires_grad]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in wrt])
+    results = {name: value.detach() for name, value in results.items()}
+    results.update({"grad_" + name: None for name in leaves})
+    results.update({"grad_" + name: grad for name, grad in zip(wrt, grads)})
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_cpu_float32_within_error_rule(case):
+    tensors = make_tensors(case)
+    reference64 = run(case, tensors, torch.float64, "reference")
+    fast = run(case, tensors, torch.float32, "cpu")
+    if _torch_nn_expressible(case):
+        baseline = run_torch_nn(case, tensors, torch.float32)
+    else:  # torch.nn has no clipping: the reference loop in float32 is the baseline
+        baseline = run(case, tensors, torch.float32, "reference")
+    checked = assert_case_matches(case, fast, baseline, reference64, torch.float32)
+    assert "output" in checked and "h_n" in checked
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_cpu_float64_matches_reference(case):
+    tensors = make_tensors(case)
+    reference64 = run(case, tensors, torch.float64, "reference")
+    fast = run(case, tensors, torch.float64, "cpu")
+    for name, expected in reference64.items():
+        if expected is None:
+            assert fast[name] is None, name
+        else:
+            torch.testing.assert_close(fast[name], expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _torch_nn_expressible(c)][:6], ids=lambda c: c.id)
+def test_torch_nn_runner_agrees_with_reference(case):
+    """Guards the test harness itself: torch.nn in float64 equals the reference loop."""
+    tensors = make_tensors(case)
+    reference64 = run(case, tensors, torch.float64, "reference")
+    nn64 = run_torch_nn(case, tensors, torch.float64)
+    for name, expected in reference64.items():
+        if expected is not None:
+            torch.testing.assert_close(nn64[name], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.grad_clip], ids=lambda c: c.id)
+def test_grad_clip_changes_gradients(case):
+    """The clipped gradients differ from the unclipped ones (the clip binds) and the cpu
+    backend's clipped gradients equal the reference's."""
+    tensors = make_tensors(case)
+    clipped = run(case, tensors, torch.float64, "cpu")
+    unclipped = run(case, tensors, torch.float64, "cpu", grad_clip=None)
+    reference = run(case, tensors, torch.float64, "reference")
+    differing = [name for name in clipped if name.startswith("grad_") and clipped[name] is not None
+                 and (clipped[name] - unclipped[name]).abs().max() > 1e-6]
+    assert "grad_weight_hh" in differing and "grad_input" in differing, differing
+    for name in differing:
+        torch.testing.assert_close(clipped[name], reference[name], rtol=1e-10, atol=1e-10)
+
+
+def _small_double_inputs(cell, proj=0, lengths=None, with_states=True):
+    case = Case(cell, T=3, B=2, I=3, H=4, proj=proj, lengths=lengths, initial_state=with_states)
+    tensors = make_tensors(case)
+    return case, [tensors[n].clone().requires_grad_(True) if n in tensors else None for n in LEAVES]
+
+
+GRADCHECK = [("lstm", 0, None, {}), ("lstm", 2, (3, 1), {"reverse": True}),
+             ("lstm", 0, (2, 3), {"cell_clip": 0.4, "proj_clip": 0.3}), ("gru", 0, None, {}),
+             ("gru", 0, (1, 3), {"reverse": True})]
+
+
+@pytest.mark.parametrize("cell,proj,lengths,options", GRADCHECK,
+                         ids=[f"{c}-P{p}-len{l}-{'+'.join(o) or 'plain'}" for c, p, l, o in GRADCHECK])
+def test_gradcheck_float64(cell, proj, lengths, options):
+    case, leaves = _small_double_inputs(cell, proj, lengths)
+    input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
+    length_tensor = torch.tensor(lengths) if lengths else None
+    if cell == "lstm":
+        fn = lambda *a: ops.lstm(*a, length_tensor, backend="cpu", **options)  # noqa: E731
+        args = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
+    else:
+        fn = lambda *a: ops.gru(*a, length_tensor, backend="cpu", **options)  # noqa: E731
+        args = (input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+def _opcheck_args(cell, proj=0, lengths=None, clip=None):
+    case, leaves = _small_double_inputs(cell, proj, lengths)
+    input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
+    length_tensor = torch.tensor(lengths) if lengths else None
+    if cell == "lstm":
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, False, 0.5, 0.4,
+                clip, "state", True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, True, clip, "gates", True)
+
+
+OPCHECK = [("lstm", 0, None, None), ("lstm", 2, (3, 1), 0.1), ("gru", 0, None, None), ("gru", 0, (2, 3), 0.1)]
+
+
+@pytest.mark.parametrize("cell,proj,lengths,clip", OPCHECK,
+                         ids=[f"{c}-P{p}-len{l}-clip{g}" for c, p, l, g in OPCHECK])
+def test_opcheck(cell, proj, lengths, clip):
+    op = torch.ops.rnntl_fast.lstm_forward.default if cell == "lstm" else torch.ops.rnntl_fast.gru_forward.default
+    args = _opcheck_args(cell, proj, lengths, clip)
+    torch.library.opcheck(op, args)
+    # The backward op on its own, with the forward's saved outputs.
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    saved = op(*args)
+    input = args[0]
+    if cell == "lstm":
+        out, h_n, c_n, gates, cells, pre = saved
+        bargs = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, args[1], args[2],
+                 args[5], args[6], args[7], args[8], out, gates, cells, pre, False, 0.5, 0.4, clip, "state",
+            [True, True, True, True, proj > 0, True, True])
+        torch.library.opcheck(torch.ops.rnntl_fast.lstm_backward.default, bargs)
+    else:
+        out, h_n, gates, hidden_n = saved
+        bargs = (torch.randn_like(out), torch.randn_like(h_n), input, args[1], args[2], args[5], args[6], out, gates, hidden_n, True, clip, "gates", [True] * 6)
+        torch.library.opcheck(torch.ops.rnntl_fast.gru_backward.default, bargs)
+
+
+class TinyTagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = rnntl_fast.LSTM(4, 6, num_layers=2, bidirectional=True, grad_clip=1.0)
+        self.gru = rnntl_fast.GRU(12, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        z, h = self.gru(y)
+        return self.head(z) + h.sum()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = TinyTagger()
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    eager = model(x)
+    (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+MATMUL_EVENTS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+
+
+def _count_backward_matmuls(case):
+    tensors = make_tensors(case)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run(case, tensors, torch.float32, "cpu")
+    return sum(event.count for event in profile.key_averages() if event.key in MATMUL_EVENTS)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_frozen_weights_skip_weight_gradient_gemms(cell):
+    full = _count_backward_matmuls(Case(cell, proj=3 if cell == "lstm" else 0))
+    frozen = _count_backward_matmuls(Case(cell, proj=3 if cell == "lstm" else 0,
+                                          frozen=("weight_ih", "weight_hh") + (("weight_hr",) if cell == "lstm" else ())))
+    assert frozen == full - (3 if cell == "lstm" else 2), (full, frozen)
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    module = rnntl_fast.LSTM(3, 4)
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_backward_works_in_eval_mode_and_under_no_grad_forward_saves_nothing():
+    module = rnntl_fast.LSTM(3, 4).eval()
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    out, _ = module(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        results = torch.ops.rnntl_fast.lstm_forward(x, module.weight_ih_l0, module.weight_hh_l0, None, None, None,
+                                                    None, None, None, False, None, None, None, "state", False)
+    assert all(r.numel() == 0 for r in results[3:])
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument, never a crash or garbage.
+# ---------------------------------------------------------------------------------------
+def _lstm_args(T=3, B=2, I=4, H=5, dtype=torch.float32):
+    return dict(input=torch.randn(T, B, I, dtype=dtype), weight_ih=torch.randn(4 * H, I, dtype=dtype),
+                weight_hh=torch.randn(4 * H, H, dtype=dtype))
+
+
+BAD_INPUTS = [
+    ("rank", lambda a: a.update(input=a["input"][0]), ValueError, "input must have shape \\[T, B, I\\]"),
+    ("features", lambda a: a.update(input=torch.randn(3, 2, 6)), ValueError, "input_size=4"),
+    ("weight_hh", lambda a: a.update(weight_hh=torch.randn(20, 4)), ValueError, "weight_hh must have shape"),
+    ("h0-shape", lambda a: a.update(h0=torch.randn(3, 5)), ValueError, "h0 must have shape \\[2, 5\\]"),
+    ("c0-dtype", lambda a: a.update(c0=torch.randn(2, 5, dtype=torch.float64)), TypeError, "c0 has dtype"),
+    ("bias-shape", lambda a: a.update(bias_ih=torch.randn(7)), ValueError, "bias_ih must have shape"),
+    ("weight-dtype", lambda a: a.update(weight_ih=a["weight_ih"].double()), TypeError, "weight_ih has dtype"),
+    ("lengths-negative", lambda a: a.update(lengths=[2, -1]), ValueError, "lengths must be >= 0"),
+    ("lengths-too-long", lambda a: a.update(lengths=[4, 1]), ValueError, "lengths must be <= the number of steps"),
+    ("lengths-count", lambda a: a.update(lengths=[1, 2, 3]), ValueError, "lengths must have shape \\[2\\]"),
+    ("lengths-float", lambda a: a.update(lengths=torch.tensor([1.0, 2.0])), TypeError, "lengths must be integers"),
+    ("grad_clip-nan", lambda a: a.update(grad_clip=float("nan")), ValueError, "grad_clip must be a finite"),
+    ("cell_clip-inf", lambda a: a.update(cell_clip=math.inf), ValueError, "cell_clip must be a finite"),
+    ("proj_clip-negative", lambda a: a.update(proj_clip=-1.0), ValueError, "proj_clip must be a finite"),
+    ("grad_clip_mode", lambda a: a.update(grad_clip_mode="global"), ValueError, "grad_clip_mode must be one of"),
+    ("empty-batch", lambda a: a.update(input=torch.randn(3, 0, 4)), ValueError, "non-empty batch"),
+    ("no-steps", lambda a: a.update(input=torch.randn(0, 2, 4)), ValueError, "at least one step"),
+    ("int-input", lambda a: a.update(input=torch.ones(3, 2, 4, dtype=torch.int64)), TypeError, "floating tensor"),
+    ("backend", lambda a: a.update(backend="fast"), ValueError, "backend must be one of"),
+    ("cuda-backend-on-cpu", lambda a: a.update(backend="cuda"), ValueError, "needs CUDA tensors"),
+    ("bf16-on-cpu-backend", lambda a: a.update(**_lstm_args(dtype=torch.bfloat16)), TypeError,
+     "cpu backend supports float32 and float64"),
+]
+
+
+@pytest.mark.parametrize("mutate,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clear_error(mutate, error, message):
+    args = _lstm_args()
+    mutate(args)
+    with pytest.raises(error, match=message):
+        ops.lstm(**args)
+
+
+def test_native_op_rejects_bad_input_directly():
+    """Calling the registered op without the Python checks still fails cleanly."""
+    args = _lstm_args()
+    op = torch.ops.rnntl_fast.lstm_forward
+    with pytest.raises(RuntimeError, match="lengths must be <= the number of steps"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None,
+           torch.tensor([9, 1]), False, None, None, None, "state", False)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, torch.randn(5, 5), None, None,
+           False, None, None, None, "state", False)
+    with pytest.raises(RuntimeError, match="grad_clip_mode must be"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, False, None,
+           None, None, "bogus", False)
+    with pytest.raises(RuntimeError, match="gates"):
+        torch.ops.rnntl_fast.gru_backward(None, None, torch.randn(3, 2, 4), torch.randn(15, 4), torch.randn(15, 5),
+                                          None, None, torch.randn(3, 2, 5), torch.empty(0), torch.empty(0), False,
+                                          None, "state", [True] * 6)
