@@ -22,7 +22,8 @@ and feeds both torch.nn and rnntl_fast a PackedSequence packed inside the timed 
 GFLOP/s counts per step and batch row 8*H*(I+P) (+2*P*H projection) for LSTM and
 6*H*(I+H) for GRU, per layer and direction, over valid steps only; training = 3x forward,
 frozen = 2x, inference = 1x. "% of GEMM" divides that by the GFLOP/s of a torch.mm of
-[T*B, I+P] @ [I+P, G*H] timed in the same case (same FLOPs as one forward layer-direction).
+[T*B, I+P] @ [I+P, G*H] timed in the same rounds as the providers (same FLOPs as one
+forward layer-direction; oneDNN's fused RNN can beat a plain torch.mm, so > 100% happens).
 Peak memory (training modes): bytes torch allocates during one step above what was live
 before it; CUDA: torch.cuda.max_memory_allocated; CPU: running sum of torch.profiler's
 allocator events (memory a library takes from malloc directly is not seen).
@@ -57,7 +58,7 @@ from . import grids
 from .grids import CELLS, DTYPES, LENGTHS, MODES
 
 SCHEMA = "rnntl_fast.bench/1"
-DEFAULT_REPEATS = 9
+DEFAULT_REPEATS = 15
 BACKEND_CHOICES = ("auto", "cpu", "cuda", "triton", "reference", "torch", "torch-hooks")
 SIZE_FLAGS = ("T", "B", "I", "H", "layers", "bidirectional", "proj_size", "lengths")
 # Sizes of a custom grid for the size flags that were not given.

@@ -1,6 +1,5 @@
 """Runs the cases: warm-up, interleaved timing, same-run GEMM throughput, peak memory; one
 result row per (case, provider) with the fields the module docstring of rnntl_fast.bench lists."""
-import math
 import sys
 from typing import List
 
@@ -13,6 +12,7 @@ from .workloads import HOOKS, TORCH, Workload, build_steps, gates_of, provider_d
 # Step failures that mean "this provider cannot run this case" (unsupported dtype, missing
 # backend); they are reported as skipped rows with the error, never hidden.
 UNSUPPORTED = (RuntimeError, TypeError, ValueError, NotImplementedError)
+GEMM = "gemm"  # not a provider: the same-round matmul that "% of GEMM" divides by
 
 
 def _progress(cases: List[Case], enabled: bool):
@@ -56,19 +56,27 @@ def run_case(case: Case, providers: List[str], settings: dict, measure_memory: b
         except UNSUPPORTED as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             rows[name] = _skipped(case, name, f"{type(error).__name__}: {message}")
-    samples = timing.interleaved(runnable, estimates, device, settings["repeats"], settings["sample_ms"] / 1000,
-                                 provider_budget=30.0)
-    flops = workload.flops()
+    # The GEMM reference point runs in the same rounds, so that it sees the same load.
     recurrent = case.proj_size or case.H
-    gemm = timing.gemm_gflops(case.T * case.B, case.I + recurrent, gates_of(case.cell) * case.H,
-                              workload.dtype, device)
+    gemm, gemm_flops = timing.gemm_step(case.T * case.B, case.I + recurrent, gates_of(case.cell) * case.H,
+                                        workload.dtype, device)
+    timed = dict(runnable)
+    try:
+        estimates[GEMM] = timing.warm_up(gemm, device, settings["warmup_ms"] / 1000)
+        timed[GEMM] = gemm
+    except UNSUPPORTED:  # e.g. a dtype without a matmul kernel on this device
+        pass
+    samples = timing.interleaved(timed, estimates, device, settings["repeats"], settings["sample_ms"] / 1000,
+                                 provider_budget=30.0)
+    gemm_gflops = gemm_flops / timing.median(samples[GEMM]) / 1e9 if GEMM in samples else None
+    flops = workload.flops()
     for name, step in runnable.items():
         row = _base_row(case, name)
         seconds = timing.median(samples[name])
         row.update(time_ms=seconds * 1e3, samples_ms=[s * 1e3 for s in samples[name]],
                    calls_per_sample=max(1, int(settings["sample_ms"] / 1000 / max(estimates[name], 1e-9))),
-                   flops=flops, gflops=flops / seconds / 1e9, gemm_gflops=gemm)
-        row["gemm_fraction"] = row["gflops"] / gemm if gemm and not math.isnan(gemm) else None
+                   flops=flops, gflops=flops / seconds / 1e9, gemm_gflops=gemm_gflops)
+        row["gemm_fraction"] = row["gflops"] / gemm_gflops if gemm_gflops else None
         if TORCH in samples:
             row["speedup_vs_torch"] = timing.paired_ratio(samples[TORCH], samples[name])
         if HOOKS in samples:

@@ -79,23 +79,13 @@ def paired_ratio(baseline: List[float], other: List[float]) -> float:
     return median(pairs)
 
 
-_gemm_cache: Dict[tuple, float] = {}
-
-
-def gemm_gflops(rows: int, inner: int, cols: int, dtype: torch.dtype, device: torch.device,
-                repeats: int = 5, sample_seconds: float = 0.05) -> float:
-    """Measured GFLOP/s of torch.mm([rows, inner] @ [inner, cols]) here, now (cached per shape
-    for the run). The bench uses the layer-0 shapes [T*B, I+P] @ [I+P, G*H], whose FLOPs equal
-    one forward pass of one layer-direction, as "the GEMM throughput this machine gives"."""
-    key = (rows, inner, cols, dtype, str(device))
-    if key not in _gemm_cache:
-        a = torch.randn(rows, inner, device=device).to(dtype)
-        b = torch.randn(inner, cols, device=device).to(dtype)
-        step = lambda: torch.mm(a, b)  # noqa: E731
-        estimate = warm_up(step, device, 0.05)
-        seconds = median(interleaved({"gemm": step}, {"gemm": estimate}, device, repeats, sample_seconds, 5.0)["gemm"])
-        _gemm_cache[key] = 2.0 * rows * inner * cols / seconds / 1e9
-    return _gemm_cache[key]
+def gemm_step(rows: int, inner: int, cols: int, dtype: torch.dtype, device: torch.device):
+    """A torch.mm([rows, inner] @ [inner, cols]) step and its FLOPs. The bench times it in the
+    same rounds as the providers, with the layer-0 shapes [T*B, I+P] @ [I+P, G*H] (the FLOPs of
+    one forward layer-direction), as "the GEMM throughput this machine gives right now"."""
+    a = torch.randn(rows, inner, device=device).to(dtype)
+    b = torch.randn(inner, cols, device=device).to(dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * rows * inner * cols
 
 
 def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
