@@ -61,7 +61,8 @@ def machine_info(device: str) -> dict:
 
 def machine_line(info: dict) -> str:
     where = f"GPU {info['gpu']} (CUDA {info['cuda']}), " if "gpu" in info else ""
-    return (f"**Machine:** {where}CPU {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads; "
+    return (f"**Machine:** {where}CPU {info['cpu']}, {info['cores']} cores, {info['threads']} torch "
+            f"thread{'s' if info['threads'] != 1 else ''}; "
             f"torch {info['torch']}, rnntl_fast {info['rnntl_fast']}; torch.nn backend {info['torch_backend']}; "
             f"device {info['device']}; load average {info['load_average']} at start")
 
