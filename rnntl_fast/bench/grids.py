@@ -11,7 +11,7 @@ Named grids:
   on 2 cores.
 """
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Sequence
 
 CELLS = ("lstm", "gru")
@@ -134,7 +134,3 @@ def product_grid(axes: Dict[str, Sequence], device: str) -> List[Case]:
 def filter_cases(cases: List[Case], cells=None, modes=None) -> List[Case]:
     """Keeps the cases whose cell and mode were asked for (None keeps all)."""
     return [case for case in cases if (cells is None or case.cell in cells) and (modes is None or case.mode in modes)]
-
-
-def with_device(cases: List[Case], device: str) -> List[Case]:
-    return [replace(case, device=device) for case in cases]
