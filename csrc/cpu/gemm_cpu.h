@@ -187,16 +187,26 @@ class StepWeight {
   // x [M, K] (contiguous rows) -> [M, N] (a new tensor)
   at::Tensor apply(const at::Tensor& x) const {
     if (onednn_packed_.defined()) return onednn_linear(x, onednn_packed_, c10::nullopt);
-    if (!mkl_packed_.empty()) {
+    at::Tensor out = at::empty({x.size(0), weight_.size(0)}, x.options());
+    apply_into(x, out);
+    return out;
+  }
+  // out [M, N] = x [M, K] @ weight^T, or += with accumulate; out a contiguous block of rows.
+  void apply_into(const at::Tensor& x, at::Tensor out, bool accumulate = false) const {
+    if (onednn_packed_.defined()) {
+      const at::Tensor product = onednn_linear(x, onednn_packed_, c10::nullopt);
+      accumulate ? out.add_(product) : out.copy_(product);
+    } else if (!mkl_packed_.empty()) {
       const int64_t M = x.size(0), N = weight_.size(0), K = weight_.size(1);
-      at::Tensor out = at::empty({M, N}, x.options());
       const at::Tensor a = x.contiguous();
       MklPackedGemm::get().compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked, int(M),
-                                   int(N), int(K), a.data_ptr<float>(), int(K), mkl_packed_.data(), int(K), 0.0f,
-                                   out.data_ptr<float>(), int(N));
-      return out;
+                                   int(N), int(K), a.data_ptr<float>(), int(K), mkl_packed_.data(), int(K),
+                                   accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), int(N));
+    } else if (accumulate) {
+      at::addmm_out(out, out, x, weight_.t());
+    } else {
+      at::mm_out(out, x, weight_.t());
     }
-    return at::mm(x, weight_.t());
   }
 
  private:

@@ -77,8 +77,8 @@ struct GruBackwardStep {
   const T* grad_output;       // [T, B, H]
   const T* h0;                // [B, H] or nullptr
   const T* zeros;             // [H]
-  T* grad_hidden_carry;       // [B, H]  slot-major dL/dh_t from step t+1 (read)
-  T* grad_hidden_direct;      // [B, H]  slot-major z * dL/dh_t (written)
+  T* grad_hidden_carry;       // [B, H]  slot-major: dL/dh_t from step t+1 in, z * dL/dh_t out
+                              //         (the caller then adds dL/dgh @ W_hh)
   T* grad_hidden_gates;       // [B, 3H] slot-major dL/d(W_hh h + b_hh)
   T* grad_hidden_gates_all;   // [T, B, 3H] or nullptr (may alias grad_hidden_gates)
   T* grad_input_gates_all;    // [T, B, 3H] dL/d(W_ih x + b_ih)
@@ -98,8 +98,7 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   const T* __restrict__ act = s.gates + row * G;
   const T* __restrict__ hn = s.hidden_n + row * H;
   const T* __restrict__ go = s.grad_output + row * H;
-  const T* __restrict__ carry = s.grad_hidden_carry + j * H;
-  T* __restrict__ direct = s.grad_hidden_direct + j * H;
+  T* __restrict__ carry = s.grad_hidden_carry + j * H;
   T* __restrict__ dgh = s.grad_hidden_gates + j * G;
   T* __restrict__ dgi = s.grad_input_gates_all + row * G;
   const T state_clip = s.state_clip, gate_clip = s.gate_clip;
@@ -114,7 +113,7 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
     dgh[k] = e.d_r;
     dgh[H + k] = e.d_z;
     dgh[2 * H + k] = e.d_hidden_n;
-    direct[k] = e.grad_hidden_prev;
+    carry[k] = e.grad_hidden_prev;
   }
   if (s.grad_hidden_gates_all) {
     T* all = s.grad_hidden_gates_all + row * G;
@@ -253,7 +252,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool identity_order = !lengths.has_value();
   const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, H}, options);
   at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, H}, options).index_select(0, order_tensor);
-  at::Tensor grad_hidden_direct = at::empty({B, H}, options);
   at::Tensor grad_input_gates_all = at::empty({T, B, G}, options);
   at::Tensor grad_hidden_gates_all = keep_hidden_gates ? at::empty({T, B, G}, options) : at::Tensor();
   at::Tensor grad_hidden_gates_buffer = at::empty({B, G}, options);
@@ -283,7 +281,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
     s.zeros = zeros.data_ptr<T_>();
     s.grad_hidden_carry = grad_hidden_carry.data_ptr<T_>();
-    s.grad_hidden_direct = grad_hidden_direct.data_ptr<T_>();
     s.grad_hidden_gates_all = keep_hidden_gates ? grad_hidden_gates_all.data_ptr<T_>() : nullptr;
     s.grad_input_gates_all = grad_input_gates_all.data_ptr<T_>();
     s.hidden_prev_all = hidden_operand.hidden_columns<T_>();
@@ -301,8 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s.grad_hidden_gates = grad_hidden_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
-        at::Tensor carry_rows = slots(grad_hidden_carry, n);
-        at::add_out(carry_rows, slots(grad_hidden_direct, n), recurrent_back.apply(slots(grad_hidden_gates, n)));
+        recurrent_back.apply_into(slots(grad_hidden_gates, n), slots(grad_hidden_carry, n), /*accumulate=*/true);
       }
       for (int64_t j = n; j < B; ++j) {
         const int64_t row = t * B + sequence.order[j];

@@ -448,7 +448,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
             project ? projection_back->apply(slots(grad_pre_clip, n)) : grad_pre_clip;  // [n, H]
         s.grad_hidden_unprojected = grad_hidden_unprojected.data_ptr<T_>();
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
-        slots(grad_hidden_carry, n).copy_(recurrent_back.apply(slots(grad_gates_step, n)));
+        recurrent_back.apply_into(slots(grad_gates_step, n), slots(grad_hidden_carry, n));
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
