@@ -429,20 +429,19 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
     need_input, need_weight_ih, need_weight_hh, need_bias_ih, need_bias_hh, need_h0 = output_mask
     flat_input_gates = grad_input_gates.reshape(steps * batch, 3 * hidden)
     flat_hidden_gates = grad_hidden_gates.reshape(steps * batch, 3 * hidden)
-    empty = input.new_empty(0)
     grad_input = (flat_input_gates @ weight_ih.float()).reshape(steps, batch, features).to(dtype) \
-        if need_input else empty
+        if need_input else input.new_empty(0)
     grad_weight_ih = (flat_input_gates.t() @ input.reshape(steps * batch, features).float()).to(dtype) \
-        if need_weight_ih else empty
+        if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = h0.float() if h0 is not None else torch.zeros(batch, hidden, **f32)
         h_before = _previous_states(hidden_states, h_start, reverse).reshape(steps * batch, hidden)
         grad_weight_hh = (flat_hidden_gates.t() @ h_before).to(dtype)
     else:
-        grad_weight_hh = empty
-    grad_bias_ih = flat_input_gates.sum(0).to(dtype) if need_bias_ih else empty
-    grad_bias_hh = flat_hidden_gates.sum(0).to(dtype) if need_bias_hh else empty
-    grad_h0 = grad_h0.to(dtype) if need_h0 else empty
+        grad_weight_hh = input.new_empty(0)
+    grad_bias_ih = flat_input_gates.sum(0).to(dtype) if need_bias_ih else input.new_empty(0)
+    grad_bias_hh = flat_hidden_gates.sum(0).to(dtype) if need_bias_hh else input.new_empty(0)
+    grad_h0 = grad_h0.to(dtype) if need_h0 else input.new_empty(0)
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0
 
 

@@ -699,29 +699,28 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
         first_step = order[0]
         # dL/dh0: what the first processed step passes back, as the kernels would for h_{-1}.
         grad_h0 = grad_keep[last] + grad_gates[first_step] @ weight_hh.float()
-        grad_c0 = grad_c_carry[last]
+        grad_c0 = grad_c_carry[last].clone()  # a fresh tensor, not a view into the carry buffer
 
     need_input, need_weight_ih, need_weight_hh, need_bias, need_weight_hr, need_h0, need_c0 = output_mask
     flat_grad_gates = grad_gates.reshape(steps * batch, 4 * hidden)
-    empty = input.new_empty(0)
     grad_input = (flat_grad_gates @ weight_ih.float()).reshape(steps, batch, features).to(dtype) \
-        if need_input else empty
+        if need_input else input.new_empty(0)
     grad_weight_ih = (flat_grad_gates.t() @ input.reshape(steps * batch, features).float()).to(dtype) \
-        if need_weight_ih else empty
+        if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = h0.float() if h0 is not None else torch.zeros(batch, out_size, **f32)
         h_before = _previous_states(hidden_states, h_start, reverse).reshape(steps * batch, out_size)
         grad_weight_hh = (flat_grad_gates.t() @ h_before).to(dtype)
     else:
-        grad_weight_hh = empty
-    grad_bias = flat_grad_gates.sum(0).to(dtype) if need_bias else empty
+        grad_weight_hh = input.new_empty(0)
+    grad_bias = flat_grad_gates.sum(0).to(dtype) if need_bias else input.new_empty(0)
     if need_weight_hr and weight_hr is not None:
         m = gates[..., 3 * hidden:] * torch.tanh(cells)
         grad_weight_hr = (grad_proj.reshape(steps * batch, out_size).t() @ m.reshape(steps * batch, hidden)).to(dtype)
     else:
-        grad_weight_hr = empty
-    grad_h0 = grad_h0.to(dtype) if need_h0 else empty
-    grad_c0 = grad_c0.to(dtype) if need_c0 else empty
+        grad_weight_hr = input.new_empty(0)
+    grad_h0 = grad_h0.to(dtype) if need_h0 else input.new_empty(0)
+    grad_c0 = grad_c0.to(dtype) if need_c0 else input.new_empty(0)
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0
 
 
