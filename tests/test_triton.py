@@ -174,19 +174,22 @@ def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, strategy):
 
 def test_strategy_choice(monkeypatch):
     monkeypatch.delenv(config.STRATEGY_ENV, raising=False)
-    assert config.choose_strategy(13, 13) == "sequence"
-    assert config.choose_strategy(64, 64) == "sequence"
-    assert config.choose_strategy(65, 65) == "step"
-    assert config.choose_strategy(256, 64) == "step"
-    assert config.choose_strategy(13, 13, "step") == "step"
+    half, single = torch.float16, torch.float32
+    assert config.choose_strategy(13, 13, single) == "sequence"
+    assert config.choose_strategy(32, 20, single) == "sequence"
+    assert config.choose_strategy(33, 33, single) == "step"  # float32 weights spill past 32
+    assert config.choose_strategy(64, 64, half) == "sequence"
+    assert config.choose_strategy(65, 65, torch.bfloat16) == "step"
+    assert config.choose_strategy(256, 64, half) == "step"
+    assert config.choose_strategy(13, 13, single, "step") == "step"
     monkeypatch.setenv(config.STRATEGY_ENV, "step")
-    assert config.choose_strategy(13, 13) == "step"
-    assert config.choose_strategy(13, 13, "sequence") == "sequence"
+    assert config.choose_strategy(13, 13, single) == "step"
+    assert config.choose_strategy(13, 13, single, "sequence") == "sequence"
     with pytest.raises(ValueError, match="supports hidden and output sizes up to"):
-        config.choose_strategy(1024, 1024, "sequence")
+        config.choose_strategy(100, 100, half, "sequence")
     monkeypatch.setenv(config.STRATEGY_ENV, "fastest")
     with pytest.raises(ValueError, match="RNNTL_TRITON_STRATEGY"):
-        config.choose_strategy(13, 13)
+        config.choose_strategy(13, 13, single)
 
 
 def test_strategy_keyword_matches_environment(monkeypatch):

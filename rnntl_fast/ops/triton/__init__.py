@@ -49,7 +49,7 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     _check_dtype(input)
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
-    chosen = config.choose_strategy(hidden, out_size, strategy)
+    chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
     save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                       c0, lengths, reverse, cell_clip, proj_clip, grad_clip,
@@ -73,7 +73,7 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     """
     _check_dtype(input)
     hidden = weight_ih.shape[0] // 3
-    chosen = config.choose_strategy(hidden, hidden, strategy)
+    chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
     save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse,
                                                 grad_clip, grad_clip_mode, save, chosen)

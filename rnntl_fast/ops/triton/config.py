@@ -8,8 +8,8 @@ Strategy (see docs/triton.md):
 
 * ``"sequence"``: one launch runs the whole recurrence; each program owns a tile of
   BLOCK_B batch rows and the full hidden state, and keeps W_hh (and W_hr) in registers
-  across steps. Chosen when every recurrent weight tile fits on chip: the padded hidden
-  size and output size are both <= SEQUENCE_MAX_WIDTH.
+  across steps. Chosen when every recurrent weight tile fits on chip without spilling:
+  the padded hidden and output sizes are both <= SEQUENCE_MAX_WIDTH[dtype].
 * ``"step"``: one launch per step (two with a projection), each program owning a
   (batch tile, hidden tile) block and streaming W_hh through a K loop. Any size.
 
@@ -26,11 +26,15 @@ import triton.language as tl
 STRATEGIES = ("auto", "sequence", "step")
 STRATEGY_ENV = "RNNTL_TRITON_STRATEGY"
 
-# Widest padded hidden / output size the sequence kernel keeps on chip when chosen
-# automatically: 4 gates x 64 x 64 weights = 16K elements, what a program of 8 warps can
-# hold in registers without spilling. Forcing "sequence" is allowed up to the hard limit.
-SEQUENCE_MAX_WIDTH = 64
-SEQUENCE_HARD_MAX_WIDTH = 128
+# Widest padded hidden / output size the sequence kernel is chosen for automatically,
+# by dtype: up to these widths every sequence kernel compiles for sm_90 with 8 warps and
+# no register spills (python -m rnntl_fast.ops.triton.resources; table in docs/triton.md).
+# float32 weights take twice the registers of half ones. Forcing "sequence" is allowed up
+# to the hard limit, past which the backward kernel needs more shared memory than an
+# H100 has (>228 KB at 128).
+SEQUENCE_MAX_WIDTH = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+SEQUENCE_HARD_MAX_WIDTH = 64
+SEQUENCE_NUM_WARPS = 8
 
 # tl.dot needs every dimension >= 16 when compiled; the batch tile of both strategies is
 # therefore 16 rows (more rows per program would cut the parallelism of small batches).
@@ -60,8 +64,8 @@ def padded(size: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(int(size)))
 
 
-def choose_strategy(hidden: int, out_size: int, requested: Optional[str] = None) -> str:
-    """"sequence" or "step" for a layer of `hidden` cells and `out_size` outputs.
+def choose_strategy(hidden: int, out_size: int, dtype: torch.dtype, requested: Optional[str] = None) -> str:
+    """"sequence" or "step" for a layer of `hidden` cells and `out_size` outputs in `dtype`.
 
     `requested` (or, when None, the RNNTL_TRITON_STRATEGY variable) may force one."""
     if requested is None:
@@ -75,14 +79,14 @@ def choose_strategy(hidden: int, out_size: int, requested: Optional[str] = None)
                          f"hidden and output sizes up to {SEQUENCE_HARD_MAX_WIDTH}, got hidden={hidden}, "
                          f"output={out_size}; use strategy='step'")
     if requested == "auto":
-        return "sequence" if width <= SEQUENCE_MAX_WIDTH else "step"
+        return "sequence" if width <= SEQUENCE_MAX_WIDTH.get(dtype, 0) else "step"
     return requested
 
 
-def sequence_num_warps(gates: int, hidden: int, out_size: int) -> int:
-    """More warps for wider on-chip weights, so that each thread holds fewer of them."""
-    on_chip = gates * padded(hidden) * padded(out_size)
-    return 4 if on_chip <= 4096 else 8
+def sequence_num_warps() -> int:
+    """8 warps spread the on-chip weights thin enough not to spill at every automatic
+    width; 4 spill at some (docs/triton.md)."""
+    return SEQUENCE_NUM_WARPS
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -330,6 +330,7 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
     f32 = dict(device=device, dtype=torch.float32)
     input_gates = F.linear(input, weight_ih, bias_ih).contiguous()  # every step's input projection at once
     weight_hh = weight_hh.contiguous()
+    bias_hh = bias_hh.contiguous() if bias_hh is not None else None
     lengths_dev = lengths.to(device) if lengths is not None else None
     dummy = input_gates  # stands in for absent optional pointers; never read (constexpr flags)
     save = bool(save_for_backward)
@@ -346,7 +347,7 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
             steps, batch, hidden,
             HAS_BIAS=bias_hh is not None, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
             REVERSE=bool(reverse), SAVE=save, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B,
-            BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps(3, hidden, hidden))
+            BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
         return output, h_n, gates, hidden_states
 
     # Strategy "step": step t reads the float32 state step t-1 wrote into hidden_states.
@@ -405,7 +406,7 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
             grad_hidden_gates, grad_h0, steps, batch, hidden, grad_clip_value,
             HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), STATE_CLIP=state_clip,
             GATE_CLIP=gate_clip, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
-            num_warps=config.sequence_num_warps(3, hidden, hidden))
+            num_warps=config.sequence_num_warps())
     else:
         # The carry ping-pongs between two buffers: no launch rewrites what it reads.
         grad_keep = torch.empty(2, batch, hidden, **f32)

@@ -539,6 +539,7 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     input_gates = F.linear(input, weight_ih, bias_ih).contiguous()
     weight_hh = weight_hh.contiguous()
     weight_hr_c = weight_hr.contiguous() if weight_hr is not None else None
+    bias_hh = bias_hh.contiguous() if bias_hh is not None else None
     lengths_dev = lengths.to(device) if lengths is not None else None
     dummy = input_gates  # stands in for absent optional pointers; never read (constexpr flags)
     output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
@@ -568,7 +569,7 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
             HAS_BIAS=bias_hh is not None, HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None,
             HAS_C0=c0 is not None, REVERSE=bool(reverse), SAVE=save,
             BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size),
-            num_warps=config.sequence_num_warps(4, hidden, out_size), **flags)
+            num_warps=config.sequence_num_warps(), **flags)
         return output, h_n, c_n, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip
 
     # Strategy "step": the state lives in the float32 [T, ...] buffers, step t reading
@@ -664,7 +665,7 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
             HAS_PROJ=weight_hr is not None, HAS_C0=c0 is not None, REVERSE=bool(reverse),
             PROJ_CLIP=proj_clip is not None, GATE_CLIP=gate_clip,
             BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size),
-            num_warps=config.sequence_num_warps(4, hidden, out_size), **flags)
+            num_warps=config.sequence_num_warps(), **flags)
     else:
         # Carries ping-pong between two buffers so that every launch reads what the
         # previous one wrote and rewrites nothing it reads (safe to re-run when autotuning).
