@@ -229,6 +229,24 @@ def test_forward_without_grad_saves_nothing(cell, strategy):
     assert all(r.numel() == 0 for r in reserve)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inference_forward_matches_training_forward(cell, strategy):
+    """Without grad the forward keeps no reserve (the step strategy then alternates two
+    state slots); its results must be those of the training forward."""
+    case = Case(cell, T=4, B=3, I=3, H=5, proj=3 if cell == "lstm" else 0, lengths=(2, 4, 1), reverse=True,
+                cell_clip=0.5 if cell == "lstm" else None)
+    tensors = make_tensors(case)
+    training = run(case, tensors, torch.float32, "triton")
+    with torch.no_grad():
+        args = [tensors[n].float() if n in tensors else None for n in LEAVES]
+        if cell == "lstm":
+            inference = ops.lstm(*args, torch.tensor(case.lengths), reverse=True, cell_clip=0.5, backend="triton")
+        else:
+            inference = ops.gru(*args[:5], args[6], torch.tensor(case.lengths), reverse=True, backend="triton")
+    for name, value in zip(("output", "h_n", "c_n"), inference):
+        torch.testing.assert_close(value, training[name], rtol=0, atol=0)
+
+
 def test_float64_is_rejected_with_a_clear_error():
     x = torch.randn(2, 1, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="supports float32, float16 and bfloat16"):
@@ -264,3 +282,25 @@ def test_module_matches_torch_nn(cls, strategy):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads[0], grads[1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The registered ops trace through their fakes: a model of triton-backed modules
+    compiles with fullgraph=True and gives the eager results and gradients."""
+    torch._dynamo.reset()
+    lstm = rnntl_fast.LSTM(4, 6, num_layers=2, bidirectional=True, grad_clip=1.0, backend="triton")
+    gru = rnntl_fast.GRU(12, 5, backend="triton")
+
+    def model(x):
+        y, _ = lstm(x)
+        z, h = gru(y)
+        return z.square().sum() + h.sum()
+
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    eager = model(x)
+    (eager_grad,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, eager_grad)

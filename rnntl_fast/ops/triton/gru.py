@@ -350,21 +350,20 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
             BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
         return output, h_n, gates, hidden_states
 
-    # Strategy "step": step t reads the float32 state step t-1 wrote into hidden_states.
-    hidden_states = torch.empty(steps, batch, hidden, **f32)
-    h_start = h0.float().contiguous() if h0 is not None else torch.zeros(batch, hidden, **f32)
-    order = _processing_order(steps, reverse)
-    previous = None
-    for t in order:
-        h_prev = hidden_states[previous] if previous is not None else h_start
+    # Strategy "step": step t reads the float32 state step t-1 wrote: one slot per step
+    # when training (they are the saved activations), two alternating slots otherwise.
+    hidden_states = torch.empty(steps if save else 2, batch, hidden, **f32)
+    h_prev = h0.float().contiguous() if h0 is not None else torch.zeros(batch, hidden, **f32)
+    for n, t in enumerate(_processing_order(steps, reverse)):
+        slot = t if save else n % 2
         _gru_forward_step_kernel[_step_grid(batch, hidden)](
             input_gates[t], h_prev, weight_hh, bias_hh if bias_hh is not None else dummy,
-            lengths_dev if lengths_dev is not None else dummy, gates[t] if save else dummy, hidden_states[t],
+            lengths_dev if lengths_dev is not None else dummy, gates[t] if save else dummy, hidden_states[slot],
             output[t], t, batch, hidden,
             HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None, SAVE=save, DOT_DTYPE=dot_dtype,
             BLOCK_B=config.BLOCK_B)
-        previous = t
-    h_n = hidden_states[order[-1]].to(dtype, copy=True)
+        h_prev = hidden_states[slot]
+    h_n = h_prev.to(dtype, copy=True)
     return output, h_n, gates, hidden_states if save else _empty(device)
 
 

@@ -572,40 +572,39 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
             num_warps=config.sequence_num_warps(), **flags)
         return output, h_n, c_n, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip
 
-    # Strategy "step": the state lives in the float32 [T, ...] buffers, step t reading
-    # what step t-1 wrote; they double as the saved activations.
+    # Strategy "step": the state lives in float32 buffers, step t reading the slot step t-1
+    # wrote. Training keeps one slot per step (they are the saved activations); inference
+    # alternates between two.
     gates = torch.empty(steps, batch, 4 * hidden, **f32) if save else _empty(device)
-    cells = torch.empty(steps, batch, hidden, **f32)
-    hidden_states = torch.empty(steps, batch, out_size, **f32)
+    slots = steps if save else 2
+    cells = torch.empty(slots, batch, hidden, **f32)
+    hidden_states = torch.empty(slots, batch, out_size, **f32)
     cell_pre_clip = torch.empty(steps, batch, hidden, **f32) if save and cell_clip is not None else _empty(device)
     hidden_pre_clip = torch.empty(steps, batch, out_size, **f32) if save and proj_clip is not None else _empty(device)
     m = torch.empty(batch, hidden, **f32) if weight_hr is not None else None
-    h_start = h0.float().contiguous() if h0 is not None else torch.zeros(batch, out_size, **f32)
-    c_start = c0.float().contiguous() if c0 is not None else torch.zeros(batch, hidden, **f32)
-    order = _processing_order(steps, reverse)
-    previous = None
-    for t in order:
-        h_prev = hidden_states[previous] if previous is not None else h_start
-        c_prev = cells[previous] if previous is not None else c_start
+    h_prev = h0.float().contiguous() if h0 is not None else torch.zeros(batch, out_size, **f32)
+    c_prev = c0.float().contiguous() if c0 is not None else torch.zeros(batch, hidden, **f32)
+    for n, t in enumerate(_processing_order(steps, reverse)):
+        slot = t if save else n % 2
         _lstm_forward_step_kernel[_step_grid(batch, hidden)](
             input_gates[t], h_prev, c_prev, weight_hh, bias_hh if bias_hh is not None else dummy,
             lengths_dev if lengths_dev is not None else dummy,
-            gates[t] if save else dummy, cells[t], cell_pre_clip[t] if cell_pre_clip.numel() else dummy,
-            m if m is not None else dummy, hidden_states[t], output[t],
+            gates[t] if save else dummy, cells[slot], cell_pre_clip[t] if cell_pre_clip.numel() else dummy,
+            m if m is not None else dummy, hidden_states[slot], output[t],
             hidden_pre_clip[t] if hidden_pre_clip.numel() else dummy,
             t, batch, hidden, out_size, cell_clip_value, proj_clip_value,
             HAS_BIAS=bias_hh is not None, HAS_PROJ=weight_hr is not None, SAVE=save, BLOCK_B=config.BLOCK_B,
             **flags)
         if weight_hr is not None:
             _lstm_projection_step_kernel[_step_grid(batch, out_size)](
-                m, weight_hr_c, h_prev, lengths_dev if lengths_dev is not None else dummy, hidden_states[t],
+                m, weight_hr_c, h_prev, lengths_dev if lengths_dev is not None else dummy, hidden_states[slot],
                 output[t], hidden_pre_clip[t] if hidden_pre_clip.numel() else dummy,
                 t, batch, hidden, out_size, proj_clip_value,
                 HAS_LENGTHS=flags["HAS_LENGTHS"], PROJ_CLIP=flags["PROJ_CLIP"], SAVE=save,
                 DOT_DTYPE=flags["DOT_DTYPE"], BLOCK_B=config.BLOCK_B)
-        previous = t
-    h_n = hidden_states[order[-1]].to(dtype, copy=True)
-    c_n = cells[order[-1]].to(dtype, copy=True)
+        h_prev, c_prev = hidden_states[slot], cells[slot]
+    h_n = h_prev.to(dtype, copy=True)
+    c_n = c_prev.to(dtype, copy=True)
     if not save:
         cells, hidden_states = _empty(device), _empty(device)
     return output, h_n, c_n, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip
