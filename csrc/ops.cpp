@@ -7,7 +7,11 @@
 // lengths, when given, is a CPU integer tensor [B] with 0 <= lengths[b] <= T; rows past
 // their length keep their state and produce zero output; reverse runs t = T-1 .. 0 with
 // each row starting at its own last step.
+#ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+#else  // built by CMake into the C++ tests: schemas only
+#include <torch/library.h>
+#endif
 
 TORCH_LIBRARY(rnntl_fast, m) {
   // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
@@ -36,6 +40,7 @@ TORCH_LIBRARY(rnntl_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifdef TORCH_EXTENSION_NAME
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "rnntl_fast native kernels (ops are registered under torch.ops.rnntl_fast)";
 #ifdef RNNTL_WITH_CUDA
@@ -50,3 +55,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("openmp") = 0;
 #endif
 }
+#endif

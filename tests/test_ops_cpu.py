@@ -250,11 +250,14 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grad, eager_grad)
 
 
+MATMUL_EVENTS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+
+
 def _count_backward_matmuls(case):
     tensors = make_tensors(case)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         run(case, tensors, torch.float32, "cpu")
-    return sum(event.count for event in profile.key_averages() if event.key in ("aten::mm", "aten::addmm"))
+    return sum(event.count for event in profile.key_averages() if event.key in MATMUL_EVENTS)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

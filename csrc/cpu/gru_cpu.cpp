@@ -3,6 +3,8 @@
 // step a recurrent GEMM over the running rows and a fused pointwise pass; backward per
 // step, then the weight-gradient GEMMs over all steps for the weights that need them.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
+#include "gemm_cpu.h"
+#include "kernels_cpu.h"
 #include "sequence_cpu.h"
 
 #include <rnntl/cell_math.h>
@@ -25,7 +27,7 @@ struct GruForwardStep {
 };
 
 template <typename T, bool kSave>
-inline void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
+RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
   const T* __restrict__ x = s.input_gates + row * G;
@@ -52,7 +54,7 @@ inline void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
 }
 
 template <typename T>
-inline void gru_forward_rows(const GruForwardStep<T>& s, int64_t begin, int64_t end, bool save) {
+RNNTL_ROW_INLINE void gru_forward_rows(const GruForwardStep<T>& s, int64_t begin, int64_t end, bool save) {
   for (int64_t j = begin; j < end; ++j) save ? gru_forward_row<T, true>(s, j) : gru_forward_row<T, false>(s, j);
 }
 
@@ -85,7 +87,7 @@ struct GruBackwardStep {
 };
 
 template <typename T>
-inline void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
+RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t b = s.sequence->order[j];
   const int64_t row = s.t * s.batch + b;
@@ -121,7 +123,7 @@ inline void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
 }
 
 template <typename T>
-inline void gru_backward_rows(const GruBackwardStep<T>& s, int64_t begin, int64_t end) {
+RNNTL_ROW_INLINE void gru_backward_rows(const GruBackwardStep<T>& s, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) gru_backward_row(s, j);
 }
 
@@ -168,16 +170,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const auto options = input.options();
 
   const at::Tensor x = input.contiguous().view({T * B, I});
-  const at::Tensor input_gates = bias_ih.has_value() ? at::addmm(*bias_ih, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+  const at::Tensor input_gates = linear_rows(x, weight_ih, bias_ih);
   const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
   const SequenceOrder sequence(lengths, T, B);
   const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, H}, options);
-  at::Tensor recurrent_gates = at::empty({B, G}, options);
   at::Tensor output = at::empty({T, B, H}, options);
   at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
   at::Tensor hidden_n = empty_if(save_for_backward, {T, B, H}, options);
-  const at::Tensor weight_hh_t = weight_hh.t();
+  const StepWeight recurrent(weight_hh, B);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] {
     using T_ = scalar_t;
@@ -186,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     s.hidden = H;
     s.order = sequence.order.data();
     s.input_gates = input_gates.data_ptr<T_>();
-    s.recurrent_gates = recurrent_gates.data_ptr<T_>();
     s.bias_hh = bias.data_ptr<T_>();
     s.hidden_state = hidden_state.data_ptr<T_>();
     s.output = output.data_ptr<T_>();
@@ -197,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       const int64_t n = sequence.active[t];
       s.t = t;
       if (n > 0) {
-        mm_into(slots(recurrent_gates, n), slots(hidden_state, n), weight_hh_t);
+        const at::Tensor recurrent_gates = recurrent.apply(slots(hidden_state, n));  // [n, 3H]
+        s.recurrent_gates = recurrent_gates.data_ptr<T_>();
         parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });
       }
       for (int64_t j = n; j < B; ++j) {
@@ -260,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor output_c = output.contiguous();
   const at::Tensor gates_c = gates.contiguous();
   const at::Tensor hidden_n_c = hidden_n.contiguous();
+  const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] {
     using T_ = scalar_t;
@@ -292,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s.grad_hidden_gates = grad_hidden_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
-        addmm_into(slots(grad_hidden_carry, n), slots(grad_hidden_direct, n), slots(grad_hidden_gates, n),
-                      weight_hh);
+        at::Tensor carry_rows = slots(grad_hidden_carry, n);
+        at::add_out(carry_rows, slots(grad_hidden_direct, n), recurrent_back.apply(slots(grad_hidden_gates, n)));
       }
       for (int64_t j = n; j < B; ++j) {
         const int64_t row = t * B + sequence.order[j];
@@ -310,11 +312,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_input_gates = grad_input_gates_all.view({T * B, G});
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = need_input ? at::mm(grad_input_gates, weight_ih).view({T, B, I}) : none();
-  at::Tensor grad_weight_ih = need_weight_ih ? at::mm(grad_input_gates.t(), input.contiguous().view({T * B, I})) : none();
+  at::Tensor grad_input = need_input ? linear_rows(grad_input_gates, weight_ih.t()).view({T, B, I}) : none();
+  at::Tensor grad_weight_ih =
+      need_weight_ih ? linear_rows(grad_input_gates.t(), input.contiguous().view({T * B, I}).t()) : none();
   at::Tensor grad_bias_ih = need_bias_ih ? grad_input_gates.sum(0) : none();
   at::Tensor grad_weight_hh =
-      need_weight_hh ? at::mm(grad_hidden_gates_all.view({T * B, G}).t(), hidden_prev_all.view({T * B, H})) : none();
+      need_weight_hh ? linear_rows(grad_hidden_gates_all.view({T * B, G}).t(), hidden_prev_all.view({T * B, H}).t())
+                     : none();
   at::Tensor grad_bias_hh = need_bias_hh ? grad_hidden_gates_all.view({T * B, G}).sum(0) : none();
   at::Tensor grad_h0 = none();
   if (need_h0) {

@@ -6,6 +6,8 @@
 // with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
 // h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
+#include "gemm_cpu.h"
+#include "kernels_cpu.h"
 #include "sequence_cpu.h"
 
 #include <rnntl/cell_math.h>
@@ -34,7 +36,7 @@ struct LstmForwardStep {
 };
 
 template <typename T, bool kSave, bool kProject>
-inline void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
+RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
   const T* __restrict__ x = s.input_gates + row * G;
@@ -76,7 +78,7 @@ inline void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
 }
 
 template <typename T>
-inline void lstm_forward_rows(const LstmForwardStep<T>& s, int64_t begin, int64_t end, bool save,
+RNNTL_ROW_INLINE void lstm_forward_rows(const LstmForwardStep<T>& s, int64_t begin, int64_t end, bool save,
                               bool project) {
   for (int64_t j = begin; j < end; ++j) {
     if (save) {
@@ -120,7 +122,7 @@ struct LstmBackwardStep {
 };
 
 template <typename T>
-inline void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
+RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
   const int64_t b = s.sequence->order[j];
   const int64_t row = s.t * s.batch + b;
@@ -159,7 +161,7 @@ inline void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
 }
 
 template <typename T>
-inline void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
+RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) lstm_backward_row(s, j);
 }
 
@@ -252,22 +254,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
     else if (bias_ih.has_value()) bias = *bias_ih;
     else if (bias_hh.has_value()) bias = *bias_hh;
-    input_gates = bias ? at::addmm(*bias, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+    input_gates = linear_rows(x, weight_ih, bias);
   }
   const SequenceOrder sequence(lengths, T, B);
   const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
 
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
-  at::Tensor recurrent_gates = at::empty({B, G}, options);
   at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
-  at::Tensor projected = project ? at::empty({B, P}, options) : at::Tensor();
   at::Tensor output = at::empty({T, B, P}, options);
   at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
   at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
   at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
-  const at::Tensor weight_hh_t = weight_hh.t();
-  const at::Tensor weight_hr_t = project ? weight_hr->t() : at::Tensor();
+  const StepWeight recurrent(weight_hh, B);
+  const c10::optional<StepWeight> projection =
+      project ? c10::optional<StepWeight>(StepWeight(*weight_hr, B)) : c10::nullopt;
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] {
     using T_ = scalar_t;
@@ -276,7 +277,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.hidden = H;
     s.order = sequence.order.data();
     s.input_gates = input_gates.data_ptr<T_>();
-    s.recurrent_gates = recurrent_gates.data_ptr<T_>();
     s.cell_state = cell_state.data_ptr<T_>();
     s.hidden_state = project ? nullptr : hidden_state.data_ptr<T_>();
     s.hidden_unprojected = project ? hidden_unprojected.data_ptr<T_>() : nullptr;
@@ -292,11 +292,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t n = sequence.active[t];
       s.t = t;
       if (n > 0) {
-        mm_into(slots(recurrent_gates, n), slots(hidden_state, n), weight_hh_t);
+        const at::Tensor recurrent_gates = recurrent.apply(slots(hidden_state, n));  // [n, 4H]
+        s.recurrent_gates = recurrent_gates.data_ptr<T_>();
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
       }
       if (project && n > 0) {
-        mm_into(slots(projected, n), slots(hidden_unprojected, n), weight_hr_t);
+        const at::Tensor projected = projection->apply(slots(hidden_unprojected, n));  // [n, P]
         const T_* r = projected.data_ptr<T_>();
         T_* h = hidden_state.data_ptr<T_>();
         T_* pre = s.hidden_pre_clip;
@@ -382,7 +383,6 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   at::Tensor grad_gates_all = at::empty({T, B, G}, options);
   at::Tensor grad_gates = identity_order ? at::Tensor() : at::empty({B, G}, options);
   at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
-  at::Tensor grad_hidden_unprojected = project ? at::empty({B, H}, options) : grad_pre_clip;
   at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
   at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
   at::Tensor hidden_prev_all = need_weight_hh ? at::empty({T, B, P}, options) : at::Tensor();
@@ -393,6 +393,9 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const at::Tensor gates_c = gates.contiguous();
   const at::Tensor cells_c = cells.contiguous();
   const at::Tensor pre_clip_c = proj_limit > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
+  const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = dL/da @ W_hh
+  const c10::optional<StepWeight> projection_back =
+      project ? c10::optional<StepWeight>(StepWeight(weight_hr->t(), B)) : c10::nullopt;  // dL/dm = dL/dr @ W_hr
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] {
     using T_ = scalar_t;
@@ -409,7 +412,6 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
     s.c0 = c0c.defined() ? c0c.data_ptr<T_>() : nullptr;
     s.zeros = zeros.data_ptr<T_>();
-    s.grad_hidden_unprojected = grad_hidden_unprojected.data_ptr<T_>();
     s.grad_cell_carry = grad_cell_carry.data_ptr<T_>();
     s.grad_gates_all = grad_gates_all.data_ptr<T_>();
     s.hidden_prev_all = need_weight_hh ? hidden_prev_all.data_ptr<T_>() : nullptr;
@@ -436,9 +438,11 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
           lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order.data(), go, pre, carry_h, d_pre,
                                         d_pre_all, state_clip, proj_limit_t);
         });
-        if (project) mm_into(slots(grad_hidden_unprojected, n), slots(grad_pre_clip, n), *weight_hr);
+        const at::Tensor grad_hidden_unprojected =
+            project ? projection_back->apply(slots(grad_pre_clip, n)) : grad_pre_clip;  // [n, H]
+        s.grad_hidden_unprojected = grad_hidden_unprojected.data_ptr<T_>();
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
-        mm_into(slots(grad_hidden_carry, n), slots(grad_gates_step, n), weight_hh);
+        slots(grad_hidden_carry, n).copy_(recurrent_back.apply(slots(grad_gates_step, n)));
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -459,12 +463,13 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const at::Tensor grad_gates_2d = grad_gates_all.view({T * B, G});
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = need_input ? at::mm(grad_gates_2d, weight_ih).view({T, B, I}) : none();
-  at::Tensor grad_weight_ih = need_weight_ih ? at::mm(grad_gates_2d.t(), input.contiguous().view({T * B, I})) : none();
-  at::Tensor grad_weight_hh = need_weight_hh ? at::mm(grad_gates_2d.t(), hidden_prev_all.view({T * B, P})) : none();
+  at::Tensor grad_input = need_input ? linear_rows(grad_gates_2d, weight_ih.t()).view({T, B, I}) : none();
+  at::Tensor grad_weight_ih =
+      need_weight_ih ? linear_rows(grad_gates_2d.t(), input.contiguous().view({T * B, I}).t()) : none();
+  at::Tensor grad_weight_hh = need_weight_hh ? linear_rows(grad_gates_2d.t(), hidden_prev_all.view({T * B, P}).t()) : none();
   at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
   at::Tensor grad_weight_hr =
-      want_weight_hr ? at::mm(grad_pre_clip_all.view({T * B, P}).t(), hidden_unprojected_all.view({T * B, H}))
+      want_weight_hr ? linear_rows(grad_pre_clip_all.view({T * B, P}).t(), hidden_unprojected_all.view({T * B, H}).t())
                      : none();
   at::Tensor grad_h0 = none(), grad_c0 = none();
   if (need_h0) {

@@ -20,6 +20,9 @@ namespace cpu {
 #else
 #define RNNTL_VECTOR_CLONES
 #endif
+// Row loops are forced inline into each clone, so that each clone's body is compiled for
+// its own instruction set (a plain call would run the baseline code).
+#define RNNTL_ROW_INLINE __attribute__((always_inline)) inline
 
 // PackedLengths-style bookkeeping for one sequence kernel.
 //   order[j]:  batch row processed in slot j; rows sorted by length, longest first (stable),
@@ -70,13 +73,6 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
 
 // The first n slots of a slot-major buffer.
 inline at::Tensor slots(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
-
-// out = a @ b, written into a (contiguous) view.
-inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
-// out = c + a @ b, written into a (contiguous) view.
-inline void addmm_into(at::Tensor out, const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-  at::addmm_out(out, c, a, b);
-}
 
 inline double clip_or_zero(const c10::optional<double>& value, const char* name) {
   if (!value.has_value()) return 0.0;

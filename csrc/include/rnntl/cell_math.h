@@ -15,7 +15,7 @@
 #if defined(__CUDACC__)
 #define RNNTL_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define RNNTL_HOST_DEVICE inline
+#define RNNTL_HOST_DEVICE __attribute__((always_inline)) inline
 #endif
 
 namespace rnntl {
@@ -28,7 +28,7 @@ namespace rnntl {
 #if !defined(__CUDA_ARCH__)
 // exp(x) for float, relative error below 2 ulp on [-87, 88]: x = n*ln2 + r, |r| <= ln2/2,
 // degree-6 polynomial for exp(r), 2^n assembled in the exponent bits.
-inline float exp_branchless(float x) {
+__attribute__((always_inline)) inline float exp_branchless(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   // Round to nearest by the 1.5*2^23 trick: vectorizes on plain SSE2, unlike std::floor.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -43,9 +43,7 @@ inline float exp_branchless(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * __builtin_bit_cast(float, bits);
 }
 #endif
 
@@ -89,19 +87,20 @@ RNNTL_HOST_DEVICE double tanh_(double x) {
 #endif
 }
 
-// clamp to [-limit, limit]; limit <= 0 means no clip.
+// clamp to [-limit, limit]; limit <= 0 means no clip. Written as selects, without early
+// returns, so that loops calling it still vectorize.
 template <typename T>
 RNNTL_HOST_DEVICE T clip_value(T x, T limit) {
-  if (!(limit > T(0))) return x;
-  return x < -limit ? -limit : (x > limit ? limit : x);
+  const T clamped = x < -limit ? -limit : (x > limit ? limit : x);
+  return limit > T(0) ? clamped : x;
 }
 
 // Derivative mask of clamp(x, -limit, limit) as torch.clamp defines it: gradient passes
 // where -limit <= x <= limit (boundaries included).
 template <typename T>
 RNNTL_HOST_DEVICE T clip_pass(T x, T limit) {
-  if (!(limit > T(0))) return T(1);
-  return (x >= -limit && x <= limit) ? T(1) : T(0);
+  const bool inside = (x >= -limit) & (x <= limit);
+  return (inside | !(limit > T(0))) ? T(1) : T(0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+# Bootstrap targets: each does its own set-up (virtual environment, install, build).
+#   make finetune   the main job: pretrain-then-transfer on the embedded default data
+#   make test       the test suite (what .ci/run runs), C++ tests included
+#   make bench      the benchmark table on this machine
+# Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (build jobs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: venv build test pytest ctest finetune bench info cuda-check clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# textgenrnn ships a real pretrained character model; its own dependencies (TensorFlow) are not needed.
+	$(PY) -m pip install -q --no-deps textgenrnn==2.0.0
+	touch $@
+
+build: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+pytest: build
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+ctest: build
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build build/cmake -j $(MAX_JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+test: pytest ctest
+
+finetune: build
+	$(VENV)/bin/rnntl-fast finetune
+
+bench: build
+	$(VENV)/bin/rnntl-fast bench --grid default
+
+info: build
+	$(PY) -m rnntl_fast.info
+
+clean:
+	rm -rf build $(VENV) rnntl_fast/*.so *.egg-info

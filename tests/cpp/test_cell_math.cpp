@@ -1,0 +1,113 @@
+// The shared gate math (csrc/include/rnntl/cell_math.h) on its own: the fast float
+// nonlinearities against libm, and every backward element against central finite
+// differences of the forward element in double.
+#include <rnntl/cell_math.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
+
+namespace {
+int failures = 0;
+
+void expect_close(const char* what, double got, double want, double tolerance) {
+  if (!(std::fabs(got - want) <= tolerance)) {
+    std::printf("FAIL %s: got %.12g want %.12g (tolerance %.3g)\n", what, got, want, tolerance);
+    ++failures;
+  }
+}
+
+void test_float_nonlinearities() {
+  for (double x = -30.0; x <= 30.0; x += 0.0137) {
+    const float xf = static_cast<float>(x);
+    expect_close("sigmoid(float)", rnntl::sigmoid(xf), 1.0 / (1.0 + std::exp(-double(xf))), 3e-7);
+    expect_close("tanh(float)", rnntl::tanh_(xf), std::tanh(double(xf)), 3e-7);
+  }
+  for (double x = -80.0; x <= 80.0; x += 0.173) {
+    const float xf = static_cast<float>(x);
+    expect_close("exp_branchless relative", rnntl::exp_branchless(xf) / std::exp(double(xf)), 1.0, 4e-7);
+  }
+  expect_close("clip_value", rnntl::clip_value(3.0f, 2.0f), 2.0, 0);
+  expect_close("clip_value off", rnntl::clip_value(3.0f, 0.0f), 3.0, 0);
+  expect_close("clip_pass boundary", rnntl::clip_pass(2.0f, 2.0f), 1.0, 0);
+  expect_close("clip_pass outside", rnntl::clip_pass(-2.5f, 2.0f), 0.0, 0);
+}
+
+// Scalar loss of one LSTM element: w_c * c_t + w_h * m_t.
+double lstm_loss(const double a[4], double c_prev, double w_c, double w_h, double cell_clip) {
+  const auto e = rnntl::lstm_element_forward(a[0], a[1], a[2], a[3], c_prev, cell_clip);
+  return w_c * e.cell + w_h * e.hidden;
+}
+
+void test_lstm_backward() {
+  const double h = 1e-6;
+  for (int trial = 0; trial < 200; ++trial) {
+    double a[4];
+    for (double& v : a) v = (std::rand() / double(RAND_MAX) - 0.5) * 6;
+    const double c_prev = (std::rand() / double(RAND_MAX) - 0.5) * 4;
+    const double w_c = 0.7, w_h = -1.3;
+    const double cell_clip = trial % 2 ? 0.8 : 0.0;
+    const auto f = rnntl::lstm_element_forward(a[0], a[1], a[2], a[3], c_prev, cell_clip);
+    if (cell_clip > 0 && std::fabs(std::fabs(f.cell_before_clip) - cell_clip) < 1e-4) continue;  // kink
+    const auto b = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, c_prev, w_h, w_c, cell_clip,
+                                                0.0, 0.0);
+    const double analytic[4] = {b.d_i, b.d_f, b.d_g, b.d_o};
+    for (int k = 0; k < 4; ++k) {
+      double up[4] = {a[0], a[1], a[2], a[3]}, down[4] = {a[0], a[1], a[2], a[3]};
+      up[k] += h;
+      down[k] -= h;
+      const double numeric = (lstm_loss(up, c_prev, w_c, w_h, cell_clip) - lstm_loss(down, c_prev, w_c, w_h, cell_clip)) / (2 * h);
+      expect_close("lstm d(pre-activation)", analytic[k], numeric, 1e-7);
+    }
+    const double numeric_c = (lstm_loss(a, c_prev + h, w_c, w_h, cell_clip) - lstm_loss(a, c_prev - h, w_c, w_h, cell_clip)) / (2 * h);
+    expect_close("lstm d(c_prev)", b.grad_cell_prev, numeric_c, 1e-7);
+  }
+}
+
+double gru_loss(double ir, double iz, double in, double hr, double hz, double hn, double h_prev) {
+  return -0.9 * rnntl::gru_element_forward(ir, iz, in, hr, hz, hn, h_prev).hidden;
+}
+
+void test_gru_backward() {
+  const double h = 1e-6;
+  for (int trial = 0; trial < 200; ++trial) {
+    double v[7];
+    for (double& x : v) x = (std::rand() / double(RAND_MAX) - 0.5) * 4;
+    const auto f = rnntl::gru_element_forward(v[0], v[1], v[2], v[3], v[4], v[5], v[6]);
+    const auto b = rnntl::gru_element_backward(f.r, f.z, f.n, v[5], v[6], -0.9, 0.0);
+    // analytic gradients w.r.t. input_r, input_z, input_n, hidden_r, hidden_z, hidden_n, h_prev
+    const double analytic[7] = {b.d_r, b.d_z, b.d_n, b.d_r, b.d_z, b.d_hidden_n, b.grad_hidden_prev};
+    for (int k = 0; k < 7; ++k) {
+      double up[7], down[7];
+      for (int j = 0; j < 7; ++j) up[j] = down[j] = v[j];
+      up[k] += h;
+      down[k] -= h;
+      const double numeric = (gru_loss(up[0], up[1], up[2], up[3], up[4], up[5], up[6]) -
+                              gru_loss(down[0], down[1], down[2], down[3], down[4], down[5], down[6])) / (2 * h);
+      expect_close("gru gradient", analytic[k], numeric, 1e-7);
+    }
+  }
+}
+
+void test_gate_clip() {
+  const auto f = rnntl::lstm_element_forward(2.0, 1.0, -1.0, 0.5, 0.3, 0.0);
+  const auto b = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 50.0, 40.0, 0.0, 0.0, 0.01);
+  for (double d : {b.d_i, b.d_f, b.d_g, b.d_o}) expect_close("gate clip bound", std::fabs(d) <= 0.01 ? 0 : 1, 0, 0);
+  const auto s = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 50.0, 40.0, 0.0, 0.05, 0.0);
+  expect_close("state clip bounds dL/dc", std::fabs(s.grad_cell_prev) <= 0.05 * f.f + 1e-15 ? 0 : 1, 0, 0);
+}
+}  // namespace
+
+int main() {
+  test_float_nonlinearities();
+  test_lstm_backward();
+  test_gru_backward();
+  test_gate_clip();
+  if (failures) {
+    std::printf("%d checks failed\n", failures);
+    return 1;
+  }
+  std::printf("cell math: all checks passed\n");
+  return 0;
+}

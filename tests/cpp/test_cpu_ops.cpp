@@ -1,0 +1,118 @@
+// The CPU kernels from C++: registered under the rnntl_fast namespace, forward equal to a
+// naive ATen step loop (with lengths and reverse), and backward equal to finite differences.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+
+#include "kernels_cpu.h"
+
+namespace {
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAIL %s\n", what);
+    ++failures;
+  }
+}
+
+// Naive LSTM (no projection, no clips) with the lengths rule of DESIGN.md section 3.
+std::tuple<at::Tensor, at::Tensor> naive_lstm(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                              const at::Tensor& b, const at::Tensor& lengths, bool reverse) {
+  const int64_t T = x.size(0), B = x.size(1), H = w_hh.size(1);
+  at::Tensor h = at::zeros({B, H}, x.options()), c = at::zeros({B, H}, x.options());
+  at::Tensor out = at::zeros({T, B, H}, x.options());
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const at::Tensor a = at::matmul(x[t], w_ih.t()) + at::matmul(h, w_hh.t()) + b;
+    const auto gates = a.chunk(4, 1);
+    const at::Tensor c_new = at::sigmoid(gates[1]) * c + at::sigmoid(gates[0]) * at::tanh(gates[2]);
+    const at::Tensor h_new = at::sigmoid(gates[3]) * at::tanh(c_new);
+    const at::Tensor valid = (lengths > t).unsqueeze(1).to(x.scalar_type());
+    c = valid * c_new + (1 - valid) * c;
+    h = valid * h_new + (1 - valid) * h;
+    out[t] = valid * h_new;
+  }
+  return {out, h};
+}
+
+void test_registered() {
+  for (const char* name : {"rnntl_fast::lstm_forward", "rnntl_fast::lstm_backward", "rnntl_fast::gru_forward",
+                           "rnntl_fast::gru_backward"}) {
+    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    expect(handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CPU), name);
+  }
+}
+
+void test_lstm_forward_matches_naive_loop() {
+  at::manual_seed(0);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({6, 4, 5}, options), w_ih = at::randn({28, 5}, options) * 0.4,
+                   w_hh = at::randn({28, 7}, options) * 0.4, b = at::randn({28}, options) * 0.1;
+  const at::Tensor lengths = at::tensor({3, 6, 1, 4}, at::kLong);
+  for (bool reverse : {false, true}) {
+    const auto result = rnntl::cpu::lstm_forward_cpu(x, w_ih, w_hh, b, c10::nullopt, c10::nullopt, c10::nullopt,
+                                                     c10::nullopt, lengths, reverse, c10::nullopt, c10::nullopt,
+                                                     c10::nullopt, "state", false);
+    const auto [out, h] = naive_lstm(x, w_ih, w_hh, b, lengths, reverse);
+    expect(at::allclose(std::get<0>(result), out, 1e-12, 1e-12), reverse ? "lstm output (reverse)" : "lstm output");
+    expect(at::allclose(std::get<1>(result), h, 1e-12, 1e-12), reverse ? "lstm h_n (reverse)" : "lstm h_n");
+  }
+}
+
+void test_gru_backward_matches_finite_differences() {
+  at::manual_seed(1);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor x = at::randn({4, 2, 3}, options);
+  const at::Tensor w_ih = at::randn({15, 3}, options) * 0.5, w_hh = at::randn({15, 5}, options) * 0.5;
+  const at::Tensor h0 = at::randn({2, 5}, options), weights = at::randn({4, 2, 5}, options);
+  const at::Tensor lengths = at::tensor({2, 4}, at::kLong);
+  auto loss = [&](const at::Tensor& input) {
+    const auto r = rnntl::cpu::gru_forward_cpu(input, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, true,
+                                               c10::nullopt, "state", false);
+    return (std::get<0>(r) * weights).sum().item<double>();
+  };
+  const auto forward = rnntl::cpu::gru_forward_cpu(x, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, true,
+                                                   c10::nullopt, "state", true);
+  const auto grads = rnntl::cpu::gru_backward_cpu(weights, c10::nullopt, x, w_ih, w_hh, h0, lengths,
+                                                  std::get<0>(forward), std::get<2>(forward), std::get<3>(forward),
+                                                  true, c10::nullopt, "state", {true, false, false, false, false, false});
+  const at::Tensor grad_input = std::get<0>(grads);
+  const double step = 1e-6;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    at::Tensor up = x.clone(), down = x.clone();
+    up.view(-1)[i] += step;
+    down.view(-1)[i] -= step;
+    const double numeric = (loss(up) - loss(down)) / (2 * step);
+    expect(std::abs(grad_input.view(-1)[i].item<double>() - numeric) < 1e-7, "gru grad_input vs finite differences");
+  }
+  expect(std::get<1>(grads).numel() == 0, "gru grad_weight_ih skipped when not requested");
+}
+
+void test_bad_input_is_an_error_not_a_crash() {
+  const at::Tensor x = at::randn({3, 2, 4});
+  bool raised = false;
+  try {
+    rnntl::cpu::lstm_forward_cpu(x, at::randn({20, 4}), at::randn({20, 5}), c10::nullopt, c10::nullopt, c10::nullopt,
+                                 c10::nullopt, c10::nullopt, at::tensor({4, 1}, at::kLong), false, c10::nullopt,
+                                 c10::nullopt, c10::nullopt, "state", false);
+  } catch (const c10::Error& error) {
+    raised = std::string(error.what()).find("lengths must be <=") != std::string::npos;
+  }
+  expect(raised, "too-long lengths raise a c10::Error naming lengths");
+}
+}  // namespace
+
+int main() {
+  test_registered();
+  test_lstm_forward_matches_naive_loop();
+  test_gru_backward_matches_finite_differences();
+  test_bad_input_is_an_error_not_a_crash();
+  if (failures) {
+    std::printf("%d checks failed\n", failures);
+    return 1;
+  }
+  std::printf("cpu ops: all checks passed\n");
+  return 0;
+}
