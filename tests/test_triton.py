@@ -6,6 +6,8 @@ test runs once per strategy, forced through RNNTL_TRITON_STRATEGY: "sequence" (w
 recurrence in one launch, weights on chip) and "step" (a launch per step); under the
 interpreter the step kernels use 16-wide tiles, so H=20 exercises their multi-tile paths.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -304,3 +306,26 @@ def test_torch_compile_fullgraph_matches_eager():
     (grad,) = torch.autograd.grad(out, x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad, eager_grad)
+
+
+def test_rnntl_fast_imports_without_triton():
+    """With triton unimportable, rnntl_fast still imports and runs the cpu / reference
+    backends: the triton package is only imported on first use."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, rnntl_fast\n"
+        "x = torch.randn(2, 1, 3)\n"
+        "out = rnntl_fast.ops.gru(x, torch.randn(12, 3), torch.randn(12, 4), backend='reference')[0]\n"
+        "assert out.shape == (2, 1, 4)\n"
+        "assert 'rnntl_fast.ops.triton' not in sys.modules and 'triton' not in sys.modules\n"
+        "print('ok')\n")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repository)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
