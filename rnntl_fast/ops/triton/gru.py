@@ -65,14 +65,14 @@ def _gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, grad_
 def _gru_forward_sequence_kernel(
         input_gates_ptr,  # [T, B, 3H] W_ih x_t + b_ih, input dtype
         weight_hh_ptr,  # [3H, H]
-        bias_hh_ptr,  # [3H] (HAS_BIAS)
+        bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
         h0_ptr,  # [B, H] (HAS_H0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         output_ptr,  # [T, B, H] input dtype
         h_n_ptr,  # [B, H] input dtype
         gates_ptr, hidden_ptr,  # reserve (SAVE), see module doc
         steps, batch, hidden,
-        HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
         SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
@@ -87,10 +87,9 @@ def _gru_forward_sequence_kernel(
     w_r = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE)
     w_z = tl.load(w_ptrs + hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
     w_n = tl.load(w_ptrs + 2 * hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
-    if HAS_BIAS:
-        b_r = tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        b_z = tl.load(bias_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        b_n = tl.load(bias_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    b_r = tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    b_z = tl.load(bias_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    b_n = tl.load(bias_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -105,10 +104,9 @@ def _gru_forward_sequence_kernel(
         hh_r = tl.dot(h_dot, w_r, input_precision="ieee")
         hh_z = tl.dot(h_dot, w_z, input_precision="ieee")
         hh_n = tl.dot(h_dot, w_n, input_precision="ieee")
-        if HAS_BIAS:
-            hh_r += b_r
-            hh_z += b_z
-            hh_n += b_n
+        hh_r += b_r
+        hh_z += b_z
+        hh_n += b_n
         x_ptrs = input_gates_ptr + t * batch * 3 * hidden + offs_3h
         x_r = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         x_z = tl.load(x_ptrs + hidden, mask=mask, other=0.0).to(tl.float32)
@@ -203,13 +201,13 @@ def _gru_forward_step_kernel(
         input_gates_ptr,  # [B, 3H] this step's W_ih x_t + b_ih, input dtype
         h_prev_ptr,  # [B, H] float32
         weight_hh_ptr,  # [3H, H]
-        bias_hh_ptr,  # [3H] (HAS_BIAS)
+        bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         hidden_ptr,  # out [B, H] float32: carried h_t
         output_ptr,  # out [B, H] input dtype
         step, batch, hidden,
-        HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,10 +226,9 @@ def _gru_forward_step_kernel(
                        input_precision="ieee")
         hh_n += tl.dot(h_chunk, tl.load(w_ptrs + 2 * hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE),
                        input_precision="ieee")
-    if HAS_BIAS:
-        hh_r += tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        hh_z += tl.load(bias_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        hh_n += tl.load(bias_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    hh_r += tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    hh_z += tl.load(bias_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    hh_n += tl.load(bias_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
     offs = rows[:, None] * hidden + cols[None, :]
     offs_3h = rows[:, None] * (3 * hidden) + cols[None, :]
     x_r = tl.load(input_gates_ptr + offs_3h, mask=mask, other=0.0).to(tl.float32)
@@ -330,7 +327,9 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
     f32 = dict(device=device, dtype=torch.float32)
     input_gates = F.linear(input, weight_ih, bias_ih).contiguous()  # every step's input projection at once
     weight_hh = weight_hh.contiguous()
-    bias_hh = bias_hh.contiguous() if bias_hh is not None else None
+    # Always a bias pointer, zeros when absent, as for LSTM (where a no-bias specialisation
+    # crashes the compiler): one kernel variant fewer to compile and test.
+    bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(3 * hidden)
     lengths_dev = lengths.to(device) if lengths is not None else None
     dummy = input_gates  # stands in for absent optional pointers; never read (constexpr flags)
     save = bool(save_for_backward)
@@ -341,11 +340,11 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
         hidden_states = torch.empty(steps, batch, hidden, **f32) if save else _empty(device)
         h_n = torch.empty(batch, hidden, device=device, dtype=dtype)
         _gru_forward_sequence_kernel[(triton.cdiv(batch, config.BLOCK_B),)](
-            input_gates, weight_hh, bias_hh if bias_hh is not None else dummy,
+            input_gates, weight_hh, bias_hh,
             h0.contiguous() if h0 is not None else dummy, lengths_dev if lengths_dev is not None else dummy,
             output, h_n, gates if save else dummy, hidden_states if save else dummy,
             steps, batch, hidden,
-            HAS_BIAS=bias_hh is not None, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+            HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
             REVERSE=bool(reverse), SAVE=save, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B,
             BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
         return output, h_n, gates, hidden_states
@@ -357,10 +356,10 @@ def _gru_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_
     for n, t in enumerate(_processing_order(steps, reverse)):
         slot = t if save else n % 2
         _gru_forward_step_kernel[_step_grid(batch, hidden)](
-            input_gates[t], h_prev, weight_hh, bias_hh if bias_hh is not None else dummy,
+            input_gates[t], h_prev, weight_hh, bias_hh,
             lengths_dev if lengths_dev is not None else dummy, gates[t] if save else dummy, hidden_states[slot],
             output[t], t, batch, hidden,
-            HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None, SAVE=save, DOT_DTYPE=dot_dtype,
+            HAS_LENGTHS=lengths is not None, SAVE=save, DOT_DTYPE=dot_dtype,
             BLOCK_B=config.BLOCK_B)
         h_prev = hidden_states[slot]
     h_n = h_prev.to(dtype, copy=True)

@@ -106,7 +106,7 @@ def _lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, 
 def _lstm_forward_sequence_kernel(
         input_gates_ptr,  # [T, B, 4H] W_ih x_t + b_ih, input dtype
         weight_hh_ptr,  # [4H, P]
-        bias_hh_ptr,  # [4H] (HAS_BIAS)
+        bias_hh_ptr,  # [4H] (zeros when the layer has no bias)
         weight_hr_ptr,  # [P, H] (HAS_PROJ)
         h0_ptr,  # [B, P] (HAS_H0)
         c0_ptr,  # [B, H] (HAS_C0)
@@ -116,7 +116,7 @@ def _lstm_forward_sequence_kernel(
         c_n_ptr,  # [B, H] input dtype
         gates_ptr, cells_ptr, hidden_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # reserve (SAVE), see module doc
         steps, batch, hidden, out_size, cell_clip, proj_clip,
-        HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
+        HAS_PROJ: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr,
         SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -136,12 +136,11 @@ def _lstm_forward_sequence_kernel(
     w_f = tl.load(w_ptrs + hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
     w_g = tl.load(w_ptrs + 2 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
     w_o = tl.load(w_ptrs + 3 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
-    if HAS_BIAS:
-        b_mask = cols_h < hidden
-        b_i = tl.load(bias_hh_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        b_f = tl.load(bias_hh_ptr + hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        b_g = tl.load(bias_hh_ptr + 2 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        b_o = tl.load(bias_hh_ptr + 3 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_mask = cols_h < hidden
+    b_i = tl.load(bias_hh_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_f = tl.load(bias_hh_ptr + hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_g = tl.load(bias_hh_ptr + 2 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_o = tl.load(bias_hh_ptr + 3 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_PROJ:
         # W_hr^T, [BLOCK_H, BLOCK_P]
         w_hr = tl.load(weight_hr_ptr + cols_p[None, :] * hidden + cols_h[:, None],
@@ -170,11 +169,10 @@ def _lstm_forward_sequence_kernel(
             h_dot, w_g, input_precision="ieee")
         a_o = tl.load(x_ptrs + 3 * hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
             h_dot, w_o, input_precision="ieee")
-        if HAS_BIAS:
-            a_i += b_i
-            a_f += b_f
-            a_g += b_g
-            a_o += b_o
+        a_i += b_i
+        a_f += b_f
+        a_g += b_g
+        a_o += b_o
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
         i, f, g, o, c_raw, c_new, m = _lstm_cell_forward(a_i, a_f, a_g, a_o, c, valid, cell_clip, CELL_CLIP)
         if HAS_PROJ:
@@ -308,7 +306,7 @@ def _lstm_forward_step_kernel(
         h_prev_ptr,  # [B, P] float32
         c_prev_ptr,  # [B, H] float32
         weight_hh_ptr,  # [4H, P]
-        bias_hh_ptr,  # [4H] (HAS_BIAS)
+        bias_hh_ptr,  # [4H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         cells_ptr,  # out [B, H] float32: carried c_t
@@ -318,7 +316,7 @@ def _lstm_forward_step_kernel(
         output_ptr,  # out [B, P] input dtype (not HAS_PROJ)
         hidden_pre_clip_ptr,  # out [B, P] float32 (not HAS_PROJ, SAVE and PROJ_CLIP)
         step, batch, hidden, out_size, cell_clip, proj_clip,
-        HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, CELL_CLIP: tl.constexpr,
+        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, CELL_CLIP: tl.constexpr,
         PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -346,12 +344,11 @@ def _lstm_forward_step_kernel(
     acc_f += tl.load(input_gates_ptr + hidden + offs_4h, mask=mask, other=0.0).to(tl.float32)
     acc_g += tl.load(input_gates_ptr + 2 * hidden + offs_4h, mask=mask, other=0.0).to(tl.float32)
     acc_o += tl.load(input_gates_ptr + 3 * hidden + offs_4h, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_mask = cols < hidden
-        acc_i += tl.load(bias_hh_ptr + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        acc_f += tl.load(bias_hh_ptr + hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(bias_hh_ptr + 2 * hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        acc_o += tl.load(bias_hh_ptr + 3 * hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_mask = cols < hidden
+    acc_i += tl.load(bias_hh_ptr + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    acc_f += tl.load(bias_hh_ptr + hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    acc_g += tl.load(bias_hh_ptr + 2 * hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    acc_o += tl.load(bias_hh_ptr + 3 * hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     offs_h = rows[:, None] * hidden + cols[None, :]
     c_prev = tl.load(c_prev_ptr + offs_h, mask=mask, other=0.0)
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
@@ -539,7 +536,9 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     input_gates = F.linear(input, weight_ih, bias_ih).contiguous()
     weight_hh = weight_hh.contiguous()
     weight_hr_c = weight_hr.contiguous() if weight_hr is not None else None
-    bias_hh = bias_hh.contiguous() if bias_hh is not None else None
+    # Always a bias pointer: a no-bias specialisation of the float32 LSTM sequence
+    # kernel crashes LLVM's SLP vectorizer (triton 3.9.0, sm_90), and zeros cost nothing.
+    bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(4 * hidden)
     lengths_dev = lengths.to(device) if lengths is not None else None
     dummy = input_gates  # stands in for absent optional pointers; never read (constexpr flags)
     output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
@@ -558,7 +557,7 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
         h_n = torch.empty(batch, out_size, device=device, dtype=dtype)
         c_n = torch.empty(batch, hidden, device=device, dtype=dtype)
         _lstm_forward_sequence_kernel[(triton.cdiv(batch, config.BLOCK_B),)](
-            input_gates, weight_hh, bias_hh if bias_hh is not None else dummy,
+            input_gates, weight_hh, bias_hh,
             weight_hr_c if weight_hr_c is not None else dummy,
             h0.contiguous() if h0 is not None else dummy, c0.contiguous() if c0 is not None else dummy,
             lengths_dev if lengths_dev is not None else dummy,
@@ -566,7 +565,7 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
             gates if save else dummy, cells if save else dummy, hidden_states if save else dummy,
             cell_pre_clip if cell_pre_clip.numel() else dummy, hidden_pre_clip if hidden_pre_clip.numel() else dummy,
             steps, batch, hidden, out_size, cell_clip_value, proj_clip_value,
-            HAS_BIAS=bias_hh is not None, HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None,
+            HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None,
             HAS_C0=c0 is not None, REVERSE=bool(reverse), SAVE=save,
             BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size),
             num_warps=config.sequence_num_warps(), **flags)
@@ -587,13 +586,13 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     for n, t in enumerate(_processing_order(steps, reverse)):
         slot = t if save else n % 2
         _lstm_forward_step_kernel[_step_grid(batch, hidden)](
-            input_gates[t], h_prev, c_prev, weight_hh, bias_hh if bias_hh is not None else dummy,
+            input_gates[t], h_prev, c_prev, weight_hh, bias_hh,
             lengths_dev if lengths_dev is not None else dummy,
             gates[t] if save else dummy, cells[slot], cell_pre_clip[t] if cell_pre_clip.numel() else dummy,
             m if m is not None else dummy, hidden_states[slot], output[t],
             hidden_pre_clip[t] if hidden_pre_clip.numel() else dummy,
             t, batch, hidden, out_size, cell_clip_value, proj_clip_value,
-            HAS_BIAS=bias_hh is not None, HAS_PROJ=weight_hr is not None, SAVE=save, BLOCK_B=config.BLOCK_B,
+            HAS_PROJ=weight_hr is not None, SAVE=save, BLOCK_B=config.BLOCK_B,
             **flags)
         if weight_hr is not None:
             _lstm_projection_step_kernel[_step_grid(batch, out_size)](

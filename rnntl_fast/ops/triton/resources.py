@@ -78,11 +78,11 @@ def _ptxas_verbose(ptx: str, arch: int) -> Tuple[int, int]:
 
 def _sequence_kernels(dtype, width: int):
     common = dict(HAS_LENGTHS=True, REVERSE=False, DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B)
-    lstm_forward = dict(common, HAS_BIAS=True, HAS_PROJ=False, HAS_H0=True, HAS_C0=True, CELL_CLIP=True,
+    lstm_forward = dict(common, HAS_PROJ=False, HAS_H0=True, HAS_C0=True, CELL_CLIP=True,
                         PROJ_CLIP=True, SAVE=True, BLOCK_H=width, BLOCK_P=width)
     lstm_backward = dict(common, HAS_PROJ=False, HAS_C0=True, CELL_CLIP=True, PROJ_CLIP=True, STATE_CLIP=True,
                          GATE_CLIP=False, BLOCK_H=width, BLOCK_P=width)
-    gru_forward = dict(common, HAS_BIAS=True, HAS_H0=True, SAVE=True, BLOCK_H=width)
+    gru_forward = dict(common, HAS_H0=True, SAVE=True, BLOCK_H=width)
     gru_backward = dict(common, HAS_H0=True, STATE_CLIP=True, GATE_CLIP=False, BLOCK_H=width)
     return [("lstm_forward_sequence", lstm._lstm_forward_sequence_kernel, lstm_forward, 4),
             ("lstm_backward_sequence", lstm._lstm_backward_sequence_kernel, lstm_backward, 4),
@@ -94,13 +94,13 @@ def _step_kernels(dtype, block_n: int, block_k: int):
     common = dict(HAS_LENGTHS=True, DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k)
     return [
         ("lstm_forward_step", lstm._lstm_forward_step_kernel.fn,
-         dict(common, HAS_BIAS=True, HAS_PROJ=False, CELL_CLIP=True, PROJ_CLIP=True, SAVE=True)),
+         dict(common, HAS_PROJ=False, CELL_CLIP=True, PROJ_CLIP=True, SAVE=True)),
         ("lstm_projection_step", lstm._lstm_projection_step_kernel.fn, dict(common, PROJ_CLIP=True, SAVE=True)),
         ("lstm_backward_hidden_step", lstm._lstm_backward_hidden_step_kernel.fn,
          dict(common, FIRST=False, PROJ_CLIP=True, STATE_CLIP=True)),
         ("lstm_backward_cell_step", lstm._lstm_backward_cell_step_kernel.fn,
          dict(common, HAS_PROJ=True, HAS_C_PREV=True, CELL_CLIP=True, STATE_CLIP=True, GATE_CLIP=False)),
-        ("gru_forward_step", gru._gru_forward_step_kernel.fn, dict(common, HAS_BIAS=True, SAVE=True)),
+        ("gru_forward_step", gru._gru_forward_step_kernel.fn, dict(common, SAVE=True)),
         ("gru_backward_step", gru._gru_backward_step_kernel.fn,
          dict(common, FIRST=False, HAS_H_PREV=True, STATE_CLIP=True, GATE_CLIP=False)),
     ]
