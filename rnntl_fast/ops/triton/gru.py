@@ -389,7 +389,7 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
                                                                               dtype=dtype)
     weight_hh = weight_hh.contiguous()
     lengths_dev = lengths.to(device) if lengths is not None else None
-    dummy = gates
+    dummy = gates  # stands in for absent optional pointers; never read (constexpr flags)
     grad_input_gates = torch.empty(steps, batch, 3 * hidden, **f32)
     grad_hidden_gates = torch.empty(steps, batch, 3 * hidden, **f32)
     state_clip = grad_clip is not None and grad_clip_mode == "state"

@@ -639,7 +639,7 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
     weight_hh = weight_hh.contiguous()
     weight_hr_c = weight_hr.contiguous() if weight_hr is not None else None
     lengths_dev = lengths.to(device) if lengths is not None else None
-    dummy = gates
+    dummy = gates  # stands in for absent optional pointers; never read (constexpr flags)
     grad_gates = torch.empty(steps, batch, 4 * hidden, **f32)
     grad_proj = torch.empty(steps, batch, out_size, **f32) if weight_hr is not None else None
     flags = dict(HAS_LENGTHS=lengths is not None, CELL_CLIP=cell_clip is not None,
