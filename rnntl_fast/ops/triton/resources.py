@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a CUDA architecture without a GPU and print what ptxas
 reports per kernel: registers per thread, spilled bytes, shared memory.
 
-    python -m rnntl_fast.ops.triton.resources [--arch 90] [--dtype float16] [--widths 16,32,64]
+    python -m rnntl_fast.ops.triton.resources [--arch 90] [--dtype float16] [--widths 16,32,64] [--sweep]
 
 Uses the ptxas bundled with triton; needs no GPU and no CUDA driver. Run it without
 TRITON_INTERPRET (the interpreter compiles nothing). The sequence kernels keep W_hh (and
@@ -123,6 +123,25 @@ def report(arch: int, dtype, widths: Iterable[int]) -> List[str]:
     return lines
 
 
+def sweep(arch: int, dtype, width: int, step_tile: int) -> List[str]:
+    """Compiles every kernel with its boolean specialisations all on, all off, and each
+    flipped alone from the report's defaults; returns one line per specialisation. A
+    compiler error raises; a compiler crash ends the process (run it in its own)."""
+    kernels = [(name, fn, constexprs, config.sequence_num_warps())
+               for name, fn, constexprs, _ in _sequence_kernels(dtype, width)]
+    kernels += [(name, fn, constexprs, 4) for name, fn, constexprs in _step_kernels(dtype, step_tile, step_tile)]
+    lines = []
+    for name, fn, constexprs, warps in kernels:
+        flags = [k for k, v in constexprs.items() if isinstance(v, bool)]
+        variants = [dict(constexprs, **{k: value for k in flags}) for value in (True, False)]
+        variants += [dict(constexprs, **{k: not constexprs[k]}) for k in flags]
+        for variant in variants:
+            r = compile_report(fn, variant, dtype, arch, warps)
+            switched_on = "+".join(k for k in flags if variant[k]) or "none"
+            lines.append(f"{name} [{switched_on}]: {r['registers']} registers, {r['spills']} spilled bytes")
+    return lines
+
+
 def main() -> None:
     if config.interpreted():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -130,9 +149,13 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--widths", default="16,32,64", help="padded hidden sizes of the sequence kernels")
+    parser.add_argument("--sweep", action="store_true",
+                        help="compile every boolean specialisation of every kernel (first width, 32x32 step tiles)")
     args = parser.parse_args()
     dtype = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32}[args.dtype]
-    print("\n".join(report(args.arch, dtype, [int(w) for w in args.widths.split(",")])))
+    widths = [int(w) for w in args.widths.split(",")]
+    lines = sweep(args.arch, dtype, widths[0], 32) if args.sweep else report(args.arch, dtype, widths)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
