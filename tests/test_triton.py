@@ -60,6 +60,7 @@ def _cases():
             Case(cell, T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17))),
             Case(cell, T=3, B=2, I=3, H=20),
             Case(cell, T=4, B=3, I=3, H=5, lengths=(2, 4, 1), grad_clip=0.05, grad_clip_mode="state"),
+            Case(cell, T=4, B=3, I=3, H=5, lengths=(2, 4, 1), reverse=True, grad_clip=0.05, grad_clip_mode="state"),
             Case(cell, T=4, B=3, I=3, H=5, lengths=(2, 4, 1), reverse=True, grad_clip=0.05,
                  grad_clip_mode="gates"),
             Case(cell, T=3, B=2, I=3, H=5, frozen=("weight_ih", "weight_hh", "input")),
