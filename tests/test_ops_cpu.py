@@ -262,10 +262,15 @@ def _count_backward_matmuls(case):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_frozen_weights_skip_weight_gradient_gemms(cell):
-    full = _count_backward_matmuls(Case(cell, proj=3 if cell == "lstm" else 0))
-    frozen = _count_backward_matmuls(Case(cell, proj=3 if cell == "lstm" else 0,
-                                          frozen=("weight_ih", "weight_hh") + (("weight_hr",) if cell == "lstm" else ())))
-    assert frozen == full - (3 if cell == "lstm" else 2), (full, frozen)
+    """All weight gradients come from two products (LSTM: [dW_ih | dW_hh | db] and dW_hr;
+    GRU: [dW_ih | db_ih] and [dW_hh | db_hh]); freezing the weights removes exactly those."""
+    proj = 3 if cell == "lstm" else 0
+    weights = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if proj else ())
+    full = _count_backward_matmuls(Case(cell, proj=proj))
+    frozen = _count_backward_matmuls(Case(cell, proj=proj, frozen=weights))
+    assert frozen == full - 2, (full, frozen)
+    input_frozen = _count_backward_matmuls(Case(cell, proj=proj, frozen=weights + ("input",)))
+    assert input_frozen == frozen - 1, (frozen, input_frozen)  # and no dL/dx product either
 
 
 def test_double_backward_raises_instead_of_silently_wrong():

@@ -1,17 +1,26 @@
 // The matrix products of the CPU kernels, in one place: out = x @ weight^T (+ bias).
 //
-// float32 goes through oneDNN's matmul (the op torch registers as
-// mkldnn::_linear_pointwise, with the weight pre-packed once per sequence by
-// mkldnn::_reorder_linear_weight) when this torch build has it: on the machines we measured
-// it runs these shapes 1.3-2x faster than at::mm, whose BLAS picks slower code paths on
-// some CPUs. Everything else, and builds without oneDNN, use at::mm / at::addmm. The choice
-// is made once per process; RNNTL_CPU_GEMM=aten forces at::mm (docs/ENVIRONMENT.md).
+// Which library runs a float32 product depends on its size, from same-run measurements on
+// a 2-core AMD EPYC (AVX-512) with torch 2.13:
+//  * big products (>= 16 rows and >= 2 MFLOP): oneDNN's matmul (the op torch registers as
+//    mkldnn::_linear_pointwise; per-step weights pre-packed once per sequence by
+//    mkldnn::_reorder_linear_weight), 2x faster there than at::mm, whose BLAS takes a
+//    slower code path on this CPU;
+//  * small per-step products (few rows, e.g. batch 1-8): MKL's packed GEMM
+//    (cblas_sgemm_pack / cblas_sgemm_compute, looked up at run time in the loaded libtorch),
+//    up to 3x faster than at::mm there because the weight is packed once for all steps and
+//    no dispatcher call sits on the path; oneDNN's fixed per-call cost loses at these sizes;
+//  * float64, and torch builds without those libraries: at::mm / at::addmm.
+// RNNTL_CPU_GEMM=aten forces at::mm everywhere (docs/ENVIRONMENT.md).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <dlfcn.h>
+
 #include <cstdlib>
+#include <vector>
 #include <cstring>
 #include <optional>
 
@@ -39,8 +48,48 @@ struct OneDnnOps {
   }
 };
 
+// MKL's packed-GEMM entry points, when the loaded torch carries MKL.
+struct MklPackedGemm {
+  using size_fn = size_t (*)(int identifier, int m, int n, int k);
+  using pack_fn = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                           int ld, float* dest);
+  using compute_fn = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                              const float* b, int ldb, float beta, float* c, int ldc);
+  // CBLAS constants (mkl_cblas.h)
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+  size_fn size = nullptr;
+  pack_fn pack = nullptr;
+  compute_fn compute = nullptr;
+  bool available = false;
+
+  static void* find(const char* name) {
+    if (void* symbol = dlsym(RTLD_DEFAULT, name)) return symbol;
+    void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    return torch_cpu ? dlsym(torch_cpu, name) : nullptr;
+  }
+
+  static const MklPackedGemm& get() {
+    static const MklPackedGemm gemm = [] {
+      MklPackedGemm g;
+      const char* choice = std::getenv("RNNTL_CPU_GEMM");
+      if (choice != nullptr && std::strcmp(choice, "aten") == 0) return g;
+      g.size = reinterpret_cast<size_fn>(find("cblas_sgemm_pack_get_size"));
+      g.pack = reinterpret_cast<pack_fn>(find("cblas_sgemm_pack"));
+      g.compute = reinterpret_cast<compute_fn>(find("cblas_sgemm_compute"));
+      g.available = g.size && g.pack && g.compute;
+      return g;
+    }();
+    return gemm;
+  }
+};
+
 inline bool use_onednn(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && OneDnnOps::get().available;
+}
+
+// Products below this size lose more to oneDNN's per-call cost than its kernels win.
+inline bool big_enough_for_onednn(int64_t rows, int64_t cols, int64_t depth) {
+  return rows >= 16 && 2 * rows * cols * depth >= 2000000;
 }
 
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -58,31 +107,102 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N]; x and weight may be strided views.
 inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias = c10::nullopt) {
-  if (use_onednn(x)) return onednn_linear(x, weight, bias);
+  if (use_onednn(x) && big_enough_for_onednn(x.size(0), weight.size(0), x.size(1))) return onednn_linear(x, weight, bias);
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
-// A weight [N, K] applied at every step as x @ weight^T: packed once for the sequence.
+// a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over all T*B rows.
+inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
+  if (use_onednn(a) && big_enough_for_onednn(a.size(1), b.size(1), a.size(0)))
+    return onednn_linear(a.t().contiguous(), b.t().contiguous(), c10::nullopt);
+  return at::mm(a.t(), b);
+}
+
+// The right-hand operand of dL/d(weights) = grad_gates^T @ [x | h_prev | 1]: the gradients
+// of weight_ih, weight_hh and the bias come out of one product (one transpose of
+// grad_gates, one pass over it). Blocks whose gradient is not needed are left out.
+class WeightGradientOperand {
+ public:
+  // input: [rows, I] or undefined; hidden_width: P, or 0 when weight_hh needs no gradient.
+  WeightGradientOperand(int64_t rows, const at::Tensor& input, int64_t hidden_width, bool ones,
+                        const at::TensorOptions& options) {
+    int64_t width = 0;
+    if (input.defined()) {
+      input_offset_ = width;
+      width += input.size(1);
+    }
+    if (hidden_width > 0) {
+      hidden_offset_ = width;
+      width += hidden_width;
+    }
+    if (ones) ones_offset_ = width++;
+    width_ = width;
+    matrix_ = at::empty({rows, width}, options);
+    if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
+    if (ones) matrix_.narrow(1, ones_offset_, 1).fill_(1);
+  }
+  int64_t width() const { return width_; }
+  // Where the caller writes h_{t-1} of row r: hidden_columns() + r * width().
+  template <typename T>
+  T* hidden_columns() {
+    return hidden_offset_ < 0 ? nullptr : matrix_.data_ptr<T>() + hidden_offset_;
+  }
+  // grad_gates [rows, G] -> the product [G, width], then its blocks.
+  void multiply(const at::Tensor& grad_gates) {
+    if (width_ > 0) product_ = transposed_product(grad_gates, matrix_);
+  }
+  at::Tensor input_block(int64_t size) const { return block(input_offset_, size); }
+  at::Tensor hidden_block(int64_t size) const { return block(hidden_offset_, size); }
+  at::Tensor ones_block() const { return ones_offset_ < 0 ? at::Tensor() : product_.select(1, ones_offset_).contiguous(); }
+
+ private:
+  at::Tensor block(int64_t offset, int64_t size) const {
+    return offset < 0 ? at::Tensor() : product_.narrow(1, offset, size).contiguous();
+  }
+  at::Tensor matrix_, product_;
+  int64_t input_offset_ = -1, hidden_offset_ = -1, ones_offset_ = -1, width_ = 0;
+};
+
+// A weight [N, K] applied at every step as x @ weight^T, x [M <= batch, K]: packed once
+// for the sequence by the library that suits the size.
 class StepWeight {
  public:
   StepWeight(const at::Tensor& weight, int64_t batch) : weight_(weight) {
-    if (use_onednn(weight)) {
+    const int64_t N = weight.size(0), K = weight.size(1);
+    if (use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
       torch::jit::Stack stack;
       stack.emplace_back(weight.contiguous());
       stack.emplace_back(c10::IValue(batch));
       OneDnnOps::get().reorder->callBoxed(&stack);
-      packed_ = stack.back().toTensor();
+      onednn_packed_ = stack.back().toTensor();
+    } else if (weight.scalar_type() == at::kFloat && MklPackedGemm::get().available) {
+      const auto& mkl = MklPackedGemm::get();
+      const at::Tensor w = weight.contiguous();
+      // B = weight^T (K x N), read from the row-major N x K weight as a transpose.
+      mkl_packed_.resize(mkl.size(MklPackedGemm::kBMatrix, int(batch), int(N), int(K)) / sizeof(float) + 1);
+      mkl.pack(MklPackedGemm::kRowMajor, MklPackedGemm::kBMatrix, MklPackedGemm::kTrans, int(batch), int(N), int(K),
+               1.0f, w.data_ptr<float>(), int(K), mkl_packed_.data());
     }
   }
-  // x [M, K] -> [M, N] (a new tensor)
+  // x [M, K] (contiguous rows) -> [M, N] (a new tensor)
   at::Tensor apply(const at::Tensor& x) const {
-    if (packed_.defined()) return onednn_linear(x, packed_, c10::nullopt);
+    if (onednn_packed_.defined()) return onednn_linear(x, onednn_packed_, c10::nullopt);
+    if (!mkl_packed_.empty()) {
+      const int64_t M = x.size(0), N = weight_.size(0), K = weight_.size(1);
+      at::Tensor out = at::empty({M, N}, x.options());
+      const at::Tensor a = x.contiguous();
+      MklPackedGemm::get().compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked, int(M),
+                                   int(N), int(K), a.data_ptr<float>(), int(K), mkl_packed_.data(), int(K), 0.0f,
+                                   out.data_ptr<float>(), int(N));
+      return out;
+    }
     return at::mm(x, weight_.t());
   }
 
  private:
   at::Tensor weight_;
-  at::Tensor packed_;
+  at::Tensor onednn_packed_;
+  std::vector<float> mkl_packed_;
 };
 
 }  // namespace cpu

@@ -82,7 +82,8 @@ struct GruBackwardStep {
   T* grad_hidden_gates;       // [B, 3H] slot-major dL/d(W_hh h + b_hh)
   T* grad_hidden_gates_all;   // [T, B, 3H] or nullptr (may alias grad_hidden_gates)
   T* grad_input_gates_all;    // [T, B, 3H] dL/d(W_ih x + b_ih)
-  T* hidden_prev_all;         // [T, B, H] or nullptr
+  T* hidden_prev_all;         // h_{t-1} of row r at r * hidden_prev_stride, or nullptr
+  int64_t hidden_prev_stride;
   T state_clip, gate_clip;
 };
 
@@ -119,7 +120,7 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
     T* all = s.grad_hidden_gates_all + row * G;
     if (all != dgh) std::copy(dgh, dgh + G, all);
   }
-  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + row * H);
+  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + row * s.hidden_prev_stride);
 }
 
 template <typename T>
@@ -181,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const StepWeight recurrent(weight_hh, B);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] {
+    RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
     using T_ = scalar_t;
     GruForwardStep<T_> s;
     s.batch = B;
@@ -255,7 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_input_gates_all = at::empty({T, B, G}, options);
   at::Tensor grad_hidden_gates_all = keep_hidden_gates ? at::empty({T, B, G}, options) : at::Tensor();
   at::Tensor grad_hidden_gates_buffer = at::empty({B, G}, options);
-  at::Tensor hidden_prev_all = need_weight_hh ? at::empty({T, B, H}, options) : at::Tensor();
+  // dW_ih and db_ih from grad_input_gates^T @ [x | 1]; dW_hh and db_hh from grad_hidden_gates^T @ [h_prev | 1].
+  WeightGradientOperand input_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(), 0,
+                                      need_bias_ih, options);
+  WeightGradientOperand hidden_operand(T * B, at::Tensor(), need_weight_hh ? H : 0, need_bias_hh, options);
   const at::Tensor zeros = at::zeros({H}, options);
   const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
   const at::Tensor output_c = output.contiguous();
@@ -264,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] {
+    RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
     using T_ = scalar_t;
     GruBackwardStep<T_> s;
     s.batch = B;
@@ -280,7 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.grad_hidden_direct = grad_hidden_direct.data_ptr<T_>();
     s.grad_hidden_gates_all = keep_hidden_gates ? grad_hidden_gates_all.data_ptr<T_>() : nullptr;
     s.grad_input_gates_all = grad_input_gates_all.data_ptr<T_>();
-    s.hidden_prev_all = need_weight_hh ? hidden_prev_all.data_ptr<T_>() : nullptr;
+    s.hidden_prev_all = hidden_operand.hidden_columns<T_>();
+    s.hidden_prev_stride = hidden_operand.width();
     s.state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
     s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
     T_* carry = s.grad_hidden_carry;
@@ -304,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         std::fill_n(s.grad_input_gates_all + row * G, G, T_(0));
         if (s.grad_hidden_gates_all) std::fill_n(s.grad_hidden_gates_all + row * G, G, T_(0));
-        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * H, H, T_(0));
+        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * s.hidden_prev_stride, H, T_(0));
       }
     }
   });
@@ -313,13 +320,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto none = [&] { return at::empty({0}, options); };
   at::Tensor grad_input = need_input ? linear_rows(grad_input_gates, weight_ih.t()).view({T, B, I}) : none();
-  at::Tensor grad_weight_ih =
-      need_weight_ih ? linear_rows(grad_input_gates.t(), input.contiguous().view({T * B, I}).t()) : none();
-  at::Tensor grad_bias_ih = need_bias_ih ? grad_input_gates.sum(0) : none();
-  at::Tensor grad_weight_hh =
-      need_weight_hh ? linear_rows(grad_hidden_gates_all.view({T * B, G}).t(), hidden_prev_all.view({T * B, H}).t())
-                     : none();
-  at::Tensor grad_bias_hh = need_bias_hh ? grad_hidden_gates_all.view({T * B, G}).sum(0) : none();
+  input_operand.multiply(grad_input_gates);
+  at::Tensor grad_weight_ih = need_weight_ih ? input_operand.input_block(I) : none();
+  at::Tensor grad_bias_ih = need_bias_ih ? input_operand.ones_block() : none();
+  if (keep_hidden_gates) hidden_operand.multiply(grad_hidden_gates_all.view({T * B, G}));
+  at::Tensor grad_weight_hh = need_weight_hh ? hidden_operand.hidden_block(H) : none();
+  at::Tensor grad_bias_hh = need_bias_hh ? hidden_operand.ones_block() : none();
   at::Tensor grad_h0 = none();
   if (need_h0) {
     grad_h0 = at::empty({B, H}, options);

@@ -116,7 +116,8 @@ struct LstmBackwardStep {
   T* grad_cell_carry;               // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
   T* grad_gates;                    // [B, 4H] slot-major dL/da (feeds the recurrent GEMM)
   T* grad_gates_all;                // [T, B, 4H] (may alias grad_gates at this step)
-  T* hidden_prev_all;               // [T, B, P] h_{t-1} per row, or nullptr
+  T* hidden_prev_all;               // h_{t-1} of row r at r * hidden_prev_stride, or nullptr
+  int64_t hidden_prev_stride;
   T* hidden_unprojected_all;        // [T, B, H] m per row (for dW_hr), or nullptr
   T cell_clip, state_clip, gate_clip;
 };
@@ -151,7 +152,7 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   if (da_all != da) std::copy(da, da + G, da_all);
   if (s.hidden_prev_all) {
     const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
-    std::copy(h_prev, h_prev + P, s.hidden_prev_all + row * P);
+    std::copy(h_prev, h_prev + P, s.hidden_prev_all + row * s.hidden_prev_stride);
   }
   if (s.hidden_unprojected_all) {
     T* __restrict__ m = s.hidden_unprojected_all + row * H;
@@ -271,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       project ? c10::optional<StepWeight>(StepWeight(*weight_hr, B)) : c10::nullopt;
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] {
+    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
     using T_ = scalar_t;
     LstmForwardStep<T_> s;
     s.batch = B;
@@ -385,7 +387,9 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
   at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
   at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
-  at::Tensor hidden_prev_all = need_weight_hh ? at::empty({T, B, P}, options) : at::Tensor();
+  // dW_ih, dW_hh and the bias gradient come out of one product grad_gates^T @ [x | h_prev | 1].
+  WeightGradientOperand weight_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(),
+                                       need_weight_hh ? P : 0, need_bias, options);
   const at::Tensor zeros = at::zeros({std::max(H, P)}, options);
   const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
   const at::Tensor c0c = c0.has_value() ? c0->contiguous() : at::Tensor();
@@ -398,6 +402,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       project ? c10::optional<StepWeight>(StepWeight(weight_hr->t(), B)) : c10::nullopt;  // dL/dm = dL/dr @ W_hr
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] {
+    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
     using T_ = scalar_t;
     const T_ state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
     LstmBackwardStep<T_> s;
@@ -414,7 +419,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     s.zeros = zeros.data_ptr<T_>();
     s.grad_cell_carry = grad_cell_carry.data_ptr<T_>();
     s.grad_gates_all = grad_gates_all.data_ptr<T_>();
-    s.hidden_prev_all = need_weight_hh ? hidden_prev_all.data_ptr<T_>() : nullptr;
+    s.hidden_prev_all = weight_operand.hidden_columns<T_>();
+    s.hidden_prev_stride = weight_operand.width();
     s.hidden_unprojected_all = want_weight_hr ? hidden_unprojected_all.data_ptr<T_>() : nullptr;
     s.cell_clip = static_cast<T_>(cell_limit);
     s.state_clip = state_clip;
@@ -453,7 +459,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
           for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_clip);
         }
         std::fill_n(s.grad_gates_all + row * G, G, T_(0));
-        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * P, P, T_(0));
+        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * s.hidden_prev_stride, P, T_(0));
         if (s.hidden_unprojected_all) std::fill_n(s.hidden_unprojected_all + row * H, H, T_(0));
         if (d_pre_all) std::fill_n(d_pre_all + row * P, P, T_(0));
       }
@@ -464,12 +470,12 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto none = [&] { return at::empty({0}, options); };
   at::Tensor grad_input = need_input ? linear_rows(grad_gates_2d, weight_ih.t()).view({T, B, I}) : none();
-  at::Tensor grad_weight_ih =
-      need_weight_ih ? linear_rows(grad_gates_2d.t(), input.contiguous().view({T * B, I}).t()) : none();
-  at::Tensor grad_weight_hh = need_weight_hh ? linear_rows(grad_gates_2d.t(), hidden_prev_all.view({T * B, P}).t()) : none();
-  at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
+  weight_operand.multiply(grad_gates_2d);
+  at::Tensor grad_weight_ih = need_weight_ih ? weight_operand.input_block(I) : none();
+  at::Tensor grad_weight_hh = need_weight_hh ? weight_operand.hidden_block(P) : none();
+  at::Tensor grad_bias = need_bias ? weight_operand.ones_block() : none();
   at::Tensor grad_weight_hr =
-      want_weight_hr ? linear_rows(grad_pre_clip_all.view({T * B, P}).t(), hidden_unprojected_all.view({T * B, H}).t())
+      want_weight_hr ? transposed_product(grad_pre_clip_all.view({T * B, P}), hidden_unprojected_all.view({T * B, H}))
                      : none();
   at::Tensor grad_h0 = none(), grad_c0 = none();
   if (need_h0) {

@@ -1,0 +1,249 @@
+"""The timed steps: inputs, modules and one zero-argument callable per provider for a Case.
+
+Providers (the names `--backends` takes):
+
+* ``torch``: torch.nn.LSTM / GRU on the same device (oneDNN / ATen on CPU, cuDNN on GPU);
+  every ratio is computed against it. With ``lengths="uniform"`` it gets the same
+  PackedSequence as rnntl_fast; in ``frozen`` mode the same frozen weights; in ``clip``
+  mode it runs unclipped (torch.nn cannot clip inside its backward), i.e. it is the floor.
+* ``torch-hooks``: what users write to clip per step without rnntl_fast: an
+  nn.LSTMCell / nn.GRUCell loop with ``register_hook(lambda g: g.clamp(-v, v))`` on every
+  h_t and c_t, masking by lengths with ``torch.where``. Clip mode only; no proj_size.
+* ``cpu``, ``cuda``, ``triton``, ``reference``: rnntl_fast.LSTM / GRU with that backend,
+  same weights as the torch.nn module.
+"""
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .grids import Case
+
+TORCH = "torch"
+HOOKS = "torch-hooks"
+RNNTL_BACKENDS = ("cpu", "cuda", "triton", "reference")
+PROVIDERS = RNNTL_BACKENDS + (TORCH, HOOKS)
+CLIP_VALUE = 1.0  # grad_clip of the "clip" mode, in rnntl_fast and in the hook loop
+
+# The reference step loop runs one Python iteration per step, layer and direction and
+# unfused autograd; past these limits one row takes minutes on a small machine, so the
+# reference is skipped there with a note.
+REFERENCE_MAX_STEPS = 200
+REFERENCE_MAX_FORWARD_FLOPS = 2e8
+
+
+def gates_of(cell: str) -> int:
+    return 4 if cell == "lstm" else 3
+
+
+def forward_flops(case: Case, lengths: Optional[Tensor]) -> float:
+    """Floating-point operations of one forward pass over the valid steps.
+
+    Per step and batch row: LSTM 8*H*(I_l + P) (+ 2*P*H for the projection), GRU
+    6*H*(I_l + H), where I_l is the layer's input width and P the recurrent width
+    (proj_size or H); elementwise gate math is not counted. Packed rows count only their
+    valid steps (sum of lengths).
+    """
+    row_steps = float(lengths.sum()) if lengths is not None else float(case.T * case.B)
+    directions = 2 if case.bidirectional else 1
+    recurrent = case.proj_size or case.H
+    total = 0.0
+    for layer in range(case.layers):
+        layer_input = case.I if layer == 0 else directions * recurrent
+        per_step = 2 * gates_of(case.cell) * case.H * (layer_input + recurrent)
+        if case.proj_size:
+            per_step += 2 * case.proj_size * case.H
+        total += directions * row_steps * per_step
+    return total
+
+
+# Backward ~ 2x forward (input and weight gradients); with every weight frozen only the
+# input-gradient half remains.
+MODE_FLOP_FACTOR = {"inference": 1.0, "training": 3.0, "clip": 3.0, "frozen": 2.0}
+
+
+def step_flops(case: Case, lengths: Optional[Tensor]) -> float:
+    return forward_flops(case, lengths) * MODE_FLOP_FACTOR[case.mode]
+
+
+def reference_steps(case: Case) -> int:
+    return case.T * case.layers * (2 if case.bidirectional else 1)
+
+
+class Workload:
+    """Everything the providers of one Case share, built once with a fixed seed.
+
+    x: [T, B, I] input (requires grad unless inference); lengths: [B] int64 on CPU or None;
+    grad_padded: [T, B, D*P] gradient of the output, zero past each row's length;
+    grad_packed: the same in PackedSequence.data order (or None without lengths).
+    """
+
+    def __init__(self, case: Case, seed: int = 0) -> None:
+        self.case = case
+        self.device = torch.device(case.device)
+        self.dtype = getattr(torch, case.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        self.training = case.mode != "inference"
+        self.x = torch.randn(case.T, case.B, case.I, generator=generator).to(self.device, self.dtype)
+        self.x.requires_grad_(self.training)
+        self.lengths = None
+        if case.lengths == "uniform":
+            shortest = math.ceil(case.T / 2)
+            self.lengths = torch.randint(shortest, case.T + 1, (case.B,), generator=generator)
+            self.lengths[torch.randint(0, case.B, (1,), generator=generator)] = case.T  # padded length is T
+        torch.manual_seed(seed)  # same initial weights for every provider and every run
+        torch_class = nn.LSTM if case.cell == "lstm" else nn.GRU
+        extra = {"proj_size": case.proj_size} if case.proj_size else {}
+        self.torch_module = torch_class(case.I, case.H, case.layers, bidirectional=case.bidirectional, **extra)
+        self.torch_module.to(self.device, self.dtype)
+        self._prepare(self.torch_module)
+        width = (2 if case.bidirectional else 1) * (case.proj_size or case.H)
+        grad = torch.randn(case.T, case.B, width, generator=generator).to(self.device, self.dtype)
+        if self.lengths is not None:
+            valid = torch.arange(case.T).unsqueeze(1) < self.lengths.unsqueeze(0)  # [T, B]
+            grad = grad * valid.unsqueeze(2).to(self.device, self.dtype)
+        self.grad_padded = grad
+        self.grad_packed = (pack_padded_sequence(grad, self.lengths, enforce_sorted=False).data
+                            if self.lengths is not None else None)
+
+    def _prepare(self, module: nn.Module) -> nn.Module:
+        if self.case.mode == "frozen":
+            module.requires_grad_(False)
+        module.train(self.training)
+        return module
+
+    def flops(self) -> float:
+        return step_flops(self.case, self.lengths)
+
+    def _module_input(self):
+        if self.lengths is None:
+            return self.x
+        # Packing is part of what a packed-input user pays on both sides.
+        return pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
+
+    def rnntl_module(self, backend: str) -> nn.Module:
+        import rnntl_fast  # noqa: F401  (rnntl_fast.bench is imported before the package body)
+        fast_class = rnntl_fast.LSTM if self.case.cell == "lstm" else rnntl_fast.GRU
+        case = self.case
+        extra = {"proj_size": case.proj_size} if case.proj_size else {}
+        module = fast_class(case.I, case.H, case.layers, bidirectional=case.bidirectional, backend=backend,
+                            grad_clip=CLIP_VALUE if case.mode == "clip" else None, **extra)
+        module.to(self.device, self.dtype)
+        module.load_state_dict(self.torch_module.state_dict(), strict=True)
+        return self._prepare(module)
+
+    def module_step(self, module: nn.Module) -> Callable[[], None]:
+        """One inference forward, or one forward + backward with fresh gradients."""
+        make_input = self._module_input
+        if not self.training:
+            def inference_step():
+                with torch.no_grad():
+                    module(make_input())
+            return inference_step
+        x = self.x
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        grad = self.grad_packed if self.lengths is not None else self.grad_padded
+        packed = self.lengths is not None
+
+        def training_step():
+            x.grad = None
+            for parameter in trainable:
+                parameter.grad = None
+            output, _ = module(make_input())
+            torch.autograd.backward(output.data if packed else output, grad)
+        return training_step
+
+    def hooks_step(self) -> Callable[[], None]:
+        """The per-step clipping loop over nn.LSTMCell / nn.GRUCell (clip mode)."""
+        case = self.case
+        lstm = case.cell == "lstm"
+        cell_class = nn.LSTMCell if lstm else nn.GRUCell
+        directions = 2 if case.bidirectional else 1
+        cells: List[List[nn.Module]] = []
+        for layer in range(case.layers):
+            row = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                weight_ih = getattr(self.torch_module, "weight_ih" + suffix)
+                cell = cell_class(weight_ih.shape[1], case.H, device=self.device, dtype=self.dtype)
+                with torch.no_grad():
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        getattr(cell, name).copy_(getattr(self.torch_module, name + suffix))
+                row.append(self._prepare(cell))
+            cells.append(row)
+        masks = None
+        if self.lengths is not None:
+            masks = [(self.lengths > t).unsqueeze(1).to(self.device) for t in range(case.T)]
+        clamp = lambda g: g.clamp(-CLIP_VALUE, CLIP_VALUE)  # noqa: E731
+        x, grad = self.x, self.grad_padded
+        trainable = [p for row in cells for cell in row for p in cell.parameters() if p.requires_grad]
+
+        def run_direction(cell, inputs: Tensor, reverse: bool) -> Tensor:
+            h = inputs.new_zeros(case.B, case.H)
+            c = inputs.new_zeros(case.B, case.H)
+            outputs = [None] * case.T
+            for t in (range(case.T - 1, -1, -1) if reverse else range(case.T)):
+                if lstm:
+                    h_new, c_new = cell(inputs[t], (h, c))
+                else:
+                    h_new, c_new = cell(inputs[t], h), c
+                if masks is not None:  # rows past their length keep their state, output zeros
+                    h_new = torch.where(masks[t], h_new, h)
+                    c_new = torch.where(masks[t], c_new, c) if lstm else c_new
+                    outputs[t] = h_new * masks[t]
+                else:
+                    outputs[t] = h_new
+                h_new.register_hook(clamp)
+                if lstm:
+                    c_new.register_hook(clamp)
+                h, c = h_new, c_new
+            return torch.stack(outputs)
+
+        def hooks_training_step():
+            x.grad = None
+            for parameter in trainable:
+                parameter.grad = None
+            layer_input = x
+            for row in cells:
+                outs = [run_direction(cell, layer_input, direction == 1) for direction, cell in enumerate(row)]
+                layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            torch.autograd.backward(layer_input, grad)
+        return hooks_training_step
+
+
+def provider_description(name: str, device: str) -> str:
+    if name == TORCH:
+        return "torch.nn (cuDNN)" if device.startswith("cuda") else "torch.nn (oneDNN/ATen)"
+    if name == HOOKS:
+        return "torch cell loop + clamp hooks"
+    return f"rnntl_fast {name}"
+
+
+def build_steps(workload: Workload, providers: List[str]) -> Dict[str, object]:
+    """provider -> step callable, or provider -> "skipped: why" for those that cannot run this case."""
+    case = workload.case
+    steps: Dict[str, object] = {}
+    for name in providers:
+        if name == TORCH:
+            steps[name] = workload.module_step(workload.torch_module)
+        elif name == HOOKS:
+            if case.mode != "clip":
+                continue  # only meaningful against grad_clip; not a note-worthy skip
+            if case.proj_size:
+                steps[name] = "skipped: nn.LSTMCell has no proj_size"
+            else:
+                steps[name] = workload.hooks_step()
+        elif name == "reference" and reference_steps(case) > REFERENCE_MAX_STEPS:
+            steps[name] = (f"skipped: T*layers*directions = {reference_steps(case)} > {REFERENCE_MAX_STEPS} "
+                           "(the reference loop is slow)")
+        elif name == "reference" and forward_flops(case, workload.lengths) > REFERENCE_MAX_FORWARD_FLOPS:
+            steps[name] = (f"skipped: forward FLOPs {forward_flops(case, workload.lengths):.2g} > "
+                           f"{REFERENCE_MAX_FORWARD_FLOPS:.0e} (the reference loop is slow)")
+        else:
+            try:
+                steps[name] = workload.module_step(workload.rnntl_module(name))
+            except (RuntimeError, TypeError, ValueError) as error:
+                steps[name] = f"skipped: {error}"
+    return steps
