@@ -1,0 +1,84 @@
+"""The `triton` backend: Triton kernels for one LSTM / GRU layer-direction, forward and
+backward, registered as torch ops `rnntl_fast::triton_{lstm,gru}_{forward,backward}`.
+
+rnntl_fast.ops imports this package on first use only, so that rnntl_fast imports without
+triton. Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set
+before import). Supported dtypes: float32, float16, bfloat16 (float32 math inside).
+
+Two strategies (docs/triton.md): "sequence" (one launch for the whole recurrence, weights
+on chip; small hidden sizes) and "step" (a launch per step; any size). The choice is
+automatic by size; force one per call with ``strategy="sequence" | "step"`` or for every
+call with the environment variable RNNTL_TRITON_STRATEGY.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import config
+from .gru import triton_gru_backward, triton_gru_forward
+from .lstm import triton_lstm_backward, triton_lstm_forward
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_dtype(input: Tensor) -> None:
+    if input.dtype not in config.SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 input, got {input.dtype}; "
+                        "use backend='cpu' or 'reference' for float64")
+
+
+def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+                lengths: Optional[Tensor], reverse: bool, cell_clip: Optional[float], proj_clip: Optional[float],
+                grad_clip: Optional[float], grad_clip_mode: str, *,
+                strategy: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The `triton` backend of rnntl_fast.ops.lstm (arguments already checked there).
+
+    Args:
+        input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
+        weight_hr: [P, H] or None (then P = H); h0: [B, P] or None; c0: [B, H] or None;
+        lengths: CPU int64 [B] or None; reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode:
+        as rnntl_fast.ops.lstm.
+        strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
+    Returns:
+        output [T, B, P], h_n [B, P], c_n [B, H].
+    """
+    _check_dtype(input)
+    hidden = weight_ih.shape[0] // 4
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
+    save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
+    output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
+                                                      c0, lengths, reverse, cell_clip, proj_clip, grad_clip,
+                                                      grad_clip_mode, save, chosen)
+    return output, h_n, c_n
+
+
+def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+               bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+               grad_clip: Optional[float], grad_clip_mode: str, *,
+               strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """The `triton` backend of rnntl_fast.ops.gru (arguments already checked there).
+
+    Args:
+        input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
+        h0: [B, H] or None; lengths: CPU int64 [B] or None; reverse, grad_clip, grad_clip_mode:
+        as rnntl_fast.ops.gru.
+        strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
+    Returns:
+        output [T, B, H], h_n [B, H].
+    """
+    _check_dtype(input)
+    hidden = weight_ih.shape[0] // 3
+    chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
+    save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse,
+                                                grad_clip, grad_clip_mode, save, chosen)
+    return output, h_n
+
+
+__all__ = ["lstm_triton", "gru_triton", "triton_lstm_forward", "triton_lstm_backward", "triton_gru_forward",
+           "triton_gru_backward"]
