@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnntl_fast
 from rnntl_fast import ops
-from parity import LEAVES, Case, assert_case_matches, make_tensors, run
+from parity import LEAVES, Case, assert_case_matches, make_tensors, run, run_torch_nn, torch_nn_expressible
 
 pytestmark = pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="rnntl_fast._C is not built")
 
@@ -62,62 +61,12 @@ def _cases():
 CASES = _cases()
 
 
-def _torch_nn_expressible(case: Case) -> bool:
-    return case.cell_clip is None and case.proj_clip is None and case.grad_clip is None and 0 not in (case.lengths or ())
-
-
-def run_torch_nn(case: Case, tensors, dtype):
-    """The same case through torch.nn (a bidirectional module's reverse half for reverse=True)."""
-    cls = nn.LSTM if case.cell == "lstm" else nn.GRU
-    kwargs = {"proj_size": case.proj} if case.cell == "lstm" else {}
-    module = cls(case.I, case.H, bias=case.bias, bidirectional=case.reverse, dtype=dtype, **kwargs)
-    suffix = "_reverse" if case.reverse else ""
-    leaves = {}
-    for name in LEAVES[1:6]:
-        if name in tensors:
-            parameter = getattr(module, f"{name}_l0{suffix}")
-            with torch.no_grad():
-                parameter.copy_(tensors[name])
-            parameter.requires_grad_(name not in case.frozen)
-            leaves[name] = parameter
-    for name in ("input", "h0", "c0"):
-        if name in tensors:
-            leaves[name] = tensors[name].to(dtype).detach().requires_grad_(name not in case.frozen)
-    x = leaves["input"]
-    directions = 2 if case.reverse else 1
-    states = []
-    for name, width in (("h0", case.out_size), ("c0", case.H)):
-        if case.cell == "gru" and name == "c0":
-            continue
-        state = leaves.get(name, torch.zeros(case.B, width, dtype=dtype))
-        states.append(state.unsqueeze(0) if directions == 1 else torch.stack([torch.zeros_like(state), state]))
-    hx = (tuple(states) if case.cell == "lstm" else states[0]) if case.initial_state else None
-    inp = pack_padded_sequence(x, torch.tensor(case.lengths), enforce_sorted=False) if case.lengths else x
-    out, state = module(inp, hx)
-    if case.lengths:
-        out = pad_packed_sequence(out, total_length=case.T)[0]
-    if case.reverse:
-        out = out[..., case.out_size:]
-    results = {"output": out}
-    if case.cell == "lstm":
-        results["h_n"], results["c_n"] = state[0][-1], state[1][-1]
-    else:
-        results["h_n"] = state[-1]
-    loss = sum((value * tensors["loss_" + name].to(dtype)).sum() for name, value in results.items())
-    wrt = [name for name, leaf in leaves.items() if leaf.requires_grad]
-    grads = torch.autograd.grad(loss, [leaves[n] for n in wrt])
-    results = {name: value.detach() for name, value in results.items()}
-    results.update({"grad_" + name: None for name in leaves})
-    results.update({"grad_" + name: grad for name, grad in zip(wrt, grads)})
-    return results
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_cpu_float32_within_error_rule(case):
     tensors = make_tensors(case)
     reference64 = run(case, tensors, torch.float64, "reference")
     fast = run(case, tensors, torch.float32, "cpu")
-    if _torch_nn_expressible(case):
+    if torch_nn_expressible(case):
         baseline = run_torch_nn(case, tensors, torch.float32)
     else:  # torch.nn has no clipping: the reference loop in float32 is the baseline
         baseline = run(case, tensors, torch.float32, "reference")
@@ -137,7 +86,7 @@ def test_cpu_float64_matches_reference(case):
             torch.testing.assert_close(fast[name], expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if _torch_nn_expressible(c)][:6], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if torch_nn_expressible(c)][:6], ids=lambda c: c.id)
 def test_torch_nn_runner_agrees_with_reference(case):
     """Guards the test harness itself: torch.nn in float64 equals the reference loop."""
     tensors = make_tensors(case)

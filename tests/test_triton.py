@@ -90,7 +90,7 @@ def _baseline(case: Case, tensors, dtype):
     """torch.nn in `dtype` where it can express the case (float32), else the reference
     loop in `dtype` (torch.nn has no clipping, and the reference runs in any dtype)."""
     if dtype == torch.float32 and _torch_nn_expressible(case):
-        from test_ops_cpu import run_torch_nn
+        from parity import run_torch_nn
         return run_torch_nn(case, tensors, dtype)
     return run(case, tensors, dtype, "reference")
 

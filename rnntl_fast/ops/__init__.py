@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from . import cpp, reference
+from . import cpp
 from .backend import BACKENDS, select_backend
 from .checks import check_clip, check_grad_clip_mode, check_gru_arguments, check_lstm_arguments, normalize_lengths
 from .reference import gru_reference, lstm_reference

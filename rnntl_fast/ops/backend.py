@@ -32,6 +32,7 @@ def _warn_once(message: str) -> None:
 
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def select_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -45,9 +46,9 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype = to
             return select_backend("cpu", device, dtype)
         if device.type == "cuda" and _ext.HAS_CUDA_KERNELS:
             return "cuda"
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and dtype in TRITON_DTYPES:
             return "triton"
-        _warn_once(f"rnntl_fast: no compiled backend for {device.type} tensors "
+        _warn_once(f"rnntl_fast: no compiled backend for {dtype} {device.type} tensors "
                    f"({'rnntl_fast._C is not built: ' + str(_ext.IMPORT_ERROR) if _ext._C is None else 'build with RNNTL_BUILD_CUDA=1 or pip install triton'}); "
                    "running the (slow) reference step loop")
         return "reference"

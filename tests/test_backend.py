@@ -1,0 +1,49 @@
+"""Backend choice (rnntl_fast.ops.backend.select_backend) and the info report."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import rnntl_fast
+from rnntl_fast.ops import backend
+
+
+def test_auto_on_cpu_is_the_cpu_kernels():
+    assert backend.select_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert backend.select_backend("auto", torch.device("cpu"), torch.float64) == "cpu"
+
+
+def test_cpu_kernels_refuse_half_precision_with_a_clear_error():
+    with pytest.raises(TypeError, match="cpu backend supports float32 and float64"):
+        backend.select_backend("auto", torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.skipif(rnntl_fast._ext.HAS_CUDA_KERNELS, reason="the CUDA kernels are built: auto picks them")
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+def test_auto_on_cuda_without_cuda_kernels_is_triton_then_reference():
+    cuda = torch.device("cuda")
+    assert backend.select_backend("auto", cuda, torch.float16) == "triton"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend._warned.clear()
+        assert backend.select_backend("auto", cuda, torch.float64) == "reference"
+    assert any("no compiled backend" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(rnntl_fast._ext.HAS_CUDA_KERNELS, reason="the CUDA kernels are built")
+def test_missing_cuda_backend_says_how_to_build_it():
+    with pytest.raises(RuntimeError, match="RNNTL_BUILD_CUDA=1"):
+        backend.select_backend("cuda", torch.device("cuda"), torch.float32)
+
+
+def test_backend_device_mismatch():
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        backend.select_backend("cpu", torch.device("cuda"), torch.float32)
+
+
+def test_info_reports_backends():
+    output = subprocess.run([sys.executable, "-m", "rnntl_fast.info"], capture_output=True, text=True, check=True).stdout
+    assert "backend cpu       available" in output
+    assert "backend reference available" in output
