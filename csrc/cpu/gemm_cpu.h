@@ -23,6 +23,7 @@
 #include <vector>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace rnntl {
 namespace cpu {
@@ -179,9 +180,11 @@ class StepWeight {
       const auto& mkl = MklPackedGemm::get();
       const at::Tensor w = weight.contiguous();
       // B = weight^T (K x N), read from the row-major N x K weight as a transpose.
-      mkl_packed_.resize(mkl.size(MklPackedGemm::kBMatrix, int(batch), int(N), int(K)) / sizeof(float) + 1);
+      // Uninitialized on purpose: MKL writes what it reads; zero-filling cost more than the packing.
+      const int64_t bytes = static_cast<int64_t>(mkl.size(MklPackedGemm::kBMatrix, int(batch), int(N), int(K)));
+      mkl_packed_ = at::empty({bytes / int64_t(sizeof(float)) + 1}, w.options());
       mkl.pack(MklPackedGemm::kRowMajor, MklPackedGemm::kBMatrix, MklPackedGemm::kTrans, int(batch), int(N), int(K),
-               1.0f, w.data_ptr<float>(), int(K), mkl_packed_.data());
+               1.0f, w.data_ptr<float>(), int(K), mkl_packed_.data_ptr<float>());
     }
   }
   // x [M, K] (contiguous rows) -> [M, N] (a new tensor)
@@ -196,11 +199,11 @@ class StepWeight {
     if (onednn_packed_.defined()) {
       const at::Tensor product = onednn_linear(x, onednn_packed_, c10::nullopt);
       accumulate ? out.add_(product) : out.copy_(product);
-    } else if (!mkl_packed_.empty()) {
+    } else if (mkl_packed_.defined()) {
       const int64_t M = x.size(0), N = weight_.size(0), K = weight_.size(1);
       const at::Tensor a = x.contiguous();
       MklPackedGemm::get().compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked, int(M),
-                                   int(N), int(K), a.data_ptr<float>(), int(K), mkl_packed_.data(), int(K),
+                                   int(N), int(K), a.data_ptr<float>(), int(K), mkl_packed_.data_ptr<float>(), int(K),
                                    accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), int(N));
     } else if (accumulate) {
       at::addmm_out(out, out, x, weight_.t());
@@ -209,10 +212,42 @@ class StepWeight {
     }
   }
 
+  // The same on raw rows, without tensor bookkeeping on the per-step path where the MKL
+  // packed product runs. x: [rows, K] contiguous. Returns where the [rows, N] result is:
+  // `scratch`, or a oneDNN result kept alive in `holder`.
+  template <typename T>
+  const T* multiply(const T* x, int64_t rows, T* scratch, at::Tensor& holder) const {
+    if (onednn_packed_.defined()) {
+      holder = apply(rows_tensor(x, rows, weight_.size(1)));
+      return holder.template data_ptr<T>();
+    }
+    multiply_into(x, rows, scratch);
+    return scratch;
+  }
+  // out [rows, N] = x [rows, K] @ weight^T, or += with accumulate.
+  template <typename T>
+  void multiply_into(const T* x, int64_t rows, T* out, bool accumulate = false) const {
+    const int64_t N = weight_.size(0), K = weight_.size(1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (mkl_packed_.defined()) {
+        MklPackedGemm::get().compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked,
+                                     int(rows), int(N), int(K), x, int(K), mkl_packed_.data_ptr<float>(), int(K),
+                                     accumulate ? 1.0f : 0.0f, out, int(N));
+        return;
+      }
+    }
+    apply_into(rows_tensor(x, rows, K), rows_tensor(out, rows, N), accumulate);
+  }
+
  private:
+  template <typename T>
+  at::Tensor rows_tensor(const T* data, int64_t rows, int64_t cols) const {
+    return at::from_blob(const_cast<T*>(data), {rows, cols}, weight_.options());
+  }
+
   at::Tensor weight_;
   at::Tensor onednn_packed_;
-  std::vector<float> mkl_packed_;
+  at::Tensor mkl_packed_;  // MKL's packed layout of weight^T, opaque
 };
 
 }  // namespace cpu

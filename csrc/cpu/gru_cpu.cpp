@@ -175,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const SequenceOrder sequence(lengths, T, B);
   const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, H}, options);
+  at::Tensor recurrent_scratch = at::empty({B, G}, options);
   at::Tensor output = at::empty({T, B, H}, options);
   at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
   at::Tensor hidden_n = empty_if(save_for_backward, {T, B, H}, options);
@@ -193,13 +194,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     s.output = output.data_ptr<T_>();
     s.gates = save_for_backward ? gates.data_ptr<T_>() : nullptr;
     s.hidden_n = save_for_backward ? hidden_n.data_ptr<T_>() : nullptr;
+    at::Tensor product_holder;
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
       if (n > 0) {
-        const at::Tensor recurrent_gates = recurrent.apply(slots(hidden_state, n));  // [n, 3H]
-        s.recurrent_gates = recurrent_gates.data_ptr<T_>();
+        s.recurrent_gates =
+            recurrent.multiply(s.hidden_state, n, recurrent_scratch.data_ptr<T_>(), product_holder);  // [n, 3H]
         parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });
       }
       for (int64_t j = n; j < B; ++j) {
@@ -293,12 +295,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
-      at::Tensor grad_hidden_gates =
-          identity_order && keep_hidden_gates ? grad_hidden_gates_all[t] : grad_hidden_gates_buffer;
-      s.grad_hidden_gates = grad_hidden_gates.data_ptr<T_>();
+      s.grad_hidden_gates = identity_order && keep_hidden_gates ? s.grad_hidden_gates_all + t * B * G
+                                                                : grad_hidden_gates_buffer.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
-        recurrent_back.apply_into(slots(grad_hidden_gates, n), slots(grad_hidden_carry, n), /*accumulate=*/true);
+        recurrent_back.multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
       }
       for (int64_t j = n; j < B; ++j) {
         const int64_t row = t * B + sequence.order[j];

@@ -263,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
   at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
+  at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
   at::Tensor output = at::empty({T, B, P}, options);
   at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
   at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
@@ -289,18 +290,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.cell_clip = static_cast<T_>(cell_limit);
     s.proj_clip = static_cast<T_>(proj_limit);
     T_* out_data = output.data_ptr<T_>();
+    T_* const recurrent_scratch = step_scratch.data_ptr<T_>();
+    T_* const projected_scratch = recurrent_scratch + B * G;
+    at::Tensor product_holder;
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
       if (n > 0) {
-        const at::Tensor recurrent_gates = recurrent.apply(slots(hidden_state, n));  // [n, 4H]
-        s.recurrent_gates = recurrent_gates.data_ptr<T_>();
+        s.recurrent_gates = recurrent.multiply(hidden_state.data_ptr<T_>(), n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
       }
       if (project && n > 0) {
-        const at::Tensor projected = projection->apply(slots(hidden_unprojected, n));  // [n, P]
-        const T_* r = projected.data_ptr<T_>();
+        const T_* r = projection->multiply(hidden_unprojected.data_ptr<T_>(), n, projected_scratch, product_holder);
         T_* h = hidden_state.data_ptr<T_>();
         T_* pre = s.hidden_pre_clip;
         const T_ limit = s.proj_clip;
@@ -385,6 +387,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   at::Tensor grad_gates_all = at::empty({T, B, G}, options);
   at::Tensor grad_gates = identity_order ? at::Tensor() : at::empty({B, G}, options);
   at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
+  at::Tensor grad_unprojected_scratch = project ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
   at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
   // dW_ih, dW_hh and the bias gradient come out of one product grad_gates^T @ [x | h_prev | 1].
@@ -432,23 +435,23 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     T_* d_pre = grad_pre_clip.data_ptr<T_>();
     T_* d_pre_all = want_weight_hr ? grad_pre_clip_all.data_ptr<T_>() : nullptr;
     const T_ proj_limit_t = static_cast<T_>(proj_limit);
+    T_* const grad_unprojected = project ? grad_unprojected_scratch.data_ptr<T_>() : nullptr;
+    at::Tensor product_holder;
 
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
-      at::Tensor grad_gates_step = identity_order ? grad_gates_all[t] : grad_gates;
-      s.grad_gates = grad_gates_step.data_ptr<T_>();
+      s.grad_gates = identity_order ? s.grad_gates_all + t * B * G : grad_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
           lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order.data(), go, pre, carry_h, d_pre,
                                         d_pre_all, state_clip, proj_limit_t);
         });
-        const at::Tensor grad_hidden_unprojected =
-            project ? projection_back->apply(slots(grad_pre_clip, n)) : grad_pre_clip;  // [n, H]
-        s.grad_hidden_unprojected = grad_hidden_unprojected.data_ptr<T_>();
+        s.grad_hidden_unprojected =
+            project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
-        recurrent_back.apply_into(slots(grad_gates_step, n), slots(grad_hidden_carry, n));
+        recurrent_back.multiply_into(s.grad_gates, n, carry_h);
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
