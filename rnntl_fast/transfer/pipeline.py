@@ -29,24 +29,24 @@ FREEZE_POLICIES = ("gradual", "none", "encoder", "embedding")
 class Recipe:
     """Everything that decides a run's result (recorded in the metrics JSON)."""
     seed: int = 0
-    vocab_size: int = 8000
+    vocab_size: int = 6000
     min_freq: int = 2
     max_tokens: int = 64
-    embedding_dim: int = 128
-    hidden_size: int = 256
+    embedding_dim: int = 64
+    hidden_size: int = 128
     num_layers: int = 1
     bidirectional: bool = False
     cell: str = "lstm"
     dropout: float = 0.3
     # language model
     lm_epochs: int = 2
-    lm_batch_size: int = 32
-    lm_chunk_length: int = 48
+    lm_batch_size: int = 64
+    lm_chunk_length: int = 40
     lm_lr: float = 3e-3
     # classifier
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 2e-3
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 4e-3
     lr_factor: float = 2.6
     cut_frac: float = 0.1
     ratio: float = 32.0

@@ -195,7 +195,8 @@ class Trainer:
         if not self.place.active:
             return self.model
         device_ids = [self.place.device.index] if self.place.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=device_ids)
+        # find_unused_parameters: adaptive-softmax tail clusters see no target in some batches
+        return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
