@@ -92,8 +92,10 @@ class LanguageModelHead(nn.Module):
     def __init__(self, input_size: int, vocab_size: int, dropout: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
+        # tail clusters get input_size / div**k dimensions: keep them >= 2 for small models
+        div_value = 4.0 if input_size >= 64 else 2.0
         self.softmax = nn.AdaptiveLogSoftmaxWithLoss(input_size, vocab_size, adaptive_cutoffs(vocab_size),
-                                                     div_value=4.0)
+                                                     div_value=div_value)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """outputs [B, T, H], targets [B, T] -> mean next-word negative log-likelihood."""

@@ -20,7 +20,7 @@ from .freezing import GradualUnfreezer, PartiallyFrozenEmbedding, set_trainable
 from .models import LanguageModel, TextClassifier, TextEncoder
 from .regularizers import L2SP
 from .schedules import SlantedTriangularLR, discriminative_param_groups
-from .training import Distributed, StopRequested, Trainer
+from .training import Distributed, StopRequested, Trainer, quiet_generator
 
 FREEZE_POLICIES = ("gradual", "none", "encoder", "embedding")
 
@@ -105,7 +105,7 @@ def language_model_perplexity(model: nn.Module, dataset: LanguageModelChunks, ba
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=quiet_generator())
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
         total += float(model(inputs, targets)) * targets.numel()
@@ -119,7 +119,8 @@ def accuracy(model: nn.Module, dataset: EncodedTexts, batch_size: int = 256, dev
     was_training = model.training
     model.eval()
     correct = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                         generator=quiet_generator())
     for ids, lengths, labels in loader:
         predictions = model(ids.to(device), lengths.to(device)).argmax(-1)
         correct += int((predictions == labels.to(device)).sum())

@@ -96,6 +96,12 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def quiet_generator() -> torch.Generator:
+    """A generator for DataLoaders: without one, every `iter(loader)` draws a base seed
+    from the global RNG, which would shift the dropout stream of a resumed run."""
+    return torch.Generator().manual_seed(0)
+
+
 # -- the loop ------------------------------------------------------------------------------
 
 LossFn = Callable[[nn.Module, Tuple[Tensor, ...]], Tuple[Tensor, int]]
@@ -160,7 +166,7 @@ class Trainer:
         self.sampler = DistributedSampler(dataset, num_replicas=self.place.world_size, rank=self.place.rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.loader = DataLoader(dataset, batch_size=batch_size // self.place.world_size, sampler=self.sampler,
-                                 collate_fn=collate_fn, drop_last=True)
+                                 collate_fn=collate_fn, drop_last=True, generator=quiet_generator())
         if len(self.loader) == 0:
             raise ValueError(f"{len(dataset)} examples make no full batch of {batch_size}")
         self.epochs = epochs
@@ -305,6 +311,7 @@ class Trainer:
         self.history.seconds += time.perf_counter() - started
         self.epoch += 1
         self.step_in_epoch = 0
+        self.finished = self.epoch >= self.epochs
         if self.evaluate is not None:
             metrics = {"epoch": self.epoch, "step": self.global_step, **self.evaluate(self.model)}
             self.history.epochs.append(metrics)
