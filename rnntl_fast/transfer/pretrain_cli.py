@@ -17,18 +17,11 @@ def add_arguments(parser) -> None:
                         help="seed of the default data's split (its training texts join the LM text)")
     parser.add_argument("--no-lm-train-text", action="store_true",
                         help="do not add the default training split's review texts to the LM's text")
-    parser.add_argument("--bidirectional", action="store_false", help=argparse_hidden())
     cli_common.add_model_arguments(parser)
     cli_common.add_run_arguments(parser, default_output="rnntl_fast_pretrain")
 
 
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
-
-
 def run(args) -> int:
-    args.bidirectional = False  # a left-to-right language model
     place = cli_common.start(args)
     try:
         recipe = cli_common.recipe_from_args(args)
