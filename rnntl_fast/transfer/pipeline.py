@@ -39,10 +39,10 @@ class Recipe:
     cell: str = "lstm"
     dropout: float = 0.3
     # language model
-    lm_epochs: int = 2
+    lm_epochs: int = 3
     lm_batch_size: int = 64
     lm_chunk_length: int = 40
-    lm_lr: float = 3e-3
+    lm_lr: float = 1e-2
     # classifier
     epochs: int = 3
     batch_size: int = 64

@@ -315,7 +315,7 @@ class Trainer:
         if self.evaluate is not None:
             metrics = {"epoch": self.epoch, "step": self.global_step, **self.evaluate(self.model)}
             self.history.epochs.append(metrics)
-            if self.show_progress:
+            if self.place.is_main:  # also without progress bars: one line per epoch
                 bar.write(f"{self.progress_label} epoch {self.epoch}: " +
                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         self.save()
