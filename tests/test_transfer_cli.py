@@ -143,3 +143,10 @@ def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
     assert "encoder.rnn.weight_ih_l0" in transferred and "encoder.rnn.weight_ih_l0_reverse" not in transferred
     with pytest.raises(SystemExit, match="does not match"):
         main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))
+
+
+def test_pretrained_files_need_rnntl_fast_pretrained(tiny_data, tmp_path, monkeypatch):
+    # a None entry in sys.modules makes `from .. import pretrained` raise ImportError
+    monkeypatch.setitem(sys.modules, "rnntl_fast.pretrained", None)
+    with pytest.raises(SystemExit, match="need rnntl_fast.pretrained"):
+        main(tiny_args(tiny_data, tmp_path, "--pretrained-vectors", str(tmp_path / "vectors.txt")))

@@ -143,6 +143,9 @@ def _run(args, place, started) -> int:
         sets = {name: EncodedTexts(part.texts, part.labels, vocab, recipe.max_tokens)
                 for name, part in (("train", prepared.train), ("valid", prepared.valid), ("test", prepared.test))}
         classes = prepared.train.classes
+        test_labels = prepared.test.labels
+        # what always answering the most frequent test class would score, for context
+        metrics["test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
         transferred = encoder_state is not None or embedding is not None
         transfer_model, summary = train_classifier(
             "transfer" if transferred else "scratch", sets["train"], sets["valid"], sets["test"], len(classes),
@@ -161,8 +164,9 @@ def _run(args, place, started) -> int:
                                                    steps=args.throughput_steps, seed=recipe.seed)
     metrics["wall_seconds"] = time.perf_counter() - started
     if place.is_main:
+        summary = _summary_lines(metrics, args.output_dir)
         _write_outputs(args.output_dir, metrics)
-        _print_summary(metrics, args.output_dir)
+        print(summary, flush=True)
     place.barrier()
     return 0
 
@@ -181,7 +185,8 @@ def _write_outputs(output_dir: str, metrics: dict) -> None:
     plot_learning_curves(metrics, os.path.join(output_dir, "learning_curves.png"))
 
 
-def _print_summary(metrics: dict, output_dir: str) -> None:
+def _summary_lines(metrics: dict, output_dir: str) -> str:
+    """The end-of-run report (also adds transfer_minus_scratch_test_accuracy to metrics)."""
     lines = []
     if metrics.get("language_model"):
         lines.append(f"language model: valid perplexity {metrics['language_model']['valid_perplexity']:.1f}")
@@ -189,10 +194,16 @@ def _print_summary(metrics: dict, output_dir: str) -> None:
         if metrics.get(name):
             lines.append(f"{name:8s}: test accuracy {metrics[name]['test_accuracy']:.4f} "
                          f"(valid {metrics[name]['valid_accuracy']:.4f})")
+    if "test_majority_class_accuracy" in metrics:
+        lines.append(f"majority class: test accuracy {metrics['test_majority_class_accuracy']:.4f}")
+    if metrics.get("transfer") and metrics.get("scratch"):
+        gain = metrics["transfer"]["test_accuracy"] - metrics["scratch"]["test_accuracy"]
+        metrics["transfer_minus_scratch_test_accuracy"] = gain
+        lines.append(f"transfer {'beats' if gain > 0 else 'does not beat'} scratch: {gain:+.4f}")
     if metrics.get("throughput"):
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "
                      f"ratio {metrics['throughput']['ratio_rnntl_fast_over_torch_nn']:.2f}")
     lines.append(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {output_dir}/ "
                  "(metrics.json, learning_curves.png, *.pt)")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
