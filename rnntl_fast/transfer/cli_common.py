@@ -8,8 +8,7 @@ from typing import List, Optional
 import torch
 
 from . import data
-from .pipeline import FREEZE_POLICIES, Recipe, RunControl
-from .models import POOLINGS
+from .pipeline import Recipe, RunControl
 from .training import Distributed, setup_distributed
 
 DEFAULTS = Recipe()

@@ -17,7 +17,7 @@ from .data import EncodedTexts
 from .models import POOLINGS
 from .pipeline import (FREEZE_POLICIES, Recipe, load_encoder, measure_throughput, pretrain_language_model,
                        save_encoder, train_classifier)
-from .training import StopRequested, atomic_save, teardown_distributed
+from .training import StopRequested, teardown_distributed
 
 DEFAULTS = Recipe()
 PRETRAINED_FORMATS = ("torch", "keras", "tf1", "elmo", "onnx")

@@ -7,7 +7,6 @@ Padding never leaks: padded batches go through the recurrent stack as a PackedSe
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import EncodedTexts, LanguageModelChunks, Vocab, collate
-from .freezing import GradualUnfreezer, PartiallyFrozenEmbedding, set_trainable
+from .freezing import GradualUnfreezer, set_trainable
 from .models import LanguageModel, TextClassifier, TextEncoder
 from .regularizers import L2SP
 from .schedules import SlantedTriangularLR, discriminative_param_groups
-from .training import Distributed, StopRequested, Trainer, quiet_generator
+from .training import Distributed, Trainer, quiet_generator
 
 FREEZE_POLICIES = ("gradual", "none", "encoder", "embedding")
 

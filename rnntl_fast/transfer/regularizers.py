@@ -2,7 +2,6 @@
 values instead of near zero."""
 from typing import Dict, Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
 
@@ -12,7 +11,8 @@ class L2SP(nn.Module):
 
     The starting point w0 is a snapshot (buffers, so it moves with .to() and is saved in
     state_dict) of the transferred parameters when the regulariser is built. Gradient:
-    2*alpha*(w - w0) and 2*beta*w.
+    2*alpha*(w - w0) and 2*beta*w. Frozen parameters (requires_grad=False) are left out:
+    they cannot move, so their terms would only add a constant.
 
     model: the model being fine-tuned; transferred: names of its parameters that came from
     the pretrained model (default: all parameters not under `new_prefixes`)."""

@@ -1,5 +1,6 @@
 """Learning-curve plot of a finetune run (matplotlib, Agg backend: no display needed)."""
-from typing import List, Optional
+import math
+from typing import List
 
 
 def _smooth(values: List[float], window: int = 25) -> List[float]:
@@ -26,7 +27,7 @@ def plot_learning_curves(metrics: dict, path: str) -> None:
         history = lm["history"]
         ax.plot(history["steps"], _smooth(history["losses"]), label="train NLL (smoothed)")
         for epoch in history["epochs"]:
-            ax.scatter([epoch["step"]], [__import__("math").log(epoch["valid_perplexity"])], color="C1")
+            ax.scatter([epoch["step"]], [math.log(epoch["valid_perplexity"])], color="C1")
         ax.scatter([], [], color="C1", label="valid NLL (epoch end)")
         ax.legend()
     else:
