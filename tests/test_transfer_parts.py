@@ -56,6 +56,26 @@ def test_frozen_weights_do_not_change_the_trainable_gradients():
             torch.testing.assert_close(parameter.grad, full[name])
 
 
+@pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="needs the compiled cpu kernels")
+def test_frozen_layer_asks_the_kernel_for_no_weight_gradients(monkeypatch):
+    """The backward op's output_mask (input, w_ih, w_hh, bias, w_hr, h0, c0) says "not needed"
+    for what is frozen, and for the input of a layer with nothing trainable below it."""
+    masks = []
+    original = torch.ops.rnntl_fast.lstm_backward
+
+    def recording(*args):
+        masks.append(list(args[-1]))
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.rnntl_fast, "lstm_backward", recording)
+    rnn = rnntl_fast.LSTM(4, 6, num_layers=2, backend="cpu")
+    freeze_layers(rnn, [0])
+    rnn(torch.randn(5, 3, 4))[0].sum().backward()
+    # Layer 0 and the input need no gradient, so layer 0 records no backward at all; layer 1
+    # trains its weights but is not asked for its input's gradient.
+    assert masks == [[False, True, True, True, False, False, False]]
+
+
 def test_freeze_direction_and_set_trainable():
     rnn = rnntl_fast.LSTM(4, 6, num_layers=2, bidirectional=True)
     freeze_direction(rnn, "reverse")
@@ -153,14 +173,16 @@ def test_l2sp_value_and_gradient():
     model = nn.ModuleDict({"encoder": nn.Linear(3, 3), "head": nn.Linear(3, 2)})
     regularizer = L2SP(model, alpha=0.1, beta=0.01)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert float(regularizer(model).detach()) == pytest.approx(0.01 * sum(float(p.pow(2).sum()) for n, p in
-                                                                 model.named_parameters() if n.startswith("head")))
+    with torch.no_grad():
+        head_only = 0.01 * sum(float(p.pow(2).sum()) for n, p in model.named_parameters() if n.startswith("head"))
+        assert float(regularizer(model)) == pytest.approx(head_only)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter))
-    expected = sum(0.1 * float((p - start[n]).pow(2).sum()) for n, p in model.named_parameters()
-                   if n.startswith("encoder")) + sum(0.01 * float(p.pow(2).sum())
-                                                     for n, p in model.named_parameters() if n.startswith("head"))
+    with torch.no_grad():
+        expected = sum(0.1 * float((p - start[n]).pow(2).sum()) for n, p in model.named_parameters()
+                       if n.startswith("encoder")) + sum(0.01 * float(p.pow(2).sum())
+                                                         for n, p in model.named_parameters() if n.startswith("head"))
     penalty = regularizer(model)
     assert float(penalty) == pytest.approx(expected, rel=1e-5)
     penalty.backward()
