@@ -184,7 +184,7 @@ def test_l2sp_value_and_gradient():
                        if n.startswith("encoder")) + sum(0.01 * float(p.pow(2).sum())
                                                          for n, p in model.named_parameters() if n.startswith("head"))
     penalty = regularizer(model)
-    assert float(penalty) == pytest.approx(expected, rel=1e-5)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
     penalty.backward()
     for name, parameter in model.named_parameters():
         want = 2 * 0.1 * (parameter - start[name]) if name.startswith("encoder") else 2 * 0.01 * parameter
