@@ -82,18 +82,22 @@ def _final_weights(output_dir):
     return weights
 
 
-def test_stopped_and_resumed_run_ends_at_the_same_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("where", ["mid_finetune", "end_of_pretraining"])
+def test_stopped_and_resumed_run_ends_at_the_same_weights(tiny_data, tmp_path, where):
     # dropout stays on: resuming must also restore the RNG streams
     common = ("--throughput-steps", "0", "--dropout", "0.3", "--freeze", "gradual", "--l2sp-alpha", "0.01")
     assert main(tiny_args(tiny_data, tmp_path / "whole", *common)) == 0
     whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     lm_steps, transfer_steps = whole_metrics["language_model"]["steps"], whole_metrics["transfer"]["steps"]
     # stop inside the fine-tuning's second epoch (past a gradual-unfreezing change), then resume
-    stop_at = lm_steps + transfer_steps // 2 + 2
+    stop_at = lm_steps + transfer_steps // 2 + 2 if where == "mid_finetune" else lm_steps
     assert main(tiny_args(tiny_data, tmp_path / "parts", *common, "--stop-after-steps", str(stop_at))) == 0
     assert not (tmp_path / "parts" / "metrics.json").exists()
-    state = torch.load(tmp_path / "parts" / "transfer.pt", weights_only=False)
-    assert not state["finished"] and state["global_step"] == transfer_steps // 2 + 2
+    if where == "mid_finetune":
+        state = torch.load(tmp_path / "parts" / "transfer.pt", weights_only=False)
+        assert not state["finished"] and state["global_step"] == transfer_steps // 2 + 2
+    else:  # stopped on the LM's last step, before its epoch-end evaluation
+        assert not (tmp_path / "parts" / "transfer.pt").exists()
     assert main(tiny_args(tiny_data, tmp_path / "parts", *common, "--resume")) == 0
     whole, parts = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "parts")
     assert whole.keys() == parts.keys()

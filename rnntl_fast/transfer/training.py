@@ -262,6 +262,9 @@ class Trainer:
     def fit(self) -> History:
         """Runs the remaining epochs. Raises StopRequested at `stop_after_steps`."""
         from tqdm import tqdm  # progress bars on stderr
+        if self.stop_after_steps is not None and self.stop_after_steps <= self.global_step and not self.finished:
+            # the step budget ran out in an earlier phase: stop before taking any step here
+            raise StopRequested(f"{self.progress_label}: stopped before its first step (step budget used up)")
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.progress_label, unit="step",
                    disable=not self.show_progress, dynamic_ncols=True, leave=True)
         try:
