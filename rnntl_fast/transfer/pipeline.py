@@ -147,6 +147,7 @@ def pretrain_language_model(train_docs: Sequence[str], valid_docs: Sequence[str]
                       checkpoint_path=control.checkpoint("language_model"), checkpoint_every=control.checkpoint_every,
                       stop_after_steps=control.stop_after_steps, max_grad_norm=recipe.max_grad_norm,
                       progress_label="pretrain LM", show_progress=control.show_progress,
+                      find_unused_parameters=True,  # adaptive-softmax tails may see no target in a batch
                       extra_state={"vocab": vocab.state_dict(), "recipe": asdict(recipe)})
     trainer.scheduler = SlantedTriangularLR(optimizer, trainer.total_steps, recipe.cut_frac, recipe.ratio)
     resumed = control.resume and trainer.resume_from(control.checkpoint("language_model") or "")

@@ -147,6 +147,8 @@ class Trainer:
         stop_after_steps: checkpoint and raise StopRequested once the global step count
             reaches this (simulates a killed run), or None.
         max_grad_norm: clip the total gradient norm (None: no clipping).
+        find_unused_parameters: for DDP, when some trainable parameters may get no gradient
+            in a step (e.g. adaptive-softmax tail clusters with no target in the batch).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_fn: LossFn,
@@ -154,7 +156,8 @@ class Trainer:
                  place: Optional[Distributed] = None, unfreezer=None, regularizer=None, evaluate=None,
                  checkpoint_path: Optional[str] = None, checkpoint_every: int = 0,
                  stop_after_steps: Optional[int] = None, max_grad_norm: Optional[float] = None,
-                 progress_label: str = "train", extra_state: Optional[dict] = None, show_progress: bool = True):
+                 progress_label: str = "train", extra_state: Optional[dict] = None, show_progress: bool = True,
+                 find_unused_parameters: bool = False):
         self.place = place or Distributed()
         if batch_size % self.place.world_size:
             raise ValueError(f"the global batch size {batch_size} must be divisible by the number of processes "
@@ -180,6 +183,7 @@ class Trainer:
         self.progress_label = progress_label
         self.extra_state = extra_state or {}
         self.show_progress = show_progress and self.place.is_main
+        self.find_unused_parameters = find_unused_parameters
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -201,8 +205,8 @@ class Trainer:
         if not self.place.active:
             return self.model
         device_ids = [self.place.device.index] if self.place.device.type == "cuda" else None
-        # find_unused_parameters: adaptive-softmax tail clusters see no target in some batches
-        return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True)
+        return DistributedDataParallel(self.model, device_ids=device_ids,
+                                       find_unused_parameters=self.find_unused_parameters)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
