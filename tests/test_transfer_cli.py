@@ -1,0 +1,156 @@
+"""The finetune command end to end on a tiny config: outputs, exact resumption after a
+stopped run, and DistributedDataParallel (two gloo processes on loopback) matching a
+single process on the same global batch."""
+import csv
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnntl_fast.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSITIVE = ["good", "great", "fun", "moving", "sharp", "lovely"]
+NEGATIVE = ["bad", "dull", "awful", "tedious", "flat", "boring"]
+FILLER = ["the", "film", "is", "a", "plot", "with", "actors", "and", "story", "of", "it", "very"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A labelled CSV (pos/neg reviews from a few cue words) and an unlabelled text file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    csv_path = folder / "reviews.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for index in range(80):
+            label = "pos" if index % 2 else "neg"
+            cues = POSITIVE if label == "pos" else NEGATIVE
+            words = rng.sample(FILLER, 4) + [rng.choice(cues)] + rng.sample(FILLER, rng.randint(1, 5))
+            writer.writerow([" ".join(words) + " .", label])
+    text_path = folder / "unlabelled.txt"
+    text_path.write_text("\n".join(" ".join(rng.choices(FILLER + POSITIVE + NEGATIVE, k=30)) for _ in range(40)))
+    return str(csv_path), str(text_path)
+
+
+def tiny_args(tiny_data, output_dir, *extra):
+    csv_path, text_path = tiny_data
+    return ["finetune", "--train-csv", csv_path, "--text-column", "review", "--label-column", "sentiment",
+            "--lm-text", text_path, "--vocab-size", "40", "--min-freq", "1", "--embedding-dim", "8",
+            "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4", "--lm-chunk-length", "8",
+            "--epochs", "2", "--batch-size", "4", "--max-tokens", "12", "--threads", "1", "--no-progress",
+            "--output-dir", str(output_dir), *extra]
+
+
+def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
+    assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("transfer", "scratch"):
+        assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0
+        assert len(metrics[name]["history"]["epochs"]) == 2
+    assert metrics["transfer"]["transferred"] and not metrics["scratch"]["transferred"]
+    assert metrics["language_model"]["valid_perplexity"] > 1
+    assert metrics["throughput"]["tokens_per_s"]["rnntl_fast"] > 0
+    assert metrics["throughput"]["tokens_per_s"]["torch.nn"] > 0
+    assert metrics["data"]["test_texts_used_for_pretraining"] is False
+    assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("language_model.pt", "encoder.pt", "transfer.pt", "scratch.pt"):
+        assert (tmp_path / name).is_file()
+
+
+def test_finetune_cli_reports_bad_rows(tiny_data, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,sentiment\nfine film,pos\nodd film,meh\n")
+    from rnntl_fast.transfer.data import DataError
+    with pytest.raises(DataError, match=r"bad\.csv: line 3: unknown label 'meh'"):
+        main(["finetune", "--train-csv", str(bad), "--text-column", "review", "--label-column", "sentiment",
+              "--classes", "neg,pos", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+
+
+def _final_weights(output_dir):
+    weights = {}
+    for name in ("language_model", "transfer", "scratch"):
+        state = torch.load(os.path.join(output_dir, f"{name}.pt"), map_location="cpu", weights_only=False)
+        assert state["finished"]
+        weights.update({f"{name}.{k}": v for k, v in state["model"].items()})
+    return weights
+
+
+@pytest.mark.parametrize("where", ["mid_finetune", "end_of_pretraining"])
+def test_stopped_and_resumed_run_ends_at_the_same_weights(tiny_data, tmp_path, where):
+    # dropout stays on: resuming must also restore the RNG streams
+    common = ("--throughput-steps", "0", "--dropout", "0.3", "--freeze", "gradual", "--l2sp-alpha", "0.01")
+    assert main(tiny_args(tiny_data, tmp_path / "whole", *common)) == 0
+    whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    lm_steps, transfer_steps = whole_metrics["language_model"]["steps"], whole_metrics["transfer"]["steps"]
+    # stop inside the fine-tuning's second epoch (past a gradual-unfreezing change), then resume
+    stop_at = lm_steps + transfer_steps // 2 + 2 if where == "mid_finetune" else lm_steps
+    assert main(tiny_args(tiny_data, tmp_path / "parts", *common, "--stop-after-steps", str(stop_at))) == 0
+    assert not (tmp_path / "parts" / "metrics.json").exists()
+    if where == "mid_finetune":
+        state = torch.load(tmp_path / "parts" / "transfer.pt", weights_only=False)
+        assert not state["finished"] and state["global_step"] == transfer_steps // 2 + 2
+    else:  # stopped on the LM's last step, before its epoch-end evaluation
+        assert not (tmp_path / "parts" / "transfer.pt").exists()
+    assert main(tiny_args(tiny_data, tmp_path / "parts", *common, "--resume")) == 0
+    whole, parts = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "parts")
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
+    a = whole_metrics
+    b = json.loads((tmp_path / "parts" / "metrics.json").read_text())
+    assert a["transfer"]["test_accuracy"] == b["transfer"]["test_accuracy"]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
+    common = ("--throughput-steps", "0", "--dropout", "0", "--freeze", "gradual")
+    assert main(tiny_args(tiny_data, tmp_path / "single", *common)) == 0
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "rnntl_fast",
+               *tiny_args(tiny_data, tmp_path / "ddp", *common)[0:]]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, ddp = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
+    csv_path, text_path = tiny_data
+    assert main(["pretrain", "--lm-text", text_path, "--no-lm-train-text", "--vocab-size", "40", "--min-freq", "1",
+                 "--embedding-dim", "8", "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4",
+                 "--lm-chunk-length", "8", "--threads", "1", "--no-progress", "--output-dir",
+                 str(tmp_path / "lm")]) == 0
+    encoder = tmp_path / "lm" / "encoder.pt"
+    assert encoder.is_file()
+    args = tiny_args(tiny_data, tmp_path / "ft", "--encoder", str(encoder), "--throughput-steps", "0",
+                     "--no-scratch", "--freeze", "encoder", "--bidirectional")
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert "language_model" not in metrics and "scratch" not in metrics
+    transferred = metrics["transfer"]["transferred_parameters"]
+    assert "encoder.rnn.weight_ih_l0" in transferred and "encoder.rnn.weight_ih_l0_reverse" not in transferred
+    with pytest.raises(SystemExit, match="does not match"):
+        main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))
+
+
+def test_pretrained_files_need_rnntl_fast_pretrained(tiny_data, tmp_path, monkeypatch):
+    # a None entry in sys.modules makes `from .. import pretrained` raise ImportError
+    monkeypatch.setitem(sys.modules, "rnntl_fast.pretrained", None)
+    with pytest.raises(SystemExit, match="need rnntl_fast.pretrained"):
+        main(tiny_args(tiny_data, tmp_path, "--pretrained-vectors", str(tmp_path / "vectors.txt")))
