@@ -72,15 +72,20 @@ def normalize_lengths(lengths: Union[None, Tensor, Sequence[int]], steps: int, b
     return lengths
 
 
-def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0):
-    """Returns (T, B, I, H, P) after checking every shape, dtype and device."""
-    steps, batch, features = check_input(input)
-    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 4 or weight_ih.shape[0] == 0:
-        raise ValueError(f"weight_ih must have shape [4*hidden_size, input_size], got "
+def _hidden_size_from_weight_ih(weight_ih, gates: int, features: int) -> int:
+    """H from weight_ih [gates*H, I], checking its rank and its input width against the input's."""
+    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % gates or weight_ih.shape[0] == 0:
+        raise ValueError(f"weight_ih must have shape [{gates}*hidden_size, input_size], got "
                          f"{list(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__}")
     if weight_ih.shape[1] != features:
         raise ValueError(f"input has {features} features (last dim) but weight_ih expects input_size={weight_ih.shape[1]}")
-    hidden = weight_ih.shape[0] // 4
+    return weight_ih.shape[0] // gates
+
+
+def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0):
+    """Returns (T, B, I, H, P) after checking every shape, dtype and device."""
+    steps, batch, features = check_input(input)
+    hidden = _hidden_size_from_weight_ih(weight_ih, 4, features)
     out_size = hidden
     if weight_hr is not None:
         if not isinstance(weight_hr, Tensor) or weight_hr.dim() != 2 or weight_hr.shape[1] != hidden:
@@ -100,12 +105,7 @@ def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_h
 def check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0):
     """Returns (T, B, I, H) after checking every shape, dtype and device."""
     steps, batch, features = check_input(input)
-    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 3 or weight_ih.shape[0] == 0:
-        raise ValueError(f"weight_ih must have shape [3*hidden_size, input_size], got "
-                         f"{list(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__}")
-    if weight_ih.shape[1] != features:
-        raise ValueError(f"input has {features} features (last dim) but weight_ih expects input_size={weight_ih.shape[1]}")
-    hidden = weight_ih.shape[0] // 3
+    hidden = _hidden_size_from_weight_ih(weight_ih, 3, features)
     _check_tensor(weight_ih, "weight_ih", input, (3 * hidden, features))
     _check_tensor(weight_hh, "weight_hh", input, (3 * hidden, hidden))
     for name, t, shape in (("bias_ih", bias_ih, (3 * hidden,)), ("bias_hh", bias_hh, (3 * hidden,)),
