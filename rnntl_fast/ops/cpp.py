@@ -26,15 +26,31 @@ def _lstm_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
             empty(steps, batch, out_size) if keep and proj_clip is not None else empty(0))
 
 
-def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths,
-                        output, gates, cells, hidden_pre_clip, reverse, cell_clip, proj_clip, grad_clip,
-                        grad_clip_mode, output_mask):
+def lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask):
+    """Empty tensors shaped as an LSTM backward's results (grad_input, grad_weight_ih,
+    grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0); [0] where output_mask is off."""
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (4 * hidden,),
               (out_size, hidden) if weight_hr is not None else (0,), (batch, out_size), (batch, hidden)]
     return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+
+
+def gru_gradients_like(input, weight_ih, weight_hh, output_mask):
+    """Empty tensors shaped as a GRU backward's results (grad_input, grad_weight_ih,
+    grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0); [0] where output_mask is off."""
+    steps, batch, features = input.shape
+    hidden = weight_ih.shape[0] // 3
+    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (3 * hidden,),
+              (3 * hidden,), (batch, hidden)]
+    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+
+
+def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths,
+                        output, gates, cells, hidden_pre_clip, reverse, cell_clip, proj_clip, grad_clip,
+                        grad_clip_mode, output_mask):
+    return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
 def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, grad_clip,
@@ -49,11 +65,7 @@ def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths
 
 def _gru_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, output, gates, hidden_n,
                        reverse, grad_clip, grad_clip_mode, output_mask):
-    steps, batch, features = input.shape
-    hidden = weight_ih.shape[0] // 3
-    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (3 * hidden,),
-              (3 * hidden,), (batch, hidden)]
-    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
 # Autograd. The forward ops return what backward needs as extra outputs (cuDNN's

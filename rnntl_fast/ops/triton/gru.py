@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..cpp import gru_gradients_like
 from . import config
 from .common import clamp, rows_valid, sigmoid, tanh
 
@@ -486,11 +487,7 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 @triton_gru_backward.register_fake
 def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates, hidden_states, reverse, grad_clip,
       grad_clip_mode, strategy, output_mask):
-    steps, batch, features = input.shape
-    hidden = weight_ih.shape[0] // 3
-    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (3 * hidden,),
-              (3 * hidden,), (batch, hidden)]
-    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
 def _gru_setup_context(ctx, inputs, output):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..cpp import lstm_gradients_like
 from . import config
 from .common import clamp, clamp_pass, rows_valid, sigmoid, tanh
 
@@ -778,12 +779,7 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, gates, cells,
       hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode,
       strategy, output_mask):
-    steps, batch, features = input.shape
-    hidden = weight_ih.shape[0] // 4
-    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
-    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (4 * hidden,),
-              (out_size, hidden) if weight_hr is not None else (0,), (batch, out_size), (batch, hidden)]
-    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
 def _lstm_setup_context(ctx, inputs, output):
