@@ -8,6 +8,7 @@ from torch import nn
 import rnntl_fast
 from rnntl_fast import ops
 from parity import LEAVES, Case, assert_case_matches, make_tensors, run, run_torch_nn, torch_nn_expressible
+from tolerances import assert_within_error_rule
 
 pytestmark = pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="rnntl_fast._C is not built")
 
@@ -301,3 +302,39 @@ def test_native_op_rejects_bad_input_directly():
         torch.ops.rnntl_fast.gru_backward(None, None, torch.randn(3, 2, 4), torch.randn(15, 4), torch.randn(15, 5),
                                           None, None, torch.randn(3, 2, 5), torch.empty(0), torch.empty(0), False,
                                           None, "state", [True] * 6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_contiguous_arguments(cell):
+    """Transposed weights, strided biases and a batch-first input viewed as time-major."""
+    T, B, I, H, P = 6, 20, 33, 40, 7
+    gates = 4 if cell == "lstm" else 3
+    out_size = P if cell == "lstm" else H
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64).transpose(0, 1)
+    weight_ih = torch.randn(I, gates * H, generator=g, dtype=torch.float64).t() * 0.2
+    weight_hh = torch.randn(out_size, gates * H, generator=g, dtype=torch.float64).t() * 0.2
+    bias = torch.randn(2 * gates * H, generator=g, dtype=torch.float64)[::2]
+    h0 = torch.randn(out_size, B, generator=g, dtype=torch.float64).t()
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    if cell == "lstm":
+        weight_hr = torch.randn(H, P, generator=g, dtype=torch.float64).t() * 0.2
+        c0 = torch.randn(H, B, generator=g, dtype=torch.float64).t()
+        leaves = [x, weight_ih, weight_hh, bias, bias.clone(), weight_hr, h0, c0]
+        fn = lambda *a, backend: ops.lstm(*a, lengths, cell_clip=0.5, backend=backend)  # noqa: E731
+    else:
+        leaves = [x, weight_ih, weight_hh, bias, bias.clone(), h0]
+        fn = lambda *a, backend: ops.gru(*a, lengths, backend=backend)  # noqa: E731
+    assert not all(t.is_contiguous() for t in leaves)
+
+    def outputs_and_grads(dtype, backend):
+        args = [t.to(dtype).detach().requires_grad_(True) for t in leaves]
+        outs = fn(*args, backend=backend)
+        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
+        return list(outs) + list(torch.autograd.grad(loss, args))
+
+    expected = outputs_and_grads(torch.float64, "reference")
+    fast = outputs_and_grads(torch.float32, "cpu")
+    baseline = outputs_and_grads(torch.float32, "reference")
+    for index, (f, b, e) in enumerate(zip(fast, baseline, expected)):
+        assert_within_error_rule(f"{cell}[{index}]", f, b, e, torch.float32)
