@@ -264,3 +264,32 @@ def test_bad_module_input_raises_clear_error(call, error, message):
     module = rnntl_fast.LSTM(4, 6)
     with pytest.raises(error, match=message):
         call(module, torch.randn(5, 2, 4))
+
+
+@pytest.mark.parametrize("cell,T,B,I,H", [("lstm", 50, 16, 64, 64), ("gru", 50, 16, 64, 64),
+                                          ("lstm", 100, 32, 96, 96), ("gru", 100, 32, 96, 96)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_long_reductions_within_error_rule(cell, T, B, I, H, seed):
+    """Weight and bias gradients sum over T*B rows: at these sizes a float32 sum taken in one
+    pass is measurably less accurate than torch.nn's; the rule must still hold."""
+    torch.manual_seed(seed)
+    torch_class, fast_class = (nn.LSTM, rnntl_fast.LSTM) if cell == "lstm" else (nn.GRU, rnntl_fast.GRU)
+    reference = torch_class(I, H)
+    fast = fast_class(I, H)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(T, B, I)
+
+    def outputs_and_grads(module, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        inp = x.to(dtype).requires_grad_(True)
+        out = module(inp)[0]
+        weights = torch.linspace(-2, 2, out.numel(), dtype=torch.float64).reshape(out.shape).to(dtype)
+        return [out] + list(torch.autograd.grad((out * weights).sum(), [inp] + list(module.parameters())))
+
+    expected = outputs_and_grads(reference, torch.float64)
+    baseline = outputs_and_grads(reference, torch.float32)
+    result = outputs_and_grads(fast, torch.float32)
+    names = ["output", "input"] + [name for name, _ in reference.named_parameters()]
+    for name, f, b, e in zip(names, result, baseline, expected):
+        assert_within_error_rule(name, f, b, e, torch.float32)

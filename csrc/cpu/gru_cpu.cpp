@@ -257,10 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_input_gates_all = at::empty({T, B, G}, options);
   at::Tensor grad_hidden_gates_all = keep_hidden_gates ? at::empty({T, B, G}, options) : at::Tensor();
   at::Tensor grad_hidden_gates_buffer = at::empty({B, G}, options);
-  // dW_ih and db_ih from grad_input_gates^T @ [x | 1]; dW_hh and db_hh from grad_hidden_gates^T @ [h_prev | 1].
+  // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
   WeightGradientOperand input_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(), 0,
-                                      need_bias_ih, options);
-  WeightGradientOperand hidden_operand(T * B, at::Tensor(), need_weight_hh ? H : 0, need_bias_hh, options);
+                                      options);
+  WeightGradientOperand hidden_operand(T * B, at::Tensor(), need_weight_hh ? H : 0, options);
   const at::Tensor zeros = at::zeros({H}, options);
   const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
   const at::Tensor output_c = output.contiguous();
@@ -319,10 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_input = need_input ? linear_rows(grad_input_gates, weight_ih.t()).view({T, B, I}) : none();
   input_operand.multiply(grad_input_gates);
   at::Tensor grad_weight_ih = need_weight_ih ? input_operand.input_block(I) : none();
-  at::Tensor grad_bias_ih = need_bias_ih ? input_operand.ones_block() : none();
+  at::Tensor grad_bias_ih = need_bias_ih ? grad_input_gates.sum(0) : none();
   if (keep_hidden_gates) hidden_operand.multiply(grad_hidden_gates_all.view({T * B, G}));
   at::Tensor grad_weight_hh = need_weight_hh ? hidden_operand.hidden_block(H) : none();
-  at::Tensor grad_bias_hh = need_bias_hh ? hidden_operand.ones_block() : none();
+  at::Tensor grad_bias_hh = need_bias_hh ? grad_hidden_gates_all.view({T * B, G}).sum(0) : none();
   at::Tensor grad_h0 = none();
   if (need_h0) {
     grad_h0 = at::empty({B, H}, options);

@@ -390,9 +390,9 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   at::Tensor grad_unprojected_scratch = project ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
   at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
-  // dW_ih, dW_hh and the bias gradient come out of one product grad_gates^T @ [x | h_prev | 1].
+  // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev].
   WeightGradientOperand weight_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(),
-                                       need_weight_hh ? P : 0, need_bias, options);
+                                       need_weight_hh ? P : 0, options);
   const at::Tensor zeros = at::zeros({std::max(H, P)}, options);
   const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
   const at::Tensor c0c = c0.has_value() ? c0->contiguous() : at::Tensor();
@@ -476,7 +476,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   weight_operand.multiply(grad_gates_2d);
   at::Tensor grad_weight_ih = need_weight_ih ? weight_operand.input_block(I) : none();
   at::Tensor grad_weight_hh = need_weight_hh ? weight_operand.hidden_block(P) : none();
-  at::Tensor grad_bias = need_bias ? weight_operand.ones_block() : none();
+  at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
   at::Tensor grad_weight_hr =
       want_weight_hr ? transposed_product(grad_pre_clip_all.view({T * B, P}), hidden_unprojected_all.view({T * B, H}))
                      : none();
