@@ -243,8 +243,15 @@ constexpr int warpSize = 32;
 
 inline void __syncthreads() { ::rnntl::emu::context().block->barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::rnntl::emu::warp().barrier.arrive_and_wait(); }
+// TSan does not model fences; there the ordering comes from the seq_cst atomics the
+// kernels pair every fence with (the barrier counter's RMW and acquire load).
+#if defined(__SANITIZE_THREAD__)
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+#else
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+#endif
 
 template <typename V>
 inline V __shfl_sync(unsigned, V value, int src_lane, int width = warpSize) {
