@@ -6,6 +6,8 @@ error at call time.
 """
 import importlib
 
+import torch  # noqa: F401  (loads libc10 / libtorch, which _C links against, before _C)
+
 _C = None
 IMPORT_ERROR = None
 try:
