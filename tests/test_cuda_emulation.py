@@ -199,6 +199,11 @@ def test_gru_matches_reference(library, case, strategy, dtype):
     _compare(fast, baseline, reference, dtype)
 
 
+def test_emulated_warp_primitives_and_shared_memory(library):
+    """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
+    assert library.rnntl_emulation_warp_selftest() == 0
+
+
 def test_persistent_plan_refuses_what_does_not_fit(library):
     """On one emulated multiprocessor (96 KiB of shared memory per block) W_hh of H=200
     does not fit on chip: an explicit persistent request is refused with a clear error

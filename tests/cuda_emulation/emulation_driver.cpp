@@ -234,6 +234,49 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
 
 }  // extern "C"
 
+namespace {
+
+// Checks the emulated warp primitives against their CUDA definitions: 2 blocks of 48
+// threads (one full warp and one of 16 lanes each). Writes one flag per thread.
+__global__ void warp_primitives_kernel(int* failures) {
+  const unsigned lane = threadIdx.x % warpSize;
+  const unsigned lanes = (blockDim.x - (threadIdx.x / warpSize) * warpSize) < 32u
+                             ? blockDim.x - (threadIdx.x / warpSize) * warpSize
+                             : 32u;
+  int bad = 0;
+  const unsigned ballot = __ballot_sync(0xffffffffu, lane % 3 == 0);
+  unsigned expected = 0;
+  for (unsigned l = 0; l < lanes; ++l) expected |= unsigned(l % 3 == 0) << l;
+  bad |= ballot != expected;
+  bad |= __any_sync(0xffffffffu, lane == 5) != true;
+  bad |= __all_sync(0xffffffffu, lane < lanes) != true;
+  bad |= __all_sync(0xffffffffu, lane != 0) != false;
+  bad |= __shfl_sync(0xffffffffu, int(lane) * 10, 3) != 30;
+  const int down = __shfl_down_sync(0xffffffffu, int(lane), 1);
+  bad |= down != int(lane + 1 < lanes ? lane + 1 : lane);
+  float sum = 1.0f;
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  bad |= lanes == 32 && sum != 32.0f;
+  // Shared memory is per block: each block sums its own thread ids.
+  RNNTL_DYNAMIC_SHARED(unsigned int, total);
+  if (threadIdx.x == 0) *total = 0;
+  __syncthreads();
+  atomicAdd(total, threadIdx.x + blockIdx.x * 1000u);
+  __syncthreads();
+  bad |= *total != (blockDim.x * (blockDim.x - 1)) / 2 + blockIdx.x * 1000u * blockDim.x;
+  failures[blockIdx.x * blockDim.x + threadIdx.x] = bad;
+}
+
+}  // namespace
+
+extern "C" int rnntl_emulation_warp_selftest() {
+  std::vector<int> failures(2 * 48, -1);
+  cuda::launch_kernel(dim3(2), dim3(48), sizeof(unsigned int), nullptr, warp_primitives_kernel, failures.data());
+  int count = 0;
+  for (int f : failures) count += f != 0;
+  return count;
+}
+
 #ifdef RNNTL_EMULATION_MAIN
 // Race check: LSTM and GRU, both strategies, forward + backward, variable lengths and
 // reverse, both clip modes; the persistent results must also match the stepwise ones.
@@ -317,7 +360,8 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
 
 int main() {
   const std::vector<int64_t> lengths = {2, 4, 1};
-  int failures = 0;
+  int failures = rnntl_emulation_warp_selftest();
+  std::printf("warp primitives self-test: %d failing threads\n", failures);
   for (int reverse = 0; reverse < 2; ++reverse) {
     for (int mode = 0; mode < 2; ++mode) {
       const double state_clip = mode == 0 ? 0.05 : 0.0, gate_clip = mode == 1 ? 0.05 : 0.0;

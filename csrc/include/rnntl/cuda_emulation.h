@@ -210,7 +210,12 @@ V warp_exchange(V value, Source source) {
   std::memcpy(&bits, &value, sizeof(V));
   w.slots[lane] = bits;
   w.barrier.arrive_and_wait();
-  const unsigned src = source(lane);
+  // A source lane past the end of a partial warp has no value: keep one's own, as the
+  // CUDA shuffles do for out-of-range sources.
+  const unsigned threads = context().block_dim.x * context().block_dim.y * context().block_dim.z;
+  const unsigned lanes = std::min<unsigned>(kWarpSize, threads - (context().linear_thread / kWarpSize) * kWarpSize);
+  unsigned src = source(lane);
+  if (src >= lanes) src = lane;
   V result;
   std::memcpy(&result, &w.slots[src], sizeof(V));
   w.barrier.arrive_and_wait();  // nobody overwrites a slot before every lane has read
