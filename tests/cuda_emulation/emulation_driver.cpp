@@ -7,6 +7,7 @@
 // The GEMMs that cuBLAS does on the GPU are a plain loop kernel here, launched through
 // the same emulated launch.
 #include <rnntl/cuda/gru_kernels.cuh>
+#include <rnntl/cuda/lstm_kernels.cuh>
 #include <rnntl/host_order.h>
 
 #include <cmath>

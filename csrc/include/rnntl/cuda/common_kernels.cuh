@@ -137,6 +137,20 @@ inline PersistentPlan plan_persistent(Kernel kernel, int64_t hidden, int threads
   return plan;
 }
 
+inline int persistent_threads(const LaunchEnv& env) { return env.threads_per_block > 0 ? env.threads_per_block : 256; }
+
+// Persistent where supported and the batch is small enough that per-step GEMM launches
+// dominate the stepwise strategy; an explicit request that cannot be met is an error.
+inline const char* resolve_strategy(Strategy requested, const PersistentPlan& plan, int64_t batch, bool* persistent) {
+  if (requested == Strategy::kPersistent) {
+    if (!plan.supported) return "rnntl_fast: the persistent CUDA strategy does not support these sizes";
+    *persistent = true;
+    return nullptr;
+  }
+  *persistent = requested == Strategy::kAuto && plan.supported && batch <= 64;
+  return nullptr;
+}
+
 inline const char* launch_error(const char* what) {
   const cudaError_t error = cudaGetLastError();
   if (error == cudaSuccess) return nullptr;

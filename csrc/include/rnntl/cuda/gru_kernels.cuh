@@ -3,7 +3,7 @@
 // Shapes: T steps, B batch, I input, H hidden, G = 3H (gates r, z, n).
 #pragma once
 
-#include "lstm_kernels.cuh"
+#include "common_kernels.cuh"
 
 namespace rnntl {
 namespace cuda {

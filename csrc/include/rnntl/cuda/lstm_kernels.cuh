@@ -449,7 +449,6 @@ __global__ void lstm_persistent_backward_kernel(LstmPersistentBackwardArgs<T> s)
 // ---------------------------------------------------------------------------------------
 // Host-side drivers
 // ---------------------------------------------------------------------------------------
-inline int persistent_threads(const LaunchEnv& env) { return env.threads_per_block > 0 ? env.threads_per_block : 256; }
 
 template <typename T>
 inline PersistentPlan lstm_forward_plan(const LstmForwardParams& p) {
@@ -465,18 +464,6 @@ inline PersistentPlan lstm_backward_plan(const LstmBackwardParams& p) {
   return plan_persistent(lstm_persistent_backward_kernel<T>, p.hidden, persistent_threads(p.env), [&](int64_t units) {
     return lstm_persistent_backward_shared_bytes<T>(p.batch, p.hidden, units);
   });
-}
-
-// Persistent where supported and the batch is small enough that per-step GEMM launches
-// dominate the stepwise strategy; an explicit request that cannot be met is an error.
-inline const char* resolve_strategy(Strategy requested, const PersistentPlan& plan, int64_t batch, bool* persistent) {
-  if (requested == Strategy::kPersistent) {
-    if (!plan.supported) return "rnntl_fast: the persistent CUDA strategy does not support these sizes";
-    *persistent = true;
-    return nullptr;
-  }
-  *persistent = requested == Strategy::kAuto && plan.supported && batch <= 64;
-  return nullptr;
 }
 
 template <typename T>
