@@ -8,7 +8,7 @@
 #   TORCH_CUDA_ARCH_LIST   default "7.5;8.0;8.6;9.0" (setup.py)
 #   MAX_JOBS               parallel compile jobs (default 2)
 # The build runs in a copy of the tracked sources under build/ci-cuda-extension/src
-# (kept between runs, so ninja only recompiles what changed), never in the checkout,
+# (kept between runs, so ninja only recompiles what changed; RNNTL_CI_CLEAN=1 starts over), never in the checkout,
 # whose CPU-only rnntl_fast/_C*.so it would replace.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,8 +27,17 @@ fi
 echo "venv ready after $(( $(date +%s) - start )) s"
 
 echo "== copying tracked sources to $WORK/src"
+[ "${RNNTL_CI_CLEAN:-0}" = "1" ] && rm -rf "$WORK/src"
 mkdir -p "$WORK/src"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t "$WORK/src")
+# Only files whose content changed are copied (and so get a fresh mtime): ninja then
+# rebuilds exactly what depends on them. Preserving the checkout's mtimes instead could
+# leave objects built from an older copy looking up to date.
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' file; do
+  if ! cmp -s "$file" "$WORK/src/$file"; then
+    mkdir -p "$WORK/src/$(dirname "$file")"
+    cp "$file" "$WORK/src/$file"
+  fi
+done)
 
 echo "== building with RNNTL_BUILD_CUDA=1"
 t0=$(date +%s)
