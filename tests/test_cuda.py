@@ -187,3 +187,19 @@ def test_against_cudnn(cell, dtype, strategy):
     cudnn = run("cuda", dtype, native=False)
     fast = run("cuda", dtype, native=True)
     _check(fast, cudnn, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck(cell, strategy):
+    """Schema, fake (meta) and autograd registration agree with the CUDA kernels."""
+    T, B, I, H = 3, 2, 4, 5
+    G = (4 if cell == "lstm" else 3) * H
+    tensors = [_rand(T, B, I).float().cuda().requires_grad_(), _rand(G, I).float().cuda().requires_grad_(),
+               _rand(G, H).float().cuda().requires_grad_(), _rand(G).float().cuda(), _rand(G).float().cuda()]
+    lengths = torch.tensor([3, 1])
+    if cell == "lstm":
+        args = (*tensors, None, None, None, lengths, True, 0.5, None, 0.1, "gates", True)
+        torch.library.opcheck(torch.ops.rnntl_fast.lstm_forward.default, args)
+    else:
+        args = (*tensors, None, lengths, False, 0.1, "state", True)
+        torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)
