@@ -23,7 +23,9 @@ from tolerances import assert_within_error_rule  # noqa: E402
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
 
 STRATEGIES = {"stepwise": 1, "persistent": 2}
-DTYPE_CODES = {torch.float32: 0, torch.float64: 3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 THREADS_PER_BLOCK = 32  # small blocks: one std::thread per emulated CUDA thread
 MULTIPROCESSORS = 3     # the persistent plan splits H over this many blocks
 
@@ -130,7 +132,7 @@ def _compare(fast, baseline, reference, dtype):
             assert_within_error_rule(name, fast[name], baseline[name], reference[name], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("case", LSTM_CASES, ids=[c[0] for c in LSTM_CASES])
 def test_lstm_matches_reference(library, case, strategy, dtype):
@@ -184,7 +186,7 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, grad_clip,
     return result
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("case", GRU_CASES, ids=[c[0] for c in GRU_CASES])
 def test_gru_matches_reference(library, case, strategy, dtype):

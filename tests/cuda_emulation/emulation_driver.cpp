@@ -43,10 +43,24 @@ __global__ void gemm_loop_kernel(GemmCall c) {
 
 void run_gemm(void*, DType dtype, const GemmCall& call) {
   const dim3 grid = cuda::pointwise_grid(call.m * call.n);
-  if (dtype == DType::kFloat64)
-    cuda::launch_kernel(grid, dim3(cuda::kPointwiseThreads), 0, nullptr, gemm_loop_kernel<double>, call);
-  else
-    cuda::launch_kernel(grid, dim3(cuda::kPointwiseThreads), 0, nullptr, gemm_loop_kernel<float>, call);
+  const dim3 block(cuda::kPointwiseThreads);
+  switch (dtype) {
+    case DType::kFloat64: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<double>, call); break;
+    case DType::kFloat16: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<__half>, call); break;
+    case DType::kBFloat16: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<__nv_bfloat16>, call); break;
+    default: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<float>, call); break;
+  }
+}
+
+// Runs f(T{}) for a dtype code: 0 float32, 1 float16, 2 bfloat16, 3 float64.
+template <typename F>
+const char* dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    case 3: return f(double{});
+    default: return f(float{});
+  }
 }
 
 struct Setup {
@@ -107,7 +121,7 @@ const char* gru_case(emulation::Setup& setup, GruForwardParams f, GruBackwardPar
 extern "C" {
 
 // Forward (saving for backward) then backward of one LSTM layer-direction.
-// dtype: 0 float32, 3 float64. strategy: 1 stepwise, 2 persistent. Shapes as in
+// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. strategy: 1 stepwise, 2 persistent. Shapes as in
 // rnntl/params.h; lengths: [B] int64 or null; any gradient pointer may be null.
 const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
                                  int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
@@ -177,7 +191,7 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   b.grad_weight_hr = grad_weight_hr;
   b.grad_h0 = grad_h0;
   b.grad_c0 = grad_c0;
-  return dtype == 3 ? lstm_case<double>(setup, f, b) : lstm_case<float>(setup, f, b);
+  return emulation::dispatch_dtype(dtype, [&](auto tag) { return lstm_case<decltype(tag)>(setup, f, b); });
 }
 
 const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
@@ -230,7 +244,7 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
   b.grad_bias_ih = grad_bias_ih;
   b.grad_bias_hh = grad_bias_hh;
   b.grad_h0 = grad_h0;
-  return dtype == 3 ? gru_case<double>(setup, f, b) : gru_case<float>(setup, f, b);
+  return emulation::dispatch_dtype(dtype, [&](auto tag) { return gru_case<decltype(tag)>(setup, f, b); });
 }
 
 }  // extern "C"

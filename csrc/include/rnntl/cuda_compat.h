@@ -48,7 +48,7 @@ template <typename T>
 RNNTL_HOST_DEVICE_INLINE T from_acc(acc_t<T> v) {
   return static_cast<T>(v);
 }
-#if defined(__CUDACC__)
+// (The emulation provides __half, __nv_bfloat16 and their conversions too.)
 RNNTL_DEVICE float to_acc(__half v) { return __half2float(v); }
 RNNTL_DEVICE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
@@ -59,7 +59,6 @@ template <>
 RNNTL_DEVICE __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-#endif
 
 // Load of a value another block wrote before the last grid barrier. On the GPU it goes
 // to L2 (ld.cg), bypassing this SM's L1, which is not coherent with other SMs' writes.

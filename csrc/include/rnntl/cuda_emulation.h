@@ -309,6 +309,29 @@ inline float atomicAdd(float* address, float value) {
   }
 }
 
+// Reduced-precision types with the conversions of cuda_fp16.h / cuda_bf16.h:
+// IEEE half is GCC's _Float16 (storage and round-to-nearest-even conversion); bfloat16
+// is its bit pattern with round-to-nearest-even from float.
+using __half = _Float16;
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __half2float(__half v) { return static_cast<float>(v); }
+inline __half __float2half_rn(float v) { return static_cast<__half>(v); }
+inline float __bfloat162float(__nv_bfloat16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{uint16_t(u >> 16)};
+}
+
 // Runtime API subset.
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t error) {
