@@ -26,7 +26,7 @@ STRATEGIES = {"stepwise": 1, "persistent": 2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-THREADS_PER_BLOCK = 32  # small blocks: one std::thread per emulated CUDA thread
+THREADS_PER_BLOCK = 64  # two warps per block; one std::thread per emulated CUDA thread
 MULTIPROCESSORS = 3     # the persistent plan splits H over this many blocks
 
 

@@ -58,6 +58,13 @@ __global__ void column_sum_kernel(const T* in, T* out, int64_t rows, int64_t col
   }
 }
 
+// Sum of v over the 32 lanes of a warp, every lane gets it (all lanes must call).
+template <typename A>
+RNNTL_DEVICE A warp_sum(A v) {
+  for (int offset = warpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 template <typename Src, typename Dst>
 inline void gather_rows(const Src* src, Dst* dst, const int64_t* order, int64_t rows, int64_t width, void* stream) {
   launch_kernel(pointwise_grid(rows * width), dim3(kPointwiseThreads), 0, stream, gather_rows_kernel<Src, Dst>, src,
@@ -137,7 +144,11 @@ inline PersistentPlan plan_persistent(Kernel kernel, int64_t hidden, int threads
   return plan;
 }
 
-inline int persistent_threads(const LaunchEnv& env) { return env.threads_per_block > 0 ? env.threads_per_block : 256; }
+// Threads per block of the persistent kernels: whole warps (a warp owns an item).
+inline int persistent_threads(const LaunchEnv& env) {
+  const int threads = env.threads_per_block > 0 ? env.threads_per_block : 256;
+  return (threads + 31) / 32 * 32;
+}
 
 // Persistent where supported and the batch is small enough that per-step GEMM launches
 // dominate the stepwise strategy; an explicit request that cannot be met is an error.

@@ -154,9 +154,11 @@ __global__ void gru_persistent_forward_kernel(GruPersistentForwardArgs<T> s) {
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int64_t units = H - u0 < U ? H - u0 : U;
   A* hidden_shared = reinterpret_cast<A*>(shared);                    // [B][H]
-  T* weight_shared = reinterpret_cast<T*>(hidden_shared + B * H);     // [H][3U]
-  for (int64_t i = threadIdx.x; i < H * GU; i += blockDim.x) {
-    const int64_t p = i / GU, g = (i % GU) / U, k = i % U;
+  T* weight_shared = reinterpret_cast<T*>(hidden_shared + B * H);     // [3U][H]
+  // The block's rows of W_hh, gate-major: row (g, k) is W_hh row g*H + u0 + k (p fastest,
+  // so the lanes of a warp read consecutive words).
+  for (int64_t i = threadIdx.x; i < GU * H; i += blockDim.x) {
+    const int64_t r = i / H, p = i % H, g = r / U, k = r % U;
     weight_shared[i] = k < units ? s.weight_hh[(g * H + u0 + k) * H + p] : from_acc<T>(A(0));
   }
   for (int64_t step = 0; step < s.steps; ++step) {
@@ -166,18 +168,21 @@ __global__ void gru_persistent_forward_kernel(GruPersistentForwardArgs<T> s) {
     A* hidden_next = s.hidden_exchange + ((step + 1) & 1) * B * H;
     for (int64_t i = threadIdx.x; i < n * H; i += blockDim.x) hidden_shared[i] = load_coherent(hidden_prev + i);
     __syncthreads();
-    for (int64_t item = threadIdx.x; item < B * U; item += blockDim.x) {
+    // One warp per (row, unit) item; its lanes split the dot products over H.
+    const int64_t lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, warps = blockDim.x / warpSize;
+    for (int64_t item = warp; item < B * U; item += warps) {
       const int64_t j = item / U, k = item % U, u = u0 + k;
       if (k >= units) continue;
       const int64_t row = t * B + s.order[j];
       if (j < n) {
         A hg[3] = {A(0), A(0), A(0)};
         const A* h = hidden_shared + j * H;
-        for (int64_t p = 0; p < H; ++p) {
-          const T* w = weight_shared + p * GU + k;
+        for (int64_t p = lane; p < H; p += warpSize) {
           const A hp = h[p];
-          for (int g = 0; g < 3; ++g) hg[g] += to_acc(w[g * U]) * hp;
+          for (int g = 0; g < 3; ++g) hg[g] += to_acc(weight_shared[(g * U + k) * H + p]) * hp;
         }
+        for (int g = 0; g < 3; ++g) hg[g] = warp_sum(hg[g]);
+        if (lane != 0) continue;
         A x[3];
         for (int g = 0; g < 3; ++g) {
           const int64_t col = g * H + u;
@@ -195,6 +200,7 @@ __global__ void gru_persistent_forward_kernel(GruPersistentForwardArgs<T> s) {
           s.hidden_n[row * H + u] = from_acc<T>(hg[2]);
         }
       } else {
+        if (lane != 0) continue;
         hidden_next[j * H + u] = hidden_prev[j * H + u];  // this block's own unit
         s.output[row * H + u] = from_acc<T>(A(0));
         if (s.gates) {
@@ -254,9 +260,11 @@ __global__ void gru_persistent_backward_kernel(GruPersistentBackwardArgs<T> s) {
   A* gate_shared = reinterpret_cast<A*>(shared);  // [B][G]
   A* carry = gate_shared + B * G;                 // [B][U]
   A* direct = carry + B * U;                      // [B][U]
-  T* weight_shared = reinterpret_cast<T*>(direct + B * U);  // [G][U]
-  for (int64_t i = threadIdx.x; i < G * U; i += blockDim.x) {
-    const int64_t g = i / U, k = i % U;
+  T* weight_shared = reinterpret_cast<T*>(direct + B * U);  // [U][G]
+  // The block's columns of W_hh, unit-major: row k is column u0 + k (g fastest, so the
+  // lanes of a warp read consecutive words).
+  for (int64_t i = threadIdx.x; i < U * G; i += blockDim.x) {
+    const int64_t k = i / G, g = i % G;
     weight_shared[i] = k < units ? s.weight_hh[g * H + u0 + k] : from_acc<T>(A(0));
   }
   for (int64_t i = threadIdx.x; i < B * U; i += blockDim.x) {
@@ -307,13 +315,16 @@ __global__ void gru_persistent_backward_kernel(GruPersistentBackwardArgs<T> s) {
     grid_barrier(s.barrier, static_cast<unsigned int>(round + 1));
     for (int64_t i = threadIdx.x; i < n * G; i += blockDim.x) gate_shared[i] = load_coherent(exchange + i);
     __syncthreads();
-    for (int64_t item = threadIdx.x; item < n * U; item += blockDim.x) {
+    // One warp per (row, unit) item; its lanes split the dot product over 3H.
+    const int64_t lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, warps = blockDim.x / warpSize;
+    for (int64_t item = warp; item < n * U; item += warps) {
       const int64_t j = item / U, k = item % U;
       if (k >= units) continue;
       const A* dg = gate_shared + j * G;
-      A sum = direct[item];
-      for (int64_t g = 0; g < G; ++g) sum += to_acc(weight_shared[g * U + k]) * dg[g];
-      carry[item] = sum;
+      A sum = A(0);
+      for (int64_t g = lane; g < G; g += warpSize) sum += to_acc(weight_shared[k * G + g]) * dg[g];
+      sum = warp_sum(sum);
+      if (lane == 0) carry[item] = direct[item] + sum;
     }
     __syncthreads();
   }
