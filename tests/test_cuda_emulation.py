@@ -30,6 +30,10 @@ THREADS_PER_BLOCK = 64  # two warps per block; one std::thread per emulated CUDA
 MULTIPROCESSORS = 3     # the persistent plan splits H over this many blocks
 
 
+# Saved reserve of the last emulated runs, by id of the result dict.
+_RESERVE = {}
+
+
 @pytest.fixture(scope="module")
 def library():
     from cuda_emulation.build import build_library
@@ -116,6 +120,7 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options, grad_clip
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "w_ih": g["w_ih"], "w_hh": g["w_hh"],
               "b_ih": g["bias"], "b_hh": g["bias"]}
+    _RESERVE[id(result)] = (gates, cells, pre)
     for k in ("w_hr", "h0", "c0"):
         if g[k] is not None:
             result[k] = g[k]
@@ -183,6 +188,7 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, grad_clip,
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n}
     result.update({k: v for k, v in g.items() if v is not None})
+    _RESERVE[id(result)] = (gates, hidden_n)
     return result
 
 
@@ -204,6 +210,42 @@ def test_gru_matches_reference(library, case, strategy, dtype):
 def test_emulated_warp_primitives_and_shared_memory(library):
     """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
     assert library.rnntl_emulation_warp_selftest() == 0
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reserve_matches_the_cpu_op(library, cell, strategy):
+    """Forward outputs and the saved reserve the backward reads (gates, cells,
+    hidden_pre_clip / hidden_n) have the CPU op's layout and values."""
+    from rnntl_fast import _ext
+
+    if not _ext.HAS_CPU_KERNELS:
+        pytest.skip(f"the CPU extension is not built here ({_ext.IMPORT_ERROR})")
+    import rnntl_fast  # noqa: F401  (registers the ops' fakes and autograd)
+
+    T, B, I, H = 4, 3, 5, 7
+    lengths = torch.tensor([2, 4, 3])
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, H), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, H), "c0": _rand(B, H), "w_hr": None, "go": _rand(T, B, H), "ghn": _rand(B, H),
+            "gcn": _rand(B, H), "lengths": lengths}
+    f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    if cell == "lstm":
+        options = {"reverse": True, "cell_clip": 0.6, "proj_clip": 0.4}
+        cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
+                                                f["c0"], lengths, True, 0.6, 0.4, None, "state", True)
+        fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options, None, "state")
+        emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
+    else:
+        options = {"reverse": True}
+        cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
+                                               True, None, "state", True)
+        fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options, None, "state")
+        emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
+    assert len(cpu) == len(emulated)
+    for index, (a, b) in enumerate(zip(cpu, emulated)):
+        assert tuple(a.shape) == tuple(b.shape), f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=f"output {index}")
 
 
 def test_persistent_plan_refuses_what_does_not_fit(library):
