@@ -4,6 +4,8 @@ What gets built is decided by environment variables only (never by probing for a
 docs/ENVIRONMENT.md documents each one:
   RNNTL_BUILD_CUDA=1      also build the CUDA kernels (csrc/cuda) into _C; needs nvcc and a
                           CUDA build of torch.
+  CUDA_HOME               CUDA toolkit root for that build (default: found from nvcc, else
+                          /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST    GPU architectures for the CUDA build (default "7.5;8.0;8.6;9.0").
   MAX_JOBS                parallel compile jobs (read by torch's build_ext).
   RNNTL_DEBUG=1           -O0 -g, for debuggers and sanitizers.
@@ -25,7 +27,27 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _default_cuda_home():
+    """CUDA_HOME for torch's build helpers when unset: torch derives it from `which nvcc`,
+    which is wrong where nvcc is a wrapper script outside the toolkit (/usr/local/bin);
+    the toolkit is the directory whose include/ holds cuda_runtime_api.h."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def extensions():
+    if _flag("RNNTL_BUILD_CUDA"):
+        _default_cuda_home()  # before torch.utils.cpp_extension reads it at import
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = _flag("RNNTL_DEBUG")
@@ -40,11 +62,14 @@ def extensions():
                              extra_compile_args={"cxx": cxx_flags})]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
-    nvcc_flags = ["-O3", "-lineinfo", "--use_fast_math", "-std=c++17"]
+    # No --use_fast_math: the gate math must match the CPU/reference rounding closely.
+    # The .cu files include no torch headers, so C++17 is enough there; the glue
+    # (*_cuda.cpp) needs C++20 for torch's headers. GEMMs go through ATen (cuBLAS), so no
+    # extra link libraries.
+    nvcc_flags = ["-O3", "-lineinfo", "-std=c++17"]
     return [CUDAExtension("rnntl_fast._C", sources, include_dirs=include_dirs,
                           define_macros=[("RNNTL_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx_flags + ["-std=c++20"], "nvcc": nvcc_flags},
-                          libraries=["cublas"])]
+                          extra_compile_args={"cxx": cxx_flags + ["-std=c++20"], "nvcc": nvcc_flags})]
 
 
 def build_ext_class():

@@ -1,0 +1,170 @@
+// Plain-old-data parameter structs that cross the boundary between the torch-facing
+// CUDA glue (csrc/cuda/*_cuda.cpp, compiled against torch) and the kernels
+// (csrc/cuda/*.cu and csrc/include/rnntl/cuda/*.cuh, compiled without torch).
+// Tensors travel as untyped pointers plus one dtype tag; every pointer is documented
+// with its shape. Device pointers unless marked "host".
+//
+// Layout conventions as in csrc/ops.cpp: time-major [T, B, *], one layer and one
+// direction; G = 4H (LSTM, gates i,f,g,o) or 3H (GRU, gates r,z,n); P = proj_size or H.
+// "Slot" j is the j-th row in SequenceOrder order (longest first), so the rows still
+// running at step t are slots [0, active[t]).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace rnntl {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// How a sequence is run on the GPU.
+//   kStepwise:   per step one cuBLAS GEMM for the recurrent part + one fused pointwise
+//                kernel (cuDNN's "standard" algorithm); any size.
+//   kPersistent: one launch for the whole sequence; each block keeps its slice of W_hh in
+//                shared memory and blocks meet at a grid-wide barrier between steps
+//                (cuDNN's "persistent" algorithm); small batches and hidden sizes only.
+//   kAuto:       persistent where it is supported and expected to win, else stepwise.
+enum class Strategy : int { kAuto = 0, kStepwise = 1, kPersistent = 2 };
+
+// One GEMM the kernels need but do not implement: C = op(A) @ op(B) (+ C if accumulate),
+// all row-major with leading dimensions, all of the op's dtype, float accumulation.
+//   A: [m, k] (or stored [k, m] when a_transposed);  B: [k, n] (or stored [n, k] when
+//   b_transposed);  C: [m, n].
+struct GemmCall {
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda;
+  bool a_transposed;
+  const void* b;
+  int64_t ldb;
+  bool b_transposed;
+  void* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// The glue runs GEMMs through cuBLAS (via ATen) on the current stream; the CPU emulation
+// of the tests through a loop kernel.
+struct GemmHook {
+  void (*run)(void* context, DType dtype, const GemmCall& call);
+  void* context;
+};
+
+// Batch order of a sequence (see SequenceOrder in csrc/cpu/sequence_cpu.h).
+struct OrderView {
+  const int64_t* order;        // [B]  device: batch row of slot j
+  const int64_t* length;       // [B]  device: length of batch row b (by row, not slot)
+  const int64_t* active;       // [T]  device: rows with length > t
+  const int64_t* active_host;  // [T]  host copy of active (the stepwise loop sizes GEMMs by it)
+};
+
+// Launch environment shared by all entry points.
+struct LaunchEnv {
+  void* stream;            // cudaStream_t
+  GemmHook gemm;
+  void* workspace;         // *_workspace_bytes(params) bytes, any content
+  Strategy strategy;
+  int threads_per_block;   // persistent kernels; 0 = default (256)
+};
+
+struct LstmForwardParams {
+  DType dtype;
+  int64_t steps, batch, input_size, hidden, out_size;  // T, B, I, H, P
+  bool reverse;
+  bool save;               // write gates / cells / hidden_pre_clip for backward
+  double cell_clip;        // <= 0: off
+  double proj_clip;        // <= 0: off
+  const void* input;       // [T, B, I]
+  const void* weight_ih;   // [4H, I]
+  const void* weight_hh;   // [4H, P]
+  const void* bias_ih;     // [4H] or null
+  const void* bias_hh;     // [4H] or null
+  const void* weight_hr;   // [P, H] or null (no projection)
+  const void* h0;          // [B, P] or null (zeros)
+  const void* c0;          // [B, H] or null (zeros)
+  OrderView order;
+  void* output;            // [T, B, P]
+  void* h_n;               // [B, P]
+  void* c_n;               // [B, H]
+  void* gates;             // [T, B, 4H] activations i,f,g,o; only when save
+  void* cells;             // [T, B, H]  cell before cell_clip; only when save
+  void* hidden_pre_clip;   // [T, B, P]  hidden before proj_clip; only when save && proj_clip
+  LaunchEnv env;
+};
+
+struct LstmBackwardParams {
+  DType dtype;
+  int64_t steps, batch, input_size, hidden, out_size;
+  bool reverse;
+  double cell_clip, proj_clip;
+  double state_clip;       // grad_clip in "state" mode, else 0
+  double gate_clip;        // grad_clip in "gates" mode, else 0
+  const void* grad_output; // [T, B, P] or null (zeros)
+  const void* grad_h_n;    // [B, P] or null
+  const void* grad_c_n;    // [B, H] or null
+  const void* input;       // [T, B, I]
+  const void* weight_ih;   // [4H, I]
+  const void* weight_hh;   // [4H, P]
+  const void* weight_hr;   // [P, H] or null
+  const void* h0;          // [B, P] or null
+  const void* c0;          // [B, H] or null
+  const void* output;      // [T, B, P] forward output
+  const void* gates;       // [T, B, 4H] saved activations
+  const void* cells;       // [T, B, H]  saved cells before clip
+  const void* hidden_pre_clip;  // [T, B, P] or null (only with proj_clip)
+  OrderView order;
+  // Results; null = not wanted (its GEMM is skipped).
+  void* grad_input;        // [T, B, I]
+  void* grad_weight_ih;    // [4H, I]
+  void* grad_weight_hh;    // [4H, P]
+  void* grad_bias;         // [4H] (bias_ih and bias_hh have the same gradient)
+  void* grad_weight_hr;    // [P, H]
+  void* grad_h0;           // [B, P]
+  void* grad_c0;           // [B, H]
+  LaunchEnv env;
+};
+
+struct GruForwardParams {
+  DType dtype;
+  int64_t steps, batch, input_size, hidden;
+  bool reverse;
+  bool save;
+  const void* input;       // [T, B, I]
+  const void* weight_ih;   // [3H, I]
+  const void* weight_hh;   // [3H, H]
+  const void* bias_ih;     // [3H] or null
+  const void* bias_hh;     // [3H] or null
+  const void* h0;          // [B, H] or null
+  OrderView order;
+  void* output;            // [T, B, H]
+  void* h_n;               // [B, H]
+  void* gates;             // [T, B, 3H] activations r,z,n; only when save
+  void* hidden_n;          // [T, B, H]  W_hn h_{t-1} + b_hn; only when save
+  LaunchEnv env;
+};
+
+struct GruBackwardParams {
+  DType dtype;
+  int64_t steps, batch, input_size, hidden;
+  bool reverse;
+  double state_clip, gate_clip;
+  const void* grad_output; // [T, B, H] or null
+  const void* grad_h_n;    // [B, H] or null
+  const void* input;       // [T, B, I]
+  const void* weight_ih;   // [3H, I]
+  const void* weight_hh;   // [3H, H]
+  const void* h0;          // [B, H] or null
+  const void* output;      // [T, B, H]
+  const void* gates;       // [T, B, 3H]
+  const void* hidden_n;    // [T, B, H]
+  OrderView order;
+  void* grad_input;        // [T, B, I]
+  void* grad_weight_ih;    // [3H, I]
+  void* grad_weight_hh;    // [3H, H]
+  void* grad_bias_ih;      // [3H]
+  void* grad_bias_hh;      // [3H]
+  void* grad_h0;           // [B, H]
+  LaunchEnv env;
+};
+
+}  // namespace rnntl

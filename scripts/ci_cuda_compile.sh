@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Compiles every CUDA kernel file (csrc/cuda/*.cu) with nvcc for the default GPU
+# architectures, without torch, and checks the ptxas resource report: the persistent
+# kernels must not spill registers. Standalone; exits non-zero on any failure.
+#   NVCC            compiler (default: nvcc on PATH)
+#   RNNTL_CUDA_ARCHS space-separated compute capabilities (default "75 80 86 90")
+# Writes the ptxas log to build/ci-cuda-compile/ptxas.log.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NVCC="${NVCC:-nvcc}"
+ARCHS="${RNNTL_CUDA_ARCHS:-75 80 86 90}"
+OUT="$ROOT/build/ci-cuda-compile"
+mkdir -p "$OUT"
+command -v "$NVCC" >/dev/null || { echo "ci_cuda_compile: $NVCC not found" >&2; exit 1; }
+
+gencode=()
+for arch in $ARCHS; do gencode+=("-gencode" "arch=compute_${arch},code=sm_${arch}"); done
+
+start=$(date +%s)
+: > "$OUT/ptxas.log"
+status=0
+shopt -s nullglob
+sources=("$ROOT"/csrc/cuda/*.cu)
+[ ${#sources[@]} -gt 0 ] || { echo "ci_cuda_compile: no .cu files" >&2; exit 1; }
+for source in "${sources[@]}"; do
+  name="$(basename "$source" .cu)"
+  t0=$(date +%s)
+  # Same flags as setup.py's nvcc branch, plus the resource report; warnings are errors
+  # for our own code (-Werror all-warnings), so that host/device mistakes do not slip by.
+  if "$NVCC" -std=c++17 -O3 -lineinfo -I"$ROOT/csrc/include" "${gencode[@]}" \
+      -Xptxas -v -Werror all-warnings -c "$source" -o "$OUT/$name.o" >>"$OUT/ptxas.log" 2>&1; then
+    echo "compiled $name.cu for sm_{${ARCHS// /,}} in $(( $(date +%s) - t0 )) s"
+  else
+    echo "FAILED: $name.cu" >&2
+    grep -E "error|warning" "$OUT/ptxas.log" | tail -20 >&2 || true
+    status=1
+  fi
+done
+[ $status -eq 0 ] || exit $status
+
+python3 "$ROOT/scripts/check_ptxas_spills.py" "$OUT/ptxas.log" --pattern persistent
+echo "ci_cuda_compile: OK in $(( $(date +%s) - start )) s"

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Builds the full extension with the CUDA kernels (RNNTL_BUILD_CUDA=1) against a CUDA
+# build of torch in a venv of its own, and checks that the built module reports the CUDA
+# backend and that all four ops have a CUDA kernel registered. Nothing runs on a GPU.
+# Standalone; exits non-zero on any failure.
+#   RNNTL_CUDA_VENV        venv to create or reuse (default build/venv-cuda)
+#   RNNTL_CUDA_TORCH       torch requirement (default torch==2.14.1)
+#   TORCH_CUDA_ARCH_LIST   default "7.5;8.0;8.6;9.0" (setup.py)
+#   MAX_JOBS               parallel compile jobs (default 2)
+# The build runs in a copy of the tracked sources under build/ci-cuda-extension/src
+# (kept between runs, so ninja only recompiles what changed; RNNTL_CI_CLEAN=1 starts over), never in the checkout,
+# whose CPU-only rnntl_fast/_C*.so it would replace.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RNNTL_CUDA_VENV:-$ROOT/build/venv-cuda}"
+TORCH_REQ="${RNNTL_CUDA_TORCH:-torch==2.14.1}"
+WORK="$ROOT/build/ci-cuda-extension"
+export MAX_JOBS="${MAX_JOBS:-2}"
+start=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  echo "== creating $VENV with $TORCH_REQ"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "$TORCH_REQ" numpy pytest ninja setuptools
+fi
+"$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+echo "venv ready after $(( $(date +%s) - start )) s"
+
+echo "== copying tracked sources to $WORK/src"
+[ "${RNNTL_CI_CLEAN:-0}" = "1" ] && rm -rf "$WORK/src"
+mkdir -p "$WORK/src"
+# Only files whose content changed are copied (and so get a fresh mtime): ninja then
+# rebuilds exactly what depends on them. Preserving the checkout's mtimes instead could
+# leave objects built from an older copy looking up to date.
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' file; do
+  if ! cmp -s "$file" "$WORK/src/$file"; then
+    mkdir -p "$WORK/src/$(dirname "$file")"
+    cp "$file" "$WORK/src/$file"
+  fi
+done)
+
+echo "== building with RNNTL_BUILD_CUDA=1"
+t0=$(date +%s)
+(cd "$WORK/src" && RNNTL_BUILD_CUDA=1 "$VENV/bin/python" setup.py build_ext --inplace > "$WORK/build.log" 2>&1) || {
+  grep -E "error|FAILED" "$WORK/build.log" | head -30 >&2
+  echo "ci_cuda_extension: build failed, see $WORK/build.log" >&2
+  exit 1
+}
+echo "built in $(( $(date +%s) - t0 )) s"
+
+echo "== checking the built module"
+(cd "$WORK/src" && "$VENV/bin/python" - <<'PY'
+import importlib.util
+import sys
+
+import torch
+import rnntl_fast._ext as ext
+
+print("build info:", ext.build_info())
+if not ext.HAS_CUDA_KERNELS:
+    sys.exit(f"rnntl_fast._ext.HAS_CUDA_KERNELS is False (import error: {ext.IMPORT_ERROR})")
+missing = [op for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
+           if "\nCUDA: registered" not in torch._C._dispatch_dump(f"rnntl_fast::{op}")]
+if missing:
+    sys.exit(f"no CUDA kernel registered for: {missing}")
+print("CUDA kernels registered for all four ops")
+if importlib.util.find_spec("rnntl_fast.info") is not None:  # not on every branch yet
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "rnntl_fast.info"], capture_output=True, text=True)
+    print(out.stdout)
+    if out.returncode != 0 or "cuda" not in out.stdout.lower():
+        sys.exit("python -m rnntl_fast.info does not report the CUDA backend")
+PY
+)
+echo "ci_cuda_extension: OK in $(( $(date +%s) - start )) s"

@@ -1,0 +1,68 @@
+"""Builds tests/cuda_emulation/emulation_driver.cpp with g++ (no nvcc, no torch headers).
+
+Two products, cached by a hash of the sources and flags under build/cuda_emulation/:
+  * the shared library the pytest parity tests load with ctypes;
+  * the ThreadSanitizer program (``-fsanitize=thread``, ``-DRNNTL_EMULATION_MAIN``).
+Run as a script (``python tests/cuda_emulation/build.py --tsan``) to build and run the
+TSan program; it exits non-zero on a race report or a failed self-check.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCE = os.path.join(ROOT, "tests", "cuda_emulation", "emulation_driver.cpp")
+INCLUDE = os.path.join(ROOT, "csrc", "include")
+BUILD_DIR = os.path.join(ROOT, "build", "cuda_emulation")
+
+
+def _sources_digest(flags):
+    digest = hashlib.sha256(" ".join(flags).encode())
+    paths = [SOURCE]
+    for directory, _, files in os.walk(os.path.join(INCLUDE, "rnntl")):
+        paths += [os.path.join(directory, f) for f in sorted(files)]
+    for path in sorted(paths):
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _build(name, flags):
+    compiler = os.environ.get("CXX", "g++")
+    flags = ["-std=c++20", "-pthread", "-I" + INCLUDE, "-Wall", "-Wno-unknown-pragmas"] + flags
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    target = os.path.join(BUILD_DIR, f"{name}-{_sources_digest([compiler] + flags)}")
+    if not os.path.exists(target):
+        partial = target + ".partial"
+        subprocess.run([compiler, *flags, SOURCE, "-o", partial], check=True)
+        os.replace(partial, target)
+    return target
+
+
+def build_library():
+    """Path of the shared library with the ctypes entry points."""
+    return _build("librnntl_emulation.so", ["-O1", "-g", "-shared", "-fPIC"])
+
+
+def build_tsan_program():
+    return _build("rnntl_emulation_tsan", ["-O1", "-g", "-fsanitize=thread", "-DRNNTL_EMULATION_MAIN"])
+
+
+def run_tsan_program():
+    """Runs the TSan build; returns (ok, combined output)."""
+    program = build_tsan_program()
+    env = dict(os.environ)
+    env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66 second_deadlock_stack=1"
+    result = subprocess.run([program], capture_output=True, text=True, env=env, timeout=900)
+    output = result.stdout + result.stderr
+    ok = result.returncode == 0 and "ThreadSanitizer" not in output
+    return ok, output
+
+
+if __name__ == "__main__":
+    if "--tsan" in sys.argv:
+        ok, output = run_tsan_program()
+        print(output)
+        sys.exit(0 if ok else 1)
+    print(build_library())

@@ -1,0 +1,405 @@
+// Runs the real CUDA kernel sources (csrc/include/rnntl/cuda/*.cuh) on the CPU through
+// rnntl/cuda_emulation.h. Built by g++ (no nvcc, no torch) as
+//   * a shared library with a C entry point per cell, called from
+//     tests/test_cuda_emulation.py through ctypes on small shapes;
+//   * with -DRNNTL_EMULATION_MAIN and -fsanitize=thread, a program that runs a fixed set
+//     of cases (both strategies) so that ThreadSanitizer can look for races.
+// The GEMMs that cuBLAS does on the GPU are a plain loop kernel here, launched through
+// the same emulated launch.
+#include <rnntl/cuda/gru_kernels.cuh>
+#include <rnntl/cuda/lstm_kernels.cuh>
+#include <rnntl/host_order.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace rnntl {
+namespace emulation {
+
+using cuda::acc_t;
+using cuda::from_acc;
+using cuda::to_acc;
+
+// C = op(A) @ op(B) (+ C), one output element per thread, accumulation in acc_t<T>.
+template <typename T>
+__global__ void gemm_loop_kernel(GemmCall c) {
+  using A = acc_t<T>;
+  const T* a = static_cast<const T*>(c.a);
+  const T* b = static_cast<const T*>(c.b);
+  T* out = static_cast<T*>(c.c);
+  RNNTL_GRID_STRIDE_LOOP(index, c.m * c.n) {
+    const int64_t i = index / c.n, j = index % c.n;
+    A sum = c.accumulate ? to_acc(out[i * c.ldc + j]) : A(0);
+    for (int64_t k = 0; k < c.k; ++k) {
+      const A av = to_acc(c.a_transposed ? a[k * c.lda + i] : a[i * c.lda + k]);
+      const A bv = to_acc(c.b_transposed ? b[j * c.ldb + k] : b[k * c.ldb + j]);
+      sum += av * bv;
+    }
+    out[i * c.ldc + j] = from_acc<T>(sum);
+  }
+}
+
+void run_gemm(void*, DType dtype, const GemmCall& call) {
+  const dim3 grid = cuda::pointwise_grid(call.m * call.n);
+  const dim3 block(cuda::kPointwiseThreads);
+  switch (dtype) {
+    case DType::kFloat64: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<double>, call); break;
+    case DType::kFloat16: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<__half>, call); break;
+    case DType::kBFloat16: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<__nv_bfloat16>, call); break;
+    default: cuda::launch_kernel(grid, block, 0, nullptr, gemm_loop_kernel<float>, call); break;
+  }
+}
+
+// Runs f(T{}) for a dtype code: 0 float32, 1 float16, 2 bfloat16, 3 float64.
+template <typename F>
+const char* dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    case 3: return f(double{});
+    default: return f(float{});
+  }
+}
+
+struct Setup {
+  HostOrder order;
+  LaunchEnv env;
+  std::vector<unsigned char> workspace;
+  Setup(const int64_t* lengths, int64_t steps, int64_t batch, int strategy, int threads, int sms)
+      : order(lengths, steps, batch) {
+    env.stream = nullptr;
+    env.gemm = GemmHook{&run_gemm, nullptr};
+    env.workspace = nullptr;
+    env.strategy = static_cast<Strategy>(strategy);
+    env.threads_per_block = threads;
+    // Emulated device with `sms` multiprocessors: the persistent plan spreads H over them.
+    if (sms > 0) emu::device_config().multiprocessors = sms;
+  }
+  OrderView view() const {
+    // "Device" memory is host memory in the emulation.
+    const int64_t* d = order.packed.data();
+    return OrderView{HostOrder::order_in(d), order.length_in(d), order.active_in(d), order.active_host()};
+  }
+  void* allocate(size_t bytes) {
+    workspace.assign(bytes, 0xA5);  // garbage, as cudaMalloc gives
+    return workspace.data();
+  }
+};
+
+}  // namespace emulation
+
+}  // namespace rnntl
+
+using namespace rnntl;
+
+namespace {
+
+template <typename T>
+const char* lstm_case(emulation::Setup& setup, LstmForwardParams f, LstmBackwardParams b) {
+  f.order = b.order = setup.view();
+  f.env = b.env = setup.env;
+  f.env.workspace = setup.allocate(cuda::LstmForwardWorkspace<T>(f, nullptr).bytes);
+  if (const char* error = cuda::lstm_forward_run<T>(f)) return error;
+  b.env.workspace = setup.allocate(cuda::LstmBackwardWorkspace<T>(b, nullptr).bytes);
+  return cuda::lstm_backward_run<T>(b);
+}
+
+template <typename T>
+const char* gru_case(emulation::Setup& setup, GruForwardParams f, GruBackwardParams b) {
+  f.order = b.order = setup.view();
+  f.env = b.env = setup.env;
+  f.env.workspace = setup.allocate(cuda::GruForwardWorkspace<T>(f, nullptr).bytes);
+  if (const char* error = cuda::gru_forward_run<T>(f)) return error;
+  b.env.workspace = setup.allocate(cuda::GruBackwardWorkspace<T>(b, nullptr).bytes);
+  return cuda::gru_backward_run<T>(b);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forward (saving for backward) then backward of one LSTM layer-direction.
+// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. strategy: 1 stepwise, 2 persistent. Shapes as in
+// rnntl/params.h; lengths: [B] int64 or null; any gradient pointer may be null.
+const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
+                                 int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
+                                 double cell_clip, double proj_clip, double state_clip, double gate_clip,
+                                 const int64_t* lengths, const void* input, const void* weight_ih,
+                                 const void* weight_hh, const void* bias_ih, const void* bias_hh,
+                                 const void* weight_hr, const void* h0, const void* c0, void* output, void* h_n,
+                                 void* c_n, void* gates, void* cells, void* hidden_pre_clip,
+                                 const void* grad_output, const void* grad_h_n, const void* grad_c_n,
+                                 void* grad_input, void* grad_weight_ih, void* grad_weight_hh, void* grad_bias,
+                                 void* grad_weight_hr, void* grad_h0, void* grad_c0) {
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
+  LstmForwardParams f{};
+  f.dtype = static_cast<DType>(dtype);
+  f.steps = steps;
+  f.batch = batch;
+  f.input_size = input_size;
+  f.hidden = hidden;
+  f.out_size = out_size;
+  f.reverse = reverse != 0;
+  f.save = true;
+  f.cell_clip = cell_clip;
+  f.proj_clip = proj_clip;
+  f.input = input;
+  f.weight_ih = weight_ih;
+  f.weight_hh = weight_hh;
+  f.bias_ih = bias_ih;
+  f.bias_hh = bias_hh;
+  f.weight_hr = weight_hr;
+  f.h0 = h0;
+  f.c0 = c0;
+  f.output = output;
+  f.h_n = h_n;
+  f.c_n = c_n;
+  f.gates = gates;
+  f.cells = cells;
+  f.hidden_pre_clip = hidden_pre_clip;
+  LstmBackwardParams b{};
+  b.dtype = f.dtype;
+  b.steps = steps;
+  b.batch = batch;
+  b.input_size = input_size;
+  b.hidden = hidden;
+  b.out_size = out_size;
+  b.reverse = f.reverse;
+  b.cell_clip = cell_clip;
+  b.proj_clip = proj_clip;
+  b.state_clip = state_clip;
+  b.gate_clip = gate_clip;
+  b.grad_output = grad_output;
+  b.grad_h_n = grad_h_n;
+  b.grad_c_n = grad_c_n;
+  b.input = input;
+  b.weight_ih = weight_ih;
+  b.weight_hh = weight_hh;
+  b.weight_hr = weight_hr;
+  b.h0 = h0;
+  b.c0 = c0;
+  b.output = output;
+  b.gates = gates;
+  b.cells = cells;
+  b.hidden_pre_clip = proj_clip > 0 ? hidden_pre_clip : nullptr;
+  b.grad_input = grad_input;
+  b.grad_weight_ih = grad_weight_ih;
+  b.grad_weight_hh = grad_weight_hh;
+  b.grad_bias = grad_bias;
+  b.grad_weight_hr = grad_weight_hr;
+  b.grad_h0 = grad_h0;
+  b.grad_c0 = grad_c0;
+  return emulation::dispatch_dtype(dtype, [&](auto tag) { return lstm_case<decltype(tag)>(setup, f, b); });
+}
+
+const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
+                                int64_t input_size, int64_t hidden, int reverse, double state_clip, double gate_clip,
+                                const int64_t* lengths, const void* input, const void* weight_ih,
+                                const void* weight_hh, const void* bias_ih, const void* bias_hh, const void* h0,
+                                void* output, void* h_n, void* gates, void* hidden_n, const void* grad_output,
+                                const void* grad_h_n, void* grad_input, void* grad_weight_ih, void* grad_weight_hh,
+                                void* grad_bias_ih, void* grad_bias_hh, void* grad_h0) {
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
+  GruForwardParams f{};
+  f.dtype = static_cast<DType>(dtype);
+  f.steps = steps;
+  f.batch = batch;
+  f.input_size = input_size;
+  f.hidden = hidden;
+  f.reverse = reverse != 0;
+  f.save = true;
+  f.input = input;
+  f.weight_ih = weight_ih;
+  f.weight_hh = weight_hh;
+  f.bias_ih = bias_ih;
+  f.bias_hh = bias_hh;
+  f.h0 = h0;
+  f.output = output;
+  f.h_n = h_n;
+  f.gates = gates;
+  f.hidden_n = hidden_n;
+  GruBackwardParams b{};
+  b.dtype = f.dtype;
+  b.steps = steps;
+  b.batch = batch;
+  b.input_size = input_size;
+  b.hidden = hidden;
+  b.reverse = f.reverse;
+  b.state_clip = state_clip;
+  b.gate_clip = gate_clip;
+  b.grad_output = grad_output;
+  b.grad_h_n = grad_h_n;
+  b.input = input;
+  b.weight_ih = weight_ih;
+  b.weight_hh = weight_hh;
+  b.h0 = h0;
+  b.output = output;
+  b.gates = gates;
+  b.hidden_n = hidden_n;
+  b.grad_input = grad_input;
+  b.grad_weight_ih = grad_weight_ih;
+  b.grad_weight_hh = grad_weight_hh;
+  b.grad_bias_ih = grad_bias_ih;
+  b.grad_bias_hh = grad_bias_hh;
+  b.grad_h0 = grad_h0;
+  return emulation::dispatch_dtype(dtype, [&](auto tag) { return gru_case<decltype(tag)>(setup, f, b); });
+}
+
+}  // extern "C"
+
+namespace {
+
+// Checks the emulated warp primitives against their CUDA definitions: 2 blocks of 48
+// threads (one full warp and one of 16 lanes each). Writes one flag per thread.
+__global__ void warp_primitives_kernel(int* failures) {
+  const unsigned lane = threadIdx.x % warpSize;
+  const unsigned lanes = (blockDim.x - (threadIdx.x / warpSize) * warpSize) < 32u
+                             ? blockDim.x - (threadIdx.x / warpSize) * warpSize
+                             : 32u;
+  int bad = 0;
+  const unsigned ballot = __ballot_sync(0xffffffffu, lane % 3 == 0);
+  unsigned expected = 0;
+  for (unsigned l = 0; l < lanes; ++l) expected |= unsigned(l % 3 == 0) << l;
+  bad |= ballot != expected;
+  bad |= __any_sync(0xffffffffu, lane == 5) != true;
+  bad |= __all_sync(0xffffffffu, lane < lanes) != true;
+  bad |= __all_sync(0xffffffffu, lane != 0) != false;
+  bad |= __shfl_sync(0xffffffffu, int(lane) * 10, 3) != 30;
+  const int down = __shfl_down_sync(0xffffffffu, int(lane), 1);
+  bad |= down != int(lane + 1 < lanes ? lane + 1 : lane);
+  float sum = 1.0f;
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  bad |= lanes == 32 && sum != 32.0f;
+  // Shared memory is per block: each block sums its own thread ids.
+  RNNTL_DYNAMIC_SHARED(unsigned int, total);
+  if (threadIdx.x == 0) *total = 0;
+  __syncthreads();
+  atomicAdd(total, threadIdx.x + blockIdx.x * 1000u);
+  __syncthreads();
+  bad |= *total != (blockDim.x * (blockDim.x - 1)) / 2 + blockIdx.x * 1000u * blockDim.x;
+  failures[blockIdx.x * blockDim.x + threadIdx.x] = bad;
+}
+
+}  // namespace
+
+extern "C" int rnntl_emulation_warp_selftest() {
+  std::vector<int> failures(2 * 48, -1);
+  cuda::launch_kernel(dim3(2), dim3(48), sizeof(unsigned int), nullptr, warp_primitives_kernel, failures.data());
+  int count = 0;
+  for (int f : failures) count += f != 0;
+  return count;
+}
+
+#ifdef RNNTL_EMULATION_MAIN
+// Race check: LSTM and GRU, both strategies, forward + backward, variable lengths and
+// reverse, both clip modes; the persistent results must also match the stepwise ones.
+namespace {
+
+std::vector<float> random_vector(std::mt19937& rng, size_t n) {
+  std::uniform_real_distribution<float> dist(-0.5f, 0.5f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  float m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+struct LstmRun {
+  std::vector<float> output, h_n, c_n, grad_input, grad_weight_hh, grad_h0;
+};
+
+LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths) {
+  const int64_t T = 4, B = 3, I = 5, H = 7;
+  std::mt19937 rng(1);
+  auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 4 * H * I), whh = random_vector(rng, 4 * H * H);
+  auto bih = random_vector(rng, 4 * H), bhh = random_vector(rng, 4 * H), h0 = random_vector(rng, B * H),
+       c0 = random_vector(rng, B * H), go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H),
+       gcn = random_vector(rng, B * H);
+  LstmRun r;
+  r.output.resize(T * B * H);
+  r.h_n.resize(B * H);
+  r.c_n.resize(B * H);
+  std::vector<float> gates(T * B * 4 * H), cells(T * B * H), pre(T * B * H);
+  r.grad_input.resize(T * B * I);
+  std::vector<float> gwih(4 * H * I), gbias(4 * H), gc0(B * H);
+  r.grad_weight_hh.resize(4 * H * H);
+  r.grad_h0.resize(B * H);
+  const char* error = rnntl_emulation_lstm(
+      0, strategy, 32, 3, T, B, I, H, H, reverse, 0.8, 0.3, state_clip, gate_clip, lengths.data(), x.data(),
+      wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(), c0.data(), r.output.data(), r.h_n.data(),
+      r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(), ghn.data(), gcn.data(), r.grad_input.data(),
+      gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr, r.grad_h0.data(), gc0.data());
+  if (error) {
+    std::fprintf(stderr, "lstm failed: %s\n", error);
+    std::exit(2);
+  }
+  return r;
+}
+
+struct GruRun {
+  std::vector<float> output, h_n, grad_input, grad_weight_hh, grad_h0;
+};
+
+GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths) {
+  const int64_t T = 4, B = 3, I = 5, H = 7;
+  std::mt19937 rng(2);
+  auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 3 * H * I), whh = random_vector(rng, 3 * H * H);
+  auto bih = random_vector(rng, 3 * H), bhh = random_vector(rng, 3 * H), h0 = random_vector(rng, B * H),
+       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H);
+  GruRun r;
+  r.output.resize(T * B * H);
+  r.h_n.resize(B * H);
+  std::vector<float> gates(T * B * 3 * H), hidden_n(T * B * H), gwih(3 * H * I), gbih(3 * H), gbhh(3 * H);
+  r.grad_input.resize(T * B * I);
+  r.grad_weight_hh.resize(3 * H * H);
+  r.grad_h0.resize(B * H);
+  const char* error = rnntl_emulation_gru(
+      0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(), x.data(), wih.data(),
+      whh.data(), bih.data(), bhh.data(), h0.data(), r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(),
+      go.data(), ghn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(),
+      r.grad_h0.data());
+  if (error) {
+    std::fprintf(stderr, "gru failed: %s\n", error);
+    std::exit(2);
+  }
+  return r;
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<int64_t> lengths = {2, 4, 1};
+  int failures = rnntl_emulation_warp_selftest();
+  std::printf("warp primitives self-test: %d failing threads\n", failures);
+  // Two configurations cover both directions and both clip modes (TSan runs are slow).
+  for (int reverse = 0; reverse < 2; ++reverse) {
+    {
+      const int mode = reverse;
+      const double state_clip = mode == 0 ? 0.05 : 0.0, gate_clip = mode == 1 ? 0.05 : 0.0;
+      const LstmRun a = run_lstm(1, reverse, state_clip, gate_clip, lengths);
+      const LstmRun b = run_lstm(2, reverse, state_clip, gate_clip, lengths);
+      const float dl = std::max({max_difference(a.output, b.output), max_difference(a.c_n, b.c_n),
+                                 max_difference(a.grad_input, b.grad_input),
+                                 max_difference(a.grad_weight_hh, b.grad_weight_hh),
+                                 max_difference(a.grad_h0, b.grad_h0)});
+      const GruRun c = run_gru(1, reverse, state_clip, gate_clip, lengths);
+      const GruRun d = run_gru(2, reverse, state_clip, gate_clip, lengths);
+      const float dg = std::max({max_difference(c.output, d.output), max_difference(c.h_n, d.h_n),
+                                 max_difference(c.grad_input, d.grad_input),
+                                 max_difference(c.grad_weight_hh, d.grad_weight_hh),
+                                 max_difference(c.grad_h0, d.grad_h0)});
+      std::printf("reverse=%d mode=%s: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
+                  mode == 0 ? "state" : "gates", dl, dg);
+      if (!(dl < 1e-5f && dg < 1e-5f)) ++failures;
+    }
+  }
+  std::printf(failures ? "FAILED\n" : "OK\n");
+  return failures ? 1 : 0;
+}
+#endif

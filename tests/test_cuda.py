@@ -1,0 +1,208 @@
+"""The CUDA backend on a GPU: the registered ops (torch.ops.rnntl_fast.*) on CUDA tensors
+against the float64 reference loop (error rule of tests/tolerances.py, baseline: the
+reference loop in the same dtype on the GPU), both strategies (RNNTL_CUDA_STRATEGY), the
+same reserve outputs as the CPU ops, and a comparison with cuDNN (torch.nn.LSTM / GRU).
+Skipped with a reason where there is no GPU or the extension was built without CUDA.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rnntl_fast  # noqa: E402,F401  (registers fakes and autograd of the native ops)
+from rnntl_fast import _ext  # noqa: E402
+from rnntl_fast.ops.reference import gru_reference, lstm_reference  # noqa: E402
+from tolerances import assert_within_error_rule  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
+    pytest.mark.skipif(not _ext.HAS_CUDA_KERNELS,
+                       reason="rnntl_fast was built without its CUDA kernels (RNNTL_BUILD_CUDA=1)"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+STRATEGIES = ["stepwise", "persistent"]
+
+# (name, T, B, I, H, proj, lengths, reverse, cell_clip, proj_clip, grad_clip, mode, with_h0)
+LSTM_CASES = [
+    ("T1_B1", 1, 1, 3, 4, None, None, False, None, None, None, "state", True),
+    ("odd_unsorted", 5, 3, 7, 13, None, [3, 5, 1], False, None, None, None, "state", True),
+    ("reverse_clips_state", 5, 3, 7, 13, None, [3, 5, 1], True, 0.5, 0.2, 0.02, "state", True),
+    ("gates_mode_no_h0", 4, 2, 5, 9, None, None, True, None, None, 0.01, "gates", False),
+    ("zero_length_row", 3, 4, 3, 6, None, [0, 3, 2, 3], False, 0.7, None, 0.05, "state", True),
+    ("proj", 4, 3, 6, 8, 5, [4, 2, 3], False, None, 0.3, 0.05, "state", True),
+    ("larger", 16, 8, 32, 64, None, None, False, None, None, None, "state", True),
+]
+GRU_CASES = [
+    ("T1_B1", 1, 1, 3, 4, None, False, None, "state", True),
+    ("odd_unsorted", 5, 3, 7, 13, [3, 5, 1], False, None, "state", True),
+    ("reverse_state_clip", 5, 3, 7, 13, [3, 5, 1], True, 0.02, "state", True),
+    ("gates_mode_no_h0", 4, 2, 5, 9, None, True, 0.01, "gates", False),
+    ("zero_length_row", 3, 4, 3, 6, [0, 3, 2, 3], False, 0.05, "state", True),
+    ("larger", 16, 8, 32, 64, None, False, None, "state", True),
+]
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("RNNTL_CUDA_STRATEGY", request.param)
+    return request.param
+
+
+def _rand(*shape, scale=0.5):
+    return (torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale
+
+
+def _leaves(data, dtype, device, skip):
+    return {k: (v.to(device=device, dtype=dtype).detach().requires_grad_() if v is not None and k not in skip else v)
+            for k, v in data.items()}
+
+
+def _lstm_run(data, dtype, device, options, native):
+    t = _leaves(data, dtype, device, ("go", "ghn", "gcn", "lengths"))
+    args = (t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], t["h0"], t["c0"], data["lengths"])
+    if native:
+        out, h_n, c_n, *_ = torch.ops.rnntl_fast.lstm_forward(
+            *args, options["reverse"], options["cell_clip"], options["proj_clip"], options["grad_clip"],
+            options["grad_clip_mode"], True)
+    else:
+        out, h_n, c_n = lstm_reference(*args, **options)
+    cast = lambda name: data[name].to(device=device, dtype=dtype)  # noqa: E731
+    loss = (out * cast("go")).sum() + (h_n * cast("ghn")).sum() + (c_n * cast("gcn")).sum()
+    loss.backward()
+    result = {"output": out.detach(), "h_n": h_n.detach(), "c_n": c_n.detach()}
+    result.update({k: t[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0") if t[k] is not None})
+    return {k: v.cpu() for k, v in result.items()}
+
+
+def _check(fast, baseline, reference, dtype):
+    assert set(fast) == set(reference)
+    for name in reference:
+        assert_within_error_rule(name, fast[name], baseline[name], reference[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", LSTM_CASES, ids=[c[0] for c in LSTM_CASES])
+def test_lstm_matches_reference(case, dtype, strategy):
+    _, T, B, I, H, proj, lengths, reverse, cell_clip, proj_clip, grad_clip, mode, with_h0 = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    P = proj or H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(4 * H, I), "w_hh": _rand(4 * H, P), "b_ih": _rand(4 * H),
+            "b_hh": _rand(4 * H), "w_hr": _rand(P, H) if proj else None,
+            "h0": _rand(B, P) if with_h0 else None, "c0": _rand(B, H) if with_h0 else None,
+            "go": _rand(T, B, P), "ghn": _rand(B, P), "gcn": _rand(B, H),
+            "lengths": torch.tensor(lengths) if lengths is not None else None}
+    options = {"reverse": reverse, "cell_clip": cell_clip, "proj_clip": proj_clip, "grad_clip": grad_clip,
+               "grad_clip_mode": mode}
+    reference = _lstm_run(data, torch.float64, "cpu", options, native=False)
+    baseline = _lstm_run(data, dtype, "cuda", options, native=False)
+    fast = _lstm_run(data, dtype, "cuda", options, native=True)
+    _check(fast, baseline, reference, dtype)
+
+
+def _gru_run(data, dtype, device, options, native):
+    t = _leaves(data, dtype, device, ("go", "ghn", "lengths"))
+    args = (t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], data["lengths"])
+    if native:
+        out, h_n, *_ = torch.ops.rnntl_fast.gru_forward(*args, options["reverse"], options["grad_clip"],
+                                                        options["grad_clip_mode"], True)
+    else:
+        out, h_n = gru_reference(*args, **options)
+    cast = lambda name: data[name].to(device=device, dtype=dtype)  # noqa: E731
+    ((out * cast("go")).sum() + (h_n * cast("ghn")).sum()).backward()
+    result = {"output": out.detach(), "h_n": h_n.detach()}
+    result.update({k: t[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if t[k] is not None})
+    return {k: v.cpu() for k, v in result.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", GRU_CASES, ids=[c[0] for c in GRU_CASES])
+def test_gru_matches_reference(case, dtype, strategy):
+    _, T, B, I, H, lengths, reverse, grad_clip, mode, with_h0 = case
+    data = {"x": _rand(T, B, I), "w_ih": _rand(3 * H, I), "w_hh": _rand(3 * H, H), "b_ih": _rand(3 * H),
+            "b_hh": _rand(3 * H), "h0": _rand(B, H) if with_h0 else None, "go": _rand(T, B, H),
+            "ghn": _rand(B, H), "lengths": torch.tensor(lengths) if lengths is not None else None}
+    options = {"reverse": reverse, "grad_clip": grad_clip, "grad_clip_mode": mode}
+    reference = _gru_run(data, torch.float64, "cpu", options, native=False)
+    baseline = _gru_run(data, dtype, "cuda", options, native=False)
+    fast = _gru_run(data, dtype, "cuda", options, native=True)
+    _check(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reserve_outputs_match_the_cpu_op(cell, strategy):
+    """The saved reserve (gates, cells / hidden_n, ...) is what the other device's backward
+    would read: same layout and values as the CPU op."""
+    T, B, I, H = 4, 3, 5, 7
+    lengths = torch.tensor([2, 4, 3])
+    G = (4 if cell == "lstm" else 3) * H
+    args = [_rand(T, B, I).float(), _rand(G, I).float(), _rand(G, H).float(), _rand(G).float(), _rand(G).float()]
+    if cell == "lstm":
+        extra = [None, _rand(B, H).float(), _rand(B, H).float(), lengths, False, 0.6, 0.4, None, "state", True]
+        op = torch.ops.rnntl_fast.lstm_forward
+    else:
+        extra = [_rand(B, H).float(), lengths, False, None, "state", True]
+        op = torch.ops.rnntl_fast.gru_forward
+    cpu = op(*args, *extra)
+    gpu = op(*[a.cuda() for a in args], *[e.cuda() if isinstance(e, torch.Tensor) and e is not lengths else e
+                                         for e in extra])
+    for index, (a, b) in enumerate(zip(cpu, gpu)):
+        assert a.shape == b.shape, f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b.cpu(), a, atol=2e-5, rtol=1e-4, msg=f"output {index}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_against_cudnn(cell, dtype, strategy):
+    """Error of rnntl_fast vs the float64 reference within 2x cuDNN's (torch.nn on the GPU)."""
+    T, B, I, H = 12, 6, 16, 32
+    module = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(I, H).double()
+    x = _rand(T, B, I)
+    go = _rand(T, B, H)
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+
+    def run(device, dtype_, native):
+        m = module.to(device=device, dtype=dtype_)
+        m.zero_grad()
+        xi = x.to(device=device, dtype=dtype_).requires_grad_()
+        if native:
+            params = [getattr(m, n) for n in names]
+            if cell == "lstm":
+                out = torch.ops.rnntl_fast.lstm_forward(xi, *params, None, None, None, None, False, None, None, None,
+                                                        "state", True)[0]
+            else:
+                out = torch.ops.rnntl_fast.gru_forward(xi, *params, None, None, False, None, "state", True)[0]
+        else:
+            out = m(xi)[0]
+        (out * go.to(device=device, dtype=dtype_)).sum().backward()
+        result = {"output": out.detach().cpu(), "x": xi.grad.cpu()}
+        result.update({n: getattr(m, n).grad.detach().cpu().clone() for n in names})
+        return result
+
+    reference = run("cpu", torch.float64, native=False)
+    try:
+        cudnn = run("cuda", dtype, native=False)
+    except RuntimeError as error:  # e.g. a cuDNN without bfloat16 RNNs on this GPU
+        pytest.skip(f"torch.nn.{module.__class__.__name__} on CUDA in {dtype}: {error}")
+    fast = run("cuda", dtype, native=True)
+    _check(fast, cudnn, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck(cell, strategy):
+    """Schema, fake (meta) and autograd registration agree with the CUDA kernels."""
+    T, B, I, H = 3, 2, 4, 5
+    G = (4 if cell == "lstm" else 3) * H
+    tensors = [_rand(T, B, I).float().cuda().requires_grad_(), _rand(G, I).float().cuda().requires_grad_(),
+               _rand(G, H).float().cuda().requires_grad_(), _rand(G).float().cuda(), _rand(G).float().cuda()]
+    lengths = torch.tensor([3, 1])
+    if cell == "lstm":
+        args = (*tensors, None, None, None, lengths, True, 0.5, None, 0.1, "gates", True)
+        torch.library.opcheck(torch.ops.rnntl_fast.lstm_forward.default, args)
+    else:
+        args = (*tensors, None, lengths, False, 0.1, "state", True)
+        torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)

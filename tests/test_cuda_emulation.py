@@ -1,0 +1,272 @@
+"""The real CUDA kernel sources, run on the CPU by the emulated CUDA execution model
+(csrc/include/rnntl/cuda_emulation.h), against the float64 reference loop.
+
+Both strategies (stepwise: pointwise kernels between GEMMs; persistent: one cooperative
+launch with a grid barrier per step), LSTM and GRU, forward and every gradient, with the
+error rule of tests/tolerances.py (baseline: the reference loop in the same dtype).
+The driver is built with g++ only (tests/cuda_emulation/build.py), in about 10 s.
+A second build under ThreadSanitizer must run without a race report.
+"""
+import ctypes
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rnntl_fast.ops.reference import gru_reference, lstm_reference  # noqa: E402
+from tolerances import assert_within_error_rule  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
+
+STRATEGIES = {"stepwise": 1, "persistent": 2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+THREADS_PER_BLOCK = 64  # two warps per block; one std::thread per emulated CUDA thread
+MULTIPROCESSORS = 3     # the persistent plan splits H over this many blocks
+
+
+# Saved reserve of the last emulated runs, by id of the result dict.
+_RESERVE = {}
+
+
+@pytest.fixture(scope="module")
+def library():
+    from cuda_emulation.build import build_library
+
+    lib = ctypes.CDLL(build_library())
+    lib.rnntl_emulation_lstm.restype = ctypes.c_char_p
+    lib.rnntl_emulation_gru.restype = ctypes.c_char_p
+    return lib
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(None)
+
+
+def _i(v):
+    return ctypes.c_int64(v)
+
+
+def _d(v):
+    return ctypes.c_double(v or 0.0)
+
+
+def _clip_args(grad_clip, mode):
+    return (grad_clip if mode == "state" else None), (grad_clip if mode == "gates" else None)
+
+
+# (name, T, B, I, H, proj, lengths, reverse, cell_clip, proj_clip, grad_clip, mode, with_h0)
+LSTM_CASES = [
+    ("T1_B1", 1, 1, 3, 4, None, None, False, None, None, None, "state", True),
+    ("odd_unsorted", 5, 3, 7, 13, None, [3, 5, 1], False, None, None, None, "state", True),
+    ("reverse_clips_state", 5, 3, 7, 13, None, [3, 5, 1], True, 0.5, 0.2, 0.02, "state", True),
+    ("gates_mode_no_h0", 4, 2, 5, 9, None, None, True, None, None, 0.01, "gates", False),
+    ("zero_length_row", 3, 4, 3, 6, None, [0, 3, 2, 3], False, 0.7, None, 0.05, "state", True),
+    ("proj", 4, 3, 6, 8, 5, [4, 2, 3], False, None, 0.3, 0.05, "state", True),
+    ("proj_reverse_gates", 3, 2, 4, 7, 3, [1, 3], True, 0.6, None, 0.02, "gates", False),
+]
+
+GRU_CASES = [
+    ("T1_B1", 1, 1, 3, 4, None, False, None, "state", True),
+    ("odd_unsorted", 5, 3, 7, 13, [3, 5, 1], False, None, "state", True),
+    ("reverse_state_clip", 5, 3, 7, 13, [3, 5, 1], True, 0.02, "state", True),
+    ("gates_mode_no_h0", 4, 2, 5, 9, None, True, 0.01, "gates", False),
+    ("zero_length_row", 3, 4, 3, 6, [0, 3, 2, 3], False, 0.05, "state", True),
+]
+
+
+def _rand(*shape, dtype=torch.float64, scale=0.5):
+    return ((torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
+
+
+def _lstm_reference_run(dtype, data, options):
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "gcn", "lengths")
+                   else v) for k, v in data.items()}
+    out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
+                                   tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"], **options)
+    loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum() + (c_n * data["gcn"].to(dtype)).sum()
+    loss.backward()
+    grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+             if tensors[k] is not None}
+    return {"output": out.detach(), "h_n": h_n.detach(), "c_n": c_n.detach(), **grads}
+
+
+def _lstm_emulated_run(library, strategy, dtype, data, shape, options, grad_clip, mode):
+    T, B, I, H, P = shape
+    d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
+    out, h_n, c_n = nan(T, B, P), nan(B, P), nan(B, H)
+    gates, cells = nan(T, B, 4 * H), nan(T, B, H)
+    pre = nan(T, B, P) if options["proj_clip"] else None
+    g = {"x": nan(T, B, I), "w_ih": nan(4 * H, I), "w_hh": nan(4 * H, P), "bias": nan(4 * H),
+         "w_hr": nan(P, H) if d["w_hr"] is not None else None,
+         "h0": nan(B, P) if d["h0"] is not None else None, "c0": nan(B, H) if d["c0"] is not None else None}
+    state_clip, gate_clip = _clip_args(grad_clip, mode)
+    lengths = data["lengths"]
+    error = library.rnntl_emulation_lstm(
+        ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
+        ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options["reverse"])),
+        _d(options["cell_clip"]), _d(options["proj_clip"]), _d(state_clip), _d(gate_clip), _ptr(lengths),
+        _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["w_hr"]),
+        _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells), _ptr(pre),
+        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
+        _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))
+    if error is not None:
+        raise RuntimeError(error.decode())
+    result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "w_ih": g["w_ih"], "w_hh": g["w_hh"],
+              "b_ih": g["bias"], "b_hh": g["bias"]}
+    _RESERVE[id(result)] = (gates, cells, pre)
+    for k in ("w_hr", "h0", "c0"):
+        if g[k] is not None:
+            result[k] = g[k]
+    return result
+
+
+def _compare(fast, baseline, reference, dtype):
+    assert set(fast) == set(reference), (sorted(fast), sorted(reference))
+    for name in reference:
+        if dtype == torch.float64:
+            error = (fast[name] - reference[name]).abs().max().item() if fast[name].numel() else 0.0
+            assert error <= 1e-10, f"{name}: float64 error {error:.3e}"
+        else:
+            assert_within_error_rule(name, fast[name], baseline[name], reference[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", LSTM_CASES, ids=[c[0] for c in LSTM_CASES])
+def test_lstm_matches_reference(library, case, strategy, dtype):
+    _, T, B, I, H, proj, lengths, reverse, cell_clip, proj_clip, grad_clip, mode, with_h0 = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    P = proj or H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(4 * H, I), "w_hh": _rand(4 * H, P), "b_ih": _rand(4 * H),
+            "b_hh": _rand(4 * H), "w_hr": _rand(P, H) if proj else None,
+            "h0": _rand(B, P) if with_h0 else None, "c0": _rand(B, H) if with_h0 else None,
+            "go": _rand(T, B, P), "ghn": _rand(B, P), "gcn": _rand(B, H),
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    options = {"reverse": reverse, "cell_clip": cell_clip, "proj_clip": proj_clip, "grad_clip": grad_clip,
+               "grad_clip_mode": mode}
+    reference = _lstm_reference_run(torch.float64, data, options)
+    baseline = _lstm_reference_run(dtype, data, options)
+    fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, P), options, grad_clip, mode)
+    _compare(fast, baseline, reference, dtype)
+
+
+def _gru_reference_run(dtype, data, options):
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "lengths") else v)
+               for k, v in data.items()}
+    out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
+                             tensors["h0"], data["lengths"], **options)
+    loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
+    loss.backward()
+    grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
+    return {"output": out.detach(), "h_n": h_n.detach(), **grads}
+
+
+def _gru_emulated_run(library, strategy, dtype, data, shape, options, grad_clip, mode, sms=MULTIPROCESSORS):
+    T, B, I, H = shape
+    d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
+    out, h_n, gates, hidden_n = nan(T, B, H), nan(B, H), nan(T, B, 3 * H), nan(T, B, H)
+    g = {"x": nan(T, B, I), "w_ih": nan(3 * H, I), "w_hh": nan(3 * H, H), "b_ih": nan(3 * H), "b_hh": nan(3 * H),
+         "h0": nan(B, H) if d["h0"] is not None else None}
+    state_clip, gate_clip = _clip_args(grad_clip, mode)
+    error = library.rnntl_emulation_gru(
+        ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
+        ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options["reverse"])),
+        _d(state_clip), _d(gate_clip), _ptr(data["lengths"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]),
+        _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n), _ptr(gates), _ptr(hidden_n),
+        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]), _ptr(g["b_ih"]),
+        _ptr(g["b_hh"]), _ptr(g["h0"]))
+    if error is not None:
+        raise RuntimeError(error.decode())
+    result = {"output": out, "h_n": h_n}
+    result.update({k: v for k, v in g.items() if v is not None})
+    _RESERVE[id(result)] = (gates, hidden_n)
+    return result
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", GRU_CASES, ids=[c[0] for c in GRU_CASES])
+def test_gru_matches_reference(library, case, strategy, dtype):
+    _, T, B, I, H, lengths, reverse, grad_clip, mode, with_h0 = case
+    data = {"x": _rand(T, B, I), "w_ih": _rand(3 * H, I), "w_hh": _rand(3 * H, H), "b_ih": _rand(3 * H),
+            "b_hh": _rand(3 * H), "h0": _rand(B, H) if with_h0 else None, "go": _rand(T, B, H), "ghn": _rand(B, H),
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    options = {"reverse": reverse, "grad_clip": grad_clip, "grad_clip_mode": mode}
+    reference = _gru_reference_run(torch.float64, data, options)
+    baseline = _gru_reference_run(dtype, data, options)
+    fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, grad_clip, mode)
+    _compare(fast, baseline, reference, dtype)
+
+
+def test_emulated_warp_primitives_and_shared_memory(library):
+    """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
+    assert library.rnntl_emulation_warp_selftest() == 0
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reserve_matches_the_cpu_op(library, cell, strategy):
+    """Forward outputs and the saved reserve the backward reads (gates, cells,
+    hidden_pre_clip / hidden_n) have the CPU op's layout and values."""
+    from rnntl_fast import _ext
+
+    if not _ext.HAS_CPU_KERNELS:
+        pytest.skip(f"the CPU extension is not built here ({_ext.IMPORT_ERROR})")
+    import rnntl_fast  # noqa: F401  (registers the ops' fakes and autograd)
+
+    T, B, I, H = 4, 3, 5, 7
+    lengths = torch.tensor([2, 4, 3])
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, H), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, H), "c0": _rand(B, H), "w_hr": None, "go": _rand(T, B, H), "ghn": _rand(B, H),
+            "gcn": _rand(B, H), "lengths": lengths}
+    f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    if cell == "lstm":
+        options = {"reverse": True, "cell_clip": 0.6, "proj_clip": 0.4}
+        cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
+                                                f["c0"], lengths, True, 0.6, 0.4, None, "state", True)
+        fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options, None, "state")
+        emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
+    else:
+        options = {"reverse": True}
+        cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
+                                               True, None, "state", True)
+        fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options, None, "state")
+        emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
+    assert len(cpu) == len(emulated)
+    for index, (a, b) in enumerate(zip(cpu, emulated)):
+        assert tuple(a.shape) == tuple(b.shape), f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=f"output {index}")
+
+
+def test_persistent_plan_refuses_what_does_not_fit(library):
+    """On one emulated multiprocessor (96 KiB of shared memory per block) W_hh of H=200
+    does not fit on chip: an explicit persistent request is refused with a clear error
+    (the glue's auto choice then runs stepwise)."""
+    T, B, I, H = 2, 2, 3, 200
+    data = {"x": _rand(T, B, I), "w_ih": _rand(3 * H, I), "w_hh": _rand(3 * H, H), "b_ih": None, "b_hh": None,
+            "h0": None, "go": _rand(T, B, H), "ghn": _rand(B, H), "lengths": None}
+    options = {"reverse": False, "grad_clip": None, "grad_clip_mode": "state"}
+    with pytest.raises(RuntimeError, match="persistent CUDA strategy does not support"):
+        _gru_emulated_run(library, "persistent", torch.float64, data, (T, B, I, H), options, None, "state", sms=1)
+
+
+@pytest.mark.skipif(os.environ.get("RNNTL_SKIP_TSAN") == "1", reason="RNNTL_SKIP_TSAN=1")
+def test_kernels_have_no_data_race_under_thread_sanitizer():
+    from cuda_emulation.build import run_tsan_program
+
+    try:
+        ok, output = run_tsan_program()
+    except Exception as error:  # a toolchain without libtsan is a skip, not a pass
+        pytest.skip(f"ThreadSanitizer build failed: {error}")
+    assert ok, output[-6000:]
+    assert "OK" in output
