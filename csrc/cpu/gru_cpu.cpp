@@ -134,22 +134,6 @@ void gru_backward_rows_entry(const GruBackwardStep<double>& s, int64_t begin, in
   gru_backward_rows(s, begin, end);
 }
 
-int64_t check_gru_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh) {
-  check_input(input);
-  check_same(input, weight_ih, "weight_ih");
-  check_same(input, weight_hh, "weight_hh");
-  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 3 == 0 && weight_ih.size(0) > 0,
-              "rnntl_fast: weight_ih must have shape [3*hidden_size, input_size], got ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
-              " features but weight_ih expects input_size=", weight_ih.size(1));
-  const int64_t H = weight_ih.size(0) / 3;
-  check_shape(weight_hh, {3 * H, H}, "weight_hh");
-  check_optional(bias_ih, input, {3 * H}, "bias_ih");
-  check_optional(bias_hh, input, {3 * H}, "bias_hh");
-  return H;
-}
-
 }  // namespace
 
 // Returns (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]); the last two
@@ -161,19 +145,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     c10::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_input_cpu(input);
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");
-  check_lengths(lengths, T, B);
-  clip_or_zero(grad_clip, "grad_clip");
-  check_grad_clip_mode(grad_clip_mode);
+  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
+  clip_or_zero(grad_clip, "grad_clip");  // used by the backward; checked here too
+  is_gate_mode(grad_clip_mode);
   const auto options = input.options();
 
   const at::Tensor x = input.contiguous().view({T * B, I});
   const at::Tensor input_gates = linear_rows(x, weight_ih, bias_ih);
   const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
-  const SequenceOrder sequence(lengths, T, B);
-  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const SequenceOrder sequence(lengths64, T, B);
+  const at::Tensor order_tensor = sequence.order_tensor();
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, H}, options);
   at::Tensor recurrent_scratch = at::empty({B, G}, options);
   at::Tensor output = at::empty({T, B, H}, options);
@@ -187,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     GruForwardStep<T_> s;
     s.batch = B;
     s.hidden = H;
-    s.order = sequence.order.data();
+    s.order = sequence.order;
     s.input_gates = input_gates.data_ptr<T_>();
     s.bias_hh = bias.data_ptr<T_>();
     s.hidden_state = hidden_state.data_ptr<T_>();
@@ -231,26 +216,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_input_cpu(input);
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");
   check_optional(grad_output, input, {T, B, H}, "grad_output");
   check_optional(grad_h_n, input, {B, H}, "grad_h_n");
-  check_lengths(lengths, T, B);
+  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
   check_same(input, output, "output");
   check_shape(output, {T, B, H}, "output");
   check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
   check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
   const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  check_grad_clip_mode(grad_clip_mode);
-  const bool gate_mode = grad_clip_mode == "gates";
+  const bool gate_mode = is_gate_mode(grad_clip_mode);
   const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
              need_bias_ih = output_mask[3], need_bias_hh = output_mask[4], need_h0 = output_mask[5];
   const bool keep_hidden_gates = need_weight_hh || need_bias_hh;
   const auto options = input.options();
 
-  const SequenceOrder sequence(lengths, T, B);
-  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const SequenceOrder sequence(lengths64, T, B);
+  const at::Tensor order_tensor = sequence.order_tensor();
   const bool identity_order = !lengths.has_value();
   const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, H}, options);
   at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, H}, options).index_select(0, order_tensor);

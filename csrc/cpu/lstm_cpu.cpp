@@ -196,31 +196,6 @@ void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t ba
   }
 }
 
-void check_lstm_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                        const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
-                        const c10::optional<at::Tensor>& weight_hr, int64_t* hidden, int64_t* out_size) {
-  check_input(input);
-  check_same(input, weight_ih, "weight_ih");
-  check_same(input, weight_hh, "weight_hh");
-  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_ih.size(0) > 0,
-              "rnntl_fast: weight_ih must have shape [4*hidden_size, input_size], got ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
-              " features but weight_ih expects input_size=", weight_ih.size(1));
-  const int64_t H = weight_ih.size(0) / 4;
-  int64_t P = H;
-  if (weight_hr.has_value()) {
-    check_same(input, *weight_hr, "weight_hr");
-    TORCH_CHECK(weight_hr->dim() == 2 && weight_hr->size(1) == H && weight_hr->size(0) > 0,
-                "rnntl_fast: weight_hr must have shape [proj_size, ", H, "], got ", weight_hr->sizes());
-    P = weight_hr->size(0);
-  }
-  check_shape(weight_hh, {4 * H, P}, "weight_hh");
-  check_optional(bias_ih, input, {4 * H}, "bias_ih");
-  check_optional(bias_hh, input, {4 * H}, "bias_hh");
-  *hidden = H;
-  *out_size = P;
-}
-
 }  // namespace
 
 // Returns (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H],
@@ -236,15 +211,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   int64_t H = 0, P = 0;
+  check_input_cpu(input);
   check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
   check_optional(h0, input, {B, P}, "h0");
   check_optional(c0, input, {B, H}, "c0");
-  check_lengths(lengths, T, B);
+  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
   const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
   const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
-  clip_or_zero(grad_clip, "grad_clip");
-  check_grad_clip_mode(grad_clip_mode);
+  clip_or_zero(grad_clip, "grad_clip");  // used by the backward; checked here too
+  is_gate_mode(grad_clip_mode);
   const bool project = weight_hr.has_value();
   const auto options = input.options();
 
@@ -257,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     else if (bias_hh.has_value()) bias = *bias_hh;
     input_gates = linear_rows(x, weight_ih, bias);
   }
-  const SequenceOrder sequence(lengths, T, B);
-  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const SequenceOrder sequence(lengths64, T, B);
+  const at::Tensor order_tensor = sequence.order_tensor();
 
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
@@ -278,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     LstmForwardStep<T_> s;
     s.batch = B;
     s.hidden = H;
-    s.order = sequence.order.data();
+    s.order = sequence.order;
     s.input_gates = input_gates.data_ptr<T_>();
     s.cell_state = cell_state.data_ptr<T_>();
     s.hidden_state = project ? nullptr : hidden_state.data_ptr<T_>();
@@ -353,6 +329,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   int64_t H = 0, P = 0;
+  check_input_cpu(input);
   check_lstm_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
   check_optional(h0, input, {B, P}, "h0");
@@ -360,7 +337,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   check_optional(grad_output, input, {T, B, P}, "grad_output");
   check_optional(grad_h_n, input, {B, P}, "grad_h_n");
   check_optional(grad_c_n, input, {B, H}, "grad_c_n");
-  check_lengths(lengths, T, B);
+  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
   check_same(input, output, "output");
   check_shape(output, {T, B, P}, "output");
   check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
@@ -368,9 +345,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
   const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
   const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  check_grad_clip_mode(grad_clip_mode);
   if (proj_limit > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
-  const bool gate_mode = grad_clip_mode == "gates";
+  const bool gate_mode = is_gate_mode(grad_clip_mode);
   const bool project = weight_hr.has_value();
   const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
              need_bias = output_mask[3], need_weight_hr = output_mask[4], need_h0 = output_mask[5],
@@ -378,8 +354,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const bool want_weight_hr = project && need_weight_hr;
   const auto options = input.options();
 
-  const SequenceOrder sequence(lengths, T, B);
-  const at::Tensor order_tensor = at::tensor(sequence.order, at::kLong);
+  const SequenceOrder sequence(lengths64, T, B);
+  const at::Tensor order_tensor = sequence.order_tensor();
   const bool identity_order = !lengths.has_value();
   const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, P}, options);
   at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, P}, options).index_select(0, order_tensor);
@@ -445,7 +421,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       s.grad_gates = identity_order ? s.grad_gates_all + t * B * G : grad_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order.data(), go, pre, carry_h, d_pre,
+          lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre,
                                         d_pre_all, state_clip, proj_limit_t);
         });
         s.grad_hidden_unprojected =

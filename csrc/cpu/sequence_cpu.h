@@ -7,10 +7,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <rnntl/host_order.h>
+
+#include "../op_checks.h"
 
 #include <algorithm>
-#include <numeric>
-#include <vector>
 
 namespace rnntl {
 namespace cpu {
@@ -25,35 +26,29 @@ namespace cpu {
 // its own instruction set (a plain call would run the baseline code).
 #define RNNTL_ROW_INLINE __attribute__((always_inline)) inline
 
-// PackedLengths-style bookkeeping for one sequence kernel.
-//   order[j]:  batch row processed in slot j; rows sorted by length, longest first (stable),
-//              so at any step the rows still inside their sequence are slots [0, active[t]).
-//   active[t]: number of rows with length > t.
+// The batch order of one sequence kernel (the rule is rnntl::HostOrder's, shared with the
+// CUDA glue): slot j holds batch row order[j], rows sorted by length, longest first
+// (stable), so the rows still inside their sequence at step t are slots [0, active[t]).
 // Row b is valid at step t iff t < length[b], in both directions: the reverse direction
 // therefore starts each row at its own last step.
 struct SequenceOrder {
-  std::vector<int64_t> order;
-  std::vector<int64_t> active;
-  std::vector<int64_t> length;
+  HostOrder host;
+  const int64_t* order;   // [B]
+  const int64_t* length;  // [B], by batch row
+  const int64_t* active;  // [T]
 
-  SequenceOrder(const c10::optional<at::Tensor>& lengths, int64_t steps, int64_t batch) {
-    order.resize(batch);
-    std::iota(order.begin(), order.end(), 0);
-    length.assign(batch, steps);
-    active.assign(steps, batch);
-    if (!lengths.has_value()) return;
-    const at::Tensor l = lengths->to(at::kLong).contiguous();
-    const int64_t* data = l.data_ptr<int64_t>();
-    for (int64_t b = 0; b < batch; ++b) length[b] = data[b];
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return length[a] > length[b]; });
-    for (int64_t t = 0; t < steps; ++t) {
-      int64_t n = 0;
-      while (n < batch && length[order[n]] > t) ++n;
-      active[t] = n;
-    }
+  // lengths64: checked_lengths()'s result (contiguous int64 [B]), or undefined for all T.
+  SequenceOrder(const at::Tensor& lengths64, int64_t steps, int64_t batch)
+      : host(lengths64.defined() ? lengths64.data_ptr<int64_t>() : nullptr, steps, batch),
+        order(host.packed.data()),
+        length(order + batch),
+        active(length + batch) {}
+  SequenceOrder(const SequenceOrder&) = delete;  // the pointers point into `host`
+  SequenceOrder& operator=(const SequenceOrder&) = delete;
+
+  at::Tensor order_tensor() const {
+    return at::from_blob(const_cast<int64_t*>(order), {host.batch}, at::TensorOptions().dtype(at::kLong)).clone();
   }
-
   // Step at which row b started (its first step in processing order).
   bool is_first_step(int64_t b, int64_t t, bool reverse) const {
     return reverse ? t == length[b] - 1 : t == 0;
@@ -75,61 +70,10 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
 // The first n slots of a slot-major buffer.
 inline at::Tensor slots(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
 
-inline double clip_or_zero(const c10::optional<double>& value, const char* name) {
-  if (!value.has_value()) return 0.0;
-  TORCH_CHECK(std::isfinite(*value) && *value > 0.0, "rnntl_fast: ", name,
-              " must be a finite positive number or None, got ", *value);
-  return *value;
-}
-
-inline void check_grad_clip_mode(c10::string_view mode) {
-  TORCH_CHECK(mode == "state" || mode == "gates",
-              "rnntl_fast: grad_clip_mode must be 'state' or 'gates', got '", std::string(mode), "'");
-}
-
-inline void check_same(const at::Tensor& input, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == input.device(), "rnntl_fast: ", name, " is on ", t.device(),
-              " but input is on ", input.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnntl_fast: ", name, " has dtype ",
-              t.scalar_type(), " but input has dtype ", input.scalar_type());
-}
-
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "rnntl_fast: ", name, " must have shape ", expected, ", got ",
-              t.sizes());
-}
-
-inline void check_optional(const c10::optional<at::Tensor>& t, const at::Tensor& input,
-                           at::IntArrayRef expected, const char* name) {
-  if (!t.has_value()) return;
-  check_same(input, *t, name);
-  check_shape(*t, expected, name);
-}
-
-inline void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t steps, int64_t batch) {
-  if (!lengths.has_value()) return;
-  const at::Tensor& l = *lengths;
-  TORCH_CHECK(l.device().is_cpu(), "rnntl_fast: lengths must be a CPU tensor for the CPU kernels, got ",
-              l.device());
-  TORCH_CHECK(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
-              "rnntl_fast: lengths must be an integer tensor (int64 or int32), got ", l.scalar_type());
-  TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, "rnntl_fast: lengths must have shape [", batch,
-              "] (one per batch row), got ", l.sizes());
-  if (batch == 0) return;
-  const at::Tensor l64 = l.to(at::kLong);
-  const int64_t lo = l64.min().item<int64_t>();
-  const int64_t hi = l64.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0, "rnntl_fast: lengths must be >= 0, got ", lo);
-  TORCH_CHECK(hi <= steps, "rnntl_fast: lengths must be <= the number of steps T=", steps, ", got ", hi);
-}
-
-inline void check_input(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() == 3, "rnntl_fast: input must have shape [T, B, I] (3 dims), got ",
-              input.dim(), " dims");
+inline void check_input_cpu(const at::Tensor& input) {
+  check_input_shape(input);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "rnntl_fast: the CPU kernels support float32 and float64 input, got ", input.scalar_type());
-  TORCH_CHECK(input.size(0) > 0, "rnntl_fast: input must have at least one step (T > 0)");
-  TORCH_CHECK(input.size(1) > 0, "rnntl_fast: input must have a non-empty batch (B > 0)");
 }
 
 // A defined tensor of `sizes`, or zeros where the autograd engine passed none.

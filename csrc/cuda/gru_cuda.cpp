@@ -7,25 +7,6 @@
 
 namespace rnntl {
 namespace cuda_glue {
-namespace {
-
-int64_t check_gru_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh) {
-  check_input(input);
-  check_same(input, weight_ih, "weight_ih");
-  check_same(input, weight_hh, "weight_hh");
-  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 3 == 0 && weight_ih.size(0) > 0,
-              "rnntl_fast: weight_ih must have shape [3*hidden_size, input_size], got ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
-              " features but weight_ih expects input_size=", weight_ih.size(1));
-  const int64_t H = weight_ih.size(0) / 3;
-  check_shape(weight_hh, {3 * H, H}, "weight_hh");
-  check_optional(bias_ih, input, {3 * H}, "bias_ih");
-  check_optional(bias_hh, input, {3 * H}, "bias_hh");
-  return H;
-}
-
-}  // namespace
 
 // -> (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H])
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
@@ -33,11 +14,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, bool reverse,
     std::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
+  check_input_cuda(input);
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");
   clip_or_zero(grad_clip, "grad_clip");
-  gate_mode(grad_clip_mode);
+  is_gate_mode(grad_clip_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();
@@ -82,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, std::optional<double> grad_clip,
     c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
+  check_input_cuda(input);
   const int64_t H = check_gru_weights(input, weight_ih, weight_hh, std::nullopt, std::nullopt);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
   check_optional(h0, input, {B, H}, "h0");
@@ -92,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
   check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
   const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  const bool gates_mode = gate_mode(grad_clip_mode);
+  const bool gates_mode = is_gate_mode(grad_clip_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();

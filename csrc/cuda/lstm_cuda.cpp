@@ -8,34 +8,6 @@
 
 namespace rnntl {
 namespace cuda_glue {
-namespace {
-
-void check_lstm_weights(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                        const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-                        const std::optional<at::Tensor>& weight_hr, int64_t* hidden, int64_t* out_size) {
-  check_input(input);
-  check_same(input, weight_ih, "weight_ih");
-  check_same(input, weight_hh, "weight_hh");
-  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_ih.size(0) > 0,
-              "rnntl_fast: weight_ih must have shape [4*hidden_size, input_size], got ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
-              " features but weight_ih expects input_size=", weight_ih.size(1));
-  const int64_t H = weight_ih.size(0) / 4;
-  int64_t P = H;
-  if (weight_hr.has_value()) {
-    check_same(input, *weight_hr, "weight_hr");
-    TORCH_CHECK(weight_hr->dim() == 2 && weight_hr->size(1) == H && weight_hr->size(0) > 0,
-                "rnntl_fast: weight_hr must have shape [proj_size, ", H, "], got ", weight_hr->sizes());
-    P = weight_hr->size(0);
-  }
-  check_shape(weight_hh, {4 * H, P}, "weight_hh");
-  check_optional(bias_ih, input, {4 * H}, "bias_ih");
-  check_optional(bias_hh, input, {4 * H}, "bias_hh");
-  *hidden = H;
-  *out_size = P;
-}
-
-}  // namespace
 
 // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
@@ -46,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<double> cell_clip, std::optional<double> proj_clip, std::optional<double> grad_clip,
     c10::string_view grad_clip_mode, bool save_for_backward) {
   int64_t H = 0, P = 0;
+  check_input_cuda(input);
   check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
   check_optional(h0, input, {B, P}, "h0");
@@ -53,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
   const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
   clip_or_zero(grad_clip, "grad_clip");
-  gate_mode(grad_clip_mode);
+  is_gate_mode(grad_clip_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();
@@ -111,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<double> cell_clip, std::optional<double> proj_clip, std::optional<double> grad_clip,
     c10::string_view grad_clip_mode, std::array<bool, 7> output_mask) {
   int64_t H = 0, P = 0;
+  check_input_cuda(input);
   check_lstm_weights(input, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr, &H, &P);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
   check_optional(h0, input, {B, P}, "h0");
@@ -125,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
   const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
   const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  const bool gates_mode = gate_mode(grad_clip_mode);
+  const bool gates_mode = is_gate_mode(grad_clip_mode);
   if (proj_limit > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
   const bool project = weight_hr.has_value();
   const c10::cuda::CUDAGuard guard(input.device());

@@ -12,6 +12,8 @@
 #include <rnntl/host_order.h>
 #include <rnntl/params.h>
 
+#include "../op_checks.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -30,43 +32,10 @@ inline DType dtype_of(const at::Tensor& t) {
   return DType::kFloat32;
 }
 
-inline void check_input(const at::Tensor& input) {
+inline void check_input_cuda(const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "rnntl_fast: input must be a CUDA tensor for the CUDA kernels, got ", input.device());
-  TORCH_CHECK(input.dim() == 3, "rnntl_fast: input must have shape [T, B, I] (3 dims), got ", input.dim(), " dims");
+  check_input_shape(input);
   dtype_of(input);
-  TORCH_CHECK(input.size(0) > 0, "rnntl_fast: input must have at least one step (T > 0)");
-  TORCH_CHECK(input.size(1) > 0, "rnntl_fast: input must have a non-empty batch (B > 0)");
-}
-
-inline void check_same(const at::Tensor& input, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == input.device(), "rnntl_fast: ", name, " is on ", t.device(), " but input is on ",
-              input.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnntl_fast: ", name, " has dtype ", t.scalar_type(),
-              " but input has dtype ", input.scalar_type());
-}
-
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "rnntl_fast: ", name, " must have shape ", expected, ", got ", t.sizes());
-}
-
-inline void check_optional(const std::optional<at::Tensor>& t, const at::Tensor& input, at::IntArrayRef expected,
-                           const char* name) {
-  if (!t.has_value()) return;
-  check_same(input, *t, name);
-  check_shape(*t, expected, name);
-}
-
-inline double clip_or_zero(const std::optional<double>& value, const char* name) {
-  if (!value.has_value()) return 0.0;
-  TORCH_CHECK(std::isfinite(*value) && *value > 0.0, "rnntl_fast: ", name,
-              " must be a finite positive number or None, got ", *value);
-  return *value;
-}
-
-inline bool gate_mode(c10::string_view mode) {
-  TORCH_CHECK(mode == "state" || mode == "gates", "rnntl_fast: grad_clip_mode must be 'state' or 'gates', got '",
-              std::string(mode), "'");
-  return mode == "gates";
 }
 
 // Contiguous tensor (kept alive by the caller) and its data pointer, or null.
@@ -87,22 +56,6 @@ struct DeviceOrder {
   at::Tensor lengths_host;
   HostOrder host;
   at::Tensor device;  // [2B + T] int64: order, length, active
-
-  static at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, int64_t steps, int64_t batch) {
-    if (!lengths.has_value()) return at::Tensor();
-    const at::Tensor& l = *lengths;
-    TORCH_CHECK(l.device().is_cpu(), "rnntl_fast: lengths must be a CPU tensor (also for CUDA input), got ",
-                l.device());
-    TORCH_CHECK(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
-                "rnntl_fast: lengths must be an integer tensor (int64 or int32), got ", l.scalar_type());
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, "rnntl_fast: lengths must have shape [", batch,
-                "] (one per batch row), got ", l.sizes());
-    const at::Tensor l64 = l.to(at::kLong).contiguous();
-    const int64_t lo = l64.min().item<int64_t>(), hi = l64.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0, "rnntl_fast: lengths must be >= 0, got ", lo);
-    TORCH_CHECK(hi <= steps, "rnntl_fast: lengths must be <= the number of steps T=", steps, ", got ", hi);
-    return l64;
-  }
 
   DeviceOrder(const std::optional<at::Tensor>& lengths, int64_t steps, int64_t batch, const at::Device& where)
       : lengths_host(checked_lengths(lengths, steps, batch)),
