@@ -149,8 +149,43 @@ def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
         main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))
 
 
-def test_pretrained_files_need_rnntl_fast_pretrained(tiny_data, tmp_path, monkeypatch):
-    # a None entry in sys.modules makes `from .. import pretrained` raise ImportError
-    monkeypatch.setitem(sys.modules, "rnntl_fast.pretrained", None)
-    with pytest.raises(SystemExit, match="need rnntl_fast.pretrained"):
-        main(tiny_args(tiny_data, tmp_path, "--pretrained-vectors", str(tmp_path / "vectors.txt")))
+def _gensim_test_file(name):
+    gensim = pytest.importorskip("gensim")
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", name)
+    if not os.path.exists(path):
+        pytest.skip(f"gensim's test file {name} is not installed")
+    return path
+
+
+def test_finetune_with_pretrained_word_vectors_and_missing_rows_only(tiny_data, tmp_path):
+    vectors = _gensim_test_file("lee_fasttext.vec")  # fastText .vec, 10 dimensions
+    args = tiny_args(tiny_data, tmp_path, "--pretrained-vectors", vectors, "--train-missing-rows-only",
+                     "--no-scratch", "--throughput-steps", "0")
+    args[args.index("--embedding-dim") + 1] = "10"
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    report = metrics["pretrained_files"]
+    assert "lee_fasttext.vec" in report["word_vectors"] and "tokens found" in report["word_vectors"]
+    assert report["trainable_embedding_rows"] > 0
+    assert "transfer" in metrics
+
+
+def test_finetune_with_a_pretrained_torch_lstm(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "lstm.pt"
+    torch.save({"model": {"encoder." + k: v for k, v in torch.nn.LSTM(8, 8, batch_first=True).state_dict().items()}},
+               checkpoint)
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_data, out, "--pretrained-rnn", str(checkpoint), "--no-scratch",
+                          "--throughput-steps", "0")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pretrained_files"]["rnn"]["format"] == "torch"
+    bad = tiny_args(tiny_data, tmp_path / "bad", "--pretrained-rnn", str(checkpoint))
+    bad[bad.index("--hidden-size") + 1] = "6"
+    with pytest.raises(SystemExit, match="this run expects"):
+        main(bad)
+
+
+def test_train_missing_rows_only_needs_vectors(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="needs --pretrained-vectors"):
+        main(tiny_args(tiny_data, tmp_path, "--train-missing-rows-only"))

@@ -59,6 +59,8 @@ def add_arguments(parser) -> None:
                             help="with --pretrained-vectors: train only rows of words the vectors lack")
     pretrained.add_argument("--pretrained-rnn", help="a pretrained recurrent layer file (via rnntl_fast.pretrained)")
     pretrained.add_argument("--pretrained-format", choices=PRETRAINED_FORMATS, default="torch")
+    pretrained.add_argument("--pretrained-layer", help="with --pretrained-rnn: the source layer to take (default: "
+                                                       "the file's only recurrent layer)")
     run = parser.add_argument_group("comparisons")
     run.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     run.add_argument("--throughput-steps", type=int, default=12,
@@ -67,35 +69,49 @@ def add_arguments(parser) -> None:
 
 
 def _user_pretrained(args, vocab, recipe):
-    """Embedding and/or recurrent weights from user files through rnntl_fast.pretrained
-    (imported here: that subpackage is optional for the rest of this command)."""
+    """Embedding and/or recurrent weights from user files, through rnntl_fast.pretrained.
+    Returns (nn.Embedding or None, {"rnn.<name>": tensor} or None, report dict)."""
     embedding, rnn_state, report = None, None, {}
+    if args.train_missing_rows_only and not args.pretrained_vectors:
+        raise SystemExit("--train-missing-rows-only needs --pretrained-vectors")
     if not (args.pretrained_vectors or args.pretrained_rnn):
         return embedding, rnn_state, report
-    try:
-        from .. import pretrained
-    except ImportError as error:
-        raise SystemExit(f"--pretrained-vectors/--pretrained-rnn need rnntl_fast.pretrained, which is not "
-                         f"available in this installation ({error})") from error
+    from .. import pretrained
     if args.pretrained_vectors:
-        loaded = pretrained.load_word_vectors(args.pretrained_vectors, vocab.itos)
-        embedding, coverage = loaded if isinstance(loaded, tuple) else (loaded, None)
+        # vocab.itos: row i of the embedding is word i; row 0 is padding
+        embedding, coverage = pretrained.load_word_vectors(args.pretrained_vectors, vocab.itos, padding_idx=0)
         if embedding.embedding_dim != recipe.embedding_dim:
             raise SystemExit(f"{args.pretrained_vectors}: vectors have {embedding.embedding_dim} dimensions; "
                              f"pass --embedding-dim {embedding.embedding_dim}")
-        report["word_vectors"] = coverage if isinstance(coverage, dict) else str(coverage)
+        report["word_vectors"] = str(coverage)
         if args.train_missing_rows_only:
             from .freezing import PartiallyFrozenEmbedding
-            missing = coverage.get("missing") if isinstance(coverage, dict) else getattr(coverage, "missing", None)
-            if missing is None:
-                raise SystemExit("--train-missing-rows-only: the coverage report names no missing words")
-            rows = [vocab.stoi[w] for w in missing if w in vocab.stoi]
+            rows = [vocab.stoi[w] for w in coverage.missing if w in vocab.stoi]
             embedding = PartiallyFrozenEmbedding.from_embedding(embedding, rows)
             report["trainable_embedding_rows"] = len(rows)
     if args.pretrained_rnn:
-        module = getattr(pretrained, f"load_{args.pretrained_format}")(args.pretrained_rnn)
+        layers = getattr(pretrained, f"load_{args.pretrained_format}")(args.pretrained_rnn)
+        if args.pretrained_layer is not None:
+            if args.pretrained_layer not in layers:
+                raise SystemExit(f"{args.pretrained_rnn}: no recurrent layer {args.pretrained_layer!r}; "
+                                 f"it has {list(layers)}")
+            name = args.pretrained_layer
+        elif len(layers) == 1:
+            name = next(iter(layers))
+        else:
+            raise SystemExit(f"{args.pretrained_rnn} has {len(layers)} recurrent layers {list(layers)}: "
+                             "choose one with --pretrained-layer")
+        module = layers[name]
+        expected = (recipe.cell, recipe.embedding_dim, recipe.hidden_size, recipe.num_layers, recipe.bidirectional)
+        found = (module.mode.lower(), module.input_size, module.hidden_size, module.num_layers, module.bidirectional)
+        if found != expected or getattr(module, "proj_size", 0):
+            raise SystemExit(f"{args.pretrained_rnn}: layer {name!r} is (cell, input_size, hidden_size, num_layers, "
+                             f"bidirectional) {found}"
+                             f"{', with proj_size' if getattr(module, 'proj_size', 0) else ''}; this run expects "
+                             f"{expected} (--cell, --embedding-dim, --hidden-size, --num-layers, --bidirectional)")
         rnn_state = {f"rnn.{k}": v for k, v in module.state_dict().items()}
-        report["rnn"] = {"file": os.path.abspath(args.pretrained_rnn), "format": args.pretrained_format}
+        report["rnn"] = {"file": os.path.abspath(args.pretrained_rnn), "format": args.pretrained_format,
+                         "layer": name, "mapping": layers.report}
     return embedding, rnn_state, report
 
 
