@@ -45,7 +45,7 @@ def tiny_args(tiny_data, output_dir, *extra):
             "--lm-text", text_path, "--vocab-size", "40", "--min-freq", "1", "--embedding-dim", "8",
             "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4", "--lm-chunk-length", "8",
             "--epochs", "2", "--batch-size", "4", "--max-tokens", "12", "--threads", "1", "--no-progress",
-            "--output-dir", str(output_dir), *extra]
+            "--repeats", "1", "--output-dir", str(output_dir), *extra]
 
 
 def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
@@ -62,6 +62,39 @@ def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
     assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("language_model.pt", "encoder.pt", "transfer.pt", "scratch.pt"):
         assert (tmp_path / name).is_file()
+
+
+def test_finetune_cli_repeats_seeds_on_a_labelled_subset(tiny_data, tmp_path):
+    assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "0", "--repeats", "3",
+                          "--labelled-size", "30")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    split = metrics["data"]["split"]
+    assert (split["train"], split["training_split"]) == (30, 56)  # 80 rows: 70% training split
+    # the whole training split still reaches the language model, without labels
+    assert metrics["data"]["language_model_documents"]["classifier_training_split_texts_without_labels"] == 56
+    for name in ("transfer", "scratch"):
+        arm = metrics[name]
+        per_seed = [run["test_accuracy"] for run in arm["runs"]]
+        assert len(per_seed) == 3 and arm["test_accuracy_per_seed"] == per_seed
+        assert arm["test_accuracy"] == pytest.approx(sum(per_seed) / 3)
+        mean = sum(per_seed) / 3
+        assert arm["test_accuracy_std"] == pytest.approx((sum((a - mean) ** 2 for a in per_seed) / 2) ** 0.5)
+        assert arm["steps"] == sum(run["steps"] for run in arm["runs"]) == 3 * 2 * 7  # 2 epochs of 30 rows in full batches of 4
+        for seed in range(3):
+            assert (tmp_path / f"{name}_seed{seed}.pt").is_file()
+    gains = [t - s for t, s in zip(metrics["transfer"]["test_accuracy_per_seed"],
+                                   metrics["scratch"]["test_accuracy_per_seed"])]
+    assert metrics["transfer_minus_scratch_test_accuracy_per_seed"] == pytest.approx(gains)
+    # different seeds: different new-weight initialisation, so the scratch runs differ
+    first, second = (torch.load(tmp_path / f"scratch_seed{k}.pt", weights_only=False)["model"] for k in (0, 1))
+    assert any(not torch.equal(first[key], second[key]) for key in first)
+
+
+def test_finetune_cli_rejects_bad_counts(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        main(tiny_args(tiny_data, tmp_path / "a", "--repeats", "0"))
+    with pytest.raises(SystemExit, match="--labelled-size must be >= 0"):
+        main(tiny_args(tiny_data, tmp_path / "b", "--labelled-size", "-3"))
 
 
 def test_finetune_cli_reports_bad_rows(tiny_data, tmp_path):

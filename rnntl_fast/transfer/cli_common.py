@@ -107,10 +107,26 @@ def _subset(texts: data.LabelledTexts, indices: List[int]) -> data.LabelledTexts
                               [texts.lines[i] for i in indices])
 
 
+EMBEDDED_LABELLED_SIZE = 1000
+
+
+def labelled_size(args) -> Optional[int]:
+    """How many labelled training examples the classifier gets: --labelled-size; by default
+    1000 for the embedded Rotten Tomatoes data (the small-labelled-set case transfer is
+    for) and all of them for --train-csv. None: all."""
+    requested = getattr(args, "labelled_size", None)
+    if requested is None:
+        return None if getattr(args, "train_csv", None) else EMBEDDED_LABELLED_SIZE
+    if requested < 0:
+        raise SystemExit(f"--labelled-size must be >= 0 (0: all), got {requested}")
+    return requested or None
+
+
 def prepare_data(args, need_labels: bool = True) -> PreparedData:
-    """The default: Rotten Tomatoes fresh/rotten split 70/10/20 (fixed --split-seed); LM on
-    plot synopses + gensim's lee_background news + the TRAINING split's review texts
-    (labels unused). Test texts are used by nothing but the final evaluation.
+    """The default: Rotten Tomatoes fresh/rotten split 70/10/20 (fixed --split-seed), of
+    whose training split 1000 labelled reviews train the classifier (--labelled-size); LM on
+    plot synopses + gensim's lee_background news + ALL the training split's review texts
+    (labels unused). Validation and test texts are used by nothing but evaluation.
     With --train-csv: the user's file (split likewise unless --test-csv is given); LM on
     --lm-text files plus the training texts."""
     train_csv = getattr(args, "train_csv", None)
@@ -149,8 +165,14 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
         lm_sources["classifier_training_split_texts_without_labels"] = len(train.texts)
         lm_docs += train.texts
     lm_train_part, lm_valid_part = data.split_indices(len(lm_docs), [0.95], split_seed + 1)
-    description.update({"split": {"train": len(train.texts), "valid": len(valid.texts), "test": len(test.texts),
-                                  "split_seed": split_seed},
+    training_split_size = len(train.texts)
+    budget = labelled_size(args) if need_labels else None
+    if budget is not None and budget < training_split_size:
+        # a seeded subset keeps its labels; every training text still reaches the LM above
+        train = _subset(train, data.split_indices(training_split_size, [budget / training_split_size],
+                                                  split_seed + 2)[0])
+    description.update({"split": {"train": len(train.texts), "training_split": training_split_size,
+                                  "valid": len(valid.texts), "test": len(test.texts), "split_seed": split_seed},
                         "language_model_documents": lm_sources,
                         "test_texts_used_for_pretraining": False})
     return PreparedData(train, valid, test, [lm_docs[i] for i in sorted(lm_train_part)],

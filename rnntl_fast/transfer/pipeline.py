@@ -261,6 +261,23 @@ def train_classifier(name: str, train_set: EncodedTexts, valid_set: EncodedTexts
     return model, summary
 
 
+def combine_runs(summaries: Sequence[dict]) -> dict:
+    """One arm (transfer or scratch) over repeated seeds: mean and sample standard deviation
+    of the accuracies, every run's summary under "runs", and the first run's fields that
+    describe the arm (what was transferred, its freezing, its history for the plot)."""
+    first = summaries[0]
+    combined = {key: first[key] for key in ("transferred", "transferred_parameters", "freeze", "lr", "lr_factor",
+                                            "history")}
+    for key in ("test_accuracy", "valid_accuracy"):
+        values = [s[key] for s in summaries if s[key] is not None]
+        combined[key] = statistics.fmean(values) if values else None
+        combined[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        combined[f"{key}_per_seed"] = values
+    combined["steps"] = sum(s["steps"] for s in summaries)
+    combined["runs"] = list(summaries)
+    return combined
+
+
 def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size: int, steps: int = 10,
                        rounds: int = 3, seed: int = 0) -> dict:
     """Training tokens/s (forward + backward + Adam step) of `model` as is (rnntl_fast) and

@@ -35,12 +35,15 @@ def plot_learning_curves(metrics: dict, path: str) -> None:
     ax.set_title("language model")
     ax.set_xlabel("step")
     runs = [(name, metrics[name]) for name in ("transfer", "scratch") if metrics.get(name)]
-    for name, run in runs:
+    for color, (name, run) in enumerate(runs):
         history = run["history"]
-        axes[0][1].plot(history["steps"], _smooth(history["losses"]), label=name)
-        axes[1][0].plot([e["epoch"] for e in history["epochs"]], [e["valid_accuracy"] for e in history["epochs"]],
-                        marker="o", label=f"{name} (test {run['test_accuracy']:.3f})")
-    axes[0][1].set_title("classifier train loss (smoothed)")
+        axes[0][1].plot(history["steps"], _smooth(history["losses"]), color=f"C{color}", label=name)
+        for index, seed_run in enumerate(run.get("runs", [run])):  # every seed's validation curve
+            epochs = seed_run["history"]["epochs"]
+            axes[1][0].plot([e["epoch"] for e in epochs], [e["valid_accuracy"] for e in epochs], marker="o",
+                            color=f"C{color}", alpha=1.0 if index == 0 else 0.4,
+                            label=f"{name} (mean test {run['test_accuracy']:.3f})" if index == 0 else None)
+    axes[0][1].set_title("classifier train loss (smoothed, first seed)")
     axes[0][1].set_xlabel("step")
     axes[1][0].set_title("validation accuracy")
     axes[1][0].set_xlabel("epoch")
