@@ -39,18 +39,18 @@ class Recipe:
     cell: str = "lstm"
     dropout: float = 0.3
     # language model
-    lm_epochs: int = 3
+    lm_epochs: int = 10
     lm_batch_size: int = 64
     lm_chunk_length: int = 40
     lm_lr: float = 1e-2
-    # classifier
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 4e-3
-    lr_factor: float = 2.6
+    # classifier: defaults chosen on the embedded data's validation split (docs/finetune.md)
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-2
+    lr_factor: float = 1.0
     cut_frac: float = 0.1
     ratio: float = 32.0
-    freeze: str = "gradual"
+    freeze: str = "none"
     unfreeze_every: int = 1
     freeze_patterns: List[str] = field(default_factory=list)
     l2sp_alpha: float = 0.0
