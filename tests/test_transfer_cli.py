@@ -53,7 +53,7 @@ def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("transfer", "scratch"):
         assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0
-        assert len(metrics[name]["history"]["epochs"]) == 2
+        assert len(metrics[name]["runs"][0]["history"]["epochs"]) == 2
     assert metrics["transfer"]["transferred"] and not metrics["scratch"]["transferred"]
     assert metrics["language_model"]["valid_perplexity"] > 1
     assert metrics["throughput"]["tokens_per_s"]["rnntl_fast"] > 0

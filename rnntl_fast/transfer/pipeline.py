@@ -263,11 +263,10 @@ def train_classifier(name: str, train_set: EncodedTexts, valid_set: EncodedTexts
 
 def combine_runs(summaries: Sequence[dict]) -> dict:
     """One arm (transfer or scratch) over repeated seeds: mean and sample standard deviation
-    of the accuracies, every run's summary under "runs", and the first run's fields that
-    describe the arm (what was transferred, its freezing, its history for the plot)."""
+    of the accuracies, every run's summary (with its history) under "runs", and the fields
+    that describe the arm (what was transferred, its freezing and learning rates)."""
     first = summaries[0]
-    combined = {key: first[key] for key in ("transferred", "transferred_parameters", "freeze", "lr", "lr_factor",
-                                            "history")}
+    combined = {key: first[key] for key in ("transferred", "transferred_parameters", "freeze", "lr", "lr_factor")}
     for key in ("test_accuracy", "valid_accuracy"):
         values = [s[key] for s in summaries if s[key] is not None]
         combined[key] = statistics.fmean(values) if values else None

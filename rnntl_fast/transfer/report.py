@@ -36,9 +36,9 @@ def plot_learning_curves(metrics: dict, path: str) -> None:
     ax.set_xlabel("step")
     runs = [(name, metrics[name]) for name in ("transfer", "scratch") if metrics.get(name)]
     for color, (name, run) in enumerate(runs):
-        history = run["history"]
+        history = run["runs"][0]["history"]
         axes[0][1].plot(history["steps"], _smooth(history["losses"]), color=f"C{color}", label=name)
-        for index, seed_run in enumerate(run.get("runs", [run])):  # every seed's validation curve
+        for index, seed_run in enumerate(run["runs"]):  # every seed's validation curve
             epochs = seed_run["history"]["epochs"]
             axes[1][0].plot([e["epoch"] for e in epochs], [e["valid_accuracy"] for e in epochs], marker="o",
                             color=f"C{color}", alpha=1.0 if index == 0 else 0.4,
@@ -51,7 +51,7 @@ def plot_learning_curves(metrics: dict, path: str) -> None:
         if runs:
             ax.legend()
     if metrics.get("transfer"):
-        history = metrics["transfer"]["history"]
+        history = metrics["transfer"]["runs"][0]["history"]
         axes[1][1].plot(history["steps"], history["lrs"], label="top group")
         axes[1][1].set_yscale("log")
         axes[1][1].legend()
