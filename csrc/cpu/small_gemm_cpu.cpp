@@ -34,28 +34,6 @@ void portable_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const fl
   }
 }
 
-// out rows [m_begin, m_end) += a^T b, one row of out at a time, per chunk of rows of a and b.
-void portable_chunked_transposed(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t R, int64_t N,
-                                 int64_t chunk, float* out, int64_t ldo, int64_t m_begin, int64_t m_end) {
-  constexpr int64_t kCols = 64;
-  float acc[kCols];
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-      const int64_t cols = std::min(kCols, N - n0);
-      float* o = out + m * ldo + n0;
-      for (int64_t r0 = 0; r0 < R; r0 += chunk) {
-        for (int64_t c = 0; c < cols; ++c) acc[c] = 0.0f;
-        for (int64_t r = r0; r < std::min(R, r0 + chunk); ++r) {
-          const float av = a[r * lda + m];
-          const float* b_row = b + r * ldb + n0;
-          for (int64_t c = 0; c < cols; ++c) acc[c] += av * b_row[c];
-        }
-        for (int64_t c = 0; c < cols; ++c) o[c] += acc[c];
-      }
-    }
-  }
-}
-
 #ifdef RNNTL_SMALL_GEMM_AVX2
 #define RNNTL_AVX2 __attribute__((target("avx2,fma")))
 
@@ -175,84 +153,6 @@ RNNTL_AVX2 void avx2_panels(const float* x, int64_t ldx, int64_t M, int64_t K, c
   }
 }
 
-// A tile of kRows rows (columns m of a) x 16 columns (n of b) of out += a^T b over rows
-// [r_begin, r_end) of a and b, chunk by chunk (chunk boundaries at multiples of `chunk`).
-// cols < 16 only for the last tile of a row: its loads are masked.
-template <int kRows>
-RNNTL_AVX2 __attribute__((always_inline)) inline void transposed_tile_avx2(const float* a, int64_t lda,
-                                                                            const float* b, int64_t ldb,
-                                                                            int64_t r_begin, int64_t r_end,
-                                                                            int64_t chunk, float* out, int64_t ldo,
-                                                                            int64_t cols) {
-  alignas(32) static const int32_t kLane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const __m256i limit = _mm256_set1_epi32(static_cast<int32_t>(cols));
-  const __m256i mask_low = _mm256_cmpgt_epi32(limit, _mm256_load_si256(reinterpret_cast<const __m256i*>(kLane)));
-  const __m256i mask_high =
-      _mm256_cmpgt_epi32(limit, _mm256_load_si256(reinterpret_cast<const __m256i*>(kLane + 8)));
-  const bool full = cols == 16;
-  for (int64_t r0 = r_begin; r0 < r_end;) {
-    const int64_t r1 = std::min(r_end, (r0 / chunk + 1) * chunk);
-    __m256 acc[kRows][2];
-#pragma GCC unroll 8
-    for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* b_row = b + r * ldb;
-      const __m256 b_low = full ? _mm256_loadu_ps(b_row) : _mm256_maskload_ps(b_row, mask_low);
-      const __m256 b_high = full ? _mm256_loadu_ps(b_row + 8) : _mm256_maskload_ps(b_row + 8, mask_high);
-#pragma GCC unroll 8
-      for (int i = 0; i < kRows; ++i) {
-        const __m256 av = _mm256_broadcast_ss(a + r * lda + i);
-        acc[i][0] = _mm256_fmadd_ps(av, b_low, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(av, b_high, acc[i][1]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < kRows; ++i) {
-      float* o = out + i * ldo;
-      if (full) {
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[i][0]));
-        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[i][1]));
-      } else {
-        _mm256_maskstore_ps(o, mask_low, _mm256_add_ps(_mm256_maskload_ps(o, mask_low), acc[i][0]));
-        _mm256_maskstore_ps(o + 8, mask_high, _mm256_add_ps(_mm256_maskload_ps(o + 8, mask_high), acc[i][1]));
-      }
-    }
-    r0 = r1;
-  }
-}
-
-// Blocked so that the strip of b a tile row reads (kRowBlock rows x kColBlock columns,
-// 256 KB) stays in L2 across all tiles of out that use it.
-RNNTL_AVX2 void avx2_chunked_transposed(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t R,
-                                        int64_t N, int64_t chunk, float* out, int64_t ldo, int64_t m_begin,
-                                        int64_t m_end) {
-  constexpr int64_t kColBlock = 128;
-  const int64_t row_block = std::max<int64_t>(1, 512 / chunk) * chunk;
-  for (int64_t r0 = 0; r0 < R; r0 += row_block) {
-    const int64_t r1 = std::min(R, r0 + row_block);
-    for (int64_t n0 = 0; n0 < N; n0 += kColBlock) {
-      const int64_t n1 = std::min(N, n0 + kColBlock);
-      for (int64_t m = m_begin; m < m_end; m += 6) {
-        const int64_t rows = std::min<int64_t>(6, m_end - m);
-        for (int64_t n = n0; n < n1; n += 16) {
-          const int64_t cols = std::min<int64_t>(16, n1 - n);
-          const float* am = a + m;
-          const float* bn = b + n;
-          float* o = out + m * ldo + n;
-          switch (rows) {
-            case 1: transposed_tile_avx2<1>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-            case 2: transposed_tile_avx2<2>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-            case 3: transposed_tile_avx2<3>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-            case 4: transposed_tile_avx2<4>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-            case 5: transposed_tile_avx2<5>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-            default: transposed_tile_avx2<6>(am, lda, bn, ldb, r0, r1, chunk, o, ldo, cols); break;
-          }
-        }
-      }
-    }
-  }
-}
-
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -283,20 +183,6 @@ void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const 
   }
 #endif
   portable_panels(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
-}
-
-void chunked_transposed_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t R, int64_t M,
-                                int64_t N, int64_t chunk, float* out, int64_t ldo, int64_t m_begin, int64_t m_end) {
-  (void)M;
-  chunk = std::max<int64_t>(1, chunk);
-  if (R <= 0 || m_begin >= m_end) return;
-#ifdef RNNTL_SMALL_GEMM_AVX2
-  if (cpu_has_avx2()) {
-    avx2_chunked_transposed(a, lda, b, ldb, R, N, chunk, out, ldo, m_begin, m_end);
-    return;
-  }
-#endif
-  portable_chunked_transposed(a, lda, b, ldb, R, N, chunk, out, ldo, m_begin, m_end);
 }
 
 const char* small_gemm_variant() {

@@ -31,15 +31,6 @@ void pack_panels(const float* weight, int64_t N, int64_t K, int64_t stride_n, in
 void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
                        int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate);
 
-// out [M, N] += a^T @ b over rows [0, R): a [R, M] (row stride lda), b [R, N] (row stride
-// ldb), out [M, N] (row stride ldo), for out rows [m_begin, m_end) only. The weight
-// gradients of a sequence (R = T*B rows). The rows are summed in chunks of `chunk` rows:
-// each chunk's sum is formed in registers and then added to out, so a float32 sum grows
-// about chunk + R/chunk additions deep instead of R (with chunk ~ sqrt(R): ~2*sqrt(R)).
-// No operand is copied or transposed.
-void chunked_transposed_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t R, int64_t M,
-                                int64_t N, int64_t chunk, float* out, int64_t ldo, int64_t m_begin, int64_t m_end);
-
 // Which code small_gemm_panels runs on this CPU: "avx2" or "portable".
 const char* small_gemm_variant();
 
