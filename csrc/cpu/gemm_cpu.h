@@ -12,10 +12,14 @@
 //    no dispatcher call sits on the path; oneDNN's fixed per-call cost loses at these sizes;
 //  * float64, and torch builds without those libraries: at::mm / at::addmm.
 // The per-step float32 products (StepWeight) first try the library-free kernel of
-// small_gemm_cpu.h: with the weight packed once per sequence it has no per-call setup, and
-// measured 1.5-9x faster than either library at batch 1-16 and on par at batch 32 with
-// weights up to 1 MiB; bigger weights at bigger batches stay with oneDNN, whose kernel keeps
-// a weight that spills out of L2 better fed.
+// small_gemm_cpu.h: with the weight packed once per sequence it has no per-call setup.
+// Measured per product (same machine; the libraries timed through Python calls, so with
+// their call overhead): at batch 1-16, 1.5-3x faster than at::mm and 2.5-9x faster than
+// oneDNN's matmul; at batch 32 with a weight of 1 MiB or less, on par with both. With a
+// 4 MiB weight at batch 32 oneDNN was ~10% faster (its kernel keeps a weight that spills
+// out of L2 better fed), so bigger weights at batch > 16 stay with the libraries. MKL's
+// packed GEMM was not timed alone; replacing it at batch 1 and 8 sped up the whole LSTM
+// training step.
 // RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
 // on the per-step products too (docs/ENVIRONMENT.md).
 #pragma once

@@ -23,7 +23,7 @@ template <typename T>
 struct LstmForwardStep {
   int64_t batch, hidden, t;
   const int64_t* order;
-  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh
+  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh (may be `gates`: overwritten in place)
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
@@ -39,10 +39,12 @@ template <typename T, bool kSave, bool kProject>
 RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
-  const T* __restrict__ x = s.input_gates + row * G;
+  // x and gates may be the same row (the activations overwrite the input gates in place):
+  // element k of each gate is read before it is written, so neither is __restrict__.
+  const T* x = s.input_gates + row * G;
   const T* __restrict__ r = s.recurrent_gates + j * G;
   T* __restrict__ c = s.cell_state + j * H;
-  T* __restrict__ gates = kSave ? s.gates + row * G : nullptr;
+  T* gates = kSave ? s.gates + row * G : nullptr;
   T* __restrict__ cells = kSave ? s.cells + row * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
   T* __restrict__ h = kProject ? nullptr : s.hidden_state + j * H;
@@ -231,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
     else if (bias_ih.has_value()) bias = *bias_ih;
     else if (bias_hh.has_value()) bias = *bias_hh;
-    input_gates = linear_rows(x, weight_ih, bias);
+    input_gates = linear_rows(x, weight_ih, bias).contiguous();
   }
   const SequenceOrder sequence(lengths64, T, B);
   const at::Tensor order_tensor = sequence.order_tensor();
@@ -241,7 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
   at::Tensor output = at::empty({T, B, P}, options);
-  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
+  // The saved activations take the place of the input gates, row by row as each step
+  // consumes them: one [T, B, 4H] buffer less to allocate and fault in.
+  at::Tensor gates = save_for_backward ? input_gates.view({T, B, G}) : at::empty({0}, options);
   at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
   at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
   const StepWeight recurrent(weight_hh, B);
