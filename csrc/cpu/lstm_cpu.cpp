@@ -179,23 +179,42 @@ void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, 
 // dL/dh_t total (carry from step t+1 plus the output's gradient), clipped in state mode,
 // then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
 template <typename T>
-void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                               const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
-                               const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
-                               T state_clip, T proj_clip) {
+RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
+                                                const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
+                                                const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
+                                                T state_clip, T proj_clip) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t row = t * batch + order[j];
     const T* __restrict__ go = grad_output + row * P;
     const T* __restrict__ carry = grad_hidden_carry + j * P;
-    const T* __restrict__ pre = hidden_pre_clip ? hidden_pre_clip + row * P : nullptr;
     T* __restrict__ d = grad_pre_clip + j * P;
+    // Two loops rather than a test per element, so that each vectorizes.
+    if (hidden_pre_clip) {
+      const T* __restrict__ pre = hidden_pre_clip + row * P;
 #pragma omp simd
-    for (int64_t k = 0; k < P; ++k) {
-      const T g = clip_value(carry[k] + go[k], state_clip);
-      d[k] = pre ? g * clip_pass(pre[k], proj_clip) : g;
+      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);
     }
     if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + row * P);
   }
+}
+
+RNNTL_VECTOR_CLONES void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch,
+                                                         int64_t t, const int64_t* order, const float* grad_output,
+                                                         const float* hidden_pre_clip, const float* grad_hidden_carry,
+                                                         float* grad_pre_clip, float* grad_pre_clip_all,
+                                                         float state_clip, float proj_clip) {
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
+}
+void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
+                                     const int64_t* order, const double* grad_output, const double* hidden_pre_clip,
+                                     const double* grad_hidden_carry, double* grad_pre_clip,
+                                     double* grad_pre_clip_all, double state_clip, double proj_clip) {
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
 }
 
 }  // namespace
@@ -425,8 +444,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       s.grad_gates = identity_order ? s.grad_gates_all + t * B * G : grad_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre,
-                                        d_pre_all, state_clip, proj_limit_t);
+          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre, d_pre_all,
+                                          state_clip, proj_limit_t);
         });
         s.grad_hidden_unprojected =
             project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
