@@ -26,6 +26,40 @@ from .ops.checks import check_clip, check_grad_clip_mode
 HiddenLSTM = Tuple[Tensor, Tensor]
 
 
+
+class _PackedLayout:
+    """Where each row of a PackedSequence's data sits in the padded [T, B] layout of the
+    kernels (flat index t * B + j, j in packed = sorted order), and the lengths. One
+    index_copy / index_select moves the data (and one scatter its gradient), where
+    pad_packed_sequence and pack_padded_sequence copy step by step, forward and backward.
+    Used for CPU data (the gradient's scatter is index_add, which need not be deterministic
+    on CUDA)."""
+
+    def __init__(self, data: Tensor, batch_sizes: Tensor):
+        batch_sizes = batch_sizes.to("cpu", torch.int64)
+        self.steps, self.batch = batch_sizes.numel(), int(batch_sizes[0])
+        step_of_row = torch.repeat_interleave(torch.arange(self.steps), batch_sizes)  # [N]
+        first_row_of_step = torch.cumsum(batch_sizes, 0) - batch_sizes  # [T]
+        column = torch.arange(step_of_row.numel()) - first_row_of_step[step_of_row]  # [N]
+        self.positions = (step_of_row * self.batch + column).to(data.device)  # [N]
+        self.lengths = (batch_sizes.unsqueeze(1) > torch.arange(self.batch).unsqueeze(0)).sum(0)  # [B]
+
+    def pad(self, data: Tensor) -> Tensor:
+        """data [N, *] -> [T, B, *], zeros past each length."""
+        rest = tuple(data.shape[1:])
+        padded = data.new_zeros((self.steps * self.batch,) + rest).index_copy(0, self.positions, data)
+        return padded.view((self.steps, self.batch) + rest)
+
+    def pack(self, output: Tensor) -> Tensor:
+        """output [T, B, *] -> [N, *] in the packed order."""
+        return output.reshape((self.steps * self.batch,) + tuple(output.shape[2:])).index_select(0, self.positions)
+
+
+def _packed_layout(data: Tensor, batch_sizes: Tensor) -> Optional["_PackedLayout"]:
+    if batch_sizes.numel() == 0 or data.dim() < 2:
+        return None  # pad_packed_sequence's own handling (and errors) for degenerate input
+    return _PackedLayout(data, batch_sizes)
+
 class _RecurrentStack(nn.Module):
     """What LSTM and GRU share: parameters laid out exactly as torch.nn.RNNBase does, input
     forms (batch_first, unbatched, PackedSequence), and the layer/direction loop."""
@@ -158,15 +192,22 @@ class _RecurrentStack(nn.Module):
         if isinstance(input, PackedSequence):
             sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
             # Padded in the packed (sorted) order; the kernels mask by lengths.
-            padded, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
+            layout = _packed_layout(input.data, input.batch_sizes) if input.data.device.type == "cpu" else None
+            if layout is not None:
+                padded, lengths = layout.pad(input.data), layout.lengths
+            else:
+                padded, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
             self._check_input(padded, batched=True)
             hx = self._check_hx(hx, padded.shape[1], padded, batched=True)
             if hx is not None and sorted_indices is not None:
                 hx = tuple(h.index_select(1, sorted_indices) for h in hx)
 
             def finish(output, states):
-                packed = pack_padded_sequence(output, lengths, enforce_sorted=True)
-                out = PackedSequence(packed.data, packed.batch_sizes, sorted_indices, unsorted_indices)
+                if layout is not None:
+                    out = PackedSequence(layout.pack(output), input.batch_sizes, sorted_indices, unsorted_indices)
+                else:
+                    packed = pack_padded_sequence(output, lengths, enforce_sorted=True)
+                    out = PackedSequence(packed.data, packed.batch_sizes, sorted_indices, unsorted_indices)
                 if unsorted_indices is not None:
                     states = tuple(s.index_select(1, unsorted_indices) for s in states)
                 return out, states

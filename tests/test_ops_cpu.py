@@ -43,6 +43,13 @@ def _cases():
             Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), grad_clip=0.05, grad_clip_mode="gates"),
             Case(cell, frozen=("weight_ih", "weight_hh")),
             Case(cell, frozen=("bias_ih", "bias_hh", "input")),
+            # Sizes aimed at the per-step product kernel (csrc/cpu/small_gemm_cpu.cpp): 17
+            # rows (row blocks 6 + 6 + 5), gate widths that end in a partial 16-column panel,
+            # a backward depth 4H > 256 (two depth chunks), and lengths that take the active
+            # rows through every count from 8 down to 1 (incl. the 1- and 2-row paths).
+            Case(cell, T=4, B=17, I=9, H=70),
+            Case(cell, T=6, B=8, I=6, H=33, lengths=(6, 5, 5, 4, 3, 2, 2, 1), reverse=True),
+            Case(cell, T=5, B=2, I=5, H=19, lengths=(5, 2)),
         ]
     cases += [
         Case("lstm", proj=3),
@@ -55,6 +62,7 @@ def _cases():
         Case("lstm", proj=3, grad_clip=0.02, grad_clip_mode="gates", lengths=(5, 1, 3)),
         Case("lstm", proj=3, frozen=("weight_hr",)),
         Case("lstm", proj=3, frozen=("weight_ih", "weight_hh", "bias_ih", "bias_hh")),
+        Case("lstm", T=5, B=7, I=8, H=40, proj=17, lengths=(5, 4, 4, 3, 2, 1, 5)),
     ]
     return cases
 

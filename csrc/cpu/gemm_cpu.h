@@ -11,11 +11,22 @@
 //    up to 3x faster than at::mm there because the weight is packed once for all steps and
 //    no dispatcher call sits on the path; oneDNN's fixed per-call cost loses at these sizes;
 //  * float64, and torch builds without those libraries: at::mm / at::addmm.
-// RNNTL_CPU_GEMM=aten forces at::mm everywhere (docs/ENVIRONMENT.md).
+// The per-step float32 products (StepWeight) first try the library-free kernel of
+// small_gemm_cpu.h: with the weight packed once per sequence it has no per-call setup.
+// Measured per product (same machine; the libraries timed through Python calls, so with
+// their call overhead): at batch 1-16, 1.5-3x faster than at::mm and 2.5-9x faster than
+// oneDNN's matmul; at batch 32 with a weight of 1 MiB or less, on par with both. Bigger
+// weights at batch > 32 stay with oneDNN (see own_step_kernel_suits). MKL's packed GEMM
+// was not timed alone; replacing it at batch 1 and 8 sped up the whole LSTM training step.
+// RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
+// on the per-step products too (docs/ENVIRONMENT.md).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "small_gemm_cpu.h"
 
 #include <dlfcn.h>
 
@@ -120,19 +131,25 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // added to the result: a float32 sum then grows like 2*sqrt(K) additions deep instead of K
 // (or the library's K block), which keeps these gradients as accurate as torch.nn's
 // step-by-step accumulation (measured: one oneDNN product over K = 3200 rows had 3x the
-// error of the chunked sum, for 18% more time).
+// error of the chunked sum, for 18% more time). Each chunk is one addmm_ into the result
+// (BLAS reads the transposed operand in place and adds with beta = 1): measured 1.3-3.5x
+// faster than oneDNN products of transposed copies followed by an add_, at every ops-grid
+// and default-grid size. A result bigger than 4 MiB would be streamed through memory once
+// per chunk; it is done in blocks of its rows of about 2 MiB instead, each block taking all
+// chunks in turn while it stays in cache (same sums in the same order; measured 25-30%
+// faster for the [2048, 1024] gradient over 3200 rows, slower for results of 2 MiB).
 inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t chunk = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
-  const bool onednn = use_onednn(a) && big_enough_for_onednn(M, N, std::min(K, chunk));
+  const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));
+  const int64_t block = M * row_bytes > (int64_t(4) << 20) ? std::max<int64_t>(64, (int64_t(2) << 20) / row_bytes) : M;
   at::Tensor result = at::zeros({M, N}, a.options());
-  for (int64_t start = 0; start < K; start += chunk) {
-    const int64_t rows = std::min(chunk, K - start);
-    const at::Tensor a_rows = a.narrow(0, start, rows), b_rows = b.narrow(0, start, rows);
-    if (onednn) {
-      result.add_(onednn_linear(a_rows.t().contiguous(), b_rows.t().contiguous(), c10::nullopt));
-    } else {
-      result.addmm_(a_rows.t(), b_rows);
+  for (int64_t first = 0; first < M; first += block) {
+    const int64_t width = std::min(block, M - first);
+    at::Tensor result_rows = result.narrow(0, first, width);
+    for (int64_t start = 0; start < K; start += chunk) {
+      const int64_t rows = std::min(chunk, K - start);
+      result_rows.addmm_(a.narrow(0, start, rows).narrow(1, first, width).t(), b.narrow(0, start, rows));
     }
   }
   return result;
@@ -181,13 +198,34 @@ class WeightGradientOperand {
   int64_t input_offset_ = -1, hidden_offset_ = -1, width_ = 0;
 };
 
+// Whether the per-step products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM unset).
+inline bool own_step_kernel_enabled() {
+  static const bool enabled = [] {
+    const char* choice = std::getenv("RNNTL_CPU_GEMM");
+    return choice == nullptr || (std::strcmp(choice, "aten") != 0 && std::strcmp(choice, "library") != 0);
+  }();
+  return enabled;
+}
+
+// Sizes where the own kernel measured at least on par with the libraries: batch up to 32,
+// or a weight [N, K] of at most 1 MiB (it stays in L2 between steps). Measured on whole
+// LSTM training steps (own kernel vs RNNTL_CPU_GEMM=library): 10% faster at
+// (T, B, I, H) = (50, 32, 512, 512), 2% slower at (50, 64, 512, 512) (4 MiB weights).
+inline bool own_step_kernel_suits(int64_t batch, int64_t N, int64_t K) {
+  return batch <= 32 || N * K * static_cast<int64_t>(sizeof(float)) <= (int64_t(1) << 20);
+}
+
 // A weight [N, K] applied at every step as x @ weight^T, x [M <= batch, K]: packed once
-// for the sequence by the library that suits the size.
+// for the sequence by the kernel that suits the size.
 class StepWeight {
  public:
   StepWeight(const at::Tensor& weight, int64_t batch) : weight_(weight) {
     const int64_t N = weight.size(0), K = weight.size(1);
-    if (use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
+    if (weight.scalar_type() == at::kFloat && own_step_kernel_enabled() && own_step_kernel_suits(batch, N, K)) {
+      // B = weight^T as column panels, read through the weight's strides (it may be a transposed view).
+      panels_ = at::empty({packed_panels_size(N, K)}, weight.options());
+      pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
+    } else if (use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
       torch::jit::Stack stack;
       stack.emplace_back(weight.contiguous());
       stack.emplace_back(c10::IValue(batch));
@@ -213,7 +251,10 @@ class StepWeight {
   }
   // out [M, N] = x [M, K] @ weight^T, or += with accumulate; out a contiguous block of rows.
   void apply_into(const at::Tensor& x, at::Tensor out, bool accumulate = false) const {
-    if (onednn_packed_.defined()) {
+    if (panels_.defined()) {
+      const at::Tensor a = x.contiguous();
+      panels_product(a.data_ptr<float>(), a.size(0), out.data_ptr<float>(), accumulate);
+    } else if (onednn_packed_.defined()) {
       const at::Tensor product = onednn_linear(x, onednn_packed_, c10::nullopt);
       accumulate ? out.add_(product) : out.copy_(product);
     } else if (mkl_packed_.defined()) {
@@ -246,6 +287,10 @@ class StepWeight {
   void multiply_into(const T* x, int64_t rows, T* out, bool accumulate = false) const {
     const int64_t N = weight_.size(0), K = weight_.size(1);
     if constexpr (std::is_same_v<T, float>) {
+      if (panels_.defined()) {
+        panels_product(x, rows, out, accumulate);
+        return;
+      }
       if (mkl_packed_.defined()) {
         MklPackedGemm::get().compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked,
                                      int(rows), int(N), int(K), x, int(K), mkl_packed_.data_ptr<float>(), int(K),
@@ -257,12 +302,25 @@ class StepWeight {
   }
 
  private:
+  // out [rows, N] (=|+=) x [rows, K] @ weight^T with the own kernel; the panels are split
+  // across threads only where each thread gets enough work to pay for the hand-off.
+  void panels_product(const float* x, int64_t rows, float* out, bool accumulate) const {
+    const int64_t N = weight_.size(0), K = weight_.size(1);
+    const float* panels = panels_.data_ptr<float>();
+    const int64_t flops_per_panel = std::max<int64_t>(1, 2 * rows * K * kPanelWidth);
+    const int64_t grain = std::max<int64_t>(1, 500000 / flops_per_panel);
+    at::parallel_for(0, panel_count(N), grain, [&](int64_t begin, int64_t end) {
+      small_gemm_panels(x, K, rows, K, panels, N, begin, end, out, N, accumulate);
+    });
+  }
+
   template <typename T>
   at::Tensor rows_tensor(const T* data, int64_t rows, int64_t cols) const {
     return at::from_blob(const_cast<T*>(data), {rows, cols}, weight_.options());
   }
 
   at::Tensor weight_;
+  at::Tensor panels_;  // small_gemm_cpu.h's packed weight^T, when the own kernel runs
   at::Tensor onednn_packed_;
   at::Tensor mkl_packed_;  // MKL's packed layout of weight^T, opaque
 };

@@ -23,7 +23,7 @@ template <typename T>
 struct LstmForwardStep {
   int64_t batch, hidden, t;
   const int64_t* order;
-  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh
+  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh (may be `gates`: overwritten in place)
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
@@ -39,10 +39,12 @@ template <typename T, bool kSave, bool kProject>
 RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
-  const T* __restrict__ x = s.input_gates + row * G;
+  // x and gates may be the same row (the activations overwrite the input gates in place):
+  // element k of each gate is read before it is written, so neither is __restrict__.
+  const T* x = s.input_gates + row * G;
   const T* __restrict__ r = s.recurrent_gates + j * G;
   T* __restrict__ c = s.cell_state + j * H;
-  T* __restrict__ gates = kSave ? s.gates + row * G : nullptr;
+  T* gates = kSave ? s.gates + row * G : nullptr;
   T* __restrict__ cells = kSave ? s.cells + row * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
   T* __restrict__ h = kProject ? nullptr : s.hidden_state + j * H;
@@ -177,23 +179,42 @@ void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, 
 // dL/dh_t total (carry from step t+1 plus the output's gradient), clipped in state mode,
 // then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
 template <typename T>
-void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                               const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
-                               const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
-                               T state_clip, T proj_clip) {
+RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
+                                                const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
+                                                const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
+                                                T state_clip, T proj_clip) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t row = t * batch + order[j];
     const T* __restrict__ go = grad_output + row * P;
     const T* __restrict__ carry = grad_hidden_carry + j * P;
-    const T* __restrict__ pre = hidden_pre_clip ? hidden_pre_clip + row * P : nullptr;
     T* __restrict__ d = grad_pre_clip + j * P;
+    // Two loops rather than a test per element, so that each vectorizes.
+    if (hidden_pre_clip) {
+      const T* __restrict__ pre = hidden_pre_clip + row * P;
 #pragma omp simd
-    for (int64_t k = 0; k < P; ++k) {
-      const T g = clip_value(carry[k] + go[k], state_clip);
-      d[k] = pre ? g * clip_pass(pre[k], proj_clip) : g;
+      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);
     }
     if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + row * P);
   }
+}
+
+RNNTL_VECTOR_CLONES void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch,
+                                                         int64_t t, const int64_t* order, const float* grad_output,
+                                                         const float* hidden_pre_clip, const float* grad_hidden_carry,
+                                                         float* grad_pre_clip, float* grad_pre_clip_all,
+                                                         float state_clip, float proj_clip) {
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
+}
+void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
+                                     const int64_t* order, const double* grad_output, const double* hidden_pre_clip,
+                                     const double* grad_hidden_carry, double* grad_pre_clip,
+                                     double* grad_pre_clip_all, double state_clip, double proj_clip) {
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
 }
 
 }  // namespace
@@ -231,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
     else if (bias_ih.has_value()) bias = *bias_ih;
     else if (bias_hh.has_value()) bias = *bias_hh;
-    input_gates = linear_rows(x, weight_ih, bias);
+    input_gates = linear_rows(x, weight_ih, bias).contiguous();
   }
   const SequenceOrder sequence(lengths64, T, B);
   const at::Tensor order_tensor = sequence.order_tensor();
@@ -241,7 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
   at::Tensor output = at::empty({T, B, P}, options);
-  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
+  // The saved activations take the place of the input gates, row by row as each step
+  // consumes them: one [T, B, 4H] buffer less to allocate and fault in.
+  at::Tensor gates = save_for_backward ? input_gates.view({T, B, G}) : at::empty({0}, options);
   at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
   at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
   const StepWeight recurrent(weight_hh, B);
@@ -421,8 +444,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       s.grad_gates = identity_order ? s.grad_gates_all + t * B * G : grad_gates.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows<T_>(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre,
-                                        d_pre_all, state_clip, proj_limit_t);
+          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre, d_pre_all,
+                                          state_clip, proj_limit_t);
         });
         s.grad_hidden_unprojected =
             project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]

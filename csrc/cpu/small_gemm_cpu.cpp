@@ -1,0 +1,196 @@
+// The per-step product of small_gemm_cpu.h: an AVX2/FMA register-blocked kernel, chosen at
+// run time where the CPU has it, and a portable loop otherwise (also when built with
+// -DRNNTL_SMALL_GEMM_PORTABLE, which the C++ tests use to check that loop).
+#include "small_gemm_cpu.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(RNNTL_SMALL_GEMM_PORTABLE)
+#include <immintrin.h>
+#define RNNTL_SMALL_GEMM_AVX2 1
+#endif
+
+namespace rnntl {
+namespace cpu {
+namespace {
+
+// One panel and one row at a time; the 16-wide inner loop vectorizes for the baseline ISA.
+void portable_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
+                     int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const float* panel = packed + p * K * kPanelWidth;
+    const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
+    for (int64_t r = 0; r < M; ++r) {
+      float acc[kPanelWidth] = {};
+      const float* x_row = x + r * ldx;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = x_row[k];
+        const float* b = panel + k * kPanelWidth;
+        for (int64_t c = 0; c < kPanelWidth; ++c) acc[c] += a * b[c];
+      }
+      float* o = out + r * ldo + first_col;
+      for (int64_t c = 0; c < cols; ++c) o[c] = accumulate ? o[c] + acc[c] : acc[c];
+    }
+  }
+}
+
+#ifdef RNNTL_SMALL_GEMM_AVX2
+#define RNNTL_AVX2 __attribute__((target("avx2,fma")))
+
+// A block of kRows rows x kPanels panels (16*kPanels columns) of the result, kept in
+// 2*kRows*kPanels ymm registers over the whole K loop. x: the block's first row;
+// panel: its first panel (the next ones follow at panel_stride floats); out: the block's
+// top-left element; cols: how many of its columns exist (the last panel may be padding).
+template <int kRows, int kPanels>
+RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x, int64_t ldx, int64_t K,
+                                                                  const float* panel, int64_t panel_stride,
+                                                                  float* out, int64_t ldo, int64_t cols,
+                                                                  bool accumulate) {
+  constexpr int kVectors = 2 * kPanels;  // 8-float vectors per row of the block
+  __m256 acc[kRows][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[kVectors];
+#pragma GCC unroll 8
+    for (int q = 0; q < kPanels; ++q) {
+      b[2 * q] = _mm256_loadu_ps(panel + q * panel_stride + k * kPanelWidth);
+      b[2 * q + 1] = _mm256_loadu_ps(panel + q * panel_stride + k * kPanelWidth + 8);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    float* o = out + r * ldo;
+    if (cols == kVectors * 8) {
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) {
+        __m256 value = acc[r][v];
+        if (accumulate) value = _mm256_add_ps(value, _mm256_loadu_ps(o + 8 * v));
+        _mm256_storeu_ps(o + 8 * v, value);
+      }
+    } else {
+      alignas(32) float tail[kVectors * 8];
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) _mm256_store_ps(tail + 8 * v, acc[r][v]);
+      for (int64_t c = 0; c < cols; ++c) o[c] = accumulate ? o[c] + tail[c] : tail[c];
+    }
+  }
+}
+
+// Rows in blocks of at most 6 (12 accumulators), balanced (8 rows: 4 + 4, not 6 + 2). For
+// each panel, K runs in chunks of kDepthChunk so that the panel's chunk (16 KB) stays in L1
+// while every row block reads it; the blocks after the first chunk add to the result.
+constexpr int64_t kDepthChunk = 256;
+
+RNNTL_AVX2 void panels_by_row_blocks(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed,
+                                     int64_t N, int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo,
+                                     bool accumulate) {
+  const int64_t blocks = (M + 5) / 6, rows_per_block = (M + blocks - 1) / blocks;
+  const int64_t panel_stride = K * kPanelWidth;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kDepthChunk) {
+      const int64_t depth = std::min(kDepthChunk, K - k0);
+      const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
+      const bool add = accumulate || k0 > 0;
+      for (int64_t r = 0; r < M; r += rows_per_block) {
+        const float* xb = x + r * ldx + k0;
+        float* ob = out + r * ldo + first_col;
+        switch (std::min(rows_per_block, M - r)) {
+          case 1: block_avx2<1, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+          case 2: block_avx2<2, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+          case 3: block_avx2<3, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+          case 4: block_avx2<4, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+          case 5: block_avx2<5, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+          default: block_avx2<6, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+        }
+      }
+    }
+  }
+}
+
+// One or two rows: several panels side by side, so that enough independent accumulators
+// (8) hide the FMA latency.
+template <int kRows>
+RNNTL_AVX2 void panels_side_by_side(const float* x, int64_t ldx, int64_t K, const float* packed, int64_t N,
+                                    int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo,
+                                    bool accumulate) {
+  constexpr int64_t kGroup = kRows == 1 ? 4 : 3;
+  const int64_t panel_stride = K * kPanelWidth;
+  for (int64_t p = panel_begin; p < panel_end; p += kGroup) {
+    const float* panel = packed + p * panel_stride;
+    const int64_t first_col = p * kPanelWidth;
+    const int64_t group = std::min(kGroup, panel_end - p);
+    const int64_t cols = std::min(group * kPanelWidth, N - first_col);
+    float* ob = out + first_col;
+    switch (group) {
+      case 1: block_avx2<kRows, 1>(x, ldx, K, panel, panel_stride, ob, ldo, cols, accumulate); break;
+      case 2: block_avx2<kRows, 2>(x, ldx, K, panel, panel_stride, ob, ldo, cols, accumulate); break;
+      case 3: block_avx2<kRows, 3>(x, ldx, K, panel, panel_stride, ob, ldo, cols, accumulate); break;
+      default:
+        if constexpr (kGroup == 4) block_avx2<kRows, 4>(x, ldx, K, panel, panel_stride, ob, ldo, cols, accumulate);
+        break;
+    }
+  }
+}
+
+RNNTL_AVX2 void avx2_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
+                            int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate) {
+  if (M == 1) {
+    panels_side_by_side<1>(x, ldx, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+  } else if (M == 2) {
+    panels_side_by_side<2>(x, ldx, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+  } else {
+    panels_by_row_blocks(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif  // RNNTL_SMALL_GEMM_AVX2
+
+}  // namespace
+
+void pack_panels(const float* weight, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k, float* packed) {
+  for (int64_t p = 0; p < panel_count(N); ++p) {
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = packed + (p * K + k) * kPanelWidth;
+      for (int64_t c = 0; c < kPanelWidth; ++c) {
+        const int64_t n = p * kPanelWidth + c;
+        dst[c] = n < N ? weight[n * stride_n + k * stride_k] : 0.0f;
+      }
+    }
+  }
+}
+
+void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
+                       int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate) {
+  if (M <= 0 || panel_begin >= panel_end) return;
+#ifdef RNNTL_SMALL_GEMM_AVX2
+  if (cpu_has_avx2()) {
+    avx2_panels(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+    return;
+  }
+#endif
+  portable_panels(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+}
+
+const char* small_gemm_variant() {
+#ifdef RNNTL_SMALL_GEMM_AVX2
+  if (cpu_has_avx2()) return "avx2";
+#endif
+  return "portable";
+}
+
+}  // namespace cpu
+}  // namespace rnntl

@@ -1,0 +1,77 @@
+// The per-step product kernel (csrc/cpu/small_gemm_cpu.h) on its own, against a double
+// loop: odd sizes (partial last panel, row counts that are not a multiple of the row
+// block), 1 and 2 rows (the side-by-side panel path), K past one depth chunk, strided
+// (transposed) weights, accumulate, and panel sub-ranges as the threads split them.
+#include "small_gemm_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace {
+int failures = 0;
+
+// out = x @ weight^T (weight [N, K] row-major), optionally transposed storage.
+void check(int64_t M, int64_t K, int64_t N, bool transposed_weight, bool accumulate, int64_t ld_pad,
+           std::mt19937& rng) {
+  using namespace rnntl::cpu;
+  std::normal_distribution<float> normal;
+  const int64_t ldx = K + ld_pad, ldo = N + ld_pad;
+  std::vector<float> x(M * ldx), weight(N * K), out(M * ldo), start(M * ldo);
+  for (auto& v : x) v = normal(rng);
+  for (auto& v : weight) v = normal(rng);
+  for (auto& v : start) v = normal(rng);
+  // Stored as [K, N] when transposed: element (n, k) at k * N + n.
+  std::vector<float> stored(weight.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) stored[transposed_weight ? k * N + n : n * K + k] = weight[n * K + k];
+  std::vector<float> packed(packed_panels_size(N, K));
+  pack_panels(stored.data(), N, K, transposed_weight ? 1 : K, transposed_weight ? N : 1, packed.data());
+  // Two calls over a split of the panels, as parallel_for gives them.
+  const int64_t panels = panel_count(N), split = panels / 2;
+  out = start;
+  small_gemm_panels(x.data(), ldx, M, K, packed.data(), N, 0, split, out.data(), ldo, accumulate);
+  small_gemm_panels(x.data(), ldx, M, K, packed.data(), N, split, panels, out.data(), ldo, accumulate);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < ldo; ++n) {
+      const float got = out[m * ldo + n];
+      if (n >= N) {  // padding columns of out are never written
+        if (got != start[m * ldo + n]) {
+          std::printf("FAIL M=%ld K=%ld N=%ld: wrote past column N\n", long(M), long(K), long(N));
+          ++failures;
+          return;
+        }
+        continue;
+      }
+      double want = accumulate ? start[m * ldo + n] : 0.0, magnitude = std::fabs(want);
+      for (int64_t k = 0; k < K; ++k) {
+        want += double(x[m * ldx + k]) * weight[n * K + k];
+        magnitude += std::fabs(double(x[m * ldx + k]) * weight[n * K + k]);
+      }
+      if (!(std::fabs(got - want) <= 1e-6 * (K + 1) * magnitude + 1e-30)) {
+        std::printf("FAIL M=%ld K=%ld N=%ld transposed=%d accumulate=%d at (%ld, %ld): got %.9g want %.9g\n",
+                    long(M), long(K), long(N), int(transposed_weight), int(accumulate), long(m), long(n), got, want);
+        ++failures;
+        return;
+      }
+    }
+  }
+}
+}  // namespace
+
+int main() {
+  std::mt19937 rng(7);
+  int cases = 0;
+  for (int64_t M : {1, 2, 3, 5, 6, 7, 8, 13, 16, 17, 33})
+    for (int64_t K : {1, 7, 64, 300})
+      for (int64_t N : {1, 15, 16, 17, 40, 100, 260})
+        for (bool transposed : {false, true})
+          for (bool accumulate : {false, true}) {
+            check(M, K, N, transposed, accumulate, (M + K + N) % 3, rng);
+            ++cases;
+          }
+  std::printf("small_gemm (%s): %d cases, %d failures\n", rnntl::cpu::small_gemm_variant(), cases, failures);
+  return failures == 0 ? 0 : 1;
+}
