@@ -1,7 +1,7 @@
 // The matrix products of the CPU kernels, in one place: out = x @ weight^T (+ bias).
 //
 // Which library runs a float32 product depends on its size, from same-run measurements on
-// a 2-core AMD EPYC (AVX-512) with torch 2.13:
+// a 2-core AMD EPYC VM with torch 2.13 (measured on an AVX-512 one, re-checked on an AVX2-only one):
 //  * big products (>= 16 rows and >= 2 MFLOP): oneDNN's matmul (the op torch registers as
 //    mkldnn::_linear_pointwise; per-step weights pre-packed once per sequence by
 //    mkldnn::_reorder_linear_weight), 2x faster there than at::mm, whose BLAS takes a
