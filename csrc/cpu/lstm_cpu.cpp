@@ -6,6 +6,11 @@
 // with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
 // h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
+// The whole-sequence buffers (input gates, saved gates / cells / pre-clip hidden, gradient
+// buffers) hold only the valid rows, in SequenceOrder's compact layout: N = valid_rows <= T*B
+// rows, row first_row[t] + j for slot j at step t. With variable lengths the whole-sequence
+// products (input projection, dL/dx, weight gradients) then cover only valid rows. The saved
+// [T, B, ...] tensors keep their shape; their rows past N are zeros.
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 #include "sequence_cpu.h"
@@ -22,35 +27,37 @@ namespace {
 template <typename T>
 struct LstmForwardStep {
   int64_t batch, hidden, t;
+  int64_t first_row;         // compact row of slot 0 at step t
   const int64_t* order;
-  const T* input_gates;      // [T, B, 4H]  W_ih x + b_ih + b_hh (may be `gates`: overwritten in place)
+  const T* input_gates;      // [N, 4H]     compact W_ih x + b_ih + b_hh (may be `gates`: overwritten in place)
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
   T* hidden_unprojected;     // [B, H]      slot-major o*tanh(c), only with projection
-  T* output;                 // [T, B, H]   only without projection
-  T* gates;                  // [T, B, 4H]  activations i,f,g,o, when saving for backward
-  T* cells;                  // [T, B, H]   cell before clip, when saving
-  T* hidden_pre_clip;        // [T, B, H]   hidden before proj_clip, when saving with proj_clip
+  T* output;                 // [T, B, H]   padded, only without projection
+  T* gates;                  // [N, 4H]     compact activations i,f,g,o, when saving for backward
+  T* cells;                  // [N, H]      compact cell before clip, when saving
+  T* hidden_pre_clip;        // [N, H]      compact hidden before proj_clip, when saving with proj_clip
   T cell_clip, proj_clip;
 };
 
 template <typename T, bool kSave, bool kProject>
 RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
-  const int64_t row = s.t * s.batch + s.order[j];
+  const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
+  const int64_t compact = s.first_row + j;         // compact row (the whole-sequence buffers)
   // x and gates may be the same row (the activations overwrite the input gates in place):
   // element k of each gate is read before it is written, so neither is __restrict__.
-  const T* x = s.input_gates + row * G;
+  const T* x = s.input_gates + compact * G;
   const T* __restrict__ r = s.recurrent_gates + j * G;
   T* __restrict__ c = s.cell_state + j * H;
-  T* gates = kSave ? s.gates + row * G : nullptr;
-  T* __restrict__ cells = kSave ? s.cells + row * H : nullptr;
+  T* gates = kSave ? s.gates + compact * G : nullptr;
+  T* __restrict__ cells = kSave ? s.cells + compact * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
   T* __restrict__ h = kProject ? nullptr : s.hidden_state + j * H;
   T* __restrict__ out = kProject ? nullptr : s.output + row * H;
   const bool keep_pre_clip = !kProject && kSave && s.hidden_pre_clip != nullptr;
-  T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + row * H : nullptr;
+  T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + compact * H : nullptr;
   const T cell_clip = s.cell_clip, proj_clip = s.proj_clip;
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
@@ -108,19 +115,18 @@ struct LstmBackwardStep {
   int64_t batch, hidden, out_size, t;
   bool reverse;
   const SequenceOrder* sequence;
-  const T* gates;                   // [T, B, 4H]
-  const T* cells;                   // [T, B, H]  before clip
-  const T* output;                  // [T, B, P]
+  const T* gates;                   // [N, 4H] compact
+  const T* cells;                   // [N, H]  compact, before clip
+  const T* output;                  // [T, B, P] padded
   const T* h0;                      // [B, P] or nullptr
   const T* c0;                      // [B, H] or nullptr
   const T* zeros;                   // [max(H, P)] zeros, stands for an omitted h0 / c0
   const T* grad_hidden_unprojected; // [B, H] slot-major dL/dm
   T* grad_cell_carry;               // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
-  T* grad_gates;                    // [B, 4H] slot-major dL/da (feeds the recurrent GEMM)
-  T* grad_gates_all;                // [T, B, 4H] (may alias grad_gates at this step)
-  T* hidden_prev_all;               // h_{t-1} of row r at r * hidden_prev_stride, or nullptr
+  T* grad_gates;                    // [n, 4H] dL/da of step t's slots: grad_gates_all's rows of step t
+  T* hidden_prev_all;               // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
   int64_t hidden_prev_stride;
-  T* hidden_unprojected_all;        // [T, B, H] m per row (for dW_hr), or nullptr
+  T* hidden_unprojected_all;        // [N, H] compact m per row (for dW_hr), or nullptr
   T cell_clip, state_clip, gate_clip;
 };
 
@@ -128,13 +134,16 @@ template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
   const int64_t b = s.sequence->order[j];
-  const int64_t row = s.t * s.batch + b;
   const bool first = s.sequence->is_first_step(b, s.t, s.reverse);
-  const int64_t prev_row = SequenceOrder::previous_step(s.t, s.reverse) * s.batch + b;
-  const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros) : s.cells + prev_row * H;
+  const int64_t prev_t = SequenceOrder::previous_step(s.t, s.reverse);
+  const int64_t prev_row = prev_t * s.batch + b;  // padded (output)
+  // Compact rows; only read when !first, where the previous step is valid for this slot.
+  const int64_t compact = s.sequence->first_row[s.t] + j;
+  const int64_t prev_compact = first ? 0 : s.sequence->first_row[prev_t] + j;
+  const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros) : s.cells + prev_compact * H;
   const T prev_clip = first ? T(0) : s.cell_clip;  // c0 is not clipped; saved cells are pre-clip
-  const T* __restrict__ act = s.gates + row * G;
-  const T* __restrict__ cell = s.cells + row * H;
+  const T* __restrict__ act = s.gates + compact * G;
+  const T* __restrict__ cell = s.cells + compact * H;
   const T* __restrict__ dm = s.grad_hidden_unprojected + j * H;
   T* __restrict__ dc = s.grad_cell_carry + j * H;
   T* __restrict__ da = s.grad_gates + j * G;
@@ -150,14 +159,12 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
     da[3 * H + k] = e.d_o;
     dc[k] = e.grad_cell_prev;
   }
-  T* da_all = s.grad_gates_all + row * G;
-  if (da_all != da) std::copy(da, da + G, da_all);
   if (s.hidden_prev_all) {
     const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
-    std::copy(h_prev, h_prev + P, s.hidden_prev_all + row * s.hidden_prev_stride);
+    std::copy(h_prev, h_prev + P, s.hidden_prev_all + compact * s.hidden_prev_stride);
   }
   if (s.hidden_unprojected_all) {
-    T* __restrict__ m = s.hidden_unprojected_all + row * H;
+    T* __restrict__ m = s.hidden_unprojected_all + compact * H;
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) m[k] = act[3 * H + k] * tanh_(clip_value(cell[k], cell_clip));
   }
@@ -180,40 +187,41 @@ void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, 
 // then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
 template <typename T>
 RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                                                const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
+                                                int64_t first_row, const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
                                                 const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
                                                 T state_clip, T proj_clip) {
   for (int64_t j = begin; j < end; ++j) {
-    const int64_t row = t * batch + order[j];
+    const int64_t row = t * batch + order[j];  // padded (grad_output)
+    const int64_t compact = first_row + j;     // compact (hidden_pre_clip, grad_pre_clip_all)
     const T* __restrict__ go = grad_output + row * P;
     const T* __restrict__ carry = grad_hidden_carry + j * P;
     T* __restrict__ d = grad_pre_clip + j * P;
     // Two loops rather than a test per element, so that each vectorizes.
     if (hidden_pre_clip) {
-      const T* __restrict__ pre = hidden_pre_clip + row * P;
+      const T* __restrict__ pre = hidden_pre_clip + compact * P;
 #pragma omp simd
       for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
     } else {
 #pragma omp simd
       for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);
     }
-    if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + row * P);
+    if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + compact * P);
   }
 }
 
 RNNTL_VECTOR_CLONES void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch,
-                                                         int64_t t, const int64_t* order, const float* grad_output,
+                                                         int64_t t, int64_t first_row, const int64_t* order, const float* grad_output,
                                                          const float* hidden_pre_clip, const float* grad_hidden_carry,
                                                          float* grad_pre_clip, float* grad_pre_clip_all,
                                                          float state_clip, float proj_clip) {
-  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, first_row, order, grad_output, hidden_pre_clip, grad_hidden_carry,
                             grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
 }
 void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                                     const int64_t* order, const double* grad_output, const double* hidden_pre_clip,
+                                     int64_t first_row, const int64_t* order, const double* grad_output, const double* hidden_pre_clip,
                                      const double* grad_hidden_carry, double* grad_pre_clip,
                                      double* grad_pre_clip_all, double state_clip, double proj_clip) {
-  lstm_hidden_gradient_rows(begin, end, P, batch, t, order, grad_output, hidden_pre_clip, grad_hidden_carry,
+  lstm_hidden_gradient_rows(begin, end, P, batch, t, first_row, order, grad_output, hidden_pre_clip, grad_hidden_carry,
                             grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
 }
 
@@ -245,17 +253,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool project = weight_hr.has_value();
   const auto options = input.options();
 
-  at::Tensor input_gates;
+  const SequenceOrder sequence(lengths64, T, B);
+  const at::Tensor order_tensor = sequence.order_tensor();
+  const int64_t N = sequence.valid_rows;
+  const bool compact_is_padded = sequence.compact_is_padded();
+
+  at::Tensor input_gates;  // [N, 4H] compact: the input projection of the valid rows only
   {
-    const at::Tensor x = input.contiguous().view({T * B, I});
+    at::Tensor x = input.contiguous().view({T * B, I});
+    if (!compact_is_padded) x = x.index_select(0, sequence.padded_rows_tensor());  // [N, I]
     c10::optional<at::Tensor> bias;
     if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
     else if (bias_ih.has_value()) bias = *bias_ih;
     else if (bias_hh.has_value()) bias = *bias_hh;
     input_gates = linear_rows(x, weight_ih, bias).contiguous();
   }
-  const SequenceOrder sequence(lengths64, T, B);
-  const at::Tensor order_tensor = sequence.order_tensor();
 
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
@@ -263,10 +275,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
   at::Tensor output = at::empty({T, B, P}, options);
   // The saved activations take the place of the input gates, row by row as each step
-  // consumes them: one [T, B, 4H] buffer less to allocate and fault in.
-  at::Tensor gates = save_for_backward ? input_gates.view({T, B, G}) : at::empty({0}, options);
-  at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
-  at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
+  // consumes them: one [T, B, 4H] buffer less to allocate and fault in. With variable
+  // lengths the saved tensors keep their [T, B, ...] shape (the op's schema) and hold the
+  // compact rows first; their rows past N are zeroed so that the outputs are deterministic.
+  const auto saved = [&](int64_t width) {
+    at::Tensor t = at::empty({T * B, width}, options);
+    if (N < T * B) t.narrow(0, N, T * B - N).zero_();
+    return t.view({T, B, width});
+  };
+  at::Tensor gates = !save_for_backward ? at::empty({0}, options)
+                     : compact_is_padded ? input_gates.view({T, B, G})
+                                         : saved(G);
+  at::Tensor cells = save_for_backward ? saved(H) : at::empty({0}, options);
+  at::Tensor hidden_pre_clip = save_for_backward && proj_limit > 0 ? saved(P) : at::empty({0}, options);
   const StepWeight recurrent(weight_hh, B);
   const c10::optional<StepWeight> projection =
       project ? c10::optional<StepWeight>(StepWeight(*weight_hr, B)) : c10::nullopt;
@@ -296,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
+      s.first_row = sequence.first_row[t];
       if (n > 0) {
         s.recurrent_gates = recurrent.multiply(hidden_state.data_ptr<T_>(), n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
@@ -306,25 +328,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         T_* pre = s.hidden_pre_clip;
         const T_ limit = s.proj_clip;
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t row = t * B + sequence.order[j];
+          const int64_t row = t * B + sequence.order[j];  // padded (output)
+          const int64_t compact = s.first_row + j;        // compact (hidden_pre_clip)
           for (int64_t k = 0; k < P; ++k) {
             const T_ v = r[j * P + k];
-            if (pre) pre[row * P + k] = v;
+            if (pre) pre[compact * P + k] = v;
             const T_ hv = clip_value(v, limit);
             h[j * P + k] = hv;
             out_data[row * P + k] = hv;
           }
         }
       }
-      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged.
+      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged
+      // (the compact buffers have no rows for them).
       for (int64_t j = n; j < B; ++j) {
         const int64_t row = t * B + sequence.order[j];
         std::fill_n(out_data + row * P, P, T_(0));
-        if (save_for_backward) {
-          std::fill_n(s.gates + row * G, G, T_(0));
-          std::fill_n(s.cells + row * H, H, T_(0));
-          if (s.hidden_pre_clip) std::fill_n(s.hidden_pre_clip + row * P, P, T_(0));
-        }
       }
     }
   });
@@ -379,19 +398,26 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
 
   const SequenceOrder sequence(lengths64, T, B);
   const at::Tensor order_tensor = sequence.order_tensor();
-  const bool identity_order = !lengths.has_value();
+  const int64_t N = sequence.valid_rows;
+  const bool compact_is_padded = sequence.compact_is_padded();
+  const at::Tensor padded_rows = compact_is_padded ? at::Tensor() : sequence.padded_rows_tensor();  // [N]
   const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, P}, options);
   at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, P}, options).index_select(0, order_tensor);
   at::Tensor grad_cell_carry = defined_or_zeros(grad_c_n, {B, H}, options).index_select(0, order_tensor);
-  at::Tensor grad_gates_all = at::empty({T, B, G}, options);
-  at::Tensor grad_gates = identity_order ? at::Tensor() : at::empty({B, G}, options);
+  // Compact [N, ...]: each step's slots are contiguous rows, so dL/da of step t is written
+  // in place where the recurrent product reads it.
+  at::Tensor grad_gates_all = at::empty({N, G}, options);
   at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
   at::Tensor grad_unprojected_scratch = project ? at::empty({B, H}, options) : at::Tensor();
-  at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({T, B, P}, options) : at::Tensor();
-  at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({T, B, H}, options) : at::Tensor();
-  // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev].
-  WeightGradientOperand weight_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(),
-                                       need_weight_hh ? P : 0, options);
+  at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({N, P}, options) : at::Tensor();
+  at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({N, H}, options) : at::Tensor();
+  // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev], over the valid rows.
+  at::Tensor input_compact;  // [N, I]
+  if (need_weight_ih) {
+    input_compact = input.contiguous().view({T * B, I});
+    if (!compact_is_padded) input_compact = input_compact.index_select(0, padded_rows);
+  }
+  WeightGradientOperand weight_operand(N, input_compact, need_weight_hh ? P : 0, options);
   const at::Tensor zeros = at::zeros({std::max(H, P)}, options);
   const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
   const at::Tensor c0c = c0.has_value() ? c0->contiguous() : at::Tensor();
@@ -420,7 +446,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     s.c0 = c0c.defined() ? c0c.data_ptr<T_>() : nullptr;
     s.zeros = zeros.data_ptr<T_>();
     s.grad_cell_carry = grad_cell_carry.data_ptr<T_>();
-    s.grad_gates_all = grad_gates_all.data_ptr<T_>();
+    T_* const grad_gates_data = grad_gates_all.data_ptr<T_>();
     s.hidden_prev_all = weight_operand.hidden_columns<T_>();
     s.hidden_prev_stride = weight_operand.width();
     s.hidden_unprojected_all = want_weight_hr ? hidden_unprojected_all.data_ptr<T_>() : nullptr;
@@ -441,10 +467,10 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
-      s.grad_gates = identity_order ? s.grad_gates_all + t * B * G : grad_gates.data_ptr<T_>();
+      s.grad_gates = grad_gates_data + sequence.first_row[t] * G;
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.order, go, pre, carry_h, d_pre, d_pre_all,
+          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.first_row[t], sequence.order, go, pre, carry_h, d_pre, d_pre_all,
                                           state_clip, proj_limit_t);
         });
         s.grad_hidden_unprojected =
@@ -454,31 +480,33 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
-      for (int64_t j = n; j < B; ++j) {
-        const int64_t row = t * B + sequence.order[j];
-        if (state_clip > 0) {
+      if (state_clip > 0) {
+        for (int64_t j = n; j < B; ++j) {
           for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_clip);
           for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_clip);
         }
-        std::fill_n(s.grad_gates_all + row * G, G, T_(0));
-        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * s.hidden_prev_stride, P, T_(0));
-        if (s.hidden_unprojected_all) std::fill_n(s.hidden_unprojected_all + row * H, H, T_(0));
-        if (d_pre_all) std::fill_n(d_pre_all + row * P, P, T_(0));
       }
     }
   });
 
-  const at::Tensor grad_gates_2d = grad_gates_all.view({T * B, G});
+  const at::Tensor& grad_gates_2d = grad_gates_all;  // [N, G]
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = need_input ? linear_rows(grad_gates_2d, weight_ih.t()).view({T, B, I}) : none();
+  at::Tensor grad_input = none();
+  if (need_input) {
+    const at::Tensor grad_input_compact = linear_rows(grad_gates_2d, weight_ih.t());  // [N, I]
+    if (compact_is_padded) {
+      grad_input = grad_input_compact.view({T, B, I});
+    } else {  // padded rows past their length get zero gradient
+      grad_input = at::zeros({T * B, I}, options).index_copy_(0, padded_rows, grad_input_compact).view({T, B, I});
+    }
+  }
   weight_operand.multiply(grad_gates_2d);
   at::Tensor grad_weight_ih = need_weight_ih ? weight_operand.input_block(I) : none();
   at::Tensor grad_weight_hh = need_weight_hh ? weight_operand.hidden_block(P) : none();
   at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
   at::Tensor grad_weight_hr =
-      want_weight_hr ? transposed_product(grad_pre_clip_all.view({T * B, P}), hidden_unprojected_all.view({T * B, H}))
-                     : none();
+      want_weight_hr ? transposed_product(grad_pre_clip_all, hidden_unprojected_all) : none();
   at::Tensor grad_h0 = none(), grad_c0 = none();
   if (need_h0) {
     grad_h0 = at::empty({B, P}, options);

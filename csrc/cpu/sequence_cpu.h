@@ -12,6 +12,7 @@
 #include "../op_checks.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace rnntl {
 namespace cpu {
@@ -40,12 +41,38 @@ struct SequenceOrder {
   const int64_t* length;  // [B], by batch row
   const int64_t* active;  // [T]
 
+  // The "compact" row layout of the whole-sequence buffers: only valid (step, slot) pairs,
+  // step by step in time order, slot order within a step; (t, slot j) is compact row
+  // first_row[t] + j. (A row keeps its slot at every step, so its previous step's compact
+  // row is first_row[previous_step] + j.) Without lengths it is the padded [T, B] layout.
+  std::vector<int64_t> first_row;  // [T + 1]; first_row[T] = valid_rows
+  int64_t valid_rows = 0;
+
   // lengths64: checked_lengths()'s result (contiguous int64 [B]), or undefined for all T.
   SequenceOrder(const at::Tensor& lengths64, int64_t steps, int64_t batch)
       : host(lengths64.defined() ? lengths64.data_ptr<int64_t>() : nullptr, steps, batch),
         order(host.packed.data()),
         length(order + batch),
-        active(length + batch) {}
+        active(length + batch),
+        first_row(steps + 1, 0) {
+    for (int64_t t = 0; t < steps; ++t) first_row[t + 1] = first_row[t] + active[t];
+    valid_rows = first_row[steps];
+  }
+  // Whether the compact layout is the padded one (every row runs all steps, in batch order).
+  bool compact_is_padded() const {
+    if (valid_rows != host.steps * host.batch) return false;
+    for (int64_t j = 0; j < host.batch; ++j)
+      if (order[j] != j) return false;
+    return true;
+  }
+  // [valid_rows] int64: the padded flat row t * B + order[j] of each compact row.
+  at::Tensor padded_rows_tensor() const {
+    at::Tensor rows = at::empty({valid_rows}, at::TensorOptions().dtype(at::kLong));
+    int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t t = 0; t < host.steps; ++t)
+      for (int64_t j = 0; j < active[t]; ++j) *r++ = t * host.batch + order[j];
+    return rows;
+  }
   SequenceOrder(const SequenceOrder&) = delete;  // the pointers point into `host`
   SequenceOrder& operator=(const SequenceOrder&) = delete;
 
