@@ -76,6 +76,10 @@ def _lstm_setup_context(ctx, inputs, output):
      grad_clip, grad_clip_mode, save_for_backward) = inputs
     out, _, _, gates, cells, hidden_pre_clip = output
     ctx.mark_non_differentiable(gates, cells, hidden_pre_clip)
+    # Gradients of outputs that the loss does not use arrive as None (the op takes them as
+    # optional) instead of zero tensors: autograd would otherwise allocate and zero-fill one
+    # for every unused output, the [T, B, 4H] saved gates included.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, out, gates, cells,
                           hidden_pre_clip)
     ctx.options = (reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode)
@@ -100,6 +104,7 @@ def _gru_setup_context(ctx, inputs, output):
      save_for_backward) = inputs
     out, _, gates, hidden_n = output
     ctx.mark_non_differentiable(gates, hidden_n)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None (see _lstm_setup_context)
     ctx.save_for_backward(input, weight_ih, weight_hh, h0, lengths, out, gates, hidden_n)
     ctx.options = (reverse, grad_clip, grad_clip_mode)
 
