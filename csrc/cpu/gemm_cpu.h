@@ -125,7 +125,7 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
-// a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over all T*B rows.
+// a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over the K valid rows.
 //
 // The K rows are summed in about sqrt(K) chunks of about sqrt(K) rows, each chunk's product
 // added to the result: a float32 sum then grows like 2*sqrt(K) additions deep instead of K
