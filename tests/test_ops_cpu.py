@@ -50,6 +50,11 @@ def _cases():
             Case(cell, T=4, B=17, I=9, H=70),
             Case(cell, T=6, B=8, I=6, H=33, lengths=(6, 5, 5, 4, 3, 2, 2, 1), reverse=True),
             Case(cell, T=5, B=2, I=5, H=19, lengths=(5, 2)),
+            # With lengths the whole-sequence buffers hold only the valid rows: none at all,
+            # and frozen weights / input over a partly valid batch.
+            Case(cell, T=4, B=3, lengths=(0, 0, 0), initial_state=True),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), frozen=("weight_ih", "weight_hh")),
+            Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), reverse=True, frozen=("input",)),
         ]
     cases += [
         Case("lstm", proj=3),
