@@ -26,7 +26,6 @@ from .ops.checks import check_clip, check_grad_clip_mode
 HiddenLSTM = Tuple[Tensor, Tensor]
 
 
-
 class _PackedLayout:
     """Where each row of a PackedSequence's data sits in the padded [T, B] layout of the
     kernels (flat index t * B + j, j in packed = sorted order), and the lengths. One
@@ -59,6 +58,7 @@ def _packed_layout(data: Tensor, batch_sizes: Tensor) -> Optional["_PackedLayout
     if batch_sizes.numel() == 0 or data.dim() < 2:
         return None  # pad_packed_sequence's own handling (and errors) for degenerate input
     return _PackedLayout(data, batch_sizes)
+
 
 class _RecurrentStack(nn.Module):
     """What LSTM and GRU share: parameters laid out exactly as torch.nn.RNNBase does, input

@@ -293,3 +293,30 @@ def test_long_reductions_within_error_rule(cell, T, B, I, H, seed):
     names = ["output", "input"] + [name for name, _ in reference.named_parameters()]
     for name, f, b, e in zip(names, result, baseline, expected):
         assert_within_error_rule(name, f, b, e, torch.float32)
+
+
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_loss_on_one_output_only_matches_torch_nn(cell, used):
+    """The ops' autograd passes None for the gradients of unused outputs (no zero-filled
+    tensors): a loss on one output alone, through a packed 2-layer bidirectional stack,
+    must still give torch.nn's gradients."""
+    if cell == "gru" and used == "c_n":
+        pytest.skip("a GRU has no c_n")
+    torch.manual_seed(3)
+    fast_class, reference_class = (rnntl_fast.LSTM, nn.LSTM) if cell == "lstm" else (rnntl_fast.GRU, nn.GRU)
+    fast = fast_class(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    reference = reference_class(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    gradients = []
+    for module in (fast, reference):
+        leaf = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(leaf, torch.tensor([6, 2, 4]), enforce_sorted=False)
+        output, state = module(packed)
+        chosen = {"output": output.data, "h_n": state[0] if cell == "lstm" else state,
+                  "c_n": state[1] if cell == "lstm" else None}[used]
+        chosen.pow(2).sum().backward()
+        gradients.append([leaf.grad] + [p.grad for p in module.parameters()])
+    for mine, theirs in zip(*gradients):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
