@@ -41,6 +41,19 @@
 namespace rnntl {
 namespace cpu {
 
+// RNNTL_CPU_GEMM, read once: "aten" (at::mm everywhere), "library" (no own per-step
+// kernel), anything else or unset: the automatic choice below (docs/ENVIRONMENT.md).
+enum class GemmChoice { automatic, aten, library };
+inline GemmChoice gemm_choice() {
+  static const GemmChoice choice = [] {
+    const char* value = std::getenv("RNNTL_CPU_GEMM");
+    if (value != nullptr && std::strcmp(value, "aten") == 0) return GemmChoice::aten;
+    if (value != nullptr && std::strcmp(value, "library") == 0) return GemmChoice::library;
+    return GemmChoice::automatic;
+  }();
+  return choice;
+}
+
 struct OneDnnOps {
   std::optional<c10::OperatorHandle> linear;   // mkldnn::_linear_pointwise
   std::optional<c10::OperatorHandle> reorder;  // mkldnn::_reorder_linear_weight
@@ -49,8 +62,7 @@ struct OneDnnOps {
   static const OneDnnOps& get() {
     static const OneDnnOps ops = [] {
       OneDnnOps o;
-      const char* choice = std::getenv("RNNTL_CPU_GEMM");
-      if (choice != nullptr && std::strcmp(choice, "aten") == 0) return o;
+      if (gemm_choice() == GemmChoice::aten) return o;
       auto& dispatcher = c10::Dispatcher::singleton();
       o.linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
       o.reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
@@ -85,8 +97,7 @@ struct MklPackedGemm {
   static const MklPackedGemm& get() {
     static const MklPackedGemm gemm = [] {
       MklPackedGemm g;
-      const char* choice = std::getenv("RNNTL_CPU_GEMM");
-      if (choice != nullptr && std::strcmp(choice, "aten") == 0) return g;
+      if (gemm_choice() == GemmChoice::aten) return g;
       g.size = reinterpret_cast<size_fn>(find("cblas_sgemm_pack_get_size"));
       g.pack = reinterpret_cast<pack_fn>(find("cblas_sgemm_pack"));
       g.compute = reinterpret_cast<compute_fn>(find("cblas_sgemm_compute"));
@@ -198,14 +209,8 @@ class WeightGradientOperand {
   int64_t input_offset_ = -1, hidden_offset_ = -1, width_ = 0;
 };
 
-// Whether the per-step products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM unset).
-inline bool own_step_kernel_enabled() {
-  static const bool enabled = [] {
-    const char* choice = std::getenv("RNNTL_CPU_GEMM");
-    return choice == nullptr || (std::strcmp(choice, "aten") != 0 && std::strcmp(choice, "library") != 0);
-  }();
-  return enabled;
-}
+// Whether the per-step products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
+inline bool own_step_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
 // Sizes where the own kernel measured at least on par with the libraries: batch up to 32,
 // or a weight [N, K] of at most 1 MiB (it stays in L2 between steps). Measured on whole
