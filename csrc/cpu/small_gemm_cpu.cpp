@@ -41,11 +41,14 @@ void portable_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const fl
 // 2*kRows*kPanels ymm registers over the whole K loop. x: the block's first row;
 // panel: its first panel (the next ones follow at panel_stride floats); out: the block's
 // top-left element; cols: how many of its columns exist (the last panel may be padding).
-template <int kRows, int kPanels>
+// x's elements of one row follow each other (kUnitDepth), or are depth_stride apart.
+template <int kRows, int kPanels, bool kUnitDepth = true>
 RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x, int64_t ldx, int64_t K,
                                                                   const float* panel, int64_t panel_stride,
                                                                   float* out, int64_t ldo, int64_t cols,
-                                                                  bool accumulate) {
+                                                                  bool accumulate, int64_t depth_stride = 1,
+                                                                  const float* bias = nullptr) {
+  const int64_t xk = kUnitDepth ? 1 : depth_stride;
   constexpr int kVectors = 2 * kPanels;  // 8-float vectors per row of the block
   __m256 acc[kRows][kVectors];
 #pragma GCC unroll 8
@@ -61,7 +64,7 @@ RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x,
     }
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k * xk);
 #pragma GCC unroll 8
       for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
     }
@@ -74,13 +77,14 @@ RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x,
       for (int v = 0; v < kVectors; ++v) {
         __m256 value = acc[r][v];
         if (accumulate) value = _mm256_add_ps(value, _mm256_loadu_ps(o + 8 * v));
+        else if (bias) value = _mm256_add_ps(value, _mm256_loadu_ps(bias + 8 * v));
         _mm256_storeu_ps(o + 8 * v, value);
       }
     } else {
       alignas(32) float tail[kVectors * 8];
 #pragma GCC unroll 8
       for (int v = 0; v < kVectors; ++v) _mm256_store_ps(tail + 8 * v, acc[r][v]);
-      for (int64_t c = 0; c < cols; ++c) o[c] = accumulate ? o[c] + tail[c] : tail[c];
+      for (int64_t c = 0; c < cols; ++c) o[c] = accumulate ? o[c] + tail[c] : (bias ? tail[c] + bias[c] : tail[c]);
     }
   }
 }
@@ -153,6 +157,47 @@ RNNTL_AVX2 void avx2_panels(const float* x, int64_t ldx, int64_t M, int64_t K, c
   }
 }
 
+// The large product of gemm_panels: rows in chunks of kRowChunk, within which each panel's
+// depth chunk (at most 16 KB) stays in L1 while every 6-row block of the chunk reads it.
+constexpr int64_t kRowChunk = 96;
+
+template <bool kUnitDepth>
+RNNTL_AVX2 void large_avx2(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K,
+                           const float* packed, int64_t N, const float* bias, float* out, int64_t ldo,
+                           bool accumulate, int64_t depth_chunk) {
+  const int64_t panel_stride = K * kPanelWidth;
+  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, M - r0);
+    const int64_t blocks = (rows + 5) / 6, rows_per_block = (rows + blocks - 1) / blocks;
+    for (int64_t p = 0; p < panel_count(N); ++p) {
+      const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += depth_chunk) {
+        const int64_t depth = std::min(depth_chunk, K - k0);
+        const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
+        const bool add = accumulate || k0 > 0;
+        const float* panel_bias = bias && !add ? bias + first_col : nullptr;
+        for (int64_t r = r0; r < r0 + rows; r += rows_per_block) {
+          const float* ab = a + r * row_stride + k0 * depth_stride;
+          float* ob = out + r * ldo + first_col;
+          switch (std::min(rows_per_block, r0 + rows - r)) {
+#define RNNTL_LARGE_CASE(n) \
+  block_avx2<n, 1, kUnitDepth>(ab, row_stride, depth, panel, panel_stride, ob, ldo, cols, add, depth_stride, \
+                               panel_bias);                                                                  \
+  break;
+            case 1: RNNTL_LARGE_CASE(1)
+            case 2: RNNTL_LARGE_CASE(2)
+            case 3: RNNTL_LARGE_CASE(3)
+            case 4: RNNTL_LARGE_CASE(4)
+            case 5: RNNTL_LARGE_CASE(5)
+            default: RNNTL_LARGE_CASE(6)
+#undef RNNTL_LARGE_CASE
+          }
+        }
+      }
+    }
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -183,6 +228,41 @@ void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const 
   }
 #endif
   portable_panels(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+}
+
+void gemm_panels(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K, const float* packed,
+                 int64_t N, const float* bias, float* out, int64_t ldo, bool accumulate, int64_t depth_chunk) {
+  if (M <= 0) return;
+  depth_chunk = std::max<int64_t>(1, depth_chunk);
+#ifdef RNNTL_SMALL_GEMM_AVX2
+  if (cpu_has_avx2()) {
+    if (depth_stride == 1) {
+      large_avx2<true>(a, row_stride, 1, M, K, packed, N, bias, out, ldo, accumulate, depth_chunk);
+    } else {
+      large_avx2<false>(a, row_stride, depth_stride, M, K, packed, N, bias, out, ldo, accumulate, depth_chunk);
+    }
+    return;
+  }
+#endif
+  // Portable: the same sums in the same order (depth chunks added to the result in turn).
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t p = 0; p < panel_count(N); ++p) {
+      const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
+      float* o = out + r * ldo + first_col;
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += depth_chunk) {
+        float acc[kPanelWidth] = {};
+        const float* panel = packed + (p * K + k0) * kPanelWidth;
+        for (int64_t k = k0; k < std::min(K, k0 + depth_chunk); ++k) {
+          const float value = a[r * row_stride + k * depth_stride];
+          const float* b = panel + (k - k0) * kPanelWidth;
+          for (int64_t c = 0; c < kPanelWidth; ++c) acc[c] += value * b[c];
+        }
+        const bool add = accumulate || k0 > 0;
+        for (int64_t c = 0; c < cols; ++c)
+          o[c] = add ? o[c] + acc[c] : (bias ? acc[c] + bias[first_col + c] : acc[c]);
+      }
+    }
+  }
 }
 
 const char* small_gemm_variant() {

@@ -31,6 +31,15 @@ void pack_panels(const float* weight, int64_t N, int64_t K, int64_t stride_n, in
 void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
                        int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate);
 
+// The whole-sequence products (many rows): out [M, N] (=|+=) A @ B over all panels, where
+// A[m][k] = a[m * row_stride + k * depth_stride] (so A may be a transposed view, as in the
+// weight gradients grad_gates^T @ x). Rows go in chunks that stay in cache; K goes in
+// chunks of depth_chunk, each chunk's partial product added to the result in turn, which
+// bounds how deep a float32 sum grows (callers pick about sqrt(K) where accuracy needs it).
+// bias: [N] added to each row, or nullptr (ignored with accumulate).
+void gemm_panels(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K, const float* packed,
+                 int64_t N, const float* bias, float* out, int64_t ldo, bool accumulate, int64_t depth_chunk);
+
 // Which code small_gemm_panels runs on this CPU: "avx2" or "portable".
 const char* small_gemm_variant();
 

@@ -116,17 +116,31 @@ struct LstmForwardElement {
   T hidden;  // o * tanh(cell), before any projection
 };
 
+// The two halves of lstm_element_forward, for loops that run them as separate passes
+// (the CPU kernels: four independent activations per element in one pass, then the cell
+// update with one more, keeps more work in flight than one pass with both dependent halves).
+template <typename T>
+RNNTL_HOST_DEVICE void lstm_gate_activations(T a_i, T a_f, T a_g, T a_o, T& i, T& f, T& g, T& o) {
+  i = sigmoid(a_i);
+  f = sigmoid(a_f);
+  g = tanh_(a_g);
+  o = sigmoid(a_o);
+}
+
+// Cell update from the activations: fills cell_before_clip, cell and hidden of e.
+template <typename T>
+RNNTL_HOST_DEVICE void lstm_cell_update(T i, T f, T g, T o, T cell_prev, T cell_clip, LstmForwardElement<T>& e) {
+  e.cell_before_clip = f * cell_prev + i * g;
+  e.cell = clip_value(e.cell_before_clip, cell_clip);
+  e.hidden = o * tanh_(e.cell);
+}
+
 template <typename T>
 RNNTL_HOST_DEVICE LstmForwardElement<T> lstm_element_forward(T a_i, T a_f, T a_g, T a_o, T cell_prev,
                                                              T cell_clip) {
   LstmForwardElement<T> e;
-  e.i = sigmoid(a_i);
-  e.f = sigmoid(a_f);
-  e.g = tanh_(a_g);
-  e.o = sigmoid(a_o);
-  e.cell_before_clip = e.f * cell_prev + e.i * e.g;
-  e.cell = clip_value(e.cell_before_clip, cell_clip);
-  e.hidden = e.o * tanh_(e.cell);
+  lstm_gate_activations(a_i, a_f, a_g, a_o, e.i, e.f, e.g, e.o);
+  lstm_cell_update(e.i, e.f, e.g, e.o, cell_prev, cell_clip, e);
   return e;
 }
 
@@ -171,14 +185,21 @@ struct GruForwardElement {
   T hidden;
 };
 
+// The second half of gru_element_forward, from the r and z activations (split for the
+// same reason as lstm_cell_update): fills n and hidden of e.
+template <typename T>
+RNNTL_HOST_DEVICE void gru_candidate_update(T r, T z, T input_n, T hidden_n, T hidden_prev, GruForwardElement<T>& e) {
+  e.n = tanh_(input_n + r * hidden_n);
+  e.hidden = (T(1) - z) * e.n + z * hidden_prev;
+}
+
 template <typename T>
 RNNTL_HOST_DEVICE GruForwardElement<T> gru_element_forward(T input_r, T input_z, T input_n, T hidden_r,
                                                            T hidden_z, T hidden_n, T hidden_prev) {
   GruForwardElement<T> e;
   e.r = sigmoid(input_r + hidden_r);
   e.z = sigmoid(input_z + hidden_z);
-  e.n = tanh_(input_n + e.r * hidden_n);
-  e.hidden = (T(1) - e.z) * e.n + e.z * hidden_prev;
+  gru_candidate_update(e.r, e.z, input_n, hidden_n, hidden_prev, e);
   return e;
 }
 
