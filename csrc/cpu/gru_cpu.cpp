@@ -284,6 +284,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
     s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
     T_* carry = s.grad_hidden_carry;
+    // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
+    const auto prefetch_step = [&](int64_t step) {
+      if (step < 0) return;
+      const int64_t t = reverse ? T - 1 - step : step;
+      prefetch_block(s.gates + t * B * G, B * G);
+      prefetch_block(s.hidden_n + t * B * H, B * H);
+      prefetch_block(s.grad_output + t * B * H, B * H);
+      if (step > 0) prefetch_block(s.output + (reverse ? t + 1 : t - 1) * B * H, B * H);
+    };
+    prefetch_step(T - 1);
 
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = reverse ? T - 1 - step : step;
@@ -293,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                                 : grad_hidden_gates_buffer.data_ptr<T_>();
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
+        prefetch_step(step - 1);
         recurrent_back.multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
       }
       for (int64_t j = n; j < B; ++j) {

@@ -132,7 +132,7 @@ struct LstmBackwardStep {
   T cell_clip, state_clip, gate_clip;
 };
 
-template <typename T>
+template <typename T, bool kKeepUnprojected>
 RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
   const int64_t b = s.sequence->order[j];
@@ -150,31 +150,31 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   T* __restrict__ dc = s.grad_cell_carry + j * H;
   T* __restrict__ da = s.grad_gates + j * G;
   const T cell_clip = s.cell_clip, state_clip = s.state_clip, gate_clip = s.gate_clip;
+  // m = o * tanh(c) for dW_hr comes from the same tanh.
+  T* __restrict__ m = kKeepUnprojected ? s.hidden_unprojected_all + compact * H : nullptr;
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
-    const LstmBackwardElement<T> e = lstm_element_backward(
-        act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], clip_value(cell_prev[k], prev_clip),
+    const T tanh_cell = tanh_(clip_value(cell[k], cell_clip));
+    const LstmBackwardElement<T> e = lstm_element_backward_given_tanh(
+        act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], tanh_cell, clip_value(cell_prev[k], prev_clip),
         dm[k], dc[k], cell_clip, state_clip, gate_clip);
     da[k] = e.d_i;
     da[H + k] = e.d_f;
     da[2 * H + k] = e.d_g;
     da[3 * H + k] = e.d_o;
     dc[k] = e.grad_cell_prev;
+    if (kKeepUnprojected) m[k] = act[3 * H + k] * tanh_cell;
   }
   if (s.hidden_prev_all) {
     const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
     std::copy(h_prev, h_prev + P, s.hidden_prev_all + compact * s.hidden_prev_stride);
   }
-  if (s.hidden_unprojected_all) {
-    T* __restrict__ m = s.hidden_unprojected_all + compact * H;
-#pragma omp simd
-    for (int64_t k = 0; k < H; ++k) m[k] = act[3 * H + k] * tanh_(clip_value(cell[k], cell_clip));
-  }
 }
 
 template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j) lstm_backward_row(s, j);
+  for (int64_t j = begin; j < end; ++j)
+    s.hidden_unprojected_all ? lstm_backward_row<T, true>(s, j) : lstm_backward_row<T, false>(s, j);
 }
 
 RNNTL_VECTOR_CLONES void lstm_backward_rows_entry(const LstmBackwardStep<float>& s, int64_t begin,
@@ -465,6 +465,20 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     const T_ proj_limit_t = static_cast<T_>(proj_limit);
     T_* const grad_unprojected = project ? grad_unprojected_scratch.data_ptr<T_>() : nullptr;
     at::Tensor product_holder;
+    // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
+    const auto prefetch_step = [&](int64_t step) {
+      if (step < 0) return;
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = sequence.active[t], first = sequence.first_row[t];
+      prefetch_block(s.gates + first * G, n * G);
+      prefetch_block(s.cells + first * H, n * H);
+      prefetch_block(go + t * B * P, B * P);
+      if (step > 0) {
+        const int64_t previous = reverse ? t + 1 : t - 1;
+        prefetch_block(s.cells + sequence.first_row[previous] * H, sequence.active[previous] * H);
+      }
+    };
+    prefetch_step(T - 1);
 
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = reverse ? T - 1 - step : step;
@@ -479,6 +493,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
         s.grad_hidden_unprojected =
             project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
+        prefetch_step(step - 1);
         recurrent_back.multiply_into(s.grad_gates, n, carry_h);
       }
       // Rows past their length pass their state gradients through unchanged (clamped in

@@ -157,13 +157,13 @@ struct LstmBackwardElement {
   T grad_cell_prev;      // dL/dc_{t-1} through this step
 };
 
+// The same with tanh(clip(cell_before_clip)) given, for callers that need it themselves
+// (the CPU kernel also rebuilds m = o * tanh(c) from it for the projection's gradient).
 template <typename T>
-RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,
-                                                               T cell_prev, T grad_hidden,
-                                                               T grad_cell_carry, T cell_clip,
-                                                               T state_clip, T gate_clip) {
-  const T cell = clip_value(cell_before_clip, cell_clip);
-  const T tanh_cell = tanh_(cell);
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T f, T g, T o, T cell_before_clip,
+                                                                          T tanh_cell, T cell_prev, T grad_hidden,
+                                                                          T grad_cell_carry, T cell_clip,
+                                                                          T state_clip, T gate_clip) {
   T grad_cell = grad_cell_carry + grad_hidden * o * (T(1) - tanh_cell * tanh_cell);
   grad_cell = clip_value(grad_cell, state_clip);
   grad_cell = grad_cell * clip_pass(cell_before_clip, cell_clip);
@@ -174,6 +174,16 @@ RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T 
   e.d_o = clip_value(grad_hidden * tanh_cell * o * (T(1) - o), gate_clip);
   e.grad_cell_prev = grad_cell * f;
   return e;
+}
+
+template <typename T>
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,
+                                                               T cell_prev, T grad_hidden,
+                                                               T grad_cell_carry, T cell_clip,
+                                                               T state_clip, T gate_clip) {
+  const T tanh_cell = tanh_(clip_value(cell_before_clip, cell_clip));
+  return lstm_element_backward_given_tanh(i, f, g, o, cell_before_clip, tanh_cell, cell_prev, grad_hidden,
+                                          grad_cell_carry, cell_clip, state_clip, gate_clip);
 }
 
 // ---------------------------------------------------------------------------------------
