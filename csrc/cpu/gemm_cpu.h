@@ -133,40 +133,82 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // Whether the float32 products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
 inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
-// x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] with small_gemm_cpu.h's gemm_panels: the
-// weight packed into panels (a copy of N*K floats, small next to the M*N*K product), rows
-// split across threads. Measured single-threaded on the AVX2 EPYC at the default-grid sizes
-// (M = 1600, K = 128-512, N = 384-1024): 91-98 GFLOP/s, oneDNN's matmul 68-84.
-inline at::Tensor linear_rows_own_kernel(const at::Tensor& x, const at::Tensor& weight,
-                                         const c10::optional<at::Tensor>& bias) {
-  // Named in profiles (torch.profiler shows no aten matmul for it).
-  RECORD_FUNCTION("rnntl_fast::sequence_gemm", std::vector<c10::IValue>());
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor panels = at::empty({packed_panels_size(N, K)}, weight.options());
-  pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels.data_ptr<float>());
-  const at::Tensor a = x.stride(1) == 1 ? x : x.contiguous();
-  const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* bias_data = bias.has_value() ? bias_contiguous.data_ptr<float>() : nullptr;
-  const float* a_data = a.data_ptr<float>();
-  const float* panel_data = panels.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
-  const int64_t row_stride = a.stride(0);
-  const int64_t grain = std::max<int64_t>(96, 4000000 / std::max<int64_t>(1, 2 * N * K));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    gemm_panels(a_data + begin * row_stride, row_stride, 1, end - begin, K, panel_data, N, bias_data,
-                out_data + begin * N, N, false, 256);
-  });
-  return out;
+// x [M, K] @ weight [N, K]^T (+ bias [N]), computed a block of rows at a time into a
+// caller's buffer. The sequence kernels project each few steps' input rows just before
+// those steps run, into a buffer that stays in L2, instead of the whole [T*B, G] product up
+// front (a fresh multi-MB buffer that then comes back from L3, page faults included).
+// float32 with the own kernel: small_gemm_cpu.h's gemm_panels, the weight packed into
+// panels once (N*K floats), rows split across threads, the bias added in the kernel.
+// Measured single-threaded on the AVX2 EPYC (M = 1600, K = 128-512, N = 384-1024): 91-98
+// GFLOP/s, oneDNN's matmul 68-84. Otherwise the libraries, one product per block.
+class RowProjection {
+ public:
+  // x: [M, K] (rows may be strided, elements contiguous); weight: [N, K], any strides.
+  RowProjection(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias)
+      : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias) {
+    own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
+    if (own_kernel_) {
+      const int64_t N = weight.size(0), K = weight.size(1);
+      panels_ = at::empty({packed_panels_size(N, K)}, weight.options());
+      pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
+      if (bias.has_value()) bias_ = bias->contiguous();
+    }
+  }
+  int64_t rows() const { return x_.size(0); }
+  int64_t width() const { return weight_.size(0); }
+
+  // out [rows, N] (row stride N) = rows [first, first + rows) of the product.
+  template <typename T>
+  void into(int64_t first, int64_t rows, T* out) const {
+    if (rows <= 0) return;
+    const int64_t K = x_.size(1), N = weight_.size(0);
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_kernel_) {
+        // Named in profiles (torch.profiler shows no aten matmul for it).
+        RECORD_FUNCTION("rnntl_fast::sequence_gemm", std::vector<c10::IValue>());
+        const int64_t row_stride = x_.stride(0);
+        const float* a = x_.data_ptr<float>() + first * row_stride;
+        const float* panels = panels_.data_ptr<float>();
+        const float* bias = bias_.has_value() ? bias_->data_ptr<float>() : nullptr;
+        const int64_t grain = std::max<int64_t>(96, 4000000 / std::max<int64_t>(1, 2 * N * K));
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          gemm_panels(a + begin * row_stride, row_stride, 1, end - begin, K, panels, N, bias, out + begin * N, N,
+                      false, 256);
+        });
+        return;
+      }
+    }
+    at::from_blob(out, {rows, N}, x_.options()).copy_(library_product(x_.narrow(0, first, rows)));
+  }
+  // The whole product as a new [M, N] tensor.
+  at::Tensor all() const {
+    if (!own_kernel_) return library_product(x_);
+    at::Tensor out = at::empty({rows(), width()}, x_.options());
+    into(0, rows(), out.data_ptr<float>());
+    return out;
+  }
+
+ private:
+  at::Tensor library_product(const at::Tensor& x) const {
+    if (use_onednn(x) && big_enough_for_onednn(x.size(0), weight_.size(0), x.size(1)))
+      return onednn_linear(x, weight_, bias_);
+    return bias_.has_value() ? at::addmm(*bias_, x, weight_.t()) : at::mm(x, weight_.t());
+  }
+  at::Tensor x_, weight_, panels_;
+  c10::optional<at::Tensor> bias_;
+  bool own_kernel_ = false;
+};
+
+// Rows per block of a RowProjection that a sequence kernel consumes step by step: about
+// 256 KB of results (half of a 512 KB L2), and never less than one step's rows.
+inline int64_t projection_block_rows(int64_t width, int64_t batch) {
+  return std::max<int64_t>(batch, (int64_t(256) << 10) / (std::max<int64_t>(width, 1) * int64_t(sizeof(float))));
 }
 
 // x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N]; x and weight may be strided views.
 inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias = c10::nullopt) {
-  if (x.scalar_type() == at::kFloat && own_kernel_enabled() && x.size(0) > 0 && x.size(1) > 0)
-    return linear_rows_own_kernel(x, weight, bias);
-  if (use_onednn(x) && big_enough_for_onednn(x.size(0), weight.size(0), x.size(1))) return onednn_linear(x, weight, bias);
-  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  return RowProjection(x, weight, bias).all();
 }
 
 // a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over the K valid rows.

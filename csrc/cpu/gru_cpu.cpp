@@ -17,7 +17,8 @@ template <typename T>
 struct GruForwardStep {
   int64_t batch, hidden, t;
   const int64_t* order;
-  const T* input_gates;      // [T, B, 3H] W_ih x + b_ih
+  const T* input_gates;      // [steps, B, 3H] W_ih x + b_ih of steps input_first_step...
+  int64_t input_first_step;
   T* recurrent_gates;        // [B, 3H]    slot-major W_hh h_{t-1} (no bias); r, z written over it
   const T* bias_hh;          // [3H]       b_hh, or zeros
   T* hidden_state;           // [B, H]     slot-major
@@ -30,7 +31,7 @@ template <typename T, bool kSave>
 RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];
-  const T* __restrict__ x = s.input_gates + row * G;
+  const T* __restrict__ x = s.input_gates + (row - s.input_first_step * s.batch) * G;
   // r and z overwrite the recurrent product in place when not saved (element k is read
   // before it is written), so r is not __restrict__.
   const T* r = s.recurrent_gates + j * G;
@@ -162,8 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   is_gate_mode(grad_clip_mode);
   const auto options = input.options();
 
-  const at::Tensor x = input.contiguous().view({T * B, I});
-  const at::Tensor input_gates = linear_rows(x, weight_ih, bias_ih);
+  // The input projection, a few steps at a time just before they run (see RowProjection),
+  // into a buffer reused block after block.
+  const RowProjection input_projection(input.contiguous().view({T * B, I}), weight_ih, bias_ih);
+  const int64_t block_steps = std::max<int64_t>(1, projection_block_rows(G, B) / std::max<int64_t>(B, 1));
+  at::Tensor input_gates_block = at::empty({std::min(block_steps, T) * B, G}, options);
   const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
   const SequenceOrder sequence(lengths64, T, B);
   const at::Tensor order_tensor = sequence.order_tensor();
@@ -181,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     s.batch = B;
     s.hidden = H;
     s.order = sequence.order;
-    s.input_gates = input_gates.data_ptr<T_>();
+    s.input_gates = input_gates_block.data_ptr<T_>();
     s.bias_hh = bias.data_ptr<T_>();
     s.hidden_state = hidden_state.data_ptr<T_>();
     s.output = output.data_ptr<T_>();
@@ -192,8 +196,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
+      if (step % block_steps == 0) {
+        // Steps [step, step + steps) in processing order: padded rows of t_low... (one range).
+        const int64_t steps = std::min(block_steps, T - step);
+        const int64_t t_low = reverse ? T - step - steps : step;
+        input_projection.into(t_low * B, steps * B, input_gates_block.data_ptr<T_>());
+        s.input_first_step = t_low;
+      }
       if (n > 0) {
-        prefetch_block(s.input_gates + t * B * G, B * G);
         s.recurrent_gates =
             recurrent.multiply(s.hidden_state, n, recurrent_scratch.data_ptr<T_>(), product_holder);  // [n, 3H]
         parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });

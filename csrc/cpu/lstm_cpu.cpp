@@ -29,13 +29,15 @@ struct LstmForwardStep {
   int64_t batch, hidden, t;
   int64_t first_row;         // compact row of slot 0 at step t
   const int64_t* order;
-  T* input_gates;            // [N, 4H]     compact W_ih x + b_ih + b_hh (may be `gates`); overwritten in place
+  T* input_gates;            // [rows, 4H]  W_ih x + b_ih + b_hh of compact rows input_first_row...; the
+                             //             activations i,f,g,o overwrite them in place (the saved
+                             //             `gates` [N, 4H] when saving for backward, first row 0)
+  int64_t input_first_row;
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
   T* hidden_unprojected;     // [B, H]      slot-major o*tanh(c), only with projection
   T* output;                 // [T, B, H]   padded, only without projection
-  T* gates;                  // [N, 4H]     compact activations i,f,g,o, when saving for backward
   T* cells;                  // [N, H]      compact cell before clip, when saving
   T* hidden_pre_clip;        // [N, H]      compact hidden before proj_clip, when saving with proj_clip
   T cell_clip, proj_clip;
@@ -46,12 +48,9 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
   const int64_t compact = s.first_row + j;         // compact row (the whole-sequence buffers)
-  // The activations overwrite the input gates in place (x may be the saved `gates` row, and
-  // without saving the input gates are scratch): element k of each gate is read before it
-  // is written, so neither pointer is __restrict__.
-  const T* x = s.input_gates + compact * G;
+  // The activations overwrite the input gates in place.
+  T* __restrict__ act = s.input_gates + (compact - s.input_first_row) * G;
   const T* __restrict__ r = s.recurrent_gates + j * G;
-  T* act = kSave ? s.gates + compact * G : s.input_gates + compact * G;
   T* __restrict__ c = s.cell_state + j * H;
   T* __restrict__ cells = kSave ? s.cells + compact * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
@@ -64,8 +63,8 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
     T i, f, g, o;
-    lstm_gate_activations(x[k] + r[k], x[H + k] + r[H + k], x[2 * H + k] + r[2 * H + k],
-                          x[3 * H + k] + r[3 * H + k], i, f, g, o);
+    lstm_gate_activations(act[k] + r[k], act[H + k] + r[H + k], act[2 * H + k] + r[2 * H + k],
+                          act[3 * H + k] + r[3 * H + k], i, f, g, o);
     act[k] = i;
     act[H + k] = f;
     act[2 * H + k] = g;
@@ -260,34 +259,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = sequence.valid_rows;
   const bool compact_is_padded = sequence.compact_is_padded();
 
-  at::Tensor input_gates;  // [N, 4H] compact: the input projection of the valid rows only
-  {
-    at::Tensor x = input.contiguous().view({T * B, I});
-    if (!compact_is_padded) x = x.index_select(0, sequence.padded_rows_tensor());  // [N, I]
-    c10::optional<at::Tensor> bias;
-    if (bias_ih.has_value() && bias_hh.has_value()) bias = *bias_ih + *bias_hh;
-    else if (bias_ih.has_value()) bias = *bias_ih;
-    else if (bias_hh.has_value()) bias = *bias_hh;
-    input_gates = linear_rows(x, weight_ih, bias).contiguous();
-  }
+  // The input projection of the valid rows only ([N, I] compact rows of x), computed a few
+  // steps at a time just before they run (see RowProjection).
+  at::Tensor x_rows = input.contiguous().view({T * B, I});
+  if (!compact_is_padded) x_rows = x_rows.index_select(0, sequence.padded_rows_tensor());  // [N, I]
+  c10::optional<at::Tensor> input_bias;
+  if (bias_ih.has_value() && bias_hh.has_value()) input_bias = *bias_ih + *bias_hh;
+  else if (bias_ih.has_value()) input_bias = *bias_ih;
+  else if (bias_hh.has_value()) input_bias = *bias_hh;
+  const RowProjection input_projection(x_rows, weight_ih, input_bias);
+  const int64_t block_rows = projection_block_rows(G, B);
 
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
   at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
   at::Tensor output = at::empty({T, B, P}, options);
-  // The saved activations take the place of the input gates, row by row as each step
-  // consumes them: one [T, B, 4H] buffer less to allocate and fault in. With variable
-  // lengths the saved tensors keep their [T, B, ...] shape (the op's schema) and hold the
-  // compact rows first; their rows past N are zeroed so that the outputs are deterministic.
+  // The input gates of a block of steps go where their activations go: straight into the
+  // saved gates when saving for backward (the activations overwrite them in place), else
+  // into a buffer of block_rows rows reused block after block. With variable lengths the
+  // saved tensors keep their [T, B, ...] shape (the op's schema) and hold the compact rows
+  // first; their rows past N are zeroed so that the outputs are deterministic.
   const auto saved = [&](int64_t width) {
     at::Tensor t = at::empty({T * B, width}, options);
     if (N < T * B) t.narrow(0, N, T * B - N).zero_();
     return t.view({T, B, width});
   };
-  at::Tensor gates = !save_for_backward ? at::empty({0}, options)
-                     : compact_is_padded ? input_gates.view({T, B, G})
-                                         : saved(G);
+  at::Tensor gates = save_for_backward ? saved(G) : at::empty({0}, options);
+  at::Tensor input_gates_block = save_for_backward ? at::Tensor() : at::empty({std::min(block_rows, N), G}, options);
   at::Tensor cells = save_for_backward ? saved(H) : at::empty({0}, options);
   at::Tensor hidden_pre_clip = save_for_backward && proj_limit > 0 ? saved(P) : at::empty({0}, options);
   const StepWeight recurrent(weight_hh, B);
@@ -301,12 +300,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.batch = B;
     s.hidden = H;
     s.order = sequence.order;
-    s.input_gates = input_gates.data_ptr<T_>();
+    T_* const gates_buffer = save_for_backward ? gates.data_ptr<T_>() : input_gates_block.data_ptr<T_>();
+    s.input_gates = gates_buffer;
+    s.input_first_row = 0;
     s.cell_state = cell_state.data_ptr<T_>();
     s.hidden_state = project ? nullptr : hidden_state.data_ptr<T_>();
     s.hidden_unprojected = project ? hidden_unprojected.data_ptr<T_>() : nullptr;
     s.output = project ? nullptr : output.data_ptr<T_>();
-    s.gates = save_for_backward ? gates.data_ptr<T_>() : nullptr;
     s.cells = save_for_backward ? cells.data_ptr<T_>() : nullptr;
     s.hidden_pre_clip = hidden_pre_clip.numel() ? hidden_pre_clip.data_ptr<T_>() : nullptr;
     s.cell_clip = static_cast<T_>(cell_limit);
@@ -315,13 +315,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T_* const recurrent_scratch = step_scratch.data_ptr<T_>();
     T_* const projected_scratch = recurrent_scratch + B * G;
     at::Tensor product_holder;
+    int64_t block_end_step = 0;  // processing steps before it have their input gates
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = sequence.active[t];
       s.t = t;
       s.first_row = sequence.first_row[t];
+      if (step == block_end_step) {
+        // The next block of steps: as many as fit in block_rows rows (at least one). Their
+        // compact rows are one contiguous range in either direction.
+        int64_t rows = n;
+        block_end_step = step + 1;
+        while (block_end_step < T) {
+          const int64_t next = sequence.active[reverse ? T - 1 - block_end_step : block_end_step];
+          if (rows + next > block_rows) break;
+          rows += next;
+          ++block_end_step;
+        }
+        const int64_t first = reverse ? sequence.first_row[T - block_end_step] : s.first_row;
+        if (save_for_backward) {
+          input_projection.into(first, rows, gates_buffer + first * G);
+        } else {
+          if (rows > input_gates_block.size(0)) input_gates_block = at::empty({rows, G}, options);
+          s.input_gates = input_gates_block.data_ptr<T_>();
+          input_projection.into(first, rows, s.input_gates);
+          s.input_first_row = first;
+        }
+      }
       if (n > 0) {
-        prefetch_block(s.input_gates + s.first_row * G, n * G);
         s.recurrent_gates = recurrent.multiply(hidden_state.data_ptr<T_>(), n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
       }
