@@ -11,15 +11,17 @@
 //    up to 3x faster than at::mm there because the weight is packed once for all steps and
 //    no dispatcher call sits on the path; oneDNN's fixed per-call cost loses at these sizes;
 //  * float64, and torch builds without those libraries: at::mm / at::addmm.
-// The per-step float32 products (StepWeight) first try the library-free kernel of
-// small_gemm_cpu.h: with the weight packed once per sequence it has no per-call setup.
+// The float32 products first try the library-free kernel of small_gemm_cpu.h: the
+// whole-sequence products (RowProjection: input projection, dL/dx) always, the per-step
+// ones (StepWeight) where it suits the size: with the weight packed once per sequence it
+// has no per-call setup.
 // Measured per product (same machine; the libraries timed through Python calls, so with
 // their call overhead): at batch 1-16, 1.5-3x faster than at::mm and 2.5-9x faster than
 // oneDNN's matmul; at batch 32 with a weight of 1 MiB or less, on par with both. Bigger
 // weights at batch > 32 stay with oneDNN (see own_step_kernel_suits). MKL's packed GEMM
 // was not timed alone; replacing it at batch 1 and 8 sped up the whole LSTM training step.
 // RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
-// on the per-step products too (docs/ENVIRONMENT.md).
+// on every product (docs/ENVIRONMENT.md).
 #pragma once
 
 #include <ATen/ATen.h>

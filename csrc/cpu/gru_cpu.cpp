@@ -1,5 +1,5 @@
 // GRU ("reset after", as torch.nn and cuDNN) over a whole sequence, one layer and one
-// direction, on the CPU. Same structure as lstm_cpu.cpp: one input-projection GEMM, per
+// direction, on the CPU. Same structure as lstm_cpu.cpp: the input projection in blocks of steps, per
 // step a recurrent GEMM over the running rows and a fused pointwise pass; backward per
 // step, then the weight-gradient GEMMs over all steps for the weights that need them.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].

@@ -1,7 +1,7 @@
 // LSTM over a whole sequence, one layer and one direction, on the CPU.
 //
-// Forward: one GEMM for the input projection of all steps; per step one GEMM for the
-// recurrent part (over the rows still running) and one fused pointwise pass; with
+// Forward: the input projection a block of steps at a time (RowProjection); per step one
+// GEMM for the recurrent part (over the rows still running) and one fused pointwise pass; with
 // proj_size a second small GEMM and an epilogue. Backward mirrors it per step and ends
 // with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];

@@ -97,12 +97,12 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
   });
 }
 
-// Asks the caches for [data, data + count) before a step reads it. A step's rows of the
-// whole-sequence buffers (input gates, saved activations, output gradients) are one block
-// that the previous steps did not touch; each row is only a few KB, so the hardware
-// prefetchers (which stop at 4 KB pages) start cold on every row, and the pointwise pass
-// then waits on L3 (measured: the first load of each row was the hottest instruction of the
-// LSTM forward pass). Issued before the step's recurrent product, the loads overlap it.
+// Asks the caches for [data, data + count) before a step reads it. A backward step's rows
+// of the saved whole-sequence buffers (gates, cells, output gradients) were written long
+// before and sit in L3 or memory; each row is only a few KB, so the hardware prefetchers
+// (which stop at 4 KB pages) start cold on every row and the pointwise pass waits (in the
+// forward pass, before its input gates were computed in blocks, the first load of each row
+// was the hottest instruction). Issued during the previous step's product, the loads overlap it.
 template <typename T>
 inline void prefetch_block(const T* data, int64_t count) {
   if (data == nullptr || count <= 0) return;

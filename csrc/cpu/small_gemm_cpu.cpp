@@ -208,12 +208,25 @@ bool cpu_has_avx2() {
 
 void pack_panels(const float* weight, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k, float* packed) {
   for (int64_t p = 0; p < panel_count(N); ++p) {
-    for (int64_t k = 0; k < K; ++k) {
-      float* dst = packed + (p * K + k) * kPanelWidth;
+    float* panel = packed + p * K * kPanelWidth;
+    const int64_t first = p * kPanelWidth, cols = std::min(kPanelWidth, N - first);
+    if (stride_k == 1) {
+      // Rows of the weight are contiguous: read each straight through (the panel, at most
+      // K * 64 bytes, takes the strided writes in cache).
       for (int64_t c = 0; c < kPanelWidth; ++c) {
-        const int64_t n = p * kPanelWidth + c;
-        dst[c] = n < N ? weight[n * stride_n + k * stride_k] : 0.0f;
+        if (c < cols) {
+          const float* row = weight + (first + c) * stride_n;
+          for (int64_t k = 0; k < K; ++k) panel[k * kPanelWidth + c] = row[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) panel[k * kPanelWidth + c] = 0.0f;
+        }
       }
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = panel + k * kPanelWidth;
+      const float* src = weight + first * stride_n + k * stride_k;
+      for (int64_t c = 0; c < kPanelWidth; ++c) dst[c] = c < cols ? src[c * stride_n] : 0.0f;
     }
   }
 }
