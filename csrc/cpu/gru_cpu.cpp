@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   // The input projection, a few steps at a time just before they run (see RowProjection),
   // into a buffer reused block after block.
   const RowProjection input_projection(input.contiguous().view({T * B, I}), weight_ih, bias_ih);
-  const int64_t block_steps = std::max<int64_t>(1, projection_block_rows(G, B) / std::max<int64_t>(B, 1));
+  const int64_t block_steps = std::max<int64_t>(1, projection_block_rows(G, I, B) / std::max<int64_t>(B, 1));
   at::Tensor input_gates_block = at::empty({std::min(block_steps, T) * B, G}, options);
   const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
   const SequenceOrder sequence(lengths64, T, B);

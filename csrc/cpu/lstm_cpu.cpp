@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   else if (bias_ih.has_value()) input_bias = *bias_ih;
   else if (bias_hh.has_value()) input_bias = *bias_hh;
   const RowProjection input_projection(x_rows, weight_ih, input_bias);
-  const int64_t block_rows = projection_block_rows(G, B);
+  const int64_t block_rows = projection_block_rows(G, I, B);
 
   at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
   at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
