@@ -89,15 +89,22 @@ RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x,
   }
 }
 
-// Rows in blocks of at most 6 (12 accumulators), balanced (8 rows: 4 + 4, not 6 + 2). For
+// Rows in blocks of at most 6 (12 accumulators), balanced: block i of `blocks` over M rows
+// starts at row_block_start(i), so sizes differ by at most one (32 rows: 6+6+5+5+5+5, not
+// 6+6+6+6+6+2, whose 2-row block waits on FMA latency with only 4 accumulators). For
 // each panel, K runs in chunks of kDepthChunk so that the panel's chunk (16 KB) stays in L1
 // while every row block reads it; the blocks after the first chunk add to the result.
 constexpr int64_t kDepthChunk = 256;
 
+inline int64_t row_blocks(int64_t rows) { return (rows + 5) / 6; }
+inline int64_t row_block_start(int64_t i, int64_t rows, int64_t blocks) {
+  return i * (rows / blocks) + std::min(i, rows % blocks);
+}
+
 RNNTL_AVX2 void panels_by_row_blocks(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed,
                                      int64_t N, int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo,
                                      bool accumulate) {
-  const int64_t blocks = (M + 5) / 6, rows_per_block = (M + blocks - 1) / blocks;
+  const int64_t blocks = row_blocks(M);
   const int64_t panel_stride = K * kPanelWidth;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
@@ -105,10 +112,11 @@ RNNTL_AVX2 void panels_by_row_blocks(const float* x, int64_t ldx, int64_t M, int
       const int64_t depth = std::min(kDepthChunk, K - k0);
       const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
       const bool add = accumulate || k0 > 0;
-      for (int64_t r = 0; r < M; r += rows_per_block) {
+      for (int64_t block = 0; block < blocks; ++block) {
+        const int64_t r = row_block_start(block, M, blocks);
         const float* xb = x + r * ldx + k0;
         float* ob = out + r * ldo + first_col;
-        switch (std::min(rows_per_block, M - r)) {
+        switch (row_block_start(block + 1, M, blocks) - r) {
           case 1: block_avx2<1, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
           case 2: block_avx2<2, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
           case 3: block_avx2<3, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
@@ -168,7 +176,7 @@ RNNTL_AVX2 void large_avx2(const float* a, int64_t row_stride, int64_t depth_str
   const int64_t panel_stride = K * kPanelWidth;
   for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, M - r0);
-    const int64_t blocks = (rows + 5) / 6, rows_per_block = (rows + blocks - 1) / blocks;
+    const int64_t blocks = row_blocks(rows);
     for (int64_t p = 0; p < panel_count(N); ++p) {
       const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
       for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += depth_chunk) {
@@ -176,10 +184,11 @@ RNNTL_AVX2 void large_avx2(const float* a, int64_t row_stride, int64_t depth_str
         const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
         const bool add = accumulate || k0 > 0;
         const float* panel_bias = bias && !add ? bias + first_col : nullptr;
-        for (int64_t r = r0; r < r0 + rows; r += rows_per_block) {
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t r = r0 + row_block_start(block, rows, blocks);
           const float* ab = a + r * row_stride + k0 * depth_stride;
           float* ob = out + r * ldo + first_col;
-          switch (std::min(rows_per_block, r0 + rows - r)) {
+          switch (r0 + row_block_start(block + 1, rows, blocks) - r) {
 #define RNNTL_LARGE_CASE(n) \
   block_avx2<n, 1, kUnitDepth>(ab, row_stride, depth, panel, panel_stride, ob, ldo, cols, add, depth_stride, \
                                panel_bias);                                                                  \
