@@ -1,5 +1,8 @@
 """The cpu backend's ops against the float64 reference and torch.nn (DESIGN.md section 4)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +89,27 @@ def test_cpu_float32_within_error_rule(case):
         baseline = run(case, tensors, torch.float32, "reference")
     checked = assert_case_matches(case, fast, baseline, reference64, torch.float32)
     assert "output" in checked and "h_n" in checked
+
+
+@pytest.mark.parametrize("choice", ["library", "aten"])
+def test_library_products_within_error_rule(choice):
+    """RNNTL_CPU_GEMM (read once per process) moves the float32 products off the own kernel
+    onto oneDNN / MKL (library) or at::mm (aten); those paths must pass the same error rule,
+    so the float32 cases above run again in a child process with the variable set."""
+    env = dict(os.environ, RNNTL_CPU_GEMM=choice)
+    child = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                            "-k", "test_cpu_float32_within_error_rule"], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout, child.stdout[-2000:]
+    # ... and the child really ran without the own whole-sequence kernel.
+    probe = ("import torch, rnntl_fast\n"
+             "m = rnntl_fast.LSTM(8, 16)\n"
+             "with torch.profiler.profile() as p:\n"
+             "    m(torch.randn(5, 3, 8, requires_grad=True))[0].sum().backward()\n"
+             "print(sorted({e.key for e in p.key_averages()}))\n")
+    events = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "rnntl_fast::lstm_forward" in events and "rnntl_fast::sequence_gemm" not in events, events
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
