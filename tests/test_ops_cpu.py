@@ -112,6 +112,15 @@ def test_library_products_within_error_rule(choice):
     assert "rnntl_fast::lstm_forward" in events and "rnntl_fast::sequence_gemm" not in events, events
 
 
+def test_unknown_cpu_gemm_choice_is_a_clear_error():
+    """A misspelt RNNTL_CPU_GEMM must not silently mean the automatic choice."""
+    probe = "import torch, rnntl_fast\nrnntl_fast.LSTM(3, 4)(torch.randn(2, 1, 3))\n"
+    child = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, RNNTL_CPU_GEMM="libary"),
+                           capture_output=True, text=True)
+    assert child.returncode != 0
+    assert "RNNTL_CPU_GEMM must be auto, aten or library" in child.stderr and "'libary'" in child.stderr, child.stderr
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_cpu_float64_matches_reference(case):
     tensors = make_tensors(case)

@@ -44,15 +44,18 @@
 namespace rnntl {
 namespace cpu {
 
-// RNNTL_CPU_GEMM, read once: "aten" (at::mm everywhere), "library" (no own per-step
-// kernel), anything else or unset: the automatic choice below (docs/ENVIRONMENT.md).
+// RNNTL_CPU_GEMM, read once: "aten" (at::mm everywhere), "library" (no own kernel), unset,
+// empty or "auto": the automatic choice below (docs/ENVIRONMENT.md). Any other value is an
+// error at the first product rather than a silent fallback to the automatic choice.
 enum class GemmChoice { automatic, aten, library };
 inline GemmChoice gemm_choice() {
   static const GemmChoice choice = [] {
     const char* value = std::getenv("RNNTL_CPU_GEMM");
-    if (value != nullptr && std::strcmp(value, "aten") == 0) return GemmChoice::aten;
-    if (value != nullptr && std::strcmp(value, "library") == 0) return GemmChoice::library;
-    return GemmChoice::automatic;
+    if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return GemmChoice::automatic;
+    const bool aten = std::strcmp(value, "aten") == 0, library = std::strcmp(value, "library") == 0;
+    TORCH_CHECK(aten || library, "rnntl_fast: the environment variable RNNTL_CPU_GEMM must be auto, aten or library ",
+                "(or unset), got '", value, "'");
+    return aten ? GemmChoice::aten : GemmChoice::library;
   }();
   return choice;
 }
