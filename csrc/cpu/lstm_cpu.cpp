@@ -336,7 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (save_for_backward) {
           input_projection.into(first, rows, gates_buffer + first * G);
         } else {
-          if (rows > input_gates_block.size(0)) input_gates_block = at::empty({rows, G}, options);
+          // Fits: a block is at most block_rows rows (>= B, so one step always fits) and at most N.
+          TORCH_INTERNAL_ASSERT(rows <= input_gates_block.size(0));
           s.input_gates = input_gates_block.data_ptr<T_>();
           input_projection.into(first, rows, s.input_gates);
           s.input_first_row = first;

@@ -1,4 +1,4 @@
-// The per-step product of small_gemm_cpu.h: an AVX2/FMA register-blocked kernel, chosen at
+// The products of small_gemm_cpu.h: an AVX2/FMA register-blocked kernel, chosen at
 // run time where the CPU has it, and a portable loop otherwise (also when built with
 // -DRNNTL_SMALL_GEMM_PORTABLE, which the C++ tests use to check that loop).
 #include "small_gemm_cpu.h"
@@ -14,22 +14,44 @@ namespace rnntl {
 namespace cpu {
 namespace {
 
+// Depth chunk of the per-step products (see row_blocks_avx2).
+constexpr int64_t kDepthChunk = 256;
+
+// The operands of one product as both entry points pass them: out [M, N] (=|+=) A @ B over
+// the columns of panels [panel_begin, panel_end), A[m][k] = a[m * row_stride + k * depth_stride],
+// K summed in chunks of depth_chunk (each added to the result in turn), bias (or nullptr)
+// added where a result is first stored.
+struct Product {
+  const float* a;
+  int64_t row_stride, depth_stride, M, K;
+  const float* packed;
+  int64_t N, panel_begin, panel_end;
+  const float* bias;
+  float* out;
+  int64_t ldo;
+  bool accumulate;
+  int64_t depth_chunk;
+};
+
 // One panel and one row at a time; the 16-wide inner loop vectorizes for the baseline ISA.
-void portable_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed, int64_t N,
-                     int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo, bool accumulate) {
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const float* panel = packed + p * K * kPanelWidth;
-    const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
-    for (int64_t r = 0; r < M; ++r) {
-      float acc[kPanelWidth] = {};
-      const float* x_row = x + r * ldx;
-      for (int64_t k = 0; k < K; ++k) {
-        const float a = x_row[k];
-        const float* b = panel + k * kPanelWidth;
-        for (int64_t c = 0; c < kPanelWidth; ++c) acc[c] += a * b[c];
+// The same sums in the same order as the AVX2 code.
+void portable_product(const Product& g) {
+  for (int64_t p = g.panel_begin; p < g.panel_end; ++p) {
+    const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, g.N - first_col);
+    for (int64_t r = 0; r < g.M; ++r) {
+      float* o = g.out + r * g.ldo + first_col;
+      for (int64_t k0 = 0; k0 < g.K || k0 == 0; k0 += g.depth_chunk) {
+        float acc[kPanelWidth] = {};
+        const float* panel = g.packed + (p * g.K + k0) * kPanelWidth;
+        for (int64_t k = k0; k < std::min(g.K, k0 + g.depth_chunk); ++k) {
+          const float value = g.a[r * g.row_stride + k * g.depth_stride];
+          const float* b = panel + (k - k0) * kPanelWidth;
+          for (int64_t c = 0; c < kPanelWidth; ++c) acc[c] += value * b[c];
+        }
+        const bool add = g.accumulate || k0 > 0;
+        for (int64_t c = 0; c < cols; ++c)
+          o[c] = add ? o[c] + acc[c] : (g.bias ? acc[c] + g.bias[first_col + c] : acc[c]);
       }
-      float* o = out + r * ldo + first_col;
-      for (int64_t c = 0; c < cols; ++c) o[c] = accumulate ? o[c] + acc[c] : acc[c];
     }
   }
 }
@@ -89,40 +111,50 @@ RNNTL_AVX2 __attribute__((always_inline)) inline void block_avx2(const float* x,
   }
 }
 
-// Rows in blocks of at most 6 (12 accumulators), balanced: block i of `blocks` over M rows
-// starts at row_block_start(i), so sizes differ by at most one (32 rows: 6+6+5+5+5+5, not
-// 6+6+6+6+6+2, whose 2-row block waits on FMA latency with only 4 accumulators). For
-// each panel, K runs in chunks of kDepthChunk so that the panel's chunk (16 KB) stays in L1
-// while every row block reads it; the blocks after the first chunk add to the result.
-constexpr int64_t kDepthChunk = 256;
+// Rows in chunks of kRowChunk (for products over many rows: a chunk's rows stay in L2), each
+// chunk in blocks of at most 6 rows (12 accumulators), balanced: block i of `blocks` starts
+// at row_block_start(i), so sizes differ by at most one (32 rows: 6+6+5+5+5+5, not
+// 6+6+6+6+6+2, whose 2-row block waits on FMA latency with only 4 accumulators). For each
+// panel, K runs in depth chunks (of at most kDepthChunk for the per-step products, so that
+// the panel's chunk, 16 KB, stays in L1 while every row block reads it); the blocks after
+// the first chunk add to the result.
+constexpr int64_t kRowChunk = 96;
 
 inline int64_t row_blocks(int64_t rows) { return (rows + 5) / 6; }
 inline int64_t row_block_start(int64_t i, int64_t rows, int64_t blocks) {
   return i * (rows / blocks) + std::min(i, rows % blocks);
 }
 
-RNNTL_AVX2 void panels_by_row_blocks(const float* x, int64_t ldx, int64_t M, int64_t K, const float* packed,
-                                     int64_t N, int64_t panel_begin, int64_t panel_end, float* out, int64_t ldo,
-                                     bool accumulate) {
-  const int64_t blocks = row_blocks(M);
-  const int64_t panel_stride = K * kPanelWidth;
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
-    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kDepthChunk) {
-      const int64_t depth = std::min(kDepthChunk, K - k0);
-      const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
-      const bool add = accumulate || k0 > 0;
-      for (int64_t block = 0; block < blocks; ++block) {
-        const int64_t r = row_block_start(block, M, blocks);
-        const float* xb = x + r * ldx + k0;
-        float* ob = out + r * ldo + first_col;
-        switch (row_block_start(block + 1, M, blocks) - r) {
-          case 1: block_avx2<1, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
-          case 2: block_avx2<2, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
-          case 3: block_avx2<3, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
-          case 4: block_avx2<4, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
-          case 5: block_avx2<5, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
-          default: block_avx2<6, 1>(xb, ldx, depth, panel, panel_stride, ob, ldo, cols, add); break;
+template <bool kUnitDepth>
+RNNTL_AVX2 void row_blocks_avx2(const Product& g) {
+  const int64_t panel_stride = g.K * kPanelWidth;
+  for (int64_t r0 = 0; r0 < g.M; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, g.M - r0);
+    const int64_t blocks = row_blocks(rows);
+    for (int64_t p = g.panel_begin; p < g.panel_end; ++p) {
+      const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, g.N - first_col);
+      for (int64_t k0 = 0; k0 < g.K || k0 == 0; k0 += g.depth_chunk) {
+        const int64_t depth = std::min(g.depth_chunk, g.K - k0);
+        const float* panel = g.packed + p * panel_stride + k0 * kPanelWidth;
+        const bool add = g.accumulate || k0 > 0;
+        const float* panel_bias = g.bias && !add ? g.bias + first_col : nullptr;
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t r = r0 + row_block_start(block, rows, blocks);
+          const float* ab = g.a + r * g.row_stride + k0 * g.depth_stride;
+          float* ob = g.out + r * g.ldo + first_col;
+          switch (r0 + row_block_start(block + 1, rows, blocks) - r) {
+#define RNNTL_ROW_BLOCK_CASE(n)                                                                                 \
+  block_avx2<n, 1, kUnitDepth>(ab, g.row_stride, depth, panel, panel_stride, ob, g.ldo, cols, add, g.depth_stride, \
+                               panel_bias);                                                                      \
+  break;
+            case 1: RNNTL_ROW_BLOCK_CASE(1)
+            case 2: RNNTL_ROW_BLOCK_CASE(2)
+            case 3: RNNTL_ROW_BLOCK_CASE(3)
+            case 4: RNNTL_ROW_BLOCK_CASE(4)
+            case 5: RNNTL_ROW_BLOCK_CASE(5)
+            default: RNNTL_ROW_BLOCK_CASE(6)
+#undef RNNTL_ROW_BLOCK_CASE
+          }
         }
       }
     }
@@ -161,49 +193,8 @@ RNNTL_AVX2 void avx2_panels(const float* x, int64_t ldx, int64_t M, int64_t K, c
   } else if (M == 2) {
     panels_side_by_side<2>(x, ldx, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
   } else {
-    panels_by_row_blocks(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
-  }
-}
-
-// The large product of gemm_panels: rows in chunks of kRowChunk, within which each panel's
-// depth chunk (at most 16 KB) stays in L1 while every 6-row block of the chunk reads it.
-constexpr int64_t kRowChunk = 96;
-
-template <bool kUnitDepth>
-RNNTL_AVX2 void large_avx2(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K,
-                           const float* packed, int64_t N, const float* bias, float* out, int64_t ldo,
-                           bool accumulate, int64_t depth_chunk) {
-  const int64_t panel_stride = K * kPanelWidth;
-  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, M - r0);
-    const int64_t blocks = row_blocks(rows);
-    for (int64_t p = 0; p < panel_count(N); ++p) {
-      const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
-      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += depth_chunk) {
-        const int64_t depth = std::min(depth_chunk, K - k0);
-        const float* panel = packed + p * panel_stride + k0 * kPanelWidth;
-        const bool add = accumulate || k0 > 0;
-        const float* panel_bias = bias && !add ? bias + first_col : nullptr;
-        for (int64_t block = 0; block < blocks; ++block) {
-          const int64_t r = r0 + row_block_start(block, rows, blocks);
-          const float* ab = a + r * row_stride + k0 * depth_stride;
-          float* ob = out + r * ldo + first_col;
-          switch (r0 + row_block_start(block + 1, rows, blocks) - r) {
-#define RNNTL_LARGE_CASE(n) \
-  block_avx2<n, 1, kUnitDepth>(ab, row_stride, depth, panel, panel_stride, ob, ldo, cols, add, depth_stride, \
-                               panel_bias);                                                                  \
-  break;
-            case 1: RNNTL_LARGE_CASE(1)
-            case 2: RNNTL_LARGE_CASE(2)
-            case 3: RNNTL_LARGE_CASE(3)
-            case 4: RNNTL_LARGE_CASE(4)
-            case 5: RNNTL_LARGE_CASE(5)
-            default: RNNTL_LARGE_CASE(6)
-#undef RNNTL_LARGE_CASE
-          }
-        }
-      }
-    }
+    row_blocks_avx2<true>(Product{x, ldx, 1, M, K, packed, N, panel_begin, panel_end, nullptr, out, ldo, accumulate,
+                                  kDepthChunk});
   }
 }
 
@@ -249,42 +240,22 @@ void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const 
     return;
   }
 #endif
-  portable_panels(x, ldx, M, K, packed, N, panel_begin, panel_end, out, ldo, accumulate);
+  portable_product(Product{x, ldx, 1, M, K, packed, N, panel_begin, panel_end, nullptr, out, ldo, accumulate,
+                           kDepthChunk});
 }
 
 void gemm_panels(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K, const float* packed,
                  int64_t N, const float* bias, float* out, int64_t ldo, bool accumulate, int64_t depth_chunk) {
   if (M <= 0) return;
-  depth_chunk = std::max<int64_t>(1, depth_chunk);
+  const Product g{a, row_stride, depth_stride, M, K, packed, N, 0, panel_count(N), bias, out, ldo, accumulate,
+                  std::max<int64_t>(1, depth_chunk)};
 #ifdef RNNTL_SMALL_GEMM_AVX2
   if (cpu_has_avx2()) {
-    if (depth_stride == 1) {
-      large_avx2<true>(a, row_stride, 1, M, K, packed, N, bias, out, ldo, accumulate, depth_chunk);
-    } else {
-      large_avx2<false>(a, row_stride, depth_stride, M, K, packed, N, bias, out, ldo, accumulate, depth_chunk);
-    }
+    depth_stride == 1 ? row_blocks_avx2<true>(g) : row_blocks_avx2<false>(g);
     return;
   }
 #endif
-  // Portable: the same sums in the same order (depth chunks added to the result in turn).
-  for (int64_t r = 0; r < M; ++r) {
-    for (int64_t p = 0; p < panel_count(N); ++p) {
-      const int64_t first_col = p * kPanelWidth, cols = std::min(kPanelWidth, N - first_col);
-      float* o = out + r * ldo + first_col;
-      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += depth_chunk) {
-        float acc[kPanelWidth] = {};
-        const float* panel = packed + (p * K + k0) * kPanelWidth;
-        for (int64_t k = k0; k < std::min(K, k0 + depth_chunk); ++k) {
-          const float value = a[r * row_stride + k * depth_stride];
-          const float* b = panel + (k - k0) * kPanelWidth;
-          for (int64_t c = 0; c < kPanelWidth; ++c) acc[c] += value * b[c];
-        }
-        const bool add = accumulate || k0 > 0;
-        for (int64_t c = 0; c < cols; ++c)
-          o[c] = add ? o[c] + acc[c] : (bias ? acc[c] + bias[first_col + c] : acc[c]);
-      }
-    }
-  }
+  portable_product(g);
 }
 
 const char* small_gemm_variant() {
