@@ -178,7 +178,7 @@ class RowProjection {
         const int64_t grain = std::max<int64_t>(96, 4000000 / std::max<int64_t>(1, 2 * N * K));
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           gemm_panels(a + begin * row_stride, row_stride, 1, end - begin, K, panels, N, bias, out + begin * N, N,
-                      false, 256);
+                      false, kDepthChunk);
         });
         return;
       }

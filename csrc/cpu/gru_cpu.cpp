@@ -301,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       prefetch_block(s.gates + t * B * G, B * G);
       prefetch_block(s.hidden_n + t * B * H, B * H);
       prefetch_block(s.grad_output + t * B * H, B * H);
-      if (step > 0) prefetch_block(s.output + (reverse ? t + 1 : t - 1) * B * H, B * H);
+      if (step > 0) prefetch_block(s.output + SequenceOrder::previous_step(t, reverse) * B * H, B * H);
     };
     prefetch_step(T - 1);
 

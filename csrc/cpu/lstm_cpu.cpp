@@ -496,7 +496,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       prefetch_block(s.cells + first * H, n * H);
       prefetch_block(go + t * B * P, B * P);
       if (step > 0) {
-        const int64_t previous = reverse ? t + 1 : t - 1;
+        const int64_t previous = SequenceOrder::previous_step(t, reverse);
         prefetch_block(s.cells + sequence.first_row[previous] * H, sequence.active[previous] * H);
       }
     };

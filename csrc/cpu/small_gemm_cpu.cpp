@@ -14,9 +14,6 @@ namespace rnntl {
 namespace cpu {
 namespace {
 
-// Depth chunk of the per-step products (see row_blocks_avx2).
-constexpr int64_t kDepthChunk = 256;
-
 // The operands of one product as both entry points pass them: out [M, N] (=|+=) A @ B over
 // the columns of panels [panel_begin, panel_end), A[m][k] = a[m * row_stride + k * depth_stride],
 // K summed in chunks of depth_chunk (each added to the result in turn), bias (or nullptr)

@@ -17,6 +17,9 @@ namespace rnntl {
 namespace cpu {
 
 constexpr int64_t kPanelWidth = 16;
+// K chunk of the products (a panel's chunk, 16 KB, stays in L1 while every row block reads
+// it); small_gemm_panels always uses it, gemm_panels callers pass it unless accuracy needs less.
+constexpr int64_t kDepthChunk = 256;
 
 inline int64_t panel_count(int64_t N) { return (N + kPanelWidth - 1) / kPanelWidth; }
 // Floats in the packed B of a [K, N] matrix.
