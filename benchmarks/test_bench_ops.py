@@ -2,7 +2,7 @@
 which collects tests/ only). Each (cell, mode, size) is a pytest-benchmark group holding
 torch.nn and rnntl_fast's cpu backend, so `--benchmark-group-by=group` compares them.
 
-The same-run ratios of DESIGN.md section 6 come from `rnntl-fast bench --grid ops`
+The same-run ratios (docs/benchmarks.md, "Protocol") come from `rnntl-fast bench --grid ops`
 (interleaved rounds); pytest-benchmark times one provider after the other, so on a shared
 machine its ratios are less trustworthy. Use it for history (--benchmark-autosave,
 --benchmark-compare).

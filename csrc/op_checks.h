@@ -30,19 +30,12 @@ inline void check_optional(const std::optional<at::Tensor>& t, const at::Tensor&
   check_shape(*t, expected, name);
 }
 
-// A clip value: None -> 0 ("no clip" in the kernels), else finite and > 0.
-inline double clip_or_zero(const std::optional<double>& value, const char* name) {
-  if (!value.has_value()) return 0.0;
-  TORCH_CHECK(std::isfinite(*value) && *value > 0.0, "rnntl_fast: ", name,
-              " must be a finite positive number or None, got ", *value);
-  return *value;
-}
-
-// true for "gates", false for "state"; anything else is an error.
-inline bool is_gate_mode(c10::string_view mode) {
-  TORCH_CHECK(mode == "state" || mode == "gates", "rnntl_fast: grad_clip_mode must be 'state' or 'gates', got '",
-              std::string(mode), "'");
-  return mode == "gates";
+// A clip limit of the op schemas (cell_clip, proj_clip, state_clip, gate_clip): finite
+// and >= 0, where 0 means "no clip" (docs/semantics.md).
+inline double checked_clip(double value, const char* name) {
+  TORCH_CHECK(std::isfinite(value) && value >= 0.0, "rnntl_fast: ", name,
+              " must be a finite number >= 0 (0 = off), got ", value);
+  return value;
 }
 
 // lengths: a CPU integer tensor [B] (for every device: the batch order is computed on the
@@ -109,6 +102,90 @@ inline int64_t check_gru_weights(const at::Tensor& input, const at::Tensor& weig
   check_optional(bias_ih, input, {3 * H}, "bias_ih");
   check_optional(bias_hh, input, {3 * H}, "bias_hh");
   return H;
+}
+
+// Sizes of one LSTM op call: T, B, I, H and P (= proj_size or H).
+struct LstmSizes {
+  int64_t steps, batch, input_size, hidden, out_size;
+};
+
+// Sizes of one GRU op call: T, B, I, H.
+struct GruSizes {
+  int64_t steps, batch, input_size, hidden;
+};
+
+// Every argument of rnntl_fast::lstm_forward except lengths (checked_lengths) and the
+// device/dtype of input (check_input_cpu / check_input_cuda).
+inline LstmSizes check_lstm_forward_arguments(const at::Tensor& input, const at::Tensor& weight_ih,
+                                              const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                                              const std::optional<at::Tensor>& bias_hh,
+                                              const std::optional<at::Tensor>& weight_hr,
+                                              const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& c0,
+                                              double cell_clip, double proj_clip, double state_clip,
+                                              double gate_clip) {
+  LstmSizes s{input.size(0), input.size(1), input.size(2), 0, 0};
+  check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &s.hidden, &s.out_size);
+  check_optional(h0, input, {s.batch, s.out_size}, "h0");
+  check_optional(c0, input, {s.batch, s.hidden}, "c0");
+  checked_clip(cell_clip, "cell_clip");
+  checked_clip(proj_clip, "proj_clip");
+  checked_clip(state_clip, "state_clip");
+  checked_clip(gate_clip, "gate_clip");
+  return s;
+}
+
+// Every argument of rnntl_fast::lstm_backward except lengths and the device/dtype of input.
+inline LstmSizes check_lstm_backward_arguments(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& hidden_pre_clip, double cell_clip, double proj_clip, double state_clip, double gate_clip) {
+  const LstmSizes s = check_lstm_forward_arguments(input, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr,
+                                                   h0, c0, cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, P = s.out_size;
+  check_optional(grad_output, input, {T, B, P}, "grad_output");
+  check_optional(grad_h_n, input, {B, P}, "grad_h_n");
+  check_optional(grad_c_n, input, {B, H}, "grad_c_n");
+  check_same(input, output, "output");
+  check_shape(output, {T, B, P}, "output");
+  check_shape(gates, {T, B, 4 * H}, "gates (forward run without save_for_backward?)");
+  check_shape(cells, {T, B, H}, "cells (forward run without save_for_backward?)");
+  if (proj_clip > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
+  return s;
+}
+
+// Every argument of rnntl_fast::gru_forward except lengths and the device/dtype of input.
+inline GruSizes check_gru_forward_arguments(const at::Tensor& input, const at::Tensor& weight_ih,
+                                            const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                                            const std::optional<at::Tensor>& bias_hh,
+                                            const std::optional<at::Tensor>& h0, double state_clip,
+                                            double gate_clip) {
+  GruSizes s{input.size(0), input.size(1), input.size(2), 0};
+  s.hidden = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
+  check_optional(h0, input, {s.batch, s.hidden}, "h0");
+  checked_clip(state_clip, "state_clip");
+  checked_clip(gate_clip, "gate_clip");
+  return s;
+}
+
+// Every argument of rnntl_fast::gru_backward except lengths and the device/dtype of input.
+inline GruSizes check_gru_backward_arguments(const std::optional<at::Tensor>& grad_output,
+                                             const std::optional<at::Tensor>& grad_h_n, const at::Tensor& input,
+                                             const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                             const std::optional<at::Tensor>& h0, const at::Tensor& output,
+                                             const at::Tensor& gates, const at::Tensor& hidden_n, double state_clip,
+                                             double gate_clip) {
+  const GruSizes s = check_gru_forward_arguments(input, weight_ih, weight_hh, std::nullopt, std::nullopt, h0,
+                                                 state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden;
+  check_optional(grad_output, input, {T, B, H}, "grad_output");
+  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
+  check_same(input, output, "output");
+  check_shape(output, {T, B, H}, "output");
+  check_shape(gates, {T, B, 3 * H}, "gates (forward run without save_for_backward?)");
+  check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
+  return s;
 }
 
 }  // namespace rnntl

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import ops
-from .ops.checks import check_clip, check_grad_clip_mode
+from .ops.checks import check_clip, check_grad_clip_mode, normalize_lengths
 
 HiddenLSTM = Tuple[Tensor, Tensor]
 
@@ -186,10 +186,13 @@ class _RecurrentStack(nn.Module):
     def _state_sizes(self) -> List[Tuple[str, int]]:
         raise NotImplementedError
 
-    def _prepare(self, input, hx):
+    def _prepare(self, input, hx, lengths):
         """Returns (time-major input [T, B, I], lengths or None, hx tuple in batch order or None,
         a function that turns (output [T,B,*], states) back into the caller's forms)."""
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise TypeError(f"{self.mode}: lengths= is for padded Tensor input; a PackedSequence carries its "
+                                "own lengths")
             sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
             # Padded in the packed (sorted) order; the kernels mask by lengths.
             layout = _packed_layout(input.data, input.batch_sizes) if input.data.device.type == "cpu" else None
@@ -223,6 +226,10 @@ class _RecurrentStack(nn.Module):
             x = x.transpose(0, 1)
         self._check_input(x, batched)
         hx = self._check_hx(hx, x.shape[1], x, batched)
+        if lengths is not None:
+            if not batched:
+                raise ValueError(f"{self.mode}: lengths= needs batched 3-D input, got 2-D (unbatched) input")
+            lengths = normalize_lengths(lengths, x.shape[0], x.shape[1])
 
         def finish(output, states):
             if not batched:
@@ -230,7 +237,7 @@ class _RecurrentStack(nn.Module):
             if self.batch_first:
                 output = output.transpose(0, 1)
             return output, states
-        return x, None, hx, finish
+        return x, lengths, hx, finish
 
     def _check_input(self, x: Tensor, batched: bool) -> None:
         if x.shape[-1] != self.input_size:
@@ -304,6 +311,8 @@ class LSTM(_RecurrentStack):
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
     PackedSequence), optional (h_0, c_0) each [D*num_layers, B, H_out] / [D*num_layers, B, H].
+    Keyword lengths: [B] ints with padded batched input, the alternative to a PackedSequence
+    (same results: output zero past each row's length, h_n / c_n from each row's last step).
     Outputs: output [T, B, D*H_out] (same form as the input), (h_n, c_n).
     H_out = proj_size or hidden_size; D = 2 if bidirectional else 1.
     """
@@ -324,8 +333,9 @@ class LSTM(_RecurrentStack):
     def _state_sizes(self):
         return [("hx", self.proj_size if self.proj_size > 0 else self.hidden_size), ("cx", self.hidden_size)]
 
-    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenLSTM] = None):
-        x, lengths, hx, finish = self._prepare(input, hx)
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenLSTM] = None, *,
+                lengths: Optional[Union[Tensor, List[int]]] = None):
+        x, lengths, hx, finish = self._prepare(input, hx, lengths)
 
         def run_layer(layer_input, weights, states, lengths, reverse):
             weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
@@ -349,7 +359,7 @@ class GRU(_RecurrentStack):
     keyword-only extras, all off by default: grad_clip, grad_clip_mode, backend (as LSTM).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
-    PackedSequence), optional h_0 [D*num_layers, B, H].
+    PackedSequence), optional h_0 [D*num_layers, B, H]; keyword lengths as LSTM.
     Outputs: output [T, B, D*H] (same form as the input), h_n [D*num_layers, B, H].
     """
 
@@ -364,8 +374,9 @@ class GRU(_RecurrentStack):
     def _state_sizes(self):
         return [("hx", self.hidden_size)]
 
-    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None):
-        x, lengths, hx, finish = self._prepare(input, hx)
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None, *,
+                lengths: Optional[Union[Tensor, List[int]]] = None):
+        x, lengths, hx, finish = self._prepare(input, hx, lengths)
 
         def run_layer(layer_input, weights, states, lengths, reverse):
             weight_ih, weight_hh, bias_ih, bias_hh, _ = weights

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from rnntl_fast.ops.options import sequence_options  # noqa: E402
 from rnntl_fast.ops.reference import gru_reference, lstm_reference  # noqa: E402
 from tolerances import assert_within_error_rule  # noqa: E402
 
@@ -56,10 +57,6 @@ def _d(v):
     return ctypes.c_double(v or 0.0)
 
 
-def _clip_args(grad_clip, mode):
-    return (grad_clip if mode == "state" else None), (grad_clip if mode == "gates" else None)
-
-
 # (name, T, B, I, H, proj, lengths, reverse, cell_clip, proj_clip, grad_clip, mode, with_h0)
 LSTM_CASES = [
     ("T1_B1", 1, 1, 3, 4, None, None, False, None, None, None, "state", True),
@@ -88,7 +85,7 @@ def _lstm_reference_run(dtype, data, options):
     tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "gcn", "lengths")
                    else v) for k, v in data.items()}
     out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
-                                   tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"], **options)
+                                   tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"], **options._asdict())
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum() + (c_n * data["gcn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
@@ -96,22 +93,21 @@ def _lstm_reference_run(dtype, data, options):
     return {"output": out.detach(), "h_n": h_n.detach(), "c_n": c_n.detach(), **grads}
 
 
-def _lstm_emulated_run(library, strategy, dtype, data, shape, options, grad_clip, mode):
+def _lstm_emulated_run(library, strategy, dtype, data, shape, options):
     T, B, I, H, P = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
     out, h_n, c_n = nan(T, B, P), nan(B, P), nan(B, H)
     gates, cells = nan(T, B, 4 * H), nan(T, B, H)
-    pre = nan(T, B, P) if options["proj_clip"] else None
+    pre = nan(T, B, P) if options.proj_clip else None
     g = {"x": nan(T, B, I), "w_ih": nan(4 * H, I), "w_hh": nan(4 * H, P), "bias": nan(4 * H),
          "w_hr": nan(P, H) if d["w_hr"] is not None else None,
          "h0": nan(B, P) if d["h0"] is not None else None, "c0": nan(B, H) if d["c0"] is not None else None}
-    state_clip, gate_clip = _clip_args(grad_clip, mode)
     lengths = data["lengths"]
     error = library.rnntl_emulation_lstm(
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
-        ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options["reverse"])),
-        _d(options["cell_clip"]), _d(options["proj_clip"]), _d(state_clip), _d(gate_clip), _ptr(lengths),
+        ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
+        _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
         _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["w_hr"]),
         _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells), _ptr(pre),
         _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
@@ -150,11 +146,10 @@ def test_lstm_matches_reference(library, case, strategy, dtype):
             "h0": _rand(B, P) if with_h0 else None, "c0": _rand(B, H) if with_h0 else None,
             "go": _rand(T, B, P), "ghn": _rand(B, P), "gcn": _rand(B, H),
             "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
-    options = {"reverse": reverse, "cell_clip": cell_clip, "proj_clip": proj_clip, "grad_clip": grad_clip,
-               "grad_clip_mode": mode}
+    options = sequence_options(reverse, cell_clip, proj_clip, grad_clip, mode)
     reference = _lstm_reference_run(torch.float64, data, options)
     baseline = _lstm_reference_run(dtype, data, options)
-    fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, P), options, grad_clip, mode)
+    fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, P), options)
     _compare(fast, baseline, reference, dtype)
 
 
@@ -162,25 +157,25 @@ def _gru_reference_run(dtype, data, options):
     tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "lengths") else v)
                for k, v in data.items()}
     out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
-                             tensors["h0"], data["lengths"], **options)
+                             tensors["h0"], data["lengths"], reverse=options.reverse,
+                             state_clip=options.state_clip, gate_clip=options.gate_clip)
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
     return {"output": out.detach(), "h_n": h_n.detach(), **grads}
 
 
-def _gru_emulated_run(library, strategy, dtype, data, shape, options, grad_clip, mode, sms=MULTIPROCESSORS):
+def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIPROCESSORS):
     T, B, I, H = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, h_n, gates, hidden_n = nan(T, B, H), nan(B, H), nan(T, B, 3 * H), nan(T, B, H)
     g = {"x": nan(T, B, I), "w_ih": nan(3 * H, I), "w_hh": nan(3 * H, H), "b_ih": nan(3 * H), "b_hh": nan(3 * H),
          "h0": nan(B, H) if d["h0"] is not None else None}
-    state_clip, gate_clip = _clip_args(grad_clip, mode)
     error = library.rnntl_emulation_gru(
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
-        ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options["reverse"])),
-        _d(state_clip), _d(gate_clip), _ptr(data["lengths"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]),
+        ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options.reverse)),
+        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]),
         _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n), _ptr(gates), _ptr(hidden_n),
         _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]), _ptr(g["b_ih"]),
         _ptr(g["b_hh"]), _ptr(g["h0"]))
@@ -200,10 +195,10 @@ def test_gru_matches_reference(library, case, strategy, dtype):
     data = {"x": _rand(T, B, I), "w_ih": _rand(3 * H, I), "w_hh": _rand(3 * H, H), "b_ih": _rand(3 * H),
             "b_hh": _rand(3 * H), "h0": _rand(B, H) if with_h0 else None, "go": _rand(T, B, H), "ghn": _rand(B, H),
             "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
-    options = {"reverse": reverse, "grad_clip": grad_clip, "grad_clip_mode": mode}
+    options = sequence_options(reverse, grad_clip=grad_clip, grad_clip_mode=mode)
     reference = _gru_reference_run(torch.float64, data, options)
     baseline = _gru_reference_run(dtype, data, options)
-    fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, grad_clip, mode)
+    fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options)
     _compare(fast, baseline, reference, dtype)
 
 
@@ -235,16 +230,16 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
             "gcn": _rand(B, H), "lengths": lengths}
     f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
     if cell == "lstm":
-        options = {"reverse": True, "cell_clip": 0.6, "proj_clip": 0.4}
+        options = sequence_options(True, cell_clip=0.6, proj_clip=0.4)
         cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
-                                                f["c0"], lengths, True, 0.6, 0.4, None, "state", True)
-        fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options, None, "state")
+                                                f["c0"], lengths, *options, True)
+        fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options)
         emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
     else:
-        options = {"reverse": True}
+        options = sequence_options(True)
         cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
-                                               True, None, "state", True)
-        fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options, None, "state")
+                                               True, 0.0, 0.0, True)
+        fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options)
         emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
     assert len(cpu) == len(emulated)
     outputs = 3 if cell == "lstm" else 2  # (output, h_n[, c_n]), then the reserve
@@ -261,18 +256,17 @@ def test_persistent_plan_refuses_what_does_not_fit(library):
     T, B, I, H = 2, 2, 3, 200
     data = {"x": _rand(T, B, I), "w_ih": _rand(3 * H, I), "w_hh": _rand(3 * H, H), "b_ih": None, "b_hh": None,
             "h0": None, "go": _rand(T, B, H), "ghn": _rand(B, H), "lengths": None}
-    options = {"reverse": False, "grad_clip": None, "grad_clip_mode": "state"}
     with pytest.raises(RuntimeError, match="persistent CUDA strategy does not support"):
-        _gru_emulated_run(library, "persistent", torch.float64, data, (T, B, I, H), options, None, "state", sms=1)
+        _gru_emulated_run(library, "persistent", torch.float64, data, (T, B, I, H), sequence_options(), sms=1)
 
 
 @pytest.mark.skipif(os.environ.get("RNNTL_SKIP_TSAN") == "1", reason="RNNTL_SKIP_TSAN=1")
 def test_kernels_have_no_data_race_under_thread_sanitizer():
-    from cuda_emulation.build import run_tsan_program
+    from cuda_emulation.build import run_tsan_program, tsan_runtime_problem
 
-    try:
-        ok, output = run_tsan_program()
-    except Exception as error:  # a toolchain without libtsan is a skip, not a pass
-        pytest.skip(f"ThreadSanitizer build failed: {error}")
+    problem = tsan_runtime_problem()
+    if problem is not None:
+        pytest.skip(f"no ThreadSanitizer runtime: {problem}")
+    ok, output = run_tsan_program()  # a compile error or a timeout here fails the test
     assert ok, output[-6000:]
     assert "OK" in output

@@ -1,4 +1,4 @@
-"""The cpu backend's ops against the float64 reference and torch.nn (DESIGN.md section 4)."""
+"""The cpu backend's ops against the float64 reference and torch.nn (error rule: docs/semantics.md section 7)."""
 import math
 import os
 import subprocess
@@ -191,11 +191,11 @@ def _opcheck_args(cell, proj=0, lengths=None, clip=None):
     length_tensor = torch.tensor(lengths) if lengths else None
     if cell == "lstm":
         return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, False, 0.5, 0.4,
-                clip, "state", True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, True, clip, "gates", True)
+                clip, 0.0, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, True, 0.0, clip, True)
 
 
-OPCHECK = [("lstm", 0, None, None), ("lstm", 2, (3, 1), 0.1), ("gru", 0, None, None), ("gru", 0, (2, 3), 0.1)]
+OPCHECK = [("lstm", 0, None, 0.0), ("lstm", 2, (3, 1), 0.1), ("gru", 0, None, 0.0), ("gru", 0, (2, 3), 0.1)]
 
 
 @pytest.mark.parametrize("cell,proj,lengths,clip", OPCHECK,
@@ -211,13 +211,55 @@ def test_opcheck(cell, proj, lengths, clip):
     if cell == "lstm":
         out, h_n, c_n, gates, cells, pre = saved
         bargs = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, args[1], args[2],
-                 args[5], args[6], args[7], args[8], out, gates, cells, pre, False, 0.5, 0.4, clip, "state",
+                 args[5], args[6], args[7], args[8], out, gates, cells, pre, False, 0.5, 0.4, clip, 0.0,
             [True, True, True, True, proj > 0, True, True])
         torch.library.opcheck(torch.ops.rnntl_fast.lstm_backward.default, bargs)
     else:
         out, h_n, gates, hidden_n = saved
-        bargs = (torch.randn_like(out), torch.randn_like(h_n), input, args[1], args[2], args[5], args[6], out, gates, hidden_n, True, clip, "gates", [True] * 6)
+        bargs = (torch.randn_like(out), torch.randn_like(h_n), input, args[1], args[2], args[5], args[6], out, gates, hidden_n, True, 0.0, clip, [True] * 6)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_backward.default, bargs)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_op_with_state_and_gate_clip_together_matches_reference(cell):
+    """The op contract takes the two backward limits separately (docs/semantics.md section 3):
+    both at once are the reference's two hooks at once, tight enough that both bind."""
+    from rnntl_fast.ops.native import gru_native, lstm_native
+    from rnntl_fast.ops.options import SequenceOptions
+
+    options = SequenceOptions(reverse=True, state_clip=0.05, gate_clip=0.02)
+    case, leaves = _small_double_inputs(cell, 0, (3, 1))
+    lengths = torch.tensor([3, 1])
+    input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
+    if cell == "lstm":
+        args = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths)
+        fast = lstm_native(*args, options)
+        expected = ops.lstm_reference(*args, **options._asdict())
+    else:
+        args = (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths)
+        fast = gru_native(*args, options)
+        expected = ops.gru_reference(*args, reverse=True, state_clip=0.05, gate_clip=0.02)
+    leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+    weights = [torch.randn_like(t) * 10 for t in expected]  # large upstream gradients: the clips bind
+    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(fast, weights)), leaves)
+    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(expected, weights)), leaves)
+    unclipped = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ops.lstm(*args, backend="reference")
+                                                                         if cell == "lstm" else
+                                                                         ops.gru(*args, backend="reference"),
+                                                                         weights)), leaves)
+    assert any(not torch.allclose(a, b) for a, b in zip(want, unclipped)), "the clips did not bind"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode,expected", [("state", (0.5, 0.0)), ("gates", (0.0, 0.5))])
+def test_public_grad_clip_becomes_two_limits_once(mode, expected):
+    from rnntl_fast.ops.options import sequence_options
+
+    options = sequence_options(True, cell_clip=None, proj_clip=2, grad_clip=0.5, grad_clip_mode=mode)
+    assert (options.state_clip, options.gate_clip) == expected
+    assert options.reverse is True and options.cell_clip == 0.0 and options.proj_clip == 2.0
+    assert sequence_options() == (False, 0.0, 0.0, 0.0, 0.0)
 
 
 class TinyTagger(nn.Module):
@@ -285,7 +327,7 @@ def test_backward_works_in_eval_mode_and_under_no_grad_forward_saves_nothing():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.no_grad():
         results = torch.ops.rnntl_fast.lstm_forward(x, module.weight_ih_l0, module.weight_hh_l0, None, None, None,
-                                                    None, None, None, False, None, None, None, "state", False)
+                                                    None, None, None, False, 0.0, 0.0, 0.0, 0.0, False)
     assert all(r.numel() == 0 for r in results[3:])
 
 
@@ -337,17 +379,20 @@ def test_native_op_rejects_bad_input_directly():
     op = torch.ops.rnntl_fast.lstm_forward
     with pytest.raises(RuntimeError, match="lengths must be <= the number of steps"):
         op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None,
-           torch.tensor([9, 1]), False, None, None, None, "state", False)
+           torch.tensor([9, 1]), False, 0.0, 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="h0 must have shape"):
         op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, torch.randn(5, 5), None, None,
-           False, None, None, None, "state", False)
-    with pytest.raises(RuntimeError, match="grad_clip_mode must be"):
-        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, False, None,
-           None, None, "bogus", False)
+           False, 0.0, 0.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="gate_clip must be a finite number >= 0"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, False, 0.0,
+           0.0, 0.0, -1.0, False)
+    with pytest.raises(RuntimeError, match="cell_clip must be a finite number >= 0"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, False,
+           float("nan"), 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="gates"):
         torch.ops.rnntl_fast.gru_backward(None, None, torch.randn(3, 2, 4), torch.randn(15, 4), torch.randn(15, 5),
                                           None, None, torch.randn(3, 2, 5), torch.empty(0), torch.empty(0), False,
-                                          None, "state", [True] * 6)
+                                          0.0, 0.0, [True] * 6)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

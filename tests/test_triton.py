@@ -1,4 +1,4 @@
-"""The triton backend against the float64 reference (DESIGN.md section 4).
+"""The triton backend against the float64 reference (error rule: docs/semantics.md section 7).
 
 Runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets
 it), so shapes stay small: the interpreter executes every program with numpy. Each parity
@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed: the triton backen
 import rnntl_fast  # noqa: E402
 from rnntl_fast import ops  # noqa: E402
 from rnntl_fast.ops.backend import triton_interpreted  # noqa: E402
+from rnntl_fast.ops.options import sequence_options  # noqa: E402
 from parity import LEAVES, Case, assert_case_matches, make_tensors, run  # noqa: E402
 
 if not triton_interpreted():
@@ -136,15 +137,17 @@ def test_grad_clip_changes_gradients(case, strategy):
 
 
 def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, mode="state"):
+    """The forward op's arguments; clip limits as the op contract takes them (0 = off)."""
+    limits = sequence_options(reverse, 0.5 if clips else None, 0.4 if clips else None, grad_clip, mode)
     case = Case(cell, T=3, B=2, I=3, H=5, proj=proj, lengths=lengths)
     tensors = make_tensors(case)
     leaves = [tensors[n].float().requires_grad_(True) if n in tensors else None for n in LEAVES]
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None
     if cell == "lstm":
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, reverse,
-                0.5 if clips else None, 0.4 if clips else None, grad_clip, mode, True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, reverse, grad_clip, mode, True)
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, *limits, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, reverse, limits.state_clip,
+            limits.gate_clip, True)
 
 
 OPCHECK = [("lstm", 0, None, False, False, None), ("lstm", 2, (3, 1), True, True, 0.1),
@@ -165,13 +168,13 @@ def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, strategy):
     if cell == "lstm":
         out, h_n, c_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, plain[1],
-                         plain[2], plain[5], plain[6], plain[7], plain[8], *reserve, reverse, plain[10], plain[11],
-                         grad_clip, "state", strategy, [True, True, True, True, proj > 0, True, True])
+                         plain[2], plain[5], plain[6], plain[7], plain[8], *reserve, *plain[9:14], strategy,
+                         [True, True, True, True, proj > 0, True, True])
         torch.library.opcheck(torch.ops.rnntl_fast.triton_lstm_backward.default, backward_args)
     else:
         out, h_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), input, plain[1], plain[2], plain[5], plain[6],
-                         *reserve, reverse, grad_clip, "state", strategy, [True] * 6)
+                         *reserve, *plain[7:10], strategy, [True] * 6)
         torch.library.opcheck(torch.ops.rnntl_fast.triton_gru_backward.default, backward_args)
 
 
@@ -199,7 +202,7 @@ def test_strategy_keyword_matches_environment(monkeypatch):
     monkeypatch.delenv(config.STRATEGY_ENV, raising=False)
     x = torch.randn(3, 2, 4)
     weights = (torch.randn(20, 4), torch.randn(20, 5), torch.randn(20), torch.randn(20))
-    args = (x, *weights, None, None, None, None, False, None, None, None, "state")
+    args = (x, *weights, None, None, None, None, sequence_options())
     by_sequence = triton_ops.lstm_triton(*args, strategy="sequence")
     by_step = triton_ops.lstm_triton(*args, strategy="step")
     for a, b in zip(by_sequence, by_step):

@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md section 4, in one place.
+"""The correctness rule of docs/semantics.md section 7, in one place.
 
 A result of dtype D is compared with the float64 reference; its error must be at most
 2x the error that the baseline (torch.nn, or the reference loop, run in the same dtype D)

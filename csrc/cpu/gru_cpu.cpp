@@ -151,16 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    c10::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
+    double state_clip, double gate_clip, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
-  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
-  check_optional(h0, input, {B, H}, "h0");
+  const GruSizes sizes =
+      check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
   const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  clip_or_zero(grad_clip, "grad_clip");  // used by the backward; checked here too
-  is_gate_mode(grad_clip_mode);
   const auto options = input.options();
 
   // The input projection, a few steps at a time just before they run (see RowProjection),
@@ -231,23 +229,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, c10::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
+    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
+    double gate_clip, std::array<bool, 6> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
-  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
-  check_optional(h0, input, {B, H}, "h0");
-  check_optional(grad_output, input, {T, B, H}, "grad_output");
-  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
+  const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
+                                                      gates, hidden_n, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
   const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  check_same(input, output, "output");
-  check_shape(output, {T, B, H}, "output");
-  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
-  check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
-  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  const bool gate_mode = is_gate_mode(grad_clip_mode);
   const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
              need_bias_ih = output_mask[3], need_bias_hh = output_mask[4], need_h0 = output_mask[5];
   const bool keep_hidden_gates = need_weight_hh || need_bias_hh;
@@ -291,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.grad_input_gates_all = grad_input_gates_all.data_ptr<T_>();
     s.hidden_prev_all = hidden_operand.hidden_columns<T_>();
     s.hidden_prev_stride = hidden_operand.width();
-    s.state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
-    s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
+    s.state_clip = static_cast<T_>(state_clip);
+    s.gate_clip = static_cast<T_>(gate_clip);
     T_* carry = s.grad_hidden_carry;
     // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
     const auto prefetch_step = [&](int64_t step) {

@@ -15,8 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, bool save_for_backward);
+    double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
@@ -24,21 +23,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden_pre_clip, bool reverse,
-    c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, std::array<bool, 7> output_mask);
+    double cell_clip, double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    c10::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward);
+    double state_clip, double gate_clip, bool save_for_backward);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, c10::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, std::array<bool, 6> output_mask);
+    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
+    double gate_clip, std::array<bool, 6> output_mask);
 
 }  // namespace cpu
 }  // namespace rnntl

@@ -236,21 +236,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, bool save_for_backward) {
+    double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  int64_t H = 0, P = 0;
   check_input_cpu(input);
-  check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
-  check_optional(h0, input, {B, P}, "h0");
-  check_optional(c0, input, {B, H}, "c0");
+  const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
+                                                       c0, cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
+  const int64_t G = 4 * H;
   const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
-  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
-  clip_or_zero(grad_clip, "grad_clip");  // used by the backward; checked here too
-  is_gate_mode(grad_clip_mode);
   const bool project = weight_hr.has_value();
   const auto options = input.options();
 
@@ -288,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gates = save_for_backward ? saved(G) : at::empty({0}, options);
   at::Tensor input_gates_block = save_for_backward ? at::Tensor() : at::empty({std::min(block_rows, N), G}, options);
   at::Tensor cells = save_for_backward ? saved(H) : at::empty({0}, options);
-  at::Tensor hidden_pre_clip = save_for_backward && proj_limit > 0 ? saved(P) : at::empty({0}, options);
+  at::Tensor hidden_pre_clip = save_for_backward && proj_clip > 0 ? saved(P) : at::empty({0}, options);
   const StepWeight recurrent(weight_hh, B);
   const c10::optional<StepWeight> projection =
       project ? c10::optional<StepWeight>(StepWeight(*weight_hr, B)) : c10::nullopt;
@@ -309,8 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.output = project ? nullptr : output.data_ptr<T_>();
     s.cells = save_for_backward ? cells.data_ptr<T_>() : nullptr;
     s.hidden_pre_clip = hidden_pre_clip.numel() ? hidden_pre_clip.data_ptr<T_>() : nullptr;
-    s.cell_clip = static_cast<T_>(cell_limit);
-    s.proj_clip = static_cast<T_>(proj_limit);
+    s.cell_clip = static_cast<T_>(cell_clip);
+    s.proj_clip = static_cast<T_>(proj_clip);
     T_* out_data = output.data_ptr<T_>();
     T_* const recurrent_scratch = step_scratch.data_ptr<T_>();
     T_* const projected_scratch = recurrent_scratch + B * G;
@@ -390,30 +384,17 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
                   const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
                   const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
                   const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                  const at::Tensor& hidden_pre_clip, bool reverse, c10::optional<double> cell_clip,
-                  c10::optional<double> proj_clip, c10::optional<double> grad_clip,
-                  c10::string_view grad_clip_mode, std::array<bool, 7> output_mask) {
+                  const at::Tensor& hidden_pre_clip, bool reverse, double cell_clip, double proj_clip,
+                  double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  int64_t H = 0, P = 0;
   check_input_cpu(input);
-  check_lstm_weights(input, weight_ih, weight_hh, c10::nullopt, c10::nullopt, weight_hr, &H, &P);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
-  check_optional(h0, input, {B, P}, "h0");
-  check_optional(c0, input, {B, H}, "c0");
-  check_optional(grad_output, input, {T, B, P}, "grad_output");
-  check_optional(grad_h_n, input, {B, P}, "grad_h_n");
-  check_optional(grad_c_n, input, {B, H}, "grad_c_n");
+  const LstmSizes sizes =
+      check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
+                                    output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
+  const int64_t G = 4 * H;
   const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  check_same(input, output, "output");
-  check_shape(output, {T, B, P}, "output");
-  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
-  check_shape(cells, {T, B, H}, "cells (forward run without save_for_backward?)");
-  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
-  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
-  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  if (proj_limit > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
-  const bool gate_mode = is_gate_mode(grad_clip_mode);
   const bool project = weight_hr.has_value();
   const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
              need_bias = output_mask[3], need_weight_hr = output_mask[4], need_h0 = output_mask[5],
@@ -449,7 +430,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const at::Tensor output_c = output.contiguous();
   const at::Tensor gates_c = gates.contiguous();
   const at::Tensor cells_c = cells.contiguous();
-  const at::Tensor pre_clip_c = proj_limit > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
+  const at::Tensor pre_clip_c = proj_clip > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
   const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = dL/da @ W_hh
   const c10::optional<StepWeight> projection_back =
       project ? c10::optional<StepWeight>(StepWeight(weight_hr->t(), B)) : c10::nullopt;  // dL/dm = dL/dr @ W_hr
@@ -457,7 +438,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] {
     RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
     using T_ = scalar_t;
-    const T_ state_clip = gate_mode ? T_(0) : static_cast<T_>(grad_limit);
+    const T_ state_limit = static_cast<T_>(state_clip);
     LstmBackwardStep<T_> s;
     s.batch = B;
     s.hidden = H;
@@ -475,16 +456,16 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
     s.hidden_prev_all = weight_operand.hidden_columns<T_>();
     s.hidden_prev_stride = weight_operand.width();
     s.hidden_unprojected_all = want_weight_hr ? hidden_unprojected_all.data_ptr<T_>() : nullptr;
-    s.cell_clip = static_cast<T_>(cell_limit);
-    s.state_clip = state_clip;
-    s.gate_clip = gate_mode ? static_cast<T_>(grad_limit) : T_(0);
+    s.cell_clip = static_cast<T_>(cell_clip);
+    s.state_clip = state_limit;
+    s.gate_clip = static_cast<T_>(gate_clip);
     const T_* go = grad_out.data_ptr<T_>();
     const T_* pre = pre_clip_c.defined() ? pre_clip_c.data_ptr<T_>() : nullptr;
     T_* carry_h = grad_hidden_carry.data_ptr<T_>();
     T_* carry_c = grad_cell_carry.data_ptr<T_>();
     T_* d_pre = grad_pre_clip.data_ptr<T_>();
     T_* d_pre_all = want_weight_hr ? grad_pre_clip_all.data_ptr<T_>() : nullptr;
-    const T_ proj_limit_t = static_cast<T_>(proj_limit);
+    const T_ proj_limit = static_cast<T_>(proj_clip);
     T_* const grad_unprojected = project ? grad_unprojected_scratch.data_ptr<T_>() : nullptr;
     at::Tensor product_holder;
     // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
@@ -510,7 +491,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       if (n > 0) {
         parallel_rows(n, P, [&](int64_t j) {
           lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.first_row[t], sequence.order, go, pre, carry_h, d_pre, d_pre_all,
-                                          state_clip, proj_limit_t);
+                                          state_limit, proj_limit);
         });
         s.grad_hidden_unprojected =
             project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
@@ -520,10 +501,10 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
-      if (state_clip > 0) {
+      if (state_limit > 0) {
         for (int64_t j = n; j < B; ++j) {
-          for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_clip);
-          for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_clip);
+          for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_limit);
+          for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
         }
       }
     }

@@ -13,13 +13,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, bool reverse,
-    std::optional<double> grad_clip, c10::string_view grad_clip_mode, bool save_for_backward) {
+    double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
-  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, bias_ih, bias_hh);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
-  check_optional(h0, input, {B, H}, "h0");
-  clip_or_zero(grad_clip, "grad_clip");
-  is_gate_mode(grad_clip_mode);
+  const GruSizes sizes =
+      check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();
@@ -62,20 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, std::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, std::array<bool, 6> output_mask) {
+    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
+    double gate_clip, std::array<bool, 6> output_mask) {
   check_input_cuda(input);
-  const int64_t H = check_gru_weights(input, weight_ih, weight_hh, std::nullopt, std::nullopt);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 3 * H;
-  check_optional(h0, input, {B, H}, "h0");
-  check_optional(grad_output, input, {T, B, H}, "grad_output");
-  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
-  check_same(input, output, "output");
-  check_shape(output, {T, B, H}, "output");
-  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
-  check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
-  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  const bool gates_mode = is_gate_mode(grad_clip_mode);
+  const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
+                                                      gates, hidden_n, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();
@@ -97,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.input_size = I;
   p.hidden = H;
   p.reverse = reverse;
-  p.state_clip = gates_mode ? 0.0 : grad_limit;
-  p.gate_clip = gates_mode ? grad_limit : 0.0;
+  p.state_clip = state_clip;
+  p.gate_clip = gate_clip;
   p.grad_output = go.pointer;
   p.grad_h_n = ghn.pointer;
   p.input = x.pointer;

@@ -15,18 +15,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, bool reverse,
-    std::optional<double> cell_clip, std::optional<double> proj_clip, std::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, bool save_for_backward) {
-  int64_t H = 0, P = 0;
+    double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
-  check_lstm_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, &H, &P);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
-  check_optional(h0, input, {B, P}, "h0");
-  check_optional(c0, input, {B, H}, "c0");
-  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
-  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
-  clip_or_zero(grad_clip, "grad_clip");
-  is_gate_mode(grad_clip_mode);
+  const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
+                                                       c0, cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
+  const int64_t G = 4 * H;
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
   const at::TensorOptions options = input.options();
@@ -38,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor c_n = at::empty({B, H}, options);
   at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
   at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
-  at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_limit > 0, {T, B, P}, options);
+  at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_clip > 0, {T, B, P}, options);
 
   LstmForwardParams p{};
   p.dtype = dtype_of(input);
@@ -49,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.out_size = P;
   p.reverse = reverse;
   p.save = save_for_backward;
-  p.cell_clip = cell_limit;
-  p.proj_clip = proj_limit;
+  p.cell_clip = cell_clip;
+  p.proj_clip = proj_clip;
   p.input = x.pointer;
   p.weight_ih = w_ih.pointer;
   p.weight_hh = w_hh.pointer;
@@ -81,26 +75,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden_pre_clip, bool reverse,
-    std::optional<double> cell_clip, std::optional<double> proj_clip, std::optional<double> grad_clip,
-    c10::string_view grad_clip_mode, std::array<bool, 7> output_mask) {
-  int64_t H = 0, P = 0;
+    double cell_clip, double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   check_input_cuda(input);
-  check_lstm_weights(input, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr, &H, &P);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), G = 4 * H;
-  check_optional(h0, input, {B, P}, "h0");
-  check_optional(c0, input, {B, H}, "c0");
-  check_optional(grad_output, input, {T, B, P}, "grad_output");
-  check_optional(grad_h_n, input, {B, P}, "grad_h_n");
-  check_optional(grad_c_n, input, {B, H}, "grad_c_n");
-  check_same(input, output, "output");
-  check_shape(output, {T, B, P}, "output");
-  check_shape(gates, {T, B, G}, "gates (forward run without save_for_backward?)");
-  check_shape(cells, {T, B, H}, "cells (forward run without save_for_backward?)");
-  const double cell_limit = clip_or_zero(cell_clip, "cell_clip");
-  const double proj_limit = clip_or_zero(proj_clip, "proj_clip");
-  const double grad_limit = clip_or_zero(grad_clip, "grad_clip");
-  const bool gates_mode = is_gate_mode(grad_clip_mode);
-  if (proj_limit > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
+  const LstmSizes sizes =
+      check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
+                                    output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
+  const int64_t G = 4 * H;
   const bool project = weight_hr.has_value();
   const c10::cuda::CUDAGuard guard(input.device());
   const DeviceOrder order(lengths, T, B, input.device());
@@ -108,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const Contiguous go(grad_output), ghn(grad_h_n), gcn(grad_c_n), x(input), w_ih(weight_ih), w_hh(weight_hh),
       w_hr(weight_hr), h0c(h0), c0c(c0), out(output), act(gates), cel(cells),
-      pre(proj_limit > 0 ? std::optional<at::Tensor>(hidden_pre_clip) : std::nullopt);
+      pre(proj_clip > 0 ? std::optional<at::Tensor>(hidden_pre_clip) : std::nullopt);
   // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
   const auto wanted = [&](bool need, at::IntArrayRef sizes) { return empty_if(need, sizes, options); };
   at::Tensor grad_input = wanted(output_mask[0], {T, B, I});
@@ -127,10 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.hidden = H;
   p.out_size = P;
   p.reverse = reverse;
-  p.cell_clip = cell_limit;
-  p.proj_clip = proj_limit;
-  p.state_clip = gates_mode ? 0.0 : grad_limit;
-  p.gate_clip = gates_mode ? grad_limit : 0.0;
+  p.cell_clip = cell_clip;
+  p.proj_clip = proj_clip;
+  p.state_clip = state_clip;
+  p.gate_clip = gate_clip;
   p.grad_output = go.pointer;
   p.grad_h_n = ghn.pointer;
   p.grad_c_n = gcn.pointer;

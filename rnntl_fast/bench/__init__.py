@@ -1,12 +1,12 @@
 """`rnntl-fast bench` (also `python -m rnntl_fast bench`): time rnntl_fast's LSTM/GRU against
 torch.nn on the same device, in one process, and report same-run ratios.
 
-    rnntl-fast bench                         # the default grid (issue 3's module rows)
-    rnntl-fast bench --grid ops              # issue 2's op grid, geometric means per cell/mode
+    rnntl-fast bench                         # the default grid (module rows)
+    rnntl-fast bench --grid ops              # one layer-direction per size, geometric means per cell/mode
     rnntl-fast bench --cell lstm --T 50,100 --B 16 --I 128 --H 128,256 --mode training
     rnntl-fast bench --grid tiny --json out.json --plot out.png
 
-Protocol (DESIGN.md section 6): every provider is warmed up, then timed in interleaved
+Protocol (docs/benchmarks.md): every provider is warmed up, then timed in interleaved
 rounds (order rotated per round, each sample long enough for the timer); the table gives
 median seconds per step, and the speedup over torch.nn is the median of the per-round
 ratios taken in this run. Size flags take comma lists and form a cartesian grid; named

@@ -3,9 +3,9 @@
 Named grids:
 
 * ``tiny``: a few seconds; the CLI tests run it.
-* ``ops`` (issue 2): one layer, (T, B, I, H) in OPS_SIZES, LSTM and GRU, inference and
+* ``ops``: one layer, (T, B, I, H) in OPS_SIZES, LSTM and GRU, inference and
   training; the summary prints the geometric-mean speedup per cell and mode.
-* ``default``: the module rows of issue 3 (2-layer bidirectional stacks, packed
+* ``default``: module rows (2-layer bidirectional stacks, packed
   variable-length input, proj_size LSTM) plus frozen-weight fine-tuning and gradient
   clipping against the hook loop users write, at one mid size (DEFAULT_SIZE); a few minutes
   on 2 cores.

@@ -11,19 +11,36 @@ from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from . import cpp
+from . import native
 from .backend import BACKENDS, select_backend
-from .checks import check_clip, check_grad_clip_mode, check_gru_arguments, check_lstm_arguments, normalize_lengths
+from .checks import check_gru_arguments, check_lstm_arguments, normalize_lengths
+from .options import SequenceOptions, sequence_options
 from .reference import gru_reference, lstm_reference
 
-cpp.register()
+native.register()
 
 Lengths = Union[None, Tensor, Sequence[int]]
 
 
-def _triton():
-    from . import triton as triton_ops  # imported on first use: triton is optional
-    return triton_ops
+def _lstm_backend(name: str):
+    """The function of backend `name` that runs one LSTM layer-direction."""
+    if name in ("cpu", "cuda"):
+        return native.lstm_native
+    if name == "triton":
+        from .triton import lstm_triton  # imported on first use: triton is optional
+        return lstm_triton
+    return lambda *tensors, options: lstm_reference(*tensors, **options._asdict())
+
+
+def _gru_backend(name: str):
+    """The function of backend `name` that runs one GRU layer-direction."""
+    if name in ("cpu", "cuda"):
+        return native.gru_native
+    if name == "triton":
+        from .triton import gru_triton
+        return gru_triton
+    return lambda *tensors, options: gru_reference(*tensors, reverse=options.reverse, state_clip=options.state_clip,
+                                                   gate_clip=options.gate_clip)
 
 
 def lstm(
@@ -65,18 +82,9 @@ def lstm(
     """
     steps, batch, _, _, _ = check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     lengths = normalize_lengths(lengths, steps, batch)
-    cell_clip = check_clip(cell_clip, "cell_clip")
-    proj_clip = check_clip(proj_clip, "proj_clip")
-    grad_clip = check_clip(grad_clip, "grad_clip")
-    check_grad_clip_mode(grad_clip_mode)
-    chosen = select_backend(backend, input.device, input.dtype)
-    args = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, bool(reverse), cell_clip,
-            proj_clip, grad_clip, grad_clip_mode)
-    if chosen in ("cpu", "cuda"):
-        return cpp.lstm_native(*args)
-    if chosen == "triton":
-        return _triton().lstm_triton(*args)
-    return lstm_reference(*args)
+    options = sequence_options(reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode)
+    run = _lstm_backend(select_backend(backend, input.device, input.dtype))
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, options=options)
 
 
 def gru(
@@ -105,15 +113,10 @@ def gru(
     """
     steps, batch, _, _ = check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     lengths = normalize_lengths(lengths, steps, batch)
-    grad_clip = check_clip(grad_clip, "grad_clip")
-    check_grad_clip_mode(grad_clip_mode)
-    chosen = select_backend(backend, input.device, input.dtype)
-    args = (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, bool(reverse), grad_clip, grad_clip_mode)
-    if chosen in ("cpu", "cuda"):
-        return cpp.gru_native(*args)
-    if chosen == "triton":
-        return _triton().gru_triton(*args)
-    return gru_reference(*args)
+    options = sequence_options(reverse, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode)
+    run = _gru_backend(select_backend(backend, input.device, input.dtype))
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options)
 
 
-__all__ = ["lstm", "gru", "lstm_reference", "gru_reference", "select_backend", "BACKENDS"]
+__all__ = ["lstm", "gru", "lstm_reference", "gru_reference", "select_backend", "BACKENDS", "SequenceOptions",
+           "sequence_options"]

@@ -1,13 +1,16 @@
 """The reference step loop: the definition of what every backend computes.
 
 Plain PyTorch, one step at a time, autograd for the backward. Gradient clipping is
-defined here by hooks, exactly as DESIGN.md section 3 states:
+defined here by hooks (docs/semantics.md gives the same definitions in prose):
 
-* ``grad_clip_mode="state"``: a hook clamps the total gradient of every hidden state h_t
-  (and cell state c_t) the loop produces to [-grad_clip, grad_clip];
-* ``grad_clip_mode="gates"``: a hook clamps the gradient of every gate pre-activation
-  (LSTM: a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh; GRU: a_r, a_z and
-  a_n = W_in x + b_in + r * (W_hn h + b_hn)).
+* ``state_clip``: a hook clamps the total gradient of every hidden state h_t (and cell
+  state c_t) the loop produces to [-state_clip, state_clip] (``grad_clip_mode="state"``
+  of the public API);
+* ``gate_clip``: a hook clamps the gradient of every gate pre-activation (LSTM:
+  a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh; GRU: a_r, a_z and
+  a_n = W_in x + b_in + r * (W_hn h + b_hn)) (``grad_clip_mode="gates"``).
+
+Every clip limit may be None or 0 for "off".
 
 Variable lengths: row b is valid at step t iff t < lengths[b], in both directions. Invalid
 steps keep the state (``torch.where``) and output zeros; the state tensors they produce are
@@ -28,7 +31,7 @@ def _clamp_hook(limit: float):
 
 
 def _hook(tensor: Tensor, limit: Optional[float]) -> None:
-    if limit is not None and tensor.requires_grad:
+    if limit and tensor.requires_grad:
         tensor.register_hook(_clamp_hook(limit))
 
 
@@ -36,6 +39,16 @@ def _valid_mask(lengths: Optional[Tensor], t: int, device) -> Optional[Tensor]:
     if lengths is None:
         return None
     return (lengths.to(device) > t).unsqueeze(1)
+
+
+def _without_padded_steps(input: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """input [T, B, I] with the steps past each row's length replaced by zeros, so that
+    whatever they hold (NaN included) reaches no output and no gradient."""
+    if lengths is None:
+        return input
+    steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)  # [T, 1]
+    valid = (steps < lengths.to(input.device).unsqueeze(0)).unsqueeze(2)  # [T, B, 1]
+    return torch.where(valid, input, torch.zeros((), dtype=input.dtype, device=input.device))
 
 
 def lstm_reference(
@@ -51,8 +64,8 @@ def lstm_reference(
     reverse: bool = False,
     cell_clip: Optional[float] = None,
     proj_clip: Optional[float] = None,
-    grad_clip: Optional[float] = None,
-    grad_clip_mode: str = "state",
+    state_clip: Optional[float] = None,
+    gate_clip: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer-direction over a sequence.
 
@@ -62,6 +75,9 @@ def lstm_reference(
         weight_hr: [P, H] projection (LSTM proj_size), or None (then P = H)
         h0: [B, P]; c0: [B, H]; None means zeros
         lengths: [B] integer, 0 <= lengths[b] <= T, or None for all T
+        reverse: run t = T-1 .. 0
+        cell_clip, proj_clip: clamp c_t / h_t in the forward (None or 0: off)
+        state_clip, gate_clip: clamp gradients in the backward (None or 0: off)
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H]
     """
@@ -70,9 +86,7 @@ def lstm_reference(
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     h = h0 if h0 is not None else input.new_zeros(batch, out_size)
     c = c0 if c0 is not None else input.new_zeros(batch, hidden)
-    state_clip = grad_clip if grad_clip_mode == "state" else None
-    gate_clip = grad_clip if grad_clip_mode == "gates" else None
-    input_gates = F.linear(input, weight_ih, bias_ih)
+    input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
     outputs = [None] * steps
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         a = input_gates[t] + F.linear(h, weight_hh, bias_hh)
@@ -80,7 +94,7 @@ def lstm_reference(
         a_i, a_f, a_g, a_o = a.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
         c_new = f * c + i * g
-        if cell_clip is not None:
+        if cell_clip:
             c_new = c_new.clamp(-cell_clip, cell_clip)
         valid = _valid_mask(lengths, t, input.device)
         if valid is not None:
@@ -88,7 +102,7 @@ def lstm_reference(
         h_new = o * torch.tanh(c_new)
         if weight_hr is not None:
             h_new = F.linear(h_new, weight_hr)
-        if proj_clip is not None:
+        if proj_clip:
             h_new = h_new.clamp(-proj_clip, proj_clip)
         if valid is not None:
             h_new = torch.where(valid, h_new, h)
@@ -108,8 +122,8 @@ def gru_reference(
     h0: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
     reverse: bool = False,
-    grad_clip: Optional[float] = None,
-    grad_clip_mode: str = "state",
+    state_clip: Optional[float] = None,
+    gate_clip: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One GRU layer-direction over a sequence ("reset after", as torch.nn).
 
@@ -118,15 +132,14 @@ def gru_reference(
         weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] (gate order r, z, n)
         h0: [B, H] or None (zeros)
         lengths: [B] integer, 0 <= lengths[b] <= T, or None for all T
+        reverse, state_clip, gate_clip: as lstm_reference
     Returns:
         output [T, B, H], h_n [B, H]
     """
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 3
     h = h0 if h0 is not None else input.new_zeros(batch, hidden)
-    state_clip = grad_clip if grad_clip_mode == "state" else None
-    gate_clip = grad_clip if grad_clip_mode == "gates" else None
-    input_gates = F.linear(input, weight_ih, bias_ih)
+    input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
     outputs = [None] * steps
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         x_r, x_z, x_n = input_gates[t].chunk(3, dim=1)

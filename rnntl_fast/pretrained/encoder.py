@@ -14,7 +14,6 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ._common import PretrainedFormatError
 from ._torch import _read_source, flatten_tensors, load_torch, unwrap_checkpoint
@@ -102,17 +101,9 @@ class RecurrentEncoder(nn.Module):
     def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None):
         hidden = self.embedding(tokens)
         states = []
-        time_dim = 1 if self.batch_first else 0
         for module in self.layers:
             hidden = nn.functional.dropout(hidden, self.dropout, self.training)
-            if lengths is None:
-                hidden, state = module(hidden)
-            else:
-                packed = pack_padded_sequence(hidden, lengths.cpu(), batch_first=self.batch_first,
-                                              enforce_sorted=False)
-                packed, state = module(packed)
-                hidden, _ = pad_packed_sequence(packed, batch_first=self.batch_first,
-                                                total_length=tokens.shape[time_dim])
+            hidden, state = module(hidden, lengths=lengths)  # the kernels mask by lengths
             states.append(state)
         return hidden, states
 

@@ -8,7 +8,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .. import nn as fast_nn
 
@@ -46,12 +45,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         embedded = self.dropout(self.embedding(ids))
-        if lengths is None:
-            outputs, state = self.rnn(embedded)
-        else:
-            packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            packed_out, state = self.rnn(packed)
-            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=ids.shape[1])
+        outputs, state = self.rnn(embedded, lengths=lengths)  # the kernels mask by lengths
         h_n = state[0] if isinstance(state, tuple) else state  # [L*D, B, H]
         last = h_n[-self.directions:].transpose(0, 1).reshape(ids.shape[0], -1)
         return outputs, last

@@ -49,6 +49,26 @@ def build_tsan_program():
     return _build("rnntl_emulation_tsan", ["-O1", "-g", "-fsanitize=thread", "-DRNNTL_EMULATION_MAIN"])
 
 
+def tsan_runtime_problem():
+    """None when the compiler can build and run a -fsanitize=thread program here, else why
+    not (a toolchain without libtsan, or a kernel whose address layout TSan refuses). Only
+    this probe may turn into a skip: a failure to build the emulation driver itself is a bug."""
+    compiler = os.environ.get("CXX", "g++")
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    probe_source = os.path.join(BUILD_DIR, "tsan_probe.cpp")
+    probe = os.path.join(BUILD_DIR, "tsan_probe")
+    with open(probe_source, "w") as handle:
+        handle.write("#include <thread>\nint main() { std::thread t([] {}); t.join(); return 0; }\n")
+    built = subprocess.run([compiler, "-fsanitize=thread", "-pthread", probe_source, "-o", probe],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        return f"{compiler} cannot link -fsanitize=thread: {built.stderr.strip().splitlines()[-1:]}"
+    ran = subprocess.run([probe], capture_output=True, text=True, timeout=60)
+    if ran.returncode != 0:
+        return f"a -fsanitize=thread program does not run here: {(ran.stdout + ran.stderr).strip()[-300:]}"
+    return None
+
+
 def run_tsan_program():
     """Runs the TSan build; returns (ok, combined output)."""
     program = build_tsan_program()

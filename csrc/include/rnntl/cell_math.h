@@ -2,7 +2,7 @@
 // backend: the CPU kernels include it from C++, the CUDA kernels from .cu files.
 // No torch headers here: this file must compile with g++ alone and with nvcc alone.
 //
-// Conventions (DESIGN.md section 3): LSTM gates in order i, f, g, o; GRU gates in order
+// Conventions (docs/semantics.md section 2): LSTM gates in order i, f, g, o; GRU gates in order
 // r, z, n with "reset after" (n = tanh(gi_n + r * gh_n)). "Pre-activation" is the gate
 // input before its nonlinearity. A clip value <= 0 means "no clip" inside this header;
 // the op layer has already rejected negative and non-finite user values.

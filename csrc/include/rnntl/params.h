@@ -97,8 +97,8 @@ struct LstmBackwardParams {
   int64_t steps, batch, input_size, hidden, out_size;
   bool reverse;
   double cell_clip, proj_clip;
-  double state_clip;       // grad_clip in "state" mode, else 0
-  double gate_clip;        // grad_clip in "gates" mode, else 0
+  double state_clip;       // clamp of dL/dh_t, dL/dc_t (docs/semantics.md); <= 0: off
+  double gate_clip;        // clamp of dL/d(gate pre-activations); <= 0: off
   const void* grad_output; // [T, B, P] or null (zeros)
   const void* grad_h_n;    // [B, P] or null
   const void* grad_c_n;    // [B, H] or null

@@ -12,16 +12,13 @@ call with the environment variable RNNTL_TRITON_STRATEGY.
 """
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
+from ..autograd import needs_grad
+from ..options import SequenceOptions
 from . import config
 from .gru import triton_gru_backward, triton_gru_forward
 from .lstm import triton_lstm_backward, triton_lstm_forward
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_dtype(input: Tensor) -> None:
@@ -32,16 +29,14 @@ def _check_dtype(input: Tensor) -> None:
 
 def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                 bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-                lengths: Optional[Tensor], reverse: bool, cell_clip: Optional[float], proj_clip: Optional[float],
-                grad_clip: Optional[float], grad_clip_mode: str, *,
+                lengths: Optional[Tensor], options: SequenceOptions, *,
                 strategy: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The `triton` backend of rnntl_fast.ops.lstm (arguments already checked there).
 
     Args:
         input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
         weight_hr: [P, H] or None (then P = H); h0: [B, P] or None; c0: [B, H] or None;
-        lengths: CPU int64 [B] or None; reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode:
-        as rnntl_fast.ops.lstm.
+        lengths: CPU int64 [B] or None; options: reverse and clip limits (rnntl_fast.ops.options).
         strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H].
@@ -50,23 +45,22 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
-    save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
+    save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
-                                                      c0, lengths, reverse, cell_clip, proj_clip, grad_clip,
-                                                      grad_clip_mode, save, chosen)
+                                                      c0, lengths, options.reverse, options.cell_clip,
+                                                      options.proj_clip, options.state_clip, options.gate_clip,
+                                                      save, chosen)
     return output, h_n, c_n
 
 
 def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
-               bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-               grad_clip: Optional[float], grad_clip_mode: str, *,
-               strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+               bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], options: SequenceOptions,
+               *, strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """The `triton` backend of rnntl_fast.ops.gru (arguments already checked there).
 
     Args:
         input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
-        h0: [B, H] or None; lengths: CPU int64 [B] or None; reverse, grad_clip, grad_clip_mode:
-        as rnntl_fast.ops.gru.
+        h0: [B, H] or None; lengths: CPU int64 [B] or None; options: reverse and clip limits.
         strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
     Returns:
         output [T, B, H], h_n [B, H].
@@ -74,9 +68,9 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     _check_dtype(input)
     hidden = weight_ih.shape[0] // 3
     chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
-    save = _needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
-    output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse,
-                                                grad_clip, grad_clip_mode, save, chosen)
+    save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
+                                                options.reverse, options.state_clip, options.gate_clip, save, chosen)
     return output, h_n
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..cpp import gru_gradients_like
+from ..autograd import gru_gradients_like, register_gru_autograd
 from . import config
 from .common import clamp, rows_valid, sigmoid, tanh
 
@@ -37,22 +37,22 @@ def _gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, valid):
 
 
 @triton.jit
-def _gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, grad_clip, STATE_CLIP: tl.constexpr,
+def _gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_clip, gate_clip, STATE_CLIP: tl.constexpr,
                        GATE_CLIP: tl.constexpr):
     """dL/dh_t from step t+1 and from output_t -> gate gradients and the part of dL/dh_{t-1}
     that does not go through W_hh."""
     grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
     if STATE_CLIP:
-        grad_h = clamp(grad_h, grad_clip)
+        grad_h = clamp(grad_h, state_clip)
     grad_step = tl.where(valid, grad_h, 0.0)
     d_n = grad_step * (1.0 - z) * (1.0 - n * n)
     if GATE_CLIP:
-        d_n = clamp(d_n, grad_clip)
+        d_n = clamp(d_n, gate_clip)
     d_r = d_n * hh_n * r * (1.0 - r)
     d_z = grad_step * (h_prev - n) * z * (1.0 - z)
     if GATE_CLIP:
-        d_r = clamp(d_r, grad_clip)
-        d_z = clamp(d_z, grad_clip)
+        d_r = clamp(d_r, gate_clip)
+        d_z = clamp(d_z, gate_clip)
     grad_keep = tl.where(valid, grad_h * z, grad_h)
     return d_r, d_z, d_n, d_n * r, grad_keep
 
@@ -137,7 +137,7 @@ def _gru_backward_sequence_kernel(
         grad_input_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, dL/da_n
         grad_hidden_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, r * dL/da_n
         grad_h0_ptr,  # out [B, H] float32
-        steps, batch, hidden, grad_clip,
+        steps, batch, hidden, state_clip, gate_clip,
         HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STATE_CLIP: tl.constexpr,
         GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -176,7 +176,7 @@ def _gru_backward_sequence_kernel(
         grad_out = tl.load(grad_output_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
         d_r, d_z, d_n, d_hh_n, grad_keep = _gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid,
-                                                              grad_clip, STATE_CLIP, GATE_CLIP)
+                                                              state_clip, gate_clip, STATE_CLIP, GATE_CLIP)
         x_ptrs = grad_input_gates_ptr + t * batch * 3 * hidden + offs_3h
         tl.store(x_ptrs, d_r, mask=mask)
         tl.store(x_ptrs + hidden, d_z, mask=mask)
@@ -261,7 +261,7 @@ def _gru_backward_step_kernel(
         grad_input_gates_ptr,  # out [B, 3H] float32
         grad_hidden_gates_ptr,  # out [B, 3H] float32
         grad_keep_out_ptr,  # out [B, H] float32
-        step, batch, hidden, grad_clip,
+        step, batch, hidden, state_clip, gate_clip,
         FIRST: tl.constexpr, HAS_H_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, STATE_CLIP: tl.constexpr,
         GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
@@ -290,7 +290,7 @@ def _gru_backward_step_kernel(
     grad_out = tl.load(grad_output_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
     d_r, d_z, d_n, d_hh_n, grad_keep = _gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid,
-                                                          grad_clip, STATE_CLIP, GATE_CLIP)
+                                                          state_clip, gate_clip, STATE_CLIP, GATE_CLIP)
     offs_3h = rows[:, None] * (3 * hidden) + cols[None, :]
     tl.store(grad_input_gates_ptr + offs_3h, d_r, mask=mask)
     tl.store(grad_input_gates_ptr + hidden + offs_3h, d_z, mask=mask)
@@ -376,7 +376,7 @@ def _previous_states(states: Tensor, start: Tensor, reverse: bool) -> Tensor:
 
 def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], input: Tensor, weight_ih: Tensor,
                        weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
-                       hidden_states: Tensor, reverse: bool, grad_clip: Optional[float], grad_clip_mode: str,
+                       hidden_states: Tensor, reverse: bool, state_clip: float, gate_clip: float,
                        strategy: str, output_mask: List[bool]):
     """Returns (d input, d weight_ih, d weight_hh, d bias_ih, d bias_hh, d h0), each empty
     where output_mask says it is not needed."""
@@ -393,18 +393,16 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
     dummy = gates  # stands in for absent optional pointers; never read (constexpr flags)
     grad_input_gates = torch.empty(steps, batch, 3 * hidden, **f32)
     grad_hidden_gates = torch.empty(steps, batch, 3 * hidden, **f32)
-    state_clip = grad_clip is not None and grad_clip_mode == "state"
-    gate_clip = grad_clip is not None and grad_clip_mode == "gates"
-    grad_clip_value = float(grad_clip) if grad_clip is not None else 0.0
+    clips = dict(STATE_CLIP=state_clip > 0, GATE_CLIP=gate_clip > 0)
     dot_dtype = config.dot_dtype(dtype)
     if strategy == "sequence":
         grad_h0 = torch.empty(batch, hidden, **f32)
         _gru_backward_sequence_kernel[(triton.cdiv(batch, config.BLOCK_B),)](
             grad_output, grad_h_n, weight_hh, h0.contiguous() if h0 is not None else dummy,
             lengths_dev if lengths_dev is not None else dummy, gates, hidden_states, grad_input_gates,
-            grad_hidden_gates, grad_h0, steps, batch, hidden, grad_clip_value,
-            HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), STATE_CLIP=state_clip,
-            GATE_CLIP=gate_clip, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
+            grad_hidden_gates, grad_h0, steps, batch, hidden, float(state_clip), float(gate_clip),
+            HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), **clips,
+            DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
             num_warps=config.sequence_num_warps())
     else:
         # The carry ping-pongs between two buffers: no launch rewrites what it reads.
@@ -420,9 +418,9 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
                 grad_output[t], grad_keep[source], grad_hidden_gates[order[len(order) - n]] if n > 0 else dummy,
                 weight_hh, gates[t], h_prev if h_prev is not None else dummy,
                 lengths_dev if lengths_dev is not None else dummy, grad_input_gates[t], grad_hidden_gates[t],
-                grad_keep[target], t, batch, hidden, grad_clip_value,
+                grad_keep[target], t, batch, hidden, float(state_clip), float(gate_clip),
                 FIRST=n == 0, HAS_H_PREV=h_prev is not None, HAS_LENGTHS=lengths is not None,
-                STATE_CLIP=state_clip, GATE_CLIP=gate_clip, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
+                **clips, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         # dL/dh0: what the first processed step passes back.
         grad_h0 = grad_keep[steps % 2] + grad_hidden_gates[order[0]] @ weight_hh.float()
 
@@ -453,16 +451,17 @@ def _gru_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor]
 @torch.library.custom_op("rnntl_fast::triton_gru_forward", mutates_args=())
 def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                        bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-                       grad_clip: Optional[float], grad_clip_mode: str, save_for_backward: bool,
+                       state_clip: float, gate_clip: float, save_for_backward: bool,
                        strategy: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GRU layer-direction forward. Returns output [T, B, H], h_n [B, H] and the float32
-    reserve (gates [T, B, 4H], hidden states [T, B, H]; empty where not kept)."""
+    """GRU layer-direction forward (contract: rnntl_fast/ops/autograd.py). Returns output
+    [T, B, H], h_n [B, H] and the float32 reserve (gates [T, B, 4H], hidden states
+    [T, B, H]; empty where not kept)."""
     return _gru_forward_impl(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, save_for_backward,
                              strategy)
 
 
 @triton_gru_forward.register_fake
-def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, grad_clip, grad_clip_mode,
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, state_clip, gate_clip,
       save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 3
@@ -475,37 +474,18 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, grad_
 @torch.library.custom_op("rnntl_fast::triton_gru_backward", mutates_args=())
 def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], input: Tensor, weight_ih: Tensor,
                         weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
-                        hidden_states: Tensor, reverse: bool, grad_clip: Optional[float], grad_clip_mode: str,
-                        strategy: str,
+                        hidden_states: Tensor, reverse: bool, state_clip: float, gate_clip: float, strategy: str,
                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GRU layer-direction backward from the forward's reserve. output_mask (6 bools): which
     of (input, weight_ih, weight_hh, bias_ih, bias_hh, h0) need a gradient."""
     return _gru_backward_impl(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates, hidden_states,
-                              reverse, grad_clip, grad_clip_mode, strategy, output_mask)
+                              reverse, state_clip, gate_clip, strategy, output_mask)
 
 
 @triton_gru_backward.register_fake
-def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates, hidden_states, reverse, grad_clip,
-      grad_clip_mode, strategy, output_mask):
+def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates, hidden_states, reverse, state_clip,
+      gate_clip, strategy, output_mask):
     return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
-def _gru_setup_context(ctx, inputs, output):
-    (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, grad_clip, grad_clip_mode,
-     save_for_backward, strategy) = inputs
-    _, _, gates, hidden_states = output
-    ctx.mark_non_differentiable(gates, hidden_states)
-    ctx.save_for_backward(input, weight_ih, weight_hh, h0, lengths, gates, hidden_states)
-    ctx.options = (reverse, grad_clip, grad_clip_mode, strategy)
-
-
-def _gru_backward(ctx, grad_output, grad_h_n, *_reserve_grads):
-    input, weight_ih, weight_hh, h0, lengths, gates, hidden_states = ctx.saved_tensors
-    reverse, grad_clip, grad_clip_mode, strategy = ctx.options
-    need = ctx.needs_input_grad
-    grads = triton_gru_backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates,
-                                hidden_states, reverse, grad_clip, grad_clip_mode, strategy, list(need[:6]))
-    return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * 6
-
-
-triton_gru_forward.register_autograd(_gru_backward, setup_context=_gru_setup_context)
+register_gru_autograd(triton_gru_forward, triton_gru_backward, reserve_includes_output=False)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..cpp import lstm_gradients_like
+from ..autograd import lstm_gradients_like, register_lstm_autograd
 from . import config
 from .common import clamp, clamp_pass, rows_valid, sigmoid, tanh
 
@@ -61,13 +61,13 @@ def _lstm_hidden_forward(h_raw, h_prev, valid, proj_clip, PROJ_CLIP: tl.constexp
 
 
 @triton.jit
-def _lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, grad_clip, PROJ_CLIP: tl.constexpr,
+def _lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_clip, PROJ_CLIP: tl.constexpr,
                           STATE_CLIP: tl.constexpr):
     """Total dL/dh_t (clipped in "state" mode) -> (gradient of W_hr m_t, the part passed
     straight to h_{t-1} where the row is past its length)."""
     grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
     if STATE_CLIP:
-        grad_h = clamp(grad_h, grad_clip)
+        grad_h = clamp(grad_h, state_clip)
     grad_proj = tl.where(valid, grad_h, 0.0)
     if PROJ_CLIP:
         grad_proj = grad_proj * clamp_pass(h_raw, proj_clip)
@@ -75,13 +75,13 @@ def _lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, grad_cl
 
 
 @triton.jit
-def _lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, grad_clip,
+def _lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip,
                         CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr):
     """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}."""
     tanh_c = tanh(c_new)
     grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
     if STATE_CLIP:
-        grad_c = clamp(grad_c, grad_clip)
+        grad_c = clamp(grad_c, state_clip)
     grad_c_raw = tl.where(valid, grad_c, 0.0)
     if CELL_CLIP:
         grad_c_raw = grad_c_raw * clamp_pass(c_raw, cell_clip)
@@ -90,10 +90,10 @@ def _lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, 
     d_g = grad_c_raw * i * (1.0 - g * g)
     d_o = grad_m * tanh_c * o * (1.0 - o)
     if GATE_CLIP:
-        d_i = clamp(d_i, grad_clip)
-        d_f = clamp(d_f, grad_clip)
-        d_g = clamp(d_g, grad_clip)
-        d_o = clamp(d_o, grad_clip)
+        d_i = clamp(d_i, gate_clip)
+        d_f = clamp(d_f, gate_clip)
+        d_g = clamp(d_g, gate_clip)
+        d_o = clamp(d_o, gate_clip)
     grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
     return d_i, d_f, d_g, d_o, grad_c_prev
 
@@ -214,7 +214,7 @@ def _lstm_backward_sequence_kernel(
         grad_proj_ptr,  # out [T, B, P] float32: dL/d(W_hr m_t) (HAS_PROJ)
         grad_h0_ptr,  # out [B, P] float32
         grad_c0_ptr,  # out [B, H] float32
-        steps, batch, hidden, out_size, cell_clip, proj_clip, grad_clip,
+        steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
         HAS_PROJ: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
         CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
         DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -258,7 +258,7 @@ def _lstm_backward_sequence_kernel(
             h_raw = tl.load(hidden_pre_clip_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0)
         else:
             h_raw = grad_out  # unused
-        grad_proj, grad_h_keep = _lstm_hidden_backward(grad_h_carry, grad_out, h_raw, valid, proj_clip, grad_clip,
+        grad_proj, grad_h_keep = _lstm_hidden_backward(grad_h_carry, grad_out, h_raw, valid, proj_clip, state_clip,
                                                        PROJ_CLIP, STATE_CLIP)
         if HAS_PROJ:
             tl.store(grad_proj_ptr + t * batch * out_size + offs_p, grad_proj, mask=mask_p)
@@ -280,7 +280,7 @@ def _lstm_backward_sequence_kernel(
         else:
             c_raw = c_new  # unused
         d_i, d_f, d_g, d_o, grad_c_carry = _lstm_cell_backward(
-            grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, grad_clip, CELL_CLIP,
+            grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip, CELL_CLIP,
             STATE_CLIP, GATE_CLIP)
         d_ptrs = grad_gates_ptr + t * batch * 4 * hidden + offs_4h
         tl.store(d_ptrs, d_i, mask=mask_h)
@@ -419,7 +419,7 @@ def _lstm_backward_hidden_step_kernel(
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         grad_proj_ptr,  # out [B, P] float32: dL/d(W_hr m_t), or dL/dm_t without projection
         grad_keep_out_ptr,  # out [B, P] float32: the part of dL/dh_t passed straight to h_{t-1}
-        step, batch, hidden, out_size, proj_clip, grad_clip,
+        step, batch, hidden, out_size, proj_clip, state_clip,
         FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr,
         DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/dh_t = keep_{t+1} + da_{t+1} @ W_hh + dL/d output_t, clipped in "state" mode."""
@@ -442,7 +442,7 @@ def _lstm_backward_hidden_step_kernel(
     else:
         h_raw = grad_out  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    grad_proj, grad_keep = _lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, grad_clip, PROJ_CLIP,
+    grad_proj, grad_keep = _lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_clip, PROJ_CLIP,
                                                  STATE_CLIP)
     tl.store(grad_proj_ptr + offs, grad_proj, mask=mask)
     tl.store(grad_keep_out_ptr + offs, grad_keep, mask=mask)
@@ -461,7 +461,7 @@ def _lstm_backward_cell_step_kernel(
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         grad_gates_ptr,  # out [B, 4H] float32: dL/da_t
         grad_c_carry_out_ptr,  # out [B, H] float32: dL/dc_{t-1}
-        step, batch, hidden, out_size, cell_clip, grad_clip,
+        step, batch, hidden, out_size, cell_clip, state_clip, gate_clip,
         HAS_PROJ: tl.constexpr, HAS_C_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, CELL_CLIP: tl.constexpr,
         STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -497,7 +497,7 @@ def _lstm_backward_cell_step_kernel(
     grad_c_carry = tl.load(grad_c_carry_ptr + offs_h, mask=mask, other=0.0)
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
     d_i, d_f, d_g, d_o, grad_c_prev = _lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw,
-                                                          valid, cell_clip, grad_clip, CELL_CLIP, STATE_CLIP,
+                                                          valid, cell_clip, state_clip, gate_clip, CELL_CLIP, STATE_CLIP,
                                                           GATE_CLIP)
     tl.store(grad_gates_ptr + offs_4h, d_i, mask=mask)
     tl.store(grad_gates_ptr + hidden + offs_4h, d_f, mask=mask)
@@ -526,8 +526,8 @@ def _empty(device) -> Tensor:
 
 def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                        bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor],
-                       c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, cell_clip: Optional[float],
-                       proj_clip: Optional[float], save_for_backward: bool, strategy: str):
+                       c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, cell_clip: float,
+                       proj_clip: float, save_for_backward: bool, strategy: str):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -544,17 +544,17 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     dummy = input_gates  # stands in for absent optional pointers; never read (constexpr flags)
     output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
     save = bool(save_for_backward)
-    flags = dict(HAS_LENGTHS=lengths is not None, CELL_CLIP=cell_clip is not None, PROJ_CLIP=proj_clip is not None,
+    flags = dict(HAS_LENGTHS=lengths is not None, CELL_CLIP=cell_clip > 0, PROJ_CLIP=proj_clip > 0,
                  DOT_DTYPE=config.dot_dtype(dtype))
-    cell_clip_value = float(cell_clip) if cell_clip is not None else 0.0
-    proj_clip_value = float(proj_clip) if proj_clip is not None else 0.0
+    cell_clip_value = float(cell_clip)
+    proj_clip_value = float(proj_clip)
 
     if strategy == "sequence":
         gates = torch.empty(steps, batch, 4 * hidden, **f32) if save else _empty(device)
         cells = torch.empty(steps, batch, hidden, **f32) if save else _empty(device)
         hidden_states = torch.empty(steps, batch, out_size, **f32) if save else _empty(device)
-        cell_pre_clip = torch.empty(steps, batch, hidden, **f32) if save and cell_clip is not None else _empty(device)
-        hidden_pre_clip = torch.empty(steps, batch, out_size, **f32) if save and proj_clip is not None else _empty(device)
+        cell_pre_clip = torch.empty(steps, batch, hidden, **f32) if save and cell_clip > 0 else _empty(device)
+        hidden_pre_clip = torch.empty(steps, batch, out_size, **f32) if save and proj_clip > 0 else _empty(device)
         h_n = torch.empty(batch, out_size, device=device, dtype=dtype)
         c_n = torch.empty(batch, hidden, device=device, dtype=dtype)
         _lstm_forward_sequence_kernel[(triton.cdiv(batch, config.BLOCK_B),)](
@@ -579,8 +579,8 @@ def _lstm_forward_impl(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     slots = steps if save else 2
     cells = torch.empty(slots, batch, hidden, **f32)
     hidden_states = torch.empty(slots, batch, out_size, **f32)
-    cell_pre_clip = torch.empty(steps, batch, hidden, **f32) if save and cell_clip is not None else _empty(device)
-    hidden_pre_clip = torch.empty(steps, batch, out_size, **f32) if save and proj_clip is not None else _empty(device)
+    cell_pre_clip = torch.empty(steps, batch, hidden, **f32) if save and cell_clip > 0 else _empty(device)
+    hidden_pre_clip = torch.empty(steps, batch, out_size, **f32) if save and proj_clip > 0 else _empty(device)
     m = torch.empty(batch, hidden, **f32) if weight_hr is not None else None
     h_prev = h0.float().contiguous() if h0 is not None else torch.zeros(batch, out_size, **f32)
     c_prev = c0.float().contiguous() if c0 is not None else torch.zeros(batch, hidden, **f32)
@@ -622,8 +622,8 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
                         input: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor],
                         h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
                         cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
-                        reverse: bool, cell_clip: Optional[float], proj_clip: Optional[float],
-                        grad_clip: Optional[float], grad_clip_mode: str, strategy: str, output_mask: List[bool]):
+                        reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
+                        strategy: str, output_mask: List[bool]):
     """Returns (d input, d weight_ih, d weight_hh, d bias (= d bias_ih = d bias_hh), d weight_hr, d h0, d c0),
     each an empty tensor where output_mask says it is not needed."""
     steps, batch, features = input.shape
@@ -643,13 +643,11 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
     dummy = gates  # stands in for absent optional pointers; never read (constexpr flags)
     grad_gates = torch.empty(steps, batch, 4 * hidden, **f32)
     grad_proj = torch.empty(steps, batch, out_size, **f32) if weight_hr is not None else None
-    flags = dict(HAS_LENGTHS=lengths is not None, CELL_CLIP=cell_clip is not None,
-                 STATE_CLIP=grad_clip is not None and grad_clip_mode == "state",
+    flags = dict(HAS_LENGTHS=lengths is not None, CELL_CLIP=cell_clip > 0,
+                 STATE_CLIP=state_clip > 0,
                  DOT_DTYPE=config.dot_dtype(dtype))
-    cell_clip_value = float(cell_clip) if cell_clip is not None else 0.0
-    proj_clip_value = float(proj_clip) if proj_clip is not None else 0.0
-    grad_clip_value = float(grad_clip) if grad_clip is not None else 0.0
-    gate_clip = grad_clip is not None and grad_clip_mode == "gates"
+    cell_clip_value = float(cell_clip)
+    proj_clip_value = float(proj_clip)
 
     if strategy == "sequence":
         grad_h0 = torch.empty(batch, out_size, **f32)
@@ -657,12 +655,12 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
         _lstm_backward_sequence_kernel[(triton.cdiv(batch, config.BLOCK_B),)](
             grad_output, grad_h_n, grad_c_n, weight_hh, weight_hr_c if weight_hr_c is not None else dummy,
             c0.contiguous() if c0 is not None else dummy, lengths_dev if lengths_dev is not None else dummy,
-            gates, cells, cell_pre_clip if cell_clip is not None else dummy,
-            hidden_pre_clip if proj_clip is not None else dummy,
+            gates, cells, cell_pre_clip if cell_clip > 0 else dummy,
+            hidden_pre_clip if proj_clip > 0 else dummy,
             grad_gates, grad_proj if grad_proj is not None else dummy, grad_h0, grad_c0,
-            steps, batch, hidden, out_size, cell_clip_value, proj_clip_value, grad_clip_value,
+            steps, batch, hidden, out_size, cell_clip_value, proj_clip_value, float(state_clip), float(gate_clip),
             HAS_PROJ=weight_hr is not None, HAS_C0=c0 is not None, REVERSE=bool(reverse),
-            PROJ_CLIP=proj_clip is not None, GATE_CLIP=gate_clip,
+            PROJ_CLIP=proj_clip > 0, GATE_CLIP=gate_clip > 0,
             BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size),
             num_warps=config.sequence_num_warps(), **flags)
     else:
@@ -681,19 +679,19 @@ def _lstm_backward_impl(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
             grad_proj_t = grad_proj[t] if grad_proj is not None else grad_m_buffer
             _lstm_backward_hidden_step_kernel[_step_grid(batch, out_size)](
                 grad_output[t], grad_keep[source], grad_gates[order[len(order) - n]] if n > 0 else dummy,
-                weight_hh, hidden_pre_clip[t] if proj_clip is not None else dummy,
+                weight_hh, hidden_pre_clip[t] if proj_clip > 0 else dummy,
                 lengths_dev if lengths_dev is not None else dummy, grad_proj_t, grad_keep[target],
-                t, batch, hidden, out_size, proj_clip_value, grad_clip_value,
-                FIRST=n == 0, HAS_LENGTHS=flags["HAS_LENGTHS"], PROJ_CLIP=proj_clip is not None,
+                t, batch, hidden, out_size, proj_clip_value, float(state_clip),
+                FIRST=n == 0, HAS_LENGTHS=flags["HAS_LENGTHS"], PROJ_CLIP=proj_clip > 0,
                 STATE_CLIP=flags["STATE_CLIP"], DOT_DTYPE=flags["DOT_DTYPE"], BLOCK_B=config.BLOCK_B)
             c_prev = cells[previous] if previous is not None else c_start
             _lstm_backward_cell_step_kernel[_step_grid(batch, hidden)](
                 grad_proj_t, weight_hr_c if weight_hr_c is not None else dummy, grad_c_carry[source], gates[t],
                 cells[t], c_prev if c_prev is not None else dummy,
-                cell_pre_clip[t] if cell_clip is not None else dummy,
+                cell_pre_clip[t] if cell_clip > 0 else dummy,
                 lengths_dev if lengths_dev is not None else dummy, grad_gates[t], grad_c_carry[target],
-                t, batch, hidden, out_size, cell_clip_value, grad_clip_value,
-                HAS_PROJ=weight_hr is not None, HAS_C_PREV=c_prev is not None, GATE_CLIP=gate_clip,
+                t, batch, hidden, out_size, cell_clip_value, float(state_clip), float(gate_clip),
+                HAS_PROJ=weight_hr is not None, HAS_C_PREV=c_prev is not None, GATE_CLIP=gate_clip > 0,
                 BLOCK_B=config.BLOCK_B, **flags)
         last = steps % 2
         first_step = order[0]
@@ -734,20 +732,19 @@ LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 @torch.library.custom_op("rnntl_fast::triton_lstm_forward", mutates_args=())
 def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                         bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor],
-                        c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, cell_clip: Optional[float],
-                        proj_clip: Optional[float], grad_clip: Optional[float], grad_clip_mode: str,
-                        save_for_backward: bool, strategy: str) -> LstmForwardResult:
-    """LSTM layer-direction forward. Returns output [T, B, P], h_n [B, P], c_n [B, H] and the
-    float32 reserve (gates, cells, hidden states, cell before clip, hidden before clip; see
-    the module doc), each empty where not kept. grad_clip / grad_clip_mode are only
-    recorded for the backward."""
+                        c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, cell_clip: float,
+                        proj_clip: float, state_clip: float, gate_clip: float, save_for_backward: bool,
+                        strategy: str) -> LstmForwardResult:
+    """LSTM layer-direction forward (contract: rnntl_fast/ops/autograd.py). Returns output
+    [T, B, P], h_n [B, P], c_n [B, H] and the float32 reserve (gates, cells, hidden states,
+    cell before clip, hidden before clip; see the module doc), each empty where not kept."""
     return _lstm_forward_impl(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, reverse,
                               cell_clip, proj_clip, save_for_backward, strategy)
 
 
 @triton_lstm_forward.register_fake
 def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, reverse, cell_clip, proj_clip,
-      grad_clip, grad_clip_mode, save_for_backward, strategy):
+      state_clip, gate_clip, save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -755,8 +752,8 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
     reserve = lambda needed, *shape: input.new_empty(shape if needed else (0,), dtype=torch.float32)  # noqa: E731
     return (input.new_empty(steps, batch, out_size), input.new_empty(batch, out_size), input.new_empty(batch, hidden),
             reserve(keep, steps, batch, 4 * hidden), reserve(keep, steps, batch, hidden),
-            reserve(keep, steps, batch, out_size), reserve(keep and cell_clip is not None, steps, batch, hidden),
-            reserve(keep and proj_clip is not None, steps, batch, out_size))
+            reserve(keep, steps, batch, out_size), reserve(keep and cell_clip > 0, steps, batch, hidden),
+            reserve(keep and proj_clip > 0, steps, batch, out_size))
 
 
 @torch.library.custom_op("rnntl_fast::triton_lstm_backward", mutates_args=())
@@ -764,45 +761,22 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
                          input: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor],
                          h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
                          cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
-                         reverse: bool, cell_clip: Optional[float], proj_clip: Optional[float],
-                         grad_clip: Optional[float], grad_clip_mode: str, strategy: str,
+                         reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
+                         strategy: str,
                          output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """LSTM layer-direction backward from the forward's reserve. output_mask (7 bools) says
     which of (input, weight_ih, weight_hh, bias, weight_hr, h0, c0) need a gradient; the
     others come back empty and cost nothing."""
     return _lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                lengths, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, reverse,
-                               cell_clip, proj_clip, grad_clip, grad_clip_mode, strategy, output_mask)
+                               cell_clip, proj_clip, state_clip, gate_clip, strategy, output_mask)
 
 
 @triton_lstm_backward.register_fake
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, gates, cells,
-      hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode,
+      hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
       strategy, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
-def _lstm_setup_context(ctx, inputs, output):
-    (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, reverse, cell_clip, proj_clip,
-     grad_clip, grad_clip_mode, save_for_backward, strategy) = inputs
-    reserve = output[3:]
-    ctx.mark_non_differentiable(*reserve)
-    ctx.save_for_backward(input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, *reserve)
-    ctx.options = (reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode, strategy)
-
-
-def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_reserve_grads):
-    input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, *reserve = ctx.saved_tensors
-    reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode, strategy = ctx.options
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2], need[3] or need[4], need[5], need[6], need[7]]
-    grads = triton_lstm_backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
-                                 lengths, *reserve, reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode,
-                                 strategy, mask)
-    g_input, g_weight_ih, g_weight_hh, g_bias, g_weight_hr, g_h0, g_c0 = grads
-    pick = lambda g, n: g if need[n] else None  # noqa: E731
-    return (pick(g_input, 0), pick(g_weight_ih, 1), pick(g_weight_hh, 2), pick(g_bias, 3), pick(g_bias, 4),
-            pick(g_weight_hr, 5), pick(g_h0, 6), pick(g_c0, 7)) + (None,) * 8
-
-
-triton_lstm_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup_context)
+register_lstm_autograd(triton_lstm_forward, triton_lstm_backward, reserve_includes_output=False)

@@ -28,7 +28,7 @@ _TL_NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32"}
 # Pointer arguments in the input dtype (everything else is float32 reserve, or int64 lengths).
 _INPUT_DTYPE_POINTERS = {"input_gates_ptr", "weight_hh_ptr", "bias_hh_ptr", "weight_hr_ptr", "h0_ptr", "c0_ptr",
                          "output_ptr", "h_n_ptr", "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr", "grad_c_n_ptr"}
-_FLOAT_SCALARS = {"cell_clip", "proj_clip", "grad_clip"}
+_FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip"}
 
 
 def _signature(fn, dtype_name: str, constexprs: Dict[str, object]) -> Dict[str, str]:
