@@ -67,10 +67,12 @@ def register() -> None:
     torch.library.register_fake("rnntl_fast::lstm_backward")(_lstm_backward_fake)
     torch.library.register_fake("rnntl_fast::gru_forward")(_gru_forward_fake)
     torch.library.register_fake("rnntl_fast::gru_backward")(_gru_backward_fake)
-    # The native backward ops read the forward's output before the reserve.
-    register_lstm_autograd("rnntl_fast::lstm_forward", torch.ops.rnntl_fast.lstm_backward,
+    # The native backward ops read the forward's output before the reserve. They are looked
+    # up at each call (not bound here) so that a wrapped or patched op is the one that runs.
+    register_lstm_autograd("rnntl_fast::lstm_forward", lambda *args: torch.ops.rnntl_fast.lstm_backward(*args),
                            reserve_includes_output=True)
-    register_gru_autograd("rnntl_fast::gru_forward", torch.ops.rnntl_fast.gru_backward, reserve_includes_output=True)
+    register_gru_autograd("rnntl_fast::gru_forward", lambda *args: torch.ops.rnntl_fast.gru_backward(*args),
+                          reserve_includes_output=True)
     for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward"):
         torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     REGISTERED = True
