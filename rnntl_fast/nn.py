@@ -54,9 +54,27 @@ class _PackedLayout:
         return output.reshape((self.steps * self.batch,) + tuple(output.shape[2:])).index_select(0, self.positions)
 
 
+def _check_packed(input: PackedSequence) -> None:
+    """A PackedSequence as pack_padded_sequence makes it: integer batch_sizes [T] on the CPU,
+    positive and non-increasing, summing to the rows of data [N, I]."""
+    batch_sizes = input.batch_sizes
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dtype.is_floating_point or batch_sizes.dtype == torch.bool:
+        raise TypeError(f"PackedSequence batch_sizes must be an integer tensor, got "
+                        f"{batch_sizes.dtype if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__}")
+    if batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
+        raise ValueError(f"PackedSequence batch_sizes must be a non-empty 1-D tensor, got shape "
+                         f"{list(batch_sizes.shape)}")
+    sizes = batch_sizes.to("cpu", torch.int64)
+    if int(sizes.min()) <= 0 or bool((sizes[1:] > sizes[:-1]).any()):
+        raise ValueError(f"PackedSequence batch_sizes must be positive and non-increasing, got {sizes.tolist()}")
+    if input.data.dim() < 2 or input.data.shape[0] != int(sizes.sum()):
+        raise ValueError(f"PackedSequence data must have shape [sum(batch_sizes)={int(sizes.sum())}, input_size], "
+                         f"got {list(input.data.shape)}")
+
+
 def _packed_layout(data: Tensor, batch_sizes: Tensor) -> Optional["_PackedLayout"]:
-    if batch_sizes.numel() == 0 or data.dim() < 2:
-        return None  # pad_packed_sequence's own handling (and errors) for degenerate input
+    if data.device.type != "cpu":
+        return None  # pad_packed_sequence: index_add (the layout's backward) need not be deterministic on CUDA
     return _PackedLayout(data, batch_sizes)
 
 
@@ -193,9 +211,10 @@ class _RecurrentStack(nn.Module):
             if lengths is not None:
                 raise TypeError(f"{self.mode}: lengths= is for padded Tensor input; a PackedSequence carries its "
                                 "own lengths")
+            _check_packed(input)
             sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
             # Padded in the packed (sorted) order; the kernels mask by lengths.
-            layout = _packed_layout(input.data, input.batch_sizes) if input.data.device.type == "cpu" else None
+            layout = _packed_layout(input.data, input.batch_sizes)
             if layout is not None:
                 padded, lengths = layout.pad(input.data), layout.lengths
             else:
@@ -244,9 +263,9 @@ class _RecurrentStack(nn.Module):
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {x.shape[-1]}")
         weight = self.weight_ih_l0
-        if x.dtype != weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the module's parameters' dtype {weight.dtype}; "
-                            "convert one of them (e.g. module.to(input.dtype))")
+        if x.dtype != weight.dtype and self._autocast_dtype(x.device, packed=False) is None:
+            raise ValueError(f"input dtype {x.dtype} does not match the module's parameters' dtype {weight.dtype}; "
+                             "convert one of them (e.g. module.to(input.dtype))")
         if x.device != weight.device:
             raise RuntimeError(f"input is on {x.device} but the module's parameters are on {weight.device}")
 
@@ -277,8 +296,31 @@ class _RecurrentStack(nn.Module):
             checked.append(state)
         return tuple(checked)
 
-    def _stack(self, x: Tensor, lengths: Optional[Tensor], hx, run_layer):
-        """Runs all layers and directions; run_layer(x, weights, states, reverse) -> (out, new_states)."""
+    def _autocast_dtype(self, device: torch.device, packed: bool) -> Optional[torch.dtype]:
+        """The dtype torch.nn's module runs in under torch.autocast, or None where autocast
+        leaves it alone: on CUDA every cell in the autocast dtype (cuDNN's RNN is on the
+        lower-precision list); on CPU the LSTM with padded input only (oneDNN's LSTM layer is),
+        the GRU and packed input stay in the parameters' dtype."""
+        if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+            return None
+        if device.type == "cuda" or (self.mode == "LSTM" and not packed):
+            return torch.get_autocast_dtype(device.type)
+        return None
+
+    def _stack(self, x: Tensor, lengths: Optional[Tensor], hx, run_layer, packed: bool = False):
+        """Runs all layers and directions; run_layer(x, weights, states, lengths, reverse) -> (out, new_states)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"rnntl_fast.{self.mode} cannot be traced with torch.jit.trace (the fused ops are "
+                               "not TorchScript); use torch.compile or torch.export.export, which support it")
+        compute_dtype = self._autocast_dtype(x.device, packed)
+        if compute_dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                cast = lambda t: t.to(compute_dtype) if t is not None else None  # noqa: E731
+                hx = None if hx is None else tuple(cast(h) for h in hx)
+                return self._run_layers(cast(x), lengths, hx, run_layer, weight_cast=cast)
+        return self._run_layers(x, lengths, hx, run_layer, weight_cast=None)
+
+    def _run_layers(self, x: Tensor, lengths: Optional[Tensor], hx, run_layer, weight_cast):
         finals: List[List[Tensor]] = [[] for _ in self._state_sizes()]
         layer_input = x
         for layer in range(self.num_layers):
@@ -286,8 +328,10 @@ class _RecurrentStack(nn.Module):
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 states = None if hx is None else tuple(h[index] for h in hx)
-                out, new_states = run_layer(layer_input, self._layer_weights(layer, direction), states,
-                                            lengths, direction == 1)
+                weights = self._layer_weights(layer, direction)
+                if weight_cast is not None:
+                    weights = tuple(weight_cast(w) for w in weights)
+                out, new_states = run_layer(layer_input, weights, states, lengths, direction == 1)
                 outputs.append(out)
                 for store, state in zip(finals, new_states):
                     store.append(state)
@@ -346,7 +390,7 @@ class LSTM(_RecurrentStack):
                                      backend=self.backend)
             return out, (h_n, c_n)
 
-        output, states = self._stack(x, lengths, hx, run_layer)
+        output, states = self._stack(x, lengths, hx, run_layer, packed=isinstance(input, PackedSequence))
         output, (h_n, c_n) = finish(output, states)
         return output, (h_n, c_n)
 
@@ -385,7 +429,7 @@ class GRU(_RecurrentStack):
                                grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode, backend=self.backend)
             return out, (h_n,)
 
-        output, states = self._stack(x, lengths, hx, run_layer)
+        output, states = self._stack(x, lengths, hx, run_layer, packed=isinstance(input, PackedSequence))
         output, (h_n,) = finish(output, states)
         return output, h_n
 

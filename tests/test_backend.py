@@ -15,9 +15,11 @@ def test_auto_on_cpu_is_the_cpu_kernels():
     assert backend.select_backend("auto", torch.device("cpu"), torch.float64) == "cpu"
 
 
-def test_cpu_kernels_refuse_half_precision_with_a_clear_error():
-    with pytest.raises(TypeError, match="cpu backend supports float32 and float64"):
-        backend.select_backend("auto", torch.device("cpu"), torch.bfloat16)
+def test_cpu_kernels_take_half_precision_and_refuse_other_dtypes_clearly():
+    for dtype in (torch.float16, torch.bfloat16):  # float32 kernels inside (rnntl_fast/ops/native.py)
+        assert backend.select_backend("auto", torch.device("cpu"), dtype) == "cpu"
+    with pytest.raises(TypeError, match="cpu backend supports float32, float64, float16 and bfloat16"):
+        backend.select_backend("cpu", torch.device("cpu"), torch.complex64)
 
 
 @pytest.mark.skipif(rnntl_fast._ext.HAS_CUDA_KERNELS, reason="the CUDA kernels are built: auto picks them")

@@ -251,7 +251,7 @@ BAD_CALLS = [
      r"Expected hidden\[1\] size \(1, 2, 6\), got \[2, 2, 6\]"),
     ("hx-not-tuple", lambda m, x: m(x, torch.randn(1, 2, 6)), TypeError, "hx must be a tuple"),
     ("input-size", lambda m, x: m(torch.randn(5, 2, 7)), RuntimeError, "input.size\\(-1\\) must be equal to input_size. Expected 4, got 7"),
-    ("input-dtype", lambda m, x: m(x.double()), TypeError, "does not match the module's parameters' dtype"),
+    ("input-dtype", lambda m, x: m(x.double()), ValueError, "does not match the module's parameters' dtype"),
     ("input-rank", lambda m, x: m(x[None]), ValueError, "Expected input to be 2D or 3D, got 4D"),
     ("unbatched-hx-rank", lambda m, x: m(x[:, 0], (torch.randn(1, 2, 6), torch.randn(1, 2, 6))), RuntimeError,
      "For unbatched 2-D input, hx should also be 2-D"),

@@ -22,6 +22,13 @@ native.register()
 Lengths = Union[None, Tensor, Sequence[int]]
 
 
+def _empty_results(input: Tensor, shapes, tensors) -> Tuple[Tensor, ...]:
+    """Results of a batch of zero rows (as torch.nn gives): empty tensors that still depend on
+    every input, so a backward through them gives zero gradients, not None."""
+    anchor = input.sum() + sum(t.sum() for t in tensors if t is not None)  # a scalar over no rows: 0
+    return tuple(anchor.expand(shape).clone() for shape in shapes)
+
+
 def _lstm_backend(name: str):
     """The function of backend `name` that runs one LSTM layer-direction."""
     if name in ("cpu", "cuda"):
@@ -80,10 +87,14 @@ def lstm(
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H].
     """
-    steps, batch, _, _, _ = check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
+    steps, batch, _, hidden, out_size = check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh,
+                                                             weight_hr, h0, c0)
     lengths = normalize_lengths(lengths, steps, batch)
     options = sequence_options(reverse, cell_clip, proj_clip, grad_clip, grad_clip_mode)
     run = _lstm_backend(select_backend(backend, input.device, input.dtype))
+    if batch == 0:
+        return _empty_results(input, [(steps, 0, out_size), (0, out_size), (0, hidden)],
+                              (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0))
     return run(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, options=options)
 
 
@@ -111,10 +122,12 @@ def gru(
     Returns:
         output [T, B, H], h_n [B, H].
     """
-    steps, batch, _, _ = check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    steps, batch, _, hidden = check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     lengths = normalize_lengths(lengths, steps, batch)
     options = sequence_options(reverse, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode)
     run = _gru_backend(select_backend(backend, input.device, input.dtype))
+    if batch == 0:
+        return _empty_results(input, [(steps, 0, hidden), (0, hidden)], (weight_ih, weight_hh, bias_ih, bias_hh, h0))
     return run(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options)
 
 

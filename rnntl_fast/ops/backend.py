@@ -31,7 +31,8 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+# float16 / bfloat16 CPU tensors run the float32 kernels (rnntl_fast/ops/native.py).
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -59,8 +60,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype = to
             raise RuntimeError(f"backend='cpu' needs the compiled extension rnntl_fast._C, which failed to import "
                                f"({_ext.IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`")
         if dtype not in CPU_KERNEL_DTYPES:
-            raise TypeError(f"the cpu backend supports float32 and float64, got {dtype}; convert the input "
-                            "(and module) to float32, or pass backend='reference'")
+            raise TypeError(f"the cpu backend supports float32, float64, float16 and bfloat16, got {dtype}")
         return requested
     if requested == "cuda":
         if device.type != "cuda":

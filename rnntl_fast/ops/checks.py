@@ -1,6 +1,7 @@
 """Argument checks shared by every backend, so bad input gets the same clear error
 whichever kernel would have run. Each message names the argument at fault."""
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,25 +50,29 @@ def check_input(input: Tensor) -> Tuple[int, int, int]:
     steps, batch, features = input.shape
     if steps == 0:
         raise ValueError("input must have at least one step (T > 0)")
-    if batch == 0:
-        raise ValueError("input must have a non-empty batch (B > 0)")
-    return steps, batch, features
+    return steps, batch, features  # batch 0 is allowed: empty results, as torch.nn
 
 
 def normalize_lengths(lengths: Union[None, Tensor, Sequence[int]], steps: int, batch: int) -> Optional[Tensor]:
     """lengths as a CPU int64 tensor [B] with 0 <= lengths <= T (or None)."""
     if lengths is None:
         return None
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, (Tensor, Sequence)):
+        raise TypeError(f"lengths must be a tensor or a sequence of ints, got {type(lengths).__name__}")
     if not isinstance(lengths, Tensor):
-        lengths = torch.as_tensor(list(lengths))
+        bad = [value for value in lengths if isinstance(value, bool) or not isinstance(value, numbers.Integral)
+               and not (isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_floating_point)]
+        if bad:
+            raise TypeError(f"lengths must hold integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+        lengths = torch.as_tensor([int(value) for value in lengths], dtype=torch.int64)
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     lengths = lengths.to("cpu", torch.int64)
     if lengths.dim() != 1 or lengths.numel() != batch:
         raise ValueError(f"lengths must have shape [{batch}] (one per batch row), got {list(lengths.shape)}")
-    if int(lengths.min()) < 0:
+    if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"lengths must be >= 0, got {int(lengths.min())}")
-    if int(lengths.max()) > steps:
+    if lengths.numel() and int(lengths.max()) > steps:
         raise ValueError(f"lengths must be <= the number of steps T={steps}, got {int(lengths.max())}")
     return lengths
 
@@ -88,8 +93,9 @@ def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_h
     hidden = _hidden_size_from_weight_ih(weight_ih, 4, features)
     out_size = hidden
     if weight_hr is not None:
-        if not isinstance(weight_hr, Tensor) or weight_hr.dim() != 2 or weight_hr.shape[1] != hidden:
-            raise ValueError(f"weight_hr must have shape [proj_size, {hidden}], got "
+        if (not isinstance(weight_hr, Tensor) or weight_hr.dim() != 2 or weight_hr.shape[1] != hidden
+                or weight_hr.shape[0] == 0):
+            raise ValueError(f"weight_hr must have shape [proj_size, {hidden}] with proj_size > 0, got "
                              f"{list(weight_hr.shape) if isinstance(weight_hr, Tensor) else type(weight_hr).__name__}")
         out_size = weight_hr.shape[0]
         _check_tensor(weight_hr, "weight_hr", input, (out_size, hidden))

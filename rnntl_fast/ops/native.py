@@ -78,11 +78,24 @@ def register() -> None:
     REGISTERED = True
 
 
+# CPU kernels for float16 / bfloat16 tensors: the float32 kernels on widened copies, results
+# rounded back to the input dtype (autograd rounds the gradients back too), so states and
+# sums stay in float32 as in the CUDA and Triton kernels (error rule: tests/tolerances.py).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(tensors):
+    return [t.float() if t is not None else None for t in tensors]
+
+
 def lstm_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                 bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
                 lengths: Optional[Tensor], options: SequenceOptions) -> Tuple[Tensor, Tensor, Tensor]:
     """The `cpu` / `cuda` backends of rnntl_fast.ops.lstm (arguments already checked there).
     Shapes as rnntl_fast.ops.lstm; returns output [T, B, P], h_n [B, P], c_n [B, H]."""
+    if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
+        tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0))
+        return tuple(r.to(input.dtype) for r in lstm_native(*tensors, lengths, options))
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     out, h_n, c_n, _, _, _ = torch.ops.rnntl_fast.lstm_forward(
         input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, options.reverse,
@@ -95,6 +108,9 @@ def gru_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
                options: SequenceOptions) -> Tuple[Tensor, Tensor]:
     """The `cpu` / `cuda` backends of rnntl_fast.ops.gru (arguments already checked there).
     Shapes as rnntl_fast.ops.gru; returns output [T, B, H], h_n [B, H]."""
+    if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
+        tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, h0))
+        return tuple(r.to(input.dtype) for r in gru_native(*tensors, lengths, options))
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     out, h_n, _, _ = torch.ops.rnntl_fast.gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
                                                       options.reverse, options.state_clip, options.gate_clip, save)
