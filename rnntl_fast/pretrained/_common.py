@@ -27,7 +27,7 @@ class UnsupportedLayerError(ValueError):
 
 # Gate orders, as the index of each torch gate in the source's gate blocks.
 # torch.nn: LSTM i, f, g, o; GRU r, z, n.
-KERAS_LSTM_TO_TORCH = (0, 1, 2, 3)   # Keras i, f, c, o is already torch's order
+# Keras LSTM i, f, c, o is already torch's order: no table.
 KERAS_GRU_TO_TORCH = (1, 0, 2)       # Keras z, r, h -> torch r, z, n
 TF_LSTM_TO_TORCH = (0, 2, 1, 3)      # TF1 i, j, f, o -> torch i, f, g(=j), o
 ONNX_LSTM_TO_TORCH = (0, 2, 3, 1)    # ONNX i, o, f, c -> torch i, f, g(=c), o

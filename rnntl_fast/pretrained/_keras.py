@@ -39,7 +39,6 @@ import torch
 from ._common import (KERAS_GRU_TO_TORCH, LayerReport, LoadedLayers, PretrainedFormatError,
                       UnsupportedLayerError, build_module, reorder_gates)
 
-_RECURRENT_CLASSES = {"LSTM", "GRU", "CuDNNLSTM", "CuDNNGRU", "LSTMV1", "GRUV1", "RNN"}
 _MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 
 Weights = "OrderedDict[str, np.ndarray]"  # weight name -> array
