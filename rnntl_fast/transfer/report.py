@@ -33,9 +33,17 @@ def _plot_accuracy(ax, name: str, run: dict, color: str) -> None:
 
 
 def plot_learning_curves(metrics: dict, path: str) -> None:
-    """Writes a PNG: LM loss, classifier train loss, validation and test accuracy (transfer
-    vs scratch, per seed and mean, with the majority-class level), and the transferred
-    run's learning-rate schedule."""
+    """Writes learning_curves_figure(metrics) as a PNG to `path`."""
+    import matplotlib.pyplot as plt
+    figure = learning_curves_figure(metrics)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def learning_curves_figure(metrics: dict):
+    """A matplotlib figure of a finetune run's metrics: LM loss, classifier train loss,
+    validation and test accuracy (transfer vs scratch, per seed and mean, with the
+    majority-class level), and the transferred run's learning-rate schedule."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,5 +96,4 @@ def plot_learning_curves(metrics: dict, path: str) -> None:
                   f"(x{throughput['ratio_rnntl_fast_over_torch_nn']:.2f})")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    return figure
