@@ -32,9 +32,9 @@ ifeq ($(V),1)
   SHOW_BUILD := cat
   QUIET_LOG = 2>&1 | tee $(1)
 else
-  # ninja's "[3/12] c++ ... -c csrc/cpu/lstm_cpu.cpp ..." lines -> "  [3/12] csrc/cpu/lstm_cpu.cpp"
-  SHOW_BUILD := awk '/^ *\[[0-9]+\/[0-9]+\]/ { source = $$0; sub(/.* -c /, "", source); sub(/ .*/, "", source); \
-                sub(/.*\/csrc\//, "csrc/", source); print "  " $$1 " " source; fflush() }'
+  # ninja's "[3/12] c++ ... -c /path/csrc/cpu/lstm_cpu.cpp -o ..." -> "  [3/12] csrc/cpu/lstm_cpu.cpp"
+  # (sed -u: a line as soon as ninja prints it; awk may wait for a full input buffer)
+  SHOW_BUILD := sed -nu -E 's|^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+) .*|  \1 \3|p'
   QUIET_LOG = > $(1) 2>&1 || { tail -40 $(1); echo "failed; full log: $(1)" >&2; exit 1; }
 endif
 
