@@ -47,6 +47,7 @@ def learning_curves_figure(metrics: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     lm = metrics.get("language_model")
@@ -75,6 +76,7 @@ def learning_curves_figure(metrics: dict):
     axes[0][1].set_xlabel("step")
     axes[1][0].set_title("classifier accuracy: validation per epoch, test after training")
     axes[1][0].set_xlabel("epoch")
+    axes[1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1][0].set_ylabel("accuracy")
     if runs:
         axes[0][1].legend()
@@ -83,7 +85,7 @@ def learning_curves_figure(metrics: dict):
         history = metrics["transfer"]["runs"][0]["history"]
         factor = metrics["transfer"].get("lr_factor")
         axes[1][1].plot(history["steps"], history["lrs"], label="top layer group, first seed" +
-                        (f" (each lower group: / {factor:g})" if factor else ""))
+                        (f" (each lower group: / {factor:g})" if factor and factor != 1 else ""))
         axes[1][1].set_yscale("log")
         axes[1][1].legend()
     axes[1][1].set_title("transfer: learning rate (slanted triangular)")
