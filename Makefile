@@ -5,7 +5,8 @@
 #                   CUDA build checks where nvcc is on the PATH (nvcc compile + ptxas spill
 #                   check; the full CUDA extension against torch 2.14.1 in build/venv-cuda).
 #                   Without nvcc they are skipped with a notice, except under CI=true.
-#                   CUDA_CHECK=0 skips them (CI does not: a command-line variable only).
+#                   `make test CUDA_CHECK=0` skips them; only the command line sets it
+#                   (an environment variable of that name is ignored), so CI runs them.
 #   make bench      the benchmark table on this machine
 #   make info       versions and which backends can run here
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (build jobs),
