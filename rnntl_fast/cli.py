@@ -1,16 +1,16 @@
 """The `rnntl-fast` command (also `python -m rnntl_fast`): info, bench, pretrain, finetune.
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and
-`run(args) -> int`; they are imported only when their subcommand runs so that `rnntl-fast
-info` stays fast."""
+`run(args) -> int`; they are imported only when their subcommand runs, so that `rnntl-fast
+--help` imports neither torch nor any subcommand."""
 import argparse
 import importlib
 import sys
 
 # subcommand -> (module, help)
 SUBCOMMANDS = {
-    "info": ("rnntl_fast.info_cli", "print versions and which backends were built"),
-    "bench": ("rnntl_fast.bench", "time rnntl_fast against torch.nn on this machine"),
+    "info": ("rnntl_fast.info", "print versions, CPU, threads and which backends can run here"),
+    "bench": ("rnntl_fast.bench.cli", "time rnntl_fast against torch.nn on this machine"),
     "pretrain": ("rnntl_fast.transfer.pretrain_cli", "pretrain a word-level LSTM language model"),
     "finetune": ("rnntl_fast.transfer.finetune_cli", "pretrain-then-transfer sentiment fine-tuning (main job)"),
 }

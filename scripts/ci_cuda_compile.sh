@@ -4,7 +4,9 @@
 # kernels must not spill registers. Standalone; exits non-zero on any failure.
 #   NVCC            compiler (default: nvcc on PATH)
 #   RNNTL_CUDA_ARCHS space-separated compute capabilities (default "75 80 86 90")
-# Writes the ptxas log to build/ci-cuda-compile/ptxas.log.
+#   V               1 prints the per-kernel register/spill table (default: only its summary,
+#                   and the table when a check fails)
+# Writes the ptxas log to build/ci-cuda-compile/ptxas.log and the table to .../spills.txt.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NVCC="${NVCC:-nvcc}"
@@ -38,5 +40,11 @@ for source in "${sources[@]}"; do
 done
 [ $status -eq 0 ] || exit $status
 
-python3 "$ROOT/scripts/check_ptxas_spills.py" "$OUT/ptxas.log" --pattern persistent
+if [ "${V:-0}" = "1" ]; then
+  python3 "$ROOT/scripts/check_ptxas_spills.py" "$OUT/ptxas.log" --pattern persistent
+else
+  python3 "$ROOT/scripts/check_ptxas_spills.py" "$OUT/ptxas.log" --pattern persistent > "$OUT/spills.txt" 2>&1 || {
+    cat "$OUT/spills.txt" >&2; exit 1; }
+  tail -n 2 "$OUT/spills.txt"
+fi
 echo "ci_cuda_compile: OK in $(( $(date +%s) - start )) s"

@@ -7,6 +7,7 @@
 #   RNNTL_CUDA_TORCH       torch requirement (default torch==2.14.1)
 #   TORCH_CUDA_ARCH_LIST   default "7.5;8.0;8.6;9.0" (setup.py)
 #   MAX_JOBS               parallel compile jobs (default 2)
+#   V                      1 also prints pip's output and the full `rnntl_fast.info` report
 # The build runs in a copy of the tracked sources under build/ci-cuda-extension/src
 # (kept between runs, so ninja only recompiles what changed; RNNTL_CI_CLEAN=1 starts over), never in the checkout,
 # whose CPU-only rnntl_fast/_C*.so it would replace.
@@ -17,11 +18,17 @@ TORCH_REQ="${RNNTL_CUDA_TORCH:-torch==2.14.1}"
 WORK="$ROOT/build/ci-cuda-extension"
 export MAX_JOBS="${MAX_JOBS:-2}"
 start=$(date +%s)
+mkdir -p "$WORK"
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
   echo "== creating $VENV with $TORCH_REQ"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_REQ" numpy pytest ninja setuptools
+  if [ "${V:-0}" = "1" ]; then
+    "$VENV/bin/pip" install "$TORCH_REQ" numpy pytest ninja setuptools
+  else
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_REQ" numpy pytest ninja setuptools \
+      > "$WORK/venv.log" 2>&1 || { tail -20 "$WORK/venv.log" >&2; exit 1; }
+  fi
 fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 echo "venv ready after $(( $(date +%s) - start )) s"
@@ -39,7 +46,7 @@ mkdir -p "$WORK/src"
   fi
 done)
 
-echo "== building with RNNTL_BUILD_CUDA=1"
+echo "== building with RNNTL_BUILD_CUDA=1 (log $WORK/build.log)"
 t0=$(date +%s)
 (cd "$WORK/src" && RNNTL_BUILD_CUDA=1 "$VENV/bin/python" setup.py build_ext --inplace > "$WORK/build.log" 2>&1) || {
   grep -E "error|FAILED" "$WORK/build.log" | head -30 >&2
@@ -50,7 +57,6 @@ echo "built in $(( $(date +%s) - t0 )) s"
 
 echo "== checking the built module"
 (cd "$WORK/src" && "$VENV/bin/python" - <<'PY'
-import importlib.util
 import sys
 
 import torch
@@ -64,12 +70,18 @@ missing = [op for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_ba
 if missing:
     sys.exit(f"no CUDA kernel registered for: {missing}")
 print("CUDA kernels registered for all four ops")
-if importlib.util.find_spec("rnntl_fast.info") is not None:  # not on every branch yet
-    import subprocess
-    out = subprocess.run([sys.executable, "-m", "rnntl_fast.info"], capture_output=True, text=True)
-    print(out.stdout)
-    if out.returncode != 0 or "cuda" not in out.stdout.lower():
-        sys.exit("python -m rnntl_fast.info does not report the CUDA backend")
+import json
+import os
+import subprocess
+out = subprocess.run([sys.executable, "-m", "rnntl_fast.info", "--json"], capture_output=True, text=True)
+if out.returncode != 0:
+    sys.exit(f"python -m rnntl_fast.info --json failed: {out.stderr[-2000:]}")
+cuda = json.loads(out.stdout)["backends"]["cuda"]
+if os.environ.get("V", "0") == "1":
+    print(subprocess.run([sys.executable, "-m", "rnntl_fast.info"], capture_output=True, text=True).stdout)
+if not cuda["built"]:
+    sys.exit(f"python -m rnntl_fast.info does not report the CUDA backend as built: {cuda['why']}")
+print(f"rnntl_fast.info: cuda backend built, {'usable' if cuda['usable'] else 'not usable here'} ({cuda['why']})")
 PY
 )
 echo "ci_cuda_extension: OK in $(( $(date +%s) - start )) s"

@@ -125,13 +125,13 @@ def test_cuda_device_without_cuda_is_an_argument_error(capsys):
 
 
 def test_command_line_entry_point_and_light_import(tmp_path):
-    """`python -m rnntl_fast bench` runs in a fresh process, and importing the bench module
+    """`python -m rnntl_fast bench` runs in a fresh process, and importing the bench modules
     imports neither matplotlib nor tqdm (they load only when a plot or a bar is drawn)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # torch itself imports tqdm (torch.hub), so look at what importing the bench module adds.
-    light = subprocess.run([sys.executable, "-c", "import sys, rnntl_fast; before = set(sys.modules); "
-                            "import rnntl_fast.bench; added = set(sys.modules) - before; "
+    # torch itself imports tqdm (torch.hub), so look at what importing the bench modules adds.
+    light = subprocess.run([sys.executable, "-c", "import sys, torch, rnntl_fast; before = set(sys.modules); "
+                            "import rnntl_fast.bench.cli, rnntl_fast.bench.runner; added = set(sys.modules) - before; "
                             "print(sorted(m for m in added if m.split('.')[0] in ('matplotlib', 'tqdm')))"],
                            cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert light.returncode == 0, light.stderr
@@ -155,7 +155,7 @@ def test_flop_counts_follow_the_design_formulas():
     assert forward_flops(lstm, torch.tensor([1, 2, 2])) == 5 * 8 * 5 * (4 + 5)
 
 
-def test_named_grids_hold_the_issue_rows():
+def test_named_grids_hold_the_goal_rows():
     ops = grids.named_grid("ops", "cpu", ["float32"])
     assert len(ops) == 5 * 2 * 2
     assert {(c.T, c.B, c.I, c.H) for c in ops} == set(grids.OPS_SIZES)

@@ -1,5 +1,5 @@
 """Runs the cases: warm-up, interleaved timing, same-run GEMM throughput, peak memory; one
-result row per (case, provider) with the fields the module docstring of rnntl_fast.bench lists."""
+result row per (case, provider) with the fields the module docstring of rnntl_fast.bench.cli lists."""
 import sys
 from typing import List
 
@@ -16,13 +16,22 @@ GEMM = "gemm"  # not a provider: the same-round matmul that "% of GEMM" divides 
 
 
 def _progress(cases: List[Case], enabled: bool):
+    """The cases, with progress on stderr: a bar on a terminal, else (a log file) one line
+    per case, so that a captured log holds no bar redraws."""
     if not enabled or len(cases) < 4:
-        return cases
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is an optional extra ("bench")
-        return cases
-    return tqdm(cases, desc="bench", unit="case", file=sys.stderr, leave=False)
+        yield from cases
+        return
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is an optional extra ("bench")
+            pass
+        else:
+            yield from tqdm(cases, desc="bench", unit="case", file=sys.stderr, leave=False)
+            return
+    for index, case in enumerate(cases):
+        print(f"bench: case {index + 1}/{len(cases)}: {case.label} {case.mode}", file=sys.stderr, flush=True)
+        yield case
 
 
 def _base_row(case: Case, provider: str) -> dict:
@@ -40,7 +49,8 @@ def _skipped(case: Case, provider: str, note: str) -> dict:
     return row
 
 
-def run_case(case: Case, providers: List[str], settings: dict, measure_memory: bool) -> List[dict]:
+def run_case(case: Case, providers: List[str], settings: dict, measure_memory: bool,
+             verbose: bool = False) -> List[dict]:
     device = torch.device(case.device)
     workload = Workload(case, seed=settings["seed"])
     steps = build_steps(workload, providers)
@@ -82,15 +92,16 @@ def run_case(case: Case, providers: List[str], settings: dict, measure_memory: b
         if HOOKS in samples:
             row["speedup_vs_hooks"] = timing.paired_ratio(samples[HOOKS], samples[name])
         if measure_memory and case.mode != "inference":
-            peak = timing.peak_memory_bytes(step, device)
+            peak = timing.peak_memory_bytes(step, device, verbose=verbose)
             row["peak_memory_mb"] = peak / 2**20 if peak is not None else None
         rows[name] = row
     return [rows[name] for name in steps]  # provider order as asked
 
 
 def run_cases(cases: List[Case], providers: List[str], settings: dict, measure_memory: bool = True,
-              progress: bool = True) -> List[dict]:
+              progress: bool = True, verbose: bool = False) -> List[dict]:
+    """verbose: let torch's profiler and allocator messages through (see timing.peak_memory_bytes)."""
     rows = []
     for case in _progress(cases, progress):
-        rows += run_case(case, providers, settings, measure_memory)
+        rows += run_case(case, providers, settings, measure_memory, verbose)
     return rows

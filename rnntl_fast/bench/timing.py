@@ -5,10 +5,15 @@ round times every provider once, in an order rotated from round to round, and a 
 taken between samples of the same round. Medians then discard the rounds a neighbour
 disturbed.
 """
+import contextlib
 import gc
 import math
+import os
 import statistics
+import sys
+import tempfile
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -88,7 +93,30 @@ def gemm_step(rows: int, inner: int, cols: int, dtype: torch.dtype, device: torc
     return (lambda: torch.mm(a, b)), 2.0 * rows * inner * cols
 
 
-def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
+@contextlib.contextmanager
+def native_stderr_hidden(hidden: bool = True):
+    """Runs the block with file descriptor 2 (where C++ libraries such as torch's profiler and
+    allocator write) and Python warnings sent to a temporary file; `hidden=False` lets them
+    through. What was hidden is dropped: it is library chatter, not a result."""
+    if not hidden:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def peak_memory_bytes(step: Callable[[], None], device: torch.device, verbose: bool = False) -> Optional[int]:
     """Peak bytes allocated by torch during one call of `step`, above what was allocated
     when it started (inputs and weights that already exist are not counted).
 
@@ -96,6 +124,8 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> Optiona
     CPU: the running sum of torch.profiler's allocation/free events of the CPU allocator,
     in time order (every tensor torch allocates, including those oneDNN gets from torch;
     memory a library takes straight from malloc is not seen). None when unavailable.
+    The profiler's own messages (start/stop trace lines, allocator warnings) are shown
+    only when `verbose`.
     """
     synchronize(device)
     if device.type == "cuda":
@@ -109,9 +139,10 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> Optiona
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-            step()
-        events = profiler.profiler.kineto_results.events()
+        with native_stderr_hidden(not verbose):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+                step()
+            events = profiler.profiler.kineto_results.events()
     except Exception:  # the profiler is an optional diagnostic here, not what is measured
         return None
     cpu_types = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)

@@ -5,8 +5,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
-import torch
-
+from ..machine import set_threads, thread_report
 from . import data
 from .pipeline import Recipe, RunControl
 from .training import Distributed, setup_distributed
@@ -63,22 +62,11 @@ def control_from_args(args, place: Distributed) -> RunControl:
                       show_progress=not args.no_progress)
 
 
-def choose_threads(requested: Optional[int]) -> int:
-    """Intra-op threads: as requested; else all cores divided among local processes, but
-    one when the machine is already busy (load average >= cores): OpenMP threads that spin
-    waiting for a descheduled sibling made each step 10-25x slower in that case here."""
-    if requested:
-        return requested
-    cores = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if os.getloadavg()[0] >= cores:
-        return 1
-    return max(1, cores // local)
-
-
 def start(args) -> Distributed:
-    torch.set_num_threads(choose_threads(args.threads))
+    # --threads, else torch's default (under torchrun: what OMP_NUM_THREADS says, 1 unless set)
+    set_threads(args.threads)
     place = setup_distributed(args.device)
+    log(place, thread_report(args.threads))
     if place.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
     return place

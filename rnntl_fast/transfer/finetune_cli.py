@@ -125,9 +125,15 @@ def _user_pretrained(args, vocab, recipe):
 
 def run(args) -> int:
     started = time.perf_counter()
+    new_output_dir = not os.path.exists(args.output_dir)
     place = cli_common.start(args)
     try:
         return _run(args, place, started)
+    except BaseException:
+        # a run that fails before writing anything leaves no empty output folder behind
+        if new_output_dir and place.is_main and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)
+        raise
     finally:
         teardown_distributed(place)
 

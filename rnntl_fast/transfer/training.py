@@ -9,6 +9,7 @@ same batches and the same dropout masks as an uninterrupted run.
 """
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -100,6 +101,45 @@ def quiet_generator() -> torch.Generator:
     """A generator for DataLoaders: without one, every `iter(loader)` draws a base seed
     from the global RNG, which would shift the dropout stream of a resumed run."""
     return torch.Generator().manual_seed(0)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+class LineProgress:
+    """Progress for logs (stderr is not a terminal): a plain line every `every` steps and at
+    the last step, instead of a bar's carriage-return redraws. The subset of tqdm's
+    interface that `Trainer` uses."""
+
+    def __init__(self, total: int, initial: int, label: str, enabled: bool, lines: int = 10):
+        self.total, self.count, self.label, self.enabled = total, initial, label, enabled
+        self.every = max(1, total // lines)
+        self.postfix = ""
+        self.started = time.perf_counter()
+
+    def update(self, steps: int = 1) -> None:
+        self.count += steps
+        if self.enabled and (self.count % self.every == 0 or self.count == self.total):
+            self.write(f"{self.label}: step {self.count}/{self.total}{self.postfix}, "
+                       f"{time.perf_counter() - self.started:.0f} s")
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {name} {value}" for name, value in values.items())
+
+    @staticmethod
+    def write(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, label: str, enabled: bool):
+    """A tqdm bar on stderr when it is a terminal, else a LineProgress (also when disabled,
+    since `Trainer` writes its per-epoch lines through it)."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True, leave=True)
+    return LineProgress(total, initial, label, enabled)
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -265,12 +305,10 @@ class Trainer:
     # -- training -------------------------------------------------------------------------
     def fit(self) -> History:
         """Runs the remaining epochs. Raises StopRequested at `stop_after_steps`."""
-        from tqdm import tqdm  # progress bars on stderr
         if self.stop_after_steps is not None and self.stop_after_steps <= self.global_step and not self.finished:
             # the step budget ran out in an earlier phase: stop before taking any step here
             raise StopRequested(f"{self.progress_label}: stopped before its first step (step budget used up)")
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.progress_label, unit="step",
-                   disable=not self.show_progress, dynamic_ncols=True, leave=True)
+        bar = progress_bar(self.total_steps, self.global_step, self.progress_label, self.show_progress)
         try:
             while self.epoch < self.epochs and not self.finished:
                 self._run_epoch(bar)
