@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from . import config, gru, lstm
+from . import config, sequence, step
 
 _TL_NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32"}
 
@@ -84,24 +84,24 @@ def _sequence_kernels(dtype, width: int):
                          GATE_CLIP=False, BLOCK_H=width, BLOCK_P=width)
     gru_forward = dict(common, HAS_H0=True, SAVE=True, BLOCK_H=width)
     gru_backward = dict(common, HAS_H0=True, STATE_CLIP=True, GATE_CLIP=False, BLOCK_H=width)
-    return [("lstm_forward_sequence", lstm._lstm_forward_sequence_kernel, lstm_forward, 4),
-            ("lstm_backward_sequence", lstm._lstm_backward_sequence_kernel, lstm_backward, 4),
-            ("gru_forward_sequence", gru._gru_forward_sequence_kernel, gru_forward, 3),
-            ("gru_backward_sequence", gru._gru_backward_sequence_kernel, gru_backward, 3)]
+    return [("lstm_forward_sequence", sequence.lstm_forward_sequence_kernel, lstm_forward, 4),
+            ("lstm_backward_sequence", sequence.lstm_backward_sequence_kernel, lstm_backward, 4),
+            ("gru_forward_sequence", sequence.gru_forward_sequence_kernel, gru_forward, 3),
+            ("gru_backward_sequence", sequence.gru_backward_sequence_kernel, gru_backward, 3)]
 
 
 def _step_kernels(dtype, block_n: int, block_k: int):
     common = dict(HAS_LENGTHS=True, DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k)
     return [
-        ("lstm_forward_step", lstm._lstm_forward_step_kernel.fn,
+        ("lstm_forward_step", step.lstm_forward_step_kernel.fn,
          dict(common, HAS_PROJ=False, CELL_CLIP=True, PROJ_CLIP=True, SAVE=True)),
-        ("lstm_projection_step", lstm._lstm_projection_step_kernel.fn, dict(common, PROJ_CLIP=True, SAVE=True)),
-        ("lstm_backward_hidden_step", lstm._lstm_backward_hidden_step_kernel.fn,
+        ("lstm_projection_step", step.lstm_projection_step_kernel.fn, dict(common, PROJ_CLIP=True, SAVE=True)),
+        ("lstm_backward_hidden_step", step.lstm_backward_hidden_step_kernel.fn,
          dict(common, FIRST=False, PROJ_CLIP=True, STATE_CLIP=True)),
-        ("lstm_backward_cell_step", lstm._lstm_backward_cell_step_kernel.fn,
+        ("lstm_backward_cell_step", step.lstm_backward_cell_step_kernel.fn,
          dict(common, HAS_PROJ=True, HAS_C_PREV=True, CELL_CLIP=True, STATE_CLIP=True, GATE_CLIP=False)),
-        ("gru_forward_step", gru._gru_forward_step_kernel.fn, dict(common, SAVE=True)),
-        ("gru_backward_step", gru._gru_backward_step_kernel.fn,
+        ("gru_forward_step", step.gru_forward_step_kernel.fn, dict(common, SAVE=True)),
+        ("gru_backward_step", step.gru_backward_step_kernel.fn,
          dict(common, FIRST=False, HAS_H_PREV=True, STATE_CLIP=True, GATE_CLIP=False)),
     ]
 
