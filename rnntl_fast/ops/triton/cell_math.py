@@ -3,6 +3,11 @@ LSTM / GRU cell forward and backward on [BLOCK_B, N] tiles (float32 in, float32 
 
 The formulas are those of rnntl_fast.ops.reference (docs/semantics.md); each strategy
 (sequence.py, step.py) only loads the operands and stores the results.
+
+Non-finite values propagate as in torch: sigmoid(-inf) is exactly 0 and tanh(+-inf) exactly
++-1 (so their derivatives are exactly 0 there), a clamp keeps NaN, and a clamp's backward
+selects (never multiplies) the gradient, so an inf gradient outside the bounds becomes 0,
+not NaN.
 """
 import triton
 import triton.language as tl
@@ -10,6 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def sigmoid(x):
+    # exp(-x) overflows to +inf below x ~ -88, and 1 / inf is exactly 0, as torch's.
     return 1.0 / (1.0 + tl.exp(-x))
 
 
@@ -28,13 +34,16 @@ def tanh(x):
 
 @triton.jit
 def clamp(x, limit):
-    return tl.minimum(tl.maximum(x, -limit), limit)
+    """torch.clamp(x, -limit, limit): NaN stays NaN (tl.minimum/maximum drop it by default)."""
+    return tl.minimum(tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def clamp_pass(x, limit):
-    """1 where torch.clamp(x, -limit, limit) lets the gradient through (bounds included)."""
-    return ((x >= -limit) & (x <= limit)).to(tl.float32)
+def clamp_backward(grad, x, limit):
+    """The gradient through torch.clamp(x, -limit, limit): `grad` where -limit <= x <= limit
+    (bounds included), else 0, also where `grad` is inf or NaN."""
+    return tl.where((x >= -limit) & (x <= limit), grad, 0.0)
 
 
 @triton.jit
@@ -93,7 +102,7 @@ def lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_cl
         grad_h = clamp(grad_h, state_clip)
     grad_proj = tl.where(valid, grad_h, 0.0)
     if PROJ_CLIP:
-        grad_proj = grad_proj * clamp_pass(h_raw, proj_clip)
+        grad_proj = clamp_backward(grad_proj, h_raw, proj_clip)
     return grad_proj, tl.where(valid, 0.0, grad_h)
 
 
@@ -107,7 +116,7 @@ def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, v
         grad_c = clamp(grad_c, state_clip)
     grad_c_raw = tl.where(valid, grad_c, 0.0)
     if CELL_CLIP:
-        grad_c_raw = grad_c_raw * clamp_pass(c_raw, cell_clip)
+        grad_c_raw = clamp_backward(grad_c_raw, c_raw, cell_clip)
     d_i = grad_c_raw * g * i * (1.0 - i)
     d_f = grad_c_raw * c_prev * f * (1.0 - f)
     d_g = grad_c_raw * i * (1.0 - g * g)

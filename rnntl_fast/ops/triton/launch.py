@@ -51,6 +51,17 @@ def float32_state(state: Optional[Tensor], batch: int, width: int, device) -> Te
     return state.float().contiguous()
 
 
+def without_padded_steps(tensor: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """`tensor` [T, B, N] with the steps past each row's length (`lengths` [B], any device)
+    replaced by zeros, so that what they hold (NaN, inf) enters no product; `tensor`
+    itself without lengths."""
+    if lengths is None:
+        return tensor
+    steps = torch.arange(tensor.shape[0], device=tensor.device).unsqueeze(1)  # [T, 1]
+    valid = (steps < lengths.to(tensor.device).unsqueeze(0)).unsqueeze(2)  # [T, B, 1]
+    return torch.where(valid, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
 def processing_order(steps: int, reverse: bool) -> List[int]:
     """The steps in the order the recurrence visits them."""
     return list(range(steps - 1, -1, -1)) if reverse else list(range(steps))

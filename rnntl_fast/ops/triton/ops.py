@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..autograd import gru_gradients_like, lstm_gradients_like, register_gru_autograd, register_lstm_autograd
 from . import sequence, step
-from .launch import GruReserve, LstmReserve, clip_switches, float32_state, previous_states, reserve
+from .launch import (GruReserve, LstmReserve, clip_switches, float32_state, previous_states, reserve,
+                     without_padded_steps)
 
 # The launchers of each strategy, by the name the ops take.
 _STRATEGIES = {"sequence": sequence, "step": step}
@@ -54,7 +55,9 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
     weight_hr: [P, H] or None; h0: [B, P] or None; c0: [B, H] or None; lengths: [B] CPU int64
     or None; limits: floats, 0 = off; strategy: "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 4
-    input_gates = F.linear(input, weight_ih, bias_ih).contiguous()
+    # Padded steps are zeroed first: what they hold must not reach the saved gates, whose
+    # products the backward forms at every step.
+    input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()
     # Always a bias pointer: a no-bias specialisation of the float32 LSTM sequence
     # kernel crashes LLVM's SLP vectorizer (triton 3.9.0, sm_90), and zeros cost nothing.
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(4 * hidden)
@@ -108,10 +111,11 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
     need_input, need_weight_ih, need_weight_hh, need_bias, need_weight_hr, need_h0, need_c0 = output_mask
     flat_grad_gates = grad_gates.reshape(steps * batch, 4 * hidden)
-    grad_input = (flat_grad_gates @ weight_ih.float()).reshape(steps, batch, features).to(dtype) \
-        if need_input else input.new_empty(0)
-    grad_weight_ih = (flat_grad_gates.t() @ input.reshape(steps * batch, features).float()).to(dtype) \
-        if need_weight_ih else input.new_empty(0)
+    # As in the forward, padded steps of the input take part in no product.
+    grad_input = without_padded_steps((flat_grad_gates @ weight_ih.float()).reshape(steps, batch, features),
+                                      lengths).to(dtype) if need_input else input.new_empty(0)
+    grad_weight_ih = (flat_grad_gates.t() @ without_padded_steps(input, lengths).reshape(steps * batch, features).float()
+                      ).to(dtype) if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = float32_state(h0, batch, out_size, input.device)
         h_before = previous_states(hidden_states, h_start, reverse).reshape(steps * batch, out_size)
@@ -153,7 +157,7 @@ def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
     h0: [B, H] or None; lengths: [B] CPU int64 or None; strategy: "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 3
-    input_gates = F.linear(input, weight_ih, bias_ih).contiguous()
+    input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()  # as for LSTM
     # Always a bias pointer, zeros when absent, as for LSTM: one kernel variant fewer.
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(3 * hidden)
     output, h_n, kept = _STRATEGIES[strategy].gru_forward(input_gates, weight_hh.contiguous(), bias_hh, h0,
@@ -195,10 +199,11 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
     need_input, need_weight_ih, need_weight_hh, need_bias_ih, need_bias_hh, need_h0 = output_mask
     flat_input_gates = grad_input_gates.reshape(steps * batch, 3 * hidden)
     flat_hidden_gates = grad_hidden_gates.reshape(steps * batch, 3 * hidden)
-    grad_input = (flat_input_gates @ weight_ih.float()).reshape(steps, batch, features).to(dtype) \
-        if need_input else input.new_empty(0)
-    grad_weight_ih = (flat_input_gates.t() @ input.reshape(steps * batch, features).float()).to(dtype) \
-        if need_weight_ih else input.new_empty(0)
+    # As in the forward, padded steps of the input take part in no product.
+    grad_input = without_padded_steps((flat_input_gates @ weight_ih.float()).reshape(steps, batch, features),
+                                      lengths).to(dtype) if need_input else input.new_empty(0)
+    grad_weight_ih = (flat_input_gates.t() @ without_padded_steps(input, lengths).reshape(steps * batch, features).float()
+                      ).to(dtype) if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = float32_state(h0, batch, hidden, input.device)
         h_before = previous_states(hidden_states, h_start, reverse).reshape(steps * batch, hidden)

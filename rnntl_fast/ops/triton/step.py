@@ -23,7 +23,8 @@ from .launch import (GruReserve, LstmReserve, clip_switches, empty_reserve, floa
 # ---------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"])
+@triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"],
+                 prune_configs_by=config.spill_free_pruning("lstm_forward_step"))
 @triton.jit
 def lstm_forward_step_kernel(
         input_gates_ptr,  # [B, 4H] this step's W_ih x_t + b_ih, input dtype
@@ -131,7 +132,8 @@ def lstm_projection_step_kernel(
         tl.store(hidden_pre_clip_ptr + offs, acc, mask=mask)
 
 
-@triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"])
+@triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"],
+                 prune_configs_by=config.spill_free_pruning("lstm_backward_hidden_step"))
 @triton.jit
 def lstm_backward_hidden_step_kernel(
         grad_output_ptr,  # [B, P] this step's dL/d output_t, input dtype
@@ -229,7 +231,8 @@ def lstm_backward_cell_step_kernel(
     tl.store(grad_c_carry_out_ptr + offs_h, grad_c_prev, mask=mask)
 
 
-@triton.autotune(configs=config.step_configs(), key=["batch", "hidden"])
+@triton.autotune(configs=config.step_configs(), key=["batch", "hidden"],
+                 prune_configs_by=config.spill_free_pruning("gru_forward_step"))
 @triton.jit
 def gru_forward_step_kernel(
         input_gates_ptr,  # [B, 3H] this step's W_ih x_t + b_ih, input dtype
