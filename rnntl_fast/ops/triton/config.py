@@ -127,10 +127,11 @@ def step_configs() -> List[triton.Config]:
 # rnntl_fast.ops.triton.resources --table, table in docs/triton.md); the autotuner is not
 # offered them. The float32 forward kernels hold 3-4 float32 gate accumulators and a W_hh
 # tile per gate, too many registers above 32x32.
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 STEP_TILES_THAT_SPILL = {
-    "lstm_forward_step": {torch.float32: {(64, 32), (32, 64), (64, 64)}},
+    "lstm_forward_step": {torch.float32: {(64, 32), (32, 64), (64, 64)}, **{t: {(32, 64)} for t in _HALF_TYPES}},
     "gru_forward_step": {torch.float32: {(64, 32), (32, 64), (64, 64)}},
-    "lstm_backward_hidden_step": {torch.float16: {(32, 32)}, torch.bfloat16: {(32, 32)}},
+    "lstm_backward_hidden_step": {t: {(32, 32)} for t in _HALF_TYPES},
 }
 
 
