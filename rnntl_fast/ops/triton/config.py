@@ -121,7 +121,6 @@ def step_configs() -> List[triton.Config]:
                             interpreter_config=triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
 
 
-
 # Autotune tiles (BLOCK_N, BLOCK_K) at which ptxas spills registers in a step kernel, by
 # kernel and weight dtype (sm_80 and sm_90, triton 3.9: python -m
 # rnntl_fast.ops.triton.resources --table, table in docs/triton.md); the autotuner is not
