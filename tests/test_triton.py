@@ -253,6 +253,61 @@ def test_inference_forward_matches_training_forward(cell, strategy):
         torch.testing.assert_close(value, training[name], rtol=0, atol=0)
 
 
+NONFINITE_CASES = [
+    Case("lstm", T=3, B=2, I=3, H=5, lengths=(3, 2)),
+    Case("gru", T=3, B=2, I=3, H=5, lengths=(3, 2), reverse=True),
+    Case("lstm", T=3, B=2, I=3, H=5, proj=3, cell_clip=0.3, proj_clip=0.2, grad_clip=0.05),
+    Case("gru", T=3, B=2, I=3, H=5, grad_clip=0.05, grad_clip_mode="gates"),
+]
+# (leaf, index, value): one entry of a leaf replaced by a non-finite value, at a valid step
+POISONS = [("input", (1, 0, 1), float("inf")), ("input", (1, 1, 0), float("nan")),
+           ("weight_ih", (2, 1), float("-inf"))]
+
+
+def _assert_same_nonfinite_pattern(name, fast, reference):
+    """NaN, +inf and -inf at the same places; the finite entries close."""
+    reference = reference.to(fast.dtype)
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        mismatch = (kind(fast) != kind(reference)).nonzero().tolist()
+        assert not mismatch, f"{name}: {kind.__name__} differs from the float64 reference at {mismatch[:5]}"
+    finite = torch.isfinite(reference)
+    torch.testing.assert_close(fast[finite], reference[finite], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=lambda p: f"{p[0]}{list(p[1])}={p[2]}")
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: c.id)
+def test_nonfinite_values_propagate_as_in_the_reference(case, poison, strategy):
+    """+-inf and NaN in the input or in weight_ih reach the outputs and every gradient
+    exactly where they reach them in the float64 reference (sigmoid(-inf) is 0, a NaN
+    gradient stays NaN through the clips), forward and backward."""
+    leaf, index, value = poison
+    tensors = make_tensors(case)
+    tensors[leaf] = tensors[leaf].clone()
+    tensors[leaf][index] = value
+    reference64 = run(case, tensors, torch.float64, "reference")
+    fast = run(case, tensors, torch.float32, "triton")
+    assert any(not torch.isfinite(v).all() for v in reference64.values() if v is not None), "poison reached nothing"
+    for name, expected in reference64.items():
+        if expected is not None:
+            _assert_same_nonfinite_pattern(name, fast[name], expected)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_nonfinite_input_past_the_lengths_reaches_nothing(cell, strategy):
+    """Steps past a row's length are padding: NaN and inf there change no output and no
+    gradient (they never enter a product), as in the reference and torch.nn."""
+    case = Case(cell, T=4, B=3, I=3, H=5, lengths=(2, 4, 1), reverse=cell == "gru")
+    tensors = make_tensors(case)
+    clean = run(case, tensors, torch.float32, "triton")
+    tensors["input"] = tensors["input"].clone()
+    tensors["input"][2:, 0] = float("nan")
+    tensors["input"][1:, 2] = float("inf")
+    poisoned = run(case, tensors, torch.float32, "triton")
+    for name, value in clean.items():
+        if value is not None:
+            torch.testing.assert_close(poisoned[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_float64_is_rejected_with_a_clear_error():
     x = torch.randn(2, 1, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="supports float32, float16 and bfloat16"):

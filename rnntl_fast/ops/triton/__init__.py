@@ -17,8 +17,7 @@ from torch import Tensor
 from ..autograd import needs_grad
 from ..options import SequenceOptions
 from . import config
-from .gru import triton_gru_backward, triton_gru_forward
-from .lstm import triton_lstm_backward, triton_lstm_forward
+from .ops import triton_gru_backward, triton_gru_forward, triton_lstm_backward, triton_lstm_forward
 
 
 def _check_dtype(input: Tensor) -> None:

@@ -103,12 +103,47 @@ def dot_dtype(dtype: torch.dtype):
     return _DOT_DTYPES[dtype]
 
 
-def step_configs() -> List[triton.Config]:
-    """Tiles of the per-step kernels: BLOCK_N output columns per program, BLOCK_K of the
-    reduction per iteration."""
-    return autotune_configs([
+def compiled_step_configs() -> List[triton.Config]:
+    """Tiles of the per-step kernels when compiled: BLOCK_N output columns per program,
+    BLOCK_K of the reduction per iteration."""
+    return [
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8),
-    ], interpreter_config=triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
+    ]
+
+
+def step_configs() -> List[triton.Config]:
+    """The autotune list of the per-step kernels: compiled_step_configs(), or under the
+    interpreter one 16x16 tile."""
+    return autotune_configs(compiled_step_configs(),
+                            interpreter_config=triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
+
+
+# Autotune tiles (BLOCK_N, BLOCK_K) at which ptxas spills registers in a step kernel, by
+# kernel and weight dtype (sm_80 and sm_90, triton 3.9: python -m
+# rnntl_fast.ops.triton.resources --table, table in docs/triton.md); the autotuner is not
+# offered them. The float32 forward kernels hold 3-4 float32 gate accumulators and a W_hh
+# tile per gate, too many registers above 32x32.
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+STEP_TILES_THAT_SPILL = {
+    "lstm_forward_step": {torch.float32: {(64, 32), (32, 64), (64, 64)}, **{t: {(32, 64)} for t in _HALF_TYPES}},
+    "gru_forward_step": {torch.float32: {(64, 32), (32, 64), (64, 64)}},
+    "lstm_backward_hidden_step": {t: {(32, 32)} for t in _HALF_TYPES},
+}
+
+
+def spill_free_step_configs(kernel: str, configs: List[triton.Config], dtype: torch.dtype) -> List[triton.Config]:
+    """The tiles of `configs` that step kernel `kernel` (its name without "_kernel") may take
+    with weights in `dtype`."""
+    spilling = STEP_TILES_THAT_SPILL.get(kernel, {}).get(dtype, set())
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in spilling]
+
+
+def spill_free_pruning(kernel: str) -> dict:
+    """triton.autotune's prune_configs_by for step kernel `kernel`: keeps the tiles
+    spill_free_step_configs allows for the dtype of its weight_hh argument."""
+    def prune(configs, named_args, **_kwargs):
+        return spill_free_step_configs(kernel, configs, named_args["weight_hh_ptr"].dtype)
+    return {"early_config_prune": prune}

@@ -1,0 +1,167 @@
+"""Cell math of the Triton kernels, shared by both strategies: element-wise helpers and the
+LSTM / GRU cell forward and backward on [BLOCK_B, N] tiles (float32 in, float32 out).
+
+The formulas are those of rnntl_fast.ops.reference (docs/semantics.md); each strategy
+(sequence.py, step.py) only loads the operands and stores the results.
+
+Non-finite values propagate as in torch: sigmoid(-inf) is exactly 0 and tanh(+-inf) exactly
++-1 (so their derivatives are exactly 0 there), a clamp keeps NaN, and a clamp's backward
+selects (never multiplies) the gradient, so an inf gradient outside the bounds becomes 0,
+not NaN.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid(x):
+    # exp(-x) overflows to +inf below x ~ -88, and 1 / inf is exactly 0, as torch's.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # (1 - e) / (1 + e) with e = exp(-2|x|) never overflows, but loses relative accuracy
+    # near 0 where 1 - e cancels; a short odd series (error < 2e-10 below 0.125) takes over.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    near = ax * (1.0 + x2 * (-0.333333333333 + x2 * (0.133333333333 + x2 * -0.0539682539683)))
+    magnitude = tl.where(ax < 0.125, near, far)
+    return tl.where(x < 0.0, -magnitude, magnitude)
+
+
+@triton.jit
+def clamp(x, limit):
+    """torch.clamp(x, -limit, limit): NaN stays NaN (tl.minimum/maximum drop it by default)."""
+    return tl.minimum(tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def clamp_backward(grad, x, limit):
+    """The gradient through torch.clamp(x, -limit, limit): `grad` where -limit <= x <= limit
+    (bounds included), else 0, also where `grad` is inf or NaN."""
+    return tl.where((x >= -limit) & (x <= limit), grad, 0.0)
+
+
+@triton.jit
+def rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS: tl.constexpr):
+    """[BLOCK_B, 1] mask: row exists and step < lengths[row] (every step without lengths).
+
+    lengths_ptr: [B] int64."""
+    if HAS_LENGTHS:
+        row_lengths = tl.load(lengths_ptr + rows, mask=rows < batch, other=0)
+        valid = (rows < batch) & (row_lengths > step)
+    else:
+        valid = rows < batch
+    return valid[:, None]
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM cell
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def lstm_cell_forward(a_i, a_f, a_g, a_o, c_prev, valid, cell_clip, CELL_CLIP: tl.constexpr):
+    """Gate pre-activations [BB, BH] -> activations, c_t before clip, carried c_t, m = o*tanh(c_t)."""
+    i = sigmoid(a_i)
+    f = sigmoid(a_f)
+    g = tanh(a_g)
+    o = sigmoid(a_o)
+    c_raw = f * c_prev + i * g
+    if CELL_CLIP:
+        c_new = clamp(c_raw, cell_clip)
+    else:
+        c_new = c_raw
+    c_new = tl.where(valid, c_new, c_prev)
+    m = o * tanh(c_new)
+    return i, f, g, o, c_raw, c_new, m
+
+
+@triton.jit
+def lstm_hidden_forward(h_raw, h_prev, valid, proj_clip, PROJ_CLIP: tl.constexpr):
+    """W_hr m (or m) -> carried h_t and the output (0 past a row's length)."""
+    if PROJ_CLIP:
+        h_new = clamp(h_raw, proj_clip)
+    else:
+        h_new = h_raw
+    h_new = tl.where(valid, h_new, h_prev)
+    return h_new, tl.where(valid, h_new, 0.0)
+
+
+@triton.jit
+def lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_clip, PROJ_CLIP: tl.constexpr,
+                          STATE_CLIP: tl.constexpr):
+    """Total dL/dh_t (clipped in "state" mode) -> (gradient of W_hr m_t, the part passed
+    straight to h_{t-1} where the row is past its length)."""
+    grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
+    if STATE_CLIP:
+        grad_h = clamp(grad_h, state_clip)
+    grad_proj = tl.where(valid, grad_h, 0.0)
+    if PROJ_CLIP:
+        grad_proj = clamp_backward(grad_proj, h_raw, proj_clip)
+    return grad_proj, tl.where(valid, 0.0, grad_h)
+
+
+@triton.jit
+def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip,
+                        CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr):
+    """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}."""
+    tanh_c = tanh(c_new)
+    grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
+    if STATE_CLIP:
+        grad_c = clamp(grad_c, state_clip)
+    grad_c_raw = tl.where(valid, grad_c, 0.0)
+    if CELL_CLIP:
+        grad_c_raw = clamp_backward(grad_c_raw, c_raw, cell_clip)
+    d_i = grad_c_raw * g * i * (1.0 - i)
+    d_f = grad_c_raw * c_prev * f * (1.0 - f)
+    d_g = grad_c_raw * i * (1.0 - g * g)
+    d_o = grad_m * tanh_c * o * (1.0 - o)
+    if GATE_CLIP:
+        d_i = clamp(d_i, gate_clip)
+        d_f = clamp(d_f, gate_clip)
+        d_g = clamp(d_g, gate_clip)
+        d_o = clamp(d_o, gate_clip)
+    grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
+    return d_i, d_f, d_g, d_o, grad_c_prev
+
+
+# ---------------------------------------------------------------------------------------
+# GRU cell ("reset after", as torch.nn)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, valid):
+    """Input-side and hidden-side gate sums [BB, BH] -> r, z, n, carried h_t, output."""
+    r = sigmoid(x_r + hh_r)
+    z = sigmoid(x_z + hh_z)
+    n = tanh(x_n + r * hh_n)
+    h_new = (1.0 - z) * n + z * h_prev
+    h_new = tl.where(valid, h_new, h_prev)
+    return r, z, n, h_new, tl.where(valid, h_new, 0.0)
+
+
+@triton.jit
+def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_clip, gate_clip, STATE_CLIP: tl.constexpr,
+                       GATE_CLIP: tl.constexpr):
+    """dL/dh_t from step t+1 and from output_t -> gate gradients and the part of dL/dh_{t-1}
+    that does not go through W_hh."""
+    grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
+    if STATE_CLIP:
+        grad_h = clamp(grad_h, state_clip)
+    grad_step = tl.where(valid, grad_h, 0.0)
+    d_n = grad_step * (1.0 - z) * (1.0 - n * n)
+    if GATE_CLIP:
+        d_n = clamp(d_n, gate_clip)
+    d_r = d_n * hh_n * r * (1.0 - r)
+    d_z = grad_step * (h_prev - n) * z * (1.0 - z)
+    if GATE_CLIP:
+        d_r = clamp(d_r, gate_clip)
+        d_z = clamp(d_z, gate_clip)
+    grad_keep = tl.where(valid, grad_h * z, grad_h)
+    return d_r, d_z, d_n, d_n * r, grad_keep

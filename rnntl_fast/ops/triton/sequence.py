@@ -1,0 +1,489 @@
+"""Strategy "sequence": the whole recurrence in one launch (docs/triton.md).
+
+A program owns BLOCK_B batch rows and the full state of those rows, keeps W_hh (and W_hr)
+on chip for every step and walks the steps in its own loop; chosen for small hidden sizes
+(config.choose_strategy). Shapes: T steps, B batch rows, H cells, P outputs (P = H without
+a projection). Kernels take contiguous tensors and compute in float32.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import config
+from .cell_math import (gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward,
+                        lstm_hidden_backward, lstm_hidden_forward, rows_valid)
+from .launch import GruReserve, LstmReserve, clip_switches, or_placeholder, reserve
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def lstm_forward_sequence_kernel(
+        input_gates_ptr,  # [T, B, 4H] W_ih x_t + b_ih, input dtype
+        weight_hh_ptr,  # [4H, P]
+        bias_hh_ptr,  # [4H] (zeros when the layer has no bias)
+        weight_hr_ptr,  # [P, H] (HAS_PROJ)
+        h0_ptr,  # [B, P] (HAS_H0)
+        c0_ptr,  # [B, H] (HAS_C0)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        output_ptr,  # [T, B, P] input dtype
+        h_n_ptr,  # [B, P] input dtype
+        c_n_ptr,  # [B, H] input dtype
+        gates_ptr, cells_ptr, hidden_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # reserve (SAVE), see module doc
+        steps, batch, hidden, out_size, cell_clip, proj_clip,
+        HAS_PROJ: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr,
+        SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols_h = tl.arange(0, BLOCK_H)
+    cols_p = tl.arange(0, BLOCK_P)
+    mask_h = (rows < batch)[:, None] & (cols_h < hidden)[None, :]
+    mask_p = (rows < batch)[:, None] & (cols_p < out_size)[None, :]
+    offs_h = rows[:, None] * hidden + cols_h[None, :]
+    offs_p = rows[:, None] * out_size + cols_p[None, :]
+    offs_4h = rows[:, None] * (4 * hidden) + cols_h[None, :]
+
+    # W_hh^T of each gate, [BLOCK_P, BLOCK_H]: loaded once, reused by every step.
+    w_mask = (cols_p < out_size)[:, None] & (cols_h < hidden)[None, :]
+    w_ptrs = weight_hh_ptr + cols_h[None, :] * out_size + cols_p[:, None]
+    w_i = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_f = tl.load(w_ptrs + hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_g = tl.load(w_ptrs + 2 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_o = tl.load(w_ptrs + 3 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    b_mask = cols_h < hidden
+    b_i = tl.load(bias_hh_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_f = tl.load(bias_hh_ptr + hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_g = tl.load(bias_hh_ptr + 2 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    b_o = tl.load(bias_hh_ptr + 3 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_PROJ:
+        # W_hr^T, [BLOCK_H, BLOCK_P]
+        w_hr = tl.load(weight_hr_ptr + cols_p[None, :] * hidden + cols_h[:, None],
+                       mask=(cols_h < hidden)[:, None] & (cols_p < out_size)[None, :], other=0.0).to(DOT_DTYPE)
+
+    if HAS_H0:
+        h = tl.load(h0_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    if HAS_C0:
+        c = tl.load(c0_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        c = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+
+    for k in range(steps):
+        if REVERSE:
+            t = steps - 1 - k
+        else:
+            t = k
+        x_ptrs = input_gates_ptr + t * batch * 4 * hidden + offs_4h
+        h_dot = h.to(DOT_DTYPE)
+        a_i = tl.load(x_ptrs, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(h_dot, w_i, input_precision="ieee")
+        a_f = tl.load(x_ptrs + hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
+            h_dot, w_f, input_precision="ieee")
+        a_g = tl.load(x_ptrs + 2 * hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
+            h_dot, w_g, input_precision="ieee")
+        a_o = tl.load(x_ptrs + 3 * hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
+            h_dot, w_o, input_precision="ieee")
+        a_i += b_i
+        a_f += b_f
+        a_g += b_g
+        a_o += b_o
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        i, f, g, o, c_raw, c_new, m = lstm_cell_forward(a_i, a_f, a_g, a_o, c, valid, cell_clip, CELL_CLIP)
+        if HAS_PROJ:
+            h_raw = tl.dot(m.to(DOT_DTYPE), w_hr, input_precision="ieee")
+        else:
+            h_raw = m
+        h_new, out = lstm_hidden_forward(h_raw, h, valid, proj_clip, PROJ_CLIP)
+        tl.store(output_ptr + t * batch * out_size + offs_p, out.to(output_ptr.dtype.element_ty), mask=mask_p)
+        if SAVE:
+            g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
+            tl.store(g_ptrs, i, mask=mask_h)
+            tl.store(g_ptrs + hidden, f, mask=mask_h)
+            tl.store(g_ptrs + 2 * hidden, g, mask=mask_h)
+            tl.store(g_ptrs + 3 * hidden, o, mask=mask_h)
+            tl.store(cells_ptr + t * batch * hidden + offs_h, c_new, mask=mask_h)
+            tl.store(hidden_ptr + t * batch * out_size + offs_p, h_new, mask=mask_p)
+            if CELL_CLIP:
+                tl.store(cell_pre_clip_ptr + t * batch * hidden + offs_h, c_raw, mask=mask_h)
+            if PROJ_CLIP:
+                tl.store(hidden_pre_clip_ptr + t * batch * out_size + offs_p, h_raw, mask=mask_p)
+        h = h_new
+        c = c_new
+    tl.store(h_n_ptr + offs_p, h.to(h_n_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(c_n_ptr + offs_h, c.to(c_n_ptr.dtype.element_ty), mask=mask_h)
+
+
+@triton.jit
+def lstm_backward_sequence_kernel(
+        grad_output_ptr,  # [T, B, P] input dtype
+        grad_h_n_ptr,  # [B, P] input dtype
+        grad_c_n_ptr,  # [B, H] input dtype
+        weight_hh_ptr,  # [4H, P]
+        weight_hr_ptr,  # [P, H] (HAS_PROJ)
+        c0_ptr,  # [B, H] (HAS_C0)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        gates_ptr, cells_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # forward reserve, float32
+        grad_gates_ptr,  # out [T, B, 4H] float32: dL/da_t
+        grad_proj_ptr,  # out [T, B, P] float32: dL/d(W_hr m_t) (HAS_PROJ)
+        grad_h0_ptr,  # out [B, P] float32
+        grad_c0_ptr,  # out [B, H] float32
+        steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
+        HAS_PROJ: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+        CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols_h = tl.arange(0, BLOCK_H)
+    cols_p = tl.arange(0, BLOCK_P)
+    mask_h = (rows < batch)[:, None] & (cols_h < hidden)[None, :]
+    mask_p = (rows < batch)[:, None] & (cols_p < out_size)[None, :]
+    offs_h = rows[:, None] * hidden + cols_h[None, :]
+    offs_p = rows[:, None] * out_size + cols_p[None, :]
+    offs_4h = rows[:, None] * (4 * hidden) + cols_h[None, :]
+
+    # W_hh of each gate as stored, [BLOCK_H, BLOCK_P]: da_t @ W_hh is dL/dh_{t-1}.
+    w_mask = (cols_h < hidden)[:, None] & (cols_p < out_size)[None, :]
+    w_ptrs = weight_hh_ptr + cols_h[:, None] * out_size + cols_p[None, :]
+    w_i = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_f = tl.load(w_ptrs + hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_g = tl.load(w_ptrs + 2 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_o = tl.load(w_ptrs + 3 * hidden * out_size, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    if HAS_PROJ:
+        # W_hr as stored, [BLOCK_P, BLOCK_H]
+        w_hr = tl.load(weight_hr_ptr + cols_p[:, None] * hidden + cols_h[None, :],
+                       mask=(cols_p < out_size)[:, None] & (cols_h < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+
+    grad_h_carry = tl.load(grad_h_n_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    grad_c_carry = tl.load(grad_c_n_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    for k in range(steps):
+        # walk the forward order backwards; t_prev is the step processed just before t
+        if REVERSE:
+            t = k
+            t_prev = k + 1
+        else:
+            t = steps - 1 - k
+            t_prev = t - 1
+        # [1, 1] tensors (not scalars) so that they combine with the [BB, BH] masks
+        has_prev = tl.full((1, 1), k, tl.int32) < steps - 1
+        is_first = tl.full((1, 1), k, tl.int32) == steps - 1
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        grad_out = tl.load(grad_output_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if PROJ_CLIP:
+            h_raw = tl.load(hidden_pre_clip_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0)
+        else:
+            h_raw = grad_out  # unused
+        grad_proj, grad_h_keep = lstm_hidden_backward(grad_h_carry, grad_out, h_raw, valid, proj_clip, state_clip,
+                                                       PROJ_CLIP, STATE_CLIP)
+        if HAS_PROJ:
+            tl.store(grad_proj_ptr + t * batch * out_size + offs_p, grad_proj, mask=mask_p)
+            grad_m = tl.dot(grad_proj.to(DOT_DTYPE), w_hr, input_precision="ieee")
+        else:
+            grad_m = grad_proj
+
+        g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
+        i = tl.load(g_ptrs, mask=mask_h, other=0.0)
+        f = tl.load(g_ptrs + hidden, mask=mask_h, other=0.0)
+        g = tl.load(g_ptrs + 2 * hidden, mask=mask_h, other=0.0)
+        o = tl.load(g_ptrs + 3 * hidden, mask=mask_h, other=0.0)
+        c_new = tl.load(cells_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
+        c_prev = tl.load(cells_ptr + t_prev * batch * hidden + offs_h, mask=mask_h & has_prev, other=0.0)
+        if HAS_C0:
+            c_prev += tl.load(c0_ptr + offs_h, mask=mask_h & is_first, other=0.0).to(tl.float32)
+        if CELL_CLIP:
+            c_raw = tl.load(cell_pre_clip_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
+        else:
+            c_raw = c_new  # unused
+        d_i, d_f, d_g, d_o, grad_c_carry = lstm_cell_backward(
+            grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip, CELL_CLIP,
+            STATE_CLIP, GATE_CLIP)
+        d_ptrs = grad_gates_ptr + t * batch * 4 * hidden + offs_4h
+        tl.store(d_ptrs, d_i, mask=mask_h)
+        tl.store(d_ptrs + hidden, d_f, mask=mask_h)
+        tl.store(d_ptrs + 2 * hidden, d_g, mask=mask_h)
+        tl.store(d_ptrs + 3 * hidden, d_o, mask=mask_h)
+        grad_h_carry = grad_h_keep + tl.dot(d_i.to(DOT_DTYPE), w_i, input_precision="ieee")
+        grad_h_carry += tl.dot(d_f.to(DOT_DTYPE), w_f, input_precision="ieee")
+        grad_h_carry += tl.dot(d_g.to(DOT_DTYPE), w_g, input_precision="ieee")
+        grad_h_carry += tl.dot(d_o.to(DOT_DTYPE), w_o, input_precision="ieee")
+    tl.store(grad_h0_ptr + offs_p, grad_h_carry, mask=mask_p)
+    tl.store(grad_c0_ptr + offs_h, grad_c_carry, mask=mask_h)
+
+
+@triton.jit
+def gru_forward_sequence_kernel(
+        input_gates_ptr,  # [T, B, 3H] W_ih x_t + b_ih, input dtype
+        weight_hh_ptr,  # [3H, H]
+        bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
+        h0_ptr,  # [B, H] (HAS_H0)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        output_ptr,  # [T, B, H] input dtype
+        h_n_ptr,  # [B, H] input dtype
+        gates_ptr, hidden_ptr,  # reserve (SAVE), see module doc
+        steps, batch, hidden,
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+        SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    offs = rows[:, None] * hidden + cols[None, :]
+    offs_3h = rows[:, None] * (3 * hidden) + cols[None, :]
+    offs_4h = rows[:, None] * (4 * hidden) + cols[None, :]
+
+    # W_hh^T of each gate, [BLOCK_H (k), BLOCK_H (j)], loaded once for all steps.
+    w_mask = (cols < hidden)[:, None] & (cols < hidden)[None, :]
+    w_ptrs = weight_hh_ptr + cols[None, :] * hidden + cols[:, None]
+    w_r = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_z = tl.load(w_ptrs + hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_n = tl.load(w_ptrs + 2 * hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    b_r = tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    b_z = tl.load(bias_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    b_n = tl.load(bias_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+
+    for k in range(steps):
+        if REVERSE:
+            t = steps - 1 - k
+        else:
+            t = k
+        h_dot = h.to(DOT_DTYPE)
+        hh_r = tl.dot(h_dot, w_r, input_precision="ieee")
+        hh_z = tl.dot(h_dot, w_z, input_precision="ieee")
+        hh_n = tl.dot(h_dot, w_n, input_precision="ieee")
+        hh_r += b_r
+        hh_z += b_z
+        hh_n += b_n
+        x_ptrs = input_gates_ptr + t * batch * 3 * hidden + offs_3h
+        x_r = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_z = tl.load(x_ptrs + hidden, mask=mask, other=0.0).to(tl.float32)
+        x_n = tl.load(x_ptrs + 2 * hidden, mask=mask, other=0.0).to(tl.float32)
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        r, z, n, h_new, out = gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h, valid)
+        tl.store(output_ptr + t * batch * hidden + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
+            tl.store(g_ptrs, r, mask=mask)
+            tl.store(g_ptrs + hidden, z, mask=mask)
+            tl.store(g_ptrs + 2 * hidden, n, mask=mask)
+            tl.store(g_ptrs + 3 * hidden, hh_n, mask=mask)
+            tl.store(hidden_ptr + t * batch * hidden + offs, h_new, mask=mask)
+        h = h_new
+    tl.store(h_n_ptr + offs, h.to(h_n_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gru_backward_sequence_kernel(
+        grad_output_ptr,  # [T, B, H] input dtype
+        grad_h_n_ptr,  # [B, H] input dtype
+        weight_hh_ptr,  # [3H, H]
+        h0_ptr,  # [B, H] (HAS_H0)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        gates_ptr, hidden_ptr,  # forward reserve, float32
+        grad_input_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, dL/da_n
+        grad_hidden_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, r * dL/da_n
+        grad_h0_ptr,  # out [B, H] float32
+        steps, batch, hidden, state_clip, gate_clip,
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STATE_CLIP: tl.constexpr,
+        GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    offs = rows[:, None] * hidden + cols[None, :]
+    offs_3h = rows[:, None] * (3 * hidden) + cols[None, :]
+    offs_4h = rows[:, None] * (4 * hidden) + cols[None, :]
+
+    # W_hh of each gate as stored, [BLOCK_H (j), BLOCK_H (k)]: d @ W_hh is dL/dh_{t-1}.
+    w_mask = (cols < hidden)[:, None] & (cols < hidden)[None, :]
+    w_ptrs = weight_hh_ptr + cols[:, None] * hidden + cols[None, :]
+    w_r = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_z = tl.load(w_ptrs + hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_n = tl.load(w_ptrs + 2 * hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
+
+    grad_carry = tl.load(grad_h_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for k in range(steps):
+        if REVERSE:
+            t = k
+            t_prev = k + 1
+        else:
+            t = steps - 1 - k
+            t_prev = t - 1
+        # [1, 1] tensors (not scalars) so that they combine with the [BB, BH] masks
+        has_prev = tl.full((1, 1), k, tl.int32) < steps - 1
+        is_first = tl.full((1, 1), k, tl.int32) == steps - 1
+        h_prev = tl.load(hidden_ptr + t_prev * batch * hidden + offs, mask=mask & has_prev, other=0.0)
+        if HAS_H0:
+            h_prev += tl.load(h0_ptr + offs, mask=mask & is_first, other=0.0).to(tl.float32)
+        g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
+        r = tl.load(g_ptrs, mask=mask, other=0.0)
+        z = tl.load(g_ptrs + hidden, mask=mask, other=0.0)
+        n = tl.load(g_ptrs + 2 * hidden, mask=mask, other=0.0)
+        hh_n = tl.load(g_ptrs + 3 * hidden, mask=mask, other=0.0)
+        grad_out = tl.load(grad_output_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid,
+                                                              state_clip, gate_clip, STATE_CLIP, GATE_CLIP)
+        x_ptrs = grad_input_gates_ptr + t * batch * 3 * hidden + offs_3h
+        tl.store(x_ptrs, d_r, mask=mask)
+        tl.store(x_ptrs + hidden, d_z, mask=mask)
+        tl.store(x_ptrs + 2 * hidden, d_n, mask=mask)
+        hg_ptrs = grad_hidden_gates_ptr + t * batch * 3 * hidden + offs_3h
+        tl.store(hg_ptrs, d_r, mask=mask)
+        tl.store(hg_ptrs + hidden, d_z, mask=mask)
+        tl.store(hg_ptrs + 2 * hidden, d_hh_n, mask=mask)
+        grad_carry = grad_keep + tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
+        grad_carry += tl.dot(d_z.to(DOT_DTYPE), w_z, input_precision="ieee")
+        grad_carry += tl.dot(d_hh_n.to(DOT_DTYPE), w_n, input_precision="ieee")
+    tl.store(grad_h0_ptr + offs, grad_carry, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+
+def _grid(batch: int) -> Tuple[int]:
+    return (triton.cdiv(batch, config.BLOCK_B),)
+
+
+def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
+                 h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+                 cell_clip: float, proj_clip: float, save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
+    """LSTM forward in one launch.
+
+    Args:
+        input_gates: [T, B, 4H] W_ih x_t + b_ih, contiguous, in the input dtype
+        weight_hh: [4H, P] contiguous; bias_hh: [4H] (zeros for a layer without bias)
+        weight_hr: [P, H] contiguous, or None (then P = H)
+        h0: [B, P] or None; c0: [B, H] or None; lengths: [B] int64 on the device, or None
+        cell_clip, proj_clip: limits, 0 = off; save: keep the reserve for the backward
+    Returns:
+        output [T, B, P], h_n [B, P], c_n [B, H] in the input dtype, and the reserve.
+    """
+    steps, batch, _ = input_gates.shape
+    hidden = input_gates.shape[2] // 4
+    out_size = weight_hh.shape[1]
+    device, dtype = input_gates.device, input_gates.dtype
+    switches = clip_switches(cell_clip=cell_clip, proj_clip=proj_clip)
+    kept = LstmReserve(gates=reserve(save, steps, batch, 4 * hidden, device=device),
+                       cells=reserve(save, steps, batch, hidden, device=device),
+                       hidden_states=reserve(save, steps, batch, out_size, device=device),
+                       cell_pre_clip=reserve(save and switches["CELL_CLIP"], steps, batch, hidden, device=device),
+                       hidden_pre_clip=reserve(save and switches["PROJ_CLIP"], steps, batch, out_size, device=device))
+    output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
+    h_n = torch.empty(batch, out_size, device=device, dtype=dtype)
+    c_n = torch.empty(batch, hidden, device=device, dtype=dtype)
+    unused = input_gates  # fills the pointer slots of absent tensors (never read)
+    lstm_forward_sequence_kernel[_grid(batch)](
+        input_gates, weight_hh, bias_hh, or_placeholder(weight_hr, unused),
+        or_placeholder(h0, unused).contiguous(), or_placeholder(c0, unused).contiguous(),
+        or_placeholder(lengths, unused), output, h_n, c_n,
+        *(tensor if tensor.numel() else unused for tensor in kept),
+        steps, batch, hidden, out_size, cell_clip, proj_clip,
+        HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
+        HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), **switches, SAVE=save,
+        DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
+        BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
+    return output, h_n, c_n, kept
+
+
+def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
+                  weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], kept: LstmReserve,
+                  reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
+                  gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """LSTM backward recurrence in one launch, from the forward's reserve.
+
+    Args:
+        grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], contiguous, in the input dtype
+        weight_hh: [4H, P] contiguous; weight_hr: [P, H] contiguous or None
+        c0: [B, H] or None; lengths: [B] int64 on the device, or None
+        kept: the forward's reserve; limits: as the forward, state_clip and gate_clip 0 = off
+    Returns:
+        dL/da [T, B, 4H] (gate pre-activations), dL/d(W_hr m) [T, B, P] (None without a
+        projection), dL/dh0 [B, P], dL/dc0 [B, H], all float32.
+    """
+    steps, batch, out_size = grad_output.shape
+    hidden = kept.cells.shape[2]
+    device = grad_output.device
+    f32 = dict(device=device, dtype=torch.float32)
+    grad_gates = torch.empty(steps, batch, 4 * hidden, **f32)
+    grad_proj = torch.empty(steps, batch, out_size, **f32) if weight_hr is not None else None
+    grad_h0 = torch.empty(batch, out_size, **f32)
+    grad_c0 = torch.empty(batch, hidden, **f32)
+    switches = clip_switches(cell_clip=cell_clip, proj_clip=proj_clip, state_clip=state_clip, gate_clip=gate_clip)
+    unused = kept.gates  # fills the pointer slots of absent tensors (never read)
+    lstm_backward_sequence_kernel[_grid(batch)](
+        grad_output, grad_h_n, grad_c_n, weight_hh, or_placeholder(weight_hr, unused),
+        or_placeholder(c0, unused).contiguous(), or_placeholder(lengths, unused),
+        kept.gates, kept.cells, or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
+        or_placeholder(kept.hidden_pre_clip if switches["PROJ_CLIP"] else None, unused),
+        grad_gates, or_placeholder(grad_proj, unused), grad_h0, grad_c0,
+        steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
+        HAS_PROJ=weight_hr is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+        REVERSE=bool(reverse), **switches, DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B,
+        BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
+    return grad_gates, grad_proj, grad_h0, grad_c0
+
+
+def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
+                lengths: Optional[Tensor], reverse: bool, save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
+    """GRU forward in one launch.
+
+    Args:
+        input_gates: [T, B, 3H] W_ih x_t + b_ih, contiguous, in the input dtype
+        weight_hh: [3H, H] contiguous; bias_hh: [3H] (zeros for a layer without bias)
+        h0: [B, H] or None; lengths: [B] int64 on the device, or None; save: keep the reserve
+    Returns:
+        output [T, B, H], h_n [B, H] in the input dtype, and the reserve.
+    """
+    steps, batch, _ = input_gates.shape
+    hidden = input_gates.shape[2] // 3
+    device, dtype = input_gates.device, input_gates.dtype
+    kept = GruReserve(gates=reserve(save, steps, batch, 4 * hidden, device=device),
+                      hidden_states=reserve(save, steps, batch, hidden, device=device))
+    output = torch.empty(steps, batch, hidden, device=device, dtype=dtype)
+    h_n = torch.empty(batch, hidden, device=device, dtype=dtype)
+    unused = input_gates  # fills the pointer slots of absent tensors (never read)
+    gru_forward_sequence_kernel[_grid(batch)](
+        input_gates, weight_hh, bias_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
+        output, h_n, *(tensor if tensor.numel() else unused for tensor in kept),
+        steps, batch, hidden,
+        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), SAVE=save,
+        DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
+        num_warps=config.sequence_num_warps())
+    return output, h_n, kept
+
+
+def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
+                 lengths: Optional[Tensor], kept: GruReserve, reverse: bool, state_clip: float,
+                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """GRU backward recurrence in one launch, from the forward's reserve.
+
+    Args:
+        grad_output: [T, B, H], grad_h_n: [B, H], contiguous, in the input dtype
+        weight_hh: [3H, H] contiguous; h0: [B, H] or None; lengths: [B] int64 on the device, or None
+        kept: the forward's reserve; state_clip, gate_clip: limits, 0 = off
+    Returns:
+        the input-side gate gradients [T, B, 3H] (dL/da_r, dL/da_z, dL/da_n), the hidden-side
+        ones [T, B, 3H] (dL/da_r, dL/da_z, r * dL/da_n) and dL/dh0 [B, H], all float32.
+    """
+    steps, batch, hidden = grad_output.shape
+    f32 = dict(device=grad_output.device, dtype=torch.float32)
+    grad_input_gates = torch.empty(steps, batch, 3 * hidden, **f32)
+    grad_hidden_gates = torch.empty(steps, batch, 3 * hidden, **f32)
+    grad_h0 = torch.empty(batch, hidden, **f32)
+    unused = kept.gates  # fills the pointer slots of absent tensors (never read)
+    gru_backward_sequence_kernel[_grid(batch)](
+        grad_output, grad_h_n, weight_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
+        kept.gates, kept.hidden_states, grad_input_gates, grad_hidden_gates, grad_h0,
+        steps, batch, hidden, state_clip, gate_clip,
+        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+        **clip_switches(state_clip=state_clip, gate_clip=gate_clip), DOT_DTYPE=config.dot_dtype(grad_output.dtype),
+        BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
+    return grad_input_gates, grad_hidden_gates, grad_h0
