@@ -10,7 +10,6 @@ errors (argument types in rnntl_fast.cli_types), and during the run CommandLineE
 the data and pretrained-file readers' errors, or SystemExit with a message."""
 import argparse
 import importlib
-import os
 import sys
 
 # subcommand -> (module, help)

@@ -90,22 +90,6 @@ def test_finetune_cli_repeats_seeds_on_a_labelled_subset(tiny_data, tmp_path):
     assert any(not torch.equal(first[key], second[key]) for key in first)
 
 
-def test_finetune_cli_rejects_bad_counts(tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
-        main(tiny_args(tiny_data, tmp_path / "a", "--repeats", "0"))
-    with pytest.raises(SystemExit, match="--labelled-size must be >= 0"):
-        main(tiny_args(tiny_data, tmp_path / "b", "--labelled-size", "-3"))
-
-
-def test_finetune_cli_reports_bad_rows(tiny_data, tmp_path):
-    bad = tmp_path / "bad.csv"
-    bad.write_text("review,sentiment\nfine film,pos\nodd film,meh\n")
-    from rnntl_fast.transfer.data import DataError
-    with pytest.raises(DataError, match=r"bad\.csv: line 3: unknown label 'meh'"):
-        main(["finetune", "--train-csv", str(bad), "--text-column", "review", "--label-column", "sentiment",
-              "--classes", "neg,pos", "--output-dir", str(tmp_path / "out"), "--no-progress"])
-
-
 def _final_weights(output_dir):
     weights = {}
     for name in ("language_model", "transfer", "scratch"):
@@ -213,12 +197,3 @@ def test_finetune_with_a_pretrained_torch_lstm(tiny_data, tmp_path):
                           "--throughput-steps", "0")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pretrained_files"]["rnn"]["format"] == "torch"
-    bad = tiny_args(tiny_data, tmp_path / "bad", "--pretrained-rnn", str(checkpoint))
-    bad[bad.index("--hidden-size") + 1] = "6"
-    with pytest.raises(SystemExit, match="this run expects"):
-        main(bad)
-
-
-def test_train_missing_rows_only_needs_vectors(tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match="needs --pretrained-vectors"):
-        main(tiny_args(tiny_data, tmp_path, "--train-missing-rows-only"))

@@ -133,8 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--seed", type=int, default=0, help="seed of inputs, weights and lengths")
     where.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", type=_output_file, help="write results as JSON (fields: module docstring)")
-    out.add_argument("--plot", metavar="FILE", type=_output_file, help="write a PNG of speedup vs torch.nn across the grid")
+    out.add_argument("--json", metavar="FILE", type=_output_file,
+                     help="write results as JSON (fields: module docstring)")
+    out.add_argument("--plot", metavar="FILE", type=_output_file,
+                     help="write a PNG of speedup vs torch.nn across the grid")
     out.add_argument("--markdown", metavar="FILE", type=_output_file, help="also write the markdown report to FILE")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(bench_parser=parser)

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from ..cli_types import existing_file, file_errors, non_negative_float, non_negative_int, positive_float, positive_int, seed
+from ..cli_types import (existing_file, file_errors, non_negative_float, non_negative_int, positive_float,
+                         positive_int, seed)
 from . import cli_common
 from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
 from .data import EncodedTexts
@@ -29,7 +30,8 @@ PRETRAINED_FORMATS = ("torch", "keras", "tf1", "elmo", "onnx")
 def add_arguments(parser) -> None:
     parser.description = __doc__
     source = parser.add_argument_group("labelled data (default: the embedded Rotten Tomatoes fresh/rotten reviews)")
-    source.add_argument("--train-csv", type=existing_file, help="CSV/TSV with a header row; split 70/10/20 unless --test-csv is given")
+    source.add_argument("--train-csv", type=existing_file,
+                        help="CSV/TSV with a header row; split 70/10/20 unless --test-csv is given")
     source.add_argument("--test-csv", type=existing_file, help="held-out CSV with the same columns")
     source.add_argument("--text-column", default="text")
     source.add_argument("--label-column", default="label")
@@ -47,21 +49,28 @@ def add_arguments(parser) -> None:
                        help="bidirectional classifier (the LM's weights fill the forward direction)")
     model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling)
     model.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs)
-    model.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="global batch (all processes)")
+    model.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
+                       help="global batch (all processes)")
     model.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak lr of the top layer group")
-    model.add_argument("--scratch-lr", type=positive_float, default=None, help="peak lr of the scratch baseline (default --lr)")
+    model.add_argument("--scratch-lr", type=positive_float, default=None,
+                       help="peak lr of the scratch baseline (default --lr)")
     model.add_argument("--lr-factor", type=positive_float, default=DEFAULTS.lr_factor,
                        help="discriminative lr: each group down gets lr / factor")
     model.add_argument("--freeze", choices=FREEZE_POLICIES, default=DEFAULTS.freeze,
                        help="gradual: ULMFiT unfreezing, one more layer group per epoch from the top")
-    model.add_argument("--unfreeze-every", type=positive_int, default=DEFAULTS.unfreeze_every, help="epochs per unfreezing")
+    model.add_argument("--unfreeze-every", type=positive_int, default=DEFAULTS.unfreeze_every,
+                       help="epochs per unfreezing")
     model.add_argument("--freeze-pattern", dest="freeze_patterns", action="append", default=[], metavar="GLOB",
                        help="also keep parameters matching this name pattern frozen, e.g. 'encoder.rnn.*_l0*'")
-    model.add_argument("--l2sp-alpha", type=non_negative_float, default=DEFAULTS.l2sp_alpha, help="L2-SP pull to pretrained")
-    model.add_argument("--l2sp-beta", type=non_negative_float, default=DEFAULTS.l2sp_beta, help="L2 on new (head) weights")
+    model.add_argument("--l2sp-alpha", type=non_negative_float, default=DEFAULTS.l2sp_alpha,
+                       help="L2-SP pull to pretrained")
+    model.add_argument("--l2sp-beta", type=non_negative_float, default=DEFAULTS.l2sp_beta,
+                       help="L2 on new (head) weights")
     pretrained = parser.add_argument_group("pretrained files (instead of in-run LM pretraining)")
-    pretrained.add_argument("--encoder", type=existing_file, help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
-    pretrained.add_argument("--pretrained-vectors", type=existing_file, help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
+    pretrained.add_argument("--encoder", type=existing_file,
+                            help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
+    pretrained.add_argument("--pretrained-vectors", type=existing_file,
+                            help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
     pretrained.add_argument("--train-missing-rows-only", action="store_true",
                             help="with --pretrained-vectors: train only rows of words the vectors lack")
     pretrained.add_argument("--pretrained-rnn", help="a pretrained recurrent layer file (via rnntl_fast.pretrained)")
