@@ -147,7 +147,7 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     assert metrics["world_size"] == 2
 
 
-def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
+def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path, capsys):
     csv_path, text_path = tiny_data
     assert main(["pretrain", "--lm-text", text_path, "--no-lm-train-text", "--vocab-size", "40", "--min-freq", "1",
                  "--embedding-dim", "8", "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4",
@@ -162,8 +162,9 @@ def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path):
     assert "language_model" not in metrics and "scratch" not in metrics
     transferred = metrics["transfer"]["transferred_parameters"]
     assert "encoder.rnn.weight_ih_l0" in transferred and "encoder.rnn.weight_ih_l0_reverse" not in transferred
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(SystemExit) as stop:
         main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))
+    assert stop.value.code == 2 and "does not match --hidden-size 6" in capsys.readouterr().err
 
 
 def _gensim_test_file(name):
