@@ -171,7 +171,8 @@ def _decode(raw: bytes, path: str, where: str, encoding: str, errors: str) -> st
 def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: str, errors: str,
                  glove: bool, dim_source: str, keep=None):
     """(token, vector [dim] float32) of one text line, or (token, None) when keep(token) is
-    false (its numbers are still checked). GloVe tokens may contain spaces; word2vec's may not."""
+    false (its fields are then checked, not parsed). GloVe tokens may contain spaces;
+    word2vec's may not."""
     where = f"line {line_number}"
     text = _decode(line.rstrip(), path, where, encoding, errors)
     parts = text.rsplit(" ", dim) if glove else text.split(" ")
@@ -372,8 +373,8 @@ def iter_word_vectors(path, *, format: str = "auto", dim: Optional[int] = None, 
     """Streams (token, vector [dim] float32) records from a vector file, in file order,
     stopping after `limit` records. Returns (format, dim, count or None, iterator).
 
-    keep: optional predicate on tokens; records it rejects come back as (token, None) (their
-    numbers are still checked, so a damaged record anywhere is an error)."""
+    keep: optional predicate on tokens; records it rejects come back as (token, None), their
+    fields checked (count, empty fields, characters no number has) but not parsed."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if limit is not None and limit < 0:
