@@ -153,6 +153,8 @@ DATA = [
      ["--encoder", "truncated.pt"]),
     ("encoder-not-an-encoder", ["--train-csv", "{good.csv}", *CSV, "--encoder", "{not_an_encoder.pt}"],
      ["--encoder", "not an encoder written by `rnntl-fast pretrain`"]),
+    ("freeze-pattern-matching-nothing", ["--train-csv", "{good.csv}", *CSV, "--freeze-pattern", "encoder.rnn.*_l7"],
+     ["--freeze-pattern: pattern 'encoder.rnn.*_l7' matches no parameter"]),
     ("pretrain-lm-text-binary", ["--lm-text", "{binary.txt}"], ["--lm-text", "not utf-8 text"]),
 ]
 

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import torch
 
-from ..cli_types import (device, existing_file, file_errors, float_range, int_range, non_negative_int, output_directory,
-                         positive_float, positive_int, probability, seed)
+from ..cli_types import (CommandLineError, device, existing_file, file_errors, float_range, int_range, non_negative_int,
+                         output_directory, positive_float, positive_int, probability, seed)
 from . import data
 from .pipeline import Recipe, RunControl
 from .training import Distributed, setup_distributed
@@ -63,6 +63,20 @@ def recipe_from_args(args) -> Recipe:
         if hasattr(args, item.name):
             values[item.name] = getattr(args, item.name)
     return Recipe(**values)
+
+
+def check_freeze_patterns(recipe: Recipe) -> None:
+    """Each --freeze-pattern must match a parameter of the classifier: checked on a stand-in
+    model before anything trains (a typo would otherwise stop the run after pretraining)."""
+    if not recipe.freeze_patterns:
+        return
+    from .freezing import set_trainable
+    from .pipeline import build_classifier
+    try:
+        set_trainable(build_classifier(recipe, vocab_size=8, num_classes=2, device="cpu"), recipe.freeze_patterns,
+                      False)
+    except ValueError as error:
+        raise CommandLineError(f"--freeze-pattern: {error}") from None
 
 
 def control_from_args(args, place: Distributed) -> RunControl:

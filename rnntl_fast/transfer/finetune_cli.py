@@ -147,6 +147,7 @@ def run(args) -> int:
 
 def _run(args, place, started) -> int:
     recipe = cli_common.recipe_from_args(args)
+    cli_common.check_freeze_patterns(recipe)
     control = cli_common.control_from_args(args, place)
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
