@@ -53,11 +53,9 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
     """Raises PretrainedFormatError "<what>: <the missing, extra and wrongly shaped tensors
     of `given`>" against `expected` (a module's state_dict), instead of load_state_dict's
     multi-line RuntimeError."""
-    problems = [f"missing {', '.join(key for key in expected if key not in given)}"] if \
-        any(key not in given for key in expected) else []
+    missing = [key for key in expected if key not in given]
     extra = [key for key in given if key not in expected]
-    if extra:
-        problems.append(f"unexpected {', '.join(extra)}")
+    problems = [f"{label} {', '.join(keys)}" for label, keys in (("missing", missing), ("unexpected", extra)) if keys]
     problems += [f"{key} has shape {list(given[key].shape)}, expected {list(value.shape)}"
                  for key, value in expected.items() if key in given and tuple(given[key].shape) != tuple(value.shape)]
     if problems:
