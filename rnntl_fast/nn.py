@@ -434,6 +434,22 @@ class GRU(_RecurrentStack):
         return output, h_n
 
 
+def run_with_lengths(module: nn.Module, input: Tensor, lengths: Optional[Tensor], hx=None):
+    """Runs an LSTM/GRU module on padded input with per-row lengths [B] (or None): rnntl_fast
+    modules take the lengths directly; torch.nn modules (baselines, converted models) get the
+    PackedSequence they need, and their output is padded back to input's length."""
+    if lengths is None:
+        return module(input, hx)
+    if isinstance(module, _RecurrentStack):
+        return module(input, hx, lengths=lengths)
+    packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=module.batch_first,
+                                  enforce_sorted=False)
+    output, state = module(packed, hx)
+    steps = input.shape[1 if module.batch_first else 0]
+    output, _ = pad_packed_sequence(output, batch_first=module.batch_first, total_length=steps)
+    return output, state
+
+
 _PAIRS = ((nn.LSTM, LSTM), (nn.GRU, GRU))
 _CONSTRUCTOR_FIELDS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 

@@ -186,9 +186,10 @@ def test_a_failed_finetune_run_leaves_no_empty_output_folder(tmp_path):
     output = tmp_path / "out"
     bad = tmp_path / "bad.csv"
     bad.write_text("review,sentiment\nfine film,pos\nodd film,meh\n")
-    with pytest.raises(Exception):  # noqa: B017  (the message is checked in test_transfer_cli)
+    with pytest.raises(SystemExit) as stop:  # a user's mistake: one line, exit code 2 (tests/test_cli_errors.py)
         main(["finetune", "--train-csv", str(bad), "--text-column", "review", "--label-column", "sentiment",
               "--classes", "neg,pos", "--output-dir", str(output), "--threads", "1", "--no-progress"])
+    assert stop.value.code == 2
     assert not output.exists()
 
 
@@ -198,7 +199,7 @@ def test_a_failed_run_keeps_an_output_folder_that_existed(tmp_path):
     output.mkdir()
     bad = tmp_path / "bad.csv"
     bad.write_text("review,sentiment\nodd film,meh\n")
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(SystemExit):
         main(["finetune", "--train-csv", str(bad), "--text-column", "review", "--label-column", "sentiment",
               "--classes", "neg,pos", "--output-dir", str(output), "--threads", "1", "--no-progress"])
     assert output.is_dir()

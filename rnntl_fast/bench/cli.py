@@ -51,10 +51,14 @@ JSON (--json FILE), schema "rnntl_fast.bench/1":
 Times, speedups and FLOP rates of skipped rows are null.
 """
 import argparse
-import math
 import shlex
 from typing import Callable, List
 
+from ..cli_types import device as _device
+from ..cli_types import non_negative_int as _non_negative_int
+from ..cli_types import output_file as _output_file
+from ..cli_types import positive_float as _positive_float
+from ..cli_types import positive_int as _positive_int
 from . import grids
 from .grids import CELLS, DTYPES, LENGTHS, MODES
 
@@ -77,36 +81,6 @@ def _list_of(convert: Callable, what: str) -> Callable[[str], list]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _choice(choices) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -122,20 +96,6 @@ def _boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false (or 1/0), got {text!r}")
-
-
-def _device(text: str) -> str:
-    import torch
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu or cuda[:N])") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"only cpu and cuda are benchmarked, got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} was asked for but CUDA is not available here "
-                                         f"(torch {torch.__version__})")
-    return str(device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,9 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--seed", type=int, default=0, help="seed of inputs, weights and lengths")
     where.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", help="write results as JSON (fields: module docstring)")
-    out.add_argument("--plot", metavar="FILE", help="write a PNG of speedup vs torch.nn across the grid")
-    out.add_argument("--markdown", metavar="FILE", help="also write the markdown report to FILE")
+    out.add_argument("--json", metavar="FILE", type=_output_file, help="write results as JSON (fields: module docstring)")
+    out.add_argument("--plot", metavar="FILE", type=_output_file, help="write a PNG of speedup vs torch.nn across the grid")
+    out.add_argument("--markdown", metavar="FILE", type=_output_file, help="also write the markdown report to FILE")
     out.add_argument("--no-progress", action="store_true",
                      help="no progress on stderr (a bar on a terminal, else one line per case)")
     out.add_argument("--verbose", action="store_true",

@@ -7,8 +7,10 @@ constructor arguments) and a state_dict in torch.nn's layout, and hand both to
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -23,6 +25,41 @@ class UnsupportedLayerError(ValueError):
     """The source layer computes something torch.nn.LSTM / GRU cannot express (peepholes,
     other activations, GRU with the reset gate before the matmul, ...). Loading it anyway
     would silently give other outputs, so the loaders refuse."""
+
+
+@contextlib.contextmanager
+def naming_file(source, what: str = "", unreadable: Tuple[Type[BaseException], ...] = ()):
+    """Errors while loading from `source` name the file (when it is a path): the loaders'
+    own errors get it in front (a layer's error names the layer, not the file), and
+    `unreadable`, what a parser raises for bytes it cannot read (torch.load's RuntimeError,
+    h5py's OSError, protobuf's DecodeError, ...), becomes a PretrainedFormatError saying
+    the file is not a readable `what`."""
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    try:
+        yield
+    except (PretrainedFormatError, UnsupportedLayerError) as error:
+        if path is None or str(error).startswith(path):
+            raise
+        raise type(error)(f"{path}: {error}") from error
+    except unreadable as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        detail = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        raise PretrainedFormatError(f"{path or 'source'}: not a readable {what} (truncated or damaged?): "
+                                    f"{detail[:300]}") from error
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raises PretrainedFormatError "<what>: <the missing, extra and wrongly shaped tensors
+    of `given`>" against `expected` (a module's state_dict), instead of load_state_dict's
+    multi-line RuntimeError."""
+    missing = [key for key in expected if key not in given]
+    extra = [key for key in given if key not in expected]
+    problems = [f"{label} {', '.join(keys)}" for label, keys in (("missing", missing), ("unexpected", extra)) if keys]
+    problems += [f"{key} has shape {list(given[key].shape)}, expected {list(value.shape)}"
+                 for key, value in expected.items() if key in given and tuple(given[key].shape) != tuple(value.shape)]
+    if problems:
+        raise PretrainedFormatError(f"{what}: {'; '.join(problems)}")
 
 
 # Gate orders, as the index of each torch gate in the source's gate blocks.
@@ -93,10 +130,10 @@ class LoadedLayers(dict):
 
 def build_module(kind: str, config: Mapping, state_dict: Mapping[str, torch.Tensor],
                  module_kwargs: Optional[Mapping] = None, dtype: Optional[torch.dtype] = torch.float32,
-                 device=None) -> nn.Module:
+                 device=None, layer: str = "") -> nn.Module:
     """Constructs rnntl_fast.LSTM / GRU from torch.nn constructor arguments and loads a
-    torch.nn-layout state_dict into it with strict=True (a missing or extra key is a bug in
-    the converter, not something to ignore).
+    torch.nn-layout state_dict into it, every key and shape checked (a missing, extra or
+    wrongly shaped tensor is a PretrainedFormatError naming `layer`, not something to ignore).
 
     module_kwargs: extra constructor arguments (backend, grad_clip, dropout, ...) the user
     wants; they may not change the shapes the file fixed."""
@@ -105,6 +142,10 @@ def build_module(kind: str, config: Mapping, state_dict: Mapping[str, torch.Tens
     classes = {"LSTM": fast_nn.LSTM, "GRU": fast_nn.GRU}
     if kind not in classes:
         raise UnsupportedLayerError(f"rnntl_fast has no {kind} module (only LSTM and GRU)")
+    where = f"{layer}: " if layer else ""
+    for key in ("input_size", "hidden_size"):
+        if config.get(key, 1) < 1:
+            raise PretrainedFormatError(f"{where}the weights give {kind} {key}={config[key]} (empty tensors)")
     arguments = dict(config)
     for key, value in (module_kwargs or {}).items():
         if key in ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size", "bias"):
@@ -112,8 +153,11 @@ def build_module(kind: str, config: Mapping, state_dict: Mapping[str, torch.Tens
                 raise ValueError(f"module_kwargs[{key!r}]={value!r} contradicts the file ({arguments[key]!r})")
         arguments[key] = value
     module = classes[kind](**arguments, device=device, dtype=dtype)
+    tensors = {key: to_tensor(value) for key, value in state_dict.items()}
+    settings = ", ".join(f"{key}={value!r}" for key, value in config.items())
+    check_state_dict(module.state_dict(), tensors, f"{where}the tensors do not form torch.nn.{kind}({settings})")
     # load_state_dict copies into the module's parameters, casting to their dtype/device.
-    module.load_state_dict({key: to_tensor(value) for key, value in state_dict.items()}, strict=True)
+    module.load_state_dict(tensors, strict=True)
     return module
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ._common import (KERAS_GRU_TO_TORCH, LayerReport, LoadedLayers, PretrainedFormatError,
-                      UnsupportedLayerError, build_module, reorder_gates)
+                      UnsupportedLayerError, build_module, naming_file, reorder_gates)
 
 _MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 
@@ -125,7 +125,11 @@ def _read_keras3_group(group, layers: "OrderedDict[str, Weights]") -> None:
             for sub in node:
                 item = node[sub]
                 if sub == "vars":
-                    for index in sorted(item, key=int):
+                    names = list(item)
+                    if not all(index.isdigit() for index in names):
+                        raise PretrainedFormatError(f"{name}: variables named {names[:5]} under {prefix}vars; Keras 3 "
+                                                    "numbers them 0, 1, ...")
+                    for index in sorted(names, key=int):
                         weights[f"{prefix}{index}"] = np.asarray(item[index])
                 elif hasattr(item, "keys"):
                     collect(item, f"{prefix}{sub}/")
@@ -133,16 +137,30 @@ def _read_keras3_group(group, layers: "OrderedDict[str, Weights]") -> None:
         layers[name] = weights
 
 
+def _json(text, what: str):
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PretrainedFormatError(f"{what} is not valid JSON ({error})") from None
+
+
 def _open(path) -> _Source:
-    h5py = _h5py()
+    """Reads the whole file; what h5py / zipfile raise for damaged bytes becomes a
+    PretrainedFormatError naming the file."""
     path = os.fspath(path)
+    with naming_file(path, "Keras file (HDF5 or .keras archive)", (OSError, zipfile.BadZipFile, EOFError)):
+        return _read(path)
+
+
+def _read(path: str) -> _Source:
+    h5py = _h5py()
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if "config.json" not in names or "model.weights.h5" not in names:
                 raise PretrainedFormatError(f"{path}: a zip without config.json and model.weights.h5 is not a "
                                             f".keras archive (entries: {names[:10]})")
-            config = json.loads(archive.read("config.json"))
+            config = _json(archive.read("config.json"), "config.json")
             weights_bytes = archive.read("model.weights.h5")
         with h5py.File(io.BytesIO(weights_bytes), "r") as weights_file:
             layers: "OrderedDict[str, Weights]" = OrderedDict()
@@ -152,10 +170,12 @@ def _open(path) -> _Source:
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
+        if isinstance(error, FileNotFoundError) or not os.path.exists(path):
+            raise
         raise PretrainedFormatError(f"{path}: not an HDF5 file or a .keras archive ({error})") from error
     with handle:
         if "model_config" in handle.attrs:
-            config = json.loads(_text(handle.attrs["model_config"]))
+            config = _json(_text(handle.attrs["model_config"]), "the model_config attribute")
             if "model_weights" not in handle:
                 raise PretrainedFormatError(f"{path}: has model_config but no model_weights group "
                                             "(saved with include_optimizer only?)")
@@ -186,9 +206,12 @@ def _layer_configs(config, found: Optional[Dict[str, Tuple[str, dict]]] = None) 
         return found
     body = config.get("config", config) if isinstance(config, dict) else config
     entries = body if isinstance(body, list) else body.get("layers", []) if isinstance(body, dict) else []
-    for entry in entries:
+    for index, entry in enumerate(entries):
+        layer_config = entry.get("config", {}) if isinstance(entry, dict) else None
+        if not isinstance(layer_config, dict):
+            raise PretrainedFormatError(f"model config: layer entry {index} is not a Keras layer "
+                                        f"({str(entry)[:80]})")
         class_name = entry.get("class_name", "")
-        layer_config = entry.get("config", {})
         name = layer_config.get("name") or entry.get("name")
         if name is not None:
             found[name] = (class_name, layer_config)
@@ -290,6 +313,9 @@ def _convert_direction(layer: str, arrays, suffix: str, report: LayerReport, exp
     if kernel.ndim != 2 or recurrent.ndim != 2:
         raise PretrainedFormatError(f"{layer}: kernels must be 2-D, got {kernel.shape} and {recurrent.shape}")
     hidden, gate_columns = recurrent.shape
+    if min(kernel.shape) == 0 or min(recurrent.shape) == 0:
+        raise PretrainedFormatError(f"{layer}: empty kernel {list(kernel.shape)} or recurrent_kernel "
+                                    f"{list(recurrent.shape)}")
     if gate_columns % hidden or kernel.shape[1] != gate_columns:
         raise PretrainedFormatError(f"{layer}: kernel {list(kernel.shape)} and recurrent_kernel "
                                     f"{list(recurrent.shape)} do not describe one recurrent layer")
@@ -378,6 +404,11 @@ def load_keras(path, *, batch_first: bool = True, module_kwargs: Optional[Mappin
     cuDNN-compatible ones (tanh, sigmoid), which the report says.
     """
     source = _open(path)
+    with naming_file(path):
+        return _load(path, source, batch_first, module_kwargs, dtype, device)
+
+
+def _load(path, source: _Source, batch_first, module_kwargs, dtype, device) -> LoadedLayers:
     configs = _layer_configs(source.config)
     result = LoadedLayers()
     layer_names = list(source.layer_weights)
@@ -439,7 +470,7 @@ def load_keras(path, *, batch_first: bool = True, module_kwargs: Optional[Mappin
         report.module_kind = kind
         report.config = {"input_size": input_size, "hidden_size": hidden, "num_layers": 1, "bias": has_bias,
                          "batch_first": batch_first, "bidirectional": bidirectional}
-        result[layer] = build_module(kind, report.config, state, module_kwargs, dtype, device)
+        result[layer] = build_module(kind, report.config, state, module_kwargs, dtype, device, layer=layer)
         result.reports[layer] = report
     masking = [name for name, (class_name, config) in configs.items()
                if class_name == "Masking" or (isinstance(config, dict) and config.get("mask_zero"))]

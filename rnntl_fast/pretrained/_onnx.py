@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._common import (ONNX_GRU_TO_TORCH, ONNX_LSTM_TO_TORCH, LayerReport, LoadedLayers, PretrainedFormatError,
-                      UnsupportedLayerError, build_module, reorder_gates)
+                      UnsupportedLayerError, build_module, naming_file, reorder_gates)
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"]}
 
@@ -60,12 +60,19 @@ def _onnx():
 
 def _constants(graph, numpy_helper) -> Dict[str, np.ndarray]:
     """Initializers and Constant-node outputs: the tensors whose values the file fixes."""
-    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    def array(tensor, name: str) -> np.ndarray:
+        try:
+            return numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, OSError) as error:   # data not matching the declared shape/type, ...
+            raise PretrainedFormatError(f"tensor {name!r}: its data does not fit its type and shape "
+                                        f"{list(tensor.dims)} ({error})") from error
+
+    values = {tensor.name: array(tensor, tensor.name) for tensor in graph.initializer}
     for node in graph.node:   # nodes are topologically sorted, so one pass follows Identity chains
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attribute.t)
+                    values[node.output[0]] = array(attribute.t, node.output[0])
         elif node.op_type == "Identity" and node.input[0] in values:
             values[node.output[0]] = values[node.input[0]]
     return values
@@ -94,8 +101,17 @@ def load_onnx(source, *, module_kwargs: Optional[Mapping] = None, dtype: Optiona
     Transpose/Reshape between them).
     """
     onnx, numpy_helper = _onnx()
-    model = onnx.load(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
-    graph = model.graph
+    from google.protobuf.message import DecodeError
+    if isinstance(source, (str, os.PathLike)):
+        with naming_file(source, "ONNX model", (DecodeError, ValueError)):
+            model = onnx.load(os.fspath(source))
+    else:
+        model = source
+    with naming_file(source):
+        return _load(onnx, numpy_helper, model.graph, module_kwargs, dtype, device)
+
+
+def _load(onnx, numpy_helper, graph, module_kwargs, dtype, device) -> LoadedLayers:
     constants = _constants(graph, numpy_helper)
     result = LoadedLayers()
     for index, node in enumerate(graph.node):
@@ -202,7 +218,7 @@ def load_onnx(source, *, module_kwargs: Optional[Mapping] = None, dtype: Optiona
         batch_first = bool(attributes.get("layout", 0))
         report.config = {"input_size": input_size, "hidden_size": hidden, "num_layers": 1, "bias": True,
                          "batch_first": batch_first, "bidirectional": directions == 2}
-        module = build_module(kind, report.config, state, module_kwargs, dtype, device)
+        module = build_module(kind, report.config, state, module_kwargs, dtype, device, layer=name)
         if direction == "reverse":
             module = ReversedDirection(module)
             report.notes.append("direction=reverse: wrapped in ReversedDirection (flips time on the way in and out)")

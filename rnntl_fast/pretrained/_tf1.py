@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence, Union
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from ._common import (TF_LSTM_TO_TORCH, LayerReport, LoadedLayers, PretrainedFormatError, UnsupportedLayerError,
-                      build_module, reorder_gates)
+                      build_module, naming_file, reorder_gates)
 from ._tf_bundle import is_tf_checkpoint, read_tf_checkpoint
 
 _KERNEL_NAMES = ("kernel", "W_0", "weights")
@@ -40,8 +42,11 @@ def _read_variables(source) -> "OrderedDict[str, np.ndarray]":
                            for name, value in source.items())
     path = os.fspath(source)
     if path.endswith(".npz"):
-        with np.load(path) as archive:
-            return OrderedDict((name, archive[name]) for name in archive.files)
+        # np.load's errors for a damaged archive: BadZipFile, a truncated member (EOFError,
+        # zlib.error), a member that is not an .npy (ValueError)
+        with naming_file(path, ".npz archive", (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError)):
+            with np.load(path, allow_pickle=False) as archive:
+                return OrderedDict((name, archive[name]) for name in archive.files)
     if is_tf_checkpoint(path):
         return read_tf_checkpoint(path)
     raise PretrainedFormatError(f"{path}: neither a .npz of variables nor a TF checkpoint prefix with a .index file")
@@ -82,7 +87,7 @@ def convert_tf_lstm_cell(scope: str, kernel: np.ndarray, bias: Optional[np.ndarr
 
     kernel: [I + H_out, 4H], gates i, j, f, o; bias: [4H] or None (zeros);
     projection: [H, P] or None."""
-    if kernel.ndim != 2 or kernel.shape[1] % 4:
+    if kernel.ndim != 2 or kernel.shape[1] % 4 or not kernel.size:
         raise PretrainedFormatError(f"{scope}: kernel of shape {list(kernel.shape)} is not [I + H_out, 4H]")
     hidden = kernel.shape[1] // 4
     if projection is not None:
@@ -139,7 +144,13 @@ def load_tf1(source, *, forget_bias: Union[float, Mapping[str, float]] = 1.0, ce
     Returns {cell scope: rnntl_fast.LSTM} (one single-layer module per cell; for
     MultiRNNCell stacks and bidirectional fw/bw pairs, chain / combine them as the graph did).
     """
-    variables = _read_variables(source)
+    with naming_file(source):
+        return _load_tf1(_read_variables(source), forget_bias, cell_clip, proj_clip, scopes, batch_first, module_kwargs,
+                         dtype, device)
+
+
+def _load_tf1(variables, forget_bias, cell_clip, proj_clip, scopes, batch_first, module_kwargs, dtype,
+              device) -> LoadedLayers:
     result = LoadedLayers()
     for scope in _find_cells(variables, scopes):
         peepholes = [name for name in _PEEPHOLE_NAMES if f"{scope}/{name}" in variables]
@@ -169,7 +180,7 @@ def load_tf1(source, *, forget_bias: Union[float, Mapping[str, float]] = 1.0, ce
         if proj_clip is not None and projection is not None:
             config["proj_clip"] = proj_clip
         report.config = config
-        result[scope] = build_module("LSTM", config, state, module_kwargs, dtype, device)
+        result[scope] = build_module("LSTM", config, state, module_kwargs, dtype, device, layer=scope)
         result.reports[scope] = report
     if not result:
         raise PretrainedFormatError(f"no LSTM cell found (looked for <scope>/kernel|W_0|weights with a scope naming an "
@@ -196,24 +207,40 @@ def load_elmo(weight_file, options, *, batch_first: bool = True, module_kwargs: 
     """
     import h5py
 
+    if not isinstance(options, (Mapping, str, os.PathLike)):
+        raise TypeError(f"options must be a dict or the path of the options json, got {type(options).__name__}")
+    options_path = None
     if not isinstance(options, Mapping):
-        with open(os.fspath(options), encoding="utf8") as handle:
+        options_path = os.fspath(options)
+        with naming_file(options_path, "JSON file", (ValueError,)), open(options_path, encoding="utf8") as handle:
             options = json.load(handle)
-    lstm_options = options.get("lstm")
-    if lstm_options is None:
-        raise PretrainedFormatError("ELMo options have no 'lstm' section")
-    layers = int(lstm_options.get("n_layers", 2))
+    with naming_file(options_path):
+        lstm_options = options.get("lstm") if isinstance(options, Mapping) else None
+        if not isinstance(lstm_options, Mapping):
+            raise PretrainedFormatError(f"ELMo options need an 'lstm' object, got {str(lstm_options)[:60]}")
+        layers = lstm_options.get("n_layers", 2)
+        if not isinstance(layers, int) or layers < 1:
+            raise PretrainedFormatError(f"ELMo options: lstm.n_layers must be a positive integer, got {layers!r}")
+        for key in ("cell_clip", "proj_clip", "dim", "projection_dim"):
+            if not isinstance(lstm_options.get(key, 0), (int, float)):
+                raise PretrainedFormatError(f"ELMo options: lstm.{key} must be a number, got {lstm_options[key]!r}")
+    with naming_file(weight_file, "HDF5 file", (OSError,)):
+        return _load_elmo(h5py, os.fspath(weight_file), lstm_options, layers, batch_first, module_kwargs, dtype,
+                          device)
+
+
+def _load_elmo(h5py, weight_file: str, lstm_options, layers: int, batch_first, module_kwargs, dtype,
+               device) -> LoadedLayers:
     cell_clip, proj_clip = lstm_options.get("cell_clip"), lstm_options.get("proj_clip")
     result = LoadedLayers()
-    with h5py.File(os.fspath(weight_file), "r") as handle:
+    with h5py.File(weight_file, "r") as handle:
         for direction in (0, 1):
             for layer in range(layers):
                 scope = f"RNN_{direction}/RNN/MultiRNNCell/Cell{layer}"
                 names = [f"{scope}/LSTMCell/{leaf}" for leaf in ("W_0", "B", "W_P_0")]
                 missing = [name for name in names[:2] if name not in handle]
                 if missing:
-                    raise PretrainedFormatError(f"{weight_file}: missing dataset(s) {missing} (options say "
-                                                f"n_layers={layers})")
+                    raise PretrainedFormatError(f"missing dataset(s) {missing} (options say n_layers={layers})")
                 kernel, bias = np.asarray(handle[names[0]]), np.asarray(handle[names[1]])
                 projection = np.asarray(handle[names[2]]) if names[2] in handle else None
                 report = LayerReport(scope, f"bilm-tf LSTMCell ({'backward' if direction else 'forward'})", "LSTM", {})
@@ -236,7 +263,7 @@ def load_elmo(weight_file, options, *, batch_first: bool = True, module_kwargs: 
                 if layer >= 1 and lstm_options.get("use_skip_connections"):
                     report.notes.append("use_skip_connections: bilm-tf adds this layer's input to its output")
                 report.config = config
-                result[scope] = build_module("LSTM", config, state, module_kwargs, dtype, device)
+                result[scope] = build_module("LSTM", config, state, module_kwargs, dtype, device, layer=scope)
                 result.reports[scope] = report
     result.notes.append("character CNN / highway / projection layers of ELMo are not loaded (only the biLM LSTMs)")
     return result

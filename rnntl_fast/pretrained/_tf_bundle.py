@@ -20,7 +20,7 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from ._common import PretrainedFormatError
+from ._common import PretrainedFormatError, naming_file
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48
@@ -52,13 +52,14 @@ def _proto_fields(data: bytes) -> Iterator[Tuple[int, int, object]]:
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, position = _varint(data, position)
-        elif wire == 1:
-            value, position = data[position:position + 8], position + 8
-        elif wire == 2:
-            length, position = _varint(data, position)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                length, position = _varint(data, position)
+            else:
+                length = 8 if wire == 1 else 4
+            if position + length > len(data):
+                raise PretrainedFormatError("truncated protobuf field in the checkpoint index")
             value, position = data[position:position + length], position + length
-        elif wire == 5:
-            value, position = data[position:position + 4], position + 4
         else:
             raise PretrainedFormatError(f"unsupported protobuf wire type {wire} in the checkpoint index")
         yield field, wire, value
@@ -70,11 +71,15 @@ def _block_entries(block: bytes) -> Iterator[Tuple[bytes, bytes]]:
         raise PretrainedFormatError("checkpoint index block too short")
     restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
     end = len(block) - 4 * (restarts + 1)
+    if end < 0:
+        raise PretrainedFormatError("checkpoint index block with more restart points than bytes (damaged?)")
     position, key = 0, b""
     while position < end:
         shared, position = _varint(block, position)
         unshared, position = _varint(block, position)
         value_length, position = _varint(block, position)
+        if shared > len(key) or position + unshared + value_length > end:
+            raise PretrainedFormatError("checkpoint index entry runs past its block (damaged?)")
         key = key[:shared] + block[position:position + unshared]
         position += unshared
         yield key, block[position:position + value_length]
@@ -133,7 +138,7 @@ def _resolve_prefix(path: str) -> str:
         state = os.path.join(path, "checkpoint")
         if not os.path.exists(state):
             raise PretrainedFormatError(f"{path}: a directory without a `checkpoint` file; pass the prefix")
-        with open(state, encoding="utf8") as handle:
+        with open(state, encoding="utf8", errors="replace") as handle:
             for line in handle:
                 if line.startswith("model_checkpoint_path:"):
                     name = line.split(":", 1)[1].strip().strip('"')
@@ -163,37 +168,47 @@ def read_tf_checkpoint(path) -> "OrderedDict[str, np.ndarray]":
         index = handle.read()
     shards, big_endian = 1, False
     entries: "OrderedDict[str, dict]" = OrderedDict()
-    for key, value in _table_items(index):
-        if key == b"":
-            for field, _, content in _proto_fields(value):
-                if field == 1:
-                    shards = content
-                elif field == 2:
-                    big_endian = content == 1
-            continue
-        entries[key.decode("utf8")] = _entry(value)
+    with naming_file(index_path):
+        for key, value in _table_items(index):
+            if key == b"":
+                for field, _, content in _proto_fields(value):
+                    if field == 1:
+                        shards = content
+                    elif field == 2:
+                        big_endian = content == 1
+                continue
+            try:
+                entries[key.decode("utf8")] = _entry(value)
+            except UnicodeDecodeError:
+                raise PretrainedFormatError(f"variable name {key[:40]!r} is not UTF-8 (damaged index?)") from None
     tensors: "OrderedDict[str, np.ndarray]" = OrderedDict()
     handles: Dict[int, object] = {}
+    data_paths: Dict[int, str] = {}
     try:
         for name, entry in entries.items():
             if entry["sliced"]:
-                raise PretrainedFormatError(f"{name}: partitioned variables (tensor slices) are not supported")
+                raise PretrainedFormatError(f"{index_path}: {name}: partitioned variables (tensor slices) are not "
+                                            "supported")
             if entry["dtype"] == _DT_STRING:
                 continue
             if entry["dtype"] not in _DTYPES:
-                raise PretrainedFormatError(f"{name}: unsupported TensorFlow dtype enum {entry['dtype']}")
+                raise PretrainedFormatError(f"{index_path}: {name}: unsupported TensorFlow dtype enum {entry['dtype']}")
             shard = entry["shard"]
             if shard not in handles:
-                data_path = f"{prefix}.data-{shard:05d}-of-{shards:05d}"
-                if not os.path.exists(data_path):
-                    raise PretrainedFormatError(f"{data_path} not found (the index names {shards} shard(s))")
-                handles[shard] = open(data_path, "rb")
+                data_paths[shard] = f"{prefix}.data-{shard:05d}-of-{shards:05d}"
+                if not os.path.exists(data_paths[shard]):
+                    raise PretrainedFormatError(f"{data_paths[shard]} not found (the index names {shards} shard(s))")
+                handles[shard] = open(data_paths[shard], "rb")
             stream = handles[shard]
             stream.seek(entry["offset"])
             raw = stream.read(entry["size"])
             if len(raw) != entry["size"]:
-                raise PretrainedFormatError(f"{name}: data shard {shard} ends before the tensor (truncated?)")
+                raise PretrainedFormatError(f"{data_paths[shard]}: ends before the tensor {name} (truncated?)")
             dtype = _DTYPES[entry["dtype"]]
+            item_bytes = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+            if len(raw) % item_bytes:
+                raise PretrainedFormatError(f"{index_path}: {name}: {len(raw)} bytes are not whole {item_bytes}-byte "
+                                            "values (damaged index?)")
             if dtype == "bfloat16":   # the high half of a float32
                 bits = np.frombuffer(raw, dtype=">u2" if big_endian else "<u2").astype(np.uint32) << 16
                 array = bits.view(np.float32)
@@ -201,7 +216,7 @@ def read_tf_checkpoint(path) -> "OrderedDict[str, np.ndarray]":
                 array = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder(">" if big_endian else "<"))
             expected = int(np.prod(entry["shape"])) if entry["shape"] else 1
             if array.size != expected:
-                raise PretrainedFormatError(f"{name}: {array.size} values for shape {entry['shape']}")
+                raise PretrainedFormatError(f"{index_path}: {name}: {array.size} values for shape {entry['shape']}")
             tensors[name] = array.astype(array.dtype.newbyteorder("=")).reshape(entry["shape"])
     finally:
         for stream in handles.values():

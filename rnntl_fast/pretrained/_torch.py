@@ -8,6 +8,7 @@ under different prefixes) and recovering each layer's constructor arguments from
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional
@@ -15,7 +16,12 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from ._common import (LayerReport, LoadedLayers, PretrainedFormatError, build_module, lstm_gru_kind)
+from ._common import LayerReport, LoadedLayers, PretrainedFormatError, build_module, lstm_gru_kind, naming_file
+
+# What torch.load raises for a file it cannot read: a truncated zip archive (RuntimeError),
+# bytes that are not a pickle (UnpicklingError, or KeyError / EOFError / ValueError from
+# the legacy format's reader).
+TORCH_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError)
 
 # Wrappers that add a path segment without adding a layer.
 _WRAPPER_SEGMENTS = ("module", "_orig_mod")
@@ -61,14 +67,15 @@ def _read_source(source, weights_only: bool):
         return source.state_dict()
     if isinstance(source, (str, os.PathLike)):
         try:
-            loaded = torch.load(source, map_location="cpu", weights_only=weights_only)
-            return loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
-        except Exception as error:  # noqa: BLE001 - re-raised with the fix
-            if weights_only and "weights_only" in str(error):
+            with naming_file(source, "torch.save file", TORCH_LOAD_ERRORS):
+                loaded = torch.load(source, map_location="cpu", weights_only=weights_only)
+        except PretrainedFormatError as error:
+            if weights_only and "weights_only" in str(error.__cause__):
                 raise PretrainedFormatError(
-                    f"{source}: torch.load(weights_only=True) refused it (it pickles objects, e.g. a whole "
-                    f"module). If you trust the file, pass weights_only=False. Cause: {error}") from error
+                    f"{os.fspath(source)}: torch.load(weights_only=True) refused it (it pickles objects, e.g. a whole "
+                    f"module). If you trust the file, pass weights_only=False. Cause: {error.__cause__}") from error
             raise
+        return loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     if isinstance(source, Mapping):
         return source
     raise TypeError(f"source must be a path, a state_dict/checkpoint dict or an nn.Module, got {type(source).__name__}")
@@ -96,6 +103,13 @@ def _group_layers(tensors: Mapping[str, torch.Tensor]) -> "OrderedDict[str, Dict
 
 def _config_from_shapes(prefix: str, group: Dict[str, torch.Tensor]):
     where = prefix or "<root>"
+    for name, tensor in group.items():
+        rank = 1 if name.startswith("bias") else 2
+        if tensor.dim() != rank:
+            raise PretrainedFormatError(f"{where}: {name} has shape {list(tensor.shape)}; torch.nn.LSTM/GRU's is "
+                                        f"{rank}-D")
+    if "weight_hh_l0" not in group:
+        raise PretrainedFormatError(f"{where}: weight_ih_l0 without weight_hh_l0 (tensors: {sorted(group)})")
     layers = 1 + max(int(re.search(r"_l(\d+)", name).group(1)) for name in group)
     bidirectional = any(name.endswith("_reverse") for name in group)
     has_bias = "bias_ih_l0" in group
@@ -104,6 +118,9 @@ def _config_from_shapes(prefix: str, group: Dict[str, torch.Tensor]):
         proj_size, hidden_size = group["weight_hr_l0"].shape
     else:
         proj_size, hidden_size = 0, group["weight_hh_l0"].shape[1]
+    if min(gate_rows, input_size, hidden_size) == 0:
+        raise PretrainedFormatError(f"{where}: empty weights (weight_ih_l0 {list(group['weight_ih_l0'].shape)}, "
+                                    f"hidden size {hidden_size})")
     if gate_rows % hidden_size:
         raise PretrainedFormatError(f"{where}: weight_ih_l0 has {gate_rows} rows, not a multiple of hidden size "
                                     f"{hidden_size}")
@@ -132,22 +149,25 @@ def load_torch(source, *, weights_only: bool = True, prefix: Optional[str] = Non
     Returns {layer prefix: rnntl_fast.LSTM/GRU} in checkpoint order (the prefix is "" for
     the state_dict of a bare nn.LSTM/GRU); `.reports` tells the recovered configuration. Shapes fix everything except batch_first and dropout.
     """
-    tensors = flatten_tensors(unwrap_checkpoint(_read_source(source, weights_only)))
-    groups = _group_layers(tensors)
-    result = LoadedLayers()
-    for layer_prefix, group in groups.items():
-        if prefix is not None and not layer_prefix.startswith(prefix):
-            continue
-        kind, config = _config_from_shapes(layer_prefix, group)
-        config["batch_first"] = batch_first
-        report = LayerReport(layer_prefix, f"torch {kind}", kind, config)
-        for name, tensor in group.items():
-            report.map(f"{layer_prefix}.{name}" if layer_prefix else name, tensor.shape, name, tensor.shape, "copy")
-        report.notes.append("dropout between layers is not stored in a state_dict; pass module_kwargs={'dropout': p}")
-        result[layer_prefix] = build_module(kind, config, group, module_kwargs, dtype, device)
-        result.reports[layer_prefix] = report
-    if not result:
-        what = f" under prefix {prefix!r}" if prefix is not None else ""
-        raise PretrainedFormatError(f"no LSTM/GRU weights (weight_ih_l0, weight_hh_l0, ...) found{what}; "
-                                    f"{len(tensors)} tensors were read")
+    with naming_file(source):
+        tensors = flatten_tensors(unwrap_checkpoint(_read_source(source, weights_only)))
+        groups = _group_layers(tensors)
+        result = LoadedLayers()
+        for layer_prefix, group in groups.items():
+            if prefix is not None and not layer_prefix.startswith(prefix):
+                continue
+            kind, config = _config_from_shapes(layer_prefix, group)
+            config["batch_first"] = batch_first
+            report = LayerReport(layer_prefix, f"torch {kind}", kind, config)
+            for name, tensor in group.items():
+                report.map(f"{layer_prefix}.{name}" if layer_prefix else name, tensor.shape, name, tensor.shape, "copy")
+            report.notes.append("dropout between layers is not stored in a state_dict; pass "
+                                "module_kwargs={'dropout': p}")
+            result[layer_prefix] = build_module(kind, config, group, module_kwargs, dtype, device,
+                                                layer=layer_prefix or "<root>")
+            result.reports[layer_prefix] = report
+        if not result:
+            what = f" under prefix {prefix!r}" if prefix is not None else ""
+            raise PretrainedFormatError(f"no LSTM/GRU weights (weight_ih_l0, weight_hh_l0, ...) found{what}; "
+                                        f"{len(tensors)} tensors were read")
     return result

@@ -15,8 +15,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._common import PretrainedFormatError
-from ._torch import _read_source, flatten_tensors, load_torch, unwrap_checkpoint
+from ._common import PretrainedFormatError, check_state_dict, naming_file
+from ._torch import TORCH_LOAD_ERRORS, _read_source, flatten_tensors, load_torch, unwrap_checkpoint
 
 ENCODER_FORMAT = "rnntl_fast.encoder"
 ENCODER_VERSION = 1
@@ -71,12 +71,14 @@ class RecurrentEncoder(nn.Module):
         features = embedding_dim
         for index, layer in enumerate(layers):
             arguments = dict(layer)
-            kind = arguments.pop("kind")
+            kind = arguments.pop("kind", None)
             arguments.setdefault("input_size", features)
             if arguments["input_size"] != features:
                 raise ValueError(f"layer {index} expects {arguments['input_size']} input features, the previous "
                                  f"stage gives {features}")
             arguments["batch_first"] = batch_first
+            if kind not in ("LSTM", "GRU"):
+                raise ValueError(f"layer {index}: kind must be 'LSTM' or 'GRU', got {kind!r}")
             module = {"LSTM": fast_nn.LSTM, "GRU": fast_nn.GRU}[kind](**arguments)
             self.layers.append(module)
             width = getattr(module, "proj_size", 0) or module.hidden_size
@@ -99,11 +101,13 @@ class RecurrentEncoder(nn.Module):
                    dropout=config.get("dropout", 0.0))
 
     def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None):
+        from .. import nn as fast_nn
+
         hidden = self.embedding(tokens)
         states = []
         for module in self.layers:
             hidden = nn.functional.dropout(hidden, self.dropout, self.training)
-            hidden, state = module(hidden, lengths=lengths)  # the kernels mask by lengths
+            hidden, state = fast_nn.run_with_lengths(module, hidden, lengths)
             states.append(state)
         return hidden, states
 
@@ -146,20 +150,24 @@ def encoder_from_checkpoint(source, *, embedding_key: Optional[str] = None, pref
     embedding_key: the embedding's key (after "module."/"_orig_mod." removal); by default
     the single 2-D tensor whose key ends with embedding(s)/embed/word_embeddings + ".weight".
     """
-    tree = unwrap_checkpoint(_read_source(source, weights_only))
-    tensors = {".".join(p for p in key.split(".") if p not in ("module", "_orig_mod")): value
-               for key, value in flatten_tensors(tree).items()}
-    if embedding_key is None:
-        candidates = [key for key, value in tensors.items() if value.dim() == 2 and _EMBEDDING_KEY.search(key)
-                      and (prefix is None or key.startswith(prefix))]
-        if len(candidates) != 1:
-            raise PretrainedFormatError(f"cannot tell which tensor is the embedding ({candidates or 'none found'}); "
-                                        "pass embedding_key=")
-        embedding_key = candidates[0]
-    if embedding_key not in tensors:
-        raise PretrainedFormatError(f"no tensor {embedding_key!r} in the checkpoint")
-    recurrent = load_torch(tree, prefix=prefix, batch_first=batch_first)
-    return build_encoder(tensors[embedding_key], recurrent, batch_first=batch_first, dropout=dropout)
+    with naming_file(source):
+        tree = unwrap_checkpoint(_read_source(source, weights_only))
+        tensors = {".".join(p for p in key.split(".") if p not in ("module", "_orig_mod")): value
+                   for key, value in flatten_tensors(tree).items()}
+        if embedding_key is None:
+            candidates = [key for key, value in tensors.items() if value.dim() == 2 and _EMBEDDING_KEY.search(key)
+                          and (prefix is None or key.startswith(prefix))]
+            if len(candidates) != 1:
+                raise PretrainedFormatError(f"cannot tell which tensor is the embedding "
+                                            f"({candidates or 'none found'}); pass embedding_key=")
+            embedding_key = candidates[0]
+        if embedding_key not in tensors:
+            raise PretrainedFormatError(f"no tensor {embedding_key!r} in the checkpoint")
+        recurrent = load_torch(tree, prefix=prefix, batch_first=batch_first)
+        try:
+            return build_encoder(tensors[embedding_key], recurrent, batch_first=batch_first, dropout=dropout)
+        except ValueError as error:   # an embedding that is not [vocab, dim], or does not fit the first layer
+            raise PretrainedFormatError(str(error)) from error
 
 
 def save_encoder(encoder: RecurrentEncoder, path) -> None:
@@ -171,15 +179,26 @@ def save_encoder(encoder: RecurrentEncoder, path) -> None:
 def load_encoder(path, *, map_location="cpu", **overrides) -> RecurrentEncoder:
     """Rebuilds an encoder written by save_encoder. `overrides` replace top-level config
     entries (e.g. dropout=0.1)."""
-    saved = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != ENCODER_FORMAT:
-        raise PretrainedFormatError(f"{path}: not a file written by save_encoder")
-    if saved.get("version", 0) > ENCODER_VERSION:
-        raise PretrainedFormatError(f"{path}: encoder file version {saved['version']} is newer than this "
-                                    f"rnntl_fast understands ({ENCODER_VERSION})")
-    config = {**saved["config"], **overrides}
-    encoder = RecurrentEncoder.from_config(config)
-    reference = next(iter(saved["state_dict"].values()))
-    encoder.to(dtype=reference.dtype)
-    encoder.load_state_dict(saved["state_dict"], strict=True)
+    with naming_file(path, "torch.save file", TORCH_LOAD_ERRORS):
+        saved = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    with naming_file(path):
+        if not isinstance(saved, dict) or saved.get("format") != ENCODER_FORMAT:
+            raise PretrainedFormatError("not a file written by save_encoder")
+        if saved.get("version", 0) > ENCODER_VERSION:
+            raise PretrainedFormatError(f"encoder file version {saved['version']} is newer than this rnntl_fast "
+                                        f"understands ({ENCODER_VERSION})")
+        config, state = saved.get("config"), saved.get("state_dict")
+        if not isinstance(config, dict) or not isinstance(state, dict) or not state:
+            raise PretrainedFormatError("the encoder file lacks its config or its weights (entries 'config' and "
+                                        "'state_dict')")
+        missing = [key for key in ("vocab_size", "embedding_dim", "layers") if key not in config]
+        if missing:
+            raise PretrainedFormatError(f"the encoder config lacks {missing}")
+        try:
+            encoder = RecurrentEncoder.from_config({**config, **overrides})
+        except (TypeError, ValueError) as error:
+            raise PretrainedFormatError(f"the encoder config does not build an encoder: {error}") from error
+        check_state_dict(encoder.state_dict(), state, "the weights do not fit the encoder config")
+        encoder.to(dtype=next(iter(state.values())).dtype)
+        encoder.load_state_dict(state, strict=True)
     return encoder

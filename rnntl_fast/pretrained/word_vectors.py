@@ -2,17 +2,33 @@
 vocabulary, with a coverage report.
 
 Formats (all read in one streaming pass; nothing is read twice, and with a vocabulary
-only the vectors it needs are parsed and kept in memory; other lines are only checked for
-their number of fields):
-- "word2vec": header "<count> <dim>", then one "<token> <v1> ... <vdim>" line per vector.
-  fastText's .vec is this format ("fasttext" is accepted as a synonym).
+only the vectors it needs are kept in memory):
+- "word2vec": header "<count> <dim>", then one "<token> <v1> ... <vdim>" line per vector,
+  fields separated by single spaces (the token holds no space). fastText's .vec is this
+  format ("fasttext" is accepted as a synonym).
 - "word2vec-binary": the same header line, then per vector: the token's UTF-8 bytes, one
   space, dim little-endian float32 (optionally followed by "\\n", as word2vec.c writes).
 - "glove": no header; "<token> <v1> ... <vdim>" lines. The token is everything before the
-  last dim fields, so GloVe tokens containing spaces load; dim is taken from the first line
+  last dim fields, so GloVe tokens containing spaces load (unless the token's last word is
+  a number: that is a line with one number too many); dim is taken from the first line
   (fields - 1) unless given.
-- "auto": a first line of two integers means word2vec; then text if the first record
-  parses as a text line of dim numbers, else binary. Otherwise GloVe.
+- "auto": a first line of two integers means word2vec; then text if the first record is a
+  line without ASCII control bytes, else binary (float bytes nearly always hold some).
+  Otherwise GloVe.
+Files compressed with gzip, bzip2 or xz (.gz / .bz2 / .xz, recognised by their first
+bytes) are decompressed while reading.
+
+Parsing is strict (gensim's KeyedVectors.load_word2vec_format rejects all of these too,
+except where noted): a record with a field too many or too few, a non-number, an empty
+field (two spaces in a row), a header that is not two integers "count dim" with count >= 0
+and dim >= 1, fewer records than the header announces, a blank line between records, text
+that is not valid in `encoding`, and a damaged compressed stream raise
+PretrainedFormatError naming the file, the line (binary files: the record and its byte
+offset) and the reason. Stricter than gensim: records after the header's count, an empty
+token, a binary token with control characters (the previous vector's bytes, when the
+header's dimension is too small) and dim 0 are errors too. With a vocabulary, records it
+does not use are not parsed: they are checked for their field count, empty fields and
+characters no number contains (so "x" is an error there, a malformed "1..2" is not).
 
 Alignment to the user's vocabulary, per token, in this order: the exact token, then (if
 lowercase_fallback) its lower-case form; the first occurrence in the file wins. Rows
@@ -25,9 +41,15 @@ The padding row (padding_idx) is zero and is neither looked up nor counted as OO
 """
 from __future__ import annotations
 
+import bz2
+import codecs
 import dataclasses
+import gzip
 import io
+import lzma
 import os
+import re
+import zlib
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -74,114 +96,276 @@ class CoverageReport:
                 + (f", padding row {self.padding_idx}" if self.padding_idx is not None else ""))
 
 
-# -- readers -------------------------------------------------------------------------------
-def _parse_header(line: bytes) -> Optional[Tuple[int, int]]:
-    parts = line.split()
-    if len(parts) == 2 and all(part.isdigit() for part in parts):
-        return int(parts[0]), int(parts[1])
-    return None
+# -- bytes -----------------------------------------------------------------------------------
+_CHUNK = 1 << 20
+# The compressed formats gensim reads (through smart_open, by file extension), recognised
+# here by their first bytes so that a misnamed file reads too.
+_COMPRESSED = (("gzip", re.compile(rb"\x1f\x8b")), ("bzip2", re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")),
+               ("xz", re.compile(rb"\xfd7zXZ\x00")))
+_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
-def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: str, errors: str, keep=None):
-    """(token, vector [dim] float32), or (token, None) when keep(token) is false: the numbers
-    of unwanted lines are counted but not parsed, the expensive part of reading a big file."""
-    text = line.decode(encoding, errors=errors).rstrip()
-    parts = text.rsplit(" ", dim)
-    if len(parts) != dim + 1 or not parts[0]:
-        raise PretrainedFormatError(f"{path}:{line_number}: expected a token and {dim} numbers, got "
-                                    f"{len(text.split())} fields (wrong dimension, or for GloVe a token with "
-                                    "spaces on the first line: pass dim=)")
-    if keep is not None and not keep(parts[0]):
-        return parts[0], None
+class _Bytes:
+    """A vector file's bytes (decompressed when it is gzip / bzip2 / xz), read by lines or
+    blocks. A damaged or truncated compressed stream is a PretrainedFormatError naming the
+    file and where in it (`binary` switches that from a line number to a byte offset)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lines = 0         # lines returned by readline
+        self.offset = 0        # (decompressed) bytes returned so far
+        self.binary = False
+        self._file = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=_CHUNK)
+        try:
+            head = self._file.peek(16)[:16]
+            self.compression = next((name for name, magic in _COMPRESSED if magic.match(head)), None)
+            self._stream = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile,
+                            None: lambda f: f}[self.compression](self._file)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _call(self, method, argument: int) -> bytes:
+        try:
+            data = method(argument)
+        except _DECOMPRESSION_ERRORS as error:
+            if self.compression is None:
+                raise
+            where = f"byte {self.offset}" if self.binary else f"line {self.lines + 1}"
+            raise PretrainedFormatError(f"{self.path}: {where}: the {self.compression} stream is damaged or "
+                                        f"truncated ({error or type(error).__name__})") from error
+        self.offset += len(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._call(self._stream.readline, limit)
+        self.lines += bool(line)
+        return line
+
+    def read(self, size: int) -> bytes:
+        return self._call(self._stream.read, size)
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._file.close()
+
+
+# -- records ---------------------------------------------------------------------------------
+_INTEGER = re.compile(rb"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NUMBER_BYTES = b"0123456789.+-eEnNaAiIfFtTyY"   # every character of a number (nan, inf, infinity)
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # tab, \n, \r allowed
+
+
+def _decode(raw: bytes, path: str, where: str, encoding: str, errors: str) -> str:
+    try:
+        return raw.decode(encoding, errors)
+    except UnicodeDecodeError as error:
+        raise PretrainedFormatError(f"{path}: {where}: byte {error.start} is not valid {encoding} ({error.reason}); "
+                                    "pass encoding= or unicode_errors='replace'") from None
+
+
+def _text_record(line: bytes, dim: int, line_number: int, path: str, encoding: str, errors: str,
+                 glove: bool, dim_source: str, keep=None):
+    """(token, vector [dim] float32) of one text line, or (token, None) when keep(token) is
+    false (its fields are then checked, not parsed). GloVe tokens may contain spaces;
+    word2vec's may not."""
+    where = f"line {line_number}"
+    text = _decode(line.rstrip(), path, where, encoding, errors)
+    parts = text.rsplit(" ", dim) if glove else text.split(" ")
+    if len(parts) != dim + 1:
+        raise PretrainedFormatError(f"{path}: {where}: expected a token and {dim} numbers ({dim_source}), found "
+                                    f"a token and {len(parts) - 1} fields")
+    token = parts[0]
+    if glove and " " in token:   # a token with spaces, unless its last words are numbers
+        words, extra = token.split(" "), 0
+        while extra < len(words) - 1 and _NUMBER.fullmatch(words[-1 - extra]):
+            extra += 1
+        if extra:
+            raise PretrainedFormatError(f"{path}: {where}: expected a token and {dim} numbers ({dim_source}), "
+                                        f"found {' '.join(words[:-extra])!r} and {dim + extra} numbers")
+    if not token:
+        raise PretrainedFormatError(f"{path}: {where}: empty token (the line starts with a space)")
+    wanted = keep is None or keep(token)
+    if not wanted:
+        # Not parsed (the expensive part of reading a big file), only checked for empty
+        # fields and characters no number has; anything suspicious is parsed for the error.
+        numbers = text[len(token) + 1:]
+        leftover = numbers.encode("utf-8", "replace").translate(None, _NUMBER_BYTES)
+        if leftover == b" " * (dim - 1) and not numbers.startswith(" ") and "  " not in numbers:
+            return token, None
     try:
         vector = np.array(parts[1:], dtype=np.float32)
-    except ValueError as error:
-        raise PretrainedFormatError(f"{path}:{line_number}: not a number in {parts[1:]!r:.80}") from error
-    return parts[0], vector
+    except ValueError:
+        for position, field in enumerate(parts[1:], start=1):
+            try:
+                float(field)
+            except ValueError:
+                what = "is empty (two spaces in a row?)" if not field else f"{field[:40]!r} is not a number"
+                raise PretrainedFormatError(f"{path}: {where}: field {position} after the token {what}") from None
+        raise PretrainedFormatError(f"{path}: {where}: the fields after the token are not all numbers") from None
+    return token, (vector if wanted else None)
 
 
-def _iter_text(stream, path, dim, stop, announced, encoding, errors, line_number, keep=None) -> Iterator:
-    """Text records until `stop` records (None: end of file); `announced` is the header's count,
-    which the file must hold."""
-    read = 0
-    while stop is None or read < stop:
-        line = stream.readline()
+def _lines(source: _Bytes, first: Optional[bytes], number: int) -> Iterator[Tuple[int, bytes]]:
+    """(line number, bytes) from line `number` on; `first` is that line if already read."""
+    if first is not None:
+        yield number, first
+        number += 1
+    while True:
+        line = source.readline()
         if not line:
-            if announced is not None and read < stop:
-                raise PretrainedFormatError(f"{path}: the header announces {announced} vectors but the file ends "
-                                            f"after {read} (truncated?)")
             return
-        line_number += 1
-        if not line.strip():
-            continue
-        yield _text_record(line, dim, line_number, path, encoding, errors, keep)
-        read += 1
+        yield number, line
+        number += 1
 
 
-def _iter_binary(stream, path, dim, count, encoding, errors, keep=None) -> Iterator:
+def _iter_text(source: _Bytes, path: str, dim: int, glove: bool, dim_source: str, first: Optional[bytes],
+               first_number: int, announced: Optional[int], stop: Optional[int], check_rest: bool, encoding: str,
+               errors: str, keep) -> Iterator:
+    """Text records from line `first_number` until `stop` records (None: end of file).
+    `announced`: the header's count, which the file must hold; with `check_rest` nothing
+    but blank lines may follow the announced records."""
+    read, blank, number = 0, None, first_number - 1
+    lines = _lines(source, first, first_number)
+    if stop is None or stop > 0:
+        for number, line in lines:
+            if not line.strip():
+                blank = blank or number
+                continue
+            if blank is not None:
+                raise PretrainedFormatError(f"{path}: line {blank}: blank line between vectors")
+            yield _text_record(line, dim, number, path, encoding, errors, glove, dim_source, keep)
+            read += 1
+            if stop is not None and read >= stop:
+                break
+    if announced is not None and read < stop:
+        raise PretrainedFormatError(f"{path}: line {number}: the file ends after {read} of the {announced} vectors "
+                                    "the header announces (truncated?)")
+    if check_rest:
+        for number, line in lines:
+            if line.strip():
+                raise PretrainedFormatError(f"{path}: line {number}: more vectors than the {announced} the header "
+                                            "announces")
+
+
+def _iter_binary(source: _Bytes, path: str, dim: int, buffer: bytes, base: int, announced: int, stop: int,
+                 check_rest: bool, encoding: str, errors: str, keep) -> Iterator:
+    """Binary records: token bytes, a space, dim little-endian float32. `buffer` holds bytes
+    already read, starting at byte `base` of the file. Errors name the record and its byte."""
+    source.binary = True
     vector_bytes = 4 * dim
-    buffer = b""
     position = 0
-    chunk_size = 1 << 20
-    for read in range(count):
-        # Token: bytes up to the next space (word2vec.c may leave a newline before it).
-        while True:
+    for record in range(1, stop + 1):
+        where = f"record {record} of {announced} (byte {base + position})"
+        while True:   # the token: bytes up to the next space
             space = buffer.find(b" ", position)
             if space >= 0:
                 break
-            more = stream.read(chunk_size)
+            more = source.read(_CHUNK)
             if not more:
-                raise PretrainedFormatError(f"{path}: file ends inside record {read + 1} of {count} (truncated?)")
-            buffer, position = buffer[position:] + more, 0
+                raise PretrainedFormatError(f"{path}: {where}: the file ends inside the token (truncated, or the "
+                                            "header's count or dimension is wrong?)")
+            buffer, base, position = buffer[position:] + more, base + position, 0
+        # word2vec.c ends each vector with "\n", which the next record's token starts with
         token = buffer[position:space].lstrip(b"\n")
-        start = space + 1
-        while len(buffer) - start < vector_bytes:
-            more = stream.read(max(chunk_size, vector_bytes))
-            if not more:
-                raise PretrainedFormatError(f"{path}: file ends inside the vector of record {read + 1} of {count} "
-                                            f"({len(buffer) - start} of {vector_bytes} bytes; truncated, or the "
-                                            "header's dimension is wrong?)")
-            buffer, start = buffer[start:] + more, 0
-        try:
-            word = token.decode(encoding, errors=errors)
-        except UnicodeDecodeError as error:
-            raise PretrainedFormatError(f"{path}: record {read + 1}: token is not {encoding} (wrong format or "
-                                        "dimension?); pass unicode_errors='replace' to accept it") from error
+        where = f"record {record} of {announced} (byte {base + space - len(token)})"
+        word = _decode(token, path, where, encoding, errors)
         if not word:
-            raise PretrainedFormatError(f"{path}: record {read + 1}: empty token (wrong dimension in the header?)")
+            raise PretrainedFormatError(f"{path}: {where}: empty token (wrong dimension in the header?)")
+        if _CONTROL.search(word):
+            raise PretrainedFormatError(f"{path}: {where}: the token {word[:40]!r} holds control characters (wrong "
+                                        "dimension in the header, or not a word2vec binary file?)")
+        start = space + 1
+        if len(buffer) - start < vector_bytes:
+            pieces, have = [buffer[start:]], len(buffer) - start
+            while have < vector_bytes:
+                more = source.read(_CHUNK)
+                if not more:
+                    raise PretrainedFormatError(f"{path}: {where}: the file ends inside the vector ({have} of "
+                                                f"{vector_bytes} bytes; truncated, or the header's dimension is "
+                                                "wrong?)")
+                pieces.append(more)
+                have += len(more)
+            buffer, base, start = b"".join(pieces), base + start, 0
         vector = None
         if keep is None or keep(word):
             vector = np.frombuffer(buffer, dtype="<f4", count=dim, offset=start).astype(np.float32)
         position = start + vector_bytes
         yield word, vector
-        if position > chunk_size:   # drop what was consumed, keep memory bounded
-            buffer, position = buffer[position:], 0
+        if position > _CHUNK:   # drop what was consumed, keep memory bounded
+            buffer, base, position = buffer[position:], base + position, 0
+    if check_rest:
+        rest = buffer[position:]
+        while True:
+            if rest.strip():
+                offset = base + position + len(rest) - len(rest.lstrip())
+                raise PretrainedFormatError(f"{path}: byte {offset}: more data after the {announced} vectors the "
+                                            "header announces (wrong count or dimension in the header?)")
+            base, position = base + position + len(rest), 0
+            rest = source.read(_CHUNK)
+            if not rest:
+                return
 
 
-def _detect(stream, path: str, dim: Optional[int], encoding: str, errors: str):
-    """Returns (format, dim, count or None, index of the first data line)."""
-    start = stream.tell()
-    first = stream.readline()
-    header = _parse_header(first)
+def _parse_header(first: bytes, path: str, format: str) -> Optional[Tuple[int, int]]:
+    """(count, dim) of a word2vec header line; None when the first line is not one (GloVe)."""
+    fields = first.split()
+    if len(fields) < 2 or not all(_INTEGER.fullmatch(field) for field in fields):
+        return None
+    if len(fields) > 2:
+        if format == "glove":   # a GloVe record whose token and numbers are all integers
+            return None
+        raise PretrainedFormatError(f"{path}: line 1: {len(fields)} integers; a word2vec header is 'count dim' "
+                                    "(pass format='glove' if this line is a vector)")
+    count, dim = int(fields[0]), int(fields[1])
+    if count < 0 or dim < 1:
+        raise PretrainedFormatError(f"{path}: line 1: header {first.strip().decode()!r}: "
+                                    + ("the vector count is negative" if count < 0 else "the dimension must be >= 1"))
+    return count, dim
+
+
+def _looks_like_text(line: bytes) -> bool:
+    """Whether the first record after a header is a text line (else: binary): a whole line
+    without ASCII control bytes. Binary records hold float bytes, which almost always
+    include some (0x00 in most); text does not, even when damaged or in another encoding."""
+    return (not line or line.endswith(b"\n")) and not _CONTROL_BYTES.search(line)
+
+
+def _detect(source: _Bytes, path: str, format: str, dim: Optional[int], encoding: str, errors: str):
+    """Reads the header (if any) and the first record's line. Returns (format, dim, count or
+    None, the first record's bytes or None, its line number, dim_source)."""
+    first = source.readline()
+    if not first:
+        raise PretrainedFormatError(f"{path}: the file is empty")
+    header = _parse_header(first, path, format)
     if header is None:
-        stream.seek(start)
+        if format in ("word2vec", "word2vec-binary"):
+            raise PretrainedFormatError(f"{path}: line 1: format={format!r} needs a header line 'count dim', found "
+                                        f"{first[:60]!r}")
         if dim is None:
-            dim = len(first.decode(encoding, errors=errors).rstrip().split(" ")) - 1
+            dim = len(_decode(first.rstrip(), path, "line 1", encoding, errors).split(" ")) - 1
             if dim < 1:
-                raise PretrainedFormatError(f"{path}: the first line holds no vector")
-        return "glove", dim, None, 0
+                raise PretrainedFormatError(f"{path}: line 1: no vector after the token (a GloVe line is "
+                                            "'token v1 ... vdim')")
+            return "glove", dim, None, first, 1, "the dimension of line 1"
+        return "glove", dim, None, first, 1, f"dim={dim}"
+    if format == "glove":
+        raise PretrainedFormatError(f"{path}: line 1: format='glove' but the file has a word2vec header line "
+                                    f"{first.strip().decode()!r}")
     count, header_dim = header
     if dim is not None and dim != header_dim:
-        raise PretrainedFormatError(f"{path}: header says dim {header_dim}, dim={dim} was given")
-    after_header = stream.tell()
-    probe = stream.read(64 + 32 * header_dim)
-    stream.seek(after_header)
-    line = probe.split(b"\n", 1)[0]
-    try:
-        _text_record(line, header_dim, 2, path, encoding, "strict")
-        return "word2vec", header_dim, count, 1
-    except (PretrainedFormatError, UnicodeDecodeError):
-        return "word2vec-binary", header_dim, count, 1
+        raise PretrainedFormatError(f"{path}: line 1: the header says dim {header_dim}, dim={dim} was given")
+    if count == 0:
+        return ("word2vec" if format == "auto" else format), header_dim, 0, None, 2, "the header's dimension"
+    # A text record of header_dim numbers is far shorter than this; a binary one may hold a "\n" anywhere.
+    probe = source.readline(1024 + 64 * header_dim)
+    if format == "auto":
+        format = "word2vec" if _looks_like_text(probe) else "word2vec-binary"
+    return format, header_dim, count, probe, 2, "the header's dimension"
 
 
 def iter_word_vectors(path, *, format: str = "auto", dim: Optional[int] = None, limit: Optional[int] = None,
@@ -189,37 +373,52 @@ def iter_word_vectors(path, *, format: str = "auto", dim: Optional[int] = None, 
     """Streams (token, vector [dim] float32) records from a vector file, in file order,
     stopping after `limit` records. Returns (format, dim, count or None, iterator).
 
-    keep: optional predicate on tokens; records it rejects come back as (token, None)
-    without their numbers being parsed (their field count is still checked)."""
+    keep: optional predicate on tokens; records it rejects come back as (token, None), their
+    fields checked (count, empty fields, characters no number has) but not parsed."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if dim is not None and dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    codecs.lookup(encoding)   # an unknown encoding is the caller's error, before the file is opened
+    if format == "fasttext":
+        format = "word2vec"
     path = os.fspath(path)
-    stream = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=1 << 20)
+    source = _Bytes(path)
     try:
-        detected, found_dim, count, data_line = _detect(stream, path, dim, encoding, unicode_errors)
-        if format == "fasttext":
-            format = "word2vec"
-        if format != "auto":
-            if (format == "glove") != (detected == "glove"):
-                raise PretrainedFormatError(f"{path}: format={format!r} but the file "
-                                            f"{'has no' if detected == 'glove' else 'has a'} word2vec header line")
-            detected = format
+        format, dim, count, first, first_number, dim_source = _detect(source, path, format, dim, encoding,
+                                                                      unicode_errors)
     except BaseException:
-        stream.close()
+        source.close()
         raise
-    wanted = count if limit is None else (limit if count is None else min(count, limit))
+    stop = count if limit is None else (limit if count is None else min(count, limit))
+    check_rest = count is not None and (limit is None or limit >= count)
 
     def records():
-        with stream:
-            if detected == "word2vec-binary":
-                yield from _iter_binary(stream, path, found_dim, wanted, encoding, unicode_errors, keep)
+        try:
+            if format == "word2vec-binary":
+                yield from _iter_binary(source, path, dim, first or b"", source.offset - len(first or b""), count,
+                                        stop, check_rest, encoding, unicode_errors, keep)
             else:
-                yield from _iter_text(stream, path, found_dim, wanted, count, encoding, unicode_errors, data_line,
-                                      keep)
-    return detected, found_dim, count, records()
+                yield from _iter_text(source, path, dim, format == "glove", dim_source, first, first_number, count,
+                                      stop, check_rest, encoding, unicode_errors, keep)
+        finally:
+            source.close()
+    return format, dim, count, records()
 
 
 # -- alignment -----------------------------------------------------------------------------
+def _zeros(rows: int, dim: int, path, records: int) -> np.ndarray:
+    """A [rows, dim] float32 zero matrix; a dimension no memory can hold is the file's error."""
+    try:
+        return np.zeros((rows, dim), dtype=np.float32)
+    except MemoryError:
+        raise PretrainedFormatError(f"{os.fspath(path)}: line 1: the header's dimension {dim} needs a [{rows}, {dim}] "
+                                    f"matrix ({4 * rows * dim / 2**30:.1f} GiB), and the file's {records} vector(s) "
+                                    "do not show it is right") from None
+
+
 def _vocab_rows(vocab: Union[Sequence[str], Mapping[str, int]]) -> Tuple[List[str], Dict[str, int]]:
     if isinstance(vocab, Mapping):
         size = max(vocab.values()) + 1 if vocab else 0
@@ -261,14 +460,12 @@ def load_word_vectors(path, vocab: Union[Sequence[str], Mapping[str, int], None]
     """
     if oov_init not in ("normal", "zeros", "mean"):
         raise ValueError(f"oov_init must be 'normal', 'zeros' or 'mean', got {oov_init!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
     read = 0
     if vocab is None:
-        detected, dim, count, records = iter_word_vectors(path, format=format, dim=dim, limit=limit,
-                                                          encoding=encoding, unicode_errors=unicode_errors)
         if padding_idx is not None:
             raise ValueError("padding_idx needs a vocab (the file's rows have no padding row)")
+        detected, dim, count, records = iter_word_vectors(path, format=format, dim=dim, limit=limit,
+                                                          encoding=encoding, unicode_errors=unicode_errors)
         tokens, vectors, seen = [], [], set()
         for token, vector in records:
             read += 1
@@ -296,19 +493,23 @@ def load_word_vectors(path, vocab: Union[Sequence[str], Mapping[str, int], None]
         detected, dim, count, records = iter_word_vectors(
             path, format=format, dim=dim, limit=limit, encoding=encoding, unicode_errors=unicode_errors,
             keep=lambda token: token in rows or token in lower_wanted)
-        matrix = np.zeros((len(tokens), dim), dtype=np.float32)
-        exact = np.zeros(len(tokens), dtype=bool)
+        exact_vectors: Dict[int, np.ndarray] = {}
         lower_vectors: Dict[str, np.ndarray] = {}
         for token, vector in records:
             read += 1
-            if vector is None:   # a token nobody asked for (its numbers were not parsed)
+            if vector is None:   # a token nobody asked for
                 continue
             index = rows.get(token)
-            if index is not None and index != padding_idx and not exact[index]:
-                matrix[index] = vector
-                exact[index] = True
+            if index is not None and index != padding_idx and index not in exact_vectors:
+                exact_vectors[index] = vector
             if token in lower_wanted and token not in lower_vectors:
                 lower_vectors[token] = vector
+        # allocated only now: `dim` is the header's claim until a record confirmed it
+        matrix = _zeros(len(tokens), dim, path, read)
+        exact = np.zeros(len(tokens), dtype=bool)
+        for index, vector in exact_vectors.items():
+            matrix[index] = vector
+            exact[index] = True
         report = CoverageReport(os.fspath(path), detected, dim, read, len(tokens), padding_idx=padding_idx,
                                 tokens=tokens, oov_init=oov_init)
         found_rows = exact.copy()

@@ -5,6 +5,8 @@ import sys
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
+from ..cli_types import (CommandLineError, device, existing_file, file_errors, float_range, int_range, non_negative_int,
+                         output_directory, positive_float, positive_int, probability, seed)
 from ..machine import set_threads, thread_report
 from . import data
 from .pipeline import Recipe, RunControl
@@ -13,38 +15,44 @@ from .training import Distributed, setup_distributed
 DEFAULTS = Recipe()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, lm_epochs_minimum: int = 0) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size, help="largest vocabulary (with specials)")
-    group.add_argument("--min-freq", type=int, default=DEFAULTS.min_freq, help="drop words seen fewer times")
-    group.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens, help="truncate classifier texts")
-    group.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
-    group.add_argument("--hidden-size", type=int, default=DEFAULTS.hidden_size)
-    group.add_argument("--num-layers", type=int, default=DEFAULTS.num_layers)
+    group.add_argument("--vocab-size", type=int_range(4), default=DEFAULTS.vocab_size,
+                       help="largest vocabulary (with the 3 specials <pad>, <unk>, <eos>)")
+    group.add_argument("--min-freq", type=positive_int, default=DEFAULTS.min_freq, help="drop words seen fewer times")
+    group.add_argument("--max-tokens", type=positive_int, default=DEFAULTS.max_tokens,
+                       help="truncate classifier texts")
+    group.add_argument("--embedding-dim", type=positive_int, default=DEFAULTS.embedding_dim)
+    group.add_argument("--hidden-size", type=positive_int, default=DEFAULTS.hidden_size)
+    group.add_argument("--num-layers", type=positive_int, default=DEFAULTS.num_layers)
     group.add_argument("--cell", choices=("lstm", "gru"), default=DEFAULTS.cell)
-    group.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
-    group.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation and data order")
-    group.add_argument("--cut-frac", type=float, default=DEFAULTS.cut_frac, help="slanted triangular: warm-up fraction")
-    group.add_argument("--ratio", type=float, default=DEFAULTS.ratio, help="slanted triangular: peak / lowest lr")
-    group.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
+    group.add_argument("--dropout", type=probability, default=DEFAULTS.dropout)
+    group.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of initialisation and data order")
+    group.add_argument("--cut-frac", type=float_range(0.0, 1.0, low_open=True, high_open=True),
+                       default=DEFAULTS.cut_frac, help="slanted triangular: warm-up fraction")
+    group.add_argument("--ratio", type=float_range(1.0), default=DEFAULTS.ratio,
+                       help="slanted triangular: peak / lowest lr")
+    group.add_argument("--max-grad-norm", type=positive_float, default=DEFAULTS.max_grad_norm)
     lm = parser.add_argument_group("language-model pretraining")
-    lm.add_argument("--lm-text", action="append", default=[], metavar="PATH",
+    lm.add_argument("--lm-text", action="append", default=[], metavar="PATH", type=existing_file,
                     help="unlabelled text file (one document per line; .txt/.cor, optionally .bz2); repeatable")
-    lm.add_argument("--lm-epochs", type=int, default=DEFAULTS.lm_epochs)
-    lm.add_argument("--lm-batch-size", type=int, default=DEFAULTS.lm_batch_size)
-    lm.add_argument("--lm-chunk-length", type=int, default=DEFAULTS.lm_chunk_length)
-    lm.add_argument("--lm-lr", type=float, default=DEFAULTS.lm_lr)
+    lm.add_argument("--lm-epochs", type=int_range(lm_epochs_minimum), default=DEFAULTS.lm_epochs)
+    lm.add_argument("--lm-batch-size", type=positive_int, default=DEFAULTS.lm_batch_size)
+    lm.add_argument("--lm-chunk-length", type=positive_int, default=DEFAULTS.lm_chunk_length)
+    lm.add_argument("--lm-lr", type=positive_float, default=DEFAULTS.lm_lr)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--output-dir", default=default_output, help="metrics JSON, PNG and checkpoints go here")
+    group.add_argument("--output-dir", type=output_directory, default=default_output,
+                       help="metrics JSON, PNG and checkpoints go here")
     group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
-    group.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    group.add_argument("--stop-after-steps", type=int, default=None,
+    group.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                       help="also checkpoint every N steps (0: only at the ends of phases)")
+    group.add_argument("--stop-after-steps", type=positive_int, default=None,
                        help="checkpoint and stop after N optimizer steps (summed over phases); resume with --resume")
-    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    group.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    group.add_argument("--device", type=device, default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    group.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads per process")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -54,6 +62,20 @@ def recipe_from_args(args) -> Recipe:
         if hasattr(args, item.name):
             values[item.name] = getattr(args, item.name)
     return Recipe(**values)
+
+
+def check_freeze_patterns(recipe: Recipe) -> None:
+    """Each --freeze-pattern must match a parameter of the classifier: checked on a stand-in
+    model before anything trains (a typo would otherwise stop the run after pretraining)."""
+    if not recipe.freeze_patterns:
+        return
+    from .freezing import set_trainable
+    from .pipeline import build_classifier
+    try:
+        set_trainable(build_classifier(recipe, vocab_size=8, num_classes=2, device="cpu"), recipe.freeze_patterns,
+                      False)
+    except ValueError as error:
+        raise CommandLineError(f"--freeze-pattern: {error}") from None
 
 
 def control_from_args(args, place: Distributed) -> RunControl:
@@ -67,9 +89,17 @@ def start(args) -> Distributed:
     set_threads(args.threads)
     place = setup_distributed(args.device)
     log(place, thread_report(args.threads))
-    if place.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if place.is_main and not os.path.isdir(args.output_dir):
+        with file_errors("--output-dir", args.output_dir):
+            os.makedirs(args.output_dir)
+        # a run that stops early leaves no empty folder behind (rnntl_fast.cli.main runs this)
+        args.undo_on_error = [lambda: _remove_if_empty(args.output_dir)]
     return place
+
+
+def _remove_if_empty(folder: str) -> None:
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def log(place: Distributed, message: str) -> None:
@@ -105,8 +135,6 @@ def labelled_size(args) -> Optional[int]:
     requested = getattr(args, "labelled_size", None)
     if requested is None:
         return None if getattr(args, "train_csv", None) else EMBEDDED_LABELLED_SIZE
-    if requested < 0:
-        raise SystemExit(f"--labelled-size must be >= 0 (0: all), got {requested}")
     return requested or None
 
 
@@ -123,10 +151,12 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
     description = {}
     lm_docs: List[str] = []
     if train_csv:
-        labelled = data.read_labelled_csv(train_csv, args.text_column, args.label_column, classes)
+        with file_errors("--train-csv", train_csv):
+            labelled = data.read_labelled_csv(train_csv, args.text_column, args.label_column, classes)
         description["labelled"] = {"train_csv": os.path.abspath(train_csv), "classes": labelled.classes}
         if getattr(args, "test_csv", None):
-            test = data.read_labelled_csv(args.test_csv, args.text_column, args.label_column, labelled.classes)
+            with file_errors("--test-csv", args.test_csv):
+                test = data.read_labelled_csv(args.test_csv, args.text_column, args.label_column, labelled.classes)
             train_part, valid_part = data.split_indices(len(labelled.texts), [0.9], split_seed)
             train, valid = _subset(labelled, train_part), _subset(labelled, valid_part)
             description["labelled"]["test_csv"] = os.path.abspath(args.test_csv)
@@ -146,7 +176,8 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
             lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
             lm_docs += plots + lee
     for path in args.lm_text:
-        documents = data.read_text_file(path)
+        with file_errors("--lm-text", path):
+            documents = data.read_text_file(path)
         lm_sources[os.path.abspath(path)] = len(documents)
         lm_docs += documents
     if not getattr(args, "no_lm_train_text", False):

@@ -8,10 +8,13 @@ Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on GPU)
 import dataclasses
 import json
 import os
+import pickle
 import time
 
 import torch
 
+from ..cli_types import (existing_file, file_errors, non_negative_float, non_negative_int, positive_float,
+                         positive_int, seed)
 from . import cli_common
 from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
 from .data import EncodedTexts
@@ -27,13 +30,14 @@ PRETRAINED_FORMATS = ("torch", "keras", "tf1", "elmo", "onnx")
 def add_arguments(parser) -> None:
     parser.description = __doc__
     source = parser.add_argument_group("labelled data (default: the embedded Rotten Tomatoes fresh/rotten reviews)")
-    source.add_argument("--train-csv", help="CSV/TSV with a header row; split 70/10/20 unless --test-csv is given")
-    source.add_argument("--test-csv", help="held-out CSV with the same columns")
+    source.add_argument("--train-csv", type=existing_file,
+                        help="CSV/TSV with a header row; split 70/10/20 unless --test-csv is given")
+    source.add_argument("--test-csv", type=existing_file, help="held-out CSV with the same columns")
     source.add_argument("--text-column", default="text")
     source.add_argument("--label-column", default="label")
     source.add_argument("--classes", help="comma-separated label values, in class-id order (others are errors)")
-    source.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/test split")
-    source.add_argument("--labelled-size", type=int, default=None, metavar="N",
+    source.add_argument("--split-seed", type=seed, default=0, help="seed of the train/valid/test split")
+    source.add_argument("--labelled-size", type=non_negative_int, default=None, metavar="N",
                         help="train the classifier on N labelled examples of the training split (a seeded "
                              "subset; all training texts still go to the LM without labels). Default: "
                              f"{cli_common.EMBEDDED_LABELLED_SIZE} for the embedded data, all for --train-csv; 0: all")
@@ -44,22 +48,29 @@ def add_arguments(parser) -> None:
     model.add_argument("--bidirectional", action="store_true",
                        help="bidirectional classifier (the LM's weights fill the forward direction)")
     model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling)
-    model.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    model.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch (all processes)")
-    model.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak lr of the top layer group")
-    model.add_argument("--scratch-lr", type=float, default=None, help="peak lr of the scratch baseline (default --lr)")
-    model.add_argument("--lr-factor", type=float, default=DEFAULTS.lr_factor,
+    model.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs)
+    model.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
+                       help="global batch (all processes)")
+    model.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak lr of the top layer group")
+    model.add_argument("--scratch-lr", type=positive_float, default=None,
+                       help="peak lr of the scratch baseline (default --lr)")
+    model.add_argument("--lr-factor", type=positive_float, default=DEFAULTS.lr_factor,
                        help="discriminative lr: each group down gets lr / factor")
     model.add_argument("--freeze", choices=FREEZE_POLICIES, default=DEFAULTS.freeze,
                        help="gradual: ULMFiT unfreezing, one more layer group per epoch from the top")
-    model.add_argument("--unfreeze-every", type=int, default=DEFAULTS.unfreeze_every, help="epochs per unfreezing")
+    model.add_argument("--unfreeze-every", type=positive_int, default=DEFAULTS.unfreeze_every,
+                       help="epochs per unfreezing")
     model.add_argument("--freeze-pattern", dest="freeze_patterns", action="append", default=[], metavar="GLOB",
                        help="also keep parameters matching this name pattern frozen, e.g. 'encoder.rnn.*_l0*'")
-    model.add_argument("--l2sp-alpha", type=float, default=DEFAULTS.l2sp_alpha, help="L2-SP pull to pretrained")
-    model.add_argument("--l2sp-beta", type=float, default=DEFAULTS.l2sp_beta, help="L2 on new (head) weights")
+    model.add_argument("--l2sp-alpha", type=non_negative_float, default=DEFAULTS.l2sp_alpha,
+                       help="L2-SP pull to pretrained")
+    model.add_argument("--l2sp-beta", type=non_negative_float, default=DEFAULTS.l2sp_beta,
+                       help="L2 on new (head) weights")
     pretrained = parser.add_argument_group("pretrained files (instead of in-run LM pretraining)")
-    pretrained.add_argument("--encoder", help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
-    pretrained.add_argument("--pretrained-vectors", help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
+    pretrained.add_argument("--encoder", type=existing_file,
+                            help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
+    pretrained.add_argument("--pretrained-vectors", type=existing_file,
+                            help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
     pretrained.add_argument("--train-missing-rows-only", action="store_true",
                             help="with --pretrained-vectors: train only rows of words the vectors lack")
     pretrained.add_argument("--pretrained-rnn", help="a pretrained recurrent layer file (via rnntl_fast.pretrained)")
@@ -68,10 +79,10 @@ def add_arguments(parser) -> None:
                                                        "the file's only recurrent layer)")
     run = parser.add_argument_group("comparisons")
     run.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
-    run.add_argument("--repeats", type=int, default=3, metavar="N",
+    run.add_argument("--repeats", type=positive_int, default=3, metavar="N",
                      help="train transfer and scratch N times each (seeds --seed .. --seed+N-1: initialisation of "
                           "new weights, dropout, data order) and report mean and standard deviation")
-    run.add_argument("--throughput-steps", type=int, default=12,
+    run.add_argument("--throughput-steps", type=non_negative_int, default=12,
                      help="training steps per provider per round for the rnntl_fast vs torch.nn timing (0: skip)")
     add_run_arguments(parser, default_output="rnntl_fast_finetune")
 
@@ -87,7 +98,8 @@ def _user_pretrained(args, vocab, recipe):
     from .. import pretrained
     if args.pretrained_vectors:
         # vocab.itos: row i of the embedding is word i; row 0 is padding
-        embedding, coverage = pretrained.load_word_vectors(args.pretrained_vectors, vocab.itos, padding_idx=0)
+        with file_errors("--pretrained-vectors", args.pretrained_vectors):
+            embedding, coverage = pretrained.load_word_vectors(args.pretrained_vectors, vocab.itos, padding_idx=0)
         if embedding.embedding_dim != recipe.embedding_dim:
             raise SystemExit(f"{args.pretrained_vectors}: vectors have {embedding.embedding_dim} dimensions; "
                              f"pass --embedding-dim {embedding.embedding_dim}")
@@ -98,7 +110,8 @@ def _user_pretrained(args, vocab, recipe):
             embedding = PartiallyFrozenEmbedding.from_embedding(embedding, rows)
             report["trainable_embedding_rows"] = len(rows)
     if args.pretrained_rnn:
-        layers = getattr(pretrained, f"load_{args.pretrained_format}")(args.pretrained_rnn)
+        with file_errors("--pretrained-rnn", args.pretrained_rnn):
+            layers = getattr(pretrained, f"load_{args.pretrained_format}")(args.pretrained_rnn)
         if args.pretrained_layer is not None:
             if args.pretrained_layer not in layers:
                 raise SystemExit(f"{args.pretrained_rnn}: no recurrent layer {args.pretrained_layer!r}; "
@@ -125,30 +138,26 @@ def _user_pretrained(args, vocab, recipe):
 
 def run(args) -> int:
     started = time.perf_counter()
-    new_output_dir = not os.path.exists(args.output_dir)
     place = cli_common.start(args)
     try:
         return _run(args, place, started)
-    except BaseException:
-        # a run that fails before writing anything leaves no empty output folder behind
-        if new_output_dir and place.is_main and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
-            os.rmdir(args.output_dir)
-        raise
     finally:
         teardown_distributed(place)
 
 
 def _run(args, place, started) -> int:
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     recipe = cli_common.recipe_from_args(args)
+    cli_common.check_freeze_patterns(recipe)
     control = cli_common.control_from_args(args, place)
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     encoder_state, vocab = None, None
     if args.encoder:
-        encoder_file, vocab = load_encoder(args.encoder)
+        # torch.load's errors for a damaged file; ValueError: not an encoder file
+        with file_errors("--encoder", args.encoder, unreadable=(RuntimeError, pickle.UnpicklingError, EOFError,
+                                                                 ValueError)):
+            encoder_file, vocab = load_encoder(args.encoder)
         encoder_state = encoder_file["encoder"]
         metrics["pretrained_encoder"] = os.path.abspath(args.encoder)
         if encoder_file["encoder_config"]["hidden_size"] != recipe.hidden_size or \

@@ -45,7 +45,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         embedded = self.dropout(self.embedding(ids))
-        outputs, state = self.rnn(embedded, lengths=lengths)  # the kernels mask by lengths
+        outputs, state = fast_nn.run_with_lengths(self.rnn, embedded, lengths)
         h_n = state[0] if isinstance(state, tuple) else state  # [L*D, B, H]
         last = h_n[-self.directions:].transpose(0, 1).reshape(ids.shape[0], -1)
         return outputs, last

@@ -6,6 +6,7 @@ labels). Under torchrun it trains with DistributedDataParallel."""
 import json
 import os
 
+from ..cli_types import seed
 from . import cli_common
 from .pipeline import pretrain_language_model, save_encoder
 from .training import StopRequested, teardown_distributed
@@ -13,11 +14,11 @@ from .training import StopRequested, teardown_distributed
 
 def add_arguments(parser) -> None:
     parser.description = __doc__
-    parser.add_argument("--split-seed", type=int, default=0,
+    parser.add_argument("--split-seed", type=seed, default=0,
                         help="seed of the default data's split (its training texts join the LM text)")
     parser.add_argument("--no-lm-train-text", action="store_true",
                         help="do not add the default training split's review texts to the LM's text")
-    cli_common.add_model_arguments(parser)
+    cli_common.add_model_arguments(parser, lm_epochs_minimum=1)
     cli_common.add_run_arguments(parser, default_output="rnntl_fast_pretrain")
 
 
