@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import cli_common
+from . import cli_common, methods
 from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
@@ -73,6 +73,7 @@ def add_arguments(parser) -> None:
                           "new weights, dropout, data order) and report mean and standard deviation")
     run.add_argument("--throughput-steps", type=int, default=12,
                      help="training steps per provider per round for the rnntl_fast vs torch.nn timing (0: skip)")
+    methods.add_method_arguments(parser)
     add_run_arguments(parser, default_output="rnntl_fast_finetune")
 
 
@@ -140,7 +141,7 @@ def _run(args, place, started) -> int:
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    encoder_state, vocab = None, None
+    encoder_state, vocab, language_model = None, None, None
     if args.encoder:
         encoder_file, vocab = load_encoder(args.encoder)
         encoder_state = encoder_file["encoder"]
@@ -175,8 +176,12 @@ def _run(args, place, started) -> int:
         transferred = encoder_state is not None or embedding is not None
         arms = ["transfer", "scratch"] if transferred and not args.no_scratch else \
             ["transfer" if transferred else "scratch"]
+        if args.methods:  # the methods table replaces the two arms (its finetune and scratch rows are them)
+            arms = []
         runs = {arm: [] for arm in arms}
-        transfer_model = None
+        transfer_model = methods.run_from_cli(args, language_model, prepared, vocab, sets, len(classes), recipe,
+                                              control, metrics, log=lambda text: log(place, text)) \
+            if args.methods else None
         for repeat in range(args.repeats):  # arms alternate so that a cut-short run still compares both
             repeat_recipe = dataclasses.replace(recipe, seed=recipe.seed + repeat)
             for arm in arms:
@@ -250,6 +255,8 @@ def _summary_lines(metrics: dict, output_dir: str) -> str:
         lines.append(f"transfer {verdict} scratch: {gain:+.4f} mean test accuracy"
                      + (f" (ahead in {wins} of {len(gains)} seeds: {', '.join(f'{g:+.3f}' for g in gains)})"
                         if len(gains) > 1 else ""))
+    if metrics.get("methods"):
+        lines.append(methods.methods_table(metrics["methods"]["table"]))
     if metrics.get("throughput"):
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "
