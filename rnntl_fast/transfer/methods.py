@@ -15,9 +15,9 @@ forgetting measured (docs/finetune.md, "Transfer methods"):
 
 Forgetting: the LM perplexity, on the held-out LM text, of each run's encoder under the
 pretrained LM head (kept unchanged), against the pretrained LM's own perplexity."""
+import argparse
 import copy
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .argtypes import positive_float, positive_int
 from .contextual import BiLanguageModelFeatures, ElmoClassifier
 from .data import EncodedTexts, LanguageModelChunks, tokenize
 from .models import LanguageModel, TextClassifier, TextEncoder
@@ -51,7 +52,6 @@ class MethodSettings:
 
 def parse_methods(text: str) -> List[str]:
     """'all' or a comma-separated list of METHODS (argparse type: a bad name is a usage error)."""
-    import argparse
     if text.strip() == "all":
         return list(METHODS)
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -68,34 +68,12 @@ def add_method_arguments(parser) -> None:
     group.add_argument("--methods", type=parse_methods, default=None, metavar="LIST",
                        help=f"compare transfer methods ({', '.join(METHODS)}; 'all'): one table in metrics.json "
                             "under 'methods'. Default: only the transfer and scratch arms")
-    group.add_argument("--penalty-alpha", type=_positive_float, default=defaults.penalty_alpha,
+    group.add_argument("--penalty-alpha", type=positive_float, default=defaults.penalty_alpha,
                        help="alpha of the l2sp and ewc methods")
-    group.add_argument("--ewc-chunks", type=_positive_int, default=defaults.ewc_chunks,
+    group.add_argument("--ewc-chunks", type=positive_int, default=defaults.ewc_chunks,
                        help="LM chunks the ewc method's Fisher is estimated on")
-    group.add_argument("--multitask-lm-weight", type=_positive_float, default=defaults.multitask_lm_weight,
+    group.add_argument("--multitask-lm-weight", type=positive_float, default=defaults.multitask_lm_weight,
                        help="mu of the multitask method: classifier loss + mu * LM loss")
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def settings_from_args(args) -> MethodSettings:
