@@ -228,7 +228,7 @@ def train_classifier(name: str, train_set: EncodedTexts, valid_set: EncodedTexts
     layers, one lr, same schedule and epochs). Returns (model, summary).
 
     For the transfer methods (rnntl_fast/transfer/methods.py): `model` replaces the
-    recipe's TextClassifier (it needs .encoder and .layer_groups()), `loss_fn(model,
+    recipe's TextClassifier (it needs .layer_groups(), and .encoder to receive encoder_state), `loss_fn(model,
     batch)` the cross-entropy, and `regularizer_factory(model)` the L2-SP penalty."""
     place = control.place
     if model is None:
