@@ -232,6 +232,8 @@ def test_bilm_features_read_each_row_both_ways_despite_padding():
         embedded = torch.cat([forward.embedding(real)[0]] * 2 + [backward.embedding(real)[0]] * 2, dim=-1)
         torch.testing.assert_close(layers[0][row, :lengths[row]], embedded)
     assert torch.equal(reverse_within_length(reverse_within_length(ids, lengths), lengths), ids)
+    ElmoClassifier(features, 2)  # freezes its copies, not the language models
+    assert all(p.requires_grad for p in [*forward.parameters(), *backward.parameters()])
 
 
 def _write_elmo(path, rng, inputs, hidden, proj, n_layers):

@@ -12,6 +12,7 @@ and its outputs are put back in the original order, so position t of every layer
 the words left of t (forward half) and right of t (backward half). The same modules serve
 the LMs pretrained by `rnntl-fast finetune --methods elmo` and the biLM LSTMs of a
 bilm-tf / AllenNLP weight file loaded with `rnntl_fast.pretrained.load_elmo`."""
+import copy
 from typing import List, Mapping, Optional, Sequence
 
 import torch
@@ -105,9 +106,10 @@ class BiLanguageModelFeatures(nn.Module):
 
     @classmethod
     def from_language_models(cls, forward_encoder: TextEncoder, backward_encoder: TextEncoder):
-        """From the encoders of a forward and a backward LanguageModel (weights copied)."""
-        return cls(forward_encoder.embedding, backward_encoder.embedding, split_layers(forward_encoder.rnn),
-                   split_layers(backward_encoder.rnn))
+        """From the encoders of a forward and a backward LanguageModel (weights copied: the
+        LMs themselves are left as they are)."""
+        return cls(copy.deepcopy(forward_encoder.embedding), copy.deepcopy(backward_encoder.embedding),
+                   split_layers(forward_encoder.rnn), split_layers(backward_encoder.rnn))
 
     @classmethod
     def from_elmo(cls, layers: Mapping[str, nn.Module], embedding: nn.Module, skip_connections: bool = True):
