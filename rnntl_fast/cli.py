@@ -1,4 +1,4 @@
-"""The `rnntl-fast` command (also `python -m rnntl_fast`): info, bench, pretrain, finetune.
+"""The `rnntl-fast` command (also `python -m rnntl_fast`): info, bench, pretrain, finetune, domain-adapt.
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and
 `run(args) -> int`; they are imported only when their subcommand runs, so that `rnntl-fast
@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "bench": ("rnntl_fast.bench.cli", "time rnntl_fast against torch.nn on this machine"),
     "pretrain": ("rnntl_fast.transfer.pretrain_cli", "pretrain a word-level LSTM language model"),
     "finetune": ("rnntl_fast.transfer.finetune_cli", "pretrain-then-transfer sentiment fine-tuning (main job)"),
+    "domain-adapt": ("rnntl_fast.transfer.domain_adapt_cli",
+                     "domain-adversarial training (gradient reversal) from a labelled to an unlabelled domain"),
 }
 USAGE_ERROR = 2
 

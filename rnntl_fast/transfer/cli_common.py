@@ -89,12 +89,18 @@ def start(args) -> Distributed:
     set_threads(args.threads)
     place = setup_distributed(args.device)
     log(place, thread_report(args.threads))
-    if place.is_main and not os.path.isdir(args.output_dir):
+    if place.is_main:
+        make_output_dir(args)
+    return place
+
+
+def make_output_dir(args) -> None:
+    """Creates --output-dir if needed; one the run created and left empty is removed again
+    when the run stops early (rnntl_fast.cli.main runs args.undo_on_error)."""
+    if not os.path.isdir(args.output_dir):
         with file_errors("--output-dir", args.output_dir):
             os.makedirs(args.output_dir)
-        # a run that stops early leaves no empty folder behind (rnntl_fast.cli.main runs this)
         args.undo_on_error = [lambda: _remove_if_empty(args.output_dir)]
-    return place
 
 
 def _remove_if_empty(folder: str) -> None:

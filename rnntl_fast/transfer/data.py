@@ -11,6 +11,7 @@ Embedded corpora (no network at run time):
 import bz2
 import collections
 import csv
+import gzip
 import importlib.util
 import io
 import os
@@ -97,6 +98,8 @@ def read_labelled_csv(path: str, text_column: str = "text", label_column: str = 
 def _open_text(path: str):
     if path.endswith(".bz2"):
         return io.TextIOWrapper(bz2.open(path, "rb"), encoding="utf-8", newline="")
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
 
 
@@ -125,7 +128,8 @@ def _parse_labelled(handle, path, text_column, label_column, classes, skip_label
         if not text:
             raise DataError(f"{path}: line {line}: empty text in column {text_column!r}")
         if classes is not None and label not in classes:
-            raise DataError(f"{path}: line {line}: unknown label {label!r}; expected one of {list(classes)}")
+            raise DataError(f"{path}: line {line}: unknown label {label!r} in column {label_column!r}; expected one of "
+                            f"{list(classes)}")
         raw.append((text, label, line))
     if not raw:
         raise DataError(f"{path}: no labelled rows")

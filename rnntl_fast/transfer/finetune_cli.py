@@ -15,7 +15,7 @@ import torch
 
 from ..cli_types import (existing_file, file_errors, non_negative_float, non_negative_int, positive_float,
                          positive_int, seed)
-from . import cli_common
+from . import cli_common, methods
 from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
@@ -84,6 +84,7 @@ def add_arguments(parser) -> None:
                           "new weights, dropout, data order) and report mean and standard deviation")
     run.add_argument("--throughput-steps", type=non_negative_int, default=12,
                      help="training steps per provider per round for the rnntl_fast vs torch.nn timing (0: skip)")
+    methods.add_method_arguments(parser)
     add_run_arguments(parser, default_output="rnntl_fast_finetune")
 
 
@@ -152,7 +153,7 @@ def _run(args, place, started) -> int:
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    encoder_state, vocab = None, None
+    encoder_state, vocab, language_model = None, None, None
     if args.encoder:
         # torch.load's errors for a damaged file; ValueError: not an encoder file
         with file_errors("--encoder", args.encoder, unreadable=(RuntimeError, pickle.UnpicklingError, EOFError,
@@ -190,8 +191,12 @@ def _run(args, place, started) -> int:
         transferred = encoder_state is not None or embedding is not None
         arms = ["transfer", "scratch"] if transferred and not args.no_scratch else \
             ["transfer" if transferred else "scratch"]
+        if args.methods:  # the methods table replaces the two arms (its finetune and scratch rows are them)
+            arms = []
         runs = {arm: [] for arm in arms}
-        transfer_model = None
+        transfer_model = methods.run_from_cli(args, language_model, prepared, vocab, sets, len(classes), recipe,
+                                              control, metrics, log=lambda text: log(place, text)) \
+            if args.methods else None
         for repeat in range(args.repeats):  # arms alternate so that a cut-short run still compares both
             repeat_recipe = dataclasses.replace(recipe, seed=recipe.seed + repeat)
             for arm in arms:
@@ -265,6 +270,8 @@ def _summary_lines(metrics: dict, output_dir: str) -> str:
         lines.append(f"transfer {verdict} scratch: {gain:+.4f} mean test accuracy"
                      + (f" (ahead in {wins} of {len(gains)} seeds: {', '.join(f'{g:+.3f}' for g in gains)})"
                         if len(gains) > 1 else ""))
+    if metrics.get("methods"):
+        lines.append(methods.methods_table(metrics["methods"]["table"]))
     if metrics.get("throughput"):
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "

@@ -221,11 +221,18 @@ def _apply_freeze_policy(model: TextClassifier, recipe: Recipe, transferred: boo
 
 def train_classifier(name: str, train_set: EncodedTexts, valid_set: EncodedTexts, test_set: EncodedTexts,
                      num_classes: int, vocab_size: int, recipe: Recipe, control: RunControl,
-                     encoder_state: Optional[dict] = None, embedding: Optional[nn.Module] = None) -> Tuple[TextClassifier, dict]:
+                     encoder_state: Optional[dict] = None, embedding: Optional[nn.Module] = None,
+                     model: Optional[nn.Module] = None, loss_fn=_classifier_loss,
+                     regularizer_factory=None) -> Tuple[TextClassifier, dict]:
     """Fine-tunes (encoder_state given: ULMFiT recipe) or trains from scratch (plain: all
-    layers, one lr, same schedule and epochs). Returns (model, summary)."""
+    layers, one lr, same schedule and epochs). Returns (model, summary).
+
+    For the transfer methods (rnntl_fast/transfer/methods.py): `model` replaces the
+    recipe's TextClassifier (it needs .layer_groups(), and .encoder to receive encoder_state), `loss_fn(model,
+    batch)` the cross-entropy, and `regularizer_factory(model)` the L2-SP penalty."""
     place = control.place
-    model = build_classifier(recipe, vocab_size, num_classes, place.device)
+    if model is None:
+        model = build_classifier(recipe, vocab_size, num_classes, place.device)
     transferred_names: List[str] = []
     if encoder_state is not None:
         transferred_names = transfer_encoder(model, encoder_state)
@@ -238,9 +245,11 @@ def train_classifier(name: str, train_set: EncodedTexts, valid_set: EncodedTexts
     lr = recipe.lr if transferred or recipe.scratch_lr is None else recipe.scratch_lr
     optimizer = torch.optim.Adam(discriminative_param_groups(model.layer_groups(), lr, factor), betas=(0.8, 0.99))
     regularizer = None
-    if transferred and (recipe.l2sp_alpha > 0 or recipe.l2sp_beta > 0):
+    if regularizer_factory is not None:
+        regularizer = regularizer_factory(model).to(place.device)
+    elif transferred and (recipe.l2sp_alpha > 0 or recipe.l2sp_beta > 0):
         regularizer = L2SP(model, recipe.l2sp_alpha, recipe.l2sp_beta, transferred=transferred_names).to(place.device)
-    trainer = Trainer(model, optimizer, None, _classifier_loss, train_set, collate, recipe.batch_size, recipe.epochs,
+    trainer = Trainer(model, optimizer, None, loss_fn, train_set, collate, recipe.batch_size, recipe.epochs,
                       seed=recipe.seed, place=place, unfreezer=unfreezer, regularizer=regularizer,
                       evaluate=lambda m: {"valid_accuracy": accuracy(m, valid_set, device=place.device)},
                       checkpoint_path=control.checkpoint(name), checkpoint_every=control.checkpoint_every,

@@ -1,0 +1,361 @@
+"""`rnntl-fast finetune --methods LIST`: several ways of transferring the pretrained
+language model into the classifier, on the same data, recipe and seeds, with catastrophic
+forgetting measured (docs/finetune.md, "Transfer methods"):
+
+    scratch    no transfer: the classifier from random weights (the baseline)
+    finetune   the LM's encoder, every layer fine-tuned (the default transfer arm)
+    features   the LM's encoder frozen; only the head trains (feature extraction)
+    gradual    ULMFiT: gradual unfreezing + discriminative rates (/2.6 per group) + STLR
+    l2sp       finetune + alpha * ||w - w0||^2 on the transferred weights
+    ewc        finetune + alpha * sum_i F_i / mean(F) * (w_i - w0_i)^2, F the diagonal
+               Fisher of the LM loss on LM training text
+    multitask  finetune + mu * LM loss (next-word NLL on LM text, the LM head kept frozen)
+    adapt      the encoder grown by one new recurrent layer stacked on the transferred ones
+    elmo       a frozen forward + backward LM; the head reads a learned scalar mix of layers
+
+Forgetting: the LM perplexity, on the held-out LM text, of each run's encoder under the
+pretrained LM head (kept unchanged), against the pretrained LM's own perplexity."""
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cli_types import positive_float, positive_int
+from .contextual import BiLanguageModelFeatures, ElmoClassifier
+from .data import EncodedTexts, LanguageModelChunks, tokenize
+from .models import LanguageModel, TextClassifier, TextEncoder
+from .pipeline import (Recipe, RunControl, _seed_model_init, language_model_perplexity, pretrain_language_model,
+                       train_classifier)
+from .regularizers import EWC, diagonal_fisher
+
+METHODS = ("scratch", "finetune", "features", "gradual", "l2sp", "ewc", "multitask", "adapt", "elmo")
+
+
+@dataclass
+class MethodSettings:
+    """The methods' own hyperparameters (recorded in metrics.json; set before any run,
+    never chosen on test data)."""
+    penalty_alpha: float = 1e-2      # l2sp and ewc: same alpha, so they differ only by the Fisher weights
+    ewc_chunks: int = 256            # LM training chunks for the Fisher estimate (one backward each)
+    multitask_lm_weight: float = 1.0  # mu: classifier loss + mu * LM loss
+    gradual_lr_factor: float = 2.6   # ULMFiT's discriminative factor
+    adapt_new_layers: int = 1        # recurrent layers stacked on the transferred ones
+
+
+def parse_methods(text: str) -> List[str]:
+    """'all' or a comma-separated list of METHODS (argparse type: a bad name is a usage error)."""
+    if text.strip() == "all":
+        return list(METHODS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} "
+                                         "or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def add_method_arguments(parser) -> None:
+    defaults = MethodSettings()
+    group = parser.add_argument_group("transfer methods (docs/finetune.md)")
+    group.add_argument("--methods", type=parse_methods, default=None, metavar="LIST",
+                       help=f"compare transfer methods ({', '.join(METHODS)}; 'all'): one table in metrics.json "
+                            "under 'methods'. Default: only the transfer and scratch arms")
+    group.add_argument("--penalty-alpha", type=positive_float, default=defaults.penalty_alpha,
+                       help="alpha of the l2sp and ewc methods")
+    group.add_argument("--ewc-chunks", type=positive_int, default=defaults.ewc_chunks,
+                       help="LM chunks the ewc method's Fisher is estimated on")
+    group.add_argument("--multitask-lm-weight", type=positive_float, default=defaults.multitask_lm_weight,
+                       help="mu of the multitask method: classifier loss + mu * LM loss")
+
+
+def settings_from_args(args) -> MethodSettings:
+    return MethodSettings(penalty_alpha=args.penalty_alpha, ewc_chunks=args.ewc_chunks,
+                          multitask_lm_weight=args.multitask_lm_weight)
+
+
+# -- models of the methods -------------------------------------------------------------
+
+class ClassifierWithLanguageModel(TextClassifier):
+    """A TextClassifier plus the pretrained LM head on its encoder, for multi-task training.
+
+    forward(ids [B, T], lengths [B]) -> logits [B, C]; forward(ids, lengths, labels [B])
+    -> cross_entropy + lm_weight * next-word NLL of one batch of `lm_chunks`. The LM head
+    stays frozen (so the encoder must keep producing what it reads). LM batch k (k counts
+    training calls, kept in the `lm_step` buffer so that a resumed run continues the same
+    sequence) is chunks order[k*B .. k*B+B-1] (mod N) of a seeded order."""
+
+    def __init__(self, encoder: TextEncoder, num_classes: int, language_model: LanguageModel,
+                 lm_chunks: LanguageModelChunks, lm_batch_size: int, lm_weight: float, seed: int,
+                 pooling: str = "concat", dropout: float = 0.2):
+        super().__init__(encoder, num_classes, pooling=pooling, dropout=dropout)
+        self.lm_head = copy.deepcopy(language_model.head)
+        for parameter in self.lm_head.parameters():
+            parameter.requires_grad_(False)
+        self.lm_chunks = lm_chunks
+        self.lm_batch_size = lm_batch_size
+        self.lm_weight = lm_weight
+        self.register_buffer("lm_order", torch.randperm(len(lm_chunks), generator=torch.Generator().manual_seed(seed)))
+        self.register_buffer("lm_step", torch.zeros((), dtype=torch.long))
+
+    def _lm_batch(self) -> Tuple[Tensor, Tensor]:
+        start = int(self.lm_step) * self.lm_batch_size
+        picks = self.lm_order[torch.arange(start, start + self.lm_batch_size) % len(self.lm_order)]
+        pairs = [self.lm_chunks[int(i)] for i in picks]
+        device = self.lm_order.device
+        return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+
+    def forward(self, ids: Tensor, lengths: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        logits = super().forward(ids, lengths)
+        if labels is None:
+            return logits
+        inputs, targets = self._lm_batch()
+        self.lm_step += 1
+        outputs, _ = self.encoder(inputs)
+        return F.cross_entropy(logits, labels) + self.lm_weight * self.lm_head.loss(outputs, targets)
+
+
+def _multitask_loss(model: nn.Module, batch) -> Tuple[Tensor, int]:
+    ids, lengths, labels = batch
+    return model(ids, lengths, labels), int(lengths.sum())
+
+
+def reversed_documents(documents: Sequence[str]) -> List[str]:
+    """Each document's tokens in reverse order (the backward LM's text)."""
+    return [" ".join(reversed(tokenize(doc))) for doc in documents]
+
+
+def encoder_perplexity(language_model: LanguageModel, encoder: nn.Module, dataset: LanguageModelChunks,
+                       device=None) -> float:
+    """LM perplexity of `encoder`'s weights under `language_model`'s head: the LM's encoder
+    weights are replaced by the same-named weights of `encoder` (a grown encoder's new
+    layers are not read: the LM's own layers are the transferred ones)."""
+    probe = copy.deepcopy(language_model)
+    source = encoder.state_dict()
+    missing = [k for k in probe.encoder.state_dict() if k not in source]
+    if missing:
+        raise ValueError(f"encoder lacks the language model's weights {missing}")
+    probe.encoder.load_state_dict({k: source[k] for k in probe.encoder.state_dict()})
+    return language_model_perplexity(probe, dataset, device=device)
+
+
+@dataclass
+class MethodContext:
+    """What every method run shares: the data, the pretrained LM(s) and the settings."""
+    sets: Dict[str, EncodedTexts]
+    num_classes: int
+    vocab_size: int
+    language_model: LanguageModel
+    lm_train: LanguageModelChunks
+    lm_valid: LanguageModelChunks
+    settings: MethodSettings
+    backward_language_model: Optional[LanguageModel] = None
+    fisher: Optional[Dict[str, Tensor]] = None  # classifier parameter name -> F
+
+
+def method_recipe(method: str, recipe: Recipe, settings: MethodSettings) -> Recipe:
+    """The recipe of one method: the shared recipe with the method's own changes."""
+    changes = {"features": dict(freeze="encoder"),
+               "gradual": dict(freeze="gradual", lr_factor=settings.gradual_lr_factor),
+               "l2sp": dict(l2sp_alpha=settings.penalty_alpha, l2sp_beta=0.0),
+               "adapt": dict(num_layers=recipe.num_layers + settings.adapt_new_layers),
+               "elmo": dict(scratch_lr=None)}.get(method, {})
+    return dataclasses.replace(recipe, **changes)
+
+
+def build_method_model(method: str, recipe: Recipe, context: MethodContext, device=None) -> Tuple[nn.Module, dict]:
+    """The method's model before training and the keyword arguments for train_classifier
+    (encoder_state, model, loss_fn, regularizer_factory). `recipe` is method_recipe's."""
+    encoder_state = context.language_model.encoder.state_dict()
+    if method in ("scratch",):
+        return None, {}
+    if method in ("finetune", "features", "gradual", "l2sp", "adapt"):
+        return None, {"encoder_state": encoder_state}
+    if method == "ewc":
+        fisher = context.fisher
+        return None, {"encoder_state": encoder_state,
+                      "regularizer_factory": lambda model: EWC(model, fisher, context.settings.penalty_alpha)}
+    if method == "multitask":
+        _seed_model_init(recipe.seed + 1)
+        model = ClassifierWithLanguageModel(
+            TextEncoder(**recipe.encoder_config(context.vocab_size)), context.num_classes, context.language_model,
+            context.lm_train, recipe.batch_size, context.settings.multitask_lm_weight, recipe.seed,
+            pooling=recipe.pooling, dropout=recipe.dropout).to(device)
+        return model, {"encoder_state": encoder_state, "model": model, "loss_fn": _multitask_loss}
+    if method == "elmo":
+        if context.backward_language_model is None:
+            raise ValueError("the elmo method needs the backward language model")
+        features = BiLanguageModelFeatures.from_language_models(context.language_model.encoder,
+                                                                context.backward_language_model.encoder)
+        _seed_model_init(recipe.seed + 1)
+        model = ElmoClassifier(features, context.num_classes, recipe.pooling, dropout=recipe.dropout).to(device)
+        return model, {"model": model}
+    raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
+
+
+def _forward_lm_unchanged(model: ElmoClassifier, language_model: LanguageModel) -> bool:
+    """True when the ELMo classifier's forward LM weights equal the pretrained LM's bitwise."""
+    features = model.features
+    reference = BiLanguageModelFeatures.from_language_models(language_model.encoder, language_model.encoder)
+    pairs = [(features.embeddings[0], reference.embeddings[0])] + list(zip(features.forward_layers,
+                                                                           reference.forward_layers))
+    return all(torch.equal(a, b) for x, y in pairs for a, b in zip(x.state_dict().values(), y.state_dict().values()))
+
+
+def run_method(method: str, name: str, recipe: Recipe, context: MethodContext, control: RunControl,
+               perplexity_before: float) -> Tuple[nn.Module, dict]:
+    """Trains one method at one seed. Returns (model, summary with forgetting fields)."""
+    started = time.perf_counter()
+    own_recipe = method_recipe(method, recipe, context.settings)
+    model, options = build_method_model(method, own_recipe, context, control.place.device)
+    sets = context.sets
+    model, summary = train_classifier(name, sets["train"], sets["valid"], sets["test"], context.num_classes,
+                                      context.vocab_size, own_recipe, control, **options)
+    device = control.place.device
+    if method == "scratch":
+        after = None  # its encoder never was a language model
+    elif method == "elmo":
+        if not _forward_lm_unchanged(model, context.language_model):
+            raise RuntimeError("the elmo method's frozen forward LM changed during training")
+        after = perplexity_before
+        summary["transferred"] = True
+        summary["transferred_parameters"] = [f"features.{n}" for n, _ in model.features.named_parameters()]
+    else:
+        after = encoder_perplexity(context.language_model, model.encoder, context.lm_valid, device)
+    summary.update(method=method, lm_perplexity_before=perplexity_before, lm_perplexity_after=after,
+                   seconds=time.perf_counter() - started)
+    return model, summary
+
+
+def prepare_context(methods: Sequence[str], language_model: LanguageModel, lm_train_docs: Sequence[str],
+                    lm_valid_docs: Sequence[str], vocab, sets: Dict[str, EncodedTexts], num_classes: int,
+                    recipe: Recipe, control: RunControl, settings: MethodSettings, log=print) -> Tuple[MethodContext, dict]:
+    """The shared parts: LM chunks, the Fisher (ewc), the backward LM (elmo). Returns
+    (context, description for metrics.json)."""
+    lm_train = LanguageModelChunks(lm_train_docs, vocab, recipe.lm_chunk_length)
+    lm_valid = LanguageModelChunks(lm_valid_docs, vocab, recipe.lm_chunk_length)
+    context = MethodContext(sets, num_classes, len(vocab), language_model, lm_train, lm_valid, settings)
+    description = {"settings": dataclasses.asdict(settings)}
+    device = control.place.device
+    if "ewc" in methods:
+        started = time.perf_counter()
+        order = torch.randperm(len(lm_train), generator=torch.Generator().manual_seed(recipe.seed))
+        picks = order[:settings.ewc_chunks].tolist()
+        examples = [tuple(t[None].to(device) for t in lm_train[i]) for i in picks]
+        names = [f"encoder.{n}" for n, _ in language_model.encoder.named_parameters()]
+        fisher = diagonal_fisher(language_model, lambda model, example: model(*example), examples, names)
+        context.fisher = fisher  # the classifier's encoder has the same parameter names
+        description["ewc_fisher"] = {"chunks": len(examples), "seconds": time.perf_counter() - started,
+                                     "mean": sum(float(f.sum()) for f in fisher.values()) /
+                                             sum(f.numel() for f in fisher.values())}
+    if "elmo" in methods:
+        log("elmo: pretraining the backward language model (same text reversed, same recipe)")
+        backward_control = dataclasses.replace(control, output_dir=None if control.output_dir is None else
+                                               os.path.join(control.output_dir, "backward_lm"))
+        backward, summary = pretrain_language_model(reversed_documents(lm_train_docs),
+                                                    reversed_documents(lm_valid_docs), vocab, recipe,
+                                                    backward_control)
+        control.stop_after_steps = None if control.stop_after_steps is None else \
+            control.stop_after_steps - summary["steps"]
+        context.backward_language_model = backward
+        description["backward_language_model"] = {k: summary[k] for k in ("valid_perplexity", "steps", "train_tokens")}
+    return context, description
+
+
+def summarise_method(runs: List[dict], scratch_runs: Optional[List[dict]]) -> dict:
+    """One method over seeds: accuracies (mean, sample sd, per seed), paired gains vs
+    scratch (same seeds), LM perplexity before / after, seconds."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, None, values
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values
+
+    row = {}
+    for key in ("test_accuracy", "valid_accuracy", "lm_perplexity_after"):
+        row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = spread([r[key] for r in runs])
+    row["lm_perplexity_before"] = runs[0]["lm_perplexity_before"]
+    if scratch_runs:
+        gains = [r["test_accuracy"] - s["test_accuracy"] for r, s in zip(runs, scratch_runs)]
+        row["gain_vs_scratch"], row["gain_vs_scratch_std"], row["gain_vs_scratch_per_seed"] = spread(gains)
+        row["seeds_ahead_of_scratch"] = sum(g > 0 for g in gains)
+    row["seconds"] = sum(r["seconds"] for r in runs)
+    row["steps"] = sum(r["steps"] for r in runs)
+    row["runs"] = runs
+    return row
+
+
+def methods_table(methods: Dict[str, dict]) -> str:
+    """The printed table (one line per method)."""
+    lines = [f"{'method':10s} {'test accuracy':>17s} {'gain vs scratch (ahead)':>25s} {'valid':>7s} "
+             f"{'LM ppl before -> after':>24s} {'seconds':>8s}"]
+    for name, row in methods.items():
+        seeds = len(row["runs"])
+        accuracy = f"{row['test_accuracy']:.4f} +- {row['test_accuracy_std']:.4f}"
+        gain = "" if row.get("gain_vs_scratch") is None or name == "scratch" else \
+            f"{row['gain_vs_scratch']:+.4f} +- {row['gain_vs_scratch_std']:.4f} ({row['seeds_ahead_of_scratch']}/{seeds})"
+        if row["lm_perplexity_after"] is None:
+            perplexity = "-"
+        else:
+            perplexity = f"{row['lm_perplexity_before']:.1f} -> {row['lm_perplexity_after']:.1f}"
+        lines.append(f"{name:10s} {accuracy:>17s} {gain:>25s} {row['valid_accuracy']:7.4f} {perplexity:>24s} "
+                     f"{row['seconds']:8.0f}")
+    return "\n".join(lines)
+
+
+def run_methods(methods: Sequence[str], language_model: LanguageModel, lm_train_docs: Sequence[str],
+                lm_valid_docs: Sequence[str], vocab, sets: Dict[str, EncodedTexts], num_classes: int,
+                recipe: Recipe, control: RunControl, settings: MethodSettings, repeats: int,
+                log=print) -> Tuple[dict, Dict[str, List[dict]], Optional[nn.Module]]:
+    """Every method at seeds recipe.seed .. recipe.seed + repeats - 1 (methods alternate
+    within a seed, so a cut-short run still compares them). Returns (the "methods" section
+    of metrics.json, {method: per-seed summaries}, the first TextClassifier trained)."""
+    if language_model is None and any(m != "scratch" for m in methods):
+        raise SystemExit("--methods: every method but scratch needs the language model pretrained in this run "
+                         "(not --encoder / --pretrained-*, and --lm-epochs > 0)")
+    context, description = prepare_context(methods, language_model, lm_train_docs, lm_valid_docs, vocab, sets,
+                                           num_classes, recipe, control, settings, log)
+    before = language_model_perplexity(language_model, context.lm_valid, device=control.place.device) \
+        if language_model is not None else None
+    runs: Dict[str, List[dict]] = {m: [] for m in methods}
+    first_classifier = None
+    for repeat in range(repeats):
+        seed_recipe = dataclasses.replace(recipe, seed=recipe.seed + repeat)
+        for method in methods:
+            name = f"{method}_seed{repeat}"
+            model, summary = run_method(method, name, seed_recipe, context, control, before)
+            runs[method].append(summary)
+            if first_classifier is None and type(model) is TextClassifier:
+                first_classifier = model
+            if control.stop_after_steps is not None:
+                control.stop_after_steps -= summary["steps"]
+            log(f"{name}: test accuracy {summary['test_accuracy']:.4f}"
+                + (f", LM perplexity {before:.1f} -> {summary['lm_perplexity_after']:.1f}"
+                   if summary["lm_perplexity_after"] is not None else "") + f" ({summary['seconds']:.0f} s)")
+    table = {m: summarise_method(runs[m], runs.get("scratch")) for m in methods}
+    description["table"] = table
+    description["held_out_lm_tokens"] = context.lm_valid.token_count()
+    return description, runs, first_classifier
+
+
+def run_from_cli(args, language_model, prepared, vocab, sets, num_classes, recipe, control, metrics,
+                 log=print) -> Optional[nn.Module]:
+    """`finetune --methods`: fills metrics["methods"], and metrics["transfer"] /
+    metrics["scratch"] from the finetune / scratch rows (for the summary and the plot).
+    Returns the first plain TextClassifier trained (for the throughput timing) or None."""
+    from .pipeline import combine_runs
+    section, runs, first = run_methods(args.methods, language_model, prepared.lm_train, prepared.lm_valid, vocab,
+                                       sets, num_classes, recipe, control, settings_from_args(args), args.repeats,
+                                       log)
+    metrics["methods"] = section
+    for arm, method in (("transfer", "finetune"), ("scratch", "scratch")):
+        if runs.get(method):
+            metrics[arm] = combine_runs(runs[method])
+    return first
