@@ -92,6 +92,31 @@ struct Setup {
     p.order = view();
     p.env = env;
   }
+  // What every forward adds; the forward always saves its reserve here.
+  void fill_forward(ForwardParams& p, const void* bias_ih, const void* bias_hh, void* output, void* h_n,
+                    void* gates) const {
+    p.save = true;
+    p.bias_ih = bias_ih;
+    p.bias_hh = bias_hh;
+    p.output = output;
+    p.h_n = h_n;
+    p.gates = gates;
+  }
+  // What every backward adds.
+  void fill_backward(BackwardParams& p, double state_clip, double gate_clip, const void* grad_output,
+                     const void* grad_h_n, const void* output, const void* gates, void* grad_input,
+                     void* grad_weight_ih, void* grad_weight_hh, void* grad_h0) const {
+    p.state_clip = state_clip;
+    p.gate_clip = gate_clip;
+    p.grad_output = grad_output;
+    p.grad_h_n = grad_h_n;
+    p.output = output;
+    p.gates = gates;
+    p.grad_input = grad_input;
+    p.grad_weight_ih = grad_weight_ih;
+    p.grad_weight_hh = grad_weight_hh;
+    p.grad_h0 = grad_h0;
+  }
 };
 
 }  // namespace emulation
@@ -132,12 +157,7 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   LstmForwardParams f{};
   setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
-  f.save = true;
-  f.bias_ih = bias_ih;
-  f.bias_hh = bias_hh;
-  f.output = output;
-  f.h_n = h_n;
-  f.gates = gates;
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.cell_clip = cell_clip;
   f.proj_clip = proj_clip;
   f.weight_hr = weight_hr;
@@ -147,16 +167,8 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   f.hidden_pre_clip = hidden_pre_clip;
   LstmBackwardParams b{};
   setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
-  b.state_clip = state_clip;
-  b.gate_clip = gate_clip;
-  b.grad_output = grad_output;
-  b.grad_h_n = grad_h_n;
-  b.output = output;
-  b.gates = gates;
-  b.grad_input = grad_input;
-  b.grad_weight_ih = grad_weight_ih;
-  b.grad_weight_hh = grad_weight_hh;
-  b.grad_h0 = grad_h0;
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
   static_cast<LstmParams&>(b) = f;  // cell_clip, proj_clip, weight_hr, c0
   b.grad_c_n = grad_c_n;
   b.cells = cells;
@@ -179,25 +191,12 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   GruForwardParams f{};
   setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
-  f.save = true;
-  f.bias_ih = bias_ih;
-  f.bias_hh = bias_hh;
-  f.output = output;
-  f.h_n = h_n;
-  f.gates = gates;
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.hidden_n = hidden_n;
   GruBackwardParams b{};
   setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
-  b.state_clip = state_clip;
-  b.gate_clip = gate_clip;
-  b.grad_output = grad_output;
-  b.grad_h_n = grad_h_n;
-  b.output = output;
-  b.gates = gates;
-  b.grad_input = grad_input;
-  b.grad_weight_ih = grad_weight_ih;
-  b.grad_weight_hh = grad_weight_hh;
-  b.grad_h0 = grad_h0;
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
   b.hidden_n = hidden_n;
   b.grad_bias_ih = grad_bias_ih;
   b.grad_bias_hh = grad_bias_hh;

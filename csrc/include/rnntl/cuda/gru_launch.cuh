@@ -36,7 +36,7 @@ struct GruBackwardWorkspace : BackwardWorkspace<T> {
   }
 };
 
-struct GruLaunch {
+struct GruLaunch : NoStateBesidesHidden {
   using Cell = GruCell;
   using ForwardParams = GruForwardParams;
   using BackwardParams = GruBackwardParams;
@@ -60,19 +60,11 @@ struct GruLaunch {
   }
 
   template <typename T>
-  static void forward_begin(const GruForwardArgs<T>&, const GruForwardParams&, const GruForwardWorkspace<T>&,
-                            const Gemm&, void*) {}
-
-  template <typename T>
   static void forward_step(const GruForwardArgs<T>& s, const GruForwardParams& p, const GruForwardWorkspace<T>&,
                            const Gemm&, void* stream) {
     launch_kernel(pointwise_grid(p.batch * p.hidden), dim3(kPointwiseThreads), 0, stream, gru_forward_step_kernel<T>,
                   s);
   }
-
-  template <typename T>
-  static void forward_end(const GruForwardArgs<T>&, const GruForwardParams&, const GruForwardWorkspace<T>&,
-                          const Gemm&, void*) {}
 
   template <typename T>
   static GruBackwardArgs<T> backward_args(const GruBackwardParams& p, const GruBackwardWorkspace<T>& w,
@@ -87,10 +79,6 @@ struct GruLaunch {
   }
 
   template <typename T>
-  static void backward_begin(const GruBackwardArgs<T>&, const GruBackwardParams&, const GruBackwardWorkspace<T>&,
-                             const Gemm&, void*) {}
-
-  template <typename T>
   static void backward_step(const GruBackwardArgs<T>& s, const GruBackwardParams& p,
                             const GruBackwardWorkspace<T>& w, const Gemm& gemm, void* stream) {
     const int64_t H = p.hidden, G = 3 * H;
@@ -98,10 +86,6 @@ struct GruLaunch {
     // dL/dh_{t-1} = z*dL/dh_t (already in the carry) + dL/d(W_hh h) W_hh, [n, 3H] @ [3H, H].
     gemm(s.running, H, G, w.grad_hidden_gates, G, false, p.weight_hh, H, false, w.grad_hidden_carry, H, true);
   }
-
-  template <typename T>
-  static void backward_end(const GruBackwardArgs<T>&, const GruBackwardParams&, const GruBackwardWorkspace<T>&,
-                           const Gemm&, void*) {}
 
   template <typename T>
   static const T* input_gate_grads(const GruBackwardWorkspace<T>& w) {

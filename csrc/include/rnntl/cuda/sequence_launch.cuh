@@ -10,6 +10,8 @@
 //   forward_begin/forward_step/forward_end(s, p, w, gemm, stream)    stepwise forward: state
 //                                      besides h in, one step after the recurrent GEMM, out
 //   backward_begin/backward_step/backward_end(s, p, w, gemm, stream)  the same, backward
+//                                      (begin / end: none for a cell that inherits
+//                                      NoStateBesidesHidden)
 //   input_gate_grads(w), hidden_gate_grads(w)  [T, B, G] dL/d(W_ih x), dL/d(W_hh h)
 //   cell_gradients(p, w, gemm, stream) the cell's own whole-sequence gradients (biases, W_hr)
 // Also the typed entry points behind rnntl/cuda_api.h (dtype dispatch, workspace size).
@@ -113,6 +115,18 @@ const char* backward_run(const typename Launch::BackwardParams& p) {
   Launch::cell_gradients(p, w, gemm, stream);
   return launch_error();
 }
+
+// The stepwise hooks of a cell that carries nothing but h between steps.
+struct NoStateBesidesHidden {
+  template <typename... Any>
+  static void forward_begin(const Any&...) {}
+  template <typename... Any>
+  static void forward_end(const Any&...) {}
+  template <typename... Any>
+  static void backward_begin(const Any&...) {}
+  template <typename... Any>
+  static void backward_end(const Any&...) {}
+};
 
 constexpr const char* kUnsupportedDtype = "rnntl_fast: the CUDA kernels support float32, float16 and bfloat16";
 
