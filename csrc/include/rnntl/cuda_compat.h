@@ -1,8 +1,8 @@
 // What the kernel headers (rnntl/cuda/*.cuh) need from CUDA, in one place, so that the
 // same sources compile with nvcc for the GPU and with g++ against the CPU emulation of the
-// tests (tests/cuda_emulation/cuda_emulation.h, found on the include path that build adds):
-// dynamic shared memory, accumulation types and conversions,
-// coherent loads of data other blocks wrote, the grid-wide barrier and launches.
+// tests (tests/cuda_emulation/cuda_emulation.h, on the include path that build adds):
+// dynamic shared memory, accumulation types and conversions, coherent loads of data other
+// blocks wrote, the grid-wide barrier and launches.
 // No inline PTX anywhere, so that nothing here needs a GPU-only twin.
 #pragma once
 
