@@ -1,5 +1,5 @@
 """The real CUDA kernel sources, run on the CPU by the emulated CUDA execution model
-(csrc/include/rnntl/cuda_emulation.h), against the float64 reference loop.
+(tests/cuda_emulation/cuda_emulation.h), against the float64 reference loop.
 
 Both strategies (stepwise: pointwise kernels between GEMMs; persistent: one cooperative
 launch with a grid barrier per step), LSTM and GRU, forward and every gradient, with the

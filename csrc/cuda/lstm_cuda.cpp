@@ -8,6 +8,18 @@
 
 namespace rnntl {
 namespace cuda_glue {
+namespace {
+
+// What the LSTM forward and backward params share (rnntl/params.h: LstmParams).
+void fill_lstm(OpCall& call, LstmParams& p, double cell_clip, double proj_clip,
+               const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& c0) {
+  p.cell_clip = cell_clip;
+  p.proj_clip = proj_clip;
+  p.weight_hr = call.in(weight_hr);
+  p.c0 = call.in(c0);
+}
+
+}  // namespace
 
 // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
@@ -21,49 +33,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
   const int64_t G = 4 * H;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const DeviceOrder order(lengths, T, B, input.device());
-  const at::TensorOptions options = input.options();
-
-  const Contiguous x(input), w_ih(weight_ih), w_hh(weight_hh), b_ih(bias_ih), b_hh(bias_hh), w_hr(weight_hr),
-      h0c(h0), c0c(c0);
-  at::Tensor output = at::empty({T, B, P}, options);
-  at::Tensor h_n = at::empty({B, P}, options);
-  at::Tensor c_n = at::empty({B, H}, options);
-  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
-  at::Tensor cells = empty_if(save_for_backward, {T, B, H}, options);
-  at::Tensor hidden_pre_clip = empty_if(save_for_backward && proj_clip > 0, {T, B, P}, options);
+  OpCall call(input, lengths, T, B);
+  at::Tensor output = call.empty(true, {T, B, P});
+  at::Tensor h_n = call.empty(true, {B, P});
+  at::Tensor c_n = call.empty(true, {B, H});
+  at::Tensor gates = call.empty(save_for_backward, {T, B, G});
+  at::Tensor cells = call.empty(save_for_backward, {T, B, H});
+  at::Tensor hidden_pre_clip = call.empty(save_for_backward && proj_clip > 0, {T, B, P});
 
   LstmForwardParams p{};
-  p.dtype = dtype_of(input);
-  p.steps = T;
-  p.batch = B;
-  p.input_size = I;
-  p.hidden = H;
-  p.out_size = P;
-  p.reverse = reverse;
-  p.save = save_for_backward;
-  p.cell_clip = cell_clip;
-  p.proj_clip = proj_clip;
-  p.input = x.pointer;
-  p.weight_ih = w_ih.pointer;
-  p.weight_hh = w_hh.pointer;
-  p.bias_ih = b_ih.pointer;
-  p.bias_hh = b_hh.pointer;
-  p.weight_hr = w_hr.pointer;
-  p.h0 = h0c.pointer;
-  p.c0 = c0c.pointer;
-  p.order = order.view();
-  p.output = output.data_ptr();
-  p.h_n = h_n.data_ptr();
+  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0);
+  call.fill_forward(p, save_for_backward, bias_ih, bias_hh, output, h_n, gates);
+  fill_lstm(call, p, cell_clip, proj_clip, weight_hr, c0);
   p.c_n = c_n.data_ptr();
-  p.gates = pointer_or_null(gates);
   p.cells = pointer_or_null(cells);
   p.hidden_pre_clip = pointer_or_null(hidden_pre_clip);
-  p.env = make_env(&options);
-  const at::Tensor workspace = allocate_workspace(cuda::lstm_forward_workspace_bytes(p), input);
-  p.env.workspace = workspace.data_ptr();
-  check_run(cuda::lstm_forward(p));
+  call.run(p, cuda::lstm_forward_workspace_bytes, cuda::lstm_forward);
   return {output, h_n, c_n, gates, cells, hidden_pre_clip};
 }
 
@@ -83,60 +68,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
   const int64_t G = 4 * H;
   const bool project = weight_hr.has_value();
-  const c10::cuda::CUDAGuard guard(input.device());
-  const DeviceOrder order(lengths, T, B, input.device());
-  const at::TensorOptions options = input.options();
-
-  const Contiguous go(grad_output), ghn(grad_h_n), gcn(grad_c_n), x(input), w_ih(weight_ih), w_hh(weight_hh),
-      w_hr(weight_hr), h0c(h0), c0c(c0), out(output), act(gates), cel(cells),
-      pre(proj_clip > 0 ? std::optional<at::Tensor>(hidden_pre_clip) : std::nullopt);
-  // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
-  const auto wanted = [&](bool need, at::IntArrayRef sizes) { return empty_if(need, sizes, options); };
-  at::Tensor grad_input = wanted(output_mask[0], {T, B, I});
-  at::Tensor grad_weight_ih = wanted(output_mask[1], {G, I});
-  at::Tensor grad_weight_hh = wanted(output_mask[2], {G, P});
-  at::Tensor grad_bias = wanted(output_mask[3], {G});
-  at::Tensor grad_weight_hr = wanted(project && output_mask[4], {P, H});
-  at::Tensor grad_h0 = wanted(output_mask[5], {B, P});
-  at::Tensor grad_c0 = wanted(output_mask[6], {B, H});
+  OpCall call(input, lengths, T, B);
+  at::Tensor grad_input = call.empty(output_mask[0], {T, B, I});
+  at::Tensor grad_weight_ih = call.empty(output_mask[1], {G, I});
+  at::Tensor grad_weight_hh = call.empty(output_mask[2], {G, P});
+  at::Tensor grad_bias = call.empty(output_mask[3], {G});
+  at::Tensor grad_weight_hr = call.empty(project && output_mask[4], {P, H});
+  at::Tensor grad_h0 = call.empty(output_mask[5], {B, P});
+  at::Tensor grad_c0 = call.empty(output_mask[6], {B, H});
 
   LstmBackwardParams p{};
-  p.dtype = dtype_of(input);
-  p.steps = T;
-  p.batch = B;
-  p.input_size = I;
-  p.hidden = H;
-  p.out_size = P;
-  p.reverse = reverse;
-  p.cell_clip = cell_clip;
-  p.proj_clip = proj_clip;
-  p.state_clip = state_clip;
-  p.gate_clip = gate_clip;
-  p.grad_output = go.pointer;
-  p.grad_h_n = ghn.pointer;
-  p.grad_c_n = gcn.pointer;
-  p.input = x.pointer;
-  p.weight_ih = w_ih.pointer;
-  p.weight_hh = w_hh.pointer;
-  p.weight_hr = w_hr.pointer;
-  p.h0 = h0c.pointer;
-  p.c0 = c0c.pointer;
-  p.output = out.pointer;
-  p.gates = act.pointer;
-  p.cells = cel.pointer;
-  p.hidden_pre_clip = pre.pointer;
-  p.order = order.view();
-  p.grad_input = pointer_or_null(grad_input);
-  p.grad_weight_ih = pointer_or_null(grad_weight_ih);
-  p.grad_weight_hh = pointer_or_null(grad_weight_hh);
+  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0);
+  call.fill_backward(p, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                     grad_weight_hh, grad_h0);
+  fill_lstm(call, p, cell_clip, proj_clip, weight_hr, c0);
+  p.grad_c_n = call.in(grad_c_n);
+  p.cells = call.in(cells);
+  p.hidden_pre_clip = proj_clip > 0 ? call.in(hidden_pre_clip) : nullptr;
   p.grad_bias = pointer_or_null(grad_bias);
   p.grad_weight_hr = pointer_or_null(grad_weight_hr);
-  p.grad_h0 = pointer_or_null(grad_h0);
   p.grad_c0 = pointer_or_null(grad_c0);
-  p.env = make_env(&options);
-  const at::Tensor workspace = allocate_workspace(cuda::lstm_backward_workspace_bytes(p), input);
-  p.env.workspace = workspace.data_ptr();
-  check_run(cuda::lstm_backward(p));
+  call.run(p, cuda::lstm_backward_workspace_bytes, cuda::lstm_backward);
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0};
 }
 

@@ -1,6 +1,7 @@
 // Torch-facing pieces shared by lstm_cuda.cpp and gru_cuda.cpp: argument checks for CUDA
 // tensors, the batch order copied to the device, the cuBLAS GEMM hook (through ATen, on
-// the current stream), the workspace and the strategy chosen by env var.
+// the current stream), the strategy chosen by env var, and OpCall, which fills the parts
+// of the params every op shares and runs the kernels with their workspace.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace rnntl {
 namespace cuda_glue {
@@ -37,19 +39,6 @@ inline void check_input_cuda(const at::Tensor& input) {
   check_input_shape(input);
   dtype_of(input);
 }
-
-// Contiguous tensor (kept alive by the caller) and its data pointer, or null.
-struct Contiguous {
-  at::Tensor tensor;
-  const void* pointer = nullptr;
-  explicit Contiguous(const std::optional<at::Tensor>& t) {
-    if (t.has_value() && t->defined()) {
-      tensor = t->contiguous();
-      pointer = tensor.data_ptr();
-    }
-  }
-  explicit Contiguous(const at::Tensor& t) : Contiguous(std::optional<at::Tensor>(t)) {}
-};
 
 // lengths: CPU integer tensor [B] (checked here), or none.
 struct DeviceOrder {
@@ -113,17 +102,99 @@ inline LaunchEnv make_env(const at::TensorOptions* options) {
   return env;
 }
 
-inline at::Tensor allocate_workspace(size_t bytes, const at::Tensor& like) {
-  return at::empty({int64_t(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
-}
-
-inline void check_run(const char* error) { TORCH_CHECK(error == nullptr, error ? error : ""); }
-
-inline at::Tensor empty_if(bool keep, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return keep ? at::empty(sizes, options) : at::empty({0}, options);
-}
-
 inline void* pointer_or_null(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr() : nullptr; }
+
+// One CUDA op call: device guard, the batch order on the device, the contiguous inputs
+// the params point into (kept alive until the kernels are queued) and the launch
+// environment. Shapes: input [T, B, I]; lengths: CPU [B] or none.
+class OpCall {
+ public:
+  OpCall(const at::Tensor& input, const std::optional<at::Tensor>& lengths, int64_t steps, int64_t batch)
+      : input_(input),
+        options_(input.options()),
+        guard_(input.device()),
+        order_(lengths, steps, batch, input.device()),
+        steps_(steps),
+        batch_(batch) {}
+
+  // Data pointer of a contiguous copy kept alive by this call, or null for an absent tensor.
+  const void* in(const std::optional<at::Tensor>& t) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    kept_.push_back(t->contiguous());
+    return kept_.back().data_ptr();
+  }
+
+  // A result of the input's dtype and device; an empty one when not wanted (each its own
+  // tensor: outputs of an op must not alias).
+  at::Tensor empty(bool wanted, at::IntArrayRef sizes) const {
+    return wanted ? at::empty(sizes, options_) : at::empty({0}, options_);
+  }
+
+  // What every op's params hold (rnntl/params.h: SequenceParams).
+  void fill(SequenceParams& p, int64_t input_size, int64_t hidden, int64_t out_size, bool reverse,
+            const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& h0) {
+    p.dtype = dtype_of(input_);
+    p.steps = steps_;
+    p.batch = batch_;
+    p.input_size = input_size;
+    p.hidden = hidden;
+    p.out_size = out_size;
+    p.reverse = reverse;
+    p.input = in(input_);
+    p.weight_ih = in(weight_ih);
+    p.weight_hh = in(weight_hh);
+    p.h0 = in(h0);
+    p.order = order_.view();
+    p.env = make_env(&options_);
+  }
+
+  // What every forward adds (ForwardParams).
+  void fill_forward(ForwardParams& p, bool save, const std::optional<at::Tensor>& bias_ih,
+                    const std::optional<at::Tensor>& bias_hh, const at::Tensor& output, const at::Tensor& h_n,
+                    const at::Tensor& gates) {
+    p.save = save;
+    p.bias_ih = in(bias_ih);
+    p.bias_hh = in(bias_hh);
+    p.output = output.data_ptr();
+    p.h_n = h_n.data_ptr();
+    p.gates = pointer_or_null(gates);
+  }
+
+  // What every backward adds (BackwardParams); results that are empty are not computed.
+  void fill_backward(BackwardParams& p, double state_clip, double gate_clip,
+                     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& grad_input,
+                     const at::Tensor& grad_weight_ih, const at::Tensor& grad_weight_hh, const at::Tensor& grad_h0) {
+    p.state_clip = state_clip;
+    p.gate_clip = gate_clip;
+    p.grad_output = in(grad_output);
+    p.grad_h_n = in(grad_h_n);
+    p.output = in(output);
+    p.gates = in(gates);
+    p.grad_input = pointer_or_null(grad_input);
+    p.grad_weight_ih = pointer_or_null(grad_weight_ih);
+    p.grad_weight_hh = pointer_or_null(grad_weight_hh);
+    p.grad_h0 = pointer_or_null(grad_h0);
+  }
+
+  // Allocates the workspace the kernels ask for and queues them; a failure is an error.
+  template <typename Params>
+  void run(Params& p, size_t (*workspace_bytes)(const Params&), const char* (*kernels)(const Params&)) {
+    const size_t bytes = workspace_bytes(p);
+    const at::Tensor workspace = at::empty({int64_t(bytes > 0 ? bytes : 1)}, options_.dtype(at::kByte));
+    p.env.workspace = workspace.data_ptr();
+    const char* error = kernels(p);
+    TORCH_CHECK(error == nullptr, error ? error : "");
+  }
+
+ private:
+  at::Tensor input_;
+  at::TensorOptions options_;  // the GEMM hook's context: lives as long as the call
+  c10::cuda::CUDAGuard guard_;
+  DeviceOrder order_;
+  int64_t steps_, batch_;
+  std::vector<at::Tensor> kept_;
+};
 
 }  // namespace cuda_glue
 }  // namespace rnntl

@@ -12,14 +12,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE = os.path.join(ROOT, "tests", "cuda_emulation", "emulation_driver.cpp")
+HERE = os.path.join(ROOT, "tests", "cuda_emulation")
+SOURCE = os.path.join(HERE, "emulation_driver.cpp")
+EMULATION_HEADER = os.path.join(HERE, "cuda_emulation.h")  # found by rnntl/cuda_compat.h on the include path
 INCLUDE = os.path.join(ROOT, "csrc", "include")
 BUILD_DIR = os.path.join(ROOT, "build", "cuda_emulation")
 
 
 def _sources_digest(flags):
     digest = hashlib.sha256(" ".join(flags).encode())
-    paths = [SOURCE]
+    paths = [SOURCE, EMULATION_HEADER]
     for directory, _, files in os.walk(os.path.join(INCLUDE, "rnntl")):
         paths += [os.path.join(directory, f) for f in sorted(files)]
     for path in sorted(paths):
@@ -30,7 +32,7 @@ def _sources_digest(flags):
 
 def _build(name, flags):
     compiler = os.environ.get("CXX", "g++")
-    flags = ["-std=c++20", "-pthread", "-I" + INCLUDE, "-Wall", "-Wno-unknown-pragmas"] + flags
+    flags = ["-std=c++20", "-pthread", "-I" + INCLUDE, "-I" + HERE, "-Wall", "-Wno-unknown-pragmas"] + flags
     os.makedirs(BUILD_DIR, exist_ok=True)
     target = os.path.join(BUILD_DIR, f"{name}-{_sources_digest([compiler] + flags)}")
     if not os.path.exists(target):

@@ -1,13 +1,13 @@
 // Runs the real CUDA kernel sources (csrc/include/rnntl/cuda/*.cuh) on the CPU through
-// rnntl/cuda_emulation.h. Built by g++ (no nvcc, no torch) as
+// cuda_emulation.h (this folder). Built by g++ (no nvcc, no torch) as
 //   * a shared library with a C entry point per cell, called from
 //     tests/test_cuda_emulation.py through ctypes on small shapes;
 //   * with -DRNNTL_EMULATION_MAIN and -fsanitize=thread, a program that runs a fixed set
 //     of cases (both strategies) so that ThreadSanitizer can look for races.
 // The GEMMs that cuBLAS does on the GPU are a plain loop kernel here, launched through
 // the same emulated launch.
-#include <rnntl/cuda/gru_kernels.cuh>
-#include <rnntl/cuda/lstm_kernels.cuh>
+#include <rnntl/cuda/gru_launch.cuh>
+#include <rnntl/cuda/lstm_launch.cuh>
 #include <rnntl/host_order.h>
 
 #include <cmath>
@@ -52,17 +52,6 @@ void run_gemm(void*, DType dtype, const GemmCall& call) {
   }
 }
 
-// Runs f(T{}) for a dtype code: 0 float32, 1 float16, 2 bfloat16, 3 float64.
-template <typename F>
-const char* dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 1: return f(__half{});
-    case 2: return f(__nv_bfloat16{});
-    case 3: return f(double{});
-    default: return f(float{});
-  }
-}
-
 struct Setup {
   HostOrder order;
   LaunchEnv env;
@@ -86,6 +75,48 @@ struct Setup {
     workspace.assign(bytes, 0xA5);  // garbage, as cudaMalloc gives
     return workspace.data();
   }
+  // The part of every op's params that the forward and the backward share.
+  void fill(SequenceParams& p, int dtype, int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
+            const void* input, const void* weight_ih, const void* weight_hh, const void* h0) const {
+    p.dtype = static_cast<DType>(dtype);
+    p.steps = order.steps;
+    p.batch = order.batch;
+    p.input_size = input_size;
+    p.hidden = hidden;
+    p.out_size = out_size;
+    p.reverse = reverse != 0;
+    p.input = input;
+    p.weight_ih = weight_ih;
+    p.weight_hh = weight_hh;
+    p.h0 = h0;
+    p.order = view();
+    p.env = env;
+  }
+  // What every forward adds; the forward always saves its reserve here.
+  void fill_forward(ForwardParams& p, const void* bias_ih, const void* bias_hh, void* output, void* h_n,
+                    void* gates) const {
+    p.save = true;
+    p.bias_ih = bias_ih;
+    p.bias_hh = bias_hh;
+    p.output = output;
+    p.h_n = h_n;
+    p.gates = gates;
+  }
+  // What every backward adds.
+  void fill_backward(BackwardParams& p, double state_clip, double gate_clip, const void* grad_output,
+                     const void* grad_h_n, const void* output, const void* gates, void* grad_input,
+                     void* grad_weight_ih, void* grad_weight_hh, void* grad_h0) const {
+    p.state_clip = state_clip;
+    p.gate_clip = gate_clip;
+    p.grad_output = grad_output;
+    p.grad_h_n = grad_h_n;
+    p.output = output;
+    p.gates = gates;
+    p.grad_input = grad_input;
+    p.grad_weight_ih = grad_weight_ih;
+    p.grad_weight_hh = grad_weight_hh;
+    p.grad_h0 = grad_h0;
+  }
 };
 
 }  // namespace emulation
@@ -96,24 +127,14 @@ using namespace rnntl;
 
 namespace {
 
-template <typename T>
-const char* lstm_case(emulation::Setup& setup, LstmForwardParams f, LstmBackwardParams b) {
-  f.order = b.order = setup.view();
-  f.env = b.env = setup.env;
-  f.env.workspace = setup.allocate(cuda::LstmForwardWorkspace<T>(f, nullptr).bytes);
-  if (const char* error = cuda::lstm_forward_run<T>(f)) return error;
-  b.env.workspace = setup.allocate(cuda::LstmBackwardWorkspace<T>(b, nullptr).bytes);
-  return cuda::lstm_backward_run<T>(b);
-}
-
-template <typename T>
-const char* gru_case(emulation::Setup& setup, GruForwardParams f, GruBackwardParams b) {
-  f.order = b.order = setup.view();
-  f.env = b.env = setup.env;
-  f.env.workspace = setup.allocate(cuda::GruForwardWorkspace<T>(f, nullptr).bytes);
-  if (const char* error = cuda::gru_forward_run<T>(f)) return error;
-  b.env.workspace = setup.allocate(cuda::GruBackwardWorkspace<T>(b, nullptr).bytes);
-  return cuda::gru_backward_run<T>(b);
+// Forward (saving for backward) then backward, each with a workspace of its own.
+template <typename Launch, typename T>
+const char* forward_backward(emulation::Setup& setup, typename Launch::ForwardParams f,
+                             typename Launch::BackwardParams b) {
+  f.env.workspace = setup.allocate(typename Launch::template ForwardWorkspace<T>(f, nullptr).bytes);
+  if (const char* error = cuda::forward_run<Launch, T>(f)) return error;
+  b.env.workspace = setup.allocate(typename Launch::template BackwardWorkspace<T>(b, nullptr).bytes);
+  return cuda::backward_run<Launch, T>(b);
 }
 
 }  // namespace
@@ -135,63 +156,29 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
                                  void* grad_weight_hr, void* grad_h0, void* grad_c0) {
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   LstmForwardParams f{};
-  f.dtype = static_cast<DType>(dtype);
-  f.steps = steps;
-  f.batch = batch;
-  f.input_size = input_size;
-  f.hidden = hidden;
-  f.out_size = out_size;
-  f.reverse = reverse != 0;
-  f.save = true;
+  setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.cell_clip = cell_clip;
   f.proj_clip = proj_clip;
-  f.input = input;
-  f.weight_ih = weight_ih;
-  f.weight_hh = weight_hh;
-  f.bias_ih = bias_ih;
-  f.bias_hh = bias_hh;
   f.weight_hr = weight_hr;
-  f.h0 = h0;
   f.c0 = c0;
-  f.output = output;
-  f.h_n = h_n;
   f.c_n = c_n;
-  f.gates = gates;
   f.cells = cells;
   f.hidden_pre_clip = hidden_pre_clip;
   LstmBackwardParams b{};
-  b.dtype = f.dtype;
-  b.steps = steps;
-  b.batch = batch;
-  b.input_size = input_size;
-  b.hidden = hidden;
-  b.out_size = out_size;
-  b.reverse = f.reverse;
-  b.cell_clip = cell_clip;
-  b.proj_clip = proj_clip;
-  b.state_clip = state_clip;
-  b.gate_clip = gate_clip;
-  b.grad_output = grad_output;
-  b.grad_h_n = grad_h_n;
+  setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
+  static_cast<LstmParams&>(b) = f;  // cell_clip, proj_clip, weight_hr, c0
   b.grad_c_n = grad_c_n;
-  b.input = input;
-  b.weight_ih = weight_ih;
-  b.weight_hh = weight_hh;
-  b.weight_hr = weight_hr;
-  b.h0 = h0;
-  b.c0 = c0;
-  b.output = output;
-  b.gates = gates;
   b.cells = cells;
   b.hidden_pre_clip = proj_clip > 0 ? hidden_pre_clip : nullptr;
-  b.grad_input = grad_input;
-  b.grad_weight_ih = grad_weight_ih;
-  b.grad_weight_hh = grad_weight_hh;
   b.grad_bias = grad_bias;
   b.grad_weight_hr = grad_weight_hr;
-  b.grad_h0 = grad_h0;
   b.grad_c0 = grad_c0;
-  return emulation::dispatch_dtype(dtype, [&](auto tag) { return lstm_case<decltype(tag)>(setup, f, b); });
+  return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
+    return forward_backward<cuda::LstmLaunch, decltype(tag)>(setup, f, b);
+  });
 }
 
 const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
@@ -203,48 +190,19 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
                                 void* grad_bias_ih, void* grad_bias_hh, void* grad_h0) {
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   GruForwardParams f{};
-  f.dtype = static_cast<DType>(dtype);
-  f.steps = steps;
-  f.batch = batch;
-  f.input_size = input_size;
-  f.hidden = hidden;
-  f.reverse = reverse != 0;
-  f.save = true;
-  f.input = input;
-  f.weight_ih = weight_ih;
-  f.weight_hh = weight_hh;
-  f.bias_ih = bias_ih;
-  f.bias_hh = bias_hh;
-  f.h0 = h0;
-  f.output = output;
-  f.h_n = h_n;
-  f.gates = gates;
+  setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.hidden_n = hidden_n;
   GruBackwardParams b{};
-  b.dtype = f.dtype;
-  b.steps = steps;
-  b.batch = batch;
-  b.input_size = input_size;
-  b.hidden = hidden;
-  b.reverse = f.reverse;
-  b.state_clip = state_clip;
-  b.gate_clip = gate_clip;
-  b.grad_output = grad_output;
-  b.grad_h_n = grad_h_n;
-  b.input = input;
-  b.weight_ih = weight_ih;
-  b.weight_hh = weight_hh;
-  b.h0 = h0;
-  b.output = output;
-  b.gates = gates;
+  setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
   b.hidden_n = hidden_n;
-  b.grad_input = grad_input;
-  b.grad_weight_ih = grad_weight_ih;
-  b.grad_weight_hh = grad_weight_hh;
   b.grad_bias_ih = grad_bias_ih;
   b.grad_bias_hh = grad_bias_hh;
-  b.grad_h0 = grad_h0;
-  return emulation::dispatch_dtype(dtype, [&](auto tag) { return gru_case<decltype(tag)>(setup, f, b); });
+  return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
+    return forward_backward<cuda::GruLaunch, decltype(tag)>(setup, f, b);
+  });
 }
 
 }  // extern "C"

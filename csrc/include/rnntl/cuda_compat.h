@@ -1,7 +1,8 @@
 // What the kernel headers (rnntl/cuda/*.cuh) need from CUDA, in one place, so that the
-// same sources compile with nvcc for the GPU and with g++ against the CPU emulation
-// (rnntl/cuda_emulation.h): dynamic shared memory, accumulation types and conversions,
-// coherent loads of data other blocks wrote, the grid-wide barrier and launches.
+// same sources compile with nvcc for the GPU and with g++ against the CPU emulation of the
+// tests (tests/cuda_emulation/cuda_emulation.h, on the include path that build adds):
+// dynamic shared memory, accumulation types and conversions, coherent loads of data other
+// blocks wrote, the grid-wide barrier and launches.
 // No inline PTX anywhere, so that nothing here needs a GPU-only twin.
 #pragma once
 
@@ -21,7 +22,7 @@
 #else
 #include <thread>
 
-#include "cuda_emulation.h"
+#include <cuda_emulation.h>
 #define RNNTL_DEVICE inline
 #define RNNTL_HOST_DEVICE_INLINE inline
 #define RNNTL_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::rnntl::emu::dynamic_shared())
@@ -137,19 +138,6 @@ inline cudaError_t launch_cooperative(dim3 grid, dim3 block, size_t shared_bytes
   return ::rnntl::emu::launch_cooperative(grid, block, shared_bytes, kernel, arg);
 #endif
 }
-
-// Bump allocator over the caller's workspace; with a null base it only measures.
-struct WorkspaceCarver {
-  unsigned char* base;
-  size_t offset = 0;
-  template <typename V>
-  V* take(int64_t count) {
-    offset = (offset + 255) / 256 * 256;
-    V* p = base ? reinterpret_cast<V*>(base + offset) : nullptr;
-    offset += size_t(count > 0 ? count : 0) * sizeof(V);
-    return p;
-  }
-};
 
 }  // namespace cuda
 }  // namespace rnntl

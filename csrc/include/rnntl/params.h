@@ -67,104 +67,81 @@ struct LaunchEnv {
   int threads_per_block;   // persistent kernels; 0 = default (256)
 };
 
-struct LstmForwardParams {
+// The parameters are layered so that each field is declared once: SequenceParams holds
+// what every op reads, ForwardParams / BackwardParams what every forward / backward adds,
+// LstmParams what the LSTM forward and backward share, and the four op structs the rest.
+
+// Every op: the run's sizes and direction, the inputs both passes read, batch order, launch.
+struct SequenceParams {
   DType dtype;
-  int64_t steps, batch, input_size, hidden, out_size;  // T, B, I, H, P
+  int64_t steps, batch, input_size, hidden;  // T, B, I, H
+  int64_t out_size;        // P: proj_size or H (always H for the GRU)
   bool reverse;
-  bool save;               // write gates / cells / hidden_pre_clip for backward
-  double cell_clip;        // <= 0: off
-  double proj_clip;        // <= 0: off
   const void* input;       // [T, B, I]
-  const void* weight_ih;   // [4H, I]
-  const void* weight_hh;   // [4H, P]
-  const void* bias_ih;     // [4H] or null
-  const void* bias_hh;     // [4H] or null
-  const void* weight_hr;   // [P, H] or null (no projection)
+  const void* weight_ih;   // [G, I]
+  const void* weight_hh;   // [G, P]
   const void* h0;          // [B, P] or null (zeros)
-  const void* c0;          // [B, H] or null (zeros)
   OrderView order;
+  LaunchEnv env;
+};
+
+// Every forward: biases, results and the saved gate activations.
+struct ForwardParams : SequenceParams {
+  bool save;               // write the reserve (gates and the cell's saved tensors) for backward
+  const void* bias_ih;     // [G] or null
+  const void* bias_hh;     // [G] or null
   void* output;            // [T, B, P]
   void* h_n;               // [B, P]
-  void* c_n;               // [B, H]
-  void* gates;             // [T, B, 4H] activations i,f,g,o; only when save
-  void* cells;             // [T, B, H]  cell before cell_clip; only when save
-  void* hidden_pre_clip;   // [T, B, P]  hidden before proj_clip; only when save && proj_clip
-  LaunchEnv env;
+  void* gates;             // [T, B, G] gate activations; only when save
 };
 
-struct LstmBackwardParams {
-  DType dtype;
-  int64_t steps, batch, input_size, hidden, out_size;
-  bool reverse;
-  double cell_clip, proj_clip;
-  double state_clip;       // clamp of dL/dh_t, dL/dc_t (docs/semantics.md); <= 0: off
+// Every backward: gradient clips, incoming gradients, the forward's results and reserve,
+// and the gradients every cell has. Results: null = not wanted (its GEMM is skipped).
+struct BackwardParams : SequenceParams {
+  double state_clip;       // clamp of dL/dh_t (LSTM: and dL/dc_t) (docs/semantics.md); <= 0: off
   double gate_clip;        // clamp of dL/d(gate pre-activations); <= 0: off
   const void* grad_output; // [T, B, P] or null (zeros)
-  const void* grad_h_n;    // [B, P] or null
-  const void* grad_c_n;    // [B, H] or null
-  const void* input;       // [T, B, I]
-  const void* weight_ih;   // [4H, I]
-  const void* weight_hh;   // [4H, P]
-  const void* weight_hr;   // [P, H] or null
-  const void* h0;          // [B, P] or null
-  const void* c0;          // [B, H] or null
+  const void* grad_h_n;    // [B, P] or null (zeros)
   const void* output;      // [T, B, P] forward output
-  const void* gates;       // [T, B, 4H] saved activations
-  const void* cells;       // [T, B, H]  saved cells before clip
-  const void* hidden_pre_clip;  // [T, B, P] or null (only with proj_clip)
-  OrderView order;
-  // Results; null = not wanted (its GEMM is skipped).
+  const void* gates;       // [T, B, G] saved activations
   void* grad_input;        // [T, B, I]
-  void* grad_weight_ih;    // [4H, I]
-  void* grad_weight_hh;    // [4H, P]
-  void* grad_bias;         // [4H] (bias_ih and bias_hh have the same gradient)
-  void* grad_weight_hr;    // [P, H]
+  void* grad_weight_ih;    // [G, I]
+  void* grad_weight_hh;    // [G, P]
   void* grad_h0;           // [B, P]
-  void* grad_c0;           // [B, H]
-  LaunchEnv env;
 };
 
-struct GruForwardParams {
-  DType dtype;
-  int64_t steps, batch, input_size, hidden;
-  bool reverse;
-  bool save;
-  const void* input;       // [T, B, I]
-  const void* weight_ih;   // [3H, I]
-  const void* weight_hh;   // [3H, H]
-  const void* bias_ih;     // [3H] or null
-  const void* bias_hh;     // [3H] or null
-  const void* h0;          // [B, H] or null
-  OrderView order;
-  void* output;            // [T, B, H]
-  void* h_n;               // [B, H]
-  void* gates;             // [T, B, 3H] activations r,z,n; only when save
+// What the LSTM forward and backward share beyond SequenceParams (G = 4H, gates i,f,g,o).
+struct LstmParams {
+  double cell_clip;        // <= 0: off
+  double proj_clip;        // <= 0: off
+  const void* weight_hr;   // [P, H] or null (no projection)
+  const void* c0;          // [B, H] or null (zeros)
+};
+
+struct LstmForwardParams : ForwardParams, LstmParams {
+  void* c_n;               // [B, H]
+  void* cells;             // [T, B, H]  cell before cell_clip; only when save
+  void* hidden_pre_clip;   // [T, B, P]  hidden before proj_clip; only when save && proj_clip
+};
+
+struct LstmBackwardParams : BackwardParams, LstmParams {
+  const void* grad_c_n;         // [B, H] or null
+  const void* cells;            // [T, B, H]  saved cells before clip
+  const void* hidden_pre_clip;  // [T, B, P] or null (only with proj_clip)
+  void* grad_bias;              // [4H] (bias_ih and bias_hh have the same gradient)
+  void* grad_weight_hr;         // [P, H]
+  void* grad_c0;                // [B, H]
+};
+
+// GRU ("reset after"): G = 3H, gates r,z,n; P = H.
+struct GruForwardParams : ForwardParams {
   void* hidden_n;          // [T, B, H]  W_hn h_{t-1} + b_hn; only when save
-  LaunchEnv env;
 };
 
-struct GruBackwardParams {
-  DType dtype;
-  int64_t steps, batch, input_size, hidden;
-  bool reverse;
-  double state_clip, gate_clip;
-  const void* grad_output; // [T, B, H] or null
-  const void* grad_h_n;    // [B, H] or null
-  const void* input;       // [T, B, I]
-  const void* weight_ih;   // [3H, I]
-  const void* weight_hh;   // [3H, H]
-  const void* h0;          // [B, H] or null
-  const void* output;      // [T, B, H]
-  const void* gates;       // [T, B, 3H]
+struct GruBackwardParams : BackwardParams {
   const void* hidden_n;    // [T, B, H]
-  OrderView order;
-  void* grad_input;        // [T, B, I]
-  void* grad_weight_ih;    // [3H, I]
-  void* grad_weight_hh;    // [3H, H]
   void* grad_bias_ih;      // [3H]
   void* grad_bias_hh;      // [3H]
-  void* grad_h0;           // [B, H]
-  LaunchEnv env;
 };
 
 }  // namespace rnntl

@@ -1,0 +1,110 @@
+// Device code shared by the LSTM and GRU kernels: the part of the kernel arguments every
+// cell has, the grid-stride loop, moving rows between batch order and slot order, column
+// sums (bias gradients) and warp sums. Their launches are in launch_common.cuh.
+// Slot-major buffers: slot j holds batch row order[j] (rows sorted by length, longest
+// first), so the rows running at step t are slots [0, active[t]).
+#pragma once
+
+#include "../cell_math.h"
+#include "../cuda_compat.h"
+#include "../params.h"
+
+namespace rnntl {
+namespace cuda {
+
+// The kernels' arguments are layered like the params (rnntl/params.h): SequenceArgs is
+// what every kernel reads, ForwardArgs / BackwardArgs what every cell's forward /
+// backward kernels (stepwise and persistent alike) read, and each cell's args
+// (LstmForwardArgs, ...) add their own. Filled once per run from the params and the
+// workspace (fill_*_args in launch_common.cuh); the stepwise loop only sets t and
+// running before each launch. G = gates * H.
+struct SequenceArgs {
+  int64_t steps, batch, hidden, out_size;  // T, B, H, P
+  bool reverse;
+  int64_t units_per_block;      // persistent: hidden units per block
+  int64_t t, running;           // stepwise: this launch's step and its running rows
+  const int64_t* order;         // [B] batch row of slot j
+  const int64_t* length;        // [B] by batch row
+  const int64_t* active;        // [T] running rows per step
+};
+
+template <typename T>
+struct ForwardArgs : SequenceArgs {
+  const T* input_gates;         // [T, B, G] W_ih x (the cells add the biases)
+  const T* bias_ih;             // [G] or null
+  const T* bias_hh;             // [G] or null
+  const T* weight_hh;           // [G, P]
+  const T* recurrent_gates;     // [B, G] slot-major W_hh h_{t-1} (stepwise)
+  T* hidden_state;              // [B, P] slot-major h (stepwise)
+  acc_t<T>* hidden_exchange;    // [2, B, H] slot-major h by step parity; [0] holds h0 at launch (persistent)
+  unsigned int* barrier;        // one counter, zero at launch (persistent)
+  T* output;                    // [T, B, P]
+  T* h_n;                       // [B, P]
+  T* gates;                     // [T, B, G] activations, or null (not saving)
+};
+
+template <typename T>
+struct BackwardArgs : SequenceArgs {
+  const T* grad_output;         // [T, B, P] or null (zeros)
+  const T* grad_h_n;            // [B, P] or null
+  const T* weight_hh;           // [G, P]
+  const T* h0;                  // [B, P] or null
+  const T* output;              // [T, B, P] forward output
+  const T* gates;               // [T, B, G] saved activations
+  T* grad_hidden_carry;         // [B, P] slot-major dL/dh_t from step t+1 (stepwise)
+  acc_t<T>* gate_exchange;      // [2, B, G] slot-major dL/d(W_hh h) by round parity (persistent)
+  unsigned int* barrier;        // one counter, zero at launch (persistent)
+  T* hidden_prev_all;           // [T, B, P] h_{t-1} per row, or null (no dW_hh)
+  T* grad_h0;                   // [B, P] or null
+  acc_t<T> state_clip, gate_clip;
+};
+
+#define RNNTL_GRID_STRIDE_LOOP(index, total)                                                     \
+  for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < (total);        \
+       index += int64_t(gridDim.x) * blockDim.x)
+
+// dst[j, k] = src[order[j], k] (slot order from batch order), or 0 where src is null.
+//   src: [rows, width] in batch order, or null;  dst: [rows, width] slot-major.
+template <typename Src, typename Dst>
+__global__ void gather_rows_kernel(const Src* src, Dst* dst, const int64_t* order, int64_t rows, int64_t width) {
+  RNNTL_GRID_STRIDE_LOOP(index, rows * width) {
+    const int64_t j = index / width, k = index % width;
+    dst[index] = src ? from_acc<Dst>(to_acc(src[order[j] * width + k])) : from_acc<Dst>(0);
+  }
+}
+
+// dst[order[j], k] = src[j, k] (batch order from slot order).
+//   src: [rows, width] slot-major;  dst: [rows, width] batch order.
+template <typename Src, typename Dst>
+__global__ void scatter_rows_kernel(const Src* src, Dst* dst, const int64_t* order, int64_t rows, int64_t width) {
+  RNNTL_GRID_STRIDE_LOOP(index, rows * width) {
+    const int64_t j = index / width, k = index % width;
+    dst[order[j] * width + k] = from_acc<Dst>(to_acc(src[index]));
+  }
+}
+
+// out[c] = sum_r in[r, c], one warp per column (lanes split the rows, then a shuffle
+// reduction), float accumulation.  in: [rows, cols];  out: [cols].
+template <typename T>
+__global__ void column_sum_kernel(const T* in, T* out, int64_t rows, int64_t cols) {
+  using A = acc_t<T>;
+  const int64_t warps_per_block = blockDim.x / warpSize;
+  const int64_t lane = threadIdx.x % warpSize;
+  for (int64_t c = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / warpSize; c < cols;
+       c += int64_t(gridDim.x) * warps_per_block) {
+    A sum = A(0);
+    for (int64_t r = lane; r < rows; r += warpSize) sum += to_acc(in[r * cols + c]);
+    for (int offset = warpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) out[c] = from_acc<T>(sum);
+  }
+}
+
+// Sum of v over the 32 lanes of a warp, every lane gets it (all lanes must call).
+template <typename A>
+RNNTL_DEVICE A warp_sum(A v) {
+  for (int offset = warpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace rnntl
