@@ -29,6 +29,11 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
          "with one (e.g. the venv scripts/ci_cuda_extension.sh makes)" >&2
     exit 1
 fi
+missing="$("$PYTHON" -c "import importlib.util as u; print(' '.join(m for m in ('pytest', 'hypothesis', 'triton', 'ninja') if u.find_spec(m) is None))")"
+if [ -n "$missing" ]; then
+    echo "gpu-check: $PYTHON lacks $missing: $PYTHON -m pip install $missing" >&2
+    exit 1
+fi
 mkdir -p "$OUT"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
