@@ -6,7 +6,7 @@ How many examples each property runs is the hypothesis settings profile that
 tests/conftest.py loads from RNNTL_HYPOTHESIS_PROFILE ("ci" by default: a few dozen,
 derandomized; "long" for local runs; see docs/ENVIRONMENT.md).
 
-Non-finite values (docs/semantics.md): a NaN or +-inf in an input, weight or state must give
+Non-finite values, with torch.nn as the oracle: a NaN or +-inf in an input, weight or state must give
 the NaN / +-inf pattern torch.nn gives, in the outputs and in every gradient; values in
 padded steps (t >= length) must not reach any result. Properties that the kernels do not
 meet yet are strict xfails naming the fault, so they fail once it is fixed.
@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
