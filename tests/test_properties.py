@@ -12,6 +12,9 @@ padded steps (t >= length) must not reach any result. Properties that the kernel
 meet yet are strict xfails naming the fault, so they fail once it is fixed.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +305,12 @@ def test_module_matches_torch_nn(config, form, with_hx, T, B, layout, dtype, dat
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert_within_error_rule(name, got[name], baseline[name], value, torch.float32)
+
+
+def test_unknown_hypothesis_profile_is_an_error_naming_the_variable():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                             os.path.join(tests, "test_gpu_check.py")], capture_output=True, text=True, cwd=tests,
+                            env=dict(os.environ, RNNTL_HYPOTHESIS_PROFILE="longer"))
+    assert result.returncode != 0
+    assert "RNNTL_HYPOTHESIS_PROFILE must be one of ('ci', 'long'), got 'longer'" in result.stdout + result.stderr
