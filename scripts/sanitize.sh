@@ -2,7 +2,8 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer run of the CPU kernels (`make sanitize`):
 #   1. the C++ tests (CMakeLists.txt, tests/cpp) built with -DRNNTL_SANITIZE, run by ctest;
 #   2. the extension built with RNNTL_SANITIZE (setup.py) into build/sanitize/lib, and a
-#      fast subset of the op tests run against it in a Python with libasan preloaded.
+#      fast subset of the op tests (tests/test_ops_cpu.py, tests/test_properties.py) run
+#      against it in a Python with libasan preloaded.
 # Everything goes to build/sanitize (incremental); the regular build is untouched. Any
 # sanitizer finding aborts the process, so the run fails.
 #
@@ -17,10 +18,12 @@ MAX_JOBS="${MAX_JOBS:-2}"
 CXX="${CXX:-c++}"
 SANITIZERS="address,undefined"
 OUT="build/sanitize"
-# The parity cases of the cpu backend in float64 (every path: lengths, reverse, clips,
-# frozen weights, the per-step product kernel's odd sizes), gradcheck, opcheck, argument
-# checks and strided arguments; the float32 cases repeat the same kernels.
-DEFAULT_TESTS="float64_matches_reference or gradcheck or opcheck or bad_input or rejects_bad_input or non_contiguous or state_and_gate_clip"
+# From tests/test_ops_cpu.py: the parity cases of the cpu backend in float64 (every path:
+# lengths, reverse, clips, frozen weights, the per-step product kernel's odd sizes),
+# gradcheck, opcheck, argument checks and strided arguments (its float32 cases repeat the
+# same kernels). From tests/test_properties.py: the op properties, drawn sizes, options and
+# memory layouts in float32 and float64 (the ci profile's examples).
+DEFAULT_TESTS="float64_matches_reference or gradcheck or opcheck or bad_input or rejects_bad_input or non_contiguous or state_and_gate_clip or test_op_float"
 TESTS="${RNNTL_SANITIZE_TESTS:-$DEFAULT_TESTS}"
 export MAX_JOBS
 
@@ -37,14 +40,25 @@ echo "sanitize: extension with -fsanitize=$SANITIZERS into $OUT/lib"
 RNNTL_SANITIZE="$SANITIZERS" "$PYTHON" setup.py -q build --build-base "$OUT" --build-lib "$OUT/lib" \
     --build-temp "$OUT/temp" > "$OUT.log" 2>&1 || { tail -40 "$OUT.log"; exit 1; }
 libasan="$("$CXX" -print-file-name=libasan.so)"
+libstdcxx="$("$CXX" -print-file-name=libstdc++.so)"
 [ -f "$libasan" ] || { echo "sanitize: $CXX has no libasan.so ($libasan)" >&2; exit 1; }
 
 echo "sanitize: op tests ($TESTS) against the sanitized extension"
-# -P: no current directory on sys.path, so `import rnntl_fast` finds $OUT/lib (checked
-# first), not the regular build in the source tree. detect_leaks=0: CPython and torch keep
-# allocations alive until exit by design.
-export LD_PRELOAD="$libasan" PYTHONPATH="$PWD/$OUT/lib"
+# libasan must come first in a process whose main program (python) is not instrumented;
+# libstdc++ with it, else ASan's __cxa_throw interceptor finds no real __cxa_throw and the
+# first C++ exception (a TORCH_CHECK) aborts. -P: no current directory on sys.path, so
+# `import rnntl_fast` finds $OUT/lib, not the regular build in the source tree (checked
+# below). detect_leaks=0: CPython and torch keep allocations alive until exit by design.
+export LD_PRELOAD="$libasan $libstdcxx" PYTHONPATH="$PWD/$OUT/lib"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-"$PYTHON" -P -c "import rnntl_fast._C as c, sys; p = c.__file__; print('sanitize: loaded', p); sys.exit(0 if '$OUT/lib/' in p else 1)"
-"$PYTHON" -P -m pytest tests/test_ops_cpu.py -q -p no:cacheprovider -k "$TESTS"
+"$PYTHON" -P - "$OUT/lib/" <<'PY'
+import sys
+import rnntl_fast._C as C
+library = open(C.__file__, "rb").read()
+print("sanitize: loaded", C.__file__)
+if sys.argv[1] not in C.__file__ or b"__asan_report" not in library or b"__ubsan_handle" not in library:
+    sys.exit("sanitize: that is not the extension built with AddressSanitizer and UBSan")
+PY
+# --capture=sys: a sanitizer report (written to fd 2 just before the abort) reaches the log.
+"$PYTHON" -P -m pytest tests/test_ops_cpu.py tests/test_properties.py -q -p no:cacheprovider --capture=sys -k "$TESTS"
 echo "sanitize: passed in $(( $(date +%s) - start )) s"
