@@ -3,7 +3,7 @@
 #   1. the C++ tests (CMakeLists.txt, tests/cpp) built with -DRNNTL_SANITIZE, run by ctest;
 #   2. the extension built with RNNTL_SANITIZE (setup.py) into build/sanitize/lib, and a
 #      fast subset of the op tests (tests/test_ops_cpu.py, tests/test_properties.py) run
-#      against it in a Python with libasan preloaded.
+#      against it in a Python with libasan (and libstdc++) preloaded.
 # Everything goes to build/sanitize (incremental); the regular build is untouched. Any
 # sanitizer finding aborts the process, so the run fails.
 #
@@ -32,7 +32,8 @@ echo "sanitize: C++ tests with -fsanitize=$SANITIZERS"
 cmake -S . -B "$OUT/cmake" -DRNNTL_SANITIZE="$SANITIZERS" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_PREFIX_PATH="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
 cmake --build "$OUT/cmake" -j "$MAX_JOBS"
-# halt_on_error: UBSan findings fail the test like ASan's do.
+# halt_on_error: UBSan findings fail the test like ASan's do. detect_leaks=0: libtorch keeps its
+# registries and thread pools until exit.
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     ctest --test-dir "$OUT/cmake" --output-on-failure
 
