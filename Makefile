@@ -110,3 +110,20 @@ info: build
 
 clean:
 	rm -rf build $(VENV) rnntl_fast/*.so *.egg-info
+
+# ---- Reliability checks ---------------------------------------------------------------------
+#   make sanitize    the C++ tests and a fast subset of the op tests against an
+#                    AddressSanitizer + UndefinedBehaviorSanitizer build of the kernels, in
+#                    build/sanitize (scripts/sanitize.sh); part of `make test`
+#   make gpu-check   on a machine with an NVIDIA GPU and a CUDA build of torch: CUDA extension,
+#                    CUDA and compiled-Triton tests, `rnntl-fast bench --device cuda`, one report
+#                    (scripts/gpu_check.sh, docs/cuda.md); without a GPU it says so and exits 0
+.PHONY: sanitize gpu-check
+
+test: sanitize
+
+sanitize: build
+	PYTHON=$(PY) bash scripts/sanitize.sh
+
+gpu-check:
+	PYTHON=$(PY) bash scripts/gpu_check.sh

@@ -8,7 +8,9 @@ docs/ENVIRONMENT.md documents each one:
                           /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST    GPU architectures for the CUDA build (default "7.5;8.0;8.6;9.0").
   MAX_JOBS                parallel compile jobs (read by torch's build_ext).
-  RNNTL_DEBUG=1           -O0 -g, for debuggers and sanitizers.
+  RNNTL_DEBUG=1           -O0 -g, for debuggers.
+  RNNTL_SANITIZE          sanitizers to build with, as for -fsanitize= (e.g. "address,undefined");
+                          -O1 -g, errors abort. `make sanitize` (scripts/sanitize.sh) uses it.
 """
 import glob
 import os
@@ -51,15 +53,24 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = _flag("RNNTL_DEBUG")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = os.environ.get("RNNTL_SANITIZE", "").strip()
+    cxx_flags = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
+    link_flags = []
+    define_macros = []
+    if sanitize:
+        # Every finding aborts (a test then fails) instead of printing and going on.
+        cxx_flags += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        link_flags += [f"-fsanitize={sanitize}"]
+        # target_clones relies on ifunc resolvers, which run before the sanitizer runtime is up.
+        define_macros.append(("RNNTL_NO_TARGET_CLONES", None))
     # -fno-trapping-math lets the float selects of the pointwise loops vectorize (torch
     # itself is built with it); -fno-math-errno keeps libm calls free of side effects.
     cxx_flags += ["-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     if not _flag("RNNTL_BUILD_CUDA"):
-        return [CppExtension("rnntl_fast._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("rnntl_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
     # No --use_fast_math: the gate math must match the CPU/reference rounding closely.
@@ -68,7 +79,7 @@ def extensions():
     # extra link libraries.
     nvcc_flags = ["-O3", "-lineinfo", "-std=c++17"]
     return [CUDAExtension("rnntl_fast._C", sources, include_dirs=include_dirs,
-                          define_macros=[("RNNTL_WITH_CUDA", None)],
+                          define_macros=define_macros + [("RNNTL_WITH_CUDA", None)], extra_link_args=link_flags,
                           extra_compile_args={"cxx": cxx_flags + ["-std=c++20"], "nvcc": nvcc_flags})]
 
 

@@ -85,15 +85,19 @@ def make_tensors(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
 LEAVES = ("input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "h0", "c0")
 
 
-def run(case: Case, tensors, dtype, backend, grad_clip="case"):
-    """Runs one case; returns {name: tensor} of outputs and gradients (None when no grad)."""
+def run(case: Case, tensors, dtype, backend, grad_clip="case", device="cpu", layout=None):
+    """Runs one case; returns {name: tensor} of outputs and gradients (None when no grad),
+    on the CPU whatever `device` ran it. layout(name, leaf) -> tensor, if given, is what the
+    op receives for each leaf (e.g. a non-contiguous view of the same values)."""
     leaves = {}
     for name in LEAVES:
         if name in tensors:
-            leaves[name] = tensors[name].to(dtype).detach().requires_grad_(name not in case.frozen)
+            leaves[name] = tensors[name].to(device=device, dtype=dtype).detach().requires_grad_(
+                name not in case.frozen)
     lengths = torch.tensor(case.lengths) if case.lengths else None
     clip = case.grad_clip if grad_clip == "case" else grad_clip
-    get = leaves.get
+    arguments = {name: layout(name, leaf) if layout else leaf for name, leaf in leaves.items()}
+    get = arguments.get
     if case.cell == "lstm":
         output, h_n, c_n = ops.lstm(get("input"), get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
                                     get("weight_hr"), get("h0"), get("c0"), lengths, reverse=case.reverse,
@@ -105,14 +109,15 @@ def run(case: Case, tensors, dtype, backend, grad_clip="case"):
                               get("h0"), lengths, reverse=case.reverse, grad_clip=clip,
                               grad_clip_mode=case.grad_clip_mode, backend=backend)
         results = {"output": output, "h_n": h_n}
-    loss = sum((value * tensors["loss_" + name].to(dtype)).sum() for name, value in results.items())
+    loss = sum((value * tensors["loss_" + name].to(device=device, dtype=dtype)).sum()
+               for name, value in results.items())
     wrt = [name for name, leaf in leaves.items() if leaf.requires_grad]
     grads = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
-    results = {name: value.detach() for name, value in results.items()}
+    results = {name: value.detach().cpu() for name, value in results.items()}
     for name in leaves:
         results["grad_" + name] = None
     for name, grad in zip(wrt, grads):
-        results["grad_" + name] = grad
+        results["grad_" + name] = None if grad is None else grad.cpu()
     return results
 
 

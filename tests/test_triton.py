@@ -1,7 +1,10 @@
 """The triton backend against the float64 reference (error rule: docs/semantics.md section 7).
 
 Runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets
-it), so shapes stay small: the interpreter executes every program with numpy. Each parity
+it), so shapes stay small: the interpreter executes every program with numpy. With
+RNNTL_TEST_TRITON_COMPILED=1 (and no TRITON_INTERPRET) the same tests run the compiled
+kernels on CUDA tensors instead (`make gpu-check`), the interpreter accepting programs the
+compiler rejects. Each parity
 test runs once per strategy, forced through RNNTL_TRITON_STRATEGY: "sequence" (whole
 recurrence in one launch, weights on chip) and "step" (a launch per step); under the
 interpreter the step kernels use 16-wide tiles, so H=20 exercises their multi-tile paths.
@@ -20,9 +23,13 @@ from rnntl_fast.ops.backend import triton_interpreted  # noqa: E402
 from rnntl_fast.ops.options import sequence_options  # noqa: E402
 from parity import LEAVES, Case, assert_case_matches, make_tensors, run  # noqa: E402
 
-if not triton_interpreted():
-    pytest.skip("these tests run the Triton kernels on CPU tensors and need TRITON_INTERPRET=1 set before import",
-                allow_module_level=True)
+if triton_interpreted():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("no GPU, and TRITON_INTERPRET=1 (which runs the Triton kernels on CPU tensors) was not set before "
+                "import", allow_module_level=True)
 
 from rnntl_fast.ops import triton as triton_ops  # noqa: E402
 from rnntl_fast.ops.triton import config  # noqa: E402
@@ -100,7 +107,7 @@ def _baseline(case: Case, tensors, dtype):
 def test_float32_within_error_rule(case, strategy):
     tensors = make_tensors(case)
     reference64 = run(case, tensors, torch.float64, "reference")
-    fast = run(case, tensors, torch.float32, "triton")
+    fast = run(case, tensors, torch.float32, "triton", device=DEVICE)
     checked = assert_case_matches(case, fast, _baseline(case, tensors, torch.float32), reference64, torch.float32)
     assert "output" in checked and "h_n" in checked
 
@@ -118,7 +125,7 @@ LOW_PRECISION_CASES = [
 def test_low_precision_within_error_rule(case, dtype, strategy):
     tensors = make_tensors(case)
     reference64 = run(case, tensors, torch.float64, "reference")
-    fast = run(case, tensors, dtype, "triton")
+    fast = run(case, tensors, dtype, "triton", device=DEVICE)
     for name, value in fast.items():
         assert value is None or value.dtype == dtype, f"{name} has dtype {value.dtype}"
     assert_case_matches(case, fast, _baseline(case, tensors, dtype), reference64, dtype)
@@ -129,8 +136,8 @@ def test_grad_clip_changes_gradients(case, strategy):
     """The clip binds in these cases: clipped gradients differ from unclipped ones (both
     from the triton backend); test_float32_within_error_rule checks the clipped values."""
     tensors = make_tensors(case)
-    clipped = run(case, tensors, torch.float32, "triton")
-    unclipped = run(case, tensors, torch.float32, "triton", grad_clip=None)
+    clipped = run(case, tensors, torch.float32, "triton", device=DEVICE)
+    unclipped = run(case, tensors, torch.float32, "triton", grad_clip=None, device=DEVICE)
     differing = [name for name in clipped if name.startswith("grad_") and clipped[name] is not None
                  and (clipped[name] - unclipped[name]).abs().max() > 1e-4]
     assert "grad_weight_hh" in differing and "grad_input" in differing, differing
@@ -141,7 +148,7 @@ def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_c
     limits = sequence_options(reverse, 0.5 if clips else None, 0.4 if clips else None, grad_clip, mode)
     case = Case(cell, T=3, B=2, I=3, H=5, proj=proj, lengths=lengths)
     tensors = make_tensors(case)
-    leaves = [tensors[n].float().requires_grad_(True) if n in tensors else None for n in LEAVES]
+    leaves = [tensors[n].float().to(DEVICE).requires_grad_(True) if n in tensors else None for n in LEAVES]
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None
     if cell == "lstm":
@@ -200,8 +207,8 @@ def test_strategy_choice(monkeypatch):
 
 def test_strategy_keyword_matches_environment(monkeypatch):
     monkeypatch.delenv(config.STRATEGY_ENV, raising=False)
-    x = torch.randn(3, 2, 4)
-    weights = (torch.randn(20, 4), torch.randn(20, 5), torch.randn(20), torch.randn(20))
+    x = torch.randn(3, 2, 4, device=DEVICE)
+    weights = [torch.randn(shape, device=DEVICE) for shape in ((20, 4), (20, 5), (20,), (20,))]
     args = (x, *weights, None, None, None, None, sequence_options())
     by_sequence = triton_ops.lstm_triton(*args, strategy="sequence")
     by_step = triton_ops.lstm_triton(*args, strategy="step")
@@ -211,8 +218,8 @@ def test_strategy_keyword_matches_environment(monkeypatch):
 
 def _count_matmuls(case):
     tensors = make_tensors(case)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        run(case, tensors, torch.float32, "triton")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:  # host-side op calls
+        run(case, tensors, torch.float32, "triton", device=DEVICE)
     return sum(event.count for event in profile.key_averages() if event.key in ("aten::mm", "aten::addmm"))
 
 
@@ -242,15 +249,15 @@ def test_inference_forward_matches_training_forward(cell, strategy):
     case = Case(cell, T=4, B=3, I=3, H=5, proj=3 if cell == "lstm" else 0, lengths=(2, 4, 1), reverse=True,
                 cell_clip=0.5 if cell == "lstm" else None)
     tensors = make_tensors(case)
-    training = run(case, tensors, torch.float32, "triton")
+    training = run(case, tensors, torch.float32, "triton", device=DEVICE)
     with torch.no_grad():
-        args = [tensors[n].float() if n in tensors else None for n in LEAVES]
+        args = [tensors[n].float().to(DEVICE) if n in tensors else None for n in LEAVES]
         if cell == "lstm":
             inference = ops.lstm(*args, torch.tensor(case.lengths), reverse=True, cell_clip=0.5, backend="triton")
         else:
             inference = ops.gru(*args[:5], args[6], torch.tensor(case.lengths), reverse=True, backend="triton")
     for name, value in zip(("output", "h_n", "c_n"), inference):
-        torch.testing.assert_close(value, training[name], rtol=0, atol=0)
+        torch.testing.assert_close(value.cpu(), training[name], rtol=0, atol=0)
 
 
 NONFINITE_CASES = [
@@ -309,9 +316,10 @@ def test_nonfinite_input_past_the_lengths_reaches_nothing(cell, strategy):
 
 
 def test_float64_is_rejected_with_a_clear_error():
-    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    double = dict(dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="supports float32, float16 and bfloat16"):
-        ops.gru(x, torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64), backend="triton")
+        ops.gru(torch.randn(2, 1, 3, **double), torch.randn(9, 3, **double), torch.randn(9, 3, **double),
+                backend="triton")
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
@@ -323,10 +331,10 @@ def test_module_matches_torch_nn(cls, strategy):
     if cls is nn.LSTM:
         kwargs["proj_size"] = 3
     torch.manual_seed(0)
-    theirs = cls(4, 5, **kwargs)
-    ours = ours_cls(4, 5, backend="triton", **kwargs)
+    theirs = cls(4, 5, **kwargs).to(DEVICE)
+    ours = ours_cls(4, 5, backend="triton", **kwargs).to(DEVICE)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(3, 4, 4)
+    x = torch.randn(3, 4, 4, device=DEVICE)
     lengths = torch.tensor([2, 4, 1])
     outputs, grads = [], []
     for module in (theirs, ours):
@@ -335,7 +343,7 @@ def test_module_matches_torch_nn(cls, strategy):
         out, state = module(packed)
         padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
         states = state if isinstance(state, tuple) else (state,)
-        loss = (padded * torch.linspace(-1, 1, padded.numel()).reshape(padded.shape)).sum() + sum(
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), device=DEVICE).reshape(padded.shape)).sum() + sum(
             s.square().sum() for s in states)
         grads.append(torch.autograd.grad(loss, [xi] + list(module.parameters())))
         outputs.append([padded.detach()] + [s.detach() for s in states])
@@ -349,15 +357,15 @@ def test_torch_compile_fullgraph_matches_eager():
     """The registered ops trace through their fakes: a model of triton-backed modules
     compiles with fullgraph=True and gives the eager results and gradients."""
     torch._dynamo.reset()
-    lstm = rnntl_fast.LSTM(4, 6, num_layers=2, bidirectional=True, grad_clip=1.0, backend="triton")
-    gru = rnntl_fast.GRU(12, 5, backend="triton")
+    lstm = rnntl_fast.LSTM(4, 6, num_layers=2, bidirectional=True, grad_clip=1.0, backend="triton").to(DEVICE)
+    gru = rnntl_fast.GRU(12, 5, backend="triton").to(DEVICE)
 
     def model(x):
         y, _ = lstm(x)
         z, h = gru(y)
         return z.square().sum() + h.sum()
 
-    x = torch.randn(5, 2, 4, requires_grad=True)
+    x = torch.randn(5, 2, 4, device=DEVICE, requires_grad=True)
     eager = model(x)
     (eager_grad,) = torch.autograd.grad(eager, x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
