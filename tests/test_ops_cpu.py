@@ -429,3 +429,24 @@ def test_non_contiguous_arguments(cell):
     baseline = outputs_and_grads(torch.float32, "reference")
     for index, (f, b, e) in enumerate(zip(fast, baseline, expected)):
         assert_within_error_rule(f"{cell}[{index}]", f, b, e, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_finite_padded_steps_reach_nothing(cell, reverse, dtype):
+    """With lengths the steps past a row's length are padding and may hold anything: NaN and
+    +-inf there change no output and no gradient, bit for bit (the ops multiply valid rows
+    only; padded rows' input gradient is zero)."""
+    case = Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), reverse=reverse)
+    tensors = make_tensors(case)
+    clean = run(case, tensors, dtype, "cpu")
+    padded = torch.arange(case.T).unsqueeze(1) >= torch.tensor(case.lengths).unsqueeze(0)  # [T, B]
+    x = tensors["input"].clone()
+    x[padded] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype).repeat(case.I)[:case.I]
+    dirty = run(case, dict(tensors, input=x), dtype, "cpu")
+    for name, expected in clean.items():
+        if expected is not None:
+            torch.testing.assert_close(dirty[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert (dirty["grad_input"][padded] == 0).all()
+
