@@ -212,10 +212,10 @@ def test_emulated_warp_primitives_and_shared_memory(library):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
     """Forward outputs and the saved reserve the backward reads (gates, cells,
-    hidden_pre_clip / hidden_n) have the CPU op's shapes, layout and values, except the LSTM
-    reserve with lengths: the CPU LSTM op stores only the valid rows there (docs/cpu.md), so
-    only its shapes are compared; gradients with lengths are compared against the reference
-    by the tests above."""
+    hidden_pre_clip / hidden_n) have the CPU op's shapes, layout and values, except the reserve
+    with lengths: the CPU ops store only the valid rows there (docs/cpu.md), so only its
+    shapes are compared; gradients with lengths are compared against the reference by the
+    tests above."""
     from rnntl_fast import _ext
 
     if not _ext.HAS_CPU_KERNELS:
@@ -245,7 +245,7 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
     outputs = 3 if cell == "lstm" else 2  # (output, h_n[, c_n]), then the reserve
     for index, (a, b) in enumerate(zip(cpu, emulated)):
         assert tuple(a.shape) == tuple(b.shape), f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
-        if index < outputs or not (with_lengths and cell == "lstm"):
+        if index < outputs or not with_lengths:
             torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=f"output {index}")
 
 

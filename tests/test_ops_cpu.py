@@ -428,3 +428,67 @@ def test_non_contiguous_arguments(cell):
     baseline = outputs_and_grads(torch.float32, "reference")
     for index, (f, b, e) in enumerate(zip(fast, baseline, expected)):
         assert_within_error_rule(f"{cell}[{index}]", f, b, e, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_finite_padded_steps_reach_nothing(cell, reverse, dtype):
+    """With lengths the steps past a row's length are padding and may hold anything: NaN and
+    +-inf there change no output and no gradient, bit for bit (the ops multiply valid rows
+    only; padded rows' input gradient is zero)."""
+    case = Case(cell, T=7, B=4, lengths=(3, 7, 1, 5), reverse=reverse)
+    tensors = make_tensors(case)
+    clean = run(case, tensors, dtype, "cpu")
+    padded = torch.arange(case.T).unsqueeze(1) >= torch.tensor(case.lengths).unsqueeze(0)  # [T, B]
+    x = tensors["input"].clone()
+    x[padded] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype).repeat(case.I)[:case.I]
+    dirty = run(case, dict(tensors, input=x), dtype, "cpu")
+    for name, expected in clean.items():
+        if expected is not None:
+            torch.testing.assert_close(dirty[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert (dirty["grad_input"][padded] == 0).all()
+
+
+
+# (leaf, index, value): one non-finite element. Index (1, 0, 2) of the input is a valid step
+# of every row in the lengths case below; h0 row 2 runs one step there.
+NON_FINITE = [(leaf, index, value) for leaf, index in (("input", (1, 0, 2)), ("weight_ih", (5, 1)), ("h0", (2, 3)))
+              for value in (float("inf"), -float("inf"), float("nan"))]
+
+
+def _same_non_finite_pattern(name, got, expected, rtol, atol):
+    """Equal NaN, +inf and -inf positions; the finite values close."""
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        mismatch = (test(got) != test(expected)).sum().item()
+        assert mismatch == 0, (f"{name}: {kind} at {mismatch} positions that differ "
+                               f"({test(got).sum().item()} vs {test(expected).sum().item()})")
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite].to(got.dtype), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("lengths", [None, (3, 7, 1, 5)], ids=["full", "lengths"])
+@pytest.mark.parametrize("leaf,index,value", NON_FINITE,
+                         ids=[f"{leaf}-{value}" for leaf, _, value in NON_FINITE])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_finite_values_propagate_as_torch_nn(cell, leaf, index, value, lengths):
+    """+-inf or NaN in the input, weight_ih or h0: every output and gradient has NaN and
+    +-inf exactly where torch.nn has them in the same dtype (a saturated gate is exactly 0
+    or 1, so its gradient times an infinite operand is NaN, not +-inf), float32 and float64,
+    and the finite values agree. Without lengths the float64 reference loop too; with
+    lengths it is no oracle here: it computes the padded rows and masks them with
+    torch.where, whose backward turns their NaN into NaN gradients (0 * NaN)."""
+    case = Case(cell, T=7, B=4, lengths=lengths)
+    tensors = make_tensors(case)
+    tensors[leaf] = tensors[leaf].clone()
+    tensors[leaf][index] = value
+    for dtype, rtol, atol in ((torch.float32, 1e-4, 1e-4), (torch.float64, 1e-10, 1e-10)):
+        fast = run(case, tensors, dtype, "cpu")
+        expected_runs = [run_torch_nn(case, tensors, dtype)]
+        if lengths is None:
+            expected_runs.append(run(case, tensors, torch.float64, "reference"))
+        for expected in expected_runs:
+            for name, value_expected in expected.items():
+                if value_expected is not None:
+                    _same_non_finite_pattern(f"{dtype}:{name}", fast[name], value_expected, rtol, atol)

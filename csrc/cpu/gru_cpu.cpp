@@ -1,8 +1,13 @@
 // GRU ("reset after", as torch.nn and cuDNN) over a whole sequence, one layer and one
-// direction, on the CPU. Same structure as lstm_cpu.cpp: the input projection in blocks of steps, per
-// step a recurrent GEMM over the running rows and a fused pointwise pass; backward per
-// step, then the weight-gradient GEMMs over all steps for the weights that need them.
+// direction, on the CPU. Same structure and layout as lstm_cpu.cpp: the input projection in
+// blocks of steps (ProjectionBlocks), per step a recurrent GEMM over the running rows and a
+// fused pointwise pass; backward per step, then the weight-gradient GEMMs over all steps for
+// the weights that need them.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
+// "Slot-major" buffers hold row order[j] in slot j. The whole-sequence buffers (input gates,
+// saved gates and hidden_n, gate gradients, weight-gradient operands) hold only the
+// N = valid_rows rows of SequenceOrder's compact layout, so padded steps never enter a
+// product (their input may hold anything, NaN included).
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 #include "sequence_cpu.h"
@@ -16,30 +21,32 @@ namespace {
 template <typename T>
 struct GruForwardStep {
   int64_t batch, hidden, t;
+  int64_t first_row;         // compact row of slot 0 at step t
   const int64_t* order;
-  const T* input_gates;      // [steps, B, 3H] W_ih x + b_ih of steps input_first_step...
-  int64_t input_first_step;
+  const T* input_gates;      // [rows, 3H] W_ih x + b_ih of compact rows input_first_row...
+  int64_t input_first_row;
   T* recurrent_gates;        // [B, 3H]    slot-major W_hh h_{t-1} (no bias); r, z written over it
   const T* bias_hh;          // [3H]       b_hh, or zeros
   T* hidden_state;           // [B, H]     slot-major
-  T* output;                 // [T, B, H]
-  T* gates;                  // [T, B, 3H] activations r, z, n, when saving for backward
-  T* hidden_n;               // [T, B, H]  W_hn h_{t-1} + b_hn, when saving
+  T* output;                 // [T, B, H]  padded
+  T* gates;                  // [N, 3H]    compact activations r, z, n, when saving for backward
+  T* hidden_n;               // [N, H]     compact W_hn h_{t-1} + b_hn, when saving
 };
 
 template <typename T, bool kSave>
 RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
-  const int64_t row = s.t * s.batch + s.order[j];
-  const T* __restrict__ x = s.input_gates + (row - s.input_first_step * s.batch) * G;
+  const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
+  const int64_t compact = s.first_row + j;         // compact row (the whole-sequence buffers)
+  const T* __restrict__ x = s.input_gates + (compact - s.input_first_row) * G;
   // r and z overwrite the recurrent product in place when not saved (element k is read
   // before it is written), so r is not __restrict__.
   const T* r = s.recurrent_gates + j * G;
-  T* rz = kSave ? s.gates + row * G : s.recurrent_gates + j * G;
+  T* rz = kSave ? s.gates + compact * G : s.recurrent_gates + j * G;
   const T* __restrict__ bias = s.bias_hh;
   T* __restrict__ h = s.hidden_state + j * H;
   T* __restrict__ out = s.output + row * H;
-  T* __restrict__ hidden_n = kSave ? s.hidden_n + row * H : nullptr;
+  T* __restrict__ hidden_n = kSave ? s.hidden_n + compact * H : nullptr;
   // Two passes (see gru_candidate_update): the independent r and z first, then n and h.
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
@@ -80,18 +87,17 @@ struct GruBackwardStep {
   int64_t batch, hidden, t;
   bool reverse;
   const SequenceOrder* sequence;
-  const T* gates;             // [T, B, 3H]
-  const T* hidden_n;          // [T, B, H]
-  const T* output;            // [T, B, H]
-  const T* grad_output;       // [T, B, H]
+  const T* gates;             // [N, 3H] compact
+  const T* hidden_n;          // [N, H]  compact
+  const T* output;            // [T, B, H] padded
+  const T* grad_output;       // [T, B, H] padded
   const T* h0;                // [B, H] or nullptr
   const T* zeros;             // [H]
   T* grad_hidden_carry;       // [B, H]  slot-major: dL/dh_t from step t+1 in, z * dL/dh_t out
                               //         (the caller then adds dL/dgh @ W_hh)
-  T* grad_hidden_gates;       // [B, 3H] slot-major dL/d(W_hh h + b_hh)
-  T* grad_hidden_gates_all;   // [T, B, 3H] or nullptr (may alias grad_hidden_gates)
-  T* grad_input_gates_all;    // [T, B, 3H] dL/d(W_ih x + b_ih)
-  T* hidden_prev_all;         // h_{t-1} of row r at r * hidden_prev_stride, or nullptr
+  T* grad_hidden_gates;       // [n, 3H] dL/d(W_hh h + b_hh) of step t's slots
+  T* grad_input_gates_all;    // [N, 3H] compact dL/d(W_ih x + b_ih)
+  T* hidden_prev_all;         // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
   int64_t hidden_prev_stride;
   T state_clip, gate_clip;
 };
@@ -100,16 +106,17 @@ template <typename T>
 RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t b = s.sequence->order[j];
-  const int64_t row = s.t * s.batch + b;
+  const int64_t row = s.t * s.batch + b;                // padded (output, grad_output)
+  const int64_t compact = s.sequence->first_row[s.t] + j;  // compact (the whole-sequence buffers)
   const bool first = s.sequence->is_first_step(b, s.t, s.reverse);
   const int64_t prev_row = SequenceOrder::previous_step(s.t, s.reverse) * s.batch + b;
   const T* __restrict__ h_prev = first ? (s.h0 ? s.h0 + b * H : s.zeros) : s.output + prev_row * H;
-  const T* __restrict__ act = s.gates + row * G;
-  const T* __restrict__ hn = s.hidden_n + row * H;
+  const T* __restrict__ act = s.gates + compact * G;
+  const T* __restrict__ hn = s.hidden_n + compact * H;
   const T* __restrict__ go = s.grad_output + row * H;
   T* __restrict__ carry = s.grad_hidden_carry + j * H;
   T* __restrict__ dgh = s.grad_hidden_gates + j * G;
-  T* __restrict__ dgi = s.grad_input_gates_all + row * G;
+  T* __restrict__ dgi = s.grad_input_gates_all + compact * G;
   const T state_clip = s.state_clip, gate_clip = s.gate_clip;
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
@@ -124,11 +131,7 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
     dgh[2 * H + k] = e.d_hidden_n;
     carry[k] = e.grad_hidden_prev;
   }
-  if (s.grad_hidden_gates_all) {
-    T* all = s.grad_hidden_gates_all + row * G;
-    if (all != dgh) std::copy(dgh, dgh + G, all);
-  }
-  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + row * s.hidden_prev_stride);
+  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + compact * s.hidden_prev_stride);
 }
 
 template <typename T>
@@ -143,10 +146,214 @@ void gru_backward_rows_entry(const GruBackwardStep<double>& s, int64_t begin, in
   gru_backward_rows(s, begin, end);
 }
 
+// ------------------------------------------------------------------------------------
+// Forward: allocation (constructor), the step loop (run_steps), the results.
+// ------------------------------------------------------------------------------------
+class GruForward {
+ public:
+  GruForward(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+             const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+             const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64, const GruSizes& sizes, bool reverse,
+             bool save)
+      : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), reverse_(reverse), save_(save),
+        sequence_(lengths64, steps_, batch_),
+        input_projection_(sequence_.compact_from_padded(input), weight_ih, bias_ih),  // [N, 3H], in blocks
+        block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
+        recurrent_(weight_hh, batch_) {
+    const auto options = input.options();
+    const int64_t G = 3 * hidden_;
+    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
+    recurrent_scratch_ = at::empty({batch_, G}, options);
+    output_ = at::empty({steps_, batch_, hidden_}, options);
+    gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
+    hidden_n_ = save ? sequence_.saved_buffer(hidden_, options) : at::empty({0}, options);
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
+    GruForwardStep<T> s;
+    s.batch = batch_;
+    s.hidden = hidden_;
+    s.order = sequence_.order;
+    s.input_gates = input_gates_block_.data_ptr<T>();
+    s.input_first_row = 0;
+    s.bias_hh = bias_hh_.data_ptr<T>();
+    s.hidden_state = hidden_state_.data_ptr<T>();
+    s.output = output_.data_ptr<T>();
+    s.gates = save_ ? gates_.data_ptr<T>() : nullptr;
+    s.hidden_n = save_ ? hidden_n_.data_ptr<T>() : nullptr;
+    ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
+    at::Tensor product_holder;
+    for (int64_t step = 0; step < steps_; ++step) {
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t];
+      s.t = t;
+      s.first_row = sequence_.first_row[t];
+      if (blocks.starts_at(step)) {
+        input_projection_.into(blocks.first(), blocks.rows(), input_gates_block_.data_ptr<T>());
+        s.input_first_row = blocks.first();
+      }
+      if (n > 0) {
+        s.recurrent_gates =
+            recurrent_.multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
+        parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
+      }
+      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged.
+      for (int64_t j = n; j < batch_; ++j) std::fill_n(s.output + (t * batch_ + sequence_.order[j]) * hidden_, hidden_, T(0));
+    }
+  }
+
+  // (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> results() const {
+    return {output_, sequence_.batch_major(hidden_state_), gates_, hidden_n_};
+  }
+
+ private:
+  int64_t steps_, batch_, hidden_;
+  bool reverse_, save_;
+  SequenceOrder sequence_;
+  RowProjection input_projection_;
+  int64_t block_rows_;
+  StepWeight recurrent_;
+  at::Tensor input_gates_block_;  // [block capacity, 3H] one block's input gates, reused
+  at::Tensor bias_hh_;            // [3H]
+  at::Tensor hidden_state_;       // [B, H] slot-major
+  at::Tensor recurrent_scratch_;  // [B, 3H]
+  at::Tensor output_, gates_, hidden_n_;
+};
+
+// ------------------------------------------------------------------------------------
+// Backward: allocation (constructor), the step loop (run_steps), gradient assembly.
+// ------------------------------------------------------------------------------------
+class GruBackward {
+ public:
+  GruBackward(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+              const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+              const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64, const at::Tensor& output,
+              const at::Tensor& gates, const at::Tensor& hidden_n, const GruSizes& sizes, bool reverse,
+              double state_clip, double gate_clip, std::array<bool, 6> output_mask)
+      : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
+        state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
+        sequence_(lengths64, steps_, batch_),
+        recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
+        weight_ih_(weight_ih) {
+    const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
+    grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
+    grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
+    grad_input_gates_all_ = at::empty({N, G}, options_);
+    // Each step's slots are contiguous compact rows, so dL/dgh of step t is written in place
+    // where the recurrent product reads it; without a hidden-side weight gradient one
+    // step's buffer is reused.
+    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : batch_, G}, options_);
+    // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
+    input_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), 0, options_);
+    hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_);
+    zeros_ = at::zeros({hidden_}, options_);
+    h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
+    output_ = output.contiguous();
+    gates_ = gates.contiguous();
+    hidden_n_ = hidden_n.contiguous();
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
+    const int64_t G = 3 * hidden_;
+    GruBackwardStep<T> s;
+    s.batch = batch_;
+    s.hidden = hidden_;
+    s.reverse = reverse_;
+    s.sequence = &sequence_;
+    s.gates = gates_.data_ptr<T>();
+    s.hidden_n = hidden_n_.data_ptr<T>();
+    s.output = output_.data_ptr<T>();
+    s.grad_output = grad_out_.data_ptr<T>();
+    s.h0 = h0_.defined() ? h0_.data_ptr<T>() : nullptr;
+    s.zeros = zeros_.data_ptr<T>();
+    s.grad_hidden_carry = grad_hidden_carry_.data_ptr<T>();
+    s.grad_input_gates_all = grad_input_gates_all_.data_ptr<T>();
+    s.hidden_prev_all = hidden_operand_->hidden_columns<T>();
+    s.hidden_prev_stride = hidden_operand_->width();
+    s.state_clip = static_cast<T>(state_clip_);
+    s.gate_clip = static_cast<T>(gate_clip_);
+    T* const carry = s.grad_hidden_carry;
+    T* const grad_hidden_gates = grad_hidden_gates_all_.data_ptr<T>();
+    const bool keep = keep_hidden_gates();
+    // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
+    const auto prefetch_step = [&](int64_t step) {
+      if (step < 0) return;
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      prefetch_block(s.gates + first * G, n * G);
+      prefetch_block(s.hidden_n + first * hidden_, n * hidden_);
+      prefetch_block(s.grad_output + t * batch_ * hidden_, batch_ * hidden_);
+      if (step > 0) prefetch_block(s.output + SequenceOrder::previous_step(t, reverse_) * batch_ * hidden_, batch_ * hidden_);
+    };
+    prefetch_step(steps_ - 1);
+
+    for (int64_t step = steps_ - 1; step >= 0; --step) {
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t];
+      s.t = t;
+      s.grad_hidden_gates = keep ? grad_hidden_gates + sequence_.first_row[t] * G : grad_hidden_gates;
+      if (n > 0) {
+        parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
+        prefetch_step(step - 1);
+        recurrent_back_.multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
+      }
+      // Rows past their length pass their state gradient through unchanged (clamped in
+      // state mode, as the reference's hooks on the carried-over state do).
+      if (s.state_clip > 0) {
+        for (int64_t j = n; j < batch_; ++j)
+          for (int64_t k = 0; k < hidden_; ++k) carry[j * hidden_ + k] = clip_value(carry[j * hidden_ + k], s.state_clip);
+      }
+    }
+  }
+
+  // (grad_input [T,B,I], grad_weight_ih [3H,I], grad_weight_hh [3H,H], grad_bias_ih [3H],
+  // grad_bias_hh [3H], grad_h0 [B,H]); an entry whose output_mask is false is an empty tensor.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients() {
+    // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
+    const auto none = [&] { return at::empty({0}, options_); };
+    const at::Tensor& grad_input_gates = grad_input_gates_all_;  // [N, 3H]
+    at::Tensor grad_input =
+        mask_[0] ? sequence_.padded_from_compact(linear_rows(grad_input_gates, weight_ih_.t())) : none();
+    input_operand_->multiply(grad_input_gates);
+    at::Tensor grad_weight_ih = mask_[1] ? input_operand_->input_block(input_size_) : none();
+    at::Tensor grad_bias_ih = mask_[3] ? grad_input_gates.sum(0) : none();
+    if (keep_hidden_gates()) hidden_operand_->multiply(grad_hidden_gates_all_);
+    at::Tensor grad_weight_hh = mask_[2] ? hidden_operand_->hidden_block(hidden_) : none();
+    at::Tensor grad_bias_hh = mask_[4] ? grad_hidden_gates_all_.sum(0) : none();
+    at::Tensor grad_h0 = mask_[5] ? sequence_.batch_major(grad_hidden_carry_) : none();
+    return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0};
+  }
+
+ private:
+  bool keep_hidden_gates() const { return mask_[2] || mask_[4]; }  // dW_hh or db_hh wanted
+  int64_t steps_, batch_, input_size_, hidden_;
+  bool reverse_;
+  double state_clip_, gate_clip_;
+  std::array<bool, 6> mask_;
+  at::TensorOptions options_;
+  SequenceOrder sequence_;
+  StepWeight recurrent_back_;
+  at::Tensor weight_ih_;
+  at::Tensor grad_out_;              // [T, B, H] padded
+  at::Tensor grad_hidden_carry_;     // [B, H] slot-major
+  at::Tensor grad_input_gates_all_;  // [N, 3H] compact
+  at::Tensor grad_hidden_gates_all_; // [N, 3H] compact, or [B, 3H] one step's
+  c10::optional<WeightGradientOperand> input_operand_, hidden_operand_;
+  at::Tensor zeros_, h0_, output_, gates_, hidden_n_;
+};
+
 }  // namespace
 
 // Returns (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]); the last two
-// are empty unless save_for_backward.
+// are empty unless save_for_backward. With lengths, gates and hidden_n hold the compact
+// rows first (the layout is private to this op, see docs/cpu.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
@@ -157,69 +364,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   check_input_cpu(input);
   const GruSizes sizes =
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
-  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
-  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  const auto options = input.options();
-
-  // The input projection, a few steps at a time just before they run (see RowProjection),
-  // into a buffer reused block after block.
-  const RowProjection input_projection(input.contiguous().view({T * B, I}), weight_ih, bias_ih);
-  const int64_t block_steps = std::max<int64_t>(1, projection_block_rows(G, I, B) / std::max<int64_t>(B, 1));
-  at::Tensor input_gates_block = at::empty({std::min(block_steps, T) * B, G}, options);
-  const at::Tensor bias = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
-  const SequenceOrder sequence(lengths64, T, B);
-  const at::Tensor order_tensor = sequence.order_tensor();
-  at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, H}, options);
-  at::Tensor recurrent_scratch = at::empty({B, G}, options);
-  at::Tensor output = at::empty({T, B, H}, options);
-  at::Tensor gates = empty_if(save_for_backward, {T, B, G}, options);
-  at::Tensor hidden_n = empty_if(save_for_backward, {T, B, H}, options);
-  const StepWeight recurrent(weight_hh, B);
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] {
-    RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
-    using T_ = scalar_t;
-    GruForwardStep<T_> s;
-    s.batch = B;
-    s.hidden = H;
-    s.order = sequence.order;
-    s.input_gates = input_gates_block.data_ptr<T_>();
-    s.bias_hh = bias.data_ptr<T_>();
-    s.hidden_state = hidden_state.data_ptr<T_>();
-    s.output = output.data_ptr<T_>();
-    s.gates = save_for_backward ? gates.data_ptr<T_>() : nullptr;
-    s.hidden_n = save_for_backward ? hidden_n.data_ptr<T_>() : nullptr;
-    at::Tensor product_holder;
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = reverse ? T - 1 - step : step;
-      const int64_t n = sequence.active[t];
-      s.t = t;
-      if (step % block_steps == 0) {
-        // Steps [step, step + steps) in processing order: padded rows of t_low... (one range).
-        const int64_t steps = std::min(block_steps, T - step);
-        const int64_t t_low = reverse ? T - step - steps : step;
-        input_projection.into(t_low * B, steps * B, input_gates_block.data_ptr<T_>());
-        s.input_first_step = t_low;
-      }
-      if (n > 0) {
-        s.recurrent_gates =
-            recurrent.multiply(s.hidden_state, n, recurrent_scratch.data_ptr<T_>(), product_holder);  // [n, 3H]
-        parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_for_backward); });
-      }
-      for (int64_t j = n; j < B; ++j) {
-        const int64_t row = t * B + sequence.order[j];
-        std::fill_n(s.output + row * H, H, T_(0));
-        if (save_for_backward) {
-          std::fill_n(s.gates + row * G, G, T_(0));
-          std::fill_n(s.hidden_n + row * H, H, T_(0));
-        }
-      }
-    }
-  });
-
-  at::Tensor h_n = at::empty({B, H}, options);
-  h_n.index_copy_(0, order_tensor, hidden_state);
-  return {output, h_n, gates, hidden_n};
+  const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
+  GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, sizes, reverse, save_for_backward);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  return forward.results();
 }
 
 // Returns (grad_input [T,B,I], grad_weight_ih [3H,I], grad_weight_hh [3H,H],
@@ -236,104 +384,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_input_cpu(input);
   const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
                                                       gates, hidden_n, state_clip, gate_clip);
-  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
-  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
-             need_bias_ih = output_mask[3], need_bias_hh = output_mask[4], need_h0 = output_mask[5];
-  const bool keep_hidden_gates = need_weight_hh || need_bias_hh;
-  const auto options = input.options();
-
-  const SequenceOrder sequence(lengths64, T, B);
-  const at::Tensor order_tensor = sequence.order_tensor();
-  const bool identity_order = !lengths.has_value();
-  const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, H}, options);
-  at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, H}, options).index_select(0, order_tensor);
-  at::Tensor grad_input_gates_all = at::empty({T, B, G}, options);
-  at::Tensor grad_hidden_gates_all = keep_hidden_gates ? at::empty({T, B, G}, options) : at::Tensor();
-  at::Tensor grad_hidden_gates_buffer = at::empty({B, G}, options);
-  // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
-  WeightGradientOperand input_operand(T * B, need_weight_ih ? input.contiguous().view({T * B, I}) : at::Tensor(), 0,
-                                      options);
-  WeightGradientOperand hidden_operand(T * B, at::Tensor(), need_weight_hh ? H : 0, options);
-  const at::Tensor zeros = at::zeros({H}, options);
-  const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
-  const at::Tensor output_c = output.contiguous();
-  const at::Tensor gates_c = gates.contiguous();
-  const at::Tensor hidden_n_c = hidden_n.contiguous();
-  const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] {
-    RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
-    using T_ = scalar_t;
-    GruBackwardStep<T_> s;
-    s.batch = B;
-    s.hidden = H;
-    s.reverse = reverse;
-    s.sequence = &sequence;
-    s.gates = gates_c.data_ptr<T_>();
-    s.hidden_n = hidden_n_c.data_ptr<T_>();
-    s.output = output_c.data_ptr<T_>();
-    s.grad_output = grad_out.data_ptr<T_>();
-    s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
-    s.zeros = zeros.data_ptr<T_>();
-    s.grad_hidden_carry = grad_hidden_carry.data_ptr<T_>();
-    s.grad_hidden_gates_all = keep_hidden_gates ? grad_hidden_gates_all.data_ptr<T_>() : nullptr;
-    s.grad_input_gates_all = grad_input_gates_all.data_ptr<T_>();
-    s.hidden_prev_all = hidden_operand.hidden_columns<T_>();
-    s.hidden_prev_stride = hidden_operand.width();
-    s.state_clip = static_cast<T_>(state_clip);
-    s.gate_clip = static_cast<T_>(gate_clip);
-    T_* carry = s.grad_hidden_carry;
-    // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
-    const auto prefetch_step = [&](int64_t step) {
-      if (step < 0) return;
-      const int64_t t = reverse ? T - 1 - step : step;
-      prefetch_block(s.gates + t * B * G, B * G);
-      prefetch_block(s.hidden_n + t * B * H, B * H);
-      prefetch_block(s.grad_output + t * B * H, B * H);
-      if (step > 0) prefetch_block(s.output + SequenceOrder::previous_step(t, reverse) * B * H, B * H);
-    };
-    prefetch_step(T - 1);
-
-    for (int64_t step = T - 1; step >= 0; --step) {
-      const int64_t t = reverse ? T - 1 - step : step;
-      const int64_t n = sequence.active[t];
-      s.t = t;
-      s.grad_hidden_gates = identity_order && keep_hidden_gates ? s.grad_hidden_gates_all + t * B * G
-                                                                : grad_hidden_gates_buffer.data_ptr<T_>();
-      if (n > 0) {
-        parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
-        prefetch_step(step - 1);
-        recurrent_back.multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
-      }
-      for (int64_t j = n; j < B; ++j) {
-        const int64_t row = t * B + sequence.order[j];
-        if (s.state_clip > 0) {
-          for (int64_t k = 0; k < H; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
-        }
-        std::fill_n(s.grad_input_gates_all + row * G, G, T_(0));
-        if (s.grad_hidden_gates_all) std::fill_n(s.grad_hidden_gates_all + row * G, G, T_(0));
-        if (s.hidden_prev_all) std::fill_n(s.hidden_prev_all + row * s.hidden_prev_stride, H, T_(0));
-      }
-    }
-  });
-
-  const at::Tensor grad_input_gates = grad_input_gates_all.view({T * B, G});
-  // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
-  const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = need_input ? linear_rows(grad_input_gates, weight_ih.t()).view({T, B, I}) : none();
-  input_operand.multiply(grad_input_gates);
-  at::Tensor grad_weight_ih = need_weight_ih ? input_operand.input_block(I) : none();
-  at::Tensor grad_bias_ih = need_bias_ih ? grad_input_gates.sum(0) : none();
-  if (keep_hidden_gates) hidden_operand.multiply(grad_hidden_gates_all.view({T * B, G}));
-  at::Tensor grad_weight_hh = need_weight_hh ? hidden_operand.hidden_block(H) : none();
-  at::Tensor grad_bias_hh = need_bias_hh ? grad_hidden_gates_all.view({T * B, G}).sum(0) : none();
-  at::Tensor grad_h0 = none();
-  if (need_h0) {
-    grad_h0 = at::empty({B, H}, options);
-    grad_h0.index_copy_(0, order_tensor, grad_hidden_carry);
-  }
-  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0};
+  const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
+  GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, output, gates, hidden_n,
+                       sizes, reverse, state_clip, gate_clip, output_mask);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  return backward.gradients();
 }
 
 }  // namespace cpu

@@ -9,8 +9,9 @@
 // The whole-sequence buffers (input gates, saved gates / cells / pre-clip hidden, gradient
 // buffers) hold only the valid rows, in SequenceOrder's compact layout: N = valid_rows <= T*B
 // rows, row first_row[t] + j for slot j at step t. With variable lengths the whole-sequence
-// products (input projection, dL/dx, weight gradients) then cover only valid rows. The saved
-// [T, B, ...] tensors keep their shape; their rows past N are zeros.
+// products (input projection, dL/dx, weight gradients) then cover only valid rows, and
+// padded steps never enter a product. The saved [T, B, ...] tensors keep their shape; their
+// rows past N are zeros.
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 #include "sequence_cpu.h"
@@ -226,11 +227,303 @@ void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int6
                             grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
 }
 
+// b_ih + b_hh, added once by the input projection; nullopt when there is no bias.
+c10::optional<at::Tensor> combined_bias(const c10::optional<at::Tensor>& bias_ih,
+                                        const c10::optional<at::Tensor>& bias_hh) {
+  if (bias_ih.has_value() && bias_hh.has_value()) return *bias_ih + *bias_hh;
+  return bias_ih.has_value() ? bias_ih : bias_hh;
+}
+
+// ------------------------------------------------------------------------------------
+// Forward: allocation (constructor), the step loop (run_steps), the results.
+// ------------------------------------------------------------------------------------
+class LstmForward {
+ public:
+  LstmForward(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+              const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+              const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
+              const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64, const LstmSizes& sizes, bool reverse,
+              double cell_clip, double proj_clip, bool save)
+      : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), out_size_(sizes.out_size),
+        project_(weight_hr.has_value()), reverse_(reverse), save_(save), cell_clip_(cell_clip), proj_clip_(proj_clip),
+        sequence_(lengths64, steps_, batch_),
+        input_projection_(sequence_.compact_from_padded(input), weight_ih, combined_bias(bias_ih, bias_hh)),
+        block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
+        recurrent_(weight_hh, batch_) {
+    const auto options = input.options();
+    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
+    if (project_) projection_.emplace(*weight_hr, B);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, P}, options);
+    cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
+    hidden_unprojected_ = project_ ? at::empty({B, H}, options) : at::Tensor();
+    step_scratch_ = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
+    output_ = at::empty({steps_, B, P}, options);
+    // The input gates of a block of steps go where their activations go: straight into the
+    // saved gates when saving for backward (the activations overwrite them in place), else
+    // into a buffer of one block reused block after block.
+    gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
+    input_gates_block_ =
+        save ? at::Tensor() : at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    cells_ = save ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
+    hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
+    const int64_t B = batch_, P = out_size_, G = 4 * hidden_;
+    LstmForwardStep<T> s;
+    s.batch = B;
+    s.hidden = hidden_;
+    s.order = sequence_.order;
+    T* const input_gates = save_ ? gates_.data_ptr<T>() : input_gates_block_.data_ptr<T>();
+    s.input_gates = input_gates;
+    s.input_first_row = 0;
+    s.cell_state = cell_state_.data_ptr<T>();
+    s.hidden_state = project_ ? nullptr : hidden_state_.data_ptr<T>();
+    s.hidden_unprojected = project_ ? hidden_unprojected_.data_ptr<T>() : nullptr;
+    s.output = project_ ? nullptr : output_.data_ptr<T>();
+    s.cells = save_ ? cells_.data_ptr<T>() : nullptr;
+    s.hidden_pre_clip = hidden_pre_clip_.numel() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
+    s.cell_clip = static_cast<T>(cell_clip_);
+    s.proj_clip = static_cast<T>(proj_clip_);
+    T* const out_data = output_.data_ptr<T>();
+    T* const recurrent_scratch = step_scratch_.data_ptr<T>();
+    T* const projected_scratch = recurrent_scratch + B * G;
+    ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
+    at::Tensor product_holder;
+    for (int64_t step = 0; step < steps_; ++step) {
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t];
+      s.t = t;
+      s.first_row = sequence_.first_row[t];
+      if (blocks.starts_at(step)) {
+        if (save_) {  // in place in the saved gates: row r at input_gates + r * G
+          input_projection_.into(blocks.first(), blocks.rows(), input_gates + blocks.first() * G);
+        } else {
+          input_projection_.into(blocks.first(), blocks.rows(), input_gates);
+          s.input_first_row = blocks.first();
+        }
+      }
+      if (n > 0) {
+        s.recurrent_gates = recurrent_.multiply(hidden_state_.data_ptr<T>(), n, recurrent_scratch, product_holder);
+        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_, project_); });
+      }
+      if (project_ && n > 0) {
+        const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>(), n, projected_scratch, product_holder);
+        T* h = hidden_state_.data_ptr<T>();
+        T* pre = s.hidden_pre_clip;
+        const T limit = s.proj_clip;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t row = t * B + sequence_.order[j];  // padded (output)
+          const int64_t compact = s.first_row + j;         // compact (hidden_pre_clip)
+          for (int64_t k = 0; k < P; ++k) {
+            const T v = r[j * P + k];
+            if (pre) pre[compact * P + k] = v;
+            const T hv = clip_value(v, limit);
+            h[j * P + k] = hv;
+            out_data[row * P + k] = hv;
+          }
+        }
+      }
+      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged
+      // (the compact buffers have no rows for them).
+      for (int64_t j = n; j < B; ++j) std::fill_n(out_data + (t * B + sequence_.order[j]) * P, P, T(0));
+    }
+  }
+
+  // (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P]).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results() const {
+    return {output_, sequence_.batch_major(hidden_state_), sequence_.batch_major(cell_state_), gates_, cells_,
+            hidden_pre_clip_};
+  }
+
+ private:
+  int64_t steps_, batch_, hidden_, out_size_;
+  bool project_, reverse_, save_;
+  double cell_clip_, proj_clip_;
+  SequenceOrder sequence_;
+  RowProjection input_projection_;  // [N, 4H] W_ih x + b_ih + b_hh, in blocks
+  int64_t block_rows_;
+  StepWeight recurrent_;
+  c10::optional<StepWeight> projection_;
+  at::Tensor hidden_state_;        // [B, P] slot-major
+  at::Tensor cell_state_;          // [B, H] slot-major
+  at::Tensor hidden_unprojected_;  // [B, H] slot-major m, with projection
+  at::Tensor step_scratch_;        // [B, 4H + P]
+  at::Tensor input_gates_block_;   // [block capacity, 4H], when not saving
+  at::Tensor output_, gates_, cells_, hidden_pre_clip_;
+};
+
+// ------------------------------------------------------------------------------------
+// Backward: allocation (constructor), the step loop (run_steps), gradient assembly.
+// ------------------------------------------------------------------------------------
+class LstmBackward {
+ public:
+  LstmBackward(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+               const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
+               const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr,
+               const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64,
+               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+               const at::Tensor& hidden_pre_clip, const LstmSizes& sizes, bool reverse, double cell_clip,
+               double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask)
+      : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden),
+        out_size_(sizes.out_size), project_(weight_hr.has_value()), reverse_(reverse), cell_clip_(cell_clip),
+        proj_clip_(proj_clip), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
+        options_(input.options()), sequence_(lengths64, steps_, batch_),
+        recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = dL/da @ W_hh
+        weight_ih_(weight_ih) {
+    const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
+    if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
+    grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
+    grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
+    grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
+    // Compact [N, ...]: each step's slots are contiguous rows, so dL/da of step t is written
+    // in place where the recurrent product reads it.
+    grad_gates_all_ = at::empty({N, 4 * H}, options_);
+    grad_pre_clip_ = at::empty({B, P}, options_);  // dL/d(hidden before proj_clip), slot-major
+    grad_unprojected_ = project_ ? at::empty({B, H}, options_) : at::Tensor();
+    if (want_weight_hr()) {
+      grad_pre_clip_all_ = at::empty({N, P}, options_);
+      hidden_unprojected_all_ = at::empty({N, H}, options_);
+    }
+    // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev], over the valid rows.
+    weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? P : 0,
+                            options_);
+    zeros_ = at::zeros({std::max(H, P)}, options_);
+    h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
+    c0_ = c0.has_value() ? c0->contiguous() : at::Tensor();
+    output_ = output.contiguous();
+    gates_ = gates.contiguous();
+    cells_ = cells.contiguous();
+    hidden_pre_clip_ = proj_clip > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
+    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
+    const T state_limit = static_cast<T>(state_clip_);
+    LstmBackwardStep<T> s;
+    s.batch = B;
+    s.hidden = H;
+    s.out_size = P;
+    s.reverse = reverse_;
+    s.sequence = &sequence_;
+    s.gates = gates_.data_ptr<T>();
+    s.cells = cells_.data_ptr<T>();
+    s.output = output_.data_ptr<T>();
+    s.h0 = h0_.defined() ? h0_.data_ptr<T>() : nullptr;
+    s.c0 = c0_.defined() ? c0_.data_ptr<T>() : nullptr;
+    s.zeros = zeros_.data_ptr<T>();
+    s.grad_cell_carry = grad_cell_carry_.data_ptr<T>();
+    T* const grad_gates_data = grad_gates_all_.data_ptr<T>();
+    s.hidden_prev_all = weight_operand_->hidden_columns<T>();
+    s.hidden_prev_stride = weight_operand_->width();
+    s.hidden_unprojected_all = want_weight_hr() ? hidden_unprojected_all_.data_ptr<T>() : nullptr;
+    s.cell_clip = static_cast<T>(cell_clip_);
+    s.state_clip = state_limit;
+    s.gate_clip = static_cast<T>(gate_clip_);
+    const T* go = grad_out_.data_ptr<T>();
+    const T* pre = hidden_pre_clip_.defined() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
+    T* carry_h = grad_hidden_carry_.data_ptr<T>();
+    T* carry_c = grad_cell_carry_.data_ptr<T>();
+    T* d_pre = grad_pre_clip_.data_ptr<T>();
+    T* d_pre_all = want_weight_hr() ? grad_pre_clip_all_.data_ptr<T>() : nullptr;
+    const T proj_limit = static_cast<T>(proj_clip_);
+    T* const grad_unprojected = project_ ? grad_unprojected_.data_ptr<T>() : nullptr;
+    at::Tensor product_holder;
+    // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
+    const auto prefetch_step = [&](int64_t step) {
+      if (step < 0) return;
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      prefetch_block(s.gates + first * G, n * G);
+      prefetch_block(s.cells + first * H, n * H);
+      prefetch_block(go + t * B * P, B * P);
+      if (step > 0) {
+        const int64_t previous = SequenceOrder::previous_step(t, reverse_);
+        prefetch_block(s.cells + sequence_.first_row[previous] * H, sequence_.active[previous] * H);
+      }
+    };
+    prefetch_step(steps_ - 1);
+
+    for (int64_t step = steps_ - 1; step >= 0; --step) {
+      const int64_t t = sequence_.time_of(step, reverse_);
+      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      s.t = t;
+      s.grad_gates = grad_gates_data + first * G;
+      if (n > 0) {
+        parallel_rows(n, P, [&](int64_t j) {
+          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, first, sequence_.order, go, pre, carry_h, d_pre,
+                                          d_pre_all, state_limit, proj_limit);
+        });
+        s.grad_hidden_unprojected =
+            project_ ? projection_back_->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
+        parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
+        prefetch_step(step - 1);
+        recurrent_back_.multiply_into(s.grad_gates, n, carry_h);
+      }
+      // Rows past their length pass their state gradients through unchanged (clamped in
+      // state mode, as the reference's hooks on the carried-over state do).
+      if (state_limit > 0) {
+        for (int64_t j = n; j < B; ++j) {
+          for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_limit);
+          for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
+        }
+      }
+    }
+  }
+
+  // (grad_input [T,B,I], grad_weight_ih [4H,I], grad_weight_hh [4H,P], grad_bias [4H] (the
+  // same for bias_ih and bias_hh), grad_weight_hr [P,H], grad_h0 [B,P], grad_c0 [B,H]); an
+  // entry whose output_mask is false is an empty tensor.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients() {
+    // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
+    const auto none = [&] { return at::empty({0}, options_); };
+    const at::Tensor& grad_gates = grad_gates_all_;  // [N, 4H]
+    at::Tensor grad_input =
+        mask_[0] ? sequence_.padded_from_compact(linear_rows(grad_gates, weight_ih_.t())) : none();
+    weight_operand_->multiply(grad_gates);
+    at::Tensor grad_weight_ih = mask_[1] ? weight_operand_->input_block(input_size_) : none();
+    at::Tensor grad_weight_hh = mask_[2] ? weight_operand_->hidden_block(out_size_) : none();
+    at::Tensor grad_bias = mask_[3] ? grad_gates.sum(0) : none();
+    at::Tensor grad_weight_hr =
+        want_weight_hr() ? transposed_product(grad_pre_clip_all_, hidden_unprojected_all_) : none();
+    at::Tensor grad_h0 = mask_[5] ? sequence_.batch_major(grad_hidden_carry_) : none();
+    at::Tensor grad_c0 = mask_[6] ? sequence_.batch_major(grad_cell_carry_) : none();
+    return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0};
+  }
+
+ private:
+  bool want_weight_hr() const { return project_ && mask_[4]; }
+  int64_t steps_, batch_, input_size_, hidden_, out_size_;
+  bool project_, reverse_;
+  double cell_clip_, proj_clip_, state_clip_, gate_clip_;
+  std::array<bool, 7> mask_;
+  at::TensorOptions options_;
+  SequenceOrder sequence_;
+  StepWeight recurrent_back_;
+  c10::optional<StepWeight> projection_back_;
+  at::Tensor weight_ih_;
+  at::Tensor grad_out_;                // [T, B, P] padded
+  at::Tensor grad_hidden_carry_;       // [B, P] slot-major
+  at::Tensor grad_cell_carry_;         // [B, H] slot-major
+  at::Tensor grad_gates_all_;          // [N, 4H] compact
+  at::Tensor grad_pre_clip_;           // [B, P] slot-major
+  at::Tensor grad_unprojected_;        // [B, H] slot-major, with projection
+  at::Tensor grad_pre_clip_all_;       // [N, P] compact, for dW_hr
+  at::Tensor hidden_unprojected_all_;  // [N, H] compact m, for dW_hr
+  c10::optional<WeightGradientOperand> weight_operand_;
+  at::Tensor zeros_, h0_, c0_, output_, gates_, cells_, hidden_pre_clip_;
+};
+
 }  // namespace
 
 // Returns (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H],
 // hidden_pre_clip [T,B,P]); the last three are empty unless save_for_backward (and,
-// for hidden_pre_clip, proj_clip) is set.
+// for hidden_pre_clip, proj_clip) is set. With lengths, they hold the compact rows first
+// (the layout is private to this op, see docs/cpu.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
@@ -242,136 +535,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_input_cpu(input);
   const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
-  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
-  const int64_t G = 4 * H;
-  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  const bool project = weight_hr.has_value();
-  const auto options = input.options();
-
-  const SequenceOrder sequence(lengths64, T, B);
-  const at::Tensor order_tensor = sequence.order_tensor();
-  const int64_t N = sequence.valid_rows;
-  const bool compact_is_padded = sequence.compact_is_padded();
-
-  // The input projection of the valid rows only ([N, I] compact rows of x), computed a few
-  // steps at a time just before they run (see RowProjection).
-  at::Tensor x_rows = input.contiguous().view({T * B, I});
-  if (!compact_is_padded) x_rows = x_rows.index_select(0, sequence.padded_rows_tensor());  // [N, I]
-  c10::optional<at::Tensor> input_bias;
-  if (bias_ih.has_value() && bias_hh.has_value()) input_bias = *bias_ih + *bias_hh;
-  else if (bias_ih.has_value()) input_bias = *bias_ih;
-  else if (bias_hh.has_value()) input_bias = *bias_hh;
-  const RowProjection input_projection(x_rows, weight_ih, input_bias);
-  const int64_t block_rows = projection_block_rows(G, I, B);
-
-  at::Tensor hidden_state = h0.has_value() ? h0->index_select(0, order_tensor) : at::zeros({B, P}, options);
-  at::Tensor cell_state = c0.has_value() ? c0->index_select(0, order_tensor) : at::zeros({B, H}, options);
-  at::Tensor hidden_unprojected = project ? at::empty({B, H}, options) : at::Tensor();
-  at::Tensor step_scratch = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
-  at::Tensor output = at::empty({T, B, P}, options);
-  // The input gates of a block of steps go where their activations go: straight into the
-  // saved gates when saving for backward (the activations overwrite them in place), else
-  // into a buffer of block_rows rows reused block after block. With variable lengths the
-  // saved tensors keep their [T, B, ...] shape (the op's schema) and hold the compact rows
-  // first; their rows past N are zeroed so that the outputs are deterministic.
-  const auto saved = [&](int64_t width) {
-    at::Tensor t = at::empty({T * B, width}, options);
-    if (N < T * B) t.narrow(0, N, T * B - N).zero_();
-    return t.view({T, B, width});
-  };
-  at::Tensor gates = save_for_backward ? saved(G) : at::empty({0}, options);
-  at::Tensor input_gates_block = save_for_backward ? at::Tensor() : at::empty({std::min(block_rows, N), G}, options);
-  at::Tensor cells = save_for_backward ? saved(H) : at::empty({0}, options);
-  at::Tensor hidden_pre_clip = save_for_backward && proj_clip > 0 ? saved(P) : at::empty({0}, options);
-  const StepWeight recurrent(weight_hh, B);
-  const c10::optional<StepWeight> projection =
-      project ? c10::optional<StepWeight>(StepWeight(*weight_hr, B)) : c10::nullopt;
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] {
-    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
-    using T_ = scalar_t;
-    LstmForwardStep<T_> s;
-    s.batch = B;
-    s.hidden = H;
-    s.order = sequence.order;
-    T_* const gates_buffer = save_for_backward ? gates.data_ptr<T_>() : input_gates_block.data_ptr<T_>();
-    s.input_gates = gates_buffer;
-    s.input_first_row = 0;
-    s.cell_state = cell_state.data_ptr<T_>();
-    s.hidden_state = project ? nullptr : hidden_state.data_ptr<T_>();
-    s.hidden_unprojected = project ? hidden_unprojected.data_ptr<T_>() : nullptr;
-    s.output = project ? nullptr : output.data_ptr<T_>();
-    s.cells = save_for_backward ? cells.data_ptr<T_>() : nullptr;
-    s.hidden_pre_clip = hidden_pre_clip.numel() ? hidden_pre_clip.data_ptr<T_>() : nullptr;
-    s.cell_clip = static_cast<T_>(cell_clip);
-    s.proj_clip = static_cast<T_>(proj_clip);
-    T_* out_data = output.data_ptr<T_>();
-    T_* const recurrent_scratch = step_scratch.data_ptr<T_>();
-    T_* const projected_scratch = recurrent_scratch + B * G;
-    at::Tensor product_holder;
-    int64_t block_end_step = 0;  // processing steps before it have their input gates
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = reverse ? T - 1 - step : step;
-      const int64_t n = sequence.active[t];
-      s.t = t;
-      s.first_row = sequence.first_row[t];
-      if (step == block_end_step) {
-        // The next block of steps: as many as fit in block_rows rows (at least one). Their
-        // compact rows are one contiguous range in either direction.
-        int64_t rows = n;
-        block_end_step = step + 1;
-        while (block_end_step < T) {
-          const int64_t next = sequence.active[reverse ? T - 1 - block_end_step : block_end_step];
-          if (rows + next > block_rows) break;
-          rows += next;
-          ++block_end_step;
-        }
-        const int64_t first = reverse ? sequence.first_row[T - block_end_step] : s.first_row;
-        if (save_for_backward) {
-          input_projection.into(first, rows, gates_buffer + first * G);
-        } else {
-          // Fits: a block is at most block_rows rows (>= B, so one step always fits) and at most N.
-          TORCH_INTERNAL_ASSERT(rows <= input_gates_block.size(0));
-          s.input_gates = input_gates_block.data_ptr<T_>();
-          input_projection.into(first, rows, s.input_gates);
-          s.input_first_row = first;
-        }
-      }
-      if (n > 0) {
-        s.recurrent_gates = recurrent.multiply(hidden_state.data_ptr<T_>(), n, recurrent_scratch, product_holder);
-        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_for_backward, project); });
-      }
-      if (project && n > 0) {
-        const T_* r = projection->multiply(hidden_unprojected.data_ptr<T_>(), n, projected_scratch, product_holder);
-        T_* h = hidden_state.data_ptr<T_>();
-        T_* pre = s.hidden_pre_clip;
-        const T_ limit = s.proj_clip;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t row = t * B + sequence.order[j];  // padded (output)
-          const int64_t compact = s.first_row + j;        // compact (hidden_pre_clip)
-          for (int64_t k = 0; k < P; ++k) {
-            const T_ v = r[j * P + k];
-            if (pre) pre[compact * P + k] = v;
-            const T_ hv = clip_value(v, limit);
-            h[j * P + k] = hv;
-            out_data[row * P + k] = hv;
-          }
-        }
-      }
-      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged
-      // (the compact buffers have no rows for them).
-      for (int64_t j = n; j < B; ++j) {
-        const int64_t row = t * B + sequence.order[j];
-        std::fill_n(out_data + row * P, P, T_(0));
-      }
-    }
-  });
-
-  at::Tensor h_n = at::empty({B, P}, options);
-  at::Tensor c_n = at::empty({B, H}, options);
-  h_n.index_copy_(0, order_tensor, hidden_state);
-  c_n.index_copy_(0, order_tensor, cell_state);
-  return {output, h_n, c_n, gates, cells, hidden_pre_clip};
+  const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
+  LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, sizes, reverse,
+                      cell_clip, proj_clip, save_for_backward);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  return forward.results();
 }
 
 // Returns (grad_input [T,B,I], grad_weight_ih [4H,I], grad_weight_hh [4H,P],
@@ -392,152 +560,12 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   const LstmSizes sizes =
       check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
-  const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
-  const int64_t G = 4 * H;
-  const at::Tensor lengths64 = checked_lengths(lengths, T, B);
-  const bool project = weight_hr.has_value();
-  const bool need_input = output_mask[0], need_weight_ih = output_mask[1], need_weight_hh = output_mask[2],
-             need_bias = output_mask[3], need_weight_hr = output_mask[4], need_h0 = output_mask[5],
-             need_c0 = output_mask[6];
-  const bool want_weight_hr = project && need_weight_hr;
-  const auto options = input.options();
-
-  const SequenceOrder sequence(lengths64, T, B);
-  const at::Tensor order_tensor = sequence.order_tensor();
-  const int64_t N = sequence.valid_rows;
-  const bool compact_is_padded = sequence.compact_is_padded();
-  const at::Tensor padded_rows = compact_is_padded ? at::Tensor() : sequence.padded_rows_tensor();  // [N]
-  const at::Tensor grad_out = defined_or_zeros(grad_output, {T, B, P}, options);
-  at::Tensor grad_hidden_carry = defined_or_zeros(grad_h_n, {B, P}, options).index_select(0, order_tensor);
-  at::Tensor grad_cell_carry = defined_or_zeros(grad_c_n, {B, H}, options).index_select(0, order_tensor);
-  // Compact [N, ...]: each step's slots are contiguous rows, so dL/da of step t is written
-  // in place where the recurrent product reads it.
-  at::Tensor grad_gates_all = at::empty({N, G}, options);
-  at::Tensor grad_pre_clip = at::empty({B, P}, options);  // dL/d(hidden before proj_clip), slot-major
-  at::Tensor grad_unprojected_scratch = project ? at::empty({B, H}, options) : at::Tensor();
-  at::Tensor grad_pre_clip_all = want_weight_hr ? at::empty({N, P}, options) : at::Tensor();
-  at::Tensor hidden_unprojected_all = want_weight_hr ? at::empty({N, H}, options) : at::Tensor();
-  // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev], over the valid rows.
-  at::Tensor input_compact;  // [N, I]
-  if (need_weight_ih) {
-    input_compact = input.contiguous().view({T * B, I});
-    if (!compact_is_padded) input_compact = input_compact.index_select(0, padded_rows);
-  }
-  WeightGradientOperand weight_operand(N, input_compact, need_weight_hh ? P : 0, options);
-  const at::Tensor zeros = at::zeros({std::max(H, P)}, options);
-  const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
-  const at::Tensor c0c = c0.has_value() ? c0->contiguous() : at::Tensor();
-  const at::Tensor output_c = output.contiguous();
-  const at::Tensor gates_c = gates.contiguous();
-  const at::Tensor cells_c = cells.contiguous();
-  const at::Tensor pre_clip_c = proj_clip > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
-  const StepWeight recurrent_back(weight_hh.t(), B);  // dL/dh_{t-1} = dL/da @ W_hh
-  const c10::optional<StepWeight> projection_back =
-      project ? c10::optional<StepWeight>(StepWeight(weight_hr->t(), B)) : c10::nullopt;  // dL/dm = dL/dr @ W_hr
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] {
-    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
-    using T_ = scalar_t;
-    const T_ state_limit = static_cast<T_>(state_clip);
-    LstmBackwardStep<T_> s;
-    s.batch = B;
-    s.hidden = H;
-    s.out_size = P;
-    s.reverse = reverse;
-    s.sequence = &sequence;
-    s.gates = gates_c.data_ptr<T_>();
-    s.cells = cells_c.data_ptr<T_>();
-    s.output = output_c.data_ptr<T_>();
-    s.h0 = h0c.defined() ? h0c.data_ptr<T_>() : nullptr;
-    s.c0 = c0c.defined() ? c0c.data_ptr<T_>() : nullptr;
-    s.zeros = zeros.data_ptr<T_>();
-    s.grad_cell_carry = grad_cell_carry.data_ptr<T_>();
-    T_* const grad_gates_data = grad_gates_all.data_ptr<T_>();
-    s.hidden_prev_all = weight_operand.hidden_columns<T_>();
-    s.hidden_prev_stride = weight_operand.width();
-    s.hidden_unprojected_all = want_weight_hr ? hidden_unprojected_all.data_ptr<T_>() : nullptr;
-    s.cell_clip = static_cast<T_>(cell_clip);
-    s.state_clip = state_limit;
-    s.gate_clip = static_cast<T_>(gate_clip);
-    const T_* go = grad_out.data_ptr<T_>();
-    const T_* pre = pre_clip_c.defined() ? pre_clip_c.data_ptr<T_>() : nullptr;
-    T_* carry_h = grad_hidden_carry.data_ptr<T_>();
-    T_* carry_c = grad_cell_carry.data_ptr<T_>();
-    T_* d_pre = grad_pre_clip.data_ptr<T_>();
-    T_* d_pre_all = want_weight_hr ? grad_pre_clip_all.data_ptr<T_>() : nullptr;
-    const T_ proj_limit = static_cast<T_>(proj_clip);
-    T_* const grad_unprojected = project ? grad_unprojected_scratch.data_ptr<T_>() : nullptr;
-    at::Tensor product_holder;
-    // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
-    const auto prefetch_step = [&](int64_t step) {
-      if (step < 0) return;
-      const int64_t t = reverse ? T - 1 - step : step;
-      const int64_t n = sequence.active[t], first = sequence.first_row[t];
-      prefetch_block(s.gates + first * G, n * G);
-      prefetch_block(s.cells + first * H, n * H);
-      prefetch_block(go + t * B * P, B * P);
-      if (step > 0) {
-        const int64_t previous = SequenceOrder::previous_step(t, reverse);
-        prefetch_block(s.cells + sequence.first_row[previous] * H, sequence.active[previous] * H);
-      }
-    };
-    prefetch_step(T - 1);
-
-    for (int64_t step = T - 1; step >= 0; --step) {
-      const int64_t t = reverse ? T - 1 - step : step;
-      const int64_t n = sequence.active[t];
-      s.t = t;
-      s.grad_gates = grad_gates_data + sequence.first_row[t] * G;
-      if (n > 0) {
-        parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, sequence.first_row[t], sequence.order, go, pre, carry_h, d_pre, d_pre_all,
-                                          state_limit, proj_limit);
-        });
-        s.grad_hidden_unprojected =
-            project ? projection_back->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
-        parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
-        prefetch_step(step - 1);
-        recurrent_back.multiply_into(s.grad_gates, n, carry_h);
-      }
-      // Rows past their length pass their state gradients through unchanged (clamped in
-      // state mode, as the reference's hooks on the carried-over state do).
-      if (state_limit > 0) {
-        for (int64_t j = n; j < B; ++j) {
-          for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_limit);
-          for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
-        }
-      }
-    }
-  });
-
-  const at::Tensor& grad_gates_2d = grad_gates_all;  // [N, G]
-  // Each skipped gradient is its own empty tensor: outputs of an op must not alias.
-  const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = none();
-  if (need_input) {
-    const at::Tensor grad_input_compact = linear_rows(grad_gates_2d, weight_ih.t());  // [N, I]
-    if (compact_is_padded) {
-      grad_input = grad_input_compact.view({T, B, I});
-    } else {  // padded rows past their length get zero gradient
-      grad_input = at::zeros({T * B, I}, options).index_copy_(0, padded_rows, grad_input_compact).view({T, B, I});
-    }
-  }
-  weight_operand.multiply(grad_gates_2d);
-  at::Tensor grad_weight_ih = need_weight_ih ? weight_operand.input_block(I) : none();
-  at::Tensor grad_weight_hh = need_weight_hh ? weight_operand.hidden_block(P) : none();
-  at::Tensor grad_bias = need_bias ? grad_gates_2d.sum(0) : none();
-  at::Tensor grad_weight_hr =
-      want_weight_hr ? transposed_product(grad_pre_clip_all, hidden_unprojected_all) : none();
-  at::Tensor grad_h0 = none(), grad_c0 = none();
-  if (need_h0) {
-    grad_h0 = at::empty({B, P}, options);
-    grad_h0.index_copy_(0, order_tensor, grad_hidden_carry);
-  }
-  if (need_c0) {
-    grad_c0 = at::empty({B, H}, options);
-    grad_c0.index_copy_(0, order_tensor, grad_cell_carry);
-  }
-  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0};
+  const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
+  LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
+                        output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
+                        gate_clip, output_mask);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  return backward.gradients();
 }
 
 }  // namespace cpu

@@ -41,12 +41,17 @@ struct SequenceOrder {
   const int64_t* length;  // [B], by batch row
   const int64_t* active;  // [T]
 
-  // The "compact" row layout of the whole-sequence buffers: only valid (step, slot) pairs,
-  // step by step in time order, slot order within a step; (t, slot j) is compact row
-  // first_row[t] + j. (A row keeps its slot at every step, so its previous step's compact
-  // row is first_row[previous_step] + j.) Without lengths it is the padded [T, B] layout.
+  // The "compact" row layout of every whole-sequence buffer of the LSTM and GRU ops (input
+  // gates, saved gates and cells, gate gradients, weight-gradient operands): only valid
+  // (step, slot) pairs, step by step in time order, slot order within a step; (t, slot j) is
+  // compact row first_row[t] + j. (A row keeps its slot at every step, so its previous step's
+  // compact row is first_row[previous_step] + j.) Padded rows have no compact row, so they
+  // never enter a product. Without lengths it is the padded [T, B] layout.
   std::vector<int64_t> first_row;  // [T + 1]; first_row[T] = valid_rows
   int64_t valid_rows = 0;
+  bool compact_is_padded = true;   // every row runs all steps, in batch order
+  at::Tensor padded_rows;          // [valid_rows] int64: padded flat row t * B + order[j] of each
+                                   // compact row; undefined when compact_is_padded
 
   // lengths64: checked_lengths()'s result (contiguous int64 [B]), or undefined for all T.
   SequenceOrder(const at::Tensor& lengths64, int64_t steps, int64_t batch)
@@ -57,25 +62,48 @@ struct SequenceOrder {
         first_row(steps + 1, 0) {
     for (int64_t t = 0; t < steps; ++t) first_row[t + 1] = first_row[t] + active[t];
     valid_rows = first_row[steps];
+    compact_is_padded = valid_rows == steps * batch;
+    for (int64_t j = 0; j < batch && compact_is_padded; ++j) compact_is_padded = order[j] == j;
+    if (!compact_is_padded) {
+      padded_rows = at::empty({valid_rows}, at::TensorOptions().dtype(at::kLong));
+      int64_t* r = padded_rows.data_ptr<int64_t>();
+      for (int64_t t = 0; t < steps; ++t)
+        for (int64_t j = 0; j < active[t]; ++j) *r++ = t * batch + order[j];
+    }
   }
-  // Whether the compact layout is the padded one (every row runs all steps, in batch order).
-  bool compact_is_padded() const {
-    if (valid_rows != host.steps * host.batch) return false;
-    for (int64_t j = 0; j < host.batch; ++j)
-      if (order[j] != j) return false;
-    return true;
+  // Time step of processing step `step` (0 = the first processed).
+  int64_t time_of(int64_t step, bool reverse) const { return reverse ? host.steps - 1 - step : step; }
+
+  // padded: [T, B, W] -> its compact rows [N, W] (a view when the layouts coincide).
+  at::Tensor compact_from_padded(const at::Tensor& padded) const {
+    const at::Tensor rows = padded.contiguous().view({host.steps * host.batch, padded.size(2)});
+    return compact_is_padded ? rows : rows.index_select(0, padded_rows);
   }
-  // [valid_rows] int64: the padded flat row t * B + order[j] of each compact row.
-  at::Tensor padded_rows_tensor() const {
-    at::Tensor rows = at::empty({valid_rows}, at::TensorOptions().dtype(at::kLong));
-    int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t t = 0; t < host.steps; ++t)
-      for (int64_t j = 0; j < active[t]; ++j) *r++ = t * host.batch + order[j];
-    return rows;
+  // compact: [N, W] -> [T, B, W], zero at padded rows.
+  at::Tensor padded_from_compact(const at::Tensor& compact) const {
+    const int64_t W = compact.size(1);
+    if (compact_is_padded) return compact.view({host.steps, host.batch, W});
+    return at::zeros({host.steps * host.batch, W}, compact.options())
+        .index_copy_(0, padded_rows, compact)
+        .view({host.steps, host.batch, W});
+  }
+  // A saved whole-sequence buffer: the op schema's [T, B, W] shape, holding the compact rows
+  // first (rows past N are zero so that the op's outputs are deterministic).
+  at::Tensor saved_buffer(int64_t width, const at::TensorOptions& options) const {
+    const int64_t all = host.steps * host.batch;
+    at::Tensor t = at::empty({all, width}, options);
+    if (valid_rows < all) t.narrow(0, valid_rows, all - valid_rows).zero_();
+    return t.view({host.steps, host.batch, width});
   }
   SequenceOrder(const SequenceOrder&) = delete;  // the pointers point into `host`
   SequenceOrder& operator=(const SequenceOrder&) = delete;
 
+  // by_batch: [B, W] -> the same rows in slot order (a new tensor, the state a kernel updates).
+  at::Tensor slot_major(const at::Tensor& by_batch) const { return by_batch.index_select(0, order_tensor()); }
+  // by_slot: [B, W] in slot order -> batch order.
+  at::Tensor batch_major(const at::Tensor& by_slot) const {
+    return at::empty_like(by_slot).index_copy_(0, order_tensor(), by_slot);
+  }
   at::Tensor order_tensor() const {
     return at::from_blob(const_cast<int64_t*>(order), {host.batch}, at::TensorOptions().dtype(at::kLong)).clone();
   }
@@ -85,6 +113,45 @@ struct SequenceOrder {
   }
   // Step processed just before t for a valid row (only meaningful when !is_first_step).
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
+};
+
+// The one step scheduler of the forward passes: processing steps grouped into blocks whose
+// input projection is computed together just before they run (see RowProjection): as many
+// consecutive steps as fit in block_rows compact rows, at least one. In either direction a
+// block's compact rows are one contiguous range.
+class ProjectionBlocks {
+ public:
+  ProjectionBlocks(const SequenceOrder& sequence, bool reverse, int64_t block_rows)
+      : sequence_(sequence), reverse_(reverse), block_rows_(block_rows) {}
+  // Whether processing step `step` (called in order 0, 1, ...) starts a block; if so,
+  // first() and rows() give its compact rows.
+  bool starts_at(int64_t step) {
+    if (step != end_step_) return false;
+    const int64_t steps = sequence_.host.steps;
+    rows_ = sequence_.active[sequence_.time_of(step, reverse_)];
+    end_step_ = step + 1;
+    while (end_step_ < steps) {
+      const int64_t next = sequence_.active[sequence_.time_of(end_step_, reverse_)];
+      if (rows_ + next > block_rows_) break;
+      rows_ += next;
+      ++end_step_;
+    }
+    // Time-ordered compact rows: the block's earliest time step starts the range.
+    first_ = sequence_.first_row[reverse_ ? steps - end_step_ : step];
+    return true;
+  }
+  int64_t first() const { return first_; }
+  int64_t rows() const { return rows_; }
+  // The most rows a block holds: a buffer this long takes any block.
+  static int64_t capacity(const SequenceOrder& sequence, int64_t block_rows) {
+    return std::min(std::max(block_rows, sequence.host.batch), sequence.valid_rows);
+  }
+
+ private:
+  const SequenceOrder& sequence_;
+  bool reverse_;
+  int64_t block_rows_;
+  int64_t end_step_ = 0, first_ = 0, rows_ = 0;
 };
 
 // Runs f(j) for j in [0, rows), split across threads in blocks of roughly equal work.
@@ -111,9 +178,6 @@ inline void prefetch_block(const T* data, int64_t count) {
   for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p, 0, 2);
 }
 
-// The first n slots of a slot-major buffer.
-inline at::Tensor slots(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
-
 inline void check_input_cpu(const at::Tensor& input) {
   check_input_shape(input);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -125,10 +189,6 @@ inline at::Tensor defined_or_zeros(const c10::optional<at::Tensor>& t, at::IntAr
                                    const at::TensorOptions& options) {
   if (t.has_value() && t->defined()) return t->contiguous();
   return at::zeros(sizes, options);
-}
-
-inline at::Tensor empty_if(bool keep, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return keep ? at::empty(sizes, options) : at::empty({0}, options);
 }
 
 }  // namespace cpu

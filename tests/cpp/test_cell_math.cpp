@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 
 namespace {
 int failures = 0;
@@ -32,6 +33,40 @@ void test_float_nonlinearities() {
   expect_close("clip_value off", rnntl::clip_value(3.0f, 0.0f), 3.0, 0);
   expect_close("clip_pass boundary", rnntl::clip_pass(2.0f, 2.0f), 1.0, 0);
   expect_close("clip_pass outside", rnntl::clip_pass(-2.5f, 2.0f), 0.0, 0);
+}
+
+// Non-finite arguments give what libm gives: a saturated sigmoid is exactly 0 or 1 (not
+// 6e-39), so a gate's derivative s * (1 - s) there is exactly 0.
+void test_float_non_finite() {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const auto expect_exact = [](const char* what, float got, float want) {
+    if (!(got == want)) {
+      std::printf("FAIL %s: got %.9g want %.9g\n", what, got, want);
+      ++failures;
+    }
+  };
+  const auto expect_nan = [](const char* what, float got) {
+    if (!std::isnan(got)) {
+      std::printf("FAIL %s: got %.9g want NaN\n", what, got);
+      ++failures;
+    }
+  };
+  expect_exact("exp(-inf)", rnntl::exp_branchless(-inf), 0.0f);
+  expect_exact("exp(-200)", rnntl::exp_branchless(-200.0f), 0.0f);
+  expect_exact("exp(+inf)", rnntl::exp_branchless(inf), inf);
+  expect_exact("exp(100)", rnntl::exp_branchless(100.0f), inf);
+  expect_nan("exp(NaN)", rnntl::exp_branchless(nan));
+  expect_exact("sigmoid(-inf)", rnntl::sigmoid(-inf), 0.0f);
+  expect_exact("sigmoid(-100)", rnntl::sigmoid(-100.0f), 0.0f);
+  expect_exact("sigmoid(+inf)", rnntl::sigmoid(inf), 1.0f);
+  expect_nan("sigmoid(NaN)", rnntl::sigmoid(nan));
+  expect_exact("tanh(-inf)", rnntl::tanh_(-inf), -1.0f);
+  expect_exact("tanh(+inf)", rnntl::tanh_(inf), 1.0f);
+  expect_nan("tanh(NaN)", rnntl::tanh_(nan));
+  expect_exact("sigmoid'(-inf)", rnntl::sigmoid(-inf) * (1.0f - rnntl::sigmoid(-inf)), 0.0f);
+  // Up to the overflow edge the values stay libm's (relative 4e-7), down to the underflow edge too.
+  for (float x : {-87.3f, -87.0f, 87.0f, 88.3f})
+    expect_close("exp_branchless near the edges", rnntl::exp_branchless(x) / std::exp(double(x)), 1.0, 4e-7);
 }
 
 // Scalar loss of one LSTM element: w_c * c_t + w_h * m_t.
@@ -101,6 +136,7 @@ void test_gate_clip() {
 
 int main() {
   test_float_nonlinearities();
+  test_float_non_finite();
   test_lstm_backward();
   test_gru_backward();
   test_gate_clip();

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "kernels_cpu.h"
+#include "sequence_cpu.h"
 
 namespace {
 int failures = 0;
@@ -90,6 +91,41 @@ void test_gru_backward_matches_finite_differences() {
   expect(std::get<1>(grads).numel() == 0, "gru grad_weight_ih skipped when not requested");
 }
 
+// The valid-rows layout and the one step scheduler: for every direction and block size, the
+// blocks start at the right steps, each holds its steps' compact rows as one contiguous range
+// within the buffer capacity, and together they cover [0, N) once.
+void test_projection_blocks_cover_every_valid_row_once() {
+  const int64_t T = 7, B = 4;
+  const at::Tensor lengths = at::tensor({3, 7, 1, 5}, at::kLong);
+  const rnntl::cpu::SequenceOrder sequence(lengths, T, B);
+  expect(sequence.valid_rows == 16 && !sequence.compact_is_padded, "valid rows of lengths 3, 7, 1, 5");
+  for (bool reverse : {false, true}) {
+    for (int64_t block_rows : {1, 4, 6, 9, 100}) {
+      rnntl::cpu::ProjectionBlocks blocks(sequence, reverse, block_rows);
+      std::vector<int> covered(sequence.valid_rows, 0);
+      int64_t block_first = 0, block_rows_seen = 0, block_end = 0;
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = sequence.time_of(step, reverse);
+        if (blocks.starts_at(step)) {
+          expect(block_rows_seen == block_end - block_first, "a block's rows are its steps' rows");
+          expect(blocks.rows() <= rnntl::cpu::ProjectionBlocks::capacity(sequence, block_rows), "a block fits");
+          block_first = blocks.first();
+          block_end = block_first + blocks.rows();
+          block_rows_seen = 0;
+          for (int64_t r = block_first; r < block_end; ++r) ++covered[r];
+        }
+        const int64_t first = sequence.first_row[t], n = sequence.active[t];
+        expect(first >= block_first && first + n <= block_end, "a step's rows lie in its block");
+        block_rows_seen += n;
+      }
+      expect(block_rows_seen == block_end - block_first, "the last block's rows are its steps' rows");
+      bool once = true;
+      for (int c : covered) once = once && c == 1;
+      expect(once, reverse ? "blocks cover each compact row once (reverse)" : "blocks cover each compact row once");
+    }
+  }
+}
+
 void test_bad_input_is_an_error_not_a_crash() {
   const at::Tensor x = at::randn({3, 2, 4});
   bool raised = false;
@@ -108,6 +144,7 @@ int main() {
   test_registered();
   test_lstm_forward_matches_naive_loop();
   test_gru_backward_matches_finite_differences();
+  test_projection_blocks_cover_every_valid_row_once();
   test_bad_input_is_an_error_not_a_crash();
   if (failures) {
     std::printf("%d checks failed\n", failures);

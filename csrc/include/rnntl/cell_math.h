@@ -27,11 +27,19 @@ namespace rnntl {
 
 #if !defined(__CUDA_ARCH__)
 // exp(x) for float, relative error below 2 ulp on [-87, 88]: x = n*ln2 + r, |r| <= ln2/2,
-// degree-6 polynomial for exp(r), 2^n assembled in the exponent bits.
+// degree-6 polynomial for exp(r), 2^n assembled in the exponent bits. Non-finite values
+// propagate as std::exp's: exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN (sigmoid(-inf)
+// must be exactly 0, or a gradient 0 * inf that torch.nn gives as NaN comes out +-inf).
+// The argument is clamped to [-88, 89], where n reaches -127 and 128: 2^n is then the bit
+// pattern 0 (zero) or 255 << 23 (+inf), so results below ~-87.7 flush to 0 and above ~88.4
+// overflow to +inf with no extra select. A NaN passes the clamp (both comparisons are false).
 __attribute__((always_inline)) inline float exp_branchless(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // Round to nearest by the 1.5*2^23 trick: vectorizes on plain SSE2, unlike std::floor.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  x = x < -88.0f ? -88.0f : (x > 89.0f ? 89.0f : x);
+  // Round to nearest by the 1.5*2^23 trick (vectorizes on plain SSE2, unlike std::floor);
+  // n's integer value is then the low mantissa bits of `shifted`, read without a float to
+  // int conversion (which has no defined result for NaN).
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   // ln2 split in two so that n*ln2 is exact to float precision.
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -42,8 +50,8 @@ __attribute__((always_inline)) inline float exp_branchless(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  const uint32_t n_plus_bias = __builtin_bit_cast(uint32_t, shifted) - 0x4B400000u + 127u;  // n + 127 in [0, 255]
+  return p * __builtin_bit_cast(float, n_plus_bias << 23);
 }
 #endif
 
