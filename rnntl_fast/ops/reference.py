@@ -12,9 +12,9 @@ defined here by hooks (docs/semantics.md gives the same definitions in prose):
 
 Every clip limit may be None or 0 for "off".
 
-Variable lengths: row b is valid at step t iff t < lengths[b], in both directions. Invalid
-steps keep the state (``torch.where``) and output zeros; the state tensors they produce are
-still hooked, as the loop still produces them.
+Variable lengths: row b is valid at step t iff t < lengths[b], in both directions. Only the
+valid rows run a step; the others keep their state and output zeros; the state tensors a
+step produces (all rows) are still hooked, as the loop still produces them.
 
 It is slow by design and serves as the oracle of the tests (in float64) and as the
 fallback backend when no compiled one exists.
@@ -35,10 +35,21 @@ def _hook(tensor: Tensor, limit: Optional[float]) -> None:
         tensor.register_hook(_clamp_hook(limit))
 
 
-def _valid_mask(lengths: Optional[Tensor], t: int, device) -> Optional[Tensor]:
+def _valid_rows(lengths: Optional[Tensor], t: int, device) -> Optional[Tensor]:
+    """Indices of the rows with t < length (None: every row). Selecting them, rather than
+    masking a step computed for every row, keeps whatever the other rows would compute (a
+    NaN weight times a carried state, say) out of every gradient, as packed input does."""
     if lengths is None:
         return None
-    return (lengths.to(device) > t).unsqueeze(1)
+    return (lengths > t).nonzero().squeeze(1).to(device)
+
+
+def _output(h: Tensor, lengths: Optional[Tensor], t: int) -> Tensor:
+    """h_t [B, *] with zeros in the rows past their length (a select, so no gradient reaches them)."""
+    if lengths is None:
+        return h
+    valid = (lengths.to(h.device) > t).unsqueeze(1)
+    return torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
 def _without_padded_steps(input: Tensor, lengths: Optional[Tensor]) -> Tensor:
@@ -87,28 +98,34 @@ def lstm_reference(
     h = h0 if h0 is not None else input.new_zeros(batch, out_size)
     c = c0 if c0 is not None else input.new_zeros(batch, hidden)
     input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
-    outputs = [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        a = input_gates[t] + F.linear(h, weight_hh, bias_hh)
+
+    def step(a_x, h, c):  # the rows that are valid at this step
+        a = a_x + F.linear(h, weight_hh, bias_hh)
         _hook(a, gate_clip)
         a_i, a_f, a_g, a_o = a.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
         c_new = f * c + i * g
         if cell_clip:
             c_new = c_new.clamp(-cell_clip, cell_clip)
-        valid = _valid_mask(lengths, t, input.device)
-        if valid is not None:
-            c_new = torch.where(valid, c_new, c)
         h_new = o * torch.tanh(c_new)
         if weight_hr is not None:
             h_new = F.linear(h_new, weight_hr)
         if proj_clip:
             h_new = h_new.clamp(-proj_clip, proj_clip)
-        if valid is not None:
-            h_new = torch.where(valid, h_new, h)
+        return h_new, c_new
+
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        rows = _valid_rows(lengths, t, input.device)
+        if rows is None:
+            h_new, c_new = step(input_gates[t], h, c)
+        else:  # only the valid rows run; the others carry their states over unchanged
+            h_rows, c_rows = step(input_gates[t].index_select(0, rows), h.index_select(0, rows),
+                                  c.index_select(0, rows))
+            h_new, c_new = h.index_copy(0, rows, h_rows), c.index_copy(0, rows, c_rows)
         _hook(h_new, state_clip)
         _hook(c_new, state_clip)
-        outputs[t] = h_new if valid is None else torch.where(valid, h_new, torch.zeros_like(h_new))
+        outputs[t] = _output(h_new, lengths, t)
         h, c = h_new, c_new
     return torch.stack(outputs), h, c
 
@@ -140,9 +157,9 @@ def gru_reference(
     hidden = weight_ih.shape[0] // 3
     h = h0 if h0 is not None else input.new_zeros(batch, hidden)
     input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
-    outputs = [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        x_r, x_z, x_n = input_gates[t].chunk(3, dim=1)
+
+    def step(a_x, h):  # the rows that are valid at this step
+        x_r, x_z, x_n = a_x.chunk(3, dim=1)
         h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=1)
         a_r = x_r + h_r
         a_z = x_z + h_z
@@ -152,11 +169,16 @@ def gru_reference(
         a_n = x_n + r * h_n
         _hook(a_n, gate_clip)
         n = torch.tanh(a_n)
-        h_new = (1 - z) * n + z * h
-        valid = _valid_mask(lengths, t, input.device)
-        if valid is not None:
-            h_new = torch.where(valid, h_new, h)
+        return (1 - z) * n + z * h
+
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        rows = _valid_rows(lengths, t, input.device)
+        if rows is None:
+            h_new = step(input_gates[t], h)
+        else:  # only the valid rows run; the others carry their state over unchanged
+            h_new = h.index_copy(0, rows, step(input_gates[t].index_select(0, rows), h.index_select(0, rows)))
         _hook(h_new, state_clip)
-        outputs[t] = h_new if valid is None else torch.where(valid, h_new, torch.zeros_like(h_new))
+        outputs[t] = _output(h_new, lengths, t)
         h = h_new
     return torch.stack(outputs), h
