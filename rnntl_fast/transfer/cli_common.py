@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from . import data
+from . import corpus, data
 from .pipeline import Recipe, RunControl
 from .training import Distributed, setup_distributed
 
@@ -30,11 +30,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
     lm = parser.add_argument_group("language-model pretraining")
     lm.add_argument("--lm-text", action="append", default=[], metavar="PATH",
-                    help="unlabelled text file (one document per line; .txt/.cor, optionally .bz2); repeatable")
+                    help="unlabelled UTF-8 text file of any size, one document per line, plain or .gz/.bz2/.xz; "
+                         "repeatable (tokenized once into lm_tokens.bin in --output-dir, reused while unchanged)")
     lm.add_argument("--lm-epochs", type=int, default=DEFAULTS.lm_epochs)
-    lm.add_argument("--lm-batch-size", type=int, default=DEFAULTS.lm_batch_size)
-    lm.add_argument("--lm-chunk-length", type=int, default=DEFAULTS.lm_chunk_length)
+    lm.add_argument("--lm-batch-size", type=_positive_int, default=DEFAULTS.lm_batch_size,
+                    help="parallel token streams (global over processes)")
+    lm.add_argument("--lm-chunk-length", type=_positive_int, default=DEFAULTS.lm_chunk_length,
+                    help="BPTT window in tokens (the mean one with --lm-random-bptt)")
     lm.add_argument("--lm-lr", type=float, default=DEFAULTS.lm_lr)
+    lm.add_argument("--lm-state", choices=("carry", "reset"), default=DEFAULTS.lm_state,
+                    help="carry: each window starts from the previous window's final state, detached "
+                         "(truncated BPTT); reset: from zeros")
+    lm.add_argument("--lm-random-bptt", action="store_true",
+                    help="window lengths drawn around --lm-chunk-length as in AWD-LSTM")
+    lm.add_argument("--lm-valid-fraction", type=_open_fraction, default=DEFAULTS.lm_valid_fraction,
+                    help="the end of the token stream held out for validation perplexity")
+    lm.add_argument("--lm-workers", type=_positive_int, default=None,
+                    help="tokenizing processes (default: all cores)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
@@ -91,13 +117,14 @@ def log(place: Distributed, message: str) -> None:
 
 @dataclass
 class PreparedData:
-    """Classifier splits (texts + labels) and language-model documents, plus a description
-    of where everything came from (for the metrics JSON)."""
+    """Classifier splits (texts + labels) and the language model's text: in-memory documents
+    (in a seeded order) followed by the --lm-text files (read later, streamed); plus a
+    description of where everything came from (for the metrics JSON)."""
     train: data.LabelledTexts
     valid: data.LabelledTexts
     test: data.LabelledTexts
-    lm_train: List[str]
-    lm_valid: List[str]
+    lm_documents: List[str]
+    lm_files: List[str]
     description: dict
 
 
@@ -128,7 +155,8 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
     plot synopses + gensim's lee_background news + ALL the training split's review texts
     (labels unused). Validation and test texts are used by nothing but evaluation.
     With --train-csv: the user's file (split likewise unless --test-csv is given); LM on
-    --lm-text files plus the training texts."""
+    --lm-text files plus the training texts. The LM's held-out part is the end of its token
+    stream: the last --lm-text file, or the in-memory documents' seeded order."""
     train_csv = getattr(args, "train_csv", None)
     split_seed = getattr(args, "split_seed", 0)
     classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
@@ -158,13 +186,13 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
             lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
             lm_docs += plots + lee
     for path in args.lm_text:
-        documents = data.read_text_file(path)
-        lm_sources[os.path.abspath(path)] = len(documents)
-        lm_docs += documents
+        corpus.check_text_file(path)
     if not getattr(args, "no_lm_train_text", False):
         lm_sources["classifier_training_split_texts_without_labels"] = len(train.texts)
         lm_docs += train.texts
-    lm_train_part, lm_valid_part = data.split_indices(len(lm_docs), [0.95], split_seed + 1)
+    for path in args.lm_text:
+        lm_sources[os.path.abspath(path)] = f"{os.path.getsize(path)} bytes"
+    lm_order = data.split_indices(len(lm_docs), [], split_seed + 1)[0]
     training_split_size = len(train.texts)
     budget = labelled_size(args) if need_labels else None
     if budget is not None and budget < training_split_size:
@@ -175,13 +203,28 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
                                   "valid": len(valid.texts), "test": len(test.texts), "split_seed": split_seed},
                         "language_model_documents": lm_sources,
                         "test_texts_used_for_pretraining": False})
-    return PreparedData(train, valid, test, [lm_docs[i] for i in sorted(lm_train_part)],
-                        [lm_docs[i] for i in sorted(lm_valid_part)], description)
+    return PreparedData(train, valid, test, [lm_docs[i] for i in lm_order], list(args.lm_text), description)
 
 
-def build_vocab(prepared: PreparedData, recipe: Recipe) -> data.Vocab:
-    """From the LM training documents and the classifier's training texts (never test)."""
-    token_lists = [data.tokenize(t) for t in prepared.lm_train]
+def build_language_model_corpus(prepared: PreparedData, recipe: Recipe, args, place: Distributed) -> corpus.TokenCorpus:
+    """The LM's token file in --output-dir (built by rank 0, or reused) and its vocabulary,
+    counted over the LM text and the classifier's training texts (never validation or test)."""
+    sources = []
+    if prepared.lm_documents:
+        sources.append(corpus.TextSource("in-memory documents", documents=prepared.lm_documents))
+    sources += [corpus.file_source(path) for path in prepared.lm_files]
     if prepared.description["language_model_documents"].get("classifier_training_split_texts_without_labels") is None:
-        token_lists += [data.tokenize(t) for t in prepared.train.texts]
-    return data.Vocab.build(token_lists, max_size=recipe.vocab_size, min_freq=recipe.min_freq)
+        sources.append(corpus.TextSource("classifier training texts", documents=prepared.train.texts,
+                                         vocabulary_only=True))
+    if not any(not s.vocabulary_only for s in sources):
+        raise SystemExit("no language-model text: give --lm-text PATH or drop --no-lm-train-text")
+    workers = args.lm_workers or os.cpu_count() or 1
+
+    def build(show_progress: bool) -> corpus.TokenCorpus:
+        return corpus.build_token_corpus(sources, args.output_dir, recipe.vocab_size, recipe.min_freq,
+                                         recipe.lm_valid_fraction, workers, show_progress)
+
+    if place.is_main:
+        built = build(not args.no_progress)
+    place.barrier()
+    return built if place.is_main else build(False)  # the other ranks map the file rank 0 wrote

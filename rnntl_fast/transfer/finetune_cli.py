@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import cli_common
-from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
+from .cli_common import add_model_arguments, add_run_arguments, build_language_model_corpus, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
 from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, pretrain_language_model,
@@ -140,7 +140,7 @@ def _run(args, place, started) -> int:
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    encoder_state, vocab = None, None
+    encoder_state, vocab, lm_corpus = None, None, None
     if args.encoder:
         encoder_file, vocab = load_encoder(args.encoder)
         encoder_state = encoder_file["encoder"]
@@ -150,7 +150,8 @@ def _run(args, place, started) -> int:
             raise SystemExit(f"{args.encoder}: encoder config {encoder_file['encoder_config']} does not match "
                              f"--hidden-size {recipe.hidden_size} --num-layers {recipe.num_layers}")
     else:
-        vocab = build_vocab(prepared, recipe)
+        lm_corpus = build_language_model_corpus(prepared, recipe, args, place)
+        vocab = lm_corpus.vocab
     log(place, f"data: {prepared.description['split']}, vocabulary {len(vocab)} words")
     embedding, rnn_state, pretrained_report = _user_pretrained(args, vocab, recipe)
     if pretrained_report:
@@ -159,8 +160,7 @@ def _run(args, place, started) -> int:
         encoder_state = {**(encoder_state or {}), **rnn_state}
     try:
         if encoder_state is None and embedding is None and recipe.lm_epochs > 0:
-            language_model, metrics["language_model"] = pretrain_language_model(
-                prepared.lm_train, prepared.lm_valid, vocab, recipe, control)
+            language_model, metrics["language_model"] = pretrain_language_model(lm_corpus, recipe, control)
             encoder_state = language_model.encoder.state_dict()
             if place.is_main:
                 save_encoder(os.path.join(args.output_dir, "encoder.pt"), language_model.encoder, vocab,

@@ -1,0 +1,509 @@
+"""Language-model corpora of any size and their stateful batching.
+
+A corpus is a list of sources, text files (plain, .gz, .bz2 or .xz; one document per
+non-blank line) or in-memory documents. It is tokenized in two passes over blocks of whole
+lines, in parallel over worker processes: pass 1 counts words and builds the vocabulary,
+pass 2 encodes every document (its words, then <eos>) into a token-id file, uint16 when
+the vocabulary has at most 65,536 words, else uint32. The file and a JSON description sit
+in a cache folder (the run's output folder); a later run with the same inputs (same size and
+mtime, or the same content hash when only the mtime changed) and the same tokenizer settings
+maps the file and starts training at once. Tokens are the ones `data.tokenize` gives, so a
+corpus read here has exactly the ids of the in-memory path.
+
+Training reads the file through a read-only memory map: `TokenStreams` cuts the tokens into
+B contiguous streams (one per batch row) and walks them window by window; window k+1 of a
+row continues window k, and the recurrent state at the end of window k, detached, is the
+state window k+1 starts from (truncated backpropagation through time). Pages of the map
+already read are handed back every few hundred windows, so resident memory does not grow
+with the corpus. The held-out part is the end of the token stream (docs/finetune.md).
+"""
+import bz2
+import collections
+import gzip
+import hashlib
+import itertools
+import json
+import lzma
+import mmap
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import DataError, Vocab
+
+BLOCK_BYTES = 1 << 20
+# The word rules of data.tokenize plus "\n", which marks the end of a document (<eos>).
+_STREAM_TOKEN = re.compile(r"\n|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+# Any run of whitespace holding a line break: one document boundary (blank lines are no documents).
+_LINE_BREAKS = re.compile(r"\s*[\r\n]\s*")
+_EOS_MARK = "\n"
+TOKENIZER_SETTINGS = {"tokens": _STREAM_TOKEN.pattern, "lowercase": True, "documents": "non-blank lines",
+                      "file_format": 1}
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+
+
+# -- sources and blocks ------------------------------------------------------------------
+
+@dataclass
+class TextSource:
+    """One input of a corpus: a file (`path`) or in-memory `documents`. A `vocabulary_only`
+    source counts towards the vocabulary but is not part of the token stream."""
+    name: str
+    path: Optional[str] = None
+    documents: Optional[Sequence[str]] = None
+    vocabulary_only: bool = False
+
+
+def file_source(path: str) -> TextSource:
+    return TextSource(os.path.abspath(path), path=path)
+
+
+def check_text_file(path: str) -> None:
+    """Raises DataError (naming the file) for a missing path, a folder or an empty file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def _file_blocks(path: str) -> Iterator[Tuple[int, bytes]]:
+    """(offset, bytes) blocks of about BLOCK_BYTES of the (decompressed) file, each ending at a
+    line break except possibly the last."""
+    offset, rest = 0, b""
+    try:
+        with _open_binary(path) as handle:
+            while True:
+                chunk = handle.read(BLOCK_BYTES)
+                if not chunk:
+                    break
+                data = rest + chunk
+                cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+                if cut == 0:  # a line longer than a block: read on
+                    rest = data
+                    continue
+                yield offset, data[:cut]
+                offset, rest = offset + cut, data[cut:]
+            if rest:
+                yield offset, rest
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
+        raise DataError(f"{path}: cannot read: {error}") from None
+
+
+def _document_blocks(documents: Sequence[str]) -> Iterator[Tuple[int, bytes]]:
+    """In-memory documents as blocks of lines (a document's own line breaks become spaces)."""
+    lines, size, offset = [], 0, 0
+    for document in documents:
+        line = document.replace("\r", " ").replace("\n", " ").encode("utf-8")
+        lines.append(line)
+        size += len(line) + 1
+        if size >= BLOCK_BYTES:
+            yield offset, b"\n".join(lines) + b"\n"
+            lines, offset, size = [], offset + size, 0
+    if lines:
+        yield offset, b"\n".join(lines) + b"\n"
+
+
+def _blocks(source: TextSource) -> Iterator[Tuple[int, bytes]]:
+    return _file_blocks(source.path) if source.path is not None else _document_blocks(source.documents)
+
+
+def _words(name: str, offset: int, raw: bytes) -> List[str]:
+    """The tokens of a block of whole lines with "\\n" after each non-blank line."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{name}: NUL byte at byte {offset + nul}; is this a binary file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{name}: not UTF-8 text at byte {offset + error.start}; is this a binary file?") from None
+    text = _LINE_BREAKS.sub(_EOS_MARK, text.lower().strip())
+    return _STREAM_TOKEN.findall(text + _EOS_MARK) if text else []
+
+
+def _count_block(task: Tuple[int, str, int, bytes]) -> Tuple[int, collections.Counter, int]:
+    """Pass 1: (source index, word counts without <eos>, token count with <eos>) of one block."""
+    words = _words(*task[1:])
+    counts = collections.Counter(words)
+    counts.pop(_EOS_MARK, None)
+    return task[0], counts, len(words)
+
+
+_WORKER_IDS: Dict[str, int] = {}
+
+
+def _set_worker_ids(ids: Dict[str, int]) -> None:
+    global _WORKER_IDS
+    _WORKER_IDS = ids
+
+
+def _encode_block(task: Tuple[int, str, int, bytes]) -> np.ndarray:
+    """Pass 2: token ids [n] (uint32) of one block (unknown words: <unk>)."""
+    words = _words(*task[1:])
+    return np.fromiter(map(_WORKER_IDS.get, words, itertools.repeat(Vocab.unk_id)), dtype=np.uint32,
+                       count=len(words))
+
+
+def _map_ordered(function: Callable, tasks: Iterator, workers: int, initializer=None, initargs=()) -> Iterator:
+    """function(task) for every task, in order, over `workers` processes; at most two tasks
+    per worker are in flight, so memory stays bounded whatever the corpus size."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(function, tasks)
+        return
+    # fork: workers inherit the loaded modules; they run only this module's pure-Python code
+    with multiprocessing.get_context("fork").Pool(workers, initializer, initargs) as pool:
+        pending = collections.deque()
+        for task in tasks:
+            pending.append(pool.apply_async(function, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Progress:
+    """Text processed and its rate: a bar with MB/s on a terminal, otherwise one plain line
+    every `every_mb` MB and one at the end."""
+
+    def __init__(self, label: str, total_bytes: Optional[int], enabled: bool, every_mb: int = 100):
+        self.label, self.enabled, self.every = label, enabled, every_mb * 10**6
+        self.done, self.started, self.next_line = 0, time.perf_counter(), self.every
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
+                            dynamic_ncols=True, leave=False)
+
+    def rate(self) -> float:
+        return self.done / 1e6 / max(time.perf_counter() - self.started, 1e-9)
+
+    def update(self, size: int) -> None:
+        self.done += size
+        if self.bar is not None:
+            self.bar.update(size)
+        elif self.enabled and self.done >= self.next_line:
+            self.next_line += self.every
+            print(f"{self.label}: {self.done / 1e6:.0f} MB, {self.rate():.1f} MB/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            print(f"{self.label}: {self.done / 1e6:.1f} MB in {time.perf_counter() - self.started:.1f} s "
+                  f"({self.rate():.1f} MB/s)", file=sys.stderr, flush=True)
+
+
+def _tasks(sources: Sequence[TextSource], progress: _Progress) -> Iterator[Tuple[int, str, int, bytes]]:
+    """Every block of `sources` as a worker task (source index, source name, offset, bytes)."""
+    for index, source in enumerate(sources):
+        for offset, raw in _blocks(source):
+            progress.update(len(raw))
+            yield index, source.name, offset, raw
+
+
+# -- the token file ------------------------------------------------------------------------
+
+def _file_hash(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(BLOCK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _documents_hash(documents: Sequence[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for document in documents:
+        digest.update(document.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _describe_input(source: TextSource, previous: Optional[dict]) -> dict:
+    """What identifies a source's content: size, mtime and content hash of a file (the hash
+    is reused from `previous` when size and mtime are unchanged), or the documents' hash."""
+    if source.path is None:
+        return {"name": source.name, "documents": len(source.documents), "hash": _documents_hash(source.documents),
+                "vocabulary_only": source.vocabulary_only}
+    status = os.stat(source.path)
+    described = {"name": source.name, "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+                 "vocabulary_only": source.vocabulary_only}
+    if previous is not None and all(previous.get(k) == described[k] for k in described):
+        described["hash"] = previous["hash"]
+    else:
+        described["hash"] = _file_hash(source.path)
+    return described
+
+
+def _same_content(a: dict, b: dict) -> bool:
+    keys = ("name", "hash", "vocabulary_only")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+class TokenCorpus:
+    """A tokenized corpus: `tokens` [N] (uint16 or uint32, a read-only memory map of the token
+    file), the vocabulary, and the split: the first `train_count` tokens train, the last
+    `valid_count` (a `valid_fraction` of N, rounded) are held out."""
+
+    def __init__(self, token_path: str, meta: dict, valid_fraction: float):
+        self.path, self.meta = token_path, meta
+        self.vocab = Vocab.from_state_dict({"itos": meta["itos"]})
+        self.name = ", ".join(s["name"] for s in meta["inputs"] if not s["vocabulary_only"])
+        with open(token_path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.tokens = np.frombuffer(self._map, dtype=np.dtype(meta["dtype"]))
+        if len(self.tokens) != meta["tokens"]:
+            raise DataError(f"{token_path}: holds {len(self.tokens)} tokens, its description says {meta['tokens']}")
+        if not 0 < valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        self.valid_fraction = valid_fraction
+        self.valid_count = int(round(len(self.tokens) * valid_fraction))
+        self.train_count = len(self.tokens) - self.valid_count
+
+    def train_tokens(self) -> np.ndarray:
+        """[train_count] token ids."""
+        return self.tokens[:self.train_count]
+
+    def valid_tokens(self) -> np.ndarray:
+        """[valid_count] token ids: the end of the stream, never trained on."""
+        return self.tokens[self.train_count:]
+
+    def release_pages(self) -> None:
+        """Drops the map's pages from this process (the page cache keeps them): pages already
+        read stop counting as resident memory."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def describe(self) -> dict:
+        return {"token_file": self.path, "tokens": len(self.tokens), "dtype": self.meta["dtype"],
+                "vocabulary": len(self.vocab), "train_tokens": self.train_count, "valid_tokens": self.valid_count,
+                "valid_fraction": self.valid_fraction, "inputs": self.meta["inputs"],
+                "reused_cache": self.meta.get("reused", False)}
+
+
+def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size: int, min_freq: int = 1,
+                       valid_fraction: float = 0.05, workers: int = 1, show_progress: bool = False) -> TokenCorpus:
+    """Tokenizes `sources` in order into `cache_dir`/lm_tokens.bin (or reuses it: see the
+    module docstring) and returns the mapped corpus. Raises DataError naming the file for a
+    missing, empty or binary input, an input without text, or a vocabulary without words."""
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must be >= 4 (three special tokens and a word), got {vocab_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    streamed = [s for s in sources if not s.vocabulary_only]
+    if not streamed:
+        raise ValueError("a corpus needs at least one source that is not vocabulary_only")
+    for source in sources:
+        if source.path is not None:
+            check_text_file(source.path)
+    os.makedirs(cache_dir, exist_ok=True)
+    token_path, meta_path = os.path.join(cache_dir, "lm_tokens.bin"), os.path.join(cache_dir, "lm_tokens.json")
+    previous = None
+    if os.path.isfile(meta_path) and os.path.isfile(token_path):
+        with open(meta_path) as handle:
+            previous = json.load(handle)
+    settings = {**TOKENIZER_SETTINGS, "vocab_size": vocab_size, "min_freq": min_freq}
+    old_inputs = previous["inputs"] if previous is not None and previous.get("settings") == settings else []
+    inputs = [_describe_input(s, old_inputs[i] if i < len(old_inputs) else None) for i, s in enumerate(sources)]
+    if old_inputs and len(old_inputs) == len(inputs) and all(map(_same_content, old_inputs, inputs)):
+        meta = {**previous, "inputs": inputs}  # refresh mtimes of touched-only files
+        with open(meta_path, "w") as handle:
+            json.dump(meta, handle)
+        return TokenCorpus(token_path, {**meta, "reused": True}, valid_fraction)
+
+    counts, source_tokens = _count(sources, workers, show_progress)
+    for source, count in zip(sources, source_tokens):
+        if count == 0:
+            raise DataError(f"{source.name}: no text")
+    vocab = Vocab.from_counts(counts, vocab_size, min_freq)
+    if len(vocab) <= 3:
+        names = ", ".join(s.name for s in sources)
+        raise DataError(f"{names}: no word occurs at least {min_freq} times (--min-freq); the vocabulary "
+                        "would hold only <pad>, <unk> and <eos>")
+    dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
+    total = _encode(streamed, vocab, dtype, token_path, workers, show_progress)
+    meta = {"settings": settings, "inputs": inputs, "itos": vocab.itos, "dtype": np.dtype(dtype).name,
+            "tokens": total}
+    with open(meta_path + ".tmp", "w") as handle:
+        json.dump(meta, handle)
+    os.replace(meta_path + ".tmp", meta_path)
+    return TokenCorpus(token_path, meta, valid_fraction)
+
+
+def _known_size(sources: Sequence[TextSource]) -> Optional[int]:
+    if any(s.path is None or s.path.endswith(COMPRESSED_SUFFIXES) for s in sources):
+        return None
+    return sum(os.path.getsize(s.path) for s in sources)
+
+
+def _count(sources: Sequence[TextSource], workers: int, show_progress: bool) -> Tuple[collections.Counter, List[int]]:
+    """Pass 1: word counts over all sources and each source's token count (with <eos>)."""
+    progress = _Progress("counting words", _known_size(sources), show_progress)
+    counts, source_tokens = collections.Counter(), [0] * len(sources)
+    for index, block_counts, tokens in _map_ordered(_count_block, _tasks(sources, progress), workers):
+        counts.update(block_counts)
+        source_tokens[index] += tokens
+    progress.close()
+    return counts, source_tokens
+
+
+def _encode(sources: Sequence[TextSource], vocab: Vocab, dtype, token_path: str, workers: int,
+            show_progress: bool) -> int:
+    """Pass 2: writes every token id to `token_path` (through a temporary file); returns N."""
+    ids = dict(vocab.stoi)
+    ids[_EOS_MARK] = vocab.eos_id
+    progress = _Progress("encoding tokens", _known_size(sources), show_progress)
+    temporary, total = token_path + ".tmp", 0
+    with open(temporary, "wb") as handle:
+        for block_ids in _map_ordered(_encode_block, _tasks(sources, progress), workers, _set_worker_ids, (ids,)):
+            block_ids.astype(dtype).tofile(handle)
+            total += len(block_ids)
+    progress.close()
+    os.replace(temporary, token_path)
+    return total
+
+
+# -- streams -----------------------------------------------------------------------------
+
+def detach_state(state):
+    """A recurrent state (tensor, tuple of tensors or None) cut from its graph."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    return tuple(s.detach() for s in state)
+
+
+class TokenStreams:
+    """Truncated-BPTT batches over a token stream.
+
+    The first `batch_size * L + 1` of `tokens` [N] (L = (N - 1) // batch_size) are cut into
+    `batch_size` contiguous streams; stream s is tokens[s*L : (s+1)*L] (its targets run one
+    token further). Under `world_size` processes, rank r owns streams
+    [r*b, (r+1)*b), b = batch_size / world_size, so ranks read disjoint parts of the same
+    array. An epoch walks every stream in windows of `bptt` tokens (the last one shorter),
+    or, with `random_bptt`, of lengths drawn as AWD-LSTM does (mean bptt, or bptt/2 with
+    probability 0.05, plus normal noise of sd 5, at least 5) from a generator seeded by
+    (seed, epoch), the same on every rank. Window k+1 continues window k in every row.
+
+    `loss(model, (inputs, targets))` runs `model(inputs, targets, state=..., return_state=True)`
+    and, with `carry_state`, keeps the final state, detached, for the next window; at the
+    start of an epoch the state is zero. `state_dict()` holds the position in the streams and
+    the carried state, so a run stopped mid-epoch resumes exactly.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, bptt: int, *, rank: int = 0, world_size: int = 1,
+                 random_bptt: bool = False, seed: int = 0, carry_state: bool = True, name: str = "corpus",
+                 release_pages: Optional[Callable[[], None]] = None, release_every: int = 256):
+        if batch_size < 1 or bptt < 1:
+            raise ValueError(f"batch_size and bptt must be >= 1, got {batch_size} and {bptt}")
+        if batch_size % world_size:
+            raise ValueError(f"the batch size {batch_size} must be divisible by the number of processes {world_size}")
+        self.tokens, self.batch_size, self.bptt = tokens, batch_size, bptt
+        self.stream_length = (len(tokens) - 1) // batch_size
+        if self.stream_length < bptt:
+            raise DataError(f"{name}: {len(tokens)} tokens are fewer than one batch of {batch_size} streams of "
+                            f"{bptt} + 1 tokens (--lm-batch-size x --lm-chunk-length)")
+        rows = batch_size // world_size
+        self.starts = np.arange(rank * rows, (rank + 1) * rows, dtype=np.int64) * self.stream_length
+        self.random_bptt, self.seed, self.carry_state = random_bptt, seed, carry_state
+        self.release_pages, self.release_every = release_pages, release_every
+        self.state = None
+        self.position = 0
+
+    def shard_ranges(self) -> List[Tuple[int, int]]:
+        """[start, end) of the input tokens of each of this rank's streams."""
+        return [(int(s), int(s) + self.stream_length) for s in self.starts]
+
+    def window_lengths(self, epoch: int) -> List[int]:
+        if not self.random_bptt:
+            whole, rest = divmod(self.stream_length, self.bptt)
+            return [self.bptt] * whole + ([rest] if rest else [])
+        generator = np.random.default_rng([self.seed, epoch])
+        lengths, remaining = [], self.stream_length
+        while remaining > 0:
+            mean = self.bptt if generator.random() < 0.95 else self.bptt / 2
+            length = min(remaining, max(5, int(generator.normal(mean, 5))))
+            lengths.append(length)
+            remaining -= length
+        return lengths
+
+    def steps(self, epoch: int) -> int:
+        return len(self.window_lengths(epoch))
+
+    def window(self, position: int, length: int) -> Tuple[Tensor, Tensor]:
+        """(inputs [b, length], targets [b, length]) int64 of this rank's rows at `position`."""
+        index = self.starts[:, None] + position + np.arange(length + 1)
+        rows = torch.from_numpy(self.tokens[index].astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[int, Tuple[Tensor, Tensor]]]:
+        """(window index, (inputs, targets)) for windows start, start+1, ... of `epoch`."""
+        lengths = self.window_lengths(epoch)
+        offsets = [0] + list(itertools.accumulate(lengths))
+        if start == 0:
+            self.state, self.position = None, 0
+        elif self.position != offsets[start]:
+            raise ValueError(f"resuming at window {start} of epoch {epoch} (stream position {offsets[start]}), but the "
+                             f"carried state is at stream position {self.position}")
+        for index in range(start, len(lengths)):
+            if self.release_pages is not None and index % self.release_every == 0:
+                self.release_pages()
+            yield index, self.window(offsets[index], lengths[index])
+
+    def loss(self, model, batch: Tuple[Tensor, Tensor]) -> Tuple[Tensor, int]:
+        """Mean next-token loss of one window (inputs [b, T], targets [b, T]) and its token count."""
+        inputs, targets = batch
+        loss, state = model(inputs, targets, state=self.state if self.carry_state else None, return_state=True)
+        self.state = detach_state(state) if self.carry_state else None
+        self.position += inputs.shape[1]
+        return loss, targets.numel()
+
+    def state_dict(self) -> dict:
+        state = self.state
+        if state is not None:
+            state = state.cpu() if isinstance(state, Tensor) else tuple(s.cpu() for s in state)
+        return {"position": self.position, "state": state}
+
+    def load_state_dict(self, saved: dict, device=None) -> None:
+        self.position, state = saved["position"], saved["state"]
+        if state is not None:
+            state = state.to(device) if isinstance(state, Tensor) else tuple(s.to(device) for s in state)
+        self.state = state
+
+
+@torch.no_grad()
+def stream_perplexity(model, streams: TokenStreams, device=None) -> float:
+    """exp(mean next-token cross-entropy) over one pass of `streams` (state carried between
+    windows when `streams.carry_state`), the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for _, (inputs, targets) in streams.epoch_batches(0):
+        loss, _ = streams.loss(model, (inputs.to(device), targets.to(device)))
+        total += float(loss) * targets.numel()
+        count += targets.numel()
+    model.train(was_training)
+    return float(np.exp(total / count))
