@@ -105,8 +105,8 @@ def test_cache_is_reused_and_invalidated_when_an_input_changes(tmp_path, monkeyp
     first_ids = first.tokens.tolist()
 
     counted = []
-    original_count = corpus._count
-    monkeypatch.setattr(corpus, "_count", lambda *a: counted.append(1) or original_count(*a))
+    original_tokenize = corpus._tokenize
+    monkeypatch.setattr(corpus, "_tokenize", lambda *a: counted.append(1) or original_tokenize(*a))
     again = build_token_corpus([file_source(path)], cache, vocab_size=50)
     assert again.describe()["reused_cache"] and not counted and again.tokens.tolist() == first_ids
 

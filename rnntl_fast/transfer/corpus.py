@@ -1,10 +1,12 @@
 """Language-model corpora of any size and their stateful batching.
 
 A corpus is a list of sources, text files (plain, .gz, .bz2 or .xz; one document per
-non-blank line) or in-memory documents. It is tokenized in two passes over blocks of whole
-lines, in parallel over worker processes: pass 1 counts words and builds the vocabulary,
-pass 2 encodes every document (its words, then <eos>) into a token-id file, uint16 when
-the vocabulary has at most 65,536 words, else uint32. The file and a JSON description sit
+non-blank line) or in-memory documents. Pass 1 tokenizes blocks of whole lines in parallel
+over worker processes, counts words and writes every document (its words, then <eos>) as
+numbers of a table of the words seen so far (in order of first appearance); the vocabulary
+is then the most frequent words, and pass 2 (numpy, no text) renumbers the tokens into
+vocabulary ids in the token-id file, uint16 when the vocabulary has at most 65,536 words,
+else uint32. Text is thus tokenized once. The file and a JSON description sit
 in a cache folder (the run's output folder); a later run with the same inputs (same size and
 mtime, or the same content hash when only the mtime changed) and the same tokenizer settings
 maps the file and starts training at once. Tokens are the ones `data.tokenize` gives, so a
@@ -43,8 +45,6 @@ from .data import DataError, Vocab
 BLOCK_BYTES = 1 << 20
 # The word rules of data.tokenize plus "\n", which marks the end of a document (<eos>).
 _STREAM_TOKEN = re.compile(r"\n|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
-# Any run of whitespace holding a line break: one document boundary (blank lines are no documents).
-_LINE_BREAKS = re.compile(r"\s*[\r\n]\s*")
 _EOS_MARK = "\n"
 TOKENIZER_SETTINGS = {"tokens": _STREAM_TOKEN.pattern, "lowercase": True, "documents": "non-blank lines",
                       "file_format": 1}
@@ -129,7 +129,8 @@ def _blocks(source: TextSource) -> Iterator[Tuple[int, bytes]]:
 
 
 def _words(name: str, offset: int, raw: bytes) -> List[str]:
-    """The tokens of a block of whole lines with "\\n" after each non-blank line."""
+    """The tokens of a block of whole lines; "\n" marks every line end (runs of them, from
+    blank lines, are merged later)."""
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise DataError(f"{name}: NUL byte at byte {offset + nul}; is this a binary file?")
@@ -137,31 +138,46 @@ def _words(name: str, offset: int, raw: bytes) -> List[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{name}: not UTF-8 text at byte {offset + error.start}; is this a binary file?") from None
-    text = _LINE_BREAKS.sub(_EOS_MARK, text.lower().strip())
+    text = text.lower().replace("\r", _EOS_MARK).strip()
     return _STREAM_TOKEN.findall(text + _EOS_MARK) if text else []
 
 
-def _count_block(task: Tuple[int, str, int, bytes]) -> Tuple[int, collections.Counter, int]:
-    """Pass 1: (source index, word counts without <eos>, token count with <eos>) of one block."""
-    words = _words(*task[1:])
-    counts = collections.Counter(words)
-    counts.pop(_EOS_MARK, None)
-    return task[0], counts, len(words)
+def _tokenize_block(task: Tuple[int, str, int, bytes]) -> Tuple[int, List[str], np.ndarray, np.ndarray]:
+    """(source index, the block's distinct words, their counts [k], the block's tokens as ids
+    [n] into those words): one "\n" (<eos>) after each non-blank line."""
+    index, name, offset, raw = task
+    words = _words(name, offset, raw)
+    first: Dict[str, int] = {}  # word -> position of its first occurrence
+    positions = np.fromiter(map(first.setdefault, words, itertools.count()), dtype=np.int64, count=len(words))
+    dense = np.zeros(len(words), dtype=np.int64)
+    dense[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = np.arange(len(first))
+    ids = dense[positions]
+    if _EOS_MARK in first:  # blank lines: a run of line ends is one document end
+        eos = dense[first[_EOS_MARK]]
+        repeated = (ids[1:] == eos) & (ids[:-1] == eos)
+        ids = ids[np.concatenate(([True], ~repeated))]
+    return index, list(first), np.bincount(ids, minlength=len(first)), ids
 
 
-_WORKER_IDS: Dict[str, int] = {}
+class _WordTable:
+    """Every distinct word seen so far, numbered in order of first appearance, with counts."""
 
+    def __init__(self):
+        self.ids: Dict[str, int] = {}
+        self.counts = np.zeros(1 << 12, dtype=np.int64)
 
-def _set_worker_ids(ids: Dict[str, int]) -> None:
-    global _WORKER_IDS
-    _WORKER_IDS = ids
+    def add(self, words: List[str], counts: np.ndarray) -> np.ndarray:
+        """Counts `words` (distinct) `counts` [k] times; returns their numbers [k]."""
+        new = [w for w in words if w not in self.ids]
+        self.ids.update(zip(new, range(len(self.ids), len(self.ids) + len(new))))
+        if len(self.ids) > len(self.counts):
+            self.counts = np.concatenate([self.counts, np.zeros(max(len(self.ids), len(self.counts)), np.int64)])
+        numbers = np.fromiter(map(self.ids.__getitem__, words), dtype=np.int64, count=len(words))
+        self.counts[numbers] += counts
+        return numbers
 
-
-def _encode_block(task: Tuple[int, str, int, bytes]) -> np.ndarray:
-    """Pass 2: token ids [n] (uint32) of one block (unknown words: <unk>)."""
-    words = _words(*task[1:])
-    return np.fromiter(map(_WORKER_IDS.get, words, itertools.repeat(Vocab.unk_id)), dtype=np.uint32,
-                       count=len(words))
+    def word_counts(self) -> Dict[str, int]:
+        return {w: int(self.counts[i]) for w, i in self.ids.items() if w != _EOS_MARK}
 
 
 def _map_ordered(function: Callable, tasks: Iterator, workers: int, initializer=None, initargs=()) -> Iterator:
@@ -333,17 +349,20 @@ def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size
             json.dump(meta, handle)
         return TokenCorpus(token_path, {**meta, "reused": True}, valid_fraction)
 
-    counts, source_tokens = _count(sources, workers, show_progress)
+    numbered_path = token_path + ".numbered"
+    table, source_tokens = _tokenize(sources, numbered_path, workers, show_progress)
     for source, count in zip(sources, source_tokens):
         if count == 0:
+            os.remove(numbered_path)
             raise DataError(f"{source.name}: no text")
-    vocab = Vocab.from_counts(counts, vocab_size, min_freq)
+    vocab = Vocab.from_counts(table.word_counts(), vocab_size, min_freq)
     if len(vocab) <= 3:
+        os.remove(numbered_path)
         names = ", ".join(s.name for s in sources)
         raise DataError(f"{names}: no word occurs at least {min_freq} times (--min-freq); the vocabulary "
                         "would hold only <pad>, <unk> and <eos>")
     dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
-    total = _encode(streamed, vocab, dtype, token_path, workers, show_progress)
+    total = _renumber(numbered_path, table, vocab, dtype, token_path)
     meta = {"settings": settings, "inputs": inputs, "itos": vocab.itos, "dtype": np.dtype(dtype).name,
             "tokens": total}
     with open(meta_path + ".tmp", "w") as handle:
@@ -358,30 +377,41 @@ def _known_size(sources: Sequence[TextSource]) -> Optional[int]:
     return sum(os.path.getsize(s.path) for s in sources)
 
 
-def _count(sources: Sequence[TextSource], workers: int, show_progress: bool) -> Tuple[collections.Counter, List[int]]:
-    """Pass 1: word counts over all sources and each source's token count (with <eos>)."""
-    progress = _Progress("counting words", _known_size(sources), show_progress)
-    counts, source_tokens = collections.Counter(), [0] * len(sources)
-    for index, block_counts, tokens in _map_ordered(_count_block, _tasks(sources, progress), workers):
-        counts.update(block_counts)
-        source_tokens[index] += tokens
+def _tokenize(sources: Sequence[TextSource], numbered_path: str, workers: int,
+              show_progress: bool) -> Tuple[_WordTable, List[int]]:
+    """Pass 1: tokenizes every source, counting words; the streamed sources' tokens go to
+    `numbered_path` as uint32 numbers of the word table. Returns (table, tokens per source)."""
+    progress = _Progress("tokenizing", _known_size(sources), show_progress)
+    table, source_tokens = _WordTable(), [0] * len(sources)
+    with open(numbered_path, "wb") as handle:
+        for index, words, counts, ids in _map_ordered(_tokenize_block, _tasks(sources, progress), workers):
+            numbers = table.add(words, counts)
+            source_tokens[index] += len(ids)
+            if not sources[index].vocabulary_only:
+                numbers.astype(np.uint32)[ids].tofile(handle)
     progress.close()
-    return counts, source_tokens
+    return table, source_tokens
 
 
-def _encode(sources: Sequence[TextSource], vocab: Vocab, dtype, token_path: str, workers: int,
-            show_progress: bool) -> int:
-    """Pass 2: writes every token id to `token_path` (through a temporary file); returns N."""
-    ids = dict(vocab.stoi)
-    ids[_EOS_MARK] = vocab.eos_id
-    progress = _Progress("encoding tokens", _known_size(sources), show_progress)
+def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_path: str,
+              chunk: int = 1 << 24) -> int:
+    """Pass 2: the word-table numbers of pass 1 -> vocabulary ids, chunk by chunk, into
+    `token_path`; removes `numbered_path`. Returns the token count."""
+    words = list(table.ids)  # in number order
+    id_of_number = np.fromiter(map(vocab.stoi.get, words, itertools.repeat(vocab.unk_id)), dtype=dtype,
+                               count=len(words))
+    if _EOS_MARK in table.ids:
+        id_of_number[table.ids[_EOS_MARK]] = vocab.eos_id
     temporary, total = token_path + ".tmp", 0
-    with open(temporary, "wb") as handle:
-        for block_ids in _map_ordered(_encode_block, _tasks(sources, progress), workers, _set_worker_ids, (ids,)):
-            block_ids.astype(dtype).tofile(handle)
-            total += len(block_ids)
-    progress.close()
+    with open(numbered_path, "rb") as source, open(temporary, "wb") as target:
+        while True:
+            numbers = np.fromfile(source, dtype=np.uint32, count=chunk)
+            if len(numbers) == 0:
+                break
+            id_of_number[numbers].tofile(target)
+            total += len(numbers)
     os.replace(temporary, token_path)
+    os.remove(numbered_path)
     return total
 
 
