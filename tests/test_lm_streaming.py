@@ -15,7 +15,7 @@ import torch
 
 from rnntl_fast.transfer import corpus
 from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_corpus, file_source
-from rnntl_fast.transfer.data import DataError, Vocab, read_text_file, tokenize
+from rnntl_fast.transfer.data import EOS, DataError, Vocab, read_text_file, tokenize
 from rnntl_fast.transfer.models import LanguageModel, TextEncoder
 from rnntl_fast.transfer.pipeline import Recipe, RunControl, pretrain_language_model
 from rnntl_fast.transfer.training import StopRequested
@@ -44,14 +44,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _in_memory_ids(path, vocab_size, min_freq):
-    """The reference: read_text_file's documents through data.tokenize and Vocab.build."""
-    documents = read_text_file(path)
-    vocab = Vocab.build([tokenize(d) for d in documents], max_size=vocab_size, min_freq=min_freq)
-    ids = []
-    for document in documents:
-        ids += vocab.encode(tokenize(document)) + [vocab.eos_id]
-    return vocab, ids
+def _in_memory_ids(path, vocab_size, min_freq, valid_fraction=0.05):
+    """The reference: read_text_file's documents through data.tokenize, each followed by
+    <eos>, and Vocab.build over the words before the held-out end."""
+    words = []
+    for document in read_text_file(path):
+        words += tokenize(document) + [EOS]
+    training_part = words[:len(words) - round(len(words) * valid_fraction)]
+    vocab = Vocab.build([[w for w in training_part if w != EOS]], max_size=vocab_size, min_freq=min_freq)
+    return vocab, vocab.encode(words)
 
 
 @pytest.mark.parametrize("kind,workers,block_bytes", [
@@ -92,7 +93,7 @@ def test_vocabulary_only_source_counts_but_is_not_streamed(tmp_path):
 def test_large_vocabulary_uses_uint32(tmp_path):
     words = [f"w{i}" for i in range(70_000)]
     path = _write(tmp_path / "many.txt", "\n".join(" ".join(words[i:i + 100]) for i in range(0, len(words), 100)))
-    built = build_token_corpus([file_source(path)], str(tmp_path / "cache"), vocab_size=80_000)
+    built = build_token_corpus([file_source(path)], str(tmp_path / "cache"), vocab_size=80_000, valid_fraction=0)
     assert built.tokens.dtype == np.uint32 and len(built.vocab) == 70_003
     assert int(built.tokens.max()) == 70_002
 
@@ -124,12 +125,14 @@ def test_cache_is_reused_and_invalidated_when_an_input_changes(tmp_path, monkeyp
     assert not resized.describe()["reused_cache"] and counted and len(resized.vocab) == 10
 
 
-def test_held_out_part_is_the_end_of_the_stream(tmp_path):
+def test_held_out_part_is_the_end_of_the_stream_and_not_in_the_vocabulary(tmp_path):
     path = _write(tmp_path / "text.txt", "\n".join(f"line {i} of words" for i in range(100)))
     built = build_token_corpus([file_source(path)], str(tmp_path), vocab_size=500, valid_fraction=0.1)
-    assert built.valid_count == round(len(built.tokens) * 0.1)
+    assert built.valid_count == round(len(built.tokens) * 0.1) == 50  # 100 lines of 5 tokens
     assert np.array_equal(np.concatenate([built.train_tokens(), built.valid_tokens()]), built.tokens)
     assert built.vocab.itos[built.valid_tokens()[-2]] == "words"  # the last line's last word
+    assert "89" in built.vocab.stoi and "90" not in built.vocab.stoi  # the last 10 lines are held out
+    assert set(built.valid_tokens()[1::5].tolist()) == {Vocab.unk_id}
 
 
 @pytest.mark.parametrize("random_bptt", [False, True], ids=["fixed-bptt", "random-bptt"])

@@ -283,7 +283,7 @@ class TokenCorpus:
     file), the vocabulary, and the split: the first `train_count` tokens train, the last
     `valid_count` (a `valid_fraction` of N, rounded) are held out."""
 
-    def __init__(self, token_path: str, meta: dict, valid_fraction: float):
+    def __init__(self, token_path: str, meta: dict):
         self.path, self.meta = token_path, meta
         self.vocab = Vocab.from_state_dict({"itos": meta["itos"]})
         self.name = ", ".join(s["name"] for s in meta["inputs"] if not s["vocabulary_only"])
@@ -292,10 +292,8 @@ class TokenCorpus:
         self.tokens = np.frombuffer(self._map, dtype=np.dtype(meta["dtype"]))
         if len(self.tokens) != meta["tokens"]:
             raise DataError(f"{token_path}: holds {len(self.tokens)} tokens, its description says {meta['tokens']}")
-        if not 0 < valid_fraction < 1:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-        self.valid_fraction = valid_fraction
-        self.valid_count = int(round(len(self.tokens) * valid_fraction))
+        self.valid_fraction = meta["settings"]["valid_fraction"]
+        self.valid_count = int(round(len(self.tokens) * self.valid_fraction))
         self.train_count = len(self.tokens) - self.valid_count
 
     def train_tokens(self) -> np.ndarray:
@@ -322,12 +320,15 @@ class TokenCorpus:
 def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size: int, min_freq: int = 1,
                        valid_fraction: float = 0.05, workers: int = 1, show_progress: bool = False) -> TokenCorpus:
     """Tokenizes `sources` in order into `cache_dir`/lm_tokens.bin (or reuses it: see the
-    module docstring) and returns the mapped corpus. Raises DataError naming the file for a
-    missing, empty or binary input, an input without text, or a vocabulary without words."""
+    module docstring) and returns the mapped corpus, whose last `valid_fraction` of tokens
+    are held out (the vocabulary counts only the rest). Raises DataError naming the file for
+    a missing, empty or binary input, an input without text, or a vocabulary without words."""
     if vocab_size < 4:
         raise ValueError(f"vocab_size must be >= 4 (three special tokens and a word), got {vocab_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     streamed = [s for s in sources if not s.vocabulary_only]
     if not streamed:
         raise ValueError("a corpus needs at least one source that is not vocabulary_only")
@@ -340,14 +341,14 @@ def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size
     if os.path.isfile(meta_path) and os.path.isfile(token_path):
         with open(meta_path) as handle:
             previous = json.load(handle)
-    settings = {**TOKENIZER_SETTINGS, "vocab_size": vocab_size, "min_freq": min_freq}
+    settings = {**TOKENIZER_SETTINGS, "vocab_size": vocab_size, "min_freq": min_freq, "valid_fraction": valid_fraction}
     old_inputs = previous["inputs"] if previous is not None and previous.get("settings") == settings else []
     inputs = [_describe_input(s, old_inputs[i] if i < len(old_inputs) else None) for i, s in enumerate(sources)]
     if old_inputs and len(old_inputs) == len(inputs) and all(map(_same_content, old_inputs, inputs)):
         meta = {**previous, "inputs": inputs}  # refresh mtimes of touched-only files
         with open(meta_path, "w") as handle:
             json.dump(meta, handle)
-        return TokenCorpus(token_path, {**meta, "reused": True}, valid_fraction)
+        return TokenCorpus(token_path, {**meta, "reused": True})
 
     numbered_path = token_path + ".numbered"
     table, source_tokens = _tokenize(sources, numbered_path, workers, show_progress)
@@ -355,6 +356,7 @@ def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size
         if count == 0:
             os.remove(numbered_path)
             raise DataError(f"{source.name}: no text")
+    _uncount_held_out(table, numbered_path, valid_fraction)
     vocab = Vocab.from_counts(table.word_counts(), vocab_size, min_freq)
     if len(vocab) <= 3:
         os.remove(numbered_path)
@@ -368,7 +370,7 @@ def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size
     with open(meta_path + ".tmp", "w") as handle:
         json.dump(meta, handle)
     os.replace(meta_path + ".tmp", meta_path)
-    return TokenCorpus(token_path, meta, valid_fraction)
+    return TokenCorpus(token_path, meta)
 
 
 def _known_size(sources: Sequence[TextSource]) -> Optional[int]:
@@ -391,6 +393,16 @@ def _tokenize(sources: Sequence[TextSource], numbered_path: str, workers: int,
                 numbers.astype(np.uint32)[ids].tofile(handle)
     progress.close()
     return table, source_tokens
+
+
+def _uncount_held_out(table: _WordTable, numbered_path: str, valid_fraction: float) -> None:
+    """Takes the held-out end of the stream out of the word counts: the vocabulary is the
+    training part's."""
+    total = os.path.getsize(numbered_path) // 4
+    held_out = int(round(total * valid_fraction))
+    if held_out:
+        tail = np.fromfile(numbered_path, dtype=np.uint32, offset=(total - held_out) * 4)
+        table.counts -= np.bincount(tail, minlength=len(table.counts))
 
 
 def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_path: str,

@@ -55,7 +55,7 @@ class Vocab:
     def from_counts(cls, counts: Dict[str, int], max_size: int = 20000, min_freq: int = 1) -> "Vocab":
         """The `max_size - 3` most frequent words seen at least `min_freq` times (plus the specials)."""
         # Ties broken by the word itself so that the vocabulary does not depend on input order.
-        ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        ranked = sorted((w for w, c in counts.items() if c >= max(min_freq, 1)), key=lambda w: (-counts[w], w))
         return cls(ranked[: max(0, max_size - 3)])
 
     def __len__(self) -> int:
