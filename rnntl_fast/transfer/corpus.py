@@ -43,6 +43,7 @@ from torch import Tensor
 from .data import DataError, Vocab
 
 BLOCK_BYTES = 1 << 20
+NUMBER_CHUNK = 1 << 20  # tokens per read of pass 1's numbers
 # The word rules of data.tokenize plus "\n", which marks the end of a document (<eos>).
 _STREAM_TOKEN = re.compile(r"\n|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 _EOS_MARK = "\n"
@@ -395,18 +396,28 @@ def _tokenize(sources: Sequence[TextSource], numbered_path: str, workers: int,
     return table, source_tokens
 
 
+def _numbered_chunks(numbered_path: str, start: int = 0) -> Iterator[np.ndarray]:
+    """The numbers of pass 1 from token `start` on, in chunks of NUMBER_CHUNK (bounded memory)."""
+    with open(numbered_path, "rb") as handle:
+        handle.seek(start * 4)
+        while True:
+            numbers = np.fromfile(handle, dtype=np.uint32, count=NUMBER_CHUNK)
+            if len(numbers) == 0:
+                return
+            yield numbers
+
+
 def _uncount_held_out(table: _WordTable, numbered_path: str, valid_fraction: float) -> None:
     """Takes the held-out end of the stream out of the word counts: the vocabulary is the
     training part's."""
     total = os.path.getsize(numbered_path) // 4
     held_out = int(round(total * valid_fraction))
     if held_out:
-        tail = np.fromfile(numbered_path, dtype=np.uint32, offset=(total - held_out) * 4)
-        table.counts -= np.bincount(tail, minlength=len(table.counts))
+        for numbers in _numbered_chunks(numbered_path, total - held_out):
+            table.counts -= np.bincount(numbers, minlength=len(table.counts))
 
 
-def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_path: str,
-              chunk: int = 1 << 24) -> int:
+def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_path: str) -> int:
     """Pass 2: the word-table numbers of pass 1 -> vocabulary ids, chunk by chunk, into
     `token_path`; removes `numbered_path`. Returns the token count."""
     words = list(table.ids)  # in number order
@@ -415,11 +426,8 @@ def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_
     if _EOS_MARK in table.ids:
         id_of_number[table.ids[_EOS_MARK]] = vocab.eos_id
     temporary, total = token_path + ".tmp", 0
-    with open(numbered_path, "rb") as source, open(temporary, "wb") as target:
-        while True:
-            numbers = np.fromfile(source, dtype=np.uint32, count=chunk)
-            if len(numbers) == 0:
-                break
+    with open(temporary, "wb") as target:
+        for numbers in _numbered_chunks(numbered_path):
             id_of_number[numbers].tofile(target)
             total += len(numbers)
     os.replace(temporary, token_path)
