@@ -351,6 +351,8 @@ def build_token_corpus(sources: Sequence[TextSource], cache_dir: str, vocab_size
             json.dump(meta, handle)
         return TokenCorpus(token_path, {**meta, "reused": True})
 
+    if previous is not None:
+        os.remove(meta_path)  # a build cut short must not leave a description of another file
     numbered_path = token_path + ".numbered"
     table, source_tokens = _tokenize(sources, numbered_path, workers, show_progress)
     for source, count in zip(sources, source_tokens):
