@@ -130,10 +130,21 @@ def test_held_out_part_is_the_end_of_the_stream_and_not_in_the_vocabulary(tmp_pa
     path = _write(tmp_path / "text.txt", "\n".join(f"line {i} of words" for i in range(100)))
     built = build_token_corpus([file_source(path)], str(tmp_path), vocab_size=500, valid_fraction=0.1)
     assert built.valid_count == round(len(built.tokens) * 0.1) == 50  # 100 lines of 5 tokens
-    assert np.array_equal(np.concatenate([built.train_tokens(), built.valid_tokens()]), built.tokens)
-    assert built.vocab.itos[built.valid_tokens()[-2]] == "words"  # the last line's last word
+    train, valid = built.train_tokens().numpy(), built.valid_tokens().numpy()
+    assert np.array_equal(np.concatenate([train, valid]), built.tokens)
+    assert built.vocab.itos[valid[-2]] == "words"  # the last line's last word
     assert "89" in built.vocab.stoi and "90" not in built.vocab.stoi  # the last 10 lines are held out
-    assert set(built.valid_tokens()[1::5].tolist()) == {Vocab.unk_id}
+    assert set(valid[1::5].tolist()) == {Vocab.unk_id}
+
+
+def test_windows_read_from_the_file_equal_windows_of_the_array(tmp_path):
+    path = _write(tmp_path / "text.txt", "\n".join(f"line {i} of some words" for i in range(300)))
+    built = build_token_corpus([file_source(path)], str(tmp_path), vocab_size=500, valid_fraction=0.1)
+    from_file = TokenStreams(built.train_tokens(), batch_size=4, bptt=7, rank=1, world_size=2)
+    from_array = TokenStreams(np.array(built.tokens[:built.train_count]), batch_size=4, bptt=7, rank=1, world_size=2)
+    for (_, (inputs, targets)), (_, (array_inputs, array_targets)) in zip(from_file.epoch_batches(0),
+                                                                          from_array.epoch_batches(0)):
+        assert torch.equal(inputs, array_inputs) and torch.equal(targets, array_targets)
 
 
 @pytest.mark.parametrize("random_bptt", [False, True], ids=["fixed-bptt", "random-bptt"])

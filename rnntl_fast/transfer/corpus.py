@@ -12,12 +12,15 @@ mtime, or the same content hash when only the mtime changed) and the same tokeni
 maps the file and starts training at once. Tokens are the ones `data.tokenize` gives, so a
 corpus read here has exactly the ids of the in-memory path.
 
-Training reads the file through a read-only memory map: `TokenStreams` cuts the tokens into
+`TokenCorpus.tokens` maps the file read-only for random access. Training and validation
+read their windows with pread instead (`TokenFileRange`): pages of a map count as resident
+memory of the process, and touching one page of a large file maps up to a couple of MB
+around it (large page-cache folios), so 64 streams far apart would keep ~100 MB of the file
+resident; pread leaves them in the page cache only. `TokenStreams` cuts the tokens into
 B contiguous streams (one per batch row) and walks them window by window; window k+1 of a
 row continues window k, and the recurrent state at the end of window k, detached, is the
-state window k+1 starts from (truncated backpropagation through time). Pages of the map
-already read are handed back every few hundred windows, so resident memory does not grow
-with the corpus. The held-out part is the end of the token stream (docs/finetune.md).
+state window k+1 starts from (truncated backpropagation through time). The held-out part
+is the end of the token stream (docs/finetune.md).
 """
 import bz2
 import collections
@@ -26,7 +29,6 @@ import hashlib
 import itertools
 import json
 import lzma
-import mmap
 import multiprocessing
 import os
 import re
@@ -279,37 +281,51 @@ def _same_content(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+class TokenFileRange:
+    """Tokens [start, start + count) of a token file, read with pread: the page cache serves
+    them, nothing is mapped, so resident memory stays one batch whatever the file size."""
+
+    def __init__(self, path: str, dtype, start: int, count: int):
+        self.path, self.dtype, self.start, self.count = path, np.dtype(dtype), start, count
+        self._file = open(path, "rb")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length]: row i is tokens [starts[i], starts[i] + length) of the range."""
+        size = self.dtype.itemsize
+        data = b"".join(os.pread(self._file.fileno(), length * size, (self.start + int(s)) * size) for s in starts)
+        return np.frombuffer(data, dtype=self.dtype).reshape(len(starts), length)
+
+    def numpy(self) -> np.ndarray:
+        """The whole range [count] in memory (for small ranges and tests)."""
+        return self.rows(np.zeros(1, dtype=np.int64), self.count)[0]
+
+
 class TokenCorpus:
-    """A tokenized corpus: `tokens` [N] (uint16 or uint32, a read-only memory map of the token
-    file), the vocabulary, and the split: the first `train_count` tokens train, the last
+    """A tokenized corpus: `tokens` [N] (uint16 or uint32, a read-only numpy.memmap of the
+    token file), the vocabulary, and the split: the first `train_count` tokens train, the last
     `valid_count` (a `valid_fraction` of N, rounded) are held out."""
 
     def __init__(self, token_path: str, meta: dict):
         self.path, self.meta = token_path, meta
         self.vocab = Vocab.from_state_dict({"itos": meta["itos"]})
         self.name = ", ".join(s["name"] for s in meta["inputs"] if not s["vocabulary_only"])
-        with open(token_path, "rb") as handle:
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self.tokens = np.frombuffer(self._map, dtype=np.dtype(meta["dtype"]))
+        self.tokens = np.memmap(token_path, dtype=np.dtype(meta["dtype"]), mode="r")
         if len(self.tokens) != meta["tokens"]:
             raise DataError(f"{token_path}: holds {len(self.tokens)} tokens, its description says {meta['tokens']}")
         self.valid_fraction = meta["settings"]["valid_fraction"]
         self.valid_count = int(round(len(self.tokens) * self.valid_fraction))
         self.train_count = len(self.tokens) - self.valid_count
 
-    def train_tokens(self) -> np.ndarray:
-        """[train_count] token ids."""
-        return self.tokens[:self.train_count]
+    def train_tokens(self) -> "TokenFileRange":
+        """The first train_count token ids."""
+        return TokenFileRange(self.path, self.tokens.dtype, 0, self.train_count)
 
-    def valid_tokens(self) -> np.ndarray:
-        """[valid_count] token ids: the end of the stream, never trained on."""
-        return self.tokens[self.train_count:]
-
-    def release_pages(self) -> None:
-        """Drops the map's pages from this process (the page cache keeps them): pages already
-        read stop counting as resident memory."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def valid_tokens(self) -> "TokenFileRange":
+        """The last valid_count token ids: the end of the stream, never trained on."""
+        return TokenFileRange(self.path, self.tokens.dtype, self.train_count, self.valid_count)
 
     def describe(self) -> dict:
         return {"token_file": self.path, "tokens": len(self.tokens), "dtype": self.meta["dtype"],
@@ -451,7 +467,8 @@ def detach_state(state):
 class TokenStreams:
     """Truncated-BPTT batches over a token stream.
 
-    The first `batch_size * L + 1` of `tokens` [N] (L = (N - 1) // batch_size) are cut into
+    The first `batch_size * L + 1` of `tokens` [N] (an array, or a TokenFileRange; L =
+    (N - 1) // batch_size) are cut into
     `batch_size` contiguous streams; stream s is tokens[s*L : (s+1)*L] (its targets run one
     token further). Under `world_size` processes, rank r owns streams
     [r*b, (r+1)*b), b = batch_size / world_size, so ranks read disjoint parts of the same
@@ -467,8 +484,7 @@ class TokenStreams:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, bptt: int, *, rank: int = 0, world_size: int = 1,
-                 random_bptt: bool = False, seed: int = 0, carry_state: bool = True, name: str = "corpus",
-                 release_pages: Optional[Callable[[], None]] = None, release_every: int = 256):
+                 random_bptt: bool = False, seed: int = 0, carry_state: bool = True, name: str = "corpus"):
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be >= 1, got {batch_size} and {bptt}")
         if batch_size % world_size:
@@ -481,7 +497,6 @@ class TokenStreams:
         rows = batch_size // world_size
         self.starts = np.arange(rank * rows, (rank + 1) * rows, dtype=np.int64) * self.stream_length
         self.random_bptt, self.seed, self.carry_state = random_bptt, seed, carry_state
-        self.release_pages, self.release_every = release_pages, release_every
         self.state = None
         self.position = 0
 
@@ -507,8 +522,11 @@ class TokenStreams:
 
     def window(self, position: int, length: int) -> Tuple[Tensor, Tensor]:
         """(inputs [b, length], targets [b, length]) int64 of this rank's rows at `position`."""
-        index = self.starts[:, None] + position + np.arange(length + 1)
-        rows = torch.from_numpy(self.tokens[index].astype(np.int64))
+        if isinstance(self.tokens, TokenFileRange):
+            rows = self.tokens.rows(self.starts + position, length + 1)
+        else:
+            rows = self.tokens[self.starts[:, None] + position + np.arange(length + 1)]
+        rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[int, Tuple[Tensor, Tensor]]]:
@@ -521,8 +539,6 @@ class TokenStreams:
             raise ValueError(f"resuming at window {start} of epoch {epoch} (stream position {offsets[start]}), but the "
                              f"carried state is at stream position {self.position}")
         for index in range(start, len(lengths)):
-            if self.release_pages is not None and index % self.release_every == 0:
-                self.release_pages()
             yield index, self.window(offsets[index], lengths[index])
 
     def loss(self, model, batch: Tuple[Tensor, Tensor]) -> Tuple[Tensor, int]:

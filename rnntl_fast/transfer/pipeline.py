@@ -117,7 +117,7 @@ def language_model_streams(corpus: TokenCorpus, recipe: Recipe, place: Distribut
     carry = recipe.lm_state == "carry"
     train = TokenStreams(corpus.train_tokens(), recipe.lm_batch_size, recipe.lm_chunk_length, rank=place.rank,
                          world_size=place.world_size, random_bptt=recipe.lm_random_bptt, seed=recipe.seed,
-                         carry_state=carry, name=f"{corpus.name} (training part)", release_pages=corpus.release_pages)
+                         carry_state=carry, name=f"{corpus.name} (training part)")
     valid = TokenStreams(corpus.valid_tokens(), recipe.lm_batch_size, recipe.lm_chunk_length, carry_state=carry,
                          name=f"{corpus.name} (held-out last {recipe.lm_valid_fraction:g}, --lm-valid-fraction)")
     return train, valid
