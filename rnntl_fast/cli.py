@@ -33,7 +33,14 @@ def build_parser(argv) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as error:
+        from .transfer.data import DataError  # imported here: `info` stays free of torch imports
+        if not isinstance(error, DataError):
+            raise
+        print(f"rnntl-fast {args.command}: {error}", file=sys.stderr)  # a bad input file: one line
+        return 2
 
 
 if __name__ == "__main__":

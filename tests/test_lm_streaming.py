@@ -307,3 +307,15 @@ def test_corpus_shorter_than_one_batch_names_the_file(tmp_path):
     recipe = Recipe(lm_batch_size=8, lm_chunk_length=10)
     with pytest.raises(DataError, match=r"short\.txt \(training part\): 17 tokens are fewer than one batch of 8"):
         pretrain_language_model(built, recipe, RunControl(show_progress=False))
+
+
+def test_pretrain_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
+    from rnntl_fast.cli import main
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"words\n\x00\x01")
+    for path, message in ((tmp_path / "missing.txt", "missing.txt: no such file"),
+                          (binary, "binary.txt: NUL byte at byte 6; is this a binary file?")):
+        code = main(["pretrain", "--lm-text", str(path), "--no-lm-train-text", "--lm-workers", "1", "--no-progress",
+                     "--output-dir", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in error and error.startswith("rnntl-fast pretrain: ") and message in error
