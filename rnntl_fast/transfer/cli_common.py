@@ -185,12 +185,11 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
             lee = data.load_lee_background()
             lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
             lm_docs += plots + lee
-    for path in args.lm_text:
-        corpus.check_text_file(path)
     if not getattr(args, "no_lm_train_text", False):
         lm_sources["classifier_training_split_texts_without_labels"] = len(train.texts)
         lm_docs += train.texts
-    for path in args.lm_text:
+    for path in args.lm_text:  # streamed later (corpus.py); checked now, before any work
+        corpus.check_text_file(path)
         lm_sources[os.path.abspath(path)] = f"{os.path.getsize(path)} bytes"
     lm_order = data.split_indices(len(lm_docs), [], split_seed + 1)[0]
     training_split_size = len(train.texts)
