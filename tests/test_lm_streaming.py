@@ -248,7 +248,8 @@ def test_stopped_and_resumed_pretraining_equals_uninterrupted(tmp_path, stop_aft
     assert saved["batch_source"][0]["position"] > 0 and saved["batch_source"][0]["state"] is not None
     resumed = RunControl(output_dir=str(tmp_path / "parts"), show_progress=False, resume=True)
     _, summary = pretrain_language_model(tokens, recipe, resumed)
-    first, second = _final_weights(whole.checkpoint("language_model")), _final_weights(parts.checkpoint("language_model"))
+    first = _final_weights(whole.checkpoint("language_model"))
+    second = _final_weights(parts.checkpoint("language_model"))
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert summary["history"]["epochs"][-1]["valid_perplexity"] > 1

@@ -110,7 +110,8 @@ def accuracy(model: nn.Module, dataset: EncodedTexts, batch_size: int = 256, dev
     return correct / max(len(dataset), 1)
 
 
-def language_model_streams(corpus: TokenCorpus, recipe: Recipe, place: Distributed) -> Tuple[TokenStreams, TokenStreams]:
+def language_model_streams(corpus: TokenCorpus, recipe: Recipe,
+                           place: Distributed) -> Tuple[TokenStreams, TokenStreams]:
     """(this rank's training streams, the whole held-out part as streams) of `corpus`."""
     if recipe.lm_state not in ("carry", "reset"):
         raise ValueError(f"lm_state must be 'carry' or 'reset', got {recipe.lm_state!r}")
