@@ -93,22 +93,22 @@ def _open_binary(path: str):
 def _file_blocks(path: str) -> Iterator[Tuple[int, bytes]]:
     """(offset, bytes) blocks of about BLOCK_BYTES of the (decompressed) file, each ending at a
     line break except possibly the last."""
-    offset, rest = 0, b""
+    offset, pending = 0, []  # pending: the start of a line not ended yet
     try:
         with _open_binary(path) as handle:
             while True:
                 chunk = handle.read(BLOCK_BYTES)
                 if not chunk:
                     break
-                data = rest + chunk
-                cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+                cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
                 if cut == 0:  # a line longer than a block: read on
-                    rest = data
+                    pending.append(chunk)
                     continue
-                yield offset, data[:cut]
-                offset, rest = offset + cut, data[cut:]
-            if rest:
-                yield offset, rest
+                block = b"".join(pending) + chunk[:cut]
+                yield offset, block
+                offset, pending = offset + len(block), [chunk[cut:]]
+            if any(pending):
+                yield offset, b"".join(pending)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
 
