@@ -409,3 +409,15 @@ def test_domain_adapt_usage_errors(domain_files, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["domain-adapt", "--methods", "dann,nope"])
     assert stopped.value.code == 2
+
+
+def test_domain_adapt_bad_lm_text_names_the_flag_and_leaves_no_folder(domain_files, tmp_path, capsys):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"some words\n\x00\x01")
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(_domain_args(domain_files, output, "--lm-text", str(binary)))
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2
+    assert error.startswith("rnntl-fast domain-adapt: error: --lm-text ") and "binary.txt: NUL byte" in error
+    assert not output.exists()  # created by the run, holding only the token cache: removed again

@@ -1,5 +1,6 @@
 """Arguments and data preparation shared by `rnntl-fast pretrain` and `rnntl-fast finetune`."""
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -242,16 +243,18 @@ def build_language_model_corpus(prepared: PreparedData, recipe: Recipe, args, pl
                                          recipe.lm_valid_fraction, workers, show_progress)
 
     if place.is_main:
-        built = _naming_the_flag(build, not args.no_progress, prepared.lm_files)
+        with lm_text_errors(prepared.lm_files):
+            built = build(not args.no_progress)
     place.barrier()
     return built if place.is_main else build(False)  # the other ranks map the file rank 0 wrote
 
 
-def _naming_the_flag(build, show_progress: bool, lm_files: List[str]) -> corpus.TokenCorpus:
-    """build(show_progress); a DataError about one of the --lm-text files (its message
+@contextlib.contextmanager
+def lm_text_errors(lm_files: List[str]):
+    """While a corpus is built: a DataError about one of the --lm-text files (its message
     starts with the file's path) becomes a CommandLineError naming the flag too."""
     try:
-        return build(show_progress)
+        yield
     except data.DataError as error:
         message = str(error)
         if any(message.startswith((path, os.path.abspath(path))) for path in lm_files):

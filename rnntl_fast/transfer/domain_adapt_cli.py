@@ -110,9 +110,10 @@ def run(args) -> int:
     recipe = dataclasses.replace(cli_common.recipe_from_args(args), epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr)
     # the LM's token corpus also gives the vocabulary, so it is built whether or not an LM is pretrained
-    lm_corpus = domain_adapt.language_model_corpus(domains, recipe, args.output_dir, args.lm_text,
-                                                   args.lm_workers or os.cpu_count() or 1, args.split_seed,
-                                                   not args.no_progress)
+    with cli_common.lm_text_errors(args.lm_text):
+        lm_corpus = domain_adapt.language_model_corpus(domains, recipe, args.output_dir, args.lm_text,
+                                                       args.lm_workers or os.cpu_count() or 1, args.split_seed,
+                                                       not args.no_progress)
     vocab = lm_corpus.vocab
     classes = domains.description["classes"]
     sets = {name: EncodedTexts(getattr(domains, name).texts, getattr(domains, name).labels, vocab, recipe.max_tokens)

@@ -368,8 +368,8 @@ def run_from_cli(args, language_model, lm_corpus, vocab, sets, num_classes, reci
     metrics["scratch"] from the finetune / scratch rows (for the summary and the plot).
     Returns the first plain TextClassifier trained (for the throughput timing) or None."""
     from .pipeline import combine_runs
-    section, runs, first = run_methods(args.methods, language_model, lm_corpus, len(vocab), sets, num_classes, recipe, control,
-                                       settings_from_args(args), args.repeats, log)
+    section, runs, first = run_methods(args.methods, language_model, lm_corpus, len(vocab), sets, num_classes,
+                                       recipe, control, settings_from_args(args), args.repeats, log)
     metrics["methods"] = section
     for arm, method in (("transfer", "finetune"), ("scratch", "scratch")):
         if runs.get(method):
