@@ -98,6 +98,11 @@ ARGUMENTS = [
     ("threads-0", "finetune", ["--threads", "0"], ["--threads"]),
     ("device-tpu", "finetune", ["--device", "tpu"], ["--device", "'tpu'"]),
     ("pretrain-lm-epochs-0", "pretrain", ["--lm-epochs", "0"], ["--lm-epochs", ">= 1"]),
+    ("lm-valid-fraction-0", "finetune", ["--lm-valid-fraction", "0"], ["--lm-valid-fraction"]),
+    ("lm-valid-fraction-1", "pretrain", ["--lm-valid-fraction", "1"], ["--lm-valid-fraction"]),
+    ("lm-workers-0", "pretrain", ["--lm-workers", "0"], ["--lm-workers"]),
+    ("lm-state-unknown", "finetune", ["--lm-state", "keep"], ["--lm-state", "invalid choice"]),
+    ("domain-adapt-lm-valid-fraction-nan", "domain-adapt", ["--lm-valid-fraction", "nan"], ["--lm-valid-fraction"]),
     ("pretrain-device-tpu", "pretrain", ["--device", "tpu"], ["--device"]),
     ("output-dir-is-a-file", "finetune", ["--output-dir", "{a_file}"], ["--output-dir", "a_file", "not a directory"]),
     ("output-dir-under-a-file", "finetune", ["--output-dir", "{a_file}/run"], ["--output-dir", "is a file"]),
@@ -131,7 +136,7 @@ DATA = [
     ("test-csv-missing-column", ["--train-csv", "{good.csv}", "--test-csv", "{no_label.csv}", *CSV],
      ["--test-csv", "no_label.csv", "no column named 'sentiment'"]),
     ("lm-text-binary", ["--train-csv", "{good.csv}", *CSV, "--lm-text", "{binary.txt}"],
-     ["--lm-text", "binary.txt", "not utf-8 text"]),
+     ["--lm-text", "binary.txt", "NUL byte at byte 0; is this a binary file?"]),
     ("pretrained-rnn-truncated", ["--train-csv", "{good.csv}", *CSV, "--pretrained-rnn", "{truncated.pt}"],
      ["--pretrained-rnn", "truncated.pt", "not a readable torch.save file"]),
     ("pretrained-rnn-missing", ["--train-csv", "{good.csv}", *CSV, "--pretrained-rnn", "{missing.csv}"],
@@ -155,7 +160,7 @@ DATA = [
      ["--encoder", "not an encoder written by `rnntl-fast pretrain`"]),
     ("freeze-pattern-matching-nothing", ["--train-csv", "{good.csv}", *CSV, "--freeze-pattern", "encoder.rnn.*_l7"],
      ["--freeze-pattern: pattern 'encoder.rnn.*_l7' matches no parameter"]),
-    ("pretrain-lm-text-binary", ["--lm-text", "{binary.txt}"], ["--lm-text", "not utf-8 text"]),
+    ("pretrain-lm-text-binary", ["--lm-text", "{binary.txt}"], ["--lm-text", "binary file"]),
 ]
 
 

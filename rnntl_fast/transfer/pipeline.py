@@ -4,7 +4,6 @@ finetune`: a word-level LSTM language model, its encoder transferred into a clas
 optionally L2-SP), the same classifier trained from scratch for comparison, and training
 throughput of rnntl_fast against torch.nn on identical steps."""
 import copy
-import math
 import os
 import statistics
 import time
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import EncodedTexts, LanguageModelChunks, Vocab, collate
+from .corpus import TokenCorpus, TokenStreams, stream_perplexity
+from .data import EncodedTexts, Vocab, collate
 from .freezing import GradualUnfreezer, set_trainable
 from .models import LanguageModel, TextClassifier, TextEncoder
 from .regularizers import L2SP
@@ -41,8 +41,11 @@ class Recipe:
     # language model
     lm_epochs: int = 10
     lm_batch_size: int = 64
-    lm_chunk_length: int = 40
+    lm_chunk_length: int = 40  # BPTT window (the mean one with lm_random_bptt)
     lm_lr: float = 1e-2
+    lm_state: str = "carry"  # "carry": state carried across windows (truncated BPTT); "reset": zeros each window
+    lm_random_bptt: bool = False
+    lm_valid_fraction: float = 0.05  # held out from the end of the token stream
     # classifier: defaults chosen on the embedded data's validation split (docs/finetune.md)
     epochs: int = 10
     batch_size: int = 32
@@ -88,30 +91,9 @@ def _seed_rank(seed: int, place: Distributed) -> None:
     torch.manual_seed(seed * 1000 + 17 + place.rank)
 
 
-def _language_model_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, int]:
-    inputs, targets = batch
-    return model(inputs, targets), targets.numel()
-
-
 def _classifier_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, int]:
     ids, lengths, labels = batch
     return F.cross_entropy(model(ids, lengths), labels), int(lengths.sum())
-
-
-@torch.no_grad()
-def language_model_perplexity(model: nn.Module, dataset: LanguageModelChunks, batch_size: int = 64,
-                              device=None) -> float:
-    """exp(mean next-word cross-entropy) over `dataset`."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=quiet_generator())
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        total += float(model(inputs, targets)) * targets.numel()
-        count += targets.numel()
-    model.train(was_training)
-    return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()
@@ -128,22 +110,35 @@ def accuracy(model: nn.Module, dataset: EncodedTexts, batch_size: int = 256, dev
     return correct / max(len(dataset), 1)
 
 
-def pretrain_language_model(train_docs: Sequence[str], valid_docs: Sequence[str], vocab: Vocab, recipe: Recipe,
-                            control: RunControl) -> Tuple[LanguageModel, dict]:
-    """Trains a left-to-right word LM on `train_docs`; perplexity on `valid_docs` each epoch.
+def language_model_streams(corpus: TokenCorpus, recipe: Recipe,
+                           place: Distributed) -> Tuple[TokenStreams, TokenStreams]:
+    """(this rank's training streams, the whole held-out part as streams) of `corpus`."""
+    if recipe.lm_state not in ("carry", "reset"):
+        raise ValueError(f"lm_state must be 'carry' or 'reset', got {recipe.lm_state!r}")
+    carry = recipe.lm_state == "carry"
+    train = TokenStreams(corpus.train_tokens(), recipe.lm_batch_size, recipe.lm_chunk_length, rank=place.rank,
+                         world_size=place.world_size, random_bptt=recipe.lm_random_bptt, seed=recipe.seed,
+                         carry_state=carry, name=f"{corpus.name} (training part)")
+    valid = TokenStreams(corpus.valid_tokens(), recipe.lm_batch_size, recipe.lm_chunk_length, carry_state=carry,
+                         name=f"{corpus.name} (held-out last {recipe.lm_valid_fraction:g}, --lm-valid-fraction)")
+    return train, valid
+
+
+def pretrain_language_model(corpus: TokenCorpus, recipe: Recipe, control: RunControl) -> Tuple[LanguageModel, dict]:
+    """Trains a left-to-right word LM on the corpus's training tokens with truncated BPTT
+    (TokenStreams); perplexity on the held-out tokens each epoch, computed the same way.
     Returns (model, summary with history)."""
     if recipe.bidirectional:
         raise ValueError("language-model pretraining needs a unidirectional encoder (drop --bidirectional)")
     place = control.place
-    train_set = LanguageModelChunks(train_docs, vocab, recipe.lm_chunk_length)
-    valid_set = LanguageModelChunks(valid_docs, vocab, recipe.lm_chunk_length)
+    vocab = corpus.vocab
+    train_streams, valid_streams = language_model_streams(corpus, recipe, place)
     _seed_model_init(recipe.seed)
     model = LanguageModel(TextEncoder(**recipe.encoder_config(len(vocab))), dropout=recipe.dropout).to(place.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lm_lr, betas=(0.8, 0.99))
-    trainer = Trainer(model, optimizer, None, _language_model_loss, train_set, None, recipe.lm_batch_size,
+    trainer = Trainer(model, optimizer, None, train_streams.loss, train_streams, None, recipe.lm_batch_size,
                       recipe.lm_epochs, seed=recipe.seed, place=place,
-                      evaluate=lambda m: {"valid_perplexity": language_model_perplexity(m, valid_set,
-                                                                                        device=place.device)},
+                      evaluate=lambda m: {"valid_perplexity": stream_perplexity(m, valid_streams, place.device)},
                       checkpoint_path=control.checkpoint("language_model"), checkpoint_every=control.checkpoint_every,
                       stop_after_steps=control.stop_after_steps, max_grad_norm=recipe.max_grad_norm,
                       progress_label="pretrain LM", show_progress=control.show_progress,
@@ -154,7 +149,8 @@ def pretrain_language_model(train_docs: Sequence[str], valid_docs: Sequence[str]
     if not resumed:
         _seed_rank(recipe.seed, place)
     trainer.fit()
-    summary = {"train_tokens": train_set.token_count(), "valid_tokens": valid_set.token_count(),
+    summary = {"corpus": corpus.describe(), "lm_state": recipe.lm_state, "random_bptt": recipe.lm_random_bptt,
+               "stream_length": train_streams.stream_length,
                "steps": trainer.global_step, "history": trainer.history.state_dict(),
                "valid_perplexity": trainer.history.epochs[-1]["valid_perplexity"] if trainer.history.epochs else None}
     return model, summary

@@ -2,7 +2,8 @@
 write its encoder (encoder.pt: config, weights, vocabulary) for `rnntl-fast finetune
 --encoder`. With no arguments: the embedded default text (Rotten Tomatoes plot synopses,
 gensim's lee_background news and the default training split's review texts without
-labels). Under torchrun it trains with DistributedDataParallel."""
+labels). With --lm-text: text files of any size, streamed (docs/finetune.md). Under
+torchrun it trains with DistributedDataParallel, each rank on its own streams."""
 import json
 import os
 
@@ -28,11 +29,13 @@ def run(args) -> int:
         recipe = cli_common.recipe_from_args(args)
         control = cli_common.control_from_args(args, place)
         prepared = cli_common.prepare_data(args)
-        vocab = cli_common.build_vocab(prepared, recipe)
+        lm_corpus = cli_common.build_language_model_corpus(prepared, recipe, args, place)
+        vocab = lm_corpus.vocab
         cli_common.log(place, f"language-model text: {prepared.description['language_model_documents']}, "
+                              f"{len(lm_corpus.tokens)} tokens ({lm_corpus.valid_count} held out), "
                               f"vocabulary {len(vocab)} words")
         try:
-            model, summary = pretrain_language_model(prepared.lm_train, prepared.lm_valid, vocab, recipe, control)
+            model, summary = pretrain_language_model(lm_corpus, recipe, control)
         except StopRequested as stop:
             cli_common.log(place, f"{stop}; continue with --resume --output-dir {args.output_dir}")
             return 0

@@ -165,6 +165,29 @@ class History:
         self.__dict__.update(state)
 
 
+class DatasetBatches:
+    """A map-style dataset as the Trainer's batch source: a DistributedSampler shards it over
+    the ranks and shuffles by (seed, epoch); `batch_size` is the global batch."""
+
+    def __init__(self, dataset: Dataset, collate_fn, batch_size: int, seed: int, place: Distributed):
+        self.sampler = DistributedSampler(dataset, num_replicas=place.world_size, rank=place.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(dataset, batch_size=batch_size // place.world_size, sampler=self.sampler,
+                                 collate_fn=collate_fn, drop_last=True, generator=quiet_generator())
+        if len(self.loader) == 0:
+            raise ValueError(f"{len(dataset)} examples make no full batch of {batch_size}")
+
+    def steps(self, epoch: int) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, epoch: int, start: int = 0):
+        """(index, batch) for the batches start, start+1, ... of `epoch`."""
+        self.sampler.set_epoch(epoch)
+        for index, batch in enumerate(self.loader):
+            if index >= start:  # earlier ones were seen before the checkpoint this run resumed from
+                yield index, batch
+
+
 class StopRequested(Exception):
     """Raised inside `fit` when `stop_after_steps` is reached (after the checkpoint is written)."""
 
@@ -177,7 +200,11 @@ class Trainer:
         optimizer, scheduler: the scheduler steps once per optimizer step (or None).
         loss_fn(model, batch) -> (mean loss, token count of the batch).
         dataset, collate_fn, batch_size: batch_size is the GLOBAL batch; each of the
-            world_size ranks takes batch_size / world_size rows of it.
+            world_size ranks takes batch_size / world_size rows of it. `dataset` may
+            instead be a batch source that shards itself (see DatasetBatches for the
+            interface: steps(epoch), epoch_batches(epoch, start); corpus.TokenStreams is
+            one); its state_dict()/load_state_dict(), when it has them, go into the
+            checkpoint, one per rank.
         seed: shuffling order is a function of (seed, epoch).
         unfreezer: a GradualUnfreezer stepped at every epoch start, or None.
         regularizer: callable(model) -> scalar added to the loss (e.g. L2SP), or None.
@@ -206,12 +233,8 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
-        self.sampler = DistributedSampler(dataset, num_replicas=self.place.world_size, rank=self.place.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        self.loader = DataLoader(dataset, batch_size=batch_size // self.place.world_size, sampler=self.sampler,
-                                 collate_fn=collate_fn, drop_last=True, generator=quiet_generator())
-        if len(self.loader) == 0:
-            raise ValueError(f"{len(dataset)} examples make no full batch of {batch_size}")
+        self.source = dataset if hasattr(dataset, "epoch_batches") else \
+            DatasetBatches(dataset, collate_fn, batch_size, seed, self.place)
         self.epochs = epochs
         self.unfreezer = unfreezer
         self.regularizer = regularizer
@@ -232,12 +255,8 @@ class Trainer:
         self._wrapped: Optional[nn.Module] = None
 
     @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader)
-
-    @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+        return sum(self.source.steps(epoch) for epoch in range(self.epochs))
 
     def _wrap(self) -> nn.Module:
         """The module to run: DDP over the trainable parameters when distributed. Rebuilt
@@ -249,17 +268,24 @@ class Trainer:
                                        find_unused_parameters=self.find_unused_parameters)
 
     # -- checkpoints ----------------------------------------------------------------------
+    def _gather(self, value) -> list:
+        """`value` of every rank, in rank order (collective under DDP)."""
+        if not self.place.active:
+            return [value]
+        values = [None] * self.place.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def state_dict(self) -> dict:
-        states = [rng_state()]
-        if self.place.active:
-            states = [None] * self.place.world_size
-            dist.all_gather_object(states, rng_state())
+        states = self._gather(rng_state())
+        source = self._gather(self.source.state_dict()) if hasattr(self.source, "state_dict") else None
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "regularizer": self.regularizer.state_dict() if isinstance(self.regularizer, nn.Module) else None,
             "rng": states,
+            "batch_source": source,
             "world_size": self.place.world_size,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "finished": self.finished,
@@ -289,6 +315,8 @@ class Trainer:
         if state["regularizer"] is not None:
             self.regularizer.load_state_dict(state["regularizer"])
         set_rng_state(state["rng"][self.place.rank])
+        if state.get("batch_source") is not None:
+            self.source.load_state_dict(state["batch_source"][self.place.rank], self.place.device)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.finished = state["global_step"], state["finished"]
         self.history.load_state_dict(state["history"])
@@ -322,11 +350,8 @@ class Trainer:
             self.unfreezer.step(self.epoch)
         wrapped = self._wrap()
         wrapped.train()
-        self.sampler.set_epoch(self.epoch)
         started = time.perf_counter()
-        for index, batch in enumerate(self.loader):
-            if index < self.step_in_epoch:
-                continue  # seen before the checkpoint this run resumed from
+        for index, batch in self.source.epoch_batches(self.epoch, self.step_in_epoch):
             batch = tuple(t.to(self.place.device) for t in batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss, tokens = self.loss_fn(wrapped, batch)
