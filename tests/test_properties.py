@@ -8,8 +8,7 @@ derandomized; "long" for local runs; see docs/ENVIRONMENT.md).
 
 Non-finite values, with torch.nn as the oracle: a NaN or +-inf in an input, weight or state must give
 the NaN / +-inf pattern torch.nn gives, in the outputs and in every gradient; values in
-padded steps (t >= length) must not reach any result. Properties that the kernels do not
-meet yet are strict xfails naming the fault, so they fail once it is fixed.
+padded steps (t >= length) must not reach any result.
 """
 import copy
 import os
@@ -31,15 +30,6 @@ pytestmark = pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="rnn
 
 # A known failure needs no shrinking: a strict xfail only has to see it once.
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
-
-GRU_PADDED_INPUT = ("GRU cpu backward: the weight_ih gradient is a product over all T*B input rows, padded ones "
-                    "included, so a NaN/inf in a padded step (t >= length) makes all of grad_weight_ih NaN")
-GRU_PADDED_WEIGHT = ("GRU cpu backward: the input gradient is computed for all T*B rows (zero gate gradients times "
-                     "weight_ih), so a NaN in weight_ih gives NaN instead of 0 at padded steps (t >= length)")
-FLOAT32_INF = ("float32 cpu cell math clamps exp's argument, so sigmoid(-inf) is ~6e-39 instead of 0: entries that "
-               "torch.nn gives as NaN (0 * inf) come out +-inf, in the backward and, for a GRU with inf in h0, "
-               "in the forward")
-
 
 # ---- strategies -----------------------------------------------------------------------------
 
@@ -182,8 +172,7 @@ def _check_non_finite(case, tensors, dtype):
 @pytest.mark.parametrize("dtype,values", [
     pytest.param(torch.float64, ("nan", "inf", "-inf"), id="float64-nan-inf"),
     pytest.param(torch.float32, ("nan",), id="float32-nan"),
-    pytest.param(torch.float32, ("inf", "-inf"), id="float32-inf",
-                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=FLOAT32_INF)),
+    pytest.param(torch.float32, ("inf", "-inf"), id="float32-inf"),
 ])
 @settings(phases=NO_SHRINK)
 @given(data=st.data())
@@ -194,8 +183,7 @@ def test_non_finite_values_propagate_like_torch_nn(dtype, values, data):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("cell", ["lstm", pytest.param("gru", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=GRU_PADDED_INPUT))])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @settings(phases=NO_SHRINK)
 @given(data=st.data())
 def test_non_finite_values_in_padded_steps_reach_no_result(cell, dtype, data):
@@ -210,8 +198,7 @@ def test_non_finite_values_in_padded_steps_reach_no_result(cell, dtype, data):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("cell", ["lstm", pytest.param("gru", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=GRU_PADDED_WEIGHT))])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @settings(phases=NO_SHRINK)
 @given(data=st.data())
 def test_nan_weight_ih_leaves_padded_input_gradients_zero(cell, dtype, data):

@@ -35,13 +35,16 @@ def _hook(tensor: Tensor, limit: Optional[float]) -> None:
         tensor.register_hook(_clamp_hook(limit))
 
 
-def _valid_rows(lengths: Optional[Tensor], t: int, device) -> Optional[Tensor]:
-    """Indices of the rows with t < length (None: every row). Selecting them, rather than
-    masking a step computed for every row, keeps whatever the other rows would compute (a
-    NaN weight times a carried state, say) out of every gradient, as packed input does."""
+def _row_access(lengths: Optional[Tensor], t: int, device):
+    """(take, put) for step t: take(x) selects the rows with t < length, put(full, rows)
+    writes new values of those rows into a copy of `full` (the other rows carry over).
+    Selecting the valid rows, rather than masking a step computed for every row, keeps
+    whatever the other rows would compute (a NaN weight times a carried state, say) out of
+    every gradient, as packed input does. Without lengths both are the identity."""
     if lengths is None:
-        return None
-    return (lengths > t).nonzero().squeeze(1).to(device)
+        return (lambda x: x), (lambda full, rows: rows)
+    index = (lengths > t).nonzero().squeeze(1).to(device)
+    return (lambda x: x.index_select(0, index)), (lambda full, rows: full.index_copy(0, index, rows))
 
 
 def _output(h: Tensor, lengths: Optional[Tensor], t: int) -> Tensor:
@@ -99,32 +102,25 @@ def lstm_reference(
     c = c0 if c0 is not None else input.new_zeros(batch, hidden)
     input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
 
-    def step(a_x, h, c):  # the rows that are valid at this step
-        a = a_x + F.linear(h, weight_hh, bias_hh)
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        take, put = _row_access(lengths, t, input.device)
+        a = take(input_gates[t]) + F.linear(take(h), weight_hh, bias_hh)
         _hook(a, gate_clip)
         a_i, a_f, a_g, a_o = a.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
-        c_new = f * c + i * g
+        c_rows = f * take(c) + i * g
         if cell_clip:
-            c_new = c_new.clamp(-cell_clip, cell_clip)
-        h_new = o * torch.tanh(c_new)
+            c_rows = c_rows.clamp(-cell_clip, cell_clip)
+        c_new = put(c, c_rows)
+        _hook(c_new, state_clip)  # before h reads it: the hook sees c_t's total gradient
+        h_rows = o * torch.tanh(take(c_new))
         if weight_hr is not None:
-            h_new = F.linear(h_new, weight_hr)
+            h_rows = F.linear(h_rows, weight_hr)
         if proj_clip:
-            h_new = h_new.clamp(-proj_clip, proj_clip)
-        return h_new, c_new
-
-    outputs = [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        rows = _valid_rows(lengths, t, input.device)
-        if rows is None:
-            h_new, c_new = step(input_gates[t], h, c)
-        else:  # only the valid rows run; the others carry their states over unchanged
-            h_rows, c_rows = step(input_gates[t].index_select(0, rows), h.index_select(0, rows),
-                                  c.index_select(0, rows))
-            h_new, c_new = h.index_copy(0, rows, h_rows), c.index_copy(0, rows, c_rows)
+            h_rows = h_rows.clamp(-proj_clip, proj_clip)
+        h_new = put(h, h_rows)
         _hook(h_new, state_clip)
-        _hook(c_new, state_clip)
         outputs[t] = _output(h_new, lengths, t)
         h, c = h_new, c_new
     return torch.stack(outputs), h, c
@@ -158,9 +154,12 @@ def gru_reference(
     h = h0 if h0 is not None else input.new_zeros(batch, hidden)
     input_gates = F.linear(_without_padded_steps(input, lengths), weight_ih, bias_ih)
 
-    def step(a_x, h):  # the rows that are valid at this step
-        x_r, x_z, x_n = a_x.chunk(3, dim=1)
-        h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=1)
+    outputs = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        take, put = _row_access(lengths, t, input.device)
+        h_prev = take(h)
+        x_r, x_z, x_n = take(input_gates[t]).chunk(3, dim=1)
+        h_r, h_z, h_n = F.linear(h_prev, weight_hh, bias_hh).chunk(3, dim=1)
         a_r = x_r + h_r
         a_z = x_z + h_z
         _hook(a_r, gate_clip)
@@ -169,15 +168,7 @@ def gru_reference(
         a_n = x_n + r * h_n
         _hook(a_n, gate_clip)
         n = torch.tanh(a_n)
-        return (1 - z) * n + z * h
-
-    outputs = [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        rows = _valid_rows(lengths, t, input.device)
-        if rows is None:
-            h_new = step(input_gates[t], h)
-        else:  # only the valid rows run; the others carry their state over unchanged
-            h_new = h.index_copy(0, rows, step(input_gates[t].index_select(0, rows), h.index_select(0, rows)))
+        h_new = put(h, (1 - z) * n + z * h_prev)
         _hook(h_new, state_clip)
         outputs[t] = _output(h_new, lengths, t)
         h = h_new
