@@ -149,9 +149,14 @@ inline LstmSizes check_lstm_backward_arguments(
   check_optional(grad_c_n, input, {B, H}, "grad_c_n");
   check_same(input, output, "output");
   check_shape(output, {T, B, P}, "output");
+  check_same(input, gates, "gates");
   check_shape(gates, {T, B, 4 * H}, "gates (forward run without save_for_backward?)");
+  check_same(input, cells, "cells");
   check_shape(cells, {T, B, H}, "cells (forward run without save_for_backward?)");
-  if (proj_clip > 0) check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
+  if (proj_clip > 0) {
+    check_same(input, hidden_pre_clip, "hidden_pre_clip");
+    check_shape(hidden_pre_clip, {T, B, P}, "hidden_pre_clip");
+  }
   return s;
 }
 
@@ -183,7 +188,9 @@ inline GruSizes check_gru_backward_arguments(const std::optional<at::Tensor>& gr
   check_optional(grad_h_n, input, {B, H}, "grad_h_n");
   check_same(input, output, "output");
   check_shape(output, {T, B, H}, "output");
+  check_same(input, gates, "gates");
   check_shape(gates, {T, B, 3 * H}, "gates (forward run without save_for_backward?)");
+  check_same(input, hidden_n, "hidden_n");
   check_shape(hidden_n, {T, B, H}, "hidden_n (forward run without save_for_backward?)");
   return s;
 }

@@ -395,6 +395,28 @@ def test_native_op_rejects_bad_input_directly():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_native_backward_names_a_saved_tensor_of_the_wrong_dtype(cell):
+    """The backward op reads the forward's reserve; one of another dtype (float64 gates with
+    float32 input) is an error naming it, not memory read as the wrong type."""
+    args = _lstm_args() if cell == "lstm" else None
+    x = torch.randn(3, 2, 4)
+    if cell == "lstm":
+        w_ih, w_hh = args["weight_ih"], args["weight_hh"]
+        out, h_n, c_n, gates, cells, pre = torch.ops.rnntl_fast.lstm_forward(
+            x, w_ih, w_hh, None, None, None, None, None, None, False, 0.0, 0.0, 0.0, 0.0, True)
+        with pytest.raises(RuntimeError, match="gates has dtype Double but input has dtype Float"):
+            torch.ops.rnntl_fast.lstm_backward(out, None, None, x, w_ih, w_hh, None, None, None, None, out,
+                                               gates.double(), cells, pre, False, 0.0, 0.0, 0.0, 0.0, [True] * 7)
+    else:
+        w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
+        out, h_n, gates, hidden_n = torch.ops.rnntl_fast.gru_forward(x, w_ih, w_hh, None, None, None, None, False,
+                                                                     0.0, 0.0, True)
+        with pytest.raises(RuntimeError, match="hidden_n has dtype Double but input has dtype Float"):
+            torch.ops.rnntl_fast.gru_backward(out, None, x, w_ih, w_hh, None, None, out, gates, hidden_n.double(),
+                                              False, 0.0, 0.0, [True] * 6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_non_contiguous_arguments(cell):
     """Transposed weights, strided biases and a batch-first input viewed as time-major."""
     T, B, I, H, P = 6, 20, 33, 40, 7

@@ -1,25 +1,17 @@
 // The matrix products of the CPU kernels, in one place: out = x @ weight^T (+ bias).
 //
-// Which library runs a float32 product depends on its size, from same-run measurements on
-// a 2-core AMD EPYC VM with torch 2.13 (measured on an AVX-512 one, re-checked on an AVX2-only one):
-//  * big products (>= 16 rows and >= 2 MFLOP): oneDNN's matmul (the op torch registers as
-//    mkldnn::_linear_pointwise; per-step weights pre-packed once per sequence by
-//    mkldnn::_reorder_linear_weight), 2x faster there than at::mm, whose BLAS takes a
-//    slower code path on this CPU;
-//  * small per-step products (few rows, e.g. batch 1-8): MKL's packed GEMM
-//    (cblas_sgemm_pack / cblas_sgemm_compute, looked up at run time in the loaded libtorch),
-//    up to 3x faster than at::mm there because the weight is packed once for all steps and
-//    no dispatcher call sits on the path; oneDNN's fixed per-call cost loses at these sizes;
+// Which code runs a float32 product depends on its size (the measurements behind each
+// choice: docs/cpu.md, "Matrix products"):
+//  * the library-free kernel of small_gemm_cpu.h: the whole-sequence products
+//    (RowProjection: input projection, dL/dx) always, the per-step ones (StepWeight) where
+//    the size suits it: the weight is packed once per sequence, so no call has setup cost;
+//  * big per-step products (>= 16 rows and >= 2 MFLOP): oneDNN's matmul (the op torch
+//    registers as mkldnn::_linear_pointwise; weights pre-packed once per sequence by
+//    mkldnn::_reorder_linear_weight), whose BLAS path at::mm does not take on every CPU;
+//  * small per-step products without the own kernel: MKL's packed GEMM (cblas_sgemm_pack /
+//    cblas_sgemm_compute, looked up at run time in the loaded libtorch): the weight packed
+//    once, no dispatcher call on the path, where oneDNN's fixed per-call cost dominates;
 //  * float64, and torch builds without those libraries: at::mm / at::addmm.
-// The float32 products first try the library-free kernel of small_gemm_cpu.h: the
-// whole-sequence products (RowProjection: input projection, dL/dx) always, the per-step
-// ones (StepWeight) where it suits the size: with the weight packed once per sequence it
-// has no per-call setup.
-// Measured per product (same machine; the libraries timed through Python calls, so with
-// their call overhead): at batch 1-16, 1.5-3x faster than at::mm and 2.5-9x faster than
-// oneDNN's matmul; at batch 32 with a weight of 1 MiB or less, on par with both. Bigger
-// weights at batch > 32 stay with oneDNN (see own_step_kernel_suits). MKL's packed GEMM
-// was not timed alone; replacing it at batch 1 and 8 sped up the whole LSTM training step.
 // RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
 // on every product (docs/ENVIRONMENT.md).
 #pragma once
@@ -143,9 +135,9 @@ inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic
 // those steps run, into a buffer that stays in L2, instead of the whole [T*B, G] product up
 // front (a fresh multi-MB buffer that then comes back from L3, page faults included).
 // float32 with the own kernel: small_gemm_cpu.h's gemm_panels, the weight packed into
-// panels once (N*K floats), rows split across threads, the bias added in the kernel.
-// Measured single-threaded on the AVX2 EPYC (M = 1600, K = 128-512, N = 384-1024): 91-98
-// GFLOP/s, oneDNN's matmul 68-84. Otherwise the libraries, one product per block.
+// panels once (N*K floats), rows split across threads, the bias added in the kernel
+// (faster than oneDNN's matmul at these shapes: docs/cpu.md). Otherwise the libraries, one
+// product per block.
 class RowProjection {
  public:
   // x: [M, K] (rows may be strided, elements contiguous); weight: [N, K], any strides.
@@ -207,8 +199,8 @@ class RowProjection {
 // Rows per block of a RowProjection that a sequence kernel consumes step by step: about
 // 256 KB of results (half of a 512 KB L2), at least one step's rows, and at least as many
 // bytes of results as of weight (rows >= depth), since each block streams the whole packed
-// weight again once the per-step products have evicted it (measured at T=50 B=64 I=H=512:
-// one-step blocks of 64 rows cost the GRU forward 5-10% against 512-row blocks).
+// weight again once the per-step products have evicted it (docs/cpu.md gives the cost of
+// smaller blocks).
 inline int64_t projection_block_rows(int64_t width, int64_t depth, int64_t batch) {
   const int64_t cache_rows = (int64_t(256) << 10) / (std::max<int64_t>(width, 1) * int64_t(sizeof(float)));
   return std::max({batch, cache_rows, depth});
@@ -225,14 +217,11 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // The K rows are summed in about sqrt(K) chunks of about sqrt(K) rows, each chunk's product
 // added to the result: a float32 sum then grows like 2*sqrt(K) additions deep instead of K
 // (or the library's K block), which keeps these gradients as accurate as torch.nn's
-// step-by-step accumulation (measured: one oneDNN product over K = 3200 rows had 3x the
-// error of the chunked sum, for 18% more time). Each chunk is one addmm_ into the result
-// (BLAS reads the transposed operand in place and adds with beta = 1): measured 1.3-3.5x
-// faster than oneDNN products of transposed copies followed by an add_, at every ops-grid
-// and default-grid size. A result bigger than 4 MiB would be streamed through memory once
-// per chunk; it is done in blocks of its rows of about 2 MiB instead, each block taking all
-// chunks in turn while it stays in cache (same sums in the same order; measured 25-30%
-// faster for the [2048, 1024] gradient over 3200 rows, slower for results of 2 MiB).
+// step-by-step accumulation. Each chunk is one addmm_ into the result (BLAS reads the
+// transposed operand in place and adds with beta = 1, no transposed copies). A result
+// bigger than 4 MiB would be streamed through memory once per chunk; it is done in blocks
+// of its rows of about 2 MiB instead, each block taking all chunks in turn while it stays
+// in cache (same sums in the same order). The measurements: docs/cpu.md.
 inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t chunk = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
@@ -294,10 +283,8 @@ class WeightGradientOperand {
 };
 
 
-// Sizes where the own kernel measured at least on par with the libraries: batch up to 32,
-// or a weight [N, K] of at most 1 MiB (it stays in L2 between steps). Measured on whole
-// LSTM training steps (own kernel vs RNNTL_CPU_GEMM=library): 10% faster at
-// (T, B, I, H) = (50, 32, 512, 512), 2% slower at (50, 64, 512, 512) (4 MiB weights).
+// Sizes where the own kernel measured at least on par with the libraries (docs/cpu.md):
+// batch up to 32, or a weight [N, K] of at most 1 MiB (it stays in L2 between steps).
 inline bool own_step_kernel_suits(int64_t batch, int64_t N, int64_t K) {
   return batch <= 32 || N * K * static_cast<int64_t>(sizeof(float)) <= (int64_t(1) << 20);
 }

@@ -154,7 +154,7 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   T* __restrict__ m = kKeepUnprojected ? s.hidden_unprojected_all + compact * H : nullptr;
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
-    const T tanh_cell = tanh_(clip_value(cell[k], cell_clip));
+    const T tanh_cell = tanh_activation(clip_value(cell[k], cell_clip));
     const LstmBackwardElement<T> e = lstm_element_backward_given_tanh(
         act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], tanh_cell, clip_value(cell_prev[k], prev_clip),
         dm[k], dc[k], cell_clip, state_clip, gate_clip);

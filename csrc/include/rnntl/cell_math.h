@@ -71,7 +71,7 @@ RNNTL_HOST_DEVICE double sigmoid(double x) {
 #endif
 }
 
-RNNTL_HOST_DEVICE float tanh_(float x) {
+RNNTL_HOST_DEVICE float tanh_activation(float x) {
 #if defined(__CUDA_ARCH__)
   return tanhf(x);
 #else
@@ -87,7 +87,7 @@ RNNTL_HOST_DEVICE float tanh_(float x) {
 #endif
 }
 
-RNNTL_HOST_DEVICE double tanh_(double x) {
+RNNTL_HOST_DEVICE double tanh_activation(double x) {
 #if defined(__CUDA_ARCH__)
   return ::tanh(x);
 #else
@@ -131,7 +131,7 @@ template <typename T>
 RNNTL_HOST_DEVICE void lstm_gate_activations(T a_i, T a_f, T a_g, T a_o, T& i, T& f, T& g, T& o) {
   i = sigmoid(a_i);
   f = sigmoid(a_f);
-  g = tanh_(a_g);
+  g = tanh_activation(a_g);
   o = sigmoid(a_o);
 }
 
@@ -140,7 +140,7 @@ template <typename T>
 RNNTL_HOST_DEVICE void lstm_cell_update(T i, T f, T g, T o, T cell_prev, T cell_clip, LstmForwardElement<T>& e) {
   e.cell_before_clip = f * cell_prev + i * g;
   e.cell = clip_value(e.cell_before_clip, cell_clip);
-  e.hidden = o * tanh_(e.cell);
+  e.hidden = o * tanh_activation(e.cell);
 }
 
 template <typename T>
@@ -189,7 +189,7 @@ RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T 
                                                                T cell_prev, T grad_hidden,
                                                                T grad_cell_carry, T cell_clip,
                                                                T state_clip, T gate_clip) {
-  const T tanh_cell = tanh_(clip_value(cell_before_clip, cell_clip));
+  const T tanh_cell = tanh_activation(clip_value(cell_before_clip, cell_clip));
   return lstm_element_backward_given_tanh(i, f, g, o, cell_before_clip, tanh_cell, cell_prev, grad_hidden,
                                           grad_cell_carry, cell_clip, state_clip, gate_clip);
 }
@@ -207,7 +207,7 @@ struct GruForwardElement {
 // same reason as lstm_cell_update): fills n and hidden of e.
 template <typename T>
 RNNTL_HOST_DEVICE void gru_candidate_update(T r, T z, T input_n, T hidden_n, T hidden_prev, GruForwardElement<T>& e) {
-  e.n = tanh_(input_n + r * hidden_n);
+  e.n = tanh_activation(input_n + r * hidden_n);
   e.hidden = (T(1) - z) * e.n + z * hidden_prev;
 }
 

@@ -172,7 +172,7 @@ __global__ void lstm_backward_step_kernel(LstmBackwardArgs<T> s) {
         }
         if (s.hidden_unprojected_all)
           s.hidden_unprojected_all[row * H + k] =
-              from_acc<T>(to_acc(act[3 * H + k]) * tanh_(clip_value(cell, s.cell_clip)));
+              from_acc<T>(to_acc(act[3 * H + k]) * tanh_activation(clip_value(cell, s.cell_clip)));
       }
       if (k < P && s.hidden_prev_all)
         s.hidden_prev_all[row * P + k] =
