@@ -13,8 +13,8 @@ tokenize: both passes from scratch (the cache folder is emptied first) with --wo
 processes; text MB/s end to end and peak resident memory of the process.
 train: --steps truncated-BPTT windows (default recipe, state carried) of rnntl_fast and of the
 same model converted to torch.nn, interleaved on the same batches for --rounds rounds; training
-tokens/s (median) and peak resident memory, at the thread count the rnntl-fast commands
-choose (all cores, or one when the machine is already busy) unless --threads.
+tokens/s (median) and peak resident memory, at torch's default thread count (as the
+rnntl-fast commands) unless --threads.
 read-epoch: every window of one epoch (no model): peak resident memory when windows are read
 with pread (as training does) and, with --through-map, through the memory map.
 Each subcommand prints one JSON line; run each in its own process so that peak memory is its own.
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rnntl_fast import convert  # noqa: E402
 from rnntl_fast.transfer import data  # noqa: E402
-from rnntl_fast.transfer.cli_common import choose_threads  # noqa: E402
+from rnntl_fast.machine import set_threads  # noqa: E402
 from rnntl_fast.transfer.corpus import TokenStreams, build_token_corpus, file_source  # noqa: E402
 from rnntl_fast.transfer.models import LanguageModel, TextEncoder  # noqa: E402
 from rnntl_fast.transfer.pipeline import Recipe  # noqa: E402
@@ -92,7 +92,7 @@ def _corpus(args):
 
 
 def train(args) -> dict:
-    torch.set_num_threads(choose_threads(args.threads))
+    set_threads(args.threads)
     built = _corpus(args)
     torch.manual_seed(0)
     model = LanguageModel(TextEncoder(**RECIPE.encoder_config(len(built.vocab))), dropout=RECIPE.dropout)
@@ -156,7 +156,7 @@ def main() -> None:
             command.add_argument("--steps", type=int, default=30)
             command.add_argument("--rounds", type=int, default=3)
             command.add_argument("--threads", type=int, default=None,
-                                 help="intra-op threads (default: as the rnntl-fast commands choose)")
+                                 help="intra-op threads (default: torch's)")
         if name == "read-epoch":
             command.add_argument("--through-map", action="store_true")
     args = parser.parse_args()
