@@ -126,6 +126,12 @@ def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, v
         d_f = clamp(d_f, gate_clip)
         d_g = clamp(d_g, gate_clip)
         d_o = clamp(d_o, gate_clip)
+    # A padded step's gates were computed from whatever its row holds (an infinite weight
+    # times the zeroed input is NaN): select zeros there rather than multiply by them.
+    d_i = tl.where(valid, d_i, 0.0)
+    d_f = tl.where(valid, d_f, 0.0)
+    d_g = tl.where(valid, d_g, 0.0)
+    d_o = tl.where(valid, d_o, 0.0)
     grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
     return d_i, d_f, d_g, d_o, grad_c_prev
 
@@ -163,5 +169,9 @@ def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_
     if GATE_CLIP:
         d_r = clamp(d_r, gate_clip)
         d_z = clamp(d_z, gate_clip)
+    # padded steps: zeros selected, not multiplied by gates computed from their rows (see LSTM)
+    d_r = tl.where(valid, d_r, 0.0)
+    d_z = tl.where(valid, d_z, 0.0)
+    d_n = tl.where(valid, d_n, 0.0)
     grad_keep = tl.where(valid, grad_h * z, grad_h)
-    return d_r, d_z, d_n, d_n * r, grad_keep
+    return d_r, d_z, d_n, tl.where(valid, d_n * r, 0.0), grad_keep
