@@ -123,7 +123,7 @@ clean:
 test: sanitize
 
 sanitize: build
-	PYTHON=$(PY) bash scripts/sanitize.sh
+	PYTHON=$(PY) V=$(V) bash scripts/sanitize.sh
 
 gpu-check:
 	PYTHON=$(PY) bash scripts/gpu_check.sh

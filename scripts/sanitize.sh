@@ -31,7 +31,14 @@ start=$(date +%s)
 echo "sanitize: C++ tests with -fsanitize=$SANITIZERS"
 cmake -S . -B "$OUT/cmake" -DRNNTL_SANITIZE="$SANITIZERS" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_PREFIX_PATH="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
-cmake --build "$OUT/cmake" -j "$MAX_JOBS"
+# the compiler's and gmake's output goes to a log (shown on failure, or always with V=1)
+if [ "${V:-0}" = "1" ]; then
+  cmake --build "$OUT/cmake" -j "$MAX_JOBS"
+else
+  mkdir -p "$OUT"
+  cmake --build "$OUT/cmake" -j "$MAX_JOBS" > "$OUT/cmake-build.log" 2>&1 \
+    || { tail -40 "$OUT/cmake-build.log"; echo "sanitize: C++ build failed; log $OUT/cmake-build.log" >&2; exit 1; }
+fi
 # halt_on_error: UBSan findings fail the test like ASan's do. detect_leaks=0: libtorch keeps its
 # registries and thread pools until exit.
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
