@@ -61,6 +61,7 @@ export LD_PRELOAD="$libasan $libstdcxx" PYTHONPATH="$PWD/$OUT/lib"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 "$PYTHON" -P - "$OUT/lib/" <<'PY'
 import sys
+import torch  # first: rnntl_fast._C links against libtorch, which `import rnntl_fast` alone no longer loads
 import rnntl_fast._C as C
 library = open(C.__file__, "rb").read()
 print("sanitize: loaded", C.__file__)
