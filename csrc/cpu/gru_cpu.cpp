@@ -27,10 +27,12 @@ struct GruForwardStep {
   int64_t input_first_row;
   T* recurrent_gates;        // [B, 3H]    slot-major W_hh h_{t-1} (no bias); r, z written over it
   const T* bias_hh;          // [3H]       b_hh, or zeros
-  T* hidden_state;           // [B, H]     slot-major
+  const T* hidden_previous;  // [B, H]     slot-major h_{t-1} (may be hidden_state)
+  T* hidden_state;           // [B, H]     slot-major h_t
   T* output;                 // [T, B, H]  padded
   T* gates;                  // [N, 3H]    compact activations r, z, n, when saving for backward
   T* hidden_n;               // [N, H]     compact W_hn h_{t-1} + b_hn, when saving
+  int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass updates
 };
 
 template <typename T, bool kSave>
@@ -44,22 +46,24 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const T* r = s.recurrent_gates + j * G;
   T* rz = kSave ? s.gates + compact * G : s.recurrent_gates + j * G;
   const T* __restrict__ bias = s.bias_hh;
-  T* __restrict__ h = s.hidden_state + j * H;
+  const T* h_previous = s.hidden_previous + j * H;  // may be h: element k is read before it is written
+  T* h = s.hidden_state + j * H;
   T* __restrict__ out = s.output + row * H;
   T* __restrict__ hidden_n = kSave ? s.hidden_n + compact * H : nullptr;
+  const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
   // Two passes (see gru_candidate_update): the independent r and z first, then n and h.
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const T reset = sigmoid(x[k] + r[k] + bias[k]);
     const T update = sigmoid(x[H + k] + r[H + k] + bias[H + k]);
     rz[k] = reset;
     rz[H + k] = update;
   }
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const T hn = r[2 * H + k] + bias[2 * H + k];
     GruForwardElement<T> e;
-    gru_candidate_update(rz[k], rz[H + k], x[2 * H + k], hn, h[k], e);
+    gru_candidate_update(rz[k], rz[H + k], x[2 * H + k], hn, h_previous[k], e);
     h[k] = e.hidden;
     out[k] = e.hidden;
     if (kSave) {
@@ -100,6 +104,7 @@ struct GruBackwardStep {
   T* hidden_prev_all;         // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
   int64_t hidden_prev_stride;
   T state_clip, gate_clip;
+  int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass covers
 };
 
 template <typename T>
@@ -118,8 +123,9 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   T* __restrict__ dgh = s.grad_hidden_gates + j * G;
   T* __restrict__ dgi = s.grad_input_gates_all + compact * G;
   const T state_clip = s.state_clip, gate_clip = s.gate_clip;
+  const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const T dh = clip_value(carry[k] + go[k], state_clip);
     const GruBackwardElement<T> e =
         gru_element_backward(act[k], act[H + k], act[2 * H + k], hn[k], h_prev[k], dh, gate_clip);
@@ -131,7 +137,8 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
     dgh[2 * H + k] = e.d_hidden_n;
     carry[k] = e.grad_hidden_prev;
   }
-  if (s.hidden_prev_all) std::copy(h_prev, h_prev + H, s.hidden_prev_all + compact * s.hidden_prev_stride);
+  if (s.hidden_prev_all)
+    std::copy(h_prev + k_begin, h_prev + k_end, s.hidden_prev_all + compact * s.hidden_prev_stride + k_begin);
 }
 
 template <typename T>
@@ -155,9 +162,12 @@ class GruForward {
              const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
              const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64, const GruSizes& sizes, bool reverse,
              bool save)
-      : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), reverse_(reverse), save_(save),
-        sequence_(lengths64, steps_, batch_),
-        input_projection_(sequence_.compact_from_padded(input), weight_ih, bias_ih),  // [N, 3H], in blocks
+      : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), input_size_(sizes.input_size),
+        reverse_(reverse), save_(save), sequence_(lengths64, steps_, batch_),
+        input_compact_(sequence_.compact_from_padded(input)),
+        bias_ih_(bias_ih.has_value() ? c10::optional<at::Tensor>(bias_ih->contiguous()) : c10::nullopt),
+        weight_ih_(weight_ih), weight_hh_(weight_hh),
+        input_projection_(input_compact_, weight_ih, bias_ih_),  // [N, 3H], in blocks
         block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
         recurrent_(weight_hh, batch_) {
     const auto options = input.options();
@@ -171,9 +181,9 @@ class GruForward {
     hidden_n_ = save ? sequence_.saved_buffer(hidden_, options) : at::empty({0}, options);
   }
 
+  // The parts of the pointwise pass that are the same at every step (all units).
   template <typename T>
-  void run_steps() {
-    RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
+  GruForwardStep<T> forward_step() {
     GruForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -181,10 +191,31 @@ class GruForward {
     s.input_gates = input_gates_block_.data_ptr<T>();
     s.input_first_row = 0;
     s.bias_hh = bias_hh_.data_ptr<T>();
+    s.hidden_previous = hidden_state_.data_ptr<T>();
     s.hidden_state = hidden_state_.data_ptr<T>();
     s.output = output_.data_ptr<T>();
     s.gates = save_ ? gates_.data_ptr<T>() : nullptr;
     s.hidden_n = save_ ? hidden_n_.data_ptr<T>() : nullptr;
+    s.unit_begin = 0;
+    s.unit_end = hidden_;
+    return s;
+  }
+
+  // Rows past their length at step t: zero output (as pad_packed_sequence gives) in units
+  // [unit_begin, unit_end); their state is unchanged.
+  template <typename T>
+  void zero_output_past_length(int64_t t, int64_t n, int64_t unit_begin, int64_t unit_end) {
+    T* const out = output_.data_ptr<T>();
+    for (int64_t j = n; j < batch_; ++j) {
+      T* row = out + (t * batch_ + sequence_.order[j]) * hidden_;
+      std::fill(row + unit_begin, row + unit_end, T(0));
+    }
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
+    GruForwardStep<T> s = forward_step<T>();
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder;
     for (int64_t step = 0; step < steps_; ++step) {
@@ -201,9 +232,69 @@ class GruForward {
             recurrent_.multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
         parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
       }
-      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged.
-      for (int64_t j = n; j < batch_; ++j) std::fill_n(s.output + (t * batch_ + sequence_.order[j]) * hidden_, hidden_, T(0));
+      zero_output_past_length<T>(t, n, 0, hidden_);
     }
+  }
+
+  // The multi-core step loop (persistent_cpu.h), float32, as LstmForward's: worker w owns
+  // hidden units units[w] (all three gates of them); per step it computes its units' input
+  // gates (a block of steps at a time) and recurrent gates from its packed weight slices,
+  // runs the pointwise pass on its units and writes its units of h_t; one barrier ends the step.
+  void run_steps_persistent(int64_t slices) {
+    RECORD_FUNCTION("rnntl_fast::gru_forward_steps_persistent", std::vector<c10::IValue>());
+    const int64_t H = hidden_, G = 3 * hidden_, I = input_size_;
+    const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
+    SlicedPanels recurrent_panels(units, 3, H), input_panels(units, 3, I);  // per gate: W_hh, W_ih rows
+    const at::Tensor weight_hh = weight_hh_.contiguous(), weight_ih = weight_ih_.contiguous();
+    const float* const bias = bias_ih_.has_value() ? bias_ih_->data_ptr<float>() : nullptr;
+    const float* const x = input_compact_.data_ptr<float>();  // [N, I]
+    AlternatingState hidden(hidden_state_);
+    const GruForwardStep<float> common = forward_step<float>();
+    float* const recurrent = recurrent_scratch_.data_ptr<float>();  // [B, 3H] W_hh h_{t-1}
+
+    run_persistent(slices, [&](const StepWorker& worker) {
+      const int64_t first = worker.first_slice(), end = worker.end_slice();
+      for (int64_t w = first; w < end; ++w) {
+        for (int64_t g = 0; g < 3; ++g) {
+          recurrent_panels.pack(w, g, weight_hh.data_ptr<float>() + (g * H + units[w]) * H, H, 1);
+          input_panels.pack(w, g, weight_ih.data_ptr<float>() + (g * H + units[w]) * I, I, 1);
+        }
+      }
+      GruForwardStep<float> s = common;
+      s.unit_begin = units[first];
+      s.unit_end = units[end];
+      ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
+      for (int64_t step = 0; step < steps_; ++step) {
+        const int64_t t = sequence_.time_of(step, reverse_);
+        const int64_t n = sequence_.active[t];
+        s.t = t;
+        s.first_row = sequence_.first_row[t];
+        if (blocks.starts_at(step)) {
+          float* gates = input_gates_block_.data_ptr<float>();
+          s.input_first_row = blocks.first();
+          for (int64_t w = first; w < end; ++w) {
+            if (input_panels.width(w) == 0) continue;
+            for (int64_t g = 0; g < 3; ++g) {
+              const int64_t column = g * H + units[w];
+              gemm_panels(x + blocks.first() * I, I, 1, blocks.rows(), I, input_panels.panels(w, g),
+                          input_panels.width(w), bias ? bias + column : nullptr, gates + column, G, false, kDepthChunk);
+            }
+          }
+        }
+        s.hidden_previous = hidden.read(step);
+        s.hidden_state = hidden.write(step);
+        if (n > 0) {
+          for (int64_t w = first; w < end; ++w)
+            for (int64_t g = 0; g < 3; ++g)
+              recurrent_panels.multiply(w, g, s.hidden_previous, H, n, recurrent + g * H + units[w], G, false);
+          s.recurrent_gates = recurrent;
+          gru_forward_rows_entry(s, 0, n, save_);
+        }
+        zero_output_past_length<float>(t, n, units[first], units[end]);
+        worker.barrier();  // h_t complete
+      }
+    });
+    hidden_state_ = hidden.final_state(sequence_, reverse_);
   }
 
   // (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]).
@@ -212,9 +303,12 @@ class GruForward {
   }
 
  private:
-  int64_t steps_, batch_, hidden_;
+  int64_t steps_, batch_, hidden_, input_size_;
   bool reverse_, save_;
   SequenceOrder sequence_;
+  at::Tensor input_compact_;          // [N, I] the valid rows of the input
+  c10::optional<at::Tensor> bias_ih_;  // [3H]
+  at::Tensor weight_ih_, weight_hh_;
   RowProjection input_projection_;
   int64_t block_rows_;
   StepWeight recurrent_;
@@ -239,7 +333,7 @@ class GruBackward {
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
         sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
-        weight_ih_(weight_ih) {
+        weight_ih_(weight_ih), weight_hh_(weight_hh) {
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
@@ -247,7 +341,7 @@ class GruBackward {
     // Each step's slots are contiguous compact rows, so dL/dgh of step t is written in place
     // where the recurrent product reads it; without a hidden-side weight gradient one
     // step's buffer is reused.
-    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : batch_, G}, options_);
+    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : 2 * batch_, G}, options_);
     // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
     input_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), 0, options_);
     hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_);
@@ -258,10 +352,9 @@ class GruBackward {
     hidden_n_ = hidden_n.contiguous();
   }
 
+  // The parts of the pointwise pass that are the same at every step (all units).
   template <typename T>
-  void run_steps() {
-    RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
-    const int64_t G = 3 * hidden_;
+  GruBackwardStep<T> backward_step() {
     GruBackwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -279,6 +372,16 @@ class GruBackward {
     s.hidden_prev_stride = hidden_operand_->width();
     s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
+    s.unit_begin = 0;
+    s.unit_end = hidden_;
+    return s;
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
+    const int64_t G = 3 * hidden_;
+    GruBackwardStep<T> s = backward_step<T>();
     T* const carry = s.grad_hidden_carry;
     T* const grad_hidden_gates = grad_hidden_gates_all_.data_ptr<T>();
     const bool keep = keep_hidden_gates();
@@ -313,6 +416,49 @@ class GruBackward {
     }
   }
 
+  // The multi-core step loop (persistent_cpu.h), float32: worker w owns hidden units
+  // units[w]; per step it runs the pointwise pass on its units (its columns of dL/dgh_t and
+  // z * dL/dh_t), and after a barrier (dL/dgh_t complete) adds its columns of dL/dgh_t @ W_hh
+  // to dL/dh_{t-1}, which only it reads at the next step.
+  void run_steps_persistent(int64_t slices) {
+    RECORD_FUNCTION("rnntl_fast::gru_backward_steps_persistent", std::vector<c10::IValue>());
+    const int64_t B = batch_, H = hidden_, G = 3 * hidden_;
+    const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
+    SlicedPanels recurrent_panels(units, 1, G);  // B[k][u] = W_hh[k][u]: columns of W_hh
+    const at::Tensor weight_hh = weight_hh_.contiguous();
+    const GruBackwardStep<float> common = backward_step<float>();
+    float* const carry = common.grad_hidden_carry;
+    float* const grad_hidden_gates = grad_hidden_gates_all_.data_ptr<float>();
+    const bool keep = keep_hidden_gates();
+
+    run_persistent(slices, [&](const StepWorker& worker) {
+      const int64_t first = worker.first_slice(), end = worker.end_slice();
+      for (int64_t w = first; w < end; ++w) recurrent_panels.pack(w, 0, weight_hh.data_ptr<float>() + units[w], 1, H);
+      GruBackwardStep<float> s = common;
+      s.unit_begin = units[first];
+      s.unit_end = units[end];
+      for (int64_t step = steps_ - 1; step >= 0; --step) {
+        const int64_t t = sequence_.time_of(step, reverse_);
+        const int64_t n = sequence_.active[t];
+        s.t = t;
+        // Without a kept buffer, steps alternate between two: a worker may write the next
+        // step's rows while another still reads this step's in its product.
+        s.grad_hidden_gates = grad_hidden_gates + (keep ? sequence_.first_row[t] : (step & 1) * B) * G;
+        if (n > 0) {
+          gru_backward_rows_entry(s, 0, n);
+          worker.barrier();  // dL/dgh_t complete
+          for (int64_t w = first; w < end; ++w)
+            recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, carry + units[w], H, /*accumulate=*/true);
+        }
+        // Rows past their length pass their state gradient through (clamped in state mode).
+        if (s.state_clip > 0) {
+          for (int64_t j = n; j < B; ++j)
+            for (int64_t k = s.unit_begin; k < s.unit_end; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
+        }
+      }
+    });
+  }
+
   // (grad_input [T,B,I], grad_weight_ih [3H,I], grad_weight_hh [3H,H], grad_bias_ih [3H],
   // grad_bias_hh [3H], grad_h0 [B,H]); an entry whose output_mask is false is an empty tensor.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients() {
@@ -340,11 +486,11 @@ class GruBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
-  at::Tensor weight_ih_;
+  at::Tensor weight_ih_, weight_hh_;
   at::Tensor grad_out_;              // [T, B, H] padded
   at::Tensor grad_hidden_carry_;     // [B, H] slot-major
   at::Tensor grad_input_gates_all_;  // [N, 3H] compact
-  at::Tensor grad_hidden_gates_all_; // [N, 3H] compact, or [B, 3H] one step's
+  at::Tensor grad_hidden_gates_all_; // [N, 3H] compact, or [2B, 3H]: two steps' rows, alternating
   c10::optional<WeightGradientOperand> input_operand_, hidden_operand_;
   at::Tensor zeros_, h0_, output_, gates_, hidden_n_;
 };
@@ -366,7 +512,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, sizes, reverse, save_for_backward);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+    forward.run_steps_persistent(workers);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  }
   return forward.results();
 }
 
@@ -387,7 +537,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, output, gates, hidden_n,
                        sizes, reverse, state_clip, gate_clip, output_mask);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+    backward.run_steps_persistent(workers);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  }
   return backward.gradients();
 }
 

@@ -42,6 +42,7 @@ struct LstmForwardStep {
   T* cells;                  // [N, H]      compact cell before clip, when saving
   T* hidden_pre_clip;        // [N, H]      compact hidden before proj_clip, when saving with proj_clip
   T cell_clip, proj_clip;
+  int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass updates
 };
 
 template <typename T, bool kSave, bool kProject>
@@ -60,9 +61,10 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const bool keep_pre_clip = !kProject && kSave && s.hidden_pre_clip != nullptr;
   T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + compact * H : nullptr;
   const T cell_clip = s.cell_clip, proj_clip = s.proj_clip;
+  const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
   // Two passes (see lstm_cell_update): measured ~25% faster than one on AVX2.
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     T i, f, g, o;
     lstm_gate_activations(act[k] + r[k], act[H + k] + r[H + k], act[2 * H + k] + r[2 * H + k],
                           act[3 * H + k] + r[3 * H + k], i, f, g, o);
@@ -72,7 +74,7 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
     act[3 * H + k] = o;
   }
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     LstmForwardElement<T> e;
     lstm_cell_update(act[k], act[H + k], act[2 * H + k], act[3 * H + k], c[k], cell_clip, e);
     c[k] = e.cell;
@@ -130,6 +132,8 @@ struct LstmBackwardStep {
   int64_t hidden_prev_stride;
   T* hidden_unprojected_all;        // [N, H] compact m per row (for dW_hr), or nullptr
   T cell_clip, state_clip, gate_clip;
+  int64_t unit_begin, unit_end;      // the hidden units [unit_begin, unit_end) this pass covers
+  int64_t column_begin, column_end;  // the columns of h_{t-1} [column_begin, column_end) it copies
 };
 
 template <typename T, bool kKeepUnprojected>
@@ -153,7 +157,7 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   // m = o * tanh(c) for dW_hr comes from the same tanh.
   T* __restrict__ m = kKeepUnprojected ? s.hidden_unprojected_all + compact * H : nullptr;
 #pragma omp simd
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = s.unit_begin; k < s.unit_end; ++k) {
     const T tanh_cell = tanh_activation(clip_value(cell[k], cell_clip));
     const LstmBackwardElement<T> e = lstm_element_backward_given_tanh(
         act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], tanh_cell, clip_value(cell_prev[k], prev_clip),
@@ -167,7 +171,8 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   }
   if (s.hidden_prev_all) {
     const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
-    std::copy(h_prev, h_prev + P, s.hidden_prev_all + compact * s.hidden_prev_stride);
+    std::copy(h_prev + s.column_begin, h_prev + s.column_end,
+              s.hidden_prev_all + compact * s.hidden_prev_stride + s.column_begin);
   }
 }
 
@@ -188,50 +193,58 @@ void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, 
 // dL/dh_t total (carry from step t+1 plus the output's gradient), clipped in state mode,
 // then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
 template <typename T>
-RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                                                int64_t first_row, const int64_t* order, const T* grad_output, const T* hidden_pre_clip,
-                                                const T* grad_hidden_carry, T* grad_pre_clip, T* grad_pre_clip_all,
-                                                T state_clip, T proj_clip) {
+struct LstmHiddenGradientStep {
+  int64_t batch, out_size, t;
+  int64_t first_row;              // compact row of slot 0 at step t
+  const int64_t* order;
+  const T* grad_output;           // [T, B, P] padded
+  const T* hidden_pre_clip;       // [N, P] compact, or nullptr without proj_clip
+  const T* grad_hidden_carry;     // [B, P] slot-major dL/dh_t from step t+1
+  T* grad_pre_clip;               // [B, P] slot-major result
+  T* grad_pre_clip_all;           // [N, P] compact copy of the result (for dW_hr), or nullptr
+  T state_clip, proj_clip;
+  int64_t column_begin, column_end;  // the columns [column_begin, column_end) of P this pass covers
+};
+
+template <typename T>
+RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(const LstmHiddenGradientStep<T>& s, int64_t begin, int64_t end) {
+  const int64_t P = s.out_size, k_begin = s.column_begin, k_end = s.column_end;
+  const T state_clip = s.state_clip, proj_clip = s.proj_clip;
   for (int64_t j = begin; j < end; ++j) {
-    const int64_t row = t * batch + order[j];  // padded (grad_output)
-    const int64_t compact = first_row + j;     // compact (hidden_pre_clip, grad_pre_clip_all)
-    const T* __restrict__ go = grad_output + row * P;
-    const T* __restrict__ carry = grad_hidden_carry + j * P;
-    T* __restrict__ d = grad_pre_clip + j * P;
+    const int64_t row = s.t * s.batch + s.order[j];  // padded (grad_output)
+    const int64_t compact = s.first_row + j;         // compact (hidden_pre_clip, grad_pre_clip_all)
+    const T* __restrict__ go = s.grad_output + row * P;
+    const T* __restrict__ carry = s.grad_hidden_carry + j * P;
+    T* __restrict__ d = s.grad_pre_clip + j * P;
     // Two loops rather than a test per element, so that each vectorizes.
-    if (hidden_pre_clip) {
-      const T* __restrict__ pre = hidden_pre_clip + compact * P;
+    if (s.hidden_pre_clip) {
+      const T* __restrict__ pre = s.hidden_pre_clip + compact * P;
 #pragma omp simd
-      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
+      for (int64_t k = k_begin; k < k_end; ++k)
+        d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < P; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);
+      for (int64_t k = k_begin; k < k_end; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);
     }
-    if (grad_pre_clip_all) std::copy(d, d + P, grad_pre_clip_all + compact * P);
+    if (s.grad_pre_clip_all) std::copy(d + k_begin, d + k_end, s.grad_pre_clip_all + compact * P + k_begin);
   }
 }
 
-RNNTL_VECTOR_CLONES void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch,
-                                                         int64_t t, int64_t first_row, const int64_t* order, const float* grad_output,
-                                                         const float* hidden_pre_clip, const float* grad_hidden_carry,
-                                                         float* grad_pre_clip, float* grad_pre_clip_all,
-                                                         float state_clip, float proj_clip) {
-  lstm_hidden_gradient_rows(begin, end, P, batch, t, first_row, order, grad_output, hidden_pre_clip, grad_hidden_carry,
-                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
+RNNTL_VECTOR_CLONES void lstm_hidden_gradient_rows_entry(const LstmHiddenGradientStep<float>& s, int64_t begin,
+                                                         int64_t end) {
+  lstm_hidden_gradient_rows(s, begin, end);
 }
-void lstm_hidden_gradient_rows_entry(int64_t begin, int64_t end, int64_t P, int64_t batch, int64_t t,
-                                     int64_t first_row, const int64_t* order, const double* grad_output, const double* hidden_pre_clip,
-                                     const double* grad_hidden_carry, double* grad_pre_clip,
-                                     double* grad_pre_clip_all, double state_clip, double proj_clip) {
-  lstm_hidden_gradient_rows(begin, end, P, batch, t, first_row, order, grad_output, hidden_pre_clip, grad_hidden_carry,
-                            grad_pre_clip, grad_pre_clip_all, state_clip, proj_clip);
+void lstm_hidden_gradient_rows_entry(const LstmHiddenGradientStep<double>& s, int64_t begin, int64_t end) {
+  lstm_hidden_gradient_rows(s, begin, end);
 }
 
 // b_ih + b_hh, added once by the input projection; nullopt when there is no bias.
 c10::optional<at::Tensor> combined_bias(const c10::optional<at::Tensor>& bias_ih,
                                         const c10::optional<at::Tensor>& bias_hh) {
   if (bias_ih.has_value() && bias_hh.has_value()) return *bias_ih + *bias_hh;
-  return bias_ih.has_value() ? bias_ih : bias_hh;
+  if (bias_ih.has_value()) return bias_ih->contiguous();
+  if (bias_hh.has_value()) return bias_hh->contiguous();
+  return c10::nullopt;
 }
 
 // ------------------------------------------------------------------------------------
@@ -245,9 +258,11 @@ class LstmForward {
               const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64, const LstmSizes& sizes, bool reverse,
               double cell_clip, double proj_clip, bool save)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), out_size_(sizes.out_size),
-        project_(weight_hr.has_value()), reverse_(reverse), save_(save), cell_clip_(cell_clip), proj_clip_(proj_clip),
-        sequence_(lengths64, steps_, batch_),
-        input_projection_(sequence_.compact_from_padded(input), weight_ih, combined_bias(bias_ih, bias_hh)),
+        input_size_(sizes.input_size), project_(weight_hr.has_value()), reverse_(reverse), save_(save),
+        cell_clip_(cell_clip), proj_clip_(proj_clip), sequence_(lengths64, steps_, batch_),
+        input_compact_(sequence_.compact_from_padded(input)), bias_(combined_bias(bias_ih, bias_hh)),
+        weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()),
+        input_projection_(input_compact_, weight_ih, bias_),
         block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
         recurrent_(weight_hh, batch_) {
     const auto options = input.options();
@@ -268,16 +283,14 @@ class LstmForward {
     hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
   }
 
+  // The parts of the pointwise pass that are the same at every step (all units).
   template <typename T>
-  void run_steps() {
-    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
-    const int64_t B = batch_, P = out_size_, G = 4 * hidden_;
+  LstmForwardStep<T> forward_step() {
     LstmForwardStep<T> s;
-    s.batch = B;
+    s.batch = batch_;
     s.hidden = hidden_;
     s.order = sequence_.order;
-    T* const input_gates = save_ ? gates_.data_ptr<T>() : input_gates_block_.data_ptr<T>();
-    s.input_gates = input_gates;
+    s.input_gates = save_ ? gates_.data_ptr<T>() : input_gates_block_.data_ptr<T>();
     s.input_first_row = 0;
     s.cell_state = cell_state_.data_ptr<T>();
     s.hidden_state = project_ ? nullptr : hidden_state_.data_ptr<T>();
@@ -287,7 +300,48 @@ class LstmForward {
     s.hidden_pre_clip = hidden_pre_clip_.numel() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
     s.cell_clip = static_cast<T>(cell_clip_);
     s.proj_clip = static_cast<T>(proj_clip_);
-    T* const out_data = output_.data_ptr<T>();
+    s.unit_begin = 0;
+    s.unit_end = hidden_;
+    return s;
+  }
+
+  // With projection: h = clip(r) of slots [0, n), columns [column_begin, column_end), from
+  // r = W_hr m [n, P], into the state h [B, P], the output, and hidden_pre_clip when saved.
+  template <typename T>
+  void projection_epilogue(const LstmForwardStep<T>& s, const T* r, int64_t n, T* h, int64_t column_begin,
+                           int64_t column_end) {
+    const int64_t P = out_size_;
+    T* const out = output_.data_ptr<T>();
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = s.t * batch_ + sequence_.order[j];  // padded (output)
+      const int64_t compact = s.first_row + j;                // compact (hidden_pre_clip)
+      for (int64_t k = column_begin; k < column_end; ++k) {
+        const T v = r[j * P + k];
+        if (s.hidden_pre_clip) s.hidden_pre_clip[compact * P + k] = v;
+        const T hv = clip_value(v, s.proj_clip);
+        h[j * P + k] = hv;
+        out[row * P + k] = hv;
+      }
+    }
+  }
+
+  // Rows past their length at step t: zero output (as pad_packed_sequence gives) in columns
+  // [column_begin, column_end); their state is unchanged (the compact buffers have no rows for them).
+  template <typename T>
+  void zero_output_past_length(int64_t t, int64_t n, int64_t column_begin, int64_t column_end) {
+    T* const out = output_.data_ptr<T>();
+    for (int64_t j = n; j < batch_; ++j) {
+      T* row = out + (t * batch_ + sequence_.order[j]) * out_size_;
+      std::fill(row + column_begin, row + column_end, T(0));
+    }
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
+    const int64_t B = batch_, P = out_size_, G = 4 * hidden_;
+    LstmForwardStep<T> s = forward_step<T>();
+    T* const input_gates = s.input_gates;
     T* const recurrent_scratch = step_scratch_.data_ptr<T>();
     T* const projected_scratch = recurrent_scratch + B * G;
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
@@ -311,25 +365,86 @@ class LstmForward {
       }
       if (project_ && n > 0) {
         const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>(), n, projected_scratch, product_holder);
-        T* h = hidden_state_.data_ptr<T>();
-        T* pre = s.hidden_pre_clip;
-        const T limit = s.proj_clip;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t row = t * B + sequence_.order[j];  // padded (output)
-          const int64_t compact = s.first_row + j;         // compact (hidden_pre_clip)
-          for (int64_t k = 0; k < P; ++k) {
-            const T v = r[j * P + k];
-            if (pre) pre[compact * P + k] = v;
-            const T hv = clip_value(v, limit);
-            h[j * P + k] = hv;
-            out_data[row * P + k] = hv;
+        projection_epilogue(s, r, n, hidden_state_.data_ptr<T>(), 0, P);
+      }
+      zero_output_past_length<T>(t, n, 0, P);
+    }
+  }
+
+  // The multi-core step loop (persistent_cpu.h), float32: `slices` workers each own a slice
+  // of the hidden units (and, with projection, of the projected outputs) for the whole
+  // sequence. Per step a worker computes its units' input gates (a block of steps at a
+  // time) and recurrent gates from its packed weight slices, runs the pointwise pass on its
+  // units and writes its units of h_t; one barrier ends the step. With projection, a second
+  // barrier lets every worker read all of m_t before projecting its slice of h_t.
+  void run_steps_persistent(int64_t slices) {
+    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps_persistent", std::vector<c10::IValue>());
+    const int64_t H = hidden_, P = out_size_, G = 4 * hidden_, I = input_size_;
+    const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
+    const std::vector<int64_t> columns = project_ ? split_units(P, slices, kPanelWidth) : units;
+    SlicedPanels recurrent_panels(units, 4, P), input_panels(units, 4, I);  // per gate: W_hh, W_ih rows
+    c10::optional<SlicedPanels> projection_panels;
+    if (project_) projection_panels.emplace(columns, 1, H);  // W_hr rows
+    const at::Tensor weight_hh = weight_hh_.contiguous(), weight_ih = weight_ih_.contiguous();
+    const at::Tensor weight_hr = project_ ? weight_hr_.contiguous() : at::Tensor();
+    const float* const bias = bias_.has_value() ? bias_->data_ptr<float>() : nullptr;
+    const float* const x = input_compact_.data_ptr<float>();  // [N, I]
+    AlternatingState hidden(hidden_state_);
+    const LstmForwardStep<float> common = forward_step<float>();
+    float* const recurrent = step_scratch_.data_ptr<float>();  // [B, 4H] W_hh h_{t-1}
+    float* const projected = recurrent + batch_ * G;            // [B, P]  W_hr m_t
+
+    run_persistent(slices, [&](const StepWorker& worker) {
+      const int64_t first = worker.first_slice(), end = worker.end_slice();
+      for (int64_t w = first; w < end; ++w) {
+        for (int64_t g = 0; g < 4; ++g) {
+          recurrent_panels.pack(w, g, weight_hh.data_ptr<float>() + (g * H + units[w]) * P, P, 1);
+          input_panels.pack(w, g, weight_ih.data_ptr<float>() + (g * H + units[w]) * I, I, 1);
+        }
+        if (project_) projection_panels->pack(w, 0, weight_hr.data_ptr<float>() + columns[w] * H, H, 1);
+      }
+      LstmForwardStep<float> s = common;
+      s.unit_begin = units[first];
+      s.unit_end = units[end];
+      ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
+      for (int64_t step = 0; step < steps_; ++step) {
+        const int64_t t = sequence_.time_of(step, reverse_);
+        const int64_t n = sequence_.active[t];
+        s.t = t;
+        s.first_row = sequence_.first_row[t];
+        if (blocks.starts_at(step)) {
+          float* gates = s.input_gates + (save_ ? blocks.first() * G : 0);
+          if (!save_) s.input_first_row = blocks.first();
+          for (int64_t w = first; w < end; ++w) {
+            for (int64_t g = 0; g < 4; ++g) {
+              const int64_t column = g * H + units[w];
+              if (input_panels.width(w) == 0) continue;
+              gemm_panels(x + blocks.first() * I, I, 1, blocks.rows(), I, input_panels.panels(w, g),
+                          input_panels.width(w), bias ? bias + column : nullptr, gates + column, G, false, kDepthChunk);
+            }
           }
         }
+        const float* h_previous = hidden.read(step);
+        float* h = hidden.write(step);
+        if (n > 0) {
+          for (int64_t w = first; w < end; ++w)
+            for (int64_t g = 0; g < 4; ++g)
+              recurrent_panels.multiply(w, g, h_previous, P, n, recurrent + g * H + units[w], G, false);
+          s.recurrent_gates = recurrent;
+          s.hidden_state = project_ ? nullptr : h;
+          lstm_forward_rows_entry(s, 0, n, save_, project_);
+          if (project_) {
+            worker.barrier();  // m_t complete
+            for (int64_t w = first; w < end; ++w)
+              projection_panels->multiply(w, 0, s.hidden_unprojected, H, n, projected + columns[w], P, false);
+            projection_epilogue(s, projected, n, h, columns[first], columns[end]);
+          }
+        }
+        zero_output_past_length<float>(t, n, columns[first], columns[end]);
+        worker.barrier();  // h_t complete
       }
-      // Rows past their length: zero output (as pad_packed_sequence gives), state unchanged
-      // (the compact buffers have no rows for them).
-      for (int64_t j = n; j < B; ++j) std::fill_n(out_data + (t * B + sequence_.order[j]) * P, P, T(0));
-    }
+    });
+    hidden_state_ = hidden.final_state(sequence_, reverse_);
   }
 
   // (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P]).
@@ -339,10 +454,13 @@ class LstmForward {
   }
 
  private:
-  int64_t steps_, batch_, hidden_, out_size_;
+  int64_t steps_, batch_, hidden_, out_size_, input_size_;
   bool project_, reverse_, save_;
   double cell_clip_, proj_clip_;
   SequenceOrder sequence_;
+  at::Tensor input_compact_;            // [N, I] the valid rows of the input
+  c10::optional<at::Tensor> bias_;      // [4H] b_ih + b_hh
+  at::Tensor weight_ih_, weight_hh_, weight_hr_;
   RowProjection input_projection_;  // [N, 4H] W_ih x + b_ih + b_hh, in blocks
   int64_t block_rows_;
   StepWeight recurrent_;
@@ -372,7 +490,7 @@ class LstmBackward {
         proj_clip_(proj_clip), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = dL/da @ W_hh
-        weight_ih_(weight_ih) {
+        weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
     if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
@@ -399,11 +517,10 @@ class LstmBackward {
     hidden_pre_clip_ = proj_clip > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
   }
 
+  // The parts of the pointwise pass that are the same at every step (all units).
   template <typename T>
-  void run_steps() {
-    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
-    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
-    const T state_limit = static_cast<T>(state_clip_);
+  LstmBackwardStep<T> backward_step() {
+    const int64_t B = batch_, H = hidden_, P = out_size_;
     LstmBackwardStep<T> s;
     s.batch = B;
     s.hidden = H;
@@ -417,20 +534,31 @@ class LstmBackward {
     s.c0 = c0_.defined() ? c0_.data_ptr<T>() : nullptr;
     s.zeros = zeros_.data_ptr<T>();
     s.grad_cell_carry = grad_cell_carry_.data_ptr<T>();
-    T* const grad_gates_data = grad_gates_all_.data_ptr<T>();
     s.hidden_prev_all = weight_operand_->hidden_columns<T>();
     s.hidden_prev_stride = weight_operand_->width();
     s.hidden_unprojected_all = want_weight_hr() ? hidden_unprojected_all_.data_ptr<T>() : nullptr;
     s.cell_clip = static_cast<T>(cell_clip_);
-    s.state_clip = state_limit;
+    s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
-    const T* go = grad_out_.data_ptr<T>();
-    const T* pre = hidden_pre_clip_.defined() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
+    s.unit_begin = 0;
+    s.unit_end = H;
+    s.column_begin = 0;
+    s.column_end = P;
+    return s;
+  }
+
+  template <typename T>
+  void run_steps() {
+    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
+    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
+    const T state_limit = static_cast<T>(state_clip_);
+    LstmBackwardStep<T> s = backward_step<T>();
+    T* const grad_gates_data = grad_gates_all_.data_ptr<T>();
+    LstmHiddenGradientStep<T> d = hidden_gradient_step<T>();
+    const T* go = d.grad_output;
     T* carry_h = grad_hidden_carry_.data_ptr<T>();
     T* carry_c = grad_cell_carry_.data_ptr<T>();
-    T* d_pre = grad_pre_clip_.data_ptr<T>();
-    T* d_pre_all = want_weight_hr() ? grad_pre_clip_all_.data_ptr<T>() : nullptr;
-    const T proj_limit = static_cast<T>(proj_clip_);
+    T* d_pre = d.grad_pre_clip;
     T* const grad_unprojected = project_ ? grad_unprojected_.data_ptr<T>() : nullptr;
     at::Tensor product_holder;
     // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
@@ -453,11 +581,10 @@ class LstmBackward {
       const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
       s.t = t;
       s.grad_gates = grad_gates_data + first * G;
+      d.t = t;
+      d.first_row = first;
       if (n > 0) {
-        parallel_rows(n, P, [&](int64_t j) {
-          lstm_hidden_gradient_rows_entry(j, j + 1, P, B, t, first, sequence_.order, go, pre, carry_h, d_pre,
-                                          d_pre_all, state_limit, proj_limit);
-        });
+        parallel_rows(n, P, [&](int64_t j) { lstm_hidden_gradient_rows_entry(d, j, j + 1); });
         s.grad_hidden_unprojected =
             project_ ? projection_back_->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
@@ -473,6 +600,99 @@ class LstmBackward {
         }
       }
     }
+  }
+
+  // The multi-core step loop (persistent_cpu.h), float32, mirroring the forward's: worker w
+  // owns hidden units units[w] and columns columns[w] of h (the same without projection).
+  // Per step it forms dL/dh_t on its columns, (with projection: a barrier, then dL/dm on its
+  // units from all of dL/dh_t), runs the pointwise pass on its units, and after a barrier
+  // (dL/da_t complete) computes its columns of dL/dh_{t-1} = dL/da_t @ W_hh, which only it
+  // reads at the next step.
+  void run_steps_persistent(int64_t slices) {
+    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps_persistent", std::vector<c10::IValue>());
+    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
+    const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
+    const std::vector<int64_t> columns = project_ ? split_units(P, slices, kPanelWidth) : units;
+    SlicedPanels recurrent_panels(columns, 1, G);  // B[k][c] = W_hh[k][c]: columns of W_hh
+    c10::optional<SlicedPanels> projection_panels;
+    if (project_) projection_panels.emplace(units, 1, P);  // B[k][u] = W_hr[k][u]: columns of W_hr
+    const at::Tensor weight_hh = weight_hh_.contiguous();
+    const at::Tensor weight_hr = project_ ? weight_hr_.contiguous() : at::Tensor();
+    const float state_limit = static_cast<float>(state_clip_);
+    const LstmBackwardStep<float> common = backward_step<float>();
+    const LstmHiddenGradientStep<float> common_hidden = hidden_gradient_step<float>();
+    float* const grad_gates_data = grad_gates_all_.data_ptr<float>();
+    float* const carry_h = grad_hidden_carry_.data_ptr<float>();
+    float* const carry_c = grad_cell_carry_.data_ptr<float>();
+    float* const grad_unprojected = project_ ? grad_unprojected_.data_ptr<float>() : nullptr;
+
+    run_persistent(slices, [&](const StepWorker& worker) {
+      const int64_t first = worker.first_slice(), end = worker.end_slice();
+      for (int64_t w = first; w < end; ++w) {
+        recurrent_panels.pack(w, 0, weight_hh.data_ptr<float>() + columns[w], 1, P);
+        if (project_) projection_panels->pack(w, 0, weight_hr.data_ptr<float>() + units[w], 1, H);
+      }
+      const int64_t unit_begin = units[first], unit_end = units[end];
+      const int64_t column_begin = columns[first], column_end = columns[end];
+      LstmBackwardStep<float> s = common;
+      s.unit_begin = unit_begin;
+      s.unit_end = unit_end;
+      s.column_begin = column_begin;
+      s.column_end = column_end;
+      LstmHiddenGradientStep<float> d = common_hidden;
+      d.column_begin = column_begin;
+      d.column_end = column_end;
+      for (int64_t step = steps_ - 1; step >= 0; --step) {
+        const int64_t t = sequence_.time_of(step, reverse_);
+        const int64_t n = sequence_.active[t], first_row = sequence_.first_row[t];
+        s.t = d.t = t;
+        s.grad_gates = grad_gates_data + first_row * G;
+        d.first_row = first_row;
+        if (n > 0) {
+          lstm_hidden_gradient_rows_entry(d, 0, n);
+          if (project_) {
+            worker.barrier();  // dL/dh_t complete
+            for (int64_t w = first; w < end; ++w)
+              projection_panels->multiply(w, 0, d.grad_pre_clip, P, n, grad_unprojected + units[w], H, false);
+            s.grad_hidden_unprojected = grad_unprojected;
+          } else {
+            s.grad_hidden_unprojected = d.grad_pre_clip;
+          }
+          lstm_backward_rows_entry(s, 0, n);
+          worker.barrier();  // dL/da_t complete
+          for (int64_t w = first; w < end; ++w)
+            recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P, false);
+        }
+        // Rows past their length pass their state gradients through (clamped in state mode).
+        if (state_limit > 0) {
+          for (int64_t j = n; j < B; ++j) {
+            for (int64_t k = column_begin; k < column_end; ++k)
+              carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_limit);
+            for (int64_t k = unit_begin; k < unit_end; ++k)
+              carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
+          }
+        }
+      }
+    });
+  }
+
+  // The parts of the hidden-gradient pass that are the same at every step (all columns).
+  template <typename T>
+  LstmHiddenGradientStep<T> hidden_gradient_step() {
+    LstmHiddenGradientStep<T> d;
+    d.batch = batch_;
+    d.out_size = out_size_;
+    d.order = sequence_.order;
+    d.grad_output = grad_out_.data_ptr<T>();
+    d.hidden_pre_clip = hidden_pre_clip_.defined() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
+    d.grad_hidden_carry = grad_hidden_carry_.data_ptr<T>();
+    d.grad_pre_clip = grad_pre_clip_.data_ptr<T>();
+    d.grad_pre_clip_all = want_weight_hr() ? grad_pre_clip_all_.data_ptr<T>() : nullptr;
+    d.state_clip = static_cast<T>(state_clip_);
+    d.proj_clip = static_cast<T>(proj_clip_);
+    d.column_begin = 0;
+    d.column_end = out_size_;
+    return d;
   }
 
   // (grad_input [T,B,I], grad_weight_ih [4H,I], grad_weight_hh [4H,P], grad_bias [4H] (the
@@ -505,7 +725,7 @@ class LstmBackward {
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
   c10::optional<StepWeight> projection_back_;
-  at::Tensor weight_ih_;
+  at::Tensor weight_ih_, weight_hh_, weight_hr_;
   at::Tensor grad_out_;                // [T, B, P] padded
   at::Tensor grad_hidden_carry_;       // [B, P] slot-major
   at::Tensor grad_cell_carry_;         // [B, H] slot-major
@@ -538,7 +758,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, sizes, reverse,
                       cell_clip, proj_clip, save_for_backward);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+    forward.run_steps_persistent(workers);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
+  }
   return forward.results();
 }
 
@@ -564,7 +788,11 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
                         output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
                         gate_clip, output_mask);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+    backward.run_steps_persistent(workers);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
+  }
   return backward.gradients();
 }
 

@@ -10,8 +10,12 @@
 #include <rnntl/host_order.h>
 
 #include "../op_checks.h"
+#include "gemm_cpu.h"
+#include "persistent_cpu.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace rnntl {
@@ -113,6 +117,58 @@ struct SequenceOrder {
   }
   // Step processed just before t for a valid row (only meaningful when !is_first_step).
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
+  // Processing step of slot j's last step (-1 for a row of length 0).
+  int64_t last_processing_step(int64_t j, bool reverse) const {
+    const int64_t steps_run = length[order[j]];
+    return steps_run == 0 ? -1 : reverse ? host.steps - 1 : steps_run - 1;
+  }
+};
+
+// Which step loop runs a float32 sequence: the multi-core one (persistent_cpu.h) wherever
+// it can run: the own product kernel enabled (RNNTL_CPU_GEMM unset or auto), more than one
+// torch thread, OpenMP, and at least two slices of hidden units to share. RNNTL_CPU_ENGINE
+// = stepwise keeps the step-at-a-time loop (docs/ENVIRONMENT.md); unset, empty or "auto"
+// is the automatic choice; any other value is an error.
+inline bool persistent_engine_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("RNNTL_CPU_ENGINE");
+    if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return true;
+    TORCH_CHECK(std::strcmp(value, "stepwise") == 0,
+                "rnntl_fast: the environment variable RNNTL_CPU_ENGINE must be auto or stepwise (or unset), got '",
+                value, "'");
+    return false;
+  }();
+  return enabled;
+}
+// The number of workers (hidden-unit slices) of the multi-core loop for a sequence, or 0
+// where the step-at-a-time loop runs it.
+inline int64_t persistent_workers(const at::Tensor& input, int64_t hidden) {
+  if (input.scalar_type() != at::kFloat || !own_kernel_enabled() || !persistent_engine_enabled() ||
+      !persistent_workers_available())
+    return 0;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
+  return workers >= 2 ? workers : 0;
+}
+
+// The hidden state [B, W] (slot-major) of the multi-core loop, in two buffers: processing
+// step s reads buffer s % 2 and writes buffer (s + 1) % 2, so that no worker overwrites a
+// row that another worker's product of the same step still reads. Both start as the
+// initial state; rows that do not run at a step are not written.
+class AlternatingState {
+ public:
+  AlternatingState(const at::Tensor& initial) : buffers_(at::stack({initial, initial})) {}
+  float* read(int64_t step) { return buffers_[step & 1].data_ptr<float>(); }
+  float* write(int64_t step) { return buffers_[(step + 1) & 1].data_ptr<float>(); }
+  // The state after each slot's last step, slot-major [B, W].
+  at::Tensor final_state(const SequenceOrder& sequence, bool reverse) {
+    const int64_t batch = buffers_.size(1);
+    at::Tensor out = at::empty_like(buffers_[0]);
+    for (int64_t j = 0; j < batch; ++j) out[j].copy_(buffers_[(sequence.last_processing_step(j, reverse) + 1) & 1][j]);
+    return out;
+  }
+
+ private:
+  at::Tensor buffers_;  // [2, B, W]
 };
 
 // The one step scheduler of the forward passes: processing steps grouped into blocks whose
