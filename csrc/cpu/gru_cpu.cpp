@@ -512,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, sizes, reverse, save_for_backward);
-  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
     forward.run_steps_persistent(workers);
   } else {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
@@ -537,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, output, gates, hidden_n,
                        sizes, reverse, state_clip, gate_clip, output_mask);
-  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
     backward.run_steps_persistent(workers);
   } else {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] { backward.run_steps<scalar_t>(); });

@@ -758,7 +758,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, sizes, reverse,
                       cell_clip, proj_clip, save_for_backward);
-  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
     forward.run_steps_persistent(workers);
   } else {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
@@ -788,7 +788,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
                         output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
                         gate_clip, output_mask);
-  if (const int64_t workers = persistent_workers(input, sizes.hidden)) {
+  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
     backward.run_steps_persistent(workers);
   } else {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] { backward.run_steps<scalar_t>(); });

@@ -141,13 +141,18 @@ inline bool persistent_engine_enabled() {
   return enabled;
 }
 // The number of workers (hidden-unit slices) of the multi-core loop for a sequence, or 0
-// where the step-at-a-time loop runs it.
-inline int64_t persistent_workers(const at::Tensor& input, int64_t hidden) {
+// where the step-at-a-time loop runs it. weight_hh: [gates * hidden, depth]. A worker's
+// per-step product runs on the own kernel, so its slice of W_hh must suit that kernel
+// (own_step_kernel_suits: few rows, or a slice that stays in L2); bigger products are
+// faster through the libraries' multi-threaded kernels, step by step.
+inline int64_t persistent_workers(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden) {
   if (input.scalar_type() != at::kFloat || !own_kernel_enabled() || !persistent_engine_enabled() ||
       !persistent_workers_available())
     return 0;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
-  return workers >= 2 ? workers : 0;
+  if (workers < 2) return 0;
+  const int64_t batch = input.size(1), rows_per_worker = (weight_hh.size(0) + workers - 1) / workers;
+  return own_step_kernel_suits(batch, rows_per_worker, weight_hh.size(1)) ? workers : 0;
 }
 
 // The hidden state [B, W] (slot-major) of the multi-core loop, in two buffers: processing

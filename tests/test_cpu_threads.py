@@ -1,0 +1,121 @@
+"""The CPU kernels at 1, 2 and 3 threads (3 oversubscribes a 2-core machine).
+
+At one thread the step-at-a-time loop runs; at two or more the multi-core loop of
+csrc/cpu/persistent_cpu.h (docs/cpu.md, "Multi-core engine"). Both must give the results of
+the float64 reference within the error rule (tests/tolerances.py), the one-thread run being
+the baseline, for every option the ops have: lengths, reverse, proj_size, clips, frozen
+weights. Each multi-thread case also checks that the multi-core loop really ran.
+"""
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from parity import Case, assert_case_matches, make_tensors, run
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.rnntl_fast, "lstm_forward"),
+                                reason="the compiled extension is not built")
+
+CASES = [
+    Case("lstm", T=7, B=3, I=5, H=40),
+    Case("lstm", T=9, B=4, I=6, H=64, lengths=(9, 5, 2, 7), reverse=True),
+    Case("lstm", T=8, B=4, I=5, H=33, lengths=(3, 8, 0, 6)),
+    Case("lstm", T=6, B=3, I=5, H=48, proj=24, lengths=(6, 2, 4), cell_clip=0.5, proj_clip=0.3),
+    Case("lstm", T=6, B=3, I=5, H=48, proj=20, reverse=True, initial_state=False),
+    Case("lstm", T=7, B=3, I=4, H=40, grad_clip=0.05, grad_clip_mode="state", lengths=(7, 4, 1)),
+    Case("lstm", T=7, B=3, I=4, H=40, grad_clip=0.05, grad_clip_mode="gates", reverse=True),
+    Case("lstm", T=6, B=2, I=4, H=36, frozen=("weight_hh", "weight_ih", "input")),
+    Case("gru", T=7, B=3, I=5, H=40),
+    Case("gru", T=9, B=4, I=6, H=100, lengths=(9, 5, 2, 7), reverse=True),
+    Case("gru", T=8, B=4, I=5, H=48, lengths=(3, 8, 0, 6), bias=False),
+    Case("gru", T=7, B=3, I=4, H=40, grad_clip=0.05, grad_clip_mode="state", lengths=(7, 4, 1)),
+    Case("gru", T=7, B=3, I=4, H=40, grad_clip=0.05, grad_clip_mode="gates", initial_state=False),
+    Case("gru", T=6, B=2, I=4, H=36, frozen=("weight_hh", "bias_hh")),
+]
+
+
+@contextmanager
+def threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_recording_engine(case, tensors, dtype):
+    """(results, names of the step loops that ran)"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        results = run(case, tensors, dtype, backend="cpu")
+    loops = {event.name for event in profile.events() if event.name.endswith("_steps")
+             or event.name.endswith("_steps_persistent")}
+    return results, loops
+
+
+@pytest.mark.parametrize("thread_count", [2, 3], ids=lambda n: f"threads{n}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_threads_match_one_thread_and_reference(case, thread_count):
+    tensors = make_tensors(case, seed=3)
+    reference64 = run(case, tensors, torch.float64, backend="reference")
+    with threads(1):
+        one_thread, loops_one = run_recording_engine(case, tensors, torch.float32)
+    with threads(thread_count):
+        many_threads, loops_many = run_recording_engine(case, tensors, torch.float32)
+    assert not any(name.endswith("_persistent") for name in loops_one), loops_one
+    assert loops_many == {f"rnntl_fast::{case.cell}_forward_steps_persistent",
+                          f"rnntl_fast::{case.cell}_backward_steps_persistent"}, loops_many
+    assert assert_case_matches(case, many_threads, one_thread, reference64, torch.float32)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_many_short_sequences_in_a_row(cell):
+    """Hundreds of sequences of 1-3 steps back to back: each starts and ends a parallel region
+    and meets its barrier once per step; every result equals the one-thread loop's."""
+    module_class = __import__("rnntl_fast").LSTM if cell == "lstm" else __import__("rnntl_fast").GRU
+    torch.manual_seed(0)
+    module = module_class(6, 48, bidirectional=True)
+    inputs = [torch.randn(1 + i % 3, 1 + i % 4, 6) for i in range(300)]
+
+    def outputs():
+        results = []
+        for x in inputs:
+            x = x.clone().requires_grad_()
+            output, _ = module(x)
+            output.square().sum().backward()
+            results.append((output.detach(), x.grad))
+        return results
+
+    with threads(1):
+        expected = outputs()
+    with threads(2):
+        actual = outputs()
+    for (out1, grad1), (out2, grad2) in zip(expected, actual):
+        torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad2, grad1, rtol=1e-5, atol=1e-6)
+
+
+def _engine_probe(environment):
+    code = ("import torch, rnntl_fast; torch.set_num_threads(2); m = rnntl_fast.LSTM(4, 64)\n"
+            "with torch.profiler.profile() as p: m(torch.randn(3, 2, 4))\n"
+            "print(sorted(e.name for e in p.events() if e.name.startswith('rnntl_fast::lstm_forward_steps')))")
+    env = {**os.environ, **environment}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_engine_variable_selects_the_step_loop():
+    stepwise = _engine_probe({"RNNTL_CPU_ENGINE": "stepwise"})
+    assert stepwise.returncode == 0, stepwise.stderr
+    assert "['rnntl_fast::lstm_forward_steps']" in stepwise.stdout
+    automatic = _engine_probe({"RNNTL_CPU_ENGINE": "auto"})
+    assert automatic.returncode == 0, automatic.stderr
+    assert "['rnntl_fast::lstm_forward_steps_persistent']" in automatic.stdout
+
+
+def test_engine_variable_rejects_unknown_values():
+    result = _engine_probe({"RNNTL_CPU_ENGINE": "fastest"})
+    assert result.returncode != 0
+    assert "RNNTL_CPU_ENGINE must be auto or stepwise" in result.stderr
