@@ -39,7 +39,7 @@ from rnntl_fast import convert  # noqa: E402
 from rnntl_fast.transfer import data  # noqa: E402
 from rnntl_fast.machine import set_threads  # noqa: E402
 from rnntl_fast.transfer.corpus import TokenStreams, build_token_corpus, file_source  # noqa: E402
-from rnntl_fast.transfer.models import LanguageModel, TextEncoder  # noqa: E402
+from rnntl_fast.transfer.models import LanguageModel, RecurrentEncoder  # noqa: E402
 from rnntl_fast.transfer.pipeline import Recipe  # noqa: E402
 
 RECIPE = Recipe()
@@ -95,7 +95,8 @@ def train(args) -> dict:
     set_threads(args.threads)
     built = _corpus(args)
     torch.manual_seed(0)
-    model = LanguageModel(TextEncoder(**RECIPE.encoder_config(len(built.vocab))), dropout=RECIPE.dropout)
+    model = LanguageModel(RecurrentEncoder.stacked(**RECIPE.encoder_config(len(built.vocab))),
+                          dropout=RECIPE.dropout)
     models = {"rnntl_fast": model, "torch.nn": convert(copy.deepcopy(model), inverse=True)}
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     streams = {k: TokenStreams(built.train_tokens(), RECIPE.lm_batch_size, RECIPE.lm_chunk_length) for k in models}

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rnntl_fast.transfer.corpus import TokenCorpus, TokenStreams, stream_perplexity  # noqa: E402
-from rnntl_fast.transfer.models import LanguageModel, TextEncoder  # noqa: E402
+from rnntl_fast.transfer.models import LanguageModel, RecurrentEncoder  # noqa: E402
 from rnntl_fast.transfer.pipeline import Recipe  # noqa: E402
 from rnntl_fast.transfer.training import load_checkpoint  # noqa: E402
 
@@ -26,7 +26,8 @@ def evaluate(run_dir: str) -> dict:
         corpus = TokenCorpus(os.path.join(run_dir, "lm_tokens.bin"), json.load(handle))
     checkpoint = load_checkpoint(os.path.join(run_dir, "language_model.pt"))
     recipe = Recipe(**checkpoint["recipe"])
-    model = LanguageModel(TextEncoder(**recipe.encoder_config(len(corpus.vocab))), dropout=recipe.dropout)
+    model = LanguageModel(RecurrentEncoder.stacked(**recipe.encoder_config(len(corpus.vocab))),
+                          dropout=recipe.dropout)
     model.load_state_dict(checkpoint["model"])
     result = {"run": run_dir, "trained_with": recipe.lm_state, "valid_tokens": corpus.valid_count}
     for carry in (True, False):

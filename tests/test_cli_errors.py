@@ -157,9 +157,9 @@ DATA = [
     ("encoder-truncated", ["--train-csv", "{good.csv}", *CSV, "--encoder", "{truncated.pt}"],
      ["--encoder", "truncated.pt"]),
     ("encoder-not-an-encoder", ["--train-csv", "{good.csv}", *CSV, "--encoder", "{not_an_encoder.pt}"],
-     ["--encoder", "not an encoder written by `rnntl-fast pretrain`"]),
-    ("freeze-pattern-matching-nothing", ["--train-csv", "{good.csv}", *CSV, "--freeze-pattern", "encoder.rnn.*_l7"],
-     ["--freeze-pattern: pattern 'encoder.rnn.*_l7' matches no parameter"]),
+     ["--encoder", "lstm.pt: not an encoder file"]),
+    ("freeze-pattern-matching-nothing", ["--train-csv", "{good.csv}", *CSV, "--freeze-pattern", "encoder.layers.0.*_l7"],
+     ["--freeze-pattern: pattern 'encoder.layers.0.*_l7' matches no parameter"]),
     ("pretrain-lm-text-binary", ["--lm-text", "{binary.txt}"], ["--lm-text", "binary file"]),
 ]
 

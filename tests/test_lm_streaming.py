@@ -16,7 +16,7 @@ import torch
 from rnntl_fast.transfer import corpus
 from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_corpus, file_source
 from rnntl_fast.transfer.data import EOS, DataError, Vocab, read_text_file, tokenize
-from rnntl_fast.transfer.models import LanguageModel, TextEncoder
+from rnntl_fast.transfer.models import LanguageModel, RecurrentEncoder
 from rnntl_fast.transfer.pipeline import Recipe, RunControl, pretrain_language_model
 from rnntl_fast.transfer.training import StopRequested
 
@@ -188,7 +188,7 @@ def _graph_size(tensor):
 
 def test_carried_state_is_detached_and_the_graph_stays_flat():
     torch.manual_seed(0)
-    model = LanguageModel(TextEncoder(30, 8, 8, num_layers=2))
+    model = LanguageModel(RecurrentEncoder.stacked(30, 8, 8, num_layers=2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tokens = np.random.default_rng(0).integers(3, 30, size=4 * 5 * 200 + 1).astype(np.uint16)
     streams = TokenStreams(tokens, batch_size=4, bptt=5)
@@ -199,7 +199,7 @@ def test_carried_state_is_detached_and_the_graph_stays_flat():
         sizes.append(_graph_size(loss))
         loss.backward()
         optimizer.step()
-        h, c = streams.state
+        (h, c), = streams.state  # one recurrent module
         assert h.grad_fn is None and c.grad_fn is None and not h.requires_grad and h.shape == (2, 4, 8)
     assert len(sizes) == 200 and index == 199
     assert len(set(sizes)) == 1  # the graph of window 200 is as large as that of window 1
@@ -208,7 +208,7 @@ def test_carried_state_is_detached_and_the_graph_stays_flat():
 
 def test_carried_state_changes_the_loss_and_reset_starts_from_zeros():
     torch.manual_seed(0)
-    model = LanguageModel(TextEncoder(30, 8, 8)).eval()
+    model = LanguageModel(RecurrentEncoder.stacked(30, 8, 8)).eval()
     tokens = np.random.default_rng(1).integers(3, 30, size=2 * 30 + 1).astype(np.uint16)
     losses = {}
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_two_process_pretraining_reads_each_ranks_own_streams(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     saved = torch.load(tmp_path / "out" / "language_model.pt", weights_only=False)
     assert saved["world_size"] == 2 and len(saved["batch_source"]) == 2
-    rank_states = [entry["state"][0] for entry in saved["batch_source"]]
+    rank_states = [entry["state"][0][0] for entry in saved["batch_source"]]  # module 0's h_n
     assert rank_states[0].shape == (1, 2, 8)  # each rank carried the state of its own 2 of the 4 streams
     assert not torch.equal(rank_states[0], rank_states[1])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -110,6 +110,19 @@ def encoder_ill_shaped_embedding(folder):
             r"embedding.weight has shape \[3\], expected \[5, 4\]")
 
 
+def encoder_vocab_of_other_length(folder):
+    def change(saved):
+        saved["vocab"] = ["a", "b"]
+    return pretrained.load_encoder, _encoder_file(folder, change), r"its 'vocab' is not a list of 5 words"
+
+
+def encoder_of_an_earlier_pretrain(folder):
+    path = folder / "encoder.pt"
+    torch.save({"encoder_config": {"vocab_size": 5}, "encoder": {"rnn.weight_ih_l0": torch.zeros(12, 4)},
+                "vocab": {"itos": ["<pad>"]}, "info": {}}, path)
+    return pretrained.load_encoder, path, r"an encoder file of an earlier rnntl_fast \(weights named rnn\.\*\)"
+
+
 def encoder_from_truncated_checkpoint(folder):
     state = {"embedding.weight": torch.zeros(5, 4), **{f"rnn.{k}": v for k, v in _lstm_state().items()}}
     return pretrained.encoder_from_checkpoint, _truncate(_torch_file(folder, state)), "not a readable torch.save"
@@ -265,7 +278,8 @@ def onnx_tensor_data_shorter_than_shape(folder):
 CASES = [torch_truncated, torch_not_a_checkpoint, torch_missing_weight_hh, torch_missing_second_layer_tensors,
          torch_one_dimensional_weight, torch_wrong_bias_shape, torch_zero_hidden_size,
          encoder_truncated, encoder_without_config, encoder_config_missing_entry, encoder_unknown_layer_kind,
-         encoder_ill_shaped_embedding, encoder_from_truncated_checkpoint,
+         encoder_ill_shaped_embedding, encoder_vocab_of_other_length, encoder_of_an_earlier_pretrain,
+         encoder_from_truncated_checkpoint,
          keras_truncated, keras_missing_kernel, keras_one_dimensional_recurrent_kernel, keras_zero_size_kernels,
          keras_model_config_not_json, keras_archive_with_damaged_weights,
          tf1_truncated_npz, tf1_truncated_index, tf1_truncated_data_shard, tf1_empty_kernel, tf1_ill_shaped_bias,

@@ -103,6 +103,22 @@ def test_build_encoder_stacks_layers_and_keeps_extras():
         build_encoder(embedding, [LSTM(7, 3)])
 
 
+def test_stacked_encoder_round_trip_keeps_weights_and_vocab(tmp_path):
+    torch.manual_seed(0)
+    encoder = RecurrentEncoder.stacked(6, 4, 5, num_layers=2, cell="gru", dropout=0.2)
+    words = ["<pad>", "<unk>", "<eos>", "a", "b", "c"]
+    path = tmp_path / "encoder.pt"
+    save_encoder(encoder, path, vocab=words)
+    restored = load_encoder(path)
+    assert restored.config == encoder.config and restored.vocab == words
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    save_encoder(restored, tmp_path / "again.pt")  # the vocabulary travels with the encoder
+    assert load_encoder(tmp_path / "again.pt").vocab == words
+    with pytest.raises(ValueError, match="vocab has 2 words; the embedding has 6 rows"):
+        save_encoder(encoder, path, vocab=["x", "y"])
+
+
 def test_load_encoder_rejects_other_files(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, path)

@@ -12,7 +12,9 @@ import sys
 import pytest
 import torch
 
+from rnntl_fast import LSTM
 from rnntl_fast.cli import main
+from rnntl_fast.pretrained import build_encoder, load_encoder, load_torch, save_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ["good", "great", "fun", "moving", "sharp", "lovely"]
@@ -148,23 +150,78 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
 
 
 def test_pretrain_then_finetune_from_the_encoder_file(tiny_data, tmp_path, capsys):
+    """One encoder file: what `pretrain` writes is what rnntl_fast.pretrained.load_encoder
+    rebuilds (vocabulary included) and what `finetune --encoder` starts from."""
     csv_path, text_path = tiny_data
     assert main(["pretrain", "--lm-text", text_path, "--no-lm-train-text", "--vocab-size", "40", "--min-freq", "1",
                  "--embedding-dim", "8", "--hidden-size", "8", "--lm-epochs", "1", "--lm-batch-size", "4",
                  "--lm-chunk-length", "8", "--threads", "1", "--no-progress", "--output-dir",
                  str(tmp_path / "lm")]) == 0
     encoder = tmp_path / "lm" / "encoder.pt"
-    assert encoder.is_file()
+    loaded = load_encoder(encoder)
+    language_model = torch.load(tmp_path / "lm" / "language_model.pt", weights_only=False)
+    trained = {k[len("encoder."):]: v for k, v in language_model["model"].items() if k.startswith("encoder.")}
+    assert set(loaded.state_dict()) == set(trained) and "layers.0.weight_ih_l0" in trained
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+    assert loaded.vocab == language_model["vocab"]["itos"] and len(loaded.vocab) == loaded.embedding.num_embeddings
+    assert list(load_torch(encoder)) == ["layers.0"]  # the generic checkpoint loader finds its LSTM too
+
     args = tiny_args(tiny_data, tmp_path / "ft", "--encoder", str(encoder), "--throughput-steps", "0",
                      "--no-scratch", "--freeze", "encoder", "--bidirectional")
     assert main(args) == 0
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert "language_model" not in metrics and "scratch" not in metrics
     transferred = metrics["transfer"]["transferred_parameters"]
-    assert "encoder.rnn.weight_ih_l0" in transferred and "encoder.rnn.weight_ih_l0_reverse" not in transferred
+    assert "encoder.layers.0.weight_ih_l0" in transferred and "encoder.layers.0.weight_ih_l0_reverse" not in transferred
+    classifier = torch.load(tmp_path / "ft" / "transfer.pt", weights_only=False)["model"]
+    for name, value in loaded.state_dict().items():  # frozen with --freeze encoder: still the file's weights
+        assert torch.equal(classifier[f"encoder.{name}"], value), name
+
+    code, error = _run_cli(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"),
+                           capsys)
+    assert code == 2 and f"--encoder {encoder}: layer 'layers.0' is" in error and "this run expects" in error
+
+
+def _run_cli(argv, capsys):
+    """(exit code, stderr) of main(argv) for a run that stops on the user's mistake."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        main(tiny_args(tiny_data, tmp_path / "bad", "--encoder", str(encoder), "--hidden-size", "6"))
-    assert stop.value.code == 2 and "does not match --hidden-size 6" in capsys.readouterr().err
+        main(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+def _earlier_pretrain_file(path):
+    """An encoder file as `rnntl-fast pretrain` wrote it before the encoder format was shared."""
+    lstm = torch.nn.LSTM(8, 8, batch_first=True)
+    torch.save({"encoder_config": {"vocab_size": 40, "embedding_dim": 8, "hidden_size": 8, "num_layers": 1},
+                "encoder": {"embedding.weight": torch.zeros(40, 8),
+                            **{f"rnn.{k}": v for k, v in lstm.state_dict().items()}},
+                "vocab": {"itos": ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(37)]}, "info": {}}, path)
+
+
+def _foreign_encoder_file(path):
+    """An encoder file of the shared format without a vocabulary (pretrained.save_encoder of
+    a built encoder)."""
+    save_encoder(build_encoder(torch.zeros(40, 8), [LSTM(8, 8, batch_first=True)]), path)
+
+
+def _truncated_encoder_file(path):
+    _foreign_encoder_file(path)
+    path.write_bytes(path.read_bytes()[:400])
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_truncated_encoder_file, "not a readable torch.save file"),
+    (_earlier_pretrain_file, "an encoder file of an earlier rnntl_fast (weights named rnn.*)"),
+    (_foreign_encoder_file, "its vocabulary is missing or not rnntl_fast.transfer's"),
+], ids=["truncated", "earlier-format", "no-vocabulary"])
+def test_finetune_refuses_a_bad_encoder_file_in_one_line(tiny_data, tmp_path, capsys, make, reason):
+    path = tmp_path / "encoder.pt"
+    make(path)
+    code, error = _run_cli(tiny_args(tiny_data, tmp_path / "out", "--encoder", str(path)), capsys)
+    lines = error.strip().splitlines()  # the run's settings line may come first
+    assert code == 2 and "Traceback" not in error and [line for line in lines if "error" in line] == lines[-1:], error
+    assert lines[-1].startswith(f"rnntl-fast finetune: error: --encoder {path}: ") and reason in lines[-1], lines[-1]
 
 
 def _gensim_test_file(name):

@@ -21,7 +21,7 @@ from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_cor
 from rnntl_fast.transfer.data import EncodedTexts, collate
 from rnntl_fast.transfer.methods import (METHODS, MethodContext, MethodSettings, build_method_model,
                                          encoder_perplexity, method_recipe, run_method)
-from rnntl_fast.transfer.models import LanguageModel, TextEncoder
+from rnntl_fast.transfer.models import LanguageModel, RecurrentEncoder
 from rnntl_fast.transfer.pipeline import Recipe, RunControl, build_classifier, transfer_encoder
 from rnntl_fast.transfer.regularizers import EWC, diagonal_fisher
 
@@ -111,7 +111,7 @@ def context(tmp_path):
     sets = {name: EncodedTexts([t for t, _ in rows], [l for _, l in rows], vocab, 12) for name in ("train", "valid",
                                                                                                    "test")}
     torch.manual_seed(0)
-    language_model = LanguageModel(TextEncoder(**recipe.encoder_config(len(vocab))))
+    language_model = LanguageModel(RecurrentEncoder.stacked(**recipe.encoder_config(len(vocab))))
     windows = TokenStreams(lm_corpus.train_tokens(), 4, 8, carry_state=False)
     held_out = TokenStreams(lm_corpus.valid_tokens(), 4, 8)
     result = MethodContext(sets, 2, len(vocab), language_model, windows, held_out, MethodSettings())
@@ -181,12 +181,12 @@ def test_adapt_grows_the_encoder_with_the_transferred_parts_exact_at_step_zero(c
     assert sorted(transferred) == sorted(f"encoder.{k}" for k in lm.state_dict())
     for name, value in lm.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[name], value), name
-    assert "rnn.weight_ih_l1" in model.encoder.state_dict()  # the new layer
+    assert "layers.0.weight_ih_l1" in model.encoder.state_dict()  # the new layer
     model.eval()
     lm.eval()
     ids = torch.randint(3, context.vocab_size, (3, 7))
     lm_outputs, _ = lm(ids)
-    first_layer = split_layers(model.encoder.rnn)[0]
+    first_layer = split_layers(model.encoder.layers[0])[0]
     assert torch.equal(first_layer(model.encoder.embedding(ids))[0], lm_outputs)
     held_out = context.lm_valid
     assert encoder_perplexity(context.language_model, model.encoder, held_out) == \
@@ -240,7 +240,7 @@ def test_scalar_mix_is_a_scaled_softmax_weighted_sum():
 
 def test_bilm_features_read_each_row_both_ways_despite_padding():
     torch.manual_seed(0)
-    forward, backward = (TextEncoder(20, 4, 8, num_layers=2).eval() for _ in range(2))
+    forward, backward = (RecurrentEncoder.stacked(20, 4, 8, num_layers=2).eval() for _ in range(2))
     features = BiLanguageModelFeatures.from_language_models(forward, backward)
     ids = torch.randint(3, 20, (3, 6))
     lengths = torch.tensor([6, 4, 2])
@@ -322,8 +322,8 @@ def test_gradient_reversal_reaches_the_encoder_with_the_sign_and_scale_of_lambda
     # the domain loss's own gradient, straight through (no reversal layer)
     model.zero_grad()
     outputs = [model.encoder(ids, lengths) for ids, lengths in (labelled[:2], other)]
-    logits = torch.cat([model.heads["domain"](o, last, lengths) for (o, last), lengths in
-                        zip(outputs, (labelled[1], other[1]))])
+    logits = torch.cat([model.heads["domain"](o, model.encoder.final_features(states), lengths)
+                        for (o, states), lengths in zip(outputs, (labelled[1], other[1]))])
     torch.nn.functional.cross_entropy(logits, torch.tensor([0] * 4 + [1] * 4)).backward()
     domain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for name, gradient in with_reversal.items():

@@ -9,9 +9,10 @@ from torch import nn
 
 import rnntl_fast
 from rnntl_fast.transfer import (L2SP, GradualUnfreezer, GradientReversal, LanguageModel, MultiTaskModel,
-                                 PartiallyFrozenEmbedding, SlantedTriangularLR, TextClassifier, TextEncoder,
+                                 PartiallyFrozenEmbedding, RecurrentEncoder, SlantedTriangularLR, TextClassifier,
                                  discriminative_param_groups, freeze, freeze_direction, freeze_layers,
-                                 mask_embedding_rows, reverse_gradient, set_trainable, slanted_triangular)
+                                 mask_embedding_rows, recurrent_parameters, reverse_gradient, set_trainable,
+                                 slanted_triangular)
 from rnntl_fast.transfer.data import DataError, Vocab, read_labelled_csv, read_text_file
 
 
@@ -87,6 +88,46 @@ def test_freeze_direction_and_set_trainable():
         set_trainable(model, ["0.weight_xx*"], False)
     with pytest.raises(ValueError, match="do not exist"):
         freeze_layers(rnn, [5])
+
+
+RECURRENT_TENSORS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def test_encoder_layers_are_counted_across_its_modules():
+    # module 0: a bidirectional 2-layer LSTM (layers 0, 1), module 1: a GRU (layer 2)
+    encoder = RecurrentEncoder(20, 4, [{"kind": "LSTM", "hidden_size": 5, "num_layers": 2, "bidirectional": True},
+                                       {"kind": "GRU", "hidden_size": 3}])
+    expected = [{f"layers.0.{t}_l{k}{d}" for t in RECURRENT_TENSORS for d in ("", "_reverse")} for k in (0, 1)]
+    expected.append({f"layers.1.{t}_l0" for t in RECURRENT_TENSORS})
+    assert [set(layer) for layer in encoder.recurrent_layers()] == expected
+    named = dict(encoder.named_parameters())
+    assert all(named[name] is parameter for layer in encoder.recurrent_layers() for name, parameter in layer.items())
+    groups = encoder.layer_groups()
+    assert len(groups) == 4 and groups[0] == [encoder.embedding.weight]
+    assert [{id(p) for p in group} for group in groups[1:]] == [{id(named[n]) for n in layer} for layer in expected]
+
+    freeze_layers(encoder, [1, 2], direction="forward")
+    frozen = {name for name, parameter in named.items() if not parameter.requires_grad}
+    assert frozen == {f"layers.0.{t}_l1" for t in RECURRENT_TENSORS} | expected[2]
+    reverse = {id(parameter) for parameter in recurrent_parameters(encoder, None, "reverse")}
+    assert reverse == {id(parameter) for name, parameter in named.items() if name.endswith("_reverse")}
+    with pytest.raises(ValueError, match=r"layers \[3\] do not exist; the module has layers \[0, 1, 2\]"):
+        freeze_layers(encoder, [3])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_encoder_final_features_are_the_top_layers_last_states(bidirectional):
+    torch.manual_seed(0)
+    encoder = RecurrentEncoder.stacked(20, 4, 5, num_layers=2, bidirectional=bidirectional).eval()
+    ids, lengths = torch.tensor([[4, 5, 6, 0], [7, 8, 9, 10]]), torch.tensor([3, 4])
+    outputs, states = encoder(ids, lengths)
+    features = encoder.final_features(states)
+    assert len(states) == 1 and features.shape == (2, 10 if bidirectional else 5)
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(features[row, :5], outputs[row, length - 1, :5])  # forward: last real token
+        if bidirectional:
+            torch.testing.assert_close(features[row, 5:], outputs[row, 0, 5:])     # reverse: t = 0
+    assert not outputs[0, 3].any()  # zero past the row's length
 
 
 def test_masked_embedding_rows_train_only_the_missing_words():
@@ -194,7 +235,7 @@ def test_l2sp_value_and_gradient():
 @pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention", "concat"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_padding_does_not_leak_into_the_classifier(pooling, bidirectional):
-    model = TextClassifier(TextEncoder(20, 5, 6, num_layers=2, bidirectional=bidirectional), 3, pooling=pooling)
+    model = TextClassifier(RecurrentEncoder.stacked(20, 5, 6, num_layers=2, bidirectional=bidirectional), 3, pooling=pooling)
     model.eval()
     short = torch.tensor([[4, 5, 6]])
     alone = model(short, torch.tensor([3]))
@@ -208,7 +249,7 @@ def test_padding_does_not_leak_into_the_classifier(pooling, bidirectional):
 
 def test_multitask_reversed_head_sends_negated_gradient_to_the_encoder():
     torch.manual_seed(0)
-    encoder = TextEncoder(20, 4, 5)
+    encoder = RecurrentEncoder.stacked(20, 4, 5)
     plain = MultiTaskModel(encoder, {"sentiment": 2, "domain": 2})
     reversed_ = MultiTaskModel(encoder, {"sentiment": 2, "domain": 2}, reversed_heads={"domain": 0.5})
     reversed_.heads.load_state_dict(plain.heads.state_dict())
@@ -218,13 +259,13 @@ def test_multitask_reversed_head_sends_negated_gradient_to_the_encoder():
         model.eval()  # no dropout: both passes must see the same features
         encoder.zero_grad(set_to_none=True)
         model(ids, lengths, task="domain").sum().backward()
-        grads.append(encoder.rnn.weight_hh_l0.grad.clone())
+        grads.append(encoder.layers[0].weight_hh_l0.grad.clone())
     torch.testing.assert_close(grads[1], -0.5 * grads[0])
     assert set(plain(ids, lengths)) == {"sentiment", "domain"}
 
 
 def test_language_model_loss_matches_its_log_probabilities():
-    model = LanguageModel(TextEncoder(50, 6, 8))
+    model = LanguageModel(RecurrentEncoder.stacked(50, 6, 8))
     ids = torch.randint(0, 50, (2, 7))
     targets = torch.randint(0, 50, (2, 7))
     log_prob = model(ids)
@@ -234,7 +275,7 @@ def test_language_model_loss_matches_its_log_probabilities():
 
 
 def test_encoder_frozen_everywhere_but_head_still_trains():
-    model = TextClassifier(TextEncoder(20, 4, 5), 2)
+    model = TextClassifier(RecurrentEncoder.stacked(20, 4, 5), 2)
     freeze(model.encoder)
     loss = F.cross_entropy(model(torch.tensor([[1, 2, 3]]), torch.tensor([3])), torch.tensor([1]))
     loss.backward()

@@ -12,8 +12,11 @@ express with UnsupportedLayerError instead of loading something else):
 
     load_word_vectors  word2vec text/binary, GloVe, fastText .vec -> nn.Embedding + coverage
 
-    build_encoder / encoder_from_checkpoint   embedding + stacked LSTM/GRU as one module
-    save_encoder / load_encoder                that encoder with its config, in one file
+    RecurrentEncoder                           embedding + LSTM/GRU modules: the one text encoder,
+                                               rnntl_fast.transfer's too
+    build_encoder / encoder_from_checkpoint    a RecurrentEncoder from loaded parts
+    save_encoder / load_encoder                the encoder file (config, weights, vocabulary),
+                                               also written by `rnntl-fast pretrain`
 
 See docs/pretrained.md for the formats and the exact conversions.
 """

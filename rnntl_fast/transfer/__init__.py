@@ -7,8 +7,8 @@ from .contextual import BiLanguageModelFeatures, ElmoClassifier, ScalarMix
 from .freezing import (GradualUnfreezer, PartiallyFrozenEmbedding, freeze, freeze_direction, freeze_layers,
                        mask_embedding_rows, recurrent_parameters, set_trainable, unfreeze, unfreeze_layers)
 from .layers import GradientReversal, reverse_gradient
-from .models import (ClassificationHead, LanguageModel, LanguageModelHead, MultiTaskModel, TextClassifier,
-                     TextEncoder)
+from .models import (ClassificationHead, LanguageModel, LanguageModelHead, MultiTaskModel, RecurrentEncoder,
+                     TextClassifier, TextEncoder)
 from .regularizers import EWC, L2SP, diagonal_fisher
 from .schedules import SlantedTriangularLR, discriminative_param_groups, slanted_triangular
 
@@ -17,6 +17,7 @@ __all__ = [
     "set_trainable", "mask_embedding_rows", "PartiallyFrozenEmbedding", "GradualUnfreezer",
     "discriminative_param_groups", "slanted_triangular", "SlantedTriangularLR", "L2SP", "EWC", "diagonal_fisher",
     "reverse_gradient", "GradientReversal",
-    "TextEncoder", "LanguageModel", "LanguageModelHead", "ClassificationHead", "TextClassifier", "MultiTaskModel",
+    "RecurrentEncoder", "TextEncoder", "LanguageModel", "LanguageModelHead", "ClassificationHead", "TextClassifier",
+    "MultiTaskModel",
     "ScalarMix", "BiLanguageModelFeatures", "ElmoClassifier",
 ]

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as fast_nn
-from .models import ClassificationHead, TextEncoder, _layer_of
+from ..pretrained.encoder import RecurrentEncoder, recurrent_layer_index
+from .models import ClassificationHead
 
 
 class ScalarMix(nn.Module):
@@ -63,7 +64,7 @@ def split_layers(rnn: nn.Module) -> List[nn.Module]:
         input_size = rnn.input_size if index == 0 else rnn.hidden_size
         layer = cell(input_size, rnn.hidden_size, batch_first=True, bias=rnn.bias)
         state = {name.replace(f"_l{index}", "_l0"): value.detach().clone()
-                 for name, value in rnn.named_parameters() if _layer_of(name) == index}
+                 for name, value in rnn.named_parameters() if recurrent_layer_index(name) == index}
         layer.load_state_dict(state)
         layers.append(layer)
     return layers
@@ -105,11 +106,15 @@ class BiLanguageModelFeatures(nn.Module):
         self.num_outputs = len(forward_layers) + 1
 
     @classmethod
-    def from_language_models(cls, forward_encoder: TextEncoder, backward_encoder: TextEncoder):
+    def from_language_models(cls, forward_encoder: RecurrentEncoder, backward_encoder: RecurrentEncoder):
         """From the encoders of a forward and a backward LanguageModel (weights copied: the
-        LMs themselves are left as they are)."""
+        LMs themselves are left as they are); every layer of every recurrent module, bottom
+        to top."""
+        def layers(encoder: RecurrentEncoder) -> List[nn.Module]:
+            return [layer for module in encoder.layers for layer in split_layers(module)]
+
         return cls(copy.deepcopy(forward_encoder.embedding), copy.deepcopy(backward_encoder.embedding),
-                   split_layers(forward_encoder.rnn), split_layers(backward_encoder.rnn))
+                   layers(forward_encoder), layers(backward_encoder))
 
     @classmethod
     def from_elmo(cls, layers: Mapping[str, nn.Module], embedding: nn.Module, skip_connections: bool = True):

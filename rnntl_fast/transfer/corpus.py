@@ -482,13 +482,19 @@ def _renumber(numbered_path: str, table: _WordTable, vocab: Vocab, dtype, token_
 
 # -- streams -----------------------------------------------------------------------------
 
-def detach_state(state):
-    """A recurrent state (tensor, tuple of tensors or None) cut from its graph."""
+def map_state(function, state):
+    """`function` applied to every tensor of a recurrent state: a tensor, None, or a list /
+    tuple of those (an encoder's final states: one h_n or (h_n, c_n) per module)."""
     if state is None:
         return None
     if isinstance(state, Tensor):
-        return state.detach()
-    return tuple(s.detach() for s in state)
+        return function(state)
+    return type(state)(map_state(function, part) for part in state)
+
+
+def detach_state(state):
+    """A recurrent state (see map_state) cut from its graph."""
+    return map_state(Tensor.detach, state)
 
 
 class TokenStreams:
@@ -577,16 +583,11 @@ class TokenStreams:
         return loss, targets.numel()
 
     def state_dict(self) -> dict:
-        state = self.state
-        if state is not None:
-            state = state.cpu() if isinstance(state, Tensor) else tuple(s.cpu() for s in state)
-        return {"position": self.position, "state": state}
+        return {"position": self.position, "state": map_state(Tensor.cpu, self.state)}
 
     def load_state_dict(self, saved: dict, device=None) -> None:
-        self.position, state = saved["position"], saved["state"]
-        if state is not None:
-            state = state.to(device) if isinstance(state, Tensor) else tuple(s.to(device) for s in state)
-        self.state = state
+        self.position = saved["position"]
+        self.state = map_state(lambda tensor: tensor.to(device), saved["state"])
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from torch import Tensor
 from . import data
 from .corpus import TextSource, TokenCorpus, build_token_corpus, file_source
 from .data import EncodedTexts, LabelledTexts, collate
-from .models import MultiTaskModel, TextEncoder
+from .models import MultiTaskModel, RecurrentEncoder
 from .pipeline import Recipe, RunControl, _seed_model_init, pretrain_language_model
 from .schedules import SlantedTriangularLR
 from .training import quiet_generator
@@ -158,7 +158,7 @@ def build_model(recipe: Recipe, vocab_size: int, num_classes: int, device=None) 
     """One encoder, a label head and a domain head behind gradient reversal (strength set
     per step by `train_domain_method`)."""
     _seed_model_init(recipe.seed + 1)
-    encoder = TextEncoder(**recipe.encoder_config(vocab_size))
+    encoder = RecurrentEncoder.stacked(**recipe.encoder_config(vocab_size))
     return MultiTaskModel(encoder, {"label": num_classes, "domain": 2}, pooling=recipe.pooling,
                           reversed_heads={"domain": 0.0}, dropout=recipe.dropout).to(device)
 

@@ -8,7 +8,6 @@ Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on GPU)
 import dataclasses
 import json
 import os
-import pickle
 import time
 
 import torch
@@ -17,10 +16,11 @@ from ..cli_types import (existing_file, file_errors, non_negative_float, non_neg
                          positive_int, seed)
 from . import cli_common, methods
 from .cli_common import add_model_arguments, add_run_arguments, build_language_model_corpus, log, prepare_data
-from .data import EncodedTexts
+from ..pretrained.encoder import load_encoder, save_encoder
+from .data import EncodedTexts, Vocab
 from .models import POOLINGS
-from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, pretrain_language_model,
-                       save_encoder, train_classifier)
+from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, measure_throughput, pretrain_language_model,
+                       train_classifier)
 from .training import StopRequested, teardown_distributed
 
 DEFAULTS = Recipe()
@@ -61,14 +61,15 @@ def add_arguments(parser) -> None:
     model.add_argument("--unfreeze-every", type=positive_int, default=DEFAULTS.unfreeze_every,
                        help="epochs per unfreezing")
     model.add_argument("--freeze-pattern", dest="freeze_patterns", action="append", default=[], metavar="GLOB",
-                       help="also keep parameters matching this name pattern frozen, e.g. 'encoder.rnn.*_l0*'")
+                       help="also keep parameters matching this name pattern frozen, e.g. 'encoder.layers.0.*_l0*'")
     model.add_argument("--l2sp-alpha", type=non_negative_float, default=DEFAULTS.l2sp_alpha,
                        help="L2-SP pull to pretrained")
     model.add_argument("--l2sp-beta", type=non_negative_float, default=DEFAULTS.l2sp_beta,
                        help="L2 on new (head) weights")
     pretrained = parser.add_argument_group("pretrained files (instead of in-run LM pretraining)")
     pretrained.add_argument("--encoder", type=existing_file,
-                            help="encoder.pt written by `rnntl-fast pretrain` (skips pretraining)")
+                            help="encoder file written by `rnntl-fast pretrain` (skips pretraining; its cell and "
+                                 "sizes must match --cell, --embedding-dim, --hidden-size, --num-layers)")
     pretrained.add_argument("--pretrained-vectors", type=existing_file,
                             help="word vectors (via rnntl_fast.pretrained.load_word_vectors)")
     pretrained.add_argument("--train-missing-rows-only", action="store_true",
@@ -88,9 +89,39 @@ def add_arguments(parser) -> None:
     add_run_arguments(parser, default_output="rnntl_fast_finetune")
 
 
+def _check_fits_recipe(flag: str, path: str, name: str, module, recipe, forward_only_allowed: bool) -> None:
+    """Stops with one line when the recurrent module `name` of the file `path` (given to
+    `flag`) does not have the shape of this run's (--cell, --embedding-dim, --hidden-size,
+    --num-layers, --bidirectional). forward_only_allowed: a unidirectional module may fill
+    the forward direction of a bidirectional run."""
+    expected = (recipe.cell, recipe.embedding_dim, recipe.hidden_size, recipe.num_layers, recipe.bidirectional)
+    found = (module.mode.lower(), module.input_size, module.hidden_size, module.num_layers, module.bidirectional)
+    fits = found == expected or forward_only_allowed and found[:4] == expected[:4] and not found[4]
+    if not fits or getattr(module, "proj_size", 0):
+        raise SystemExit(f"{flag} {path}: layer {name!r} is (cell, input_size, hidden_size, num_layers, bidirectional) "
+                         f"{found}{', with proj_size' if getattr(module, 'proj_size', 0) else ''}; this run expects "
+                         f"{expected} (--cell, --embedding-dim, --hidden-size, --num-layers, --bidirectional)")
+
+
+def _encoder_file(args, recipe):
+    """(weights, vocabulary) of the --encoder file, checked against this run's model flags."""
+    with file_errors("--encoder", args.encoder):
+        encoder = load_encoder(args.encoder)
+    vocab = Vocab.from_state_dict({"itos": encoder.vocab or []})
+    if vocab.itos != encoder.vocab:
+        raise SystemExit(f"--encoder {args.encoder}: its vocabulary is missing or not rnntl_fast.transfer's "
+                         "(<pad>, <unk>, <eos>, then distinct words, one per embedding row); save it with "
+                         "save_encoder(..., vocab=Vocab.itos)")
+    if len(encoder.layers) != 1:
+        raise SystemExit(f"--encoder {args.encoder}: {len(encoder.layers)} recurrent modules; finetune takes the "
+                         "one-module encoder `rnntl-fast pretrain` writes")
+    _check_fits_recipe("--encoder", args.encoder, "layers.0", encoder.layers[0], recipe, forward_only_allowed=True)
+    return encoder.state_dict(), vocab
+
+
 def _user_pretrained(args, vocab, recipe):
     """Embedding and/or recurrent weights from user files, through rnntl_fast.pretrained.
-    Returns (nn.Embedding or None, {"rnn.<name>": tensor} or None, report dict)."""
+    Returns (nn.Embedding or None, {"layers.0.<name>": tensor} or None, report dict)."""
     embedding, rnn_state, report = None, None, {}
     if args.train_missing_rows_only and not args.pretrained_vectors:
         raise SystemExit("--train-missing-rows-only needs --pretrained-vectors")
@@ -124,14 +155,8 @@ def _user_pretrained(args, vocab, recipe):
             raise SystemExit(f"{args.pretrained_rnn} has {len(layers)} recurrent layers {list(layers)}: "
                              "choose one with --pretrained-layer")
         module = layers[name]
-        expected = (recipe.cell, recipe.embedding_dim, recipe.hidden_size, recipe.num_layers, recipe.bidirectional)
-        found = (module.mode.lower(), module.input_size, module.hidden_size, module.num_layers, module.bidirectional)
-        if found != expected or getattr(module, "proj_size", 0):
-            raise SystemExit(f"{args.pretrained_rnn}: layer {name!r} is (cell, input_size, hidden_size, num_layers, "
-                             f"bidirectional) {found}"
-                             f"{', with proj_size' if getattr(module, 'proj_size', 0) else ''}; this run expects "
-                             f"{expected} (--cell, --embedding-dim, --hidden-size, --num-layers, --bidirectional)")
-        rnn_state = {f"rnn.{k}": v for k, v in module.state_dict().items()}
+        _check_fits_recipe("--pretrained-rnn", args.pretrained_rnn, name, module, recipe, forward_only_allowed=False)
+        rnn_state = {f"layers.0.{k}": v for k, v in module.state_dict().items()}
         report["rnn"] = {"file": os.path.abspath(args.pretrained_rnn), "format": args.pretrained_format,
                          "layer": name, "mapping": layers.report}
     return embedding, rnn_state, report
@@ -155,16 +180,8 @@ def _run(args, place, started) -> int:
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     encoder_state, vocab, language_model, lm_corpus = None, None, None, None
     if args.encoder:
-        # torch.load's errors for a damaged file; ValueError: not an encoder file
-        with file_errors("--encoder", args.encoder, unreadable=(RuntimeError, pickle.UnpicklingError, EOFError,
-                                                                 ValueError)):
-            encoder_file, vocab = load_encoder(args.encoder)
-        encoder_state = encoder_file["encoder"]
+        encoder_state, vocab = _encoder_file(args, recipe)
         metrics["pretrained_encoder"] = os.path.abspath(args.encoder)
-        if encoder_file["encoder_config"]["hidden_size"] != recipe.hidden_size or \
-                encoder_file["encoder_config"]["num_layers"] != recipe.num_layers:
-            raise SystemExit(f"{args.encoder}: encoder config {encoder_file['encoder_config']} does not match "
-                             f"--hidden-size {recipe.hidden_size} --num-layers {recipe.num_layers}")
     else:
         lm_corpus = build_language_model_corpus(prepared, recipe, args, place)
         vocab = lm_corpus.vocab
@@ -179,8 +196,7 @@ def _run(args, place, started) -> int:
             language_model, metrics["language_model"] = pretrain_language_model(lm_corpus, recipe, control)
             encoder_state = language_model.encoder.state_dict()
             if place.is_main:
-                save_encoder(os.path.join(args.output_dir, "encoder.pt"), language_model.encoder, vocab,
-                             {"valid_perplexity": metrics["language_model"]["valid_perplexity"]})
+                save_encoder(language_model.encoder, os.path.join(args.output_dir, "encoder.pt"), vocab=vocab.itos)
             control.stop_after_steps = _remaining(control.stop_after_steps, metrics["language_model"]["steps"])
         sets = {name: EncodedTexts(part.texts, part.labels, vocab, recipe.max_tokens)
                 for name, part in (("train", prepared.train), ("valid", prepared.valid), ("test", prepared.test))}

@@ -6,16 +6,18 @@ the gradients autograd needs), and when everything below a layer is frozen, auto
 not ask for that layer's input gradient either. Frozen parameters get grad None, so
 optimizers leave them unchanged (torch optimizers skip parameters whose grad is None).
 
-Recurrent parameter names follow torch.nn: `weight_ih_l{k}`, `bias_hh_l{k}_reverse`, ...
+Recurrent parameter names follow torch.nn: `weight_ih_l{k}`, `bias_hh_l{k}_reverse`, ...;
+in a RecurrentEncoder they sit under `layers.{m}.` (module m), and its layers are counted
+bottom to top across the modules (RecurrentEncoder.recurrent_layers).
 """
 import fnmatch
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import _layer_of
+from ..pretrained.encoder import RecurrentEncoder, recurrent_layer_index
 
 Target = Union[nn.Module, nn.Parameter, Iterable[nn.Parameter]]
 
@@ -41,7 +43,7 @@ def unfreeze(target: Target) -> None:
 
 def set_trainable(model: nn.Module, patterns: Sequence[str], trainable: bool) -> List[str]:
     """Sets requires_grad on every parameter whose qualified name matches a glob pattern
-    (e.g. "encoder.rnn.*_l0*", "head.*"). Returns the names changed; a pattern that
+    (e.g. "encoder.layers.0.*_l0*", "head.*"). Returns the names changed; a pattern that
     matches nothing is an error (it is almost always a typo)."""
     changed = []
     named = dict(model.named_parameters())
@@ -55,23 +57,31 @@ def set_trainable(model: nn.Module, patterns: Sequence[str], trainable: bool) ->
     return changed
 
 
+def _numbered_parameters(rnn: nn.Module) -> List[Tuple[int, str, nn.Parameter]]:
+    """(layer index, name, parameter) of every recurrent parameter of `rnn`."""
+    if isinstance(rnn, RecurrentEncoder):
+        return [(index, name, parameter) for index, layer in enumerate(rnn.recurrent_layers())
+                for name, parameter in layer.items()]
+    numbered = [(recurrent_layer_index(name), name, parameter) for name, parameter in rnn.named_parameters()]
+    return [entry for entry in numbered if entry[0] is not None]
+
+
 def recurrent_parameters(rnn: nn.Module, layers: Optional[Iterable[int]] = None,
                          direction: Optional[str] = None) -> List[nn.Parameter]:
-    """Parameters of a torch.nn / rnntl_fast LSTM or GRU selected by layer index and/or
+    """Parameters of a torch.nn / rnntl_fast LSTM or GRU, or of a RecurrentEncoder's
+    recurrent layers (counted across its modules), selected by layer index and/or
     direction ("forward" or "reverse"); None selects all."""
     if direction not in (None, "forward", "reverse"):
         raise ValueError(f"direction must be 'forward', 'reverse' or None, got {direction!r}")
+    numbered = _numbered_parameters(rnn)
     wanted = None if layers is None else set(layers)
     if wanted is not None:
-        available = {_layer_of(n) for n, _ in rnn.named_parameters()}
+        available = {layer for layer, _, _ in numbered}
         missing = wanted - available
         if missing:
             raise ValueError(f"layers {sorted(missing)} do not exist; the module has layers {sorted(available)}")
     picked = []
-    for name, parameter in rnn.named_parameters():
-        layer = _layer_of(name)
-        if layer is None:
-            continue
+    for layer, name, parameter in numbered:
         is_reverse = name.endswith("_reverse")
         if wanted is not None and layer not in wanted:
             continue
@@ -82,7 +92,8 @@ def recurrent_parameters(rnn: nn.Module, layers: Optional[Iterable[int]] = None,
 
 
 def freeze_layers(rnn: nn.Module, layers: Iterable[int], direction: Optional[str] = None) -> None:
-    """Freezes recurrent layers by index (both directions unless `direction` is given)."""
+    """Freezes recurrent layers by index (both directions unless `direction` is given) of
+    an LSTM/GRU or a RecurrentEncoder."""
     freeze(recurrent_parameters(rnn, layers, direction))
 
 
@@ -91,7 +102,7 @@ def unfreeze_layers(rnn: nn.Module, layers: Iterable[int], direction: Optional[s
 
 
 def freeze_direction(rnn: nn.Module, direction: str) -> None:
-    """Freezes every layer's "forward" or "reverse" direction."""
+    """Freezes every layer's "forward" or "reverse" direction (LSTM/GRU or RecurrentEncoder)."""
     freeze(recurrent_parameters(rnn, None, direction))
 
 

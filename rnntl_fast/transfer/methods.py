@@ -36,7 +36,7 @@ from ..cli_types import positive_float, positive_int
 from .contextual import BiLanguageModelFeatures, ElmoClassifier
 from .corpus import TokenCorpus, TokenStreams, reversed_corpus, stream_perplexity
 from .data import EncodedTexts
-from .models import LanguageModel, TextClassifier, TextEncoder
+from .models import LanguageModel, RecurrentEncoder, TextClassifier
 from .pipeline import (Recipe, RunControl, _seed_model_init, language_model_streams, pretrain_language_model,
                        train_classifier)
 from .regularizers import EWC, diagonal_fisher
@@ -99,7 +99,7 @@ class ClassifierWithLanguageModel(TextClassifier):
     LM batch k (k counts training calls, kept in the `lm_step` buffer so that a resumed run
     continues the same sequence) is window k (mod the windows of one pass) of the streams."""
 
-    def __init__(self, encoder: TextEncoder, num_classes: int, language_model: LanguageModel,
+    def __init__(self, encoder: RecurrentEncoder, num_classes: int, language_model: LanguageModel,
                  lm_windows: TokenStreams, lm_weight: float, pooling: str = "concat", dropout: float = 0.2):
         super().__init__(encoder, num_classes, pooling=pooling, dropout=dropout)
         self.lm_head = copy.deepcopy(language_model.head)
@@ -187,8 +187,8 @@ def build_method_model(method: str, recipe: Recipe, context: MethodContext, devi
     if method == "multitask":
         _seed_model_init(recipe.seed + 1)
         model = ClassifierWithLanguageModel(
-            TextEncoder(**recipe.encoder_config(context.vocab_size)), context.num_classes, context.language_model,
-            context.lm_train, context.settings.multitask_lm_weight, pooling=recipe.pooling,
+            RecurrentEncoder.stacked(**recipe.encoder_config(context.vocab_size)), context.num_classes,
+            context.language_model, context.lm_train, context.settings.multitask_lm_weight, pooling=recipe.pooling,
             dropout=recipe.dropout).to(device)
         return model, {"encoder_state": encoder_state, "model": model, "loss_fn": _multitask_loss}
     if method == "elmo":

@@ -1,75 +1,22 @@
-"""Models for transfer: a recurrent text encoder (embedding + rnntl_fast LSTM/GRU), a
+"""Models for transfer: the recurrent text encoder (rnntl_fast.pretrained.RecurrentEncoder:
+embedding + rnntl_fast LSTM/GRU, one class and one file format for both packages), a
 language-model head for pretraining, pooling classification heads for fine-tuning, and a
 multi-task model that shares one encoder between several heads.
 
-Padding never leaks: padded batches go through the recurrent stack as a PackedSequence
-(the kernels mask by length), and the pooling heads mask padded steps."""
-from typing import Dict, List, Optional, Tuple
+Padding never leaks: padded batches go through the recurrent modules with their lengths
+(the kernels stop each row at its length), and the pooling heads mask padded steps."""
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .. import nn as fast_nn
+from ..pretrained.encoder import RecurrentEncoder
 
 POOLINGS = ("last", "mean", "max", "attention", "concat")
 
-
-class TextEncoder(nn.Module):
-    """Embedding -> dropout -> rnntl_fast LSTM/GRU (batch_first).
-
-    Args:
-        vocab_size, embedding_dim: the embedding table [V, E] (row 0 is padding).
-        hidden_size, num_layers, bidirectional: of the recurrent stack.
-        cell: "lstm" or "gru".
-        dropout: on the embedded input and between recurrent layers.
-    Forward: ids [B, T], lengths [B] or None (every row is T long) ->
-        outputs [B, T, D*H] (zeros past each row's length), last [B, D*H] (top layer's
-        final state: forward direction at the row's last token, reverse direction at t=0).
-    """
-
-    def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_size: int = 256, num_layers: int = 1,
-                 bidirectional: bool = False, cell: str = "lstm", dropout: float = 0.0):
-        super().__init__()
-        if cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-        self.config = dict(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
-                           num_layers=num_layers, bidirectional=bidirectional, cell=cell, dropout=dropout)
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        rnn_class = fast_nn.LSTM if cell == "lstm" else fast_nn.GRU
-        self.rnn = rnn_class(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True,
-                             bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
-        self.num_layers = num_layers
-        self.directions = 2 if bidirectional else 1
-        self.output_size = hidden_size * self.directions
-
-    def forward(self, ids: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        embedded = self.dropout(self.embedding(ids))
-        outputs, state = fast_nn.run_with_lengths(self.rnn, embedded, lengths)
-        h_n = state[0] if isinstance(state, tuple) else state  # [L*D, B, H]
-        last = h_n[-self.directions:].transpose(0, 1).reshape(ids.shape[0], -1)
-        return outputs, last
-
-    def forward_with_state(self, ids: Tensor, state=None):
-        """ids [B, T] (every row T long), state: the recurrent stack's initial state (LSTM:
-        (h [L, B, H], c [L, B, H]); GRU: h [L, B, H]) or None for zeros ->
-        (outputs [B, T, H], final state in the same form), for stateful language modelling."""
-        return self.rnn(self.dropout(self.embedding(ids)), state)
-
-    def layer_groups(self) -> List[List[nn.Parameter]]:
-        """Parameters bottom to top: [embedding], [rnn layer 0], ..., [rnn layer L-1]."""
-        groups = [list(self.embedding.parameters())]
-        for layer in range(self.num_layers):
-            groups.append([p for name, p in self.rnn.named_parameters() if _layer_of(name) == layer])
-        return groups
-
-
-def _layer_of(parameter_name: str) -> Optional[int]:
-    """'weight_ih_l2_reverse' -> 2 (torch.nn / rnntl_fast recurrent parameter names)."""
-    for part in parameter_name.split(".")[-1].split("_"):
-        if part.startswith("l") and part[1:].isdigit():
-            return int(part[1:])
-    return None
+# The transfer layer's earlier class name: it builds the same RecurrentEncoder (see
+# RecurrentEncoder.stacked for the arguments).
+TextEncoder = RecurrentEncoder.stacked
 
 
 def adaptive_cutoffs(vocab_size: int) -> List[int]:
@@ -108,21 +55,22 @@ class LanguageModelHead(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """TextEncoder (unidirectional) + LanguageModelHead.
+    """RecurrentEncoder (unidirectional, batch_first) + LanguageModelHead.
 
     forward(ids [B, T], targets [B, T]) -> mean NLL (scalar); without targets ->
-    log-probabilities [B, T, V]. With return_state=True: (that, final recurrent state), the
-    recurrent stack starting from `state` (see TextEncoder.forward_with_state; None: zeros)."""
+    log-probabilities [B, T, V]. With return_state=True: (that, final recurrent states),
+    the encoder starting from `state` (its final states' form: one entry per recurrent
+    module; None: zeros). Every row is T long."""
 
-    def __init__(self, encoder: TextEncoder, dropout: float = 0.0):
+    def __init__(self, encoder: RecurrentEncoder, dropout: float = 0.0):
         super().__init__()
-        if encoder.directions != 1:
+        if encoder.bidirectional:
             raise ValueError("a left-to-right language model needs a unidirectional encoder")
         self.encoder = encoder
         self.head = LanguageModelHead(encoder.output_size, encoder.embedding.num_embeddings, dropout)
 
     def forward(self, ids: Tensor, targets: Optional[Tensor] = None, state=None, return_state: bool = False):
-        outputs, final = self.encoder.forward_with_state(ids, state)
+        outputs, final = self.encoder(ids, state=state)
         result = self.head.log_prob(outputs) if targets is None else self.head.loss(outputs, targets)
         return (result, final) if return_state else result
 
@@ -174,17 +122,18 @@ class ClassificationHead(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """TextEncoder + ClassificationHead. ids [B, T], lengths [B] -> logits [B, C]."""
+    """RecurrentEncoder (batch_first) + ClassificationHead, whose "last" input is the
+    encoder's final_features. ids [B, T], lengths [B] -> logits [B, C]."""
 
-    def __init__(self, encoder: TextEncoder, num_classes: int, pooling: str = "concat", hidden: int = 64,
+    def __init__(self, encoder: RecurrentEncoder, num_classes: int, pooling: str = "concat", hidden: int = 64,
                  dropout: float = 0.2):
         super().__init__()
         self.encoder = encoder
         self.head = ClassificationHead(encoder.output_size, num_classes, pooling, hidden, dropout)
 
     def forward(self, ids: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        outputs, last = self.encoder(ids, lengths)
-        return self.head(outputs, last, lengths)
+        outputs, states = self.encoder(ids, lengths)
+        return self.head(outputs, self.encoder.final_features(states), lengths)
 
     def layer_groups(self) -> List[List[nn.Parameter]]:
         """Bottom to top: embedding, each recurrent layer, head (for gradual unfreezing and
@@ -193,14 +142,14 @@ class TextClassifier(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """One shared TextEncoder, one ClassificationHead per task.
+    """One shared RecurrentEncoder (batch_first), one ClassificationHead per task.
 
     Forward: ids [B, T], lengths [B], task name -> logits [B, C_task]; with task=None, a
     dict of every task's logits from one encoder pass. Heads listed in `reversed_heads`
     see the encoder features through a gradient-reversal layer (domain-adversarial
     training: the encoder learns features the head cannot separate)."""
 
-    def __init__(self, encoder: TextEncoder, num_classes: Dict[str, int], pooling: str = "concat",
+    def __init__(self, encoder: RecurrentEncoder, num_classes: Dict[str, int], pooling: str = "concat",
                  reversed_heads: Dict[str, float] = None, hidden: int = 64, dropout: float = 0.2):
         super().__init__()
         from .layers import GradientReversal
@@ -219,7 +168,8 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](outputs, last, lengths)
 
     def forward(self, ids: Tensor, lengths: Optional[Tensor] = None, task: Optional[str] = None):
-        outputs, last = self.encoder(ids, lengths)
+        outputs, states = self.encoder(ids, lengths)
+        last = self.encoder.final_features(states)
         if task is not None:
             if task not in self.heads:
                 raise KeyError(f"unknown task {task!r}; tasks are {list(self.heads)}")

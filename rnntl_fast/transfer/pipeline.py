@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .corpus import TokenCorpus, TokenStreams, stream_perplexity
-from .data import EncodedTexts, Vocab, collate
+from .data import EncodedTexts, collate
 from .freezing import GradualUnfreezer, set_trainable
-from .models import LanguageModel, TextClassifier, TextEncoder
+from .models import LanguageModel, RecurrentEncoder, TextClassifier
 from .regularizers import L2SP
 from .schedules import SlantedTriangularLR, discriminative_param_groups
 from .training import Distributed, Trainer, quiet_generator
@@ -63,6 +63,7 @@ class Recipe:
     scratch_lr: Optional[float] = None  # None: same as lr
 
     def encoder_config(self, vocab_size: int) -> dict:
+        """The arguments of RecurrentEncoder.stacked for a vocabulary of `vocab_size` words."""
         return dict(vocab_size=vocab_size, embedding_dim=self.embedding_dim, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bidirectional=self.bidirectional, cell=self.cell,
                     dropout=self.dropout)
@@ -134,7 +135,8 @@ def pretrain_language_model(corpus: TokenCorpus, recipe: Recipe, control: RunCon
     vocab = corpus.vocab
     train_streams, valid_streams = language_model_streams(corpus, recipe, place)
     _seed_model_init(recipe.seed)
-    model = LanguageModel(TextEncoder(**recipe.encoder_config(len(vocab))), dropout=recipe.dropout).to(place.device)
+    model = LanguageModel(RecurrentEncoder.stacked(**recipe.encoder_config(len(vocab))),
+                          dropout=recipe.dropout).to(place.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lm_lr, betas=(0.8, 0.99))
     trainer = Trainer(model, optimizer, None, train_streams.loss, train_streams, None, recipe.lm_batch_size,
                       recipe.lm_epochs, seed=recipe.seed, place=place,
@@ -156,29 +158,12 @@ def pretrain_language_model(corpus: TokenCorpus, recipe: Recipe, control: RunCon
     return model, summary
 
 
-def save_encoder(path: str, encoder: TextEncoder, vocab: Vocab, info: Optional[dict] = None) -> None:
-    """The pretrained encoder (config + weights + vocabulary) for `finetune --encoder PATH`."""
-    from .training import atomic_save
-    atomic_save({"encoder_config": encoder.config, "encoder": encoder.state_dict(), "vocab": vocab.state_dict(),
-                 "info": info or {}}, path)
-
-
-def load_encoder(path: str) -> Tuple[dict, Vocab]:
-    """Returns (state dict {"encoder_config", "encoder", ...}, vocab) written by save_encoder."""
-    from .training import load_checkpoint
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such encoder file")
-    state = load_checkpoint(path)
-    for key in ("encoder_config", "encoder", "vocab"):
-        if key not in state:
-            raise ValueError(f"{path}: not an encoder written by `rnntl-fast pretrain` (no {key!r})")
-    return state, Vocab.from_state_dict(state["vocab"])
-
-
 def transfer_encoder(classifier: TextClassifier, encoder_state: Dict[str, torch.Tensor]) -> List[str]:
-    """Copies pretrained encoder weights into the classifier's encoder. A bidirectional
-    classifier takes the forward direction from a unidirectional LM; its `_reverse`
-    weights stay new. Returns the qualified names of the parameters that were transferred."""
+    """Copies pretrained encoder weights (a RecurrentEncoder state_dict or part of one:
+    `embedding.weight`, `layers.{m}.weight_ih_l{k}`, ...) into the classifier's encoder. A
+    bidirectional classifier takes the forward direction from a unidirectional LM; its
+    `_reverse` weights stay new, and so do the layers a grown encoder adds. Returns the
+    qualified names of the parameters that were transferred."""
     target = classifier.encoder.state_dict()
     mismatched = [k for k, v in encoder_state.items() if k in target and target[k].shape != v.shape]
     if mismatched:
@@ -192,7 +177,7 @@ def transfer_encoder(classifier: TextClassifier, encoder_state: Dict[str, torch.
 
 def build_classifier(recipe: Recipe, vocab_size: int, num_classes: int, device) -> TextClassifier:
     _seed_model_init(recipe.seed + 1)
-    encoder = TextEncoder(**recipe.encoder_config(vocab_size))
+    encoder = RecurrentEncoder.stacked(**recipe.encoder_config(vocab_size))
     return TextClassifier(encoder, num_classes, pooling=recipe.pooling, dropout=recipe.dropout).to(device)
 
 

@@ -1,15 +1,17 @@
 """`rnntl-fast pretrain`: train a word-level LSTM language model on unlabelled text and
-write its encoder (encoder.pt: config, weights, vocabulary) for `rnntl-fast finetune
---encoder`. With no arguments: the embedded default text (Rotten Tomatoes plot synopses,
-gensim's lee_background news and the default training split's review texts without
-labels). With --lm-text: text files of any size, streamed (docs/finetune.md). Under
+write its encoder (encoder.pt: config, weights, vocabulary; the encoder file of
+docs/pretrained.md) for `rnntl-fast finetune --encoder` and
+rnntl_fast.pretrained.load_encoder. With no arguments: the embedded default text (Rotten
+Tomatoes plot synopses, gensim's lee_background news and the default training split's
+review texts without labels). With --lm-text: text files of any size, streamed (docs/finetune.md). Under
 torchrun it trains with DistributedDataParallel, each rank on its own streams."""
 import json
 import os
 
 from ..cli_types import seed
 from . import cli_common
-from .pipeline import pretrain_language_model, save_encoder
+from ..pretrained.encoder import save_encoder
+from .pipeline import pretrain_language_model
 from .training import StopRequested, teardown_distributed
 
 
@@ -41,7 +43,7 @@ def run(args) -> int:
             return 0
         if place.is_main:
             path = os.path.join(args.output_dir, "encoder.pt")
-            save_encoder(path, model.encoder, vocab, {"valid_perplexity": summary["valid_perplexity"]})
+            save_encoder(model.encoder, path, vocab=vocab.itos)
             with open(os.path.join(args.output_dir, "metrics.json"), "w") as handle:
                 json.dump({"recipe": recipe.__dict__, "data": prepared.description, "language_model": summary},
                           handle, indent=1, default=str)
