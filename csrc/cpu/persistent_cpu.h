@@ -8,11 +8,10 @@
 // at one light barrier per step (two with a projection) instead of forking and joining
 // the thread team two or three times per step.
 //
-// Torch-free apart from at::parallel_for, so that the C++ tests (and their ThreadSanitizer
-// build) run it on its own.
+// Torch-free (the thread team is a parameter: torch's intra-op threads in the kernels, see
+// run_persistent in sequence_cpu.h), so that the C++ tests and their ThreadSanitizer build
+// run it on its own.
 #pragma once
-
-#include <ATen/Parallel.h>
 
 #include "small_gemm_cpu.h"
 
@@ -136,35 +135,29 @@ class StepWorker {
   int participants_;
 };
 
-// Whether run_persistent can run more than one worker at once: torch's OpenMP backend runs
-// every chunk of a parallel_for on its own thread of one team, all at the same time; the
-// native thread pool may queue chunks behind each other, and a worker waiting at a barrier
-// for a queued one would wait forever.
-inline bool persistent_workers_available() {
-#if AT_PARALLEL_OPENMP
-  return at::get_num_threads() > 1 && !at::in_parallel_region();
-#else
-  return false;
-#endif
-}
-
-// Runs worker(StepWorker&) once per chunk of [0, slices) that torch's parallel_for hands
-// out, all chunks at the same time. The chunks first register, so that every worker knows
-// how many meet at the barrier before the first step. `worker` must not throw (a worker
-// leaving early would leave the others waiting): allocate before calling this.
-template <typename F>
-void run_persistent(int64_t slices, const F& worker) {
+// Runs worker(const StepWorker&) once per chunk of [0, slices) that launch(slices, chunk)
+// hands out, calling chunk(begin, end) for each chunk, all chunks at the same time (launch
+// must run them concurrently, or a worker would wait at the barrier for one that never
+// starts). The chunks first register, so that every worker knows how many meet at the
+// barrier before the first step. `worker` must not throw (a worker leaving early would
+// leave the others waiting): allocate before calling this.
+template <typename Launch, typename F>
+void run_team(int64_t slices, const Launch& launch, const F& worker) {
   std::atomic<int64_t> covered{0};
   std::atomic<int> participants{0};
   StepBarrier barrier;
-  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+  launch(slices, [&](int64_t begin, int64_t end) {
     participants.fetch_add(1, std::memory_order_acq_rel);
     covered.fetch_add(end - begin, std::memory_order_acq_rel);  // after counting itself
     int spins = 0;
     while (covered.load(std::memory_order_acquire) < slices) {
-      if (++spins < 1024) spin_pause(); else std::this_thread::yield();
+      if (++spins < 1024) {
+        spin_pause();
+      } else {
+        std::this_thread::yield();
+      }
     }
-    StepWorker me(begin, end, barrier, participants.load(std::memory_order_acquire));
+    const StepWorker me(begin, end, barrier, participants.load(std::memory_order_acquire));
     worker(me);
   });
 }

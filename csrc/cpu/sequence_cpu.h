@@ -124,6 +124,25 @@ struct SequenceOrder {
   }
 };
 
+// Whether run_persistent can run more than one worker at once: torch's OpenMP backend runs
+// every chunk of a parallel_for on its own thread of one team, all at the same time; the
+// native thread pool may queue chunks behind each other, and a worker waiting at a barrier
+// for a queued one would wait forever.
+inline bool persistent_workers_available() {
+#if AT_PARALLEL_OPENMP
+  return at::get_num_threads() > 1 && !at::in_parallel_region();
+#else
+  return false;
+#endif
+}
+
+// run_team (persistent_cpu.h) on torch's intra-op threads. Inside another parallel region
+// parallel_for runs one chunk, [0, slices), on the calling thread: one worker does it all.
+template <typename F>
+void run_persistent(int64_t slices, const F& worker) {
+  run_team(slices, [](int64_t count, const auto& chunk) { at::parallel_for(0, count, 1, chunk); }, worker);
+}
+
 // Which step loop runs a float32 sequence: the multi-core one (persistent_cpu.h) wherever
 // it can run: the own product kernel enabled (RNNTL_CPU_GEMM unset or auto), more than one
 // torch thread, OpenMP, and at least two slices of hidden units to share. RNNTL_CPU_ENGINE
