@@ -63,9 +63,13 @@ def extensions():
         link_flags += [f"-fsanitize={sanitize}"]
         # target_clones relies on ifunc resolvers, which run before the sanitizer runtime is up.
         define_macros.append(("RNNTL_NO_TARGET_CLONES", None))
+    # -fopenmp: ATen's parallel_for runs on torch's threads only in code compiled with
+    # OpenMP (ATen/ParallelOpenMP.h tests _OPENMP; without it every parallel_for of the
+    # kernels runs on the calling thread); the library is the libgomp torch already loaded.
     # -fno-trapping-math lets the float selects of the pointwise loops vectorize (torch
     # itself is built with it); -fno-math-errno keeps libm calls free of side effects.
-    cxx_flags += ["-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags += ["-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    link_flags += ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     if not _flag("RNNTL_BUILD_CUDA"):
