@@ -141,8 +141,10 @@ inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic
 class RowProjection {
  public:
   // x: [M, K] (rows may be strided, elements contiguous); weight: [N, K], any strides.
-  RowProjection(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias)
-      : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias) {
+  // profile_name: what torch.profiler shows for each product (a string literal).
+  RowProjection(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                const char* profile_name = "rnntl_fast::input_projection")
+      : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias), profile_name_(profile_name) {
     own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
     if (own_kernel_) {
       const int64_t N = weight.size(0), K = weight.size(1);
@@ -158,11 +160,11 @@ class RowProjection {
   template <typename T>
   void into(int64_t first, int64_t rows, T* out) const {
     if (rows <= 0) return;
+    // Named in profiles (benchmarks/sequence_products.py times them by these names).
+    RECORD_FUNCTION(profile_name_, std::vector<c10::IValue>());
     const int64_t K = x_.size(1), N = weight_.size(0);
     if constexpr (std::is_same_v<T, float>) {
       if (own_kernel_) {
-        // Named in profiles (torch.profiler shows no aten matmul for it).
-        RECORD_FUNCTION("rnntl_fast::sequence_gemm", std::vector<c10::IValue>());
         const int64_t row_stride = x_.stride(0);
         const float* a = x_.data_ptr<float>() + first * row_stride;
         const float* panels = panels_.data_ptr<float>();
@@ -179,7 +181,10 @@ class RowProjection {
   }
   // The whole product as a new [M, N] tensor.
   at::Tensor all() const {
-    if (!own_kernel_) return library_product(x_);
+    if (!own_kernel_) {
+      RECORD_FUNCTION(profile_name_, std::vector<c10::IValue>());
+      return library_product(x_);
+    }
     at::Tensor out = at::empty({rows(), width()}, x_.options());
     into(0, rows(), out.data_ptr<float>());
     return out;
@@ -193,6 +198,7 @@ class RowProjection {
   }
   at::Tensor x_, weight_, panels_;
   c10::optional<at::Tensor> bias_;
+  const char* profile_name_;
   bool own_kernel_ = false;
 };
 
@@ -208,8 +214,8 @@ inline int64_t projection_block_rows(int64_t width, int64_t depth, int64_t batch
 
 // x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N]; x and weight may be strided views.
 inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias = c10::nullopt) {
-  return RowProjection(x, weight, bias).all();
+                              const char* profile_name = "rnntl_fast::input_gradient") {
+  return RowProjection(x, weight, c10::nullopt, profile_name).all();
 }
 
 // a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over the K valid rows.
@@ -223,6 +229,7 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // of its rows of about 2 MiB instead, each block taking all chunks in turn while it stays
 // in cache (same sums in the same order). The measurements: docs/cpu.md.
 inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
+  RECORD_FUNCTION("rnntl_fast::weight_gradient", std::vector<c10::IValue>());
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t chunk = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
   const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));

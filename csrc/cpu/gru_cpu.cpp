@@ -201,17 +201,6 @@ class GruForward {
     return s;
   }
 
-  // Rows past their length at step t: zero output (as pad_packed_sequence gives) in units
-  // [unit_begin, unit_end); their state is unchanged.
-  template <typename T>
-  void zero_output_past_length(int64_t t, int64_t n, int64_t unit_begin, int64_t unit_end) {
-    T* const out = output_.data_ptr<T>();
-    for (int64_t j = n; j < batch_; ++j) {
-      T* row = out + (t * batch_ + sequence_.order[j]) * hidden_;
-      std::fill(row + unit_begin, row + unit_end, T(0));
-    }
-  }
-
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
@@ -232,7 +221,7 @@ class GruForward {
             recurrent_.multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
         parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
       }
-      zero_output_past_length<T>(t, n, 0, hidden_);
+      sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
     }
   }
 
@@ -244,7 +233,7 @@ class GruForward {
     RECORD_FUNCTION("rnntl_fast::gru_forward_steps_persistent", std::vector<c10::IValue>());
     const int64_t H = hidden_, G = 3 * hidden_, I = input_size_;
     const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
-    SlicedPanels recurrent_panels(units, 3, H), input_panels(units, 3, I);  // per gate: W_hh, W_ih rows
+    GateRowSlices recurrent_panels(units, 3, H, H), input_panels(units, 3, H, I);  // W_hh, W_ih
     const at::Tensor weight_hh = weight_hh_.contiguous(), weight_ih = weight_ih_.contiguous();
     const float* const bias = bias_ih_.has_value() ? bias_ih_->data_ptr<float>() : nullptr;
     const float* const x = input_compact_.data_ptr<float>();  // [N, I]
@@ -255,10 +244,8 @@ class GruForward {
     run_persistent(slices, [&](const StepWorker& worker) {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
       for (int64_t w = first; w < end; ++w) {
-        for (int64_t g = 0; g < 3; ++g) {
-          recurrent_panels.pack(w, g, weight_hh.data_ptr<float>() + (g * H + units[w]) * H, H, 1);
-          input_panels.pack(w, g, weight_ih.data_ptr<float>() + (g * H + units[w]) * I, I, 1);
-        }
+        recurrent_panels.pack(w, weight_hh.data_ptr<float>());
+        input_panels.pack(w, weight_ih.data_ptr<float>());
       }
       GruForwardStep<float> s = common;
       s.unit_begin = units[first];
@@ -272,25 +259,17 @@ class GruForward {
         if (blocks.starts_at(step)) {
           float* gates = input_gates_block_.data_ptr<float>();
           s.input_first_row = blocks.first();
-          for (int64_t w = first; w < end; ++w) {
-            if (input_panels.width(w) == 0) continue;
-            for (int64_t g = 0; g < 3; ++g) {
-              const int64_t column = g * H + units[w];
-              gemm_panels(x + blocks.first() * I, I, 1, blocks.rows(), I, input_panels.panels(w, g),
-                          input_panels.width(w), bias ? bias + column : nullptr, gates + column, G, false, kDepthChunk);
-            }
-          }
+          for (int64_t w = first; w < end; ++w)
+            input_panels.project(w, x + blocks.first() * I, I, blocks.rows(), bias, gates, G);
         }
         s.hidden_previous = hidden.read(step);
         s.hidden_state = hidden.write(step);
         if (n > 0) {
-          for (int64_t w = first; w < end; ++w)
-            for (int64_t g = 0; g < 3; ++g)
-              recurrent_panels.multiply(w, g, s.hidden_previous, H, n, recurrent + g * H + units[w], G, false);
+          for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, s.hidden_previous, H, n, recurrent, G);
           s.recurrent_gates = recurrent;
           gru_forward_rows_entry(s, 0, n, save_);
         }
-        zero_output_past_length<float>(t, n, units[first], units[end]);
+        sequence_.zero_past_length(s.output, H, t, units[first], units[end]);
         worker.barrier();  // h_t complete
       }
     });

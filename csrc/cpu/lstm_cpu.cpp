@@ -325,17 +325,6 @@ class LstmForward {
     }
   }
 
-  // Rows past their length at step t: zero output (as pad_packed_sequence gives) in columns
-  // [column_begin, column_end); their state is unchanged (the compact buffers have no rows for them).
-  template <typename T>
-  void zero_output_past_length(int64_t t, int64_t n, int64_t column_begin, int64_t column_end) {
-    T* const out = output_.data_ptr<T>();
-    for (int64_t j = n; j < batch_; ++j) {
-      T* row = out + (t * batch_ + sequence_.order[j]) * out_size_;
-      std::fill(row + column_begin, row + column_end, T(0));
-    }
-  }
-
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
@@ -367,7 +356,7 @@ class LstmForward {
         const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>(), n, projected_scratch, product_holder);
         projection_epilogue(s, r, n, hidden_state_.data_ptr<T>(), 0, P);
       }
-      zero_output_past_length<T>(t, n, 0, P);
+      sequence_.zero_past_length(output_.data_ptr<T>(), P, t, 0, P);
     }
   }
 
@@ -382,7 +371,7 @@ class LstmForward {
     const int64_t H = hidden_, P = out_size_, G = 4 * hidden_, I = input_size_;
     const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
     const std::vector<int64_t> columns = project_ ? split_units(P, slices, kPanelWidth) : units;
-    SlicedPanels recurrent_panels(units, 4, P), input_panels(units, 4, I);  // per gate: W_hh, W_ih rows
+    GateRowSlices recurrent_panels(units, 4, H, P), input_panels(units, 4, H, I);  // W_hh, W_ih
     c10::optional<SlicedPanels> projection_panels;
     if (project_) projection_panels.emplace(columns, 1, H);  // W_hr rows
     const at::Tensor weight_hh = weight_hh_.contiguous(), weight_ih = weight_ih_.contiguous();
@@ -397,10 +386,8 @@ class LstmForward {
     run_persistent(slices, [&](const StepWorker& worker) {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
       for (int64_t w = first; w < end; ++w) {
-        for (int64_t g = 0; g < 4; ++g) {
-          recurrent_panels.pack(w, g, weight_hh.data_ptr<float>() + (g * H + units[w]) * P, P, 1);
-          input_panels.pack(w, g, weight_ih.data_ptr<float>() + (g * H + units[w]) * I, I, 1);
-        }
+        recurrent_panels.pack(w, weight_hh.data_ptr<float>());
+        input_panels.pack(w, weight_ih.data_ptr<float>());
         if (project_) projection_panels->pack(w, 0, weight_hr.data_ptr<float>() + columns[w] * H, H, 1);
       }
       LstmForwardStep<float> s = common;
@@ -415,21 +402,13 @@ class LstmForward {
         if (blocks.starts_at(step)) {
           float* gates = s.input_gates + (save_ ? blocks.first() * G : 0);
           if (!save_) s.input_first_row = blocks.first();
-          for (int64_t w = first; w < end; ++w) {
-            for (int64_t g = 0; g < 4; ++g) {
-              const int64_t column = g * H + units[w];
-              if (input_panels.width(w) == 0) continue;
-              gemm_panels(x + blocks.first() * I, I, 1, blocks.rows(), I, input_panels.panels(w, g),
-                          input_panels.width(w), bias ? bias + column : nullptr, gates + column, G, false, kDepthChunk);
-            }
-          }
+          for (int64_t w = first; w < end; ++w)
+            input_panels.project(w, x + blocks.first() * I, I, blocks.rows(), bias, gates, G);
         }
         const float* h_previous = hidden.read(step);
         float* h = hidden.write(step);
         if (n > 0) {
-          for (int64_t w = first; w < end; ++w)
-            for (int64_t g = 0; g < 4; ++g)
-              recurrent_panels.multiply(w, g, h_previous, P, n, recurrent + g * H + units[w], G, false);
+          for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, h_previous, P, n, recurrent, G);
           s.recurrent_gates = recurrent;
           s.hidden_state = project_ ? nullptr : h;
           lstm_forward_rows_entry(s, 0, n, save_, project_);
@@ -440,7 +419,7 @@ class LstmForward {
             projection_epilogue(s, projected, n, h, columns[first], columns[end]);
           }
         }
-        zero_output_past_length<float>(t, n, columns[first], columns[end]);
+        sequence_.zero_past_length(output_.data_ptr<float>(), P, t, columns[first], columns[end]);
         worker.barrier();  // h_t complete
       }
     });

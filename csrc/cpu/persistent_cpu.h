@@ -135,6 +135,38 @@ class StepWorker {
   int participants_;
 };
 
+// A weight [gates * hidden, depth] with torch's gate-major rows (W_ih, W_hh), cut by hidden
+// unit: slice w holds, of every gate g, the rows g * hidden + u for the slice's units u,
+// so that a worker's products give all gates of its units. Results go to the columns
+// g * hidden + u of a [rows, gates * hidden] buffer, the layout of the step loops.
+class GateRowSlices {
+ public:
+  GateRowSlices(const std::vector<int64_t>& units, int64_t gates, int64_t hidden, int64_t depth)
+      : units_(units), gates_(gates), hidden_(hidden), depth_(depth), panels_(units, gates, depth) {}
+  // weight: [gates * hidden, depth], contiguous.
+  void pack(int64_t slice, const float* weight) {
+    for (int64_t g = 0; g < gates_; ++g) panels_.pack(slice, g, weight + (g * hidden_ + units_[slice]) * depth_, depth_, 1);
+  }
+  // Per-step product: out[r][g*hidden + u] = x[r] . row(g, u), r < rows (a few).
+  void multiply(int64_t slice, const float* x, int64_t ldx, int64_t rows, float* out, int64_t ldo) const {
+    for (int64_t g = 0; g < gates_; ++g) panels_.multiply(slice, g, x, ldx, rows, out + column(slice, g), ldo, false);
+  }
+  // Whole-block product (many rows), plus bias [gates * hidden] where not null.
+  void project(int64_t slice, const float* x, int64_t ldx, int64_t rows, const float* bias, float* out,
+               int64_t ldo) const {
+    if (panels_.width(slice) == 0 || rows == 0) return;
+    for (int64_t g = 0; g < gates_; ++g)
+      gemm_panels(x, ldx, 1, rows, depth_, panels_.panels(slice, g), panels_.width(slice),
+                  bias ? bias + column(slice, g) : nullptr, out + column(slice, g), ldo, false, kDepthChunk);
+  }
+
+ private:
+  int64_t column(int64_t slice, int64_t gate) const { return gate * hidden_ + units_[slice]; }
+  std::vector<int64_t> units_;
+  int64_t gates_, hidden_, depth_;
+  SlicedPanels panels_;
+};
+
 // Runs worker(const StepWorker&) once per chunk of [0, slices) that launch(slices, chunk)
 // hands out, calling chunk(begin, end) for each chunk, all chunks at the same time (launch
 // must run them concurrently, or a worker would wait at the barrier for one that never

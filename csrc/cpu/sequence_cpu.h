@@ -117,6 +117,15 @@ struct SequenceOrder {
   }
   // Step processed just before t for a valid row (only meaningful when !is_first_step).
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
+  // Zero in the padded output [T, B, width] the columns [column_begin, column_end) of the rows
+  // past their length at step t (as pad_packed_sequence gives).
+  template <typename T>
+  void zero_past_length(T* output, int64_t width, int64_t t, int64_t column_begin, int64_t column_end) const {
+    for (int64_t j = active[t]; j < host.batch; ++j) {
+      T* row = output + (t * host.batch + order[j]) * width;
+      std::fill(row + column_begin, row + column_end, T(0));
+    }
+  }
   // Processing step of slot j's last step (-1 for a row of length 0).
   int64_t last_processing_step(int64_t j, bool reverse) const {
     const int64_t steps_run = length[order[j]];
