@@ -212,8 +212,8 @@ struct ForwardWorkspace {
 
 template <typename T>
 struct BackwardWorkspace {
-  T* input_rows;                // [N, I] the input's valid rows, or null (no dW_ih, or compact_is_padded)
-  T* grad_input_rows;           // [N, I] dL/dx of the valid rows, or null (no dx, or compact_is_padded)
+  T* input_rows;                // [N, I] dL/dx of the valid rows, then the input's valid rows (for
+                                // dW_ih); null when compact_is_padded or neither is wanted
   T* grad_hidden_carry;         // [B, P]
   T* hidden_prev_all;           // [N, P] or null (no dW_hh)
   acc_t<T>* gate_exchange;      // [2, B, G]
@@ -223,9 +223,8 @@ struct BackwardWorkspace {
  protected:
   void take_common(const BackwardParams& p, int64_t gates, WorkspaceCarver& c) {
     const int64_t B = p.batch, P = p.out_size, N = p.order.valid_rows, I = p.input_size;
-    const bool gather = !p.order.compact_is_padded;
-    input_rows = gather && p.grad_weight_ih ? c.take<T>(N * I) : nullptr;
-    grad_input_rows = gather && p.grad_input ? c.take<T>(N * I) : nullptr;
+    const bool gather = !p.order.compact_is_padded;  // else x and dL/dx are their own compact rows
+    input_rows = gather && (p.grad_input || p.grad_weight_ih) ? c.take<T>(N * I) : nullptr;
     grad_hidden_carry = c.take<T>(B * P);
     hidden_prev_all = p.grad_weight_hh ? c.take<T>(N * P) : nullptr;
     gate_exchange = c.take<acc_t<T>>(2 * B * gates * p.hidden);

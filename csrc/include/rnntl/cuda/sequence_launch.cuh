@@ -122,7 +122,8 @@ const char* backward_run(const typename Launch::BackwardParams& p) {
   const int64_t rows = p.order.valid_rows;
   const T* input_side = Launch::input_gate_grads(w);
   if (p.grad_input) {
-    T* grad_rows = p.order.compact_is_padded ? typed<T>(p.grad_input) : w.grad_input_rows;
+    // Scattered before dW_ih reuses the buffer (stream order).
+    T* grad_rows = p.order.compact_is_padded ? typed<T>(p.grad_input) : w.input_rows;
     gemm(rows, I, G, input_side, G, false, p.weight_ih, I, false, grad_rows, I, false);
     if (!p.order.compact_is_padded)
       padded_from_compact(static_cast<const T*>(grad_rows), typed<T>(p.grad_input), p.order, T_, B, I, stream);
