@@ -211,3 +211,60 @@ def test_opcheck(cell, strategy):
     else:
         args = (*tensors, None, lengths, False, 0.1, 0.0, True)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)
+
+
+# Non-finite values on the GPU (the device branch of rnntl/cell_math.h: expf, tanhf, which
+# the CPU emulation of tests/test_cuda_emulation.py does not run). Lengths with a length-0 row.
+NONFINITE_LENGTHS = [3, 5, 0, 2]
+
+
+def _nonfinite_run(cell, data, dtype, device, options, native):
+    return (_lstm_run if cell == "lstm" else _gru_run)(data, dtype, device, options, native)
+
+
+def _nonfinite_data(cell, T=5, B=4, I=3, H=6):
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, H), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, H), "go": _rand(T, B, H), "ghn": _rand(B, H), "lengths": torch.tensor(NONFINITE_LENGTHS)}
+    if cell == "lstm":
+        data.update({"w_hr": None, "c0": _rand(B, H), "gcn": _rand(B, H)})
+    return data
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_finite_padded_steps_reach_nothing(cell, strategy):
+    """NaN and +-inf in the padded steps of the input change no output and no gradient, bit
+    for bit, and the input's gradient is 0 there (padded rows enter no product)."""
+    options = sequence_options(True, grad_clip=0.02)
+    data = _nonfinite_data(cell)
+    clean = _nonfinite_run(cell, data, torch.float32, "cuda", options, native=True)
+    padded = torch.arange(5).unsqueeze(1) >= torch.tensor(NONFINITE_LENGTHS).unsqueeze(0)
+    x = data["x"].clone()
+    x[padded] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype)
+    dirty = _nonfinite_run(cell, dict(data, x=x), torch.float32, "cuda", options, native=True)
+    for name, expected in clean.items():
+        torch.testing.assert_close(dirty[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert (dirty["x"][padded] == 0).all()
+
+
+@pytest.mark.parametrize("poison", [("x", (1, 0, 2), float("nan")), ("x", (1, 1, 0), float("inf")),
+                                    ("w_ih", (2, 1), -float("inf"))], ids=lambda p: f"{p[0]}{list(p[1])}={p[2]}")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_non_finite_values_propagate_as_in_the_reference(cell, poison, strategy):
+    """+-inf and NaN at a valid step: NaN, +inf and -inf in every output and gradient exactly
+    where the float64 reference has them (sigmoid(-inf) is exactly 0 with the device's expf)."""
+    leaf, index, value = poison
+    clips = dict(cell_clip=0.4, proj_clip=0.1) if cell == "lstm" else {}
+    options = sequence_options(False, grad_clip=0.02, **clips)
+    data = _nonfinite_data(cell)
+    data[leaf] = data[leaf].clone()
+    data[leaf][index] = value
+    reference = _nonfinite_run(cell, data, torch.float64, "cpu", options, native=False)
+    fast = _nonfinite_run(cell, data, torch.float32, "cuda", options, native=True)
+    for name, expected in reference.items():
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            mismatch = (kind(fast[name]) != kind(expected)).nonzero().tolist()
+            assert not mismatch, f"{name}: {kind.__name__} differs from the float64 reference at {mismatch[:6]}"
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(fast[name][finite], expected[finite].float(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")

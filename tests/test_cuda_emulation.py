@@ -202,6 +202,113 @@ def test_gru_matches_reference(library, case, strategy, dtype):
     _compare(fast, baseline, reference, dtype)
 
 
+# Non-finite values. Cells of the cases below: (id, cell, proj, clip options); every case
+# has lengths (a length-0 row, a full one, rows in unsorted order) so the padded rows matter.
+NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H = 5, 4, 3, 6
+NONFINITE_LENGTHS = [3, 5, 0, 2]
+NONFINITE_CASES = [
+    ("lstm", "lstm", None, dict()),
+    ("lstm_clips_state", "lstm", None, dict(cell_clip=0.4, proj_clip=0.1, grad_clip=0.02)),
+    ("lstm_proj_clips_gates", "lstm", 4, dict(cell_clip=0.4, proj_clip=0.1, grad_clip=0.02, grad_clip_mode="gates")),
+    ("gru", "gru", None, dict()),
+    ("gru_clip_gates", "gru", None, dict(grad_clip=0.02, grad_clip_mode="gates")),
+]
+
+
+def _nonfinite_data(cell, proj, lengths=NONFINITE_LENGTHS):
+    T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    G = (4 if cell == "lstm" else 3) * H
+    P = proj or H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P), "go": _rand(T, B, P), "ghn": _rand(B, P),
+            "lengths": torch.tensor(lengths, dtype=torch.int64)}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H), "gcn": _rand(B, H)})
+    return data
+
+
+def _run_case(library, cell, strategy, dtype, data, proj, options):
+    T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    if cell == "lstm":
+        return _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, proj or H), options)
+    return _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options)
+
+
+def _reference_case(cell, dtype, data, options):
+    return _lstm_reference_run(dtype, data, options) if cell == "lstm" else _gru_reference_run(dtype, data, options)
+
+
+def _padded_mask(lengths, steps):
+    """[T, B] True at the padded steps (t >= lengths[b])."""
+    return torch.arange(steps).unsqueeze(1) >= torch.tensor(lengths).unsqueeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
+def test_non_finite_padded_steps_reach_nothing(library, case, strategy, reverse, dtype):
+    """Steps past a row's length are padding and may hold anything: NaN and +-inf there
+    change no output and no gradient, bit for bit, and the input's gradient is zero there
+    (padded rows enter no product: not the input projection, not dL/dx, not dW_ih)."""
+    _, cell, proj, clips = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    options = sequence_options(reverse, **clips)
+    data = _nonfinite_data(cell, proj)
+    clean = _run_case(library, cell, strategy, dtype, data, proj, options)
+    padded = _padded_mask(NONFINITE_LENGTHS, NONFINITE_T)
+    x = data["x"].clone()
+    x[padded] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype)
+    dirty = _run_case(library, cell, strategy, dtype, dict(data, x=x), proj, options)
+    for name, expected in clean.items():
+        assert torch.isfinite(expected).all(), f"{name}: the clean run is not finite"
+        torch.testing.assert_close(dirty[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert (dirty["x"][padded] == 0).all()
+
+
+# (leaf, index, value): one non-finite entry. Input index (1, 0, 2) is a valid step of row 0;
+# h0 row 3 runs two steps, row 2 none (its h_n is h0).
+NONFINITE_POISONS = [("x", (1, 0, 2), float("nan")), ("x", (1, 1, 0), float("inf")),
+                     ("w_ih", (2, 1), -float("inf")), ("w_ih", (5, 0), float("nan")),
+                     ("h0", (3, 1), float("nan")), ("h0", (2, 0), float("inf"))]
+
+
+def _assert_same_nonfinite_pattern(name, fast, reference):
+    """NaN, +inf and -inf at the same places as the float64 reference; the finite entries close."""
+    reference = reference.to(fast.dtype)
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        mismatch = (kind(fast) != kind(reference)).nonzero().tolist()
+        assert not mismatch, f"{name}: {kind.__name__} differs from the float64 reference at {mismatch[:6]}"
+    finite = torch.isfinite(reference)
+    torch.testing.assert_close(fast[finite], reference[finite], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("poison", NONFINITE_POISONS, ids=lambda p: f"{p[0]}{list(p[1])}={p[2]}")
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
+def test_non_finite_values_propagate_as_in_the_reference(library, case, poison, strategy):
+    """+-inf and NaN in a valid step of the input, in weight_ih or in h0 reach every output
+    and gradient exactly where they reach them in the float64 reference loop (which runs
+    the valid rows only, as torch.nn on a PackedSequence): the clips keep NaN (a NaN
+    gradient does not come out of a clamp as +-limit), a saturated gate is exactly 0 or 1,
+    and nothing reaches the padded rows' results."""
+    _, cell, proj, clips = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    leaf, index, value = poison
+    options = sequence_options(False, **clips)
+    data = _nonfinite_data(cell, proj)
+    data[leaf] = data[leaf].clone()
+    data[leaf][index] = value
+    reference = _reference_case(cell, torch.float64, data, options)
+    assert any(not torch.isfinite(v).all() for v in reference.values()), "the poison reached nothing"
+    fast = _run_case(library, cell, strategy, torch.float32, data, proj, options)
+    assert set(fast) == set(reference)
+    for name in reference:
+        _assert_same_nonfinite_pattern(name, fast[name], reference[name])
+
+
 def test_emulated_warp_primitives_and_shared_memory(library):
     """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
     assert library.rnntl_emulation_warp_selftest() == 0

@@ -44,7 +44,7 @@ inline void check_input_cuda(const at::Tensor& input) {
 struct DeviceOrder {
   at::Tensor lengths_host;
   HostOrder host;
-  at::Tensor device;  // [2B + T] int64: order, length, active
+  at::Tensor device;  // [3B + 2T + 1] int64: order, length, active, first_row, slot (HostOrder::packed)
 
   DeviceOrder(const std::optional<at::Tensor>& lengths, int64_t steps, int64_t batch, const at::Device& where)
       : lengths_host(checked_lengths(lengths, steps, batch)),
@@ -54,10 +54,7 @@ struct DeviceOrder {
     device = packed.to(where);  // synchronous copy from pageable memory: `packed` may die after
   }
 
-  OrderView view() const {
-    const int64_t* d = device.data_ptr<int64_t>();
-    return OrderView{HostOrder::order_in(d), host.length_in(d), host.active_in(d), host.active_host()};
-  }
+  OrderView view() const { return host.view(device.data_ptr<int64_t>()); }
 };
 
 // GEMMs of the kernels' drivers, through ATen (cuBLAS, current stream, float accumulation

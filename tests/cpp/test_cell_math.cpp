@@ -132,6 +132,34 @@ void test_gate_clip() {
   const auto s = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 50.0, 40.0, 0.0, 0.05, 0.0);
   expect_close("state clip bounds dL/dc", std::fabs(s.grad_cell_prev) <= 0.05 * f.f + 1e-15 ? 0 : 1, 0, 0);
 }
+
+// Clamps keep NaN (a clamped NaN is NaN, not a bound), and a clamp's backward is torch's
+// select: 0 wherever the clamp was active or x is NaN, even for a NaN or inf gradient.
+void test_clamps_non_finite() {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  const auto expect = [](const char* what, double got, double want) {
+    if (!(got == want || (std::isnan(got) && std::isnan(want)))) {
+      std::printf("FAIL %s: got %.9g want %.9g\n", what, got, want);
+      ++failures;
+    }
+  };
+  expect("clip_value(NaN)", rnntl::clip_value(nan, 2.0), nan);
+  expect("clip_value(float NaN)", rnntl::clip_value(std::numeric_limits<float>::quiet_NaN(), 2.0f), nan);
+  expect("clip_value(-inf)", rnntl::clip_value(-inf, 2.0), -2.0);
+  expect("clip_gradient(NaN) inside", rnntl::clip_gradient(nan, 1.0, 2.0), nan);
+  expect("clip_gradient(NaN) outside", rnntl::clip_gradient(nan, 3.0, 2.0), 0.0);
+  expect("clip_gradient(inf) outside", rnntl::clip_gradient(inf, -3.0, 2.0), 0.0);
+  expect("clip_gradient at NaN x", rnntl::clip_gradient(0.5, nan, 2.0), 0.0);
+  expect("clip_gradient at the bound", rnntl::clip_gradient(0.5, 2.0, 2.0), 0.5);
+  expect("clip_gradient off", rnntl::clip_gradient(inf, 3.0, 0.0), inf);
+  // A NaN dL/dc_t at a step whose cell clamp was active stops there, as in torch.
+  const auto f = rnntl::lstm_element_forward(2.0, 1.0, 2.0, 0.5, 0.3, 0.5);
+  const auto b = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 0.1, nan, 0.5, 0.0, 0.0);
+  expect("clamped cell: dL/dc_{t-1}", b.grad_cell_prev, 0.0);
+  expect("clamped cell: dL/da_f", b.d_f, 0.0);
+  const auto p = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 0.1, nan, 0.0, 0.0, 0.0);
+  expect("unclamped cell: NaN passes", p.grad_cell_prev, nan);
+}
 }  // namespace
 
 int main() {
@@ -140,6 +168,7 @@ int main() {
   test_lstm_backward();
   test_gru_backward();
   test_gate_clip();
+  test_clamps_non_finite();
   if (failures) {
     std::printf("%d checks failed\n", failures);
     return 1;

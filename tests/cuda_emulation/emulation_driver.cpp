@@ -66,11 +66,8 @@ struct Setup {
     // Emulated device with `sms` multiprocessors: the persistent plan spreads H over them.
     if (sms > 0) emu::device_config().multiprocessors = sms;
   }
-  OrderView view() const {
-    // "Device" memory is host memory in the emulation.
-    const int64_t* d = order.packed.data();
-    return OrderView{HostOrder::order_in(d), order.length_in(d), order.active_in(d), order.active_host()};
-  }
+  // "Device" memory is host memory in the emulation.
+  OrderView view() const { return order.view(order.packed.data()); }
   void* allocate(size_t bytes) {
     workspace.assign(bytes, 0xA5);  // garbage, as cudaMalloc gives
     return workspace.data();

@@ -111,6 +111,15 @@ RNNTL_HOST_DEVICE T clip_pass(T x, T limit) {
   return (inside | !(limit > T(0))) ? T(1) : T(0);
 }
 
+// Backward of clamp(x, -limit, limit) as torch.clamp's: `grad` where clip_pass is 1, else 0.
+// A select, not grad * clip_pass: a NaN or inf gradient where the clamp was active (or x
+// is NaN) gives 0, as in torch, where the product gives NaN.
+template <typename T>
+RNNTL_HOST_DEVICE T clip_gradient(T grad, T x, T limit) {
+  const bool inside = (x >= -limit) & (x <= limit);
+  return (inside | !(limit > T(0))) ? grad : T(0);
+}
+
 // ---------------------------------------------------------------------------------------
 // LSTM element, forward. a_* are full pre-activations (input part + recurrent part +
 // biases). Writes the gate activations, the cell before clipping (what backward needs
@@ -165,16 +174,18 @@ struct LstmBackwardElement {
   T grad_cell_prev;      // dL/dc_{t-1} through this step
 };
 
-// The same with tanh(clip(cell_before_clip)) given, for callers that need it themselves
-// (the CPU kernel also rebuilds m = o * tanh(c) from it for the projection's gradient).
+// Total dL/dc_t (after cell_clip, before its backward): the carry plus the path through
+// h = o * tanh(c), clamped in state mode.
 template <typename T>
-RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T f, T g, T o, T cell_before_clip,
-                                                                          T tanh_cell, T cell_prev, T grad_hidden,
-                                                                          T grad_cell_carry, T cell_clip,
-                                                                          T state_clip, T gate_clip) {
-  T grad_cell = grad_cell_carry + grad_hidden * o * (T(1) - tanh_cell * tanh_cell);
-  grad_cell = clip_value(grad_cell, state_clip);
-  grad_cell = grad_cell * clip_pass(cell_before_clip, cell_clip);
+RNNTL_HOST_DEVICE T lstm_cell_state_gradient(T o, T tanh_cell, T grad_hidden, T grad_cell_carry, T state_clip) {
+  return clip_value(grad_cell_carry + grad_hidden * o * (T(1) - tanh_cell * tanh_cell), state_clip);
+}
+
+// The gate gradients and dL/dc_{t-1} from grad_cell = dL/dc_t before the clip (through
+// cell_clip's backward).
+template <typename T>
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_gate_gradients(T i, T f, T g, T o, T tanh_cell, T cell_prev,
+                                                             T grad_hidden, T grad_cell, T gate_clip) {
   LstmBackwardElement<T> e;
   e.d_i = clip_value(grad_cell * g * i * (T(1) - i), gate_clip);
   e.d_f = clip_value(grad_cell * cell_prev * f * (T(1) - f), gate_clip);
@@ -184,14 +195,31 @@ RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T
   return e;
 }
 
+// With tanh(clip(cell_before_clip)) given, for callers that need it themselves (the CPU
+// kernel also rebuilds m = o * tanh(c) from it for the projection's gradient). cell_clip's
+// backward here multiplies by its 0/1 mask (the CPU kernels' form so far): NaN or inf in
+// dL/dc_t where the clamp was active gives NaN, where torch (and lstm_element_backward)
+// gives 0.
+template <typename T>
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T f, T g, T o, T cell_before_clip,
+                                                                          T tanh_cell, T cell_prev, T grad_hidden,
+                                                                          T grad_cell_carry, T cell_clip,
+                                                                          T state_clip, T gate_clip) {
+  const T grad_cell = lstm_cell_state_gradient(o, tanh_cell, grad_hidden, grad_cell_carry, state_clip) *
+                      clip_pass(cell_before_clip, cell_clip);
+  return lstm_gate_gradients(i, f, g, o, tanh_cell, cell_prev, grad_hidden, grad_cell, gate_clip);
+}
+
+// cell_clip's backward as torch.clamp's (clip_gradient); the CUDA kernels' form.
 template <typename T>
 RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,
                                                                T cell_prev, T grad_hidden,
                                                                T grad_cell_carry, T cell_clip,
                                                                T state_clip, T gate_clip) {
   const T tanh_cell = tanh_activation(clip_value(cell_before_clip, cell_clip));
-  return lstm_element_backward_given_tanh(i, f, g, o, cell_before_clip, tanh_cell, cell_prev, grad_hidden,
-                                          grad_cell_carry, cell_clip, state_clip, gate_clip);
+  const T grad_cell = clip_gradient(lstm_cell_state_gradient(o, tanh_cell, grad_hidden, grad_cell_carry, state_clip),
+                                    cell_before_clip, cell_clip);
+  return lstm_gate_gradients(i, f, g, o, tanh_cell, cell_prev, grad_hidden, grad_cell, gate_clip);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -50,12 +50,17 @@ struct GemmHook {
   void* context;
 };
 
-// Batch order of a sequence (see SequenceOrder in csrc/cpu/sequence_cpu.h).
+// Batch order of a sequence and its compact rows (rnntl/host_order.h, which fills it).
 struct OrderView {
   const int64_t* order;        // [B]  device: batch row of slot j
   const int64_t* length;       // [B]  device: length of batch row b (by row, not slot)
   const int64_t* active;       // [T]  device: rows with length > t
+  const int64_t* first_row;    // [T + 1] device: compact row of (t, slot 0); first_row[T] = N
+  const int64_t* slot;         // [B]  device: slot of batch row b
   const int64_t* active_host;  // [T]  host copy of active (the stepwise loop sizes GEMMs by it)
+  int64_t valid_rows;          // N = sum of the lengths: rows of the whole-sequence products
+  bool compact_is_padded;      // compact row == padded row t * B + b (every row runs all T
+                               // steps, in batch order): the input needs no gather
 };
 
 // Launch environment shared by all entry points.

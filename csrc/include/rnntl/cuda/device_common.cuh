@@ -2,7 +2,9 @@
 // cell has, the grid-stride loop, moving rows between batch order and slot order, column
 // sums (bias gradients) and warp sums. Their launches are in launch_common.cuh.
 // Slot-major buffers: slot j holds batch row order[j] (rows sorted by length, longest
-// first), so the rows running at step t are slots [0, active[t]).
+// first), so the rows running at step t are slots [0, active[t]). Whole-sequence work
+// buffers ([N, W]) hold compact rows (rnntl/host_order.h): (t, slot j) is row
+// first_row[t] + j, and padded steps have no row, so they enter no product.
 #pragma once
 
 #include "../cell_math.h"
@@ -26,11 +28,12 @@ struct SequenceArgs {
   const int64_t* order;         // [B] batch row of slot j
   const int64_t* length;        // [B] by batch row
   const int64_t* active;        // [T] running rows per step
+  const int64_t* first_row;     // [T + 1] compact row of (t, slot 0)
 };
 
 template <typename T>
 struct ForwardArgs : SequenceArgs {
-  const T* input_gates;         // [T, B, G] W_ih x (the cells add the biases)
+  const T* input_gates;         // [N, G] compact rows: W_ih x (the cells add the biases)
   const T* bias_ih;             // [G] or null
   const T* bias_hh;             // [G] or null
   const T* weight_hh;           // [G, P]
@@ -54,7 +57,7 @@ struct BackwardArgs : SequenceArgs {
   T* grad_hidden_carry;         // [B, P] slot-major dL/dh_t from step t+1 (stepwise)
   acc_t<T>* gate_exchange;      // [2, B, G] slot-major dL/d(W_hh h) by round parity (persistent)
   unsigned int* barrier;        // one counter, zero at launch (persistent)
-  T* hidden_prev_all;           // [T, B, P] h_{t-1} per row, or null (no dW_hh)
+  T* hidden_prev_all;           // [N, P] compact rows: h_{t-1}, or null (no dW_hh)
   T* grad_h0;                   // [B, P] or null
   acc_t<T> state_clip, gate_clip;
 };
@@ -70,6 +73,31 @@ __global__ void gather_rows_kernel(const Src* src, Dst* dst, const int64_t* orde
   RNNTL_GRID_STRIDE_LOOP(index, rows * width) {
     const int64_t j = index / width, k = index % width;
     dst[index] = src ? from_acc<Dst>(to_acc(src[order[j] * width + k])) : from_acc<Dst>(0);
+  }
+}
+
+// dst[r, k] = src[t * B + b, k] for every compact row r = (t, slot[b]): the valid rows of
+// a whole-sequence input, the padded ones never read.
+//   src: [T, B, width];  dst: [N, width] compact rows.
+template <typename T>
+__global__ void compact_from_padded_kernel(const T* src, T* dst, const int64_t* slot, const int64_t* active,
+                                           const int64_t* first_row, int64_t steps, int64_t batch, int64_t width) {
+  RNNTL_GRID_STRIDE_LOOP(index, steps * batch * width) {
+    const int64_t t = index / (batch * width), b = (index / width) % batch, k = index % width;
+    const int64_t j = slot[b];
+    if (j < active[t]) dst[(first_row[t] + j) * width + k] = src[index];
+  }
+}
+
+// dst[t, b, k] = src[first_row[t] + slot[b], k] at valid steps, 0 at padded ones.
+//   src: [N, width] compact rows;  dst: [T, B, width].
+template <typename T>
+__global__ void padded_from_compact_kernel(const T* src, T* dst, const int64_t* slot, const int64_t* active,
+                                           const int64_t* first_row, int64_t steps, int64_t batch, int64_t width) {
+  RNNTL_GRID_STRIDE_LOOP(index, steps * batch * width) {
+    const int64_t t = index / (batch * width), b = (index / width) % batch, k = index % width;
+    const int64_t j = slot[b];
+    dst[index] = j < active[t] ? src[(first_row[t] + j) * width + k] : from_acc<T>(acc_t<T>(0));
   }
 }
 

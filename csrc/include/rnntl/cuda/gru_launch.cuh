@@ -1,7 +1,7 @@
 // GRU launches: the workspaces, the kernel arguments built from the params, and the
 // GRU's part of the sequence drivers of sequence_launch.cuh (separate input-side and
 // hidden-side gate gradients, two bias gradients). Kernels: gru_kernels.cuh.
-// Shapes: T steps, B batch, H hidden (P = H), G = 3H.
+// Shapes: T steps, B batch, H hidden (P = H), G = 3H, N valid (compact) rows.
 #pragma once
 
 #include "gru_kernels.cuh"
@@ -22,16 +22,16 @@ struct GruForwardWorkspace : ForwardWorkspace<T> {
 template <typename T>
 struct GruBackwardWorkspace : BackwardWorkspace<T> {
   T* grad_hidden_gates;         // [B, 3H]
-  T* grad_input_gates_all;      // [T, B, 3H]
-  T* grad_hidden_gates_all;     // [T, B, 3H] or null (no dW_hh, db_hh)
+  T* grad_input_gates_all;      // [N, 3H]
+  T* grad_hidden_gates_all;     // [N, 3H] or null (no dW_hh, db_hh)
 
   GruBackwardWorkspace(const GruBackwardParams& p, void* base) {
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
     this->take_common(p, 3, c);
-    const int64_t T_ = p.steps, B = p.batch, G = 3 * p.hidden;
+    const int64_t N = p.order.valid_rows, B = p.batch, G = 3 * p.hidden;
     grad_hidden_gates = c.take<T>(B * G);
-    grad_input_gates_all = c.take<T>(T_ * B * G);
-    grad_hidden_gates_all = (p.grad_weight_hh || p.grad_bias_hh) ? c.take<T>(T_ * B * G) : nullptr;
+    grad_input_gates_all = c.take<T>(N * G);
+    grad_hidden_gates_all = (p.grad_weight_hh || p.grad_bias_hh) ? c.take<T>(N * G) : nullptr;
     this->bytes = c.offset;
   }
 };
@@ -99,7 +99,7 @@ struct GruLaunch : NoStateBesidesHidden {
   template <typename T>
   static void cell_gradients(const GruBackwardParams& p, const GruBackwardWorkspace<T>& w, const Gemm&,
                              void* stream) {
-    const int64_t rows = p.steps * p.batch, G = 3 * p.hidden;
+    const int64_t rows = p.order.valid_rows, G = 3 * p.hidden;
     if (p.grad_bias_ih)
       column_sum(static_cast<const T*>(w.grad_input_gates_all), typed<T>(p.grad_bias_ih), rows, G, stream);
     if (p.grad_bias_hh)

@@ -28,6 +28,24 @@ inline void scatter_rows(const Src* src, Dst* dst, const int64_t* order, int64_t
                 dst, order, rows, width);
 }
 
+// The valid rows of a [T, B, width] input as compact rows [N, width], and back (zeros at
+// the padded steps); see rnntl/host_order.h.
+template <typename T>
+inline void compact_from_padded(const T* src, T* dst, const OrderView& order, int64_t steps, int64_t batch,
+                                int64_t width, void* stream) {
+  launch_kernel(pointwise_grid(steps * batch * width), dim3(kPointwiseThreads), 0, stream,
+                compact_from_padded_kernel<T>, src, dst, order.slot, order.active, order.first_row, steps, batch,
+                width);
+}
+
+template <typename T>
+inline void padded_from_compact(const T* src, T* dst, const OrderView& order, int64_t steps, int64_t batch,
+                                int64_t width, void* stream) {
+  launch_kernel(pointwise_grid(steps * batch * width), dim3(kPointwiseThreads), 0, stream,
+                padded_from_compact_kernel<T>, src, dst, order.slot, order.active, order.first_row, steps, batch,
+                width);
+}
+
 template <typename T>
 inline void column_sum(const T* in, T* out, int64_t rows, int64_t cols, void* stream) {
   const int64_t warps = kPointwiseThreads / 32;
@@ -168,10 +186,12 @@ inline T* typed(void* p) {
 }
 
 // The buffers every cell's forward needs; each cell's workspace carves these first
-// (take_common) and then its own. G = gates * H.
+// (take_common) and then its own. G = gates * H; N = valid rows (compact rows,
+// rnntl/host_order.h).
 template <typename T>
 struct ForwardWorkspace {
-  T* input_gates;               // [T, B, G]
+  T* input_rows;                // [N, I] the input's valid rows, or null (compact_is_padded: the input itself)
+  T* input_gates;               // [N, G]
   T* hidden_state;              // [B, P]
   T* recurrent_gates;           // [B, G]
   acc_t<T>* hidden_exchange;    // [2, B, H]
@@ -180,8 +200,9 @@ struct ForwardWorkspace {
 
  protected:
   void take_common(const SequenceParams& p, int64_t gates, WorkspaceCarver& c) {
-    const int64_t B = p.batch, H = p.hidden, G = gates * H;
-    input_gates = c.take<T>(p.steps * B * G);
+    const int64_t B = p.batch, H = p.hidden, G = gates * H, N = p.order.valid_rows;
+    input_rows = p.order.compact_is_padded ? nullptr : c.take<T>(N * p.input_size);
+    input_gates = c.take<T>(N * G);
     hidden_state = c.take<T>(B * p.out_size);
     recurrent_gates = c.take<T>(B * G);
     hidden_exchange = c.take<acc_t<T>>(2 * B * H);
@@ -191,17 +212,21 @@ struct ForwardWorkspace {
 
 template <typename T>
 struct BackwardWorkspace {
+  T* input_rows;                // [N, I] dL/dx of the valid rows, then the input's valid rows (for
+                                // dW_ih); null when compact_is_padded or neither is wanted
   T* grad_hidden_carry;         // [B, P]
-  T* hidden_prev_all;           // [T, B, P] or null (no dW_hh)
+  T* hidden_prev_all;           // [N, P] or null (no dW_hh)
   acc_t<T>* gate_exchange;      // [2, B, G]
   unsigned int* barrier;        // [1]
   size_t bytes = 0;
 
  protected:
   void take_common(const BackwardParams& p, int64_t gates, WorkspaceCarver& c) {
-    const int64_t B = p.batch, P = p.out_size;
+    const int64_t B = p.batch, P = p.out_size, N = p.order.valid_rows, I = p.input_size;
+    const bool gather = !p.order.compact_is_padded;  // else x and dL/dx are their own compact rows
+    input_rows = gather && (p.grad_input || p.grad_weight_ih) ? c.take<T>(N * I) : nullptr;
     grad_hidden_carry = c.take<T>(B * P);
-    hidden_prev_all = p.grad_weight_hh ? c.take<T>(p.steps * B * P) : nullptr;
+    hidden_prev_all = p.grad_weight_hh ? c.take<T>(N * P) : nullptr;
     gate_exchange = c.take<acc_t<T>>(2 * B * gates * p.hidden);
     barrier = c.take<unsigned int>(1);
   }
@@ -220,6 +245,7 @@ inline void fill_sequence_args(SequenceArgs& s, const SequenceParams& p, const P
   s.order = p.order.order;
   s.length = p.order.length;
   s.active = p.order.active;
+  s.first_row = p.order.first_row;
 }
 
 template <typename T>

@@ -8,7 +8,9 @@
 // proj_size a second GEMM and an epilogue kernel. The persistent strategy has no
 // projection (P == H).
 // Gate math comes from rnntl/cell_math.h, in acc_t<T> (float for half/bfloat16).
-// Shapes: T steps, B batch, I input, H hidden, P = proj_size or H, G = 4H (gates i,f,g,o).
+// Shapes: T steps, B batch, I input, H hidden, P = proj_size or H, G = 4H (gates i,f,g,o),
+// N valid rows. `row` = t * B + b indexes the [T, B, *] tensors, `compact` = first_row[t] + j
+// the [N, *] work buffers (device_common.cuh).
 #pragma once
 
 #include "persistent_kernels.cuh"
@@ -37,14 +39,14 @@ struct LstmBackwardArgs : BackwardArgs<T> {
   const T* cells;                   // [T, B, H] before clip
   const T* hidden_pre_clip;         // [T, B, P] or null (no proj_clip)
   T* grad_c0;                       // [B, H] or null
-  T* grad_gates_all;                // [T, B, 4H] dL/da per row
+  T* grad_gates_all;                // [N, 4H] dL/da per compact row
   // Stepwise only:
   T* grad_pre_clip;                 // [B, P] slot-major dL/d(hidden before proj_clip)
-  T* grad_pre_clip_all;             // [T, B, P] or null (only for dW_hr)
+  T* grad_pre_clip_all;             // [N, P] or null (only for dW_hr)
   const T* grad_hidden_unprojected; // [B, H] slot-major dL/dm (grad_pre_clip without projection)
   acc_t<T>* grad_cell_carry;        // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
   T* grad_gates;                    // [B, 4H] slot-major dL/da (input of the recurrent GEMM)
-  T* hidden_unprojected_all;        // [T, B, H] m per row, or null (no dW_hr)
+  T* hidden_unprojected_all;        // [N, H] m per compact row, or null (no dW_hr)
   acc_t<T> cell_clip, proj_clip;
 };
 
@@ -62,10 +64,11 @@ __global__ void lstm_forward_step_kernel(LstmForwardArgs<T> s) {
     const int64_t row = s.t * s.batch + s.order[j];
     if (j < s.running) {
       if (k >= H) continue;
+      const int64_t compact = s.first_row[s.t] + j;
       A a[4];
       for (int g = 0; g < 4; ++g) {
         const int64_t col = g * H + k;
-        a[g] = to_acc(s.input_gates[row * G + col]) + to_acc(s.recurrent_gates[j * G + col]);
+        a[g] = to_acc(s.input_gates[compact * G + col]) + to_acc(s.recurrent_gates[j * G + col]);
         if (s.bias_ih) a[g] += to_acc(s.bias_ih[col]);
         if (s.bias_hh) a[g] += to_acc(s.bias_hh[col]);
       }
@@ -132,13 +135,12 @@ __global__ void lstm_hidden_gradient_kernel(LstmBackwardArgs<T> s) {
       A g = to_acc(s.grad_hidden_carry[index]);
       if (s.grad_output) g += to_acc(s.grad_output[row * P + k]);
       g = clip_value(g, s.state_clip);
-      if (s.hidden_pre_clip) g *= clip_pass(to_acc(s.hidden_pre_clip[row * P + k]), s.proj_clip);
+      if (s.hidden_pre_clip) g = clip_gradient(g, to_acc(s.hidden_pre_clip[row * P + k]), s.proj_clip);
       s.grad_pre_clip[index] = from_acc<T>(g);
-      if (s.grad_pre_clip_all) s.grad_pre_clip_all[row * P + k] = from_acc<T>(g);
+      if (s.grad_pre_clip_all) s.grad_pre_clip_all[(s.first_row[s.t] + j) * P + k] = from_acc<T>(g);
     } else {
       // A row past its length passes its state gradient on, clamped as the reference's hook does.
       s.grad_hidden_carry[index] = from_acc<T>(clip_value(to_acc(s.grad_hidden_carry[index]), s.state_clip));
-      if (s.grad_pre_clip_all) s.grad_pre_clip_all[row * P + k] = from_acc<T>(A(0));
     }
   }
 }
@@ -154,6 +156,7 @@ __global__ void lstm_backward_step_kernel(LstmBackwardArgs<T> s) {
     if (j < s.running) {
       const bool first = s.reverse ? s.t == s.length[b] - 1 : s.t == 0;
       const int64_t prev_row = (s.reverse ? s.t + 1 : s.t - 1) * s.batch + b;
+      const int64_t compact = s.first_row[s.t] + j;
       if (k < H) {
         // c0 is not clipped; the saved cells are before the clip.
         const A cell_prev = first ? (s.c0 ? to_acc(s.c0[b * H + k]) : A(0))
@@ -168,22 +171,17 @@ __global__ void lstm_backward_step_kernel(LstmBackwardArgs<T> s) {
         const A d[4] = {e.d_i, e.d_f, e.d_g, e.d_o};
         for (int g = 0; g < 4; ++g) {
           s.grad_gates[j * G + g * H + k] = from_acc<T>(d[g]);
-          s.grad_gates_all[row * G + g * H + k] = from_acc<T>(d[g]);
+          s.grad_gates_all[compact * G + g * H + k] = from_acc<T>(d[g]);
         }
         if (s.hidden_unprojected_all)
-          s.hidden_unprojected_all[row * H + k] =
+          s.hidden_unprojected_all[compact * H + k] =
               from_acc<T>(to_acc(act[3 * H + k]) * tanh_activation(clip_value(cell, s.cell_clip)));
       }
       if (k < P && s.hidden_prev_all)
-        s.hidden_prev_all[row * P + k] =
+        s.hidden_prev_all[compact * P + k] =
             first ? (s.h0 ? s.h0[b * P + k] : from_acc<T>(A(0))) : s.output[prev_row * P + k];
-    } else {
-      if (k < H) {
-        s.grad_cell_carry[j * H + k] = clip_value(s.grad_cell_carry[j * H + k], s.state_clip);
-        for (int g = 0; g < 4; ++g) s.grad_gates_all[row * G + g * H + k] = from_acc<T>(A(0));
-        if (s.hidden_unprojected_all) s.hidden_unprojected_all[row * H + k] = from_acc<T>(A(0));
-      }
-      if (k < P && s.hidden_prev_all) s.hidden_prev_all[row * P + k] = from_acc<T>(A(0));
+    } else if (k < H) {
+      s.grad_cell_carry[j * H + k] = clip_value(s.grad_cell_carry[j * H + k], s.state_clip);
     }
   }
 }
@@ -212,13 +210,13 @@ struct LstmCell {
   }
 
   template <typename T>
-  RNNTL_DEVICE static T forward_unit(const LstmForwardArgs<T>& s, int64_t row, int64_t u, acc_t<T>* a,
-                                     acc_t<T> /*hidden_prev*/, acc_t<T>* cell) {
+  RNNTL_DEVICE static T forward_unit(const LstmForwardArgs<T>& s, int64_t row, int64_t compact, int64_t u,
+                                     acc_t<T>* a, acc_t<T> /*hidden_prev*/, acc_t<T>* cell) {
     using A = acc_t<T>;
     const int64_t H = s.hidden, G = 4 * H;
     for (int g = 0; g < 4; ++g) {
       const int64_t col = g * H + u;
-      a[g] += to_acc(s.input_gates[row * G + col]);
+      a[g] += to_acc(s.input_gates[compact * G + col]);
       if (s.bias_ih) a[g] += to_acc(s.bias_ih[col]);
       if (s.bias_hh) a[g] += to_acc(s.bias_hh[col]);
     }
@@ -262,12 +260,12 @@ struct LstmCell {
   }
 
   template <typename T>
-  RNNTL_DEVICE static void backward_unit(const LstmBackwardArgs<T>& s, int64_t row, int64_t prev_row, bool first,
-                                         int64_t b, int64_t u, acc_t<T> dh, T /*hidden_prev*/,
-                                         acc_t<T>& grad_cell, acc_t<T>* exchange) {
+  RNNTL_DEVICE static void backward_unit(const LstmBackwardArgs<T>& s, int64_t row, int64_t compact,
+                                         int64_t prev_row, bool first, int64_t b, int64_t u, acc_t<T> dh,
+                                         T /*hidden_prev*/, acc_t<T>& grad_cell, acc_t<T>* exchange) {
     using A = acc_t<T>;
     const int64_t H = s.hidden, G = 4 * H;
-    if (s.hidden_pre_clip) dh *= clip_pass(to_acc(s.hidden_pre_clip[row * H + u]), s.proj_clip);
+    if (s.hidden_pre_clip) dh = clip_gradient(dh, to_acc(s.hidden_pre_clip[row * H + u]), s.proj_clip);
     // c0 is not clipped; the saved cells are before the clip.
     const A cell_prev = first ? (s.c0 ? to_acc(s.c0[b * H + u]) : A(0))
                               : clip_value(to_acc(s.cells[prev_row * H + u]), s.cell_clip);
@@ -279,18 +277,15 @@ struct LstmCell {
     const A d[4] = {e.d_i, e.d_f, e.d_g, e.d_o};
     for (int g = 0; g < 4; ++g) {
       const T rounded = from_acc<T>(d[g]);
-      s.grad_gates_all[row * G + g * H + u] = rounded;
+      s.grad_gates_all[compact * G + g * H + u] = rounded;
       exchange[g * H + u] = to_acc(rounded);
     }
   }
 
+  // A finished row passes its cell gradient on, clamped as the reference's hook does.
   template <typename T>
-  RNNTL_DEVICE static void backward_finished(const LstmBackwardArgs<T>& s, int64_t row, int64_t u,
-                                             acc_t<T>& grad_cell) {
-    using A = acc_t<T>;
-    const int64_t H = s.hidden, G = 4 * H;
+  RNNTL_DEVICE static void backward_finished(const LstmBackwardArgs<T>& s, acc_t<T>& grad_cell) {
     grad_cell = clip_value(grad_cell, s.state_clip);
-    for (int g = 0; g < 4; ++g) s.grad_gates_all[row * G + g * H + u] = from_acc<T>(A(0));
   }
 };
 

@@ -1,7 +1,7 @@
 // LSTM launches: the workspaces, the kernel arguments built from the params, and the
 // LSTM's part of the sequence drivers of sequence_launch.cuh (the cell state, the
 // projection, the bias and W_hr gradients). Kernels: lstm_kernels.cuh.
-// Shapes: T steps, B batch, H hidden, P = proj_size or H, G = 4H.
+// Shapes: T steps, B batch, H hidden, P = proj_size or H, G = 4H, N valid (compact) rows.
 #pragma once
 
 #include "lstm_kernels.cuh"
@@ -32,22 +32,22 @@ struct LstmBackwardWorkspace : BackwardWorkspace<T> {
   T* grad_pre_clip;             // [B, P]
   T* grad_hidden_unprojected;   // [B, H]
   T* grad_gates;                // [B, 4H]
-  T* grad_gates_all;            // [T, B, 4H]
-  T* grad_pre_clip_all;         // [T, B, P] or null (no dW_hr)
-  T* hidden_unprojected_all;    // [T, B, H] or null (no dW_hr)
+  T* grad_gates_all;            // [N, 4H]
+  T* grad_pre_clip_all;         // [N, P] or null (no dW_hr)
+  T* hidden_unprojected_all;    // [N, H] or null (no dW_hr)
 
   LstmBackwardWorkspace(const LstmBackwardParams& p, void* base) {
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
     this->take_common(p, 4, c);
-    const int64_t T_ = p.steps, B = p.batch, H = p.hidden, P = p.out_size, G = 4 * H;
+    const int64_t N = p.order.valid_rows, B = p.batch, H = p.hidden, P = p.out_size, G = 4 * H;
     const bool want_weight_hr = p.weight_hr != nullptr && p.grad_weight_hr != nullptr;
     grad_cell_carry = c.take<acc_t<T>>(B * H);
     grad_pre_clip = c.take<T>(B * P);
     grad_hidden_unprojected = c.take<T>(B * H);
     grad_gates = c.take<T>(B * G);
-    grad_gates_all = c.take<T>(T_ * B * G);
-    grad_pre_clip_all = want_weight_hr ? c.take<T>(T_ * B * P) : nullptr;
-    hidden_unprojected_all = want_weight_hr ? c.take<T>(T_ * B * H) : nullptr;
+    grad_gates_all = c.take<T>(N * G);
+    grad_pre_clip_all = want_weight_hr ? c.take<T>(N * P) : nullptr;
+    hidden_unprojected_all = want_weight_hr ? c.take<T>(N * H) : nullptr;
     this->bytes = c.offset;
   }
 };
@@ -173,7 +173,7 @@ struct LstmLaunch {
   template <typename T>
   static void cell_gradients(const LstmBackwardParams& p, const LstmBackwardWorkspace<T>& w, const Gemm& gemm,
                              void* stream) {
-    const int64_t rows = p.steps * p.batch, H = p.hidden, P = p.out_size;
+    const int64_t rows = p.order.valid_rows, H = p.hidden, P = p.out_size;
     if (p.grad_bias)
       column_sum(static_cast<const T*>(w.grad_gates_all), typed<T>(p.grad_bias), rows, 4 * H, stream);
     if (p.weight_hr && p.grad_weight_hr)

@@ -10,9 +10,10 @@
 //   kForwardUnitState           acc_t words per (row, unit) the forward keeps across steps
 //                               (LSTM: the cell state); when 1:
 //     initial_unit_state(s, j, u, owned) and final_unit_state(s, b, u, state)
-//   forward_unit(s, row, u, recurrent[kGates], hidden_prev_u, state*) -> T
+//   forward_unit(s, row, compact, u, recurrent[kGates], hidden_prev_u, state*) -> T
 //                               h_t of a running item from the warp-summed W_hh h_{t-1};
-//                               writes the saved reserve
+//                               writes the saved reserve (row: [T, B, *] tensors; compact:
+//                               the [N, *] work buffers, device_common.cuh)
 //   forward_finished(s, row, u) zeros of a finished row's reserve
 //   kCellCarry                  the backward carries a second gradient across steps
 //                               (LSTM: dL/dc_t); when true:
@@ -20,10 +21,11 @@
 //   kDirectHiddenPath           dL/dh_{t-1} = direct + W_hh^T dL/da, the direct part left in
 //                               the per-unit value by backward_unit (GRU: z * dL/dh_t)
 //   kReadsPreviousHidden        backward_unit needs h_{t-1}
-//   backward_unit(s, row, prev_row, first, b, u, dh, h_prev, value&, exchange_row)
-//                               gate gradients of a running item: into the reserve of
+//   backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, value&, exchange_row)
+//                               gate gradients of a running item: into the compact rows of
 //                               the whole-sequence GEMMs and the exchange (row j of it)
-//   backward_finished(s, row, u, value&)  a finished row: clamps the carry, zeros its gradients
+//   backward_finished(s, value&)  a finished row: clamps the cell's carry (a padded step
+//                               has no compact row, so there is nothing to zero)
 // Shapes: T steps, B batch, H hidden, G = kGates * H, U = units_per_block.
 #pragma once
 
@@ -79,6 +81,7 @@ __global__ void persistent_forward_kernel(typename Cell::template ForwardArgs<T>
       if (k >= units) continue;
       const int64_t row = t * B + s.order[j];
       if (j < n) {
+        const int64_t compact = s.first_row[t] + j;
         A recurrent[kGates] = {};
         const A* h = hidden_shared + j * H;
         for (int64_t p = lane; p < H; p += warpSize) {
@@ -88,7 +91,7 @@ __global__ void persistent_forward_kernel(typename Cell::template ForwardArgs<T>
         for (int g = 0; g < kGates; ++g) recurrent[g] = warp_sum(recurrent[g]);
         if (lane != 0) continue;
         // Rounded to T as the stepwise strategy's hidden state is.
-        const T h_out = Cell::forward_unit(s, row, u, recurrent, h[u], unit_state + j * U + k);
+        const T h_out = Cell::forward_unit(s, row, compact, u, recurrent, h[u], unit_state + j * U + k);
         hidden_next[j * H + u] = to_acc(h_out);
         s.output[row * H + u] = h_out;
       } else {
@@ -160,6 +163,7 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
       const int64_t b = s.order[j];
       const int64_t row = t * B + b;
       if (j < n) {
+        const int64_t compact = s.first_row[t] + j;
         const bool first = s.reverse ? t == s.length[b] - 1 : t == 0;
         const int64_t prev_row = (s.reverse ? t + 1 : t - 1) * B + b;
         const auto hidden_prev = [&] {
@@ -169,12 +173,12 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
         A dh = carry[item];
         if (s.grad_output) dh += to_acc(s.grad_output[row * H + u]);
         dh = clip_value(dh, s.state_clip);
-        Cell::backward_unit(s, row, prev_row, first, b, u, dh, h_prev, value[item], exchange + j * G);
-        if (s.hidden_prev_all) s.hidden_prev_all[row * H + u] = Cell::kReadsPreviousHidden ? h_prev : hidden_prev();
+        Cell::backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, value[item], exchange + j * G);
+        if (s.hidden_prev_all)
+          s.hidden_prev_all[compact * H + u] = Cell::kReadsPreviousHidden ? h_prev : hidden_prev();
       } else {
         carry[item] = clip_value(carry[item], s.state_clip);
-        Cell::backward_finished(s, row, u, value[item]);
-        if (s.hidden_prev_all) s.hidden_prev_all[row * H + u] = from_acc<T>(A(0));
+        Cell::backward_finished(s, value[item]);
       }
     }
     grid_barrier(s.barrier, static_cast<unsigned int>(round + 1));

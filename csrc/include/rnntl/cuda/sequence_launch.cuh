@@ -12,10 +12,13 @@
 //   backward_begin/backward_step/backward_end(s, p, w, gemm, stream)  the same, backward
 //                                      (begin / end: none for a cell that inherits
 //                                      NoStateBesidesHidden)
-//   input_gate_grads(w), hidden_gate_grads(w)  [T, B, G] dL/d(W_ih x), dL/d(W_hh h)
+//   input_gate_grads(w), hidden_gate_grads(w)  [N, G] dL/d(W_ih x), dL/d(W_hh h) (compact rows)
 //   cell_gradients(p, w, gemm, stream) the cell's own whole-sequence gradients (biases, W_hr)
 // Also the typed entry points behind rnntl/cuda_api.h (dtype dispatch, workspace size).
-// Shapes: T steps, B batch, I input, H hidden, P out_size, G = Cell::kGates * H.
+// Shapes: T steps, B batch, I input, H hidden, P out_size, G = Cell::kGates * H, N valid
+// rows: the whole-sequence products run over the compact rows (rnntl/host_order.h), so a
+// padded step costs nothing there and whatever the input holds at it (NaN, inf) reaches
+// no output and no gradient.
 #pragma once
 
 #include "launch_common.cuh"
@@ -40,6 +43,15 @@ inline PersistentPlan backward_plan(const typename Launch::BackwardParams& p) {
                          [&](int64_t units) { return persistent_backward_shared_bytes<Cell, T>(p.batch, p.hidden, units); });
 }
 
+// The input's valid rows [N, I]: the input itself when compact rows are padded rows, else
+// gathered into `rows` ([N, I] workspace).
+template <typename T>
+inline const T* valid_input_rows(const SequenceParams& p, T* rows, void* stream) {
+  if (p.order.compact_is_padded) return typed<T>(p.input);
+  compact_from_padded(typed<T>(p.input), rows, p.order, p.steps, p.batch, p.input_size, stream);
+  return rows;
+}
+
 template <typename Launch, typename T>
 const char* forward_run(const typename Launch::ForwardParams& p) {
   using Cell = typename Launch::Cell;
@@ -51,8 +63,9 @@ const char* forward_run(const typename Launch::ForwardParams& p) {
   bool persistent = false;
   if (const char* error = resolve_strategy(p.env.strategy, plan, B, &persistent)) return error;
 
-  // Input projection of all steps at once: [T*B, I] @ W_ih^T.
-  gemm(T_ * B, G, I, p.input, I, false, p.weight_ih, I, true, w.input_gates, G, false);
+  // Input projection of all valid rows at once: [N, I] @ W_ih^T.
+  const T* input = valid_input_rows<T>(p, w.input_rows, stream);
+  gemm(p.order.valid_rows, G, I, input, I, false, p.weight_ih, I, true, w.input_gates, G, false);
   auto s = Launch::template forward_args<T>(p, w, plan);
 
   if (persistent) {
@@ -105,11 +118,20 @@ const char* backward_run(const typename Launch::BackwardParams& p) {
     Launch::backward_end(s, p, w, gemm, stream);
   }
 
-  // Whole-sequence GEMMs, only for the gradients asked for.
-  const int64_t rows = T_ * B;
+  // Whole-sequence GEMMs over the valid rows, only for the gradients asked for.
+  const int64_t rows = p.order.valid_rows;
   const T* input_side = Launch::input_gate_grads(w);
-  if (p.grad_input) gemm(rows, I, G, input_side, G, false, p.weight_ih, I, false, p.grad_input, I, false);
-  if (p.grad_weight_ih) gemm(G, I, rows, input_side, G, true, p.input, I, false, p.grad_weight_ih, I, false);
+  if (p.grad_input) {
+    // Scattered before dW_ih reuses the buffer (stream order).
+    T* grad_rows = p.order.compact_is_padded ? typed<T>(p.grad_input) : w.input_rows;
+    gemm(rows, I, G, input_side, G, false, p.weight_ih, I, false, grad_rows, I, false);
+    if (!p.order.compact_is_padded)
+      padded_from_compact(static_cast<const T*>(grad_rows), typed<T>(p.grad_input), p.order, T_, B, I, stream);
+  }
+  if (p.grad_weight_ih) {
+    const T* input = valid_input_rows<T>(p, w.input_rows, stream);
+    gemm(G, I, rows, input_side, G, true, input, I, false, p.grad_weight_ih, I, false);
+  }
   if (p.grad_weight_hh)
     gemm(G, P, rows, Launch::hidden_gate_grads(w), G, true, w.hidden_prev_all, P, false, p.grad_weight_hh, P, false);
   Launch::cell_gradients(p, w, gemm, stream);
