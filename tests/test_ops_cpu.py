@@ -514,3 +514,33 @@ def test_non_finite_values_propagate_as_torch_nn(cell, leaf, index, value, lengt
             for name, value_expected in expected.items():
                 if value_expected is not None:
                     _same_non_finite_pattern(f"{dtype}:{name}", fast[name], value_expected, rtol, atol)
+
+
+CLIPPED_NON_FINITE_CASES = [
+    Case("lstm", T=5, B=4, I=3, H=6, lengths=(3, 5, 0, 2), cell_clip=0.4, proj_clip=0.1, grad_clip=0.02),
+    Case("lstm", T=5, B=4, I=3, H=40, proj=4, lengths=(3, 5, 0, 2), cell_clip=0.4, proj_clip=0.1, grad_clip=0.02,
+         grad_clip_mode="gates"),
+    Case("lstm", T=5, B=4, I=3, H=40, lengths=(3, 5, 0, 2), cell_clip=0.4, grad_clip=0.02),
+    Case("gru", T=5, B=4, I=3, H=40, lengths=(3, 5, 0, 2), grad_clip=0.02, grad_clip_mode="gates"),
+]
+CLIPPED_POISONS = [("input", (1, 0, 2), float("nan")), ("input", (1, 1, 0), float("inf")),
+                   ("weight_ih", (2, 1), -float("inf")), ("h0", (3, 1), float("nan"))]
+
+
+@pytest.mark.parametrize("leaf,index,value", CLIPPED_POISONS,
+                         ids=[f"{leaf}{list(index)}={value}" for leaf, index, value in CLIPPED_POISONS])
+@pytest.mark.parametrize("case", CLIPPED_NON_FINITE_CASES, ids=lambda c: c.id)
+def test_non_finite_values_through_clips_as_in_the_reference(case, leaf, index, value):
+    """With every clip on (H=40 runs the multi-core loop at 2+ threads): NaN and +-inf reach
+    outputs and gradients exactly where they reach the float64 reference's, a clamp keeps a
+    NaN value, and a clamp's backward gives 0 where the clamp was active even for a NaN or
+    infinite incoming gradient (torch.clamp's select, not a product with a 0/1 mask)."""
+    tensors = make_tensors(case)
+    tensors[leaf] = tensors[leaf].clone()
+    tensors[leaf][index] = value
+    reference = run(case, tensors, torch.float64, "reference")
+    assert any(v is not None and not torch.isfinite(v).all() for v in reference.values()), "poison reached nothing"
+    fast = run(case, tensors, torch.float32, "cpu")
+    for name, expected in reference.items():
+        if expected is not None:
+            _same_non_finite_pattern(name, fast[name], expected, 1e-4, 1e-4)

@@ -221,7 +221,7 @@ RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(const LstmHiddenGradientStep<T>&
       const T* __restrict__ pre = s.hidden_pre_clip + compact * P;
 #pragma omp simd
       for (int64_t k = k_begin; k < k_end; ++k)
-        d[k] = clip_value(carry[k] + go[k], state_clip) * clip_pass(pre[k], proj_clip);
+        d[k] = clip_gradient(clip_value(carry[k] + go[k], state_clip), pre[k], proj_clip);
     } else {
 #pragma omp simd
       for (int64_t k = k_begin; k < k_end; ++k) d[k] = clip_value(carry[k] + go[k], state_clip);

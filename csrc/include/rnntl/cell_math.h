@@ -196,21 +196,18 @@ RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_gate_gradients(T i, T f, T g, T o,
 }
 
 // With tanh(clip(cell_before_clip)) given, for callers that need it themselves (the CPU
-// kernel also rebuilds m = o * tanh(c) from it for the projection's gradient). cell_clip's
-// backward here multiplies by its 0/1 mask (the CPU kernels' form so far): NaN or inf in
-// dL/dc_t where the clamp was active gives NaN, where torch (and lstm_element_backward)
-// gives 0.
+// kernel also rebuilds m = o * tanh(c) from it for the projection's gradient).
 template <typename T>
 RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T f, T g, T o, T cell_before_clip,
                                                                           T tanh_cell, T cell_prev, T grad_hidden,
                                                                           T grad_cell_carry, T cell_clip,
                                                                           T state_clip, T gate_clip) {
-  const T grad_cell = lstm_cell_state_gradient(o, tanh_cell, grad_hidden, grad_cell_carry, state_clip) *
-                      clip_pass(cell_before_clip, cell_clip);
+  const T grad_cell = clip_gradient(lstm_cell_state_gradient(o, tanh_cell, grad_hidden, grad_cell_carry, state_clip),
+                                    cell_before_clip, cell_clip);
   return lstm_gate_gradients(i, f, g, o, tanh_cell, cell_prev, grad_hidden, grad_cell, gate_clip);
 }
 
-// cell_clip's backward as torch.clamp's (clip_gradient); the CUDA kernels' form.
+// The same computing tanh(clip(cell_before_clip)) itself (the CUDA kernels' form).
 template <typename T>
 RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,
                                                                T cell_prev, T grad_hidden,
