@@ -167,9 +167,12 @@ class GruForward {
         input_compact_(sequence_.compact_from_padded(input)),
         bias_ih_(bias_ih.has_value() ? c10::optional<at::Tensor>(bias_ih->contiguous()) : c10::nullopt),
         weight_ih_(weight_ih), weight_hh_(weight_hh),
-        input_projection_(input_compact_, weight_ih, bias_ih_),  // [N, 3H], in blocks
-        block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
-        recurrent_(weight_hh, batch_) {
+        workers_(persistent_workers(input, weight_hh, hidden_)),
+        block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)) {
+    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+      input_projection_.emplace(input_compact_, weight_ih, bias_ih_);  // [N, 3H], in blocks
+      recurrent_.emplace(weight_hh, batch_);
+    }
     const auto options = input.options();
     const int64_t G = 3 * hidden_;
     input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
@@ -201,6 +204,12 @@ class GruForward {
     return s;
   }
 
+  // Runs the steps on the loop persistent_workers() chose for this sequence.
+  void run(at::ScalarType dtype) {
+    if (workers_ > 0) return run_steps_persistent(workers_);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "gru_forward_cpu", [&] { run_steps<scalar_t>(); });
+  }
+
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
@@ -213,12 +222,12 @@ class GruForward {
       s.t = t;
       s.first_row = sequence_.first_row[t];
       if (blocks.starts_at(step)) {
-        input_projection_.into(blocks.first(), blocks.rows(), input_gates_block_.data_ptr<T>());
+        input_projection_->into(blocks.first(), blocks.rows(), input_gates_block_.data_ptr<T>());
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
         s.recurrent_gates =
-            recurrent_.multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
+            recurrent_->multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
         parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
       }
       sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
@@ -288,9 +297,10 @@ class GruForward {
   at::Tensor input_compact_;          // [N, I] the valid rows of the input
   c10::optional<at::Tensor> bias_ih_;  // [3H]
   at::Tensor weight_ih_, weight_hh_;
-  RowProjection input_projection_;
+  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
   int64_t block_rows_;
-  StepWeight recurrent_;
+  c10::optional<RowProjection> input_projection_;
+  c10::optional<StepWeight> recurrent_;
   at::Tensor input_gates_block_;  // [block capacity, 3H] one block's input gates, reused
   at::Tensor bias_hh_;            // [3H]
   at::Tensor hidden_state_;       // [B, H] slot-major
@@ -311,8 +321,9 @@ class GruBackward {
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
         sequence_(lengths64, steps_, batch_),
-        recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh
-        weight_ih_(weight_ih), weight_hh_(weight_hh) {
+        workers_(persistent_workers(input, weight_hh, hidden_)), weight_ih_(weight_ih), weight_hh_(weight_hh) {
+    // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh (the multi-core loop packs its own W_hh)
+    if (workers_ == 0) recurrent_back_.emplace(weight_hh.t(), batch_);
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
@@ -356,6 +367,12 @@ class GruBackward {
     return s;
   }
 
+  // Runs the steps on the loop persistent_workers() chose for this sequence.
+  void run(at::ScalarType dtype) {
+    if (workers_ > 0) return run_steps_persistent(workers_);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "gru_backward_cpu", [&] { run_steps<scalar_t>(); });
+  }
+
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
@@ -384,7 +401,7 @@ class GruBackward {
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
         prefetch_step(step - 1);
-        recurrent_back_.multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
+        recurrent_back_->multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
       }
       // Rows past their length pass their state gradient through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -464,7 +481,8 @@ class GruBackward {
   std::array<bool, 6> mask_;
   at::TensorOptions options_;
   SequenceOrder sequence_;
-  StepWeight recurrent_back_;
+  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  c10::optional<StepWeight> recurrent_back_;
   at::Tensor weight_ih_, weight_hh_;
   at::Tensor grad_out_;              // [T, B, H] padded
   at::Tensor grad_hidden_carry_;     // [B, H] slot-major
@@ -491,11 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, sizes, reverse, save_for_backward);
-  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
-    forward.run_steps_persistent(workers);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
-  }
+  forward.run(input.scalar_type());
   return forward.results();
 }
 
@@ -516,11 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, output, gates, hidden_n,
                        sizes, reverse, state_clip, gate_clip, output_mask);
-  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
-    backward.run_steps_persistent(workers);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
-  }
+  backward.run(input.scalar_type());
   return backward.gradients();
 }
 

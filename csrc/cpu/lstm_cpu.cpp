@@ -262,12 +262,15 @@ class LstmForward {
         cell_clip_(cell_clip), proj_clip_(proj_clip), sequence_(lengths64, steps_, batch_),
         input_compact_(sequence_.compact_from_padded(input)), bias_(combined_bias(bias_ih, bias_hh)),
         weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()),
-        input_projection_(input_compact_, weight_ih, bias_),
-        block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
-        recurrent_(weight_hh, batch_) {
+        workers_(persistent_workers(input, weight_hh, hidden_)),
+        block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
-    if (project_) projection_.emplace(*weight_hr, B);
+    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+      input_projection_.emplace(input_compact_, weight_ih, bias_);
+      recurrent_.emplace(weight_hh, B);
+      if (project_) projection_.emplace(*weight_hr, B);
+    }
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, P}, options);
     cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
     hidden_unprojected_ = project_ ? at::empty({B, H}, options) : at::Tensor();
@@ -325,6 +328,12 @@ class LstmForward {
     }
   }
 
+  // Runs the steps on the loop persistent_workers() chose for this sequence.
+  void run(at::ScalarType dtype) {
+    if (workers_ > 0) return run_steps_persistent(workers_);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_forward_cpu", [&] { run_steps<scalar_t>(); });
+  }
+
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
@@ -342,14 +351,14 @@ class LstmForward {
       s.first_row = sequence_.first_row[t];
       if (blocks.starts_at(step)) {
         if (save_) {  // in place in the saved gates: row r at input_gates + r * G
-          input_projection_.into(blocks.first(), blocks.rows(), input_gates + blocks.first() * G);
+          input_projection_->into(blocks.first(), blocks.rows(), input_gates + blocks.first() * G);
         } else {
-          input_projection_.into(blocks.first(), blocks.rows(), input_gates);
+          input_projection_->into(blocks.first(), blocks.rows(), input_gates);
           s.input_first_row = blocks.first();
         }
       }
       if (n > 0) {
-        s.recurrent_gates = recurrent_.multiply(hidden_state_.data_ptr<T>(), n, recurrent_scratch, product_holder);
+        s.recurrent_gates = recurrent_->multiply(hidden_state_.data_ptr<T>(), n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_, project_); });
       }
       if (project_ && n > 0) {
@@ -440,10 +449,10 @@ class LstmForward {
   at::Tensor input_compact_;            // [N, I] the valid rows of the input
   c10::optional<at::Tensor> bias_;      // [4H] b_ih + b_hh
   at::Tensor weight_ih_, weight_hh_, weight_hr_;
-  RowProjection input_projection_;  // [N, 4H] W_ih x + b_ih + b_hh, in blocks
+  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
   int64_t block_rows_;
-  StepWeight recurrent_;
-  c10::optional<StepWeight> projection_;
+  c10::optional<RowProjection> input_projection_;  // [N, 4H] W_ih x + b_ih + b_hh, in blocks
+  c10::optional<StepWeight> recurrent_, projection_;
   at::Tensor hidden_state_;        // [B, P] slot-major
   at::Tensor cell_state_;          // [B, H] slot-major
   at::Tensor hidden_unprojected_;  // [B, H] slot-major m, with projection
@@ -468,10 +477,13 @@ class LstmBackward {
         out_size_(sizes.out_size), project_(weight_hr.has_value()), reverse_(reverse), cell_clip_(cell_clip),
         proj_clip_(proj_clip), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
-        recurrent_back_(weight_hh.t(), batch_),  // dL/dh_{t-1} = dL/da @ W_hh
-        weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
+        workers_(persistent_workers(input, weight_hh, hidden_)), weight_ih_(weight_ih), weight_hh_(weight_hh),
+        weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
-    if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
+    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+      recurrent_back_.emplace(weight_hh.t(), B);                    // dL/dh_{t-1} = dL/da @ W_hh
+      if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
+    }
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
     grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
@@ -526,6 +538,12 @@ class LstmBackward {
     return s;
   }
 
+  // Runs the steps on the loop persistent_workers() chose for this sequence.
+  void run(at::ScalarType dtype) {
+    if (workers_ > 0) return run_steps_persistent(workers_);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_backward_cpu", [&] { run_steps<scalar_t>(); });
+  }
+
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
@@ -568,7 +586,7 @@ class LstmBackward {
             project_ ? projection_back_->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
         prefetch_step(step - 1);
-        recurrent_back_.multiply_into(s.grad_gates, n, carry_h);
+        recurrent_back_->multiply_into(s.grad_gates, n, carry_h);
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -702,8 +720,8 @@ class LstmBackward {
   std::array<bool, 7> mask_;
   at::TensorOptions options_;
   SequenceOrder sequence_;
-  StepWeight recurrent_back_;
-  c10::optional<StepWeight> projection_back_;
+  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  c10::optional<StepWeight> recurrent_back_, projection_back_;
   at::Tensor weight_ih_, weight_hh_, weight_hr_;
   at::Tensor grad_out_;                // [T, B, P] padded
   at::Tensor grad_hidden_carry_;       // [B, P] slot-major
@@ -737,11 +755,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, sizes, reverse,
                       cell_clip, proj_clip, save_for_backward);
-  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
-    forward.run_steps_persistent(workers);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_forward_cpu", [&] { forward.run_steps<scalar_t>(); });
-  }
+  forward.run(input.scalar_type());
   return forward.results();
 }
 
@@ -767,11 +781,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
   LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
                         output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
                         gate_clip, output_mask);
-  if (const int64_t workers = persistent_workers(input, weight_hh, sizes.hidden)) {
-    backward.run_steps_persistent(workers);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_backward_cpu", [&] { backward.run_steps<scalar_t>(); });
-  }
+  backward.run(input.scalar_type());
   return backward.gradients();
 }
 
