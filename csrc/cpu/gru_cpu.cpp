@@ -3,6 +3,9 @@
 // blocks of steps (ProjectionBlocks), per step a recurrent GEMM over the running rows and a
 // fused pointwise pass; backward per step, then the weight-gradient GEMMs over all steps for
 // the weights that need them.
+// Two step loops run it (docs/cpu.md, "Multi-core engine"): run_steps, a step at a time with
+// each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
+// region for the whole sequence in which each thread owns a slice of the hidden units.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
 // "Slot-major" buffers hold row order[j] in slot j. The whole-sequence buffers (input gates,
 // saved gates and hidden_n, gate gradients, weight-gradient operands) hold only the

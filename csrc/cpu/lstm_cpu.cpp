@@ -4,6 +4,9 @@
 // GEMM for the recurrent part (over the rows still running) and one fused pointwise pass; with
 // proj_size a second small GEMM and an epilogue. Backward mirrors it per step and ends
 // with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
+// Two step loops run it (docs/cpu.md, "Multi-core engine"): run_steps, a step at a time with
+// each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
+// region for the whole sequence in which each thread owns a slice of the hidden units.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
 // h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
 // The whole-sequence buffers (input gates, saved gates / cells / pre-clip hidden, gradient

@@ -1,0 +1,70 @@
+"""What the multi-core CPU loop should do on more cores: the scaling model of docs/cpu.md.
+
+One LSTM step (forward, P = H) on W workers costs
+
+    t(W) = work / W / rate(slice) + barrier(W)
+
+    work          2 * B * H * 4H FLOPs (the recurrent product; the pointwise pass, about
+                  30 FLOPs per unit and row, is added)
+    slice         4H * H * 4 bytes / W: a worker's packed rows of W_hh, read once per step
+    rate(slice)   per-core GFLOP/s of the product kernel: `--rate-cache` while the slice fits
+                  the core's L2 (`--l2-kib`), else `--rate-memory` (read from L3/DRAM at
+                  batch 1 a weight element feeds 2 FLOPs per 4 bytes, so the step is bound
+                  by the read; each further row up to the kernel's block of 6 reuses the read)
+    barrier(W)    `--barrier-ns` per arriving worker (a centralised barrier's arrivals
+                  serialise on one cache line), so W * barrier-ns per step
+
+against the step-at-a-time loop with the same split of the work but `--fork-join-ns` paid
+three times per step (one per parallel pass). Measured inputs for
+this machine come from build/cmake/bench_step_sync_cost and the one-thread bench rows
+(docs/cpu.md); the defaults are those figures.
+
+    python benchmarks/scaling_model.py [--barrier-ns 45] [--fork-join-ns 3000] ...
+"""
+import argparse
+import sys
+
+
+def step_time_us(batch, hidden, workers, args):
+    flops = 2 * batch * hidden * 4 * hidden + 30 * batch * hidden
+    slice_kib = 4 * hidden * hidden * 4 / workers / 1024
+    in_cache = slice_kib <= args.l2_kib
+    if in_cache:
+        rate = args.rate_cache
+    else:
+        # batch 1: bound by reading the slice; more rows reuse each weight element read
+        rate = min(args.rate_cache, args.rate_memory * max(1, min(batch, 6)))
+    compute_us = flops / workers / (rate * 1e9) * 1e6
+    barrier_us = workers * args.barrier_ns / 1000 if workers > 1 else 0.0
+    return compute_us + barrier_us, compute_us, barrier_us, slice_kib, in_cache
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--barrier-ns", type=float, default=45.0, help="per arriving worker, ns")
+    parser.add_argument("--fork-join-ns", type=float, default=3000.0, help="one fork/join of the team, ns")
+    parser.add_argument("--rate-cache", type=float, default=60.0, help="GFLOP/s per core, slice in L2")
+    parser.add_argument("--rate-memory", type=float, default=6.0, help="GFLOP/s per core at batch 1, slice outside L2")
+    parser.add_argument("--l2-kib", type=float, default=1280.0, help="L2 per core, KiB")
+    args = parser.parse_args(argv)
+    if min(args.barrier_ns, args.fork_join_ns, args.rate_cache, args.rate_memory, args.l2_kib) <= 0:
+        parser.error("every figure must be positive")
+    print("| B | H | workers | slice of W_hh (KiB) | in L2 | compute (us) | barrier (us) | step (us) "
+          "| speedup vs 1 worker | step-at-a-time loop (us) |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for batch in (1, 16, 64):
+        for hidden in (256, 1024):
+            one, *_ = step_time_us(batch, hidden, 1, args)
+            for workers in (2, 8, 16, 64):
+                total, compute, barrier, slice_kib, in_cache = step_time_us(batch, hidden, workers, args)
+                # step at a time with the same split of the work (OpenMP's static chunks give a
+                # thread the same panels every step), but a fork/join per parallel pass: the
+                # product, the pointwise pass and the output's zero rows or projection
+                stepwise = compute + 3 * args.fork_join_ns / 1000
+                print(f"| {batch} | {hidden} | {workers} | {slice_kib:.0f} | {'yes' if in_cache else 'no'} "
+                      f"| {compute:.2f} | {barrier:.2f} | {total:.2f} | {one / total:.1f}x | {stepwise:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
