@@ -133,7 +133,8 @@ def run(args) -> int:
     if "dann_pretrained" in args.methods:
         control = RunControl(place=Distributed(device=device), output_dir=args.output_dir,
                              show_progress=not args.no_progress)
-        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(lm_corpus, recipe, control)
+        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(lm_corpus, recipe, control,
+                                                                                        log)
         metrics["language_model"].pop("history", None)
     runs = {method: [] for method in args.methods}
     for repeat in range(args.repeats):

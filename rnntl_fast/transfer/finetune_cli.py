@@ -19,8 +19,8 @@ from . import cli_common, methods
 from .cli_common import add_model_arguments, add_run_arguments, build_language_model_corpus, log, prepare_data
 from .data import EncodedTexts
 from .models import POOLINGS
-from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, pretrain_language_model,
-                       save_encoder, train_classifier)
+from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, load_encoder, measure_throughput, save_encoder,
+                       train_classifier)
 from .training import StopRequested, teardown_distributed
 
 DEFAULTS = Recipe()
@@ -176,7 +176,8 @@ def _run(args, place, started) -> int:
         encoder_state = {**(encoder_state or {}), **rnn_state}
     try:
         if encoder_state is None and embedding is None and recipe.lm_epochs > 0:
-            language_model, metrics["language_model"] = pretrain_language_model(lm_corpus, recipe, control)
+            language_model, metrics["language_model"] = methods.pretrain_or_reuse_language_model(
+                lm_corpus, recipe, control, log=lambda text: log(place, text))
             encoder_state = language_model.encoder.state_dict()
             if place.is_main:
                 save_encoder(os.path.join(args.output_dir, "encoder.pt"), language_model.encoder, vocab,
