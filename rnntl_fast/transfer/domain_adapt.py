@@ -238,7 +238,7 @@ def train_domain_method(method: str, recipe: Recipe, sets: Dict[str, EncodedText
     every = max(1, total_steps // max(1, settings.eval_points))
     curve = [{"step": 0, "lambda": 0.0, **evaluate(model, sets, device)}]
     losses = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model.train()
     for step in range(total_steps):
         reversal.strength = dann_lambda(step / total_steps, lambda_max)
@@ -260,6 +260,7 @@ def train_domain_method(method: str, recipe: Recipe, sets: Dict[str, EncodedText
     final = curve[-1]
     summary = {"method": method, "seed": recipe.seed, "lambda_max": lambda_max, "steps": total_steps,
                "pretrained_encoder": encoder_state is not None, "seconds": time.perf_counter() - started,
+               "cpu_seconds": time.process_time() - cpu_started,
                **{k: v for k, v in final.items() if k.endswith("accuracy")}, "curve": curve,
                "losses": losses}
     return model, summary
@@ -298,17 +299,19 @@ def summarise(runs: List[dict]) -> dict:
         row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         row[f"{key}_per_seed"] = values
     row["seconds"] = sum(r["seconds"] for r in runs)
+    row["cpu_seconds"] = sum(r["cpu_seconds"] for r in runs)
     row["runs"] = runs
     return row
 
 
 def table(rows: Dict[str, dict]) -> str:
     lines = [f"{'method':18s} {'target test acc':>17s} {'target valid':>13s} {'source valid':>13s} "
-             f"{'domain acc':>17s} {'seconds':>8s}"]
+             f"{'domain acc':>17s} {'seconds':>8s} {'cpu s':>8s}"]
     for name, row in rows.items():
         lines.append(f"{name:18s} {row['target_test_accuracy']:.4f} +- {row['target_test_accuracy_std']:.4f} "
                      f"{row['target_valid_accuracy']:13.4f} {row['source_valid_accuracy']:13.4f} "
-                     f"{row['domain_accuracy']:.4f} +- {row['domain_accuracy_std']:.4f} {row['seconds']:8.0f}")
+                     f"{row['domain_accuracy']:.4f} +- {row['domain_accuracy_std']:.4f} {row['seconds']:8.0f} "
+                     f"{row['cpu_seconds']:8.0f}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import torch
 from . import cli_common, domain_adapt
 from .data import EncodedTexts
 from .domain_adapt import DA_METHODS, DomainFiles, DomainSettings
+from .methods import length_sorted
 from ..cli_types import (CommandLineError, device, float_range, non_negative_float, non_negative_int, output_directory,
                          positive_float, positive_int)
 from ..machine import set_threads, thread_report
@@ -118,6 +119,8 @@ def run(args) -> int:
     classes = domains.description["classes"]
     sets = {name: EncodedTexts(getattr(domains, name).texts, getattr(domains, name).labels, vocab, recipe.max_tokens)
             for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test")}
+    for name in ("source_valid", "target_valid", "target_test"):  # evaluated only: less padding
+        sets[name] = length_sorted(sets[name])
     for name in ("source_train", "target_train"):
         if len(sets[name]) < recipe.batch_size:
             raise CommandLineError(f"{name.replace('_', ' ')} has {len(sets[name])} texts, fewer than one batch of "
@@ -129,6 +132,7 @@ def run(args) -> int:
     metrics = {"recipe": dataclasses.asdict(recipe), "data": domains.description,
                "settings": dataclasses.asdict(settings), "steps_per_run": total_steps, "vocabulary": len(vocab),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    metrics["load_average_1min"] = os.getloadavg()[0]  # other jobs slow a run on a shared machine
     encoder_state = None
     if "dann_pretrained" in args.methods:
         control = RunControl(place=Distributed(device=device), output_dir=args.output_dir,
@@ -147,12 +151,15 @@ def run(args) -> int:
             progress.close()
             runs[method].append(summary)
             log(f"{method} seed {repeat}: target test accuracy {summary['target_test_accuracy']:.4f}, "
-                f"domain accuracy {summary['domain_accuracy']:.4f} ({summary['seconds']:.0f} s)")
+                f"domain accuracy {summary['domain_accuracy']:.4f} ({summary['seconds']:.0f} s, "
+                f"{summary['cpu_seconds']:.0f} CPU s)")
     rows = {method: domain_adapt.summarise(method_runs) for method, method_runs in runs.items()}
     metrics["methods"] = rows
     test_labels = domains.target_test.labels
     metrics["target_test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
     metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
+    metrics["load_average_1min"] = {"start": metrics["load_average_1min"], "end": os.getloadavg()[0]}
     path = os.path.join(args.output_dir, "metrics.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)
@@ -162,7 +169,9 @@ def run(args) -> int:
                              f"lambda_max {settings.lambda_max}")
     print(domain_adapt.table(rows))
     print(f"target test majority class: {metrics['target_test_majority_class_accuracy']:.4f}")
-    print(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {args.output_dir}/ (metrics.json, domain_adapt.png)")
+    print(f"wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} CPU s, load average "
+          f"{metrics['load_average_1min']['start']:.1f} -> {metrics['load_average_1min']['end']:.1f}); "
+          f"outputs in {args.output_dir}/ (metrics.json, domain_adapt.png)")
     return 0
 
 

@@ -153,6 +153,7 @@ def _run(args, place, started) -> int:
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    metrics["load_average_1min"] = os.getloadavg()[0]  # other jobs slow a run on a shared machine
     encoder_state, vocab, language_model, lm_corpus = None, None, None, None
     if args.encoder:
         # torch.load's errors for a damaged file; ValueError: not an encoder file
@@ -219,6 +220,8 @@ def _run(args, place, started) -> int:
         metrics["throughput"] = measure_throughput(transfer_model, sets["train"], recipe.batch_size,
                                                    steps=args.throughput_steps, seed=recipe.seed)
     metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
+    metrics["load_average_1min"] = {"start": metrics["load_average_1min"], "end": os.getloadavg()[0]}
     if place.is_main:
         summary = _summary_lines(metrics, args.output_dir)
         _write_outputs(args.output_dir, metrics)
@@ -277,6 +280,8 @@ def _summary_lines(metrics: dict, output_dir: str) -> str:
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "
                      f"ratio {metrics['throughput']['ratio_rnntl_fast_over_torch_nn']:.2f}")
-    lines.append(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {output_dir}/ "
+    lines.append(f"wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} CPU s, load average "
+                 f"{metrics['load_average_1min']['start']:.1f} -> {metrics['load_average_1min']['end']:.1f}); "
+                 f"outputs in {output_dir}/ "
                  "(metrics.json, learning_curves.png, *.pt)")
     return "\n".join(lines)
