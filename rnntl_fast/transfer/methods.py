@@ -386,7 +386,7 @@ def prepare_context(methods: Sequence[str], language_model: Optional[LanguageMod
                                      "mean": sum(float(f.sum()) for f in fisher.values()) /
                                              sum(f.numel() for f in fisher.values())}
     if "elmo" in methods:
-        log("elmo: pretraining the backward language model (the same tokens reversed, same recipe)")
+        log("elmo: the backward language model (the same tokens reversed, same recipe)")
         backward_control = dataclasses.replace(control, output_dir=None if control.output_dir is None else
                                                os.path.join(control.output_dir, "backward_lm"))
         backward, summary = pretrain_or_reuse_language_model(reversed_corpus(lm_corpus), recipe, backward_control,
