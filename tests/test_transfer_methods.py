@@ -23,10 +23,11 @@ from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_cor
 from rnntl_fast.transfer.data import EncodedTexts, collate
 from rnntl_fast.transfer.methods import (METHODS, MethodContext, MethodSettings, build_method_model,
                                          cached_language_model_mismatch, encoder_perplexity, identity_path,
-                                         language_model_identity, method_recipe, pretrain_or_reuse_language_model,
+                                         language_model_identity, length_sorted, method_recipe,
+                                         pretrain_or_reuse_language_model,
                                          run_method)
 from rnntl_fast.transfer.models import LanguageModel, TextEncoder
-from rnntl_fast.transfer.pipeline import Recipe, RunControl, build_classifier, transfer_encoder
+from rnntl_fast.transfer.pipeline import Recipe, RunControl, accuracy, build_classifier, transfer_encoder
 from rnntl_fast.transfer.regularizers import EWC, diagonal_fisher
 
 POSITIVE = ["good", "great", "fun", "moving", "sharp", "lovely"]
@@ -90,6 +91,9 @@ def test_finetune_methods_all_writes_every_row(tiny_files, tmp_path, capsys):
     assert metrics["methods"]["ewc_fisher"]["chunks"] == 4 and metrics["methods"]["held_out_lm_tokens"] > 0
     assert metrics["transfer"]["test_accuracy_per_seed"] == table["finetune"]["test_accuracy_per_seed"]
     assert (tmp_path / "multitask_seed1.pt").is_file()
+    assert all(run["cpu_seconds"] > 0 for row in table.values() for run in row["runs"])
+    assert metrics["language_model"]["cpu_seconds"] > 0 and metrics["cpu_seconds"] > 0
+    assert set(metrics["load_average_1min"]) == {"start", "end"}
 
 
 @pytest.mark.parametrize("flag, value", [("--methods", "finetune,bogus"), ("--ewc-chunks", "0"),
@@ -124,6 +128,18 @@ def context(tmp_path):
 
 def _control():
     return RunControl(output_dir=None, show_progress=False)
+
+
+def test_length_sorted_evaluation_set_holds_the_same_examples_and_gives_the_same_accuracy(context):
+    context, recipe = context
+    test = context.sets["test"]
+    ordered = length_sorted(test)
+    lengths = [len(ids) for ids in ordered.ids]
+    assert lengths == sorted(lengths) and len(ordered) == len(test)
+    pairs = lambda dataset: sorted((tuple(ids.tolist()), int(label)) for ids, label in zip(dataset.ids, dataset.labels))
+    assert pairs(ordered) == pairs(test)
+    model = build_classifier(recipe, context.vocab_size, 2, None)
+    assert accuracy(model, ordered, batch_size=5) == accuracy(model, test, batch_size=5)
 
 
 def test_features_leaves_the_frozen_encoder_bitwise_unchanged(context):
@@ -380,6 +396,7 @@ def test_domain_adapt_runs_every_method_on_two_csvs(domain_files, tmp_path, caps
             assert run["steps"] == steps and [p["step"] for p in run["curve"]][0] == 0
             assert run["curve"][-1]["step"] == steps
             assert 0 <= run["target_test_accuracy"] <= 1 and 0 <= run["domain_accuracy"] <= 1
+            assert run["cpu_seconds"] > 0
         expected = 0.0 if name in ("source_only", "target_supervised") else 1.0
         assert row["runs"][0]["lambda_max"] == expected
     assert metrics["methods"]["dann_pretrained"]["runs"][0]["pretrained_encoder"]
@@ -523,3 +540,16 @@ def test_a_stale_or_foreign_cached_language_model_is_refused_naming_why(cached_l
         assert found is None
     else:
         assert found is not None and found.startswith(reason), found
+
+
+def test_domain_adapt_reuses_its_pretrained_language_model(domain_files, tmp_path, capsys):
+    args = _domain_args(domain_files, tmp_path, "--methods", "dann_pretrained", "--repeats", "1")
+    assert main(args) == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(args) == 0
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert f"{tmp_path / 'language_model.pt'}: reusing this language model" in capsys.readouterr().err
+    assert second["language_model"]["reused_checkpoint"] == str(tmp_path / "language_model.pt")
+    assert second["methods"]["dann_pretrained"]["target_test_accuracy_per_seed"] == \
+        first["methods"]["dann_pretrained"]["target_test_accuracy_per_seed"]

@@ -98,7 +98,7 @@ def _files(args) -> DomainFiles:
 def run(args) -> int:
     """Data and argument errors (DataError, CommandLineError) become one line and exit code 2
     in rnntl_fast.cli.main."""
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     files = _files(args)
     if args.target_valid_fraction + args.target_test_fraction >= 1:
         raise CommandLineError("--target-valid-fraction + --target-test-fraction must leave target training texts")
@@ -132,7 +132,6 @@ def run(args) -> int:
     metrics = {"recipe": dataclasses.asdict(recipe), "data": domains.description,
                "settings": dataclasses.asdict(settings), "steps_per_run": total_steps, "vocabulary": len(vocab),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
-    metrics["load_average_1min"] = os.getloadavg()[0]  # other jobs slow a run on a shared machine
     encoder_state = None
     if "dann_pretrained" in args.methods:
         control = RunControl(place=Distributed(device=device), output_dir=args.output_dir,
@@ -159,7 +158,7 @@ def run(args) -> int:
     metrics["target_test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
-    metrics["load_average_1min"] = {"start": metrics["load_average_1min"], "end": os.getloadavg()[0]}
+    metrics["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}  # other jobs' share
     path = os.path.join(args.output_dir, "metrics.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)

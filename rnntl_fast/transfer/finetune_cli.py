@@ -138,22 +138,21 @@ def _user_pretrained(args, vocab, recipe):
 
 
 def run(args) -> int:
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     place = cli_common.start(args)
     try:
-        return _run(args, place, started)
+        return _run(args, place, started, load_at_start)
     finally:
         teardown_distributed(place)
 
 
-def _run(args, place, started) -> int:
+def _run(args, place, started, load_at_start) -> int:
     recipe = cli_common.recipe_from_args(args)
     cli_common.check_freeze_patterns(recipe)
     control = cli_common.control_from_args(args, place)
     prepared = prepare_data(args)
     metrics = {"recipe": recipe.__dict__, "data": prepared.description, "world_size": place.world_size,
                "device": str(place.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    metrics["load_average_1min"] = os.getloadavg()[0]  # other jobs slow a run on a shared machine
     encoder_state, vocab, language_model, lm_corpus = None, None, None, None
     if args.encoder:
         # torch.load's errors for a damaged file; ValueError: not an encoder file
@@ -221,7 +220,7 @@ def _run(args, place, started) -> int:
                                                    steps=args.throughput_steps, seed=recipe.seed)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
-    metrics["load_average_1min"] = {"start": metrics["load_average_1min"], "end": os.getloadavg()[0]}
+    metrics["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}  # other jobs' share
     if place.is_main:
         summary = _summary_lines(metrics, args.output_dir)
         _write_outputs(args.output_dir, metrics)
