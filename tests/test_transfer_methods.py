@@ -4,8 +4,10 @@ against hand computations, exact transfer into a grown encoder, the ELMo scalar 
 over load_elmo's modules), and one-line errors for bad CSVs."""
 import copy
 import csv
+import dataclasses
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -20,9 +22,11 @@ from rnntl_fast.transfer.contextual import (BiLanguageModelFeatures, ElmoClassif
 from rnntl_fast.transfer.corpus import TextSource, TokenStreams, build_token_corpus, reversed_corpus, stream_perplexity
 from rnntl_fast.transfer.data import EncodedTexts, collate
 from rnntl_fast.transfer.methods import (METHODS, MethodContext, MethodSettings, build_method_model,
-                                         encoder_perplexity, method_recipe, run_method)
+                                         cached_language_model_mismatch, encoder_perplexity, identity_path,
+                                         language_model_identity, length_sorted, method_recipe,
+                                         pretrain_or_reuse_language_model, run_method)
 from rnntl_fast.transfer.models import LanguageModel, RecurrentEncoder
-from rnntl_fast.transfer.pipeline import Recipe, RunControl, build_classifier, transfer_encoder
+from rnntl_fast.transfer.pipeline import Recipe, RunControl, accuracy, build_classifier, transfer_encoder
 from rnntl_fast.transfer.regularizers import EWC, diagonal_fisher
 
 POSITIVE = ["good", "great", "fun", "moving", "sharp", "lovely"]
@@ -86,6 +90,9 @@ def test_finetune_methods_all_writes_every_row(tiny_files, tmp_path, capsys):
     assert metrics["methods"]["ewc_fisher"]["chunks"] == 4 and metrics["methods"]["held_out_lm_tokens"] > 0
     assert metrics["transfer"]["test_accuracy_per_seed"] == table["finetune"]["test_accuracy_per_seed"]
     assert (tmp_path / "multitask_seed1.pt").is_file()
+    assert all(run["cpu_seconds"] > 0 for row in table.values() for run in row["runs"])
+    assert metrics["language_model"]["cpu_seconds"] > 0 and metrics["cpu_seconds"] > 0
+    assert set(metrics["load_average_1min"]) == {"start", "end"}
 
 
 @pytest.mark.parametrize("flag, value", [("--methods", "finetune,bogus"), ("--ewc-chunks", "0"),
@@ -120,6 +127,18 @@ def context(tmp_path):
 
 def _control():
     return RunControl(output_dir=None, show_progress=False)
+
+
+def test_length_sorted_evaluation_set_holds_the_same_examples_and_gives_the_same_accuracy(context):
+    context, recipe = context
+    test = context.sets["test"]
+    ordered = length_sorted(test)
+    lengths = [len(ids) for ids in ordered.ids]
+    assert lengths == sorted(lengths) and len(ordered) == len(test)
+    pairs = lambda dataset: sorted((tuple(ids.tolist()), int(label)) for ids, label in zip(dataset.ids, dataset.labels))
+    assert pairs(ordered) == pairs(test)
+    model = build_classifier(recipe, context.vocab_size, 2, None)
+    assert accuracy(model, ordered, batch_size=5) == accuracy(model, test, batch_size=5)
 
 
 def test_features_leaves_the_frozen_encoder_bitwise_unchanged(context):
@@ -376,6 +395,7 @@ def test_domain_adapt_runs_every_method_on_two_csvs(domain_files, tmp_path, caps
             assert run["steps"] == steps and [p["step"] for p in run["curve"]][0] == 0
             assert run["curve"][-1]["step"] == steps
             assert 0 <= run["target_test_accuracy"] <= 1 and 0 <= run["domain_accuracy"] <= 1
+            assert run["cpu_seconds"] > 0
         expected = 0.0 if name in ("source_only", "target_supervised") else 1.0
         assert row["runs"][0]["lambda_max"] == expected
     assert metrics["methods"]["dann_pretrained"]["runs"][0]["pretrained_encoder"]
@@ -421,3 +441,114 @@ def test_domain_adapt_bad_lm_text_names_the_flag_and_leaves_no_folder(domain_fil
     assert stop.value.code == 2
     assert error.startswith("rnntl-fast domain-adapt: error: --lm-text ") and "binary.txt: NUL byte" in error
     assert not output.exists()  # created by the run, holding only the token cache: removed again
+
+
+# -- the pretrained LM reused across runs in one output folder --------------------------------
+
+def _methods_args(tiny_files, output, *extra):
+    reviews, text = tiny_files
+    return ["finetune", "--train-csv", reviews, "--text-column", "review", "--label-column", "sentiment",
+            "--lm-text", text, *TINY, "--epochs", "1", "--repeats", "1", "--throughput-steps", "0",
+            "--methods", "finetune,elmo", "--output-dir", str(output), *extra]
+
+
+def test_a_second_run_reuses_both_language_models_and_ends_the_same(tiny_files, tmp_path, capsys):
+    assert main(_methods_args(tiny_files, tmp_path)) == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    assert "reusing" not in capsys.readouterr().err
+    assert main(_methods_args(tiny_files, tmp_path)) == 0
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    printed = capsys.readouterr().err
+    for checkpoint in (tmp_path / "language_model.pt", tmp_path / "backward_lm" / "language_model.pt"):
+        assert f"{checkpoint}: reusing this language model" in printed
+    assert first["language_model"]["reused_checkpoint"] is None
+    assert second["language_model"]["reused_checkpoint"] == str(tmp_path / "language_model.pt")
+    assert second["methods"]["backward_language_model"]["reused_checkpoint"] == \
+        str(tmp_path / "backward_lm" / "language_model.pt")
+    for key in ("valid_perplexity", "steps"):
+        assert second["language_model"][key] == first["language_model"][key]
+        assert second["methods"]["backward_language_model"][key] == first["methods"]["backward_language_model"][key]
+    for method in ("finetune", "elmo"):  # the same LMs and seeds: the same classifiers
+        assert second["methods"]["table"][method]["test_accuracy_per_seed"] == \
+            first["methods"]["table"][method]["test_accuracy_per_seed"]
+    assert second["methods"]["table"]["finetune"]["lm_perplexity_after"] == \
+        first["methods"]["table"]["finetune"]["lm_perplexity_after"]
+
+
+def test_a_run_with_other_lm_settings_refuses_the_cached_model(tiny_files, tmp_path, capsys):
+    assert main(_methods_args(tiny_files, tmp_path, "--methods", "finetune")) == 0
+    capsys.readouterr()
+    assert main(_methods_args(tiny_files, tmp_path, "--methods", "finetune", "--lm-epochs", "2")) == 0
+    printed = capsys.readouterr().err
+    assert f"{tmp_path / 'language_model.pt'}: not reused, pretrained on other data or settings: " \
+           "recipe.lm_epochs 1 there, 2 here; pretraining the language model anew" in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["language_model"]["reused_checkpoint"] is None
+    assert metrics["language_model"]["history"]["epochs"][-1]["epoch"] == 2
+    # the record now describes the new checkpoint: a third run with --lm-epochs 2 reuses it
+    assert main(_methods_args(tiny_files, tmp_path, "--methods", "finetune", "--lm-epochs", "2")) == 0
+    assert "reusing this language model" in capsys.readouterr().err
+
+
+@pytest.fixture
+def cached_lm(tmp_path):
+    """A finished LM checkpoint with its identity record, and what it was pretrained from."""
+    documents = [" ".join(random.Random(i).choices(FILLER + POSITIVE, k=20)) for i in range(10)]
+    corpus = build_token_corpus([TextSource("documents", documents=documents)], str(tmp_path / "tokens"),
+                                vocab_size=100, valid_fraction=0.2)
+    recipe = Recipe(embedding_dim=8, hidden_size=8, lm_epochs=1, lm_batch_size=2, lm_chunk_length=6)
+    control = RunControl(output_dir=str(tmp_path), show_progress=False)
+    pretrain_or_reuse_language_model(corpus, recipe, control, log=lambda text: None)
+    return corpus, recipe, control, documents
+
+
+def _mismatch(corpus, recipe, control):
+    return cached_language_model_mismatch(control.checkpoint("language_model"),
+                                          language_model_identity(corpus, recipe, 1), corpus.vocab.state_dict())
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("nothing", None),
+    ("recipe", "pretrained on other data or settings: recipe.lm_lr 0.01 there, 0.001 here"),
+    ("documents", "pretrained on other data or settings: corpus_inputs"),
+    ("record", "no record of what it was pretrained on (language_model.identity.json)"),
+    ("checkpoint", "unreadable"),
+    ("foreign", "not a language-model checkpoint of this command"),
+    ("unfinished", "an unfinished pretraining (3 steps; --resume continues it)"),
+], ids=lambda value: value if isinstance(value, str) and " " not in value else None)
+def test_a_stale_or_foreign_cached_language_model_is_refused_naming_why(cached_lm, tmp_path, change, reason):
+    corpus, recipe, control, documents = cached_lm
+    checkpoint = control.checkpoint("language_model")
+    if change == "recipe":
+        recipe = dataclasses.replace(recipe, lm_lr=1e-3)
+    elif change == "documents":
+        corpus = build_token_corpus([TextSource("documents", documents=documents[::-1])], str(tmp_path / "other"),
+                                    vocab_size=100, valid_fraction=0.2)
+    elif change == "record":
+        os.remove(identity_path(checkpoint))
+    elif change == "checkpoint":
+        with open(checkpoint, "wb") as handle:
+            handle.write(b"not a checkpoint")
+    elif change == "foreign":
+        torch.save({"encoder": {}}, checkpoint)
+    elif change == "unfinished":
+        state = torch.load(checkpoint, weights_only=False)
+        torch.save({**state, "finished": False, "global_step": 3}, checkpoint)
+    found = _mismatch(corpus, recipe, control)
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(reason), found
+
+
+def test_domain_adapt_reuses_its_pretrained_language_model(domain_files, tmp_path, capsys):
+    args = _domain_args(domain_files, tmp_path, "--methods", "dann_pretrained", "--repeats", "1")
+    assert main(args) == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(args) == 0
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert f"{tmp_path / 'language_model.pt'}: reusing this language model" in capsys.readouterr().err
+    assert second["language_model"]["reused_checkpoint"] == str(tmp_path / "language_model.pt")
+    assert second["methods"]["dann_pretrained"]["target_test_accuracy_per_seed"] == \
+        first["methods"]["dann_pretrained"]["target_test_accuracy_per_seed"]

@@ -33,7 +33,8 @@ from . import data
 from .corpus import TextSource, TokenCorpus, build_token_corpus, file_source
 from .data import EncodedTexts, LabelledTexts, collate
 from .models import MultiTaskModel, RecurrentEncoder
-from .pipeline import Recipe, RunControl, _seed_model_init, pretrain_language_model
+from .methods import pretrain_or_reuse_language_model
+from .pipeline import Recipe, RunControl, _seed_model_init
 from .schedules import SlantedTriangularLR
 from .training import quiet_generator
 
@@ -183,24 +184,25 @@ def domain_adversarial_loss(model: MultiTaskModel, labelled: Tuple[Tensor, Tenso
 
 
 @torch.no_grad()
-def _predict(model: MultiTaskModel, dataset: EncodedTexts, task: str, device) -> Tensor:
+def _predict(model: MultiTaskModel, dataset: EncodedTexts, device) -> Dict[str, Tensor]:
+    """{task: predicted class [N]} of every head, from one encoder pass over `dataset`."""
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate, generator=quiet_generator())
-    predictions = [model(ids.to(device), lengths.to(device), task=task).argmax(-1).cpu() for ids, lengths, _ in loader]
+    batches = [model(ids.to(device), lengths.to(device)) for ids, lengths, _ in loader]
     model.train(was_training)
-    return torch.cat(predictions)
+    return {task: torch.cat([logits[task].argmax(-1).cpu() for logits in batches]) for task in model.heads}
 
 
 def evaluate(model: MultiTaskModel, sets: Dict[str, EncodedTexts], device=None) -> dict:
     """Label accuracy on source valid, target valid and target test; the domain head's
     balanced accuracy (mean of the two domains' recalls) on source valid vs target test."""
-    result = {}
-    for name in ("source_valid", "target_valid", "target_test"):
-        result[f"{name}_accuracy"] = float((_predict(model, sets[name], "label", device) ==
-                                            sets[name].labels).float().mean())
-    source_recall = float((_predict(model, sets["source_valid"], "domain", device) == SOURCE).float().mean())
-    target_recall = float((_predict(model, sets["target_test"], "domain", device) == TARGET).float().mean())
+    predictions = {name: _predict(model, sets[name], device) for name in ("source_valid", "target_valid",
+                                                                          "target_test")}
+    result = {f"{name}_accuracy": float((predicted["label"] == sets[name].labels).float().mean())
+              for name, predicted in predictions.items()}
+    source_recall = float((predictions["source_valid"]["domain"] == SOURCE).float().mean())
+    target_recall = float((predictions["target_test"]["domain"] == TARGET).float().mean())
     result["domain_accuracy"] = (source_recall + target_recall) / 2
     return result
 
@@ -236,7 +238,7 @@ def train_domain_method(method: str, recipe: Recipe, sets: Dict[str, EncodedText
     every = max(1, total_steps // max(1, settings.eval_points))
     curve = [{"step": 0, "lambda": 0.0, **evaluate(model, sets, device)}]
     losses = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model.train()
     for step in range(total_steps):
         reversal.strength = dann_lambda(step / total_steps, lambda_max)
@@ -258,6 +260,7 @@ def train_domain_method(method: str, recipe: Recipe, sets: Dict[str, EncodedText
     final = curve[-1]
     summary = {"method": method, "seed": recipe.seed, "lambda_max": lambda_max, "steps": total_steps,
                "pretrained_encoder": encoder_state is not None, "seconds": time.perf_counter() - started,
+               "cpu_seconds": time.process_time() - cpu_started,
                **{k: v for k, v in final.items() if k.endswith("accuracy")}, "curve": curve,
                "losses": losses}
     return model, summary
@@ -277,10 +280,13 @@ def language_model_corpus(domains: DomainData, recipe: Recipe, cache_dir: str, l
                               workers, show_progress)
 
 
-def pretrain_domain_encoder(lm_corpus: TokenCorpus, recipe: Recipe, control: RunControl) -> Tuple[dict, dict]:
+def pretrain_domain_encoder(lm_corpus: TokenCorpus, recipe: Recipe, control: RunControl,
+                            log=print) -> Tuple[dict, dict]:
     """An LM on language_model_corpus's training tokens, perplexity on its held-out tokens
-    (the target test texts are in neither). Returns (encoder state dict, LM summary)."""
-    model, summary = pretrain_language_model(lm_corpus, recipe, control)
+    (the target test texts are in neither); the one an earlier run left in the output
+    folder when it was pretrained on the same corpus and recipe
+    (methods.pretrain_or_reuse_language_model). Returns (encoder state dict, LM summary)."""
+    model, summary = pretrain_or_reuse_language_model(lm_corpus, recipe, control, log)
     return model.encoder.state_dict(), summary
 
 
@@ -293,17 +299,19 @@ def summarise(runs: List[dict]) -> dict:
         row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         row[f"{key}_per_seed"] = values
     row["seconds"] = sum(r["seconds"] for r in runs)
+    row["cpu_seconds"] = sum(r["cpu_seconds"] for r in runs)
     row["runs"] = runs
     return row
 
 
 def table(rows: Dict[str, dict]) -> str:
     lines = [f"{'method':18s} {'target test acc':>17s} {'target valid':>13s} {'source valid':>13s} "
-             f"{'domain acc':>17s} {'seconds':>8s}"]
+             f"{'domain acc':>17s} {'seconds':>8s} {'cpu s':>8s}"]
     for name, row in rows.items():
         lines.append(f"{name:18s} {row['target_test_accuracy']:.4f} +- {row['target_test_accuracy_std']:.4f} "
                      f"{row['target_valid_accuracy']:13.4f} {row['source_valid_accuracy']:13.4f} "
-                     f"{row['domain_accuracy']:.4f} +- {row['domain_accuracy_std']:.4f} {row['seconds']:8.0f}")
+                     f"{row['domain_accuracy']:.4f} +- {row['domain_accuracy_std']:.4f} {row['seconds']:8.0f} "
+                     f"{row['cpu_seconds']:8.0f}")
     return "\n".join(lines)
 
 

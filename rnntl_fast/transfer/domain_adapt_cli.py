@@ -17,6 +17,7 @@ import torch
 from . import cli_common, domain_adapt
 from .data import EncodedTexts
 from .domain_adapt import DA_METHODS, DomainFiles, DomainSettings
+from .methods import length_sorted
 from ..cli_types import (CommandLineError, device, float_range, non_negative_float, non_negative_int, output_directory,
                          positive_float, positive_int)
 from ..machine import set_threads, thread_report
@@ -97,7 +98,7 @@ def _files(args) -> DomainFiles:
 def run(args) -> int:
     """Data and argument errors (DataError, CommandLineError) become one line and exit code 2
     in rnntl_fast.cli.main."""
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     files = _files(args)
     if args.target_valid_fraction + args.target_test_fraction >= 1:
         raise CommandLineError("--target-valid-fraction + --target-test-fraction must leave target training texts")
@@ -118,6 +119,8 @@ def run(args) -> int:
     classes = domains.description["classes"]
     sets = {name: EncodedTexts(getattr(domains, name).texts, getattr(domains, name).labels, vocab, recipe.max_tokens)
             for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test")}
+    for name in ("source_valid", "target_valid", "target_test"):  # evaluated only: less padding
+        sets[name] = length_sorted(sets[name])
     for name in ("source_train", "target_train"):
         if len(sets[name]) < recipe.batch_size:
             raise CommandLineError(f"{name.replace('_', ' ')} has {len(sets[name])} texts, fewer than one batch of "
@@ -133,7 +136,8 @@ def run(args) -> int:
     if "dann_pretrained" in args.methods:
         control = RunControl(place=Distributed(device=device), output_dir=args.output_dir,
                              show_progress=not args.no_progress)
-        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(lm_corpus, recipe, control)
+        encoder_state, metrics["language_model"] = domain_adapt.pretrain_domain_encoder(lm_corpus, recipe, control,
+                                                                                        log)
         metrics["language_model"].pop("history", None)
     runs = {method: [] for method in args.methods}
     for repeat in range(args.repeats):
@@ -146,12 +150,15 @@ def run(args) -> int:
             progress.close()
             runs[method].append(summary)
             log(f"{method} seed {repeat}: target test accuracy {summary['target_test_accuracy']:.4f}, "
-                f"domain accuracy {summary['domain_accuracy']:.4f} ({summary['seconds']:.0f} s)")
+                f"domain accuracy {summary['domain_accuracy']:.4f} ({summary['seconds']:.0f} s, "
+                f"{summary['cpu_seconds']:.0f} CPU s)")
     rows = {method: domain_adapt.summarise(method_runs) for method, method_runs in runs.items()}
     metrics["methods"] = rows
     test_labels = domains.target_test.labels
     metrics["target_test_majority_class_accuracy"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
     metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
+    metrics["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}  # other jobs' share
     path = os.path.join(args.output_dir, "metrics.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)
@@ -161,7 +168,9 @@ def run(args) -> int:
                              f"lambda_max {settings.lambda_max}")
     print(domain_adapt.table(rows))
     print(f"target test majority class: {metrics['target_test_majority_class_accuracy']:.4f}")
-    print(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {args.output_dir}/ (metrics.json, domain_adapt.png)")
+    print(f"wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} CPU s, load average "
+          f"{metrics['load_average_1min']['start']:.1f} -> {metrics['load_average_1min']['end']:.1f}); "
+          f"outputs in {args.output_dir}/ (metrics.json, domain_adapt.png)")
     return 0
 
 

@@ -19,7 +19,7 @@ from .cli_common import add_model_arguments, add_run_arguments, build_language_m
 from ..pretrained.encoder import load_encoder, save_encoder
 from .data import EncodedTexts, Vocab
 from .models import POOLINGS
-from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, measure_throughput, pretrain_language_model,
+from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, measure_throughput,
                        train_classifier)
 from .training import StopRequested, teardown_distributed
 
@@ -163,15 +163,15 @@ def _user_pretrained(args, vocab, recipe):
 
 
 def run(args) -> int:
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     place = cli_common.start(args)
     try:
-        return _run(args, place, started)
+        return _run(args, place, started, load_at_start)
     finally:
         teardown_distributed(place)
 
 
-def _run(args, place, started) -> int:
+def _run(args, place, started, load_at_start) -> int:
     recipe = cli_common.recipe_from_args(args)
     cli_common.check_freeze_patterns(recipe)
     control = cli_common.control_from_args(args, place)
@@ -193,7 +193,8 @@ def _run(args, place, started) -> int:
         encoder_state = {**(encoder_state or {}), **rnn_state}
     try:
         if encoder_state is None and embedding is None and recipe.lm_epochs > 0:
-            language_model, metrics["language_model"] = pretrain_language_model(lm_corpus, recipe, control)
+            language_model, metrics["language_model"] = methods.pretrain_or_reuse_language_model(
+                lm_corpus, recipe, control, log=lambda text: log(place, text))
             encoder_state = language_model.encoder.state_dict()
             if place.is_main:
                 save_encoder(language_model.encoder, os.path.join(args.output_dir, "encoder.pt"), vocab=vocab.itos)
@@ -234,6 +235,8 @@ def _run(args, place, started) -> int:
         metrics["throughput"] = measure_throughput(transfer_model, sets["train"], recipe.batch_size,
                                                    steps=args.throughput_steps, seed=recipe.seed)
     metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["cpu_seconds"] = time.process_time()  # this process's CPU time, all threads, since it started
+    metrics["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}  # other jobs' share
     if place.is_main:
         summary = _summary_lines(metrics, args.output_dir)
         _write_outputs(args.output_dir, metrics)
@@ -292,6 +295,8 @@ def _summary_lines(metrics: dict, output_dir: str) -> str:
         rates = metrics["throughput"]["tokens_per_s"]
         lines.append(f"training tokens/s: rnntl_fast {rates['rnntl_fast']:.0f}, torch.nn {rates['torch.nn']:.0f}, "
                      f"ratio {metrics['throughput']['ratio_rnntl_fast_over_torch_nn']:.2f}")
-    lines.append(f"wall time {metrics['wall_seconds']:.0f} s; outputs in {output_dir}/ "
+    lines.append(f"wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} CPU s, load average "
+                 f"{metrics['load_average_1min']['start']:.1f} -> {metrics['load_average_1min']['end']:.1f}); "
+                 f"outputs in {output_dir}/ "
                  "(metrics.json, learning_curves.png, *.pt)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 import time
@@ -40,6 +41,7 @@ from .models import LanguageModel, RecurrentEncoder, TextClassifier
 from .pipeline import (Recipe, RunControl, _seed_model_init, language_model_streams, pretrain_language_model,
                        train_classifier)
 from .regularizers import EWC, diagonal_fisher
+from .training import load_checkpoint
 
 METHODS = ("scratch", "finetune", "features", "gradual", "l2sp", "ewc", "multitask", "adapt", "elmo")
 
@@ -85,6 +87,117 @@ def add_method_arguments(parser) -> None:
 def settings_from_args(args) -> MethodSettings:
     return MethodSettings(penalty_alpha=args.penalty_alpha, ewc_chunks=args.ewc_chunks,
                           multitask_lm_weight=args.multitask_lm_weight)
+
+
+def length_sorted(dataset: EncodedTexts) -> EncodedTexts:
+    """The same texts and labels ordered by token count (stable), for evaluation only: a
+    batch of 256 unsorted reviews is padded to its longest (here 43% of the padded steps
+    are real tokens), a batch of neighbours in length hardly at all. Accuracy does not
+    depend on the order; training sets keep theirs (their batches are drawn by seed)."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.ids[i]))
+    result = copy.copy(dataset)
+    result.ids = [dataset.ids[i] for i in order]
+    result.labels = dataset.labels[order]
+    return result
+
+
+# -- the pretrained language model, reused across runs in one output folder --------------
+
+# the Recipe fields that decide a pretrained LM's weights (the classifier's fields do not)
+LM_RECIPE_FIELDS = ("seed", "vocab_size", "min_freq", "embedding_dim", "hidden_size", "num_layers", "cell",
+                    "dropout", "lm_epochs", "lm_batch_size", "lm_chunk_length", "lm_lr", "lm_state",
+                    "lm_random_bptt", "lm_valid_fraction", "cut_frac", "ratio", "max_grad_norm")
+
+
+def language_model_identity(corpus: TokenCorpus, recipe: Recipe, world_size: int) -> dict:
+    """What a pretrained LM's weights follow from: the content of its corpus's inputs (names
+    and hashes, corpus.py), the token count and split, the LM recipe fields, the number of
+    processes and the code versions. Two runs with equal identities pretrain the same LM
+    (up to the float rounding of the thread count)."""
+    from .. import __version__
+    inputs = [{k: item.get(k) for k in ("name", "hash", "vocabulary_only")} for item in corpus.meta["inputs"]]
+    return {"corpus_inputs": inputs, "tokens": len(corpus.tokens), "train_tokens": corpus.train_count,
+            "vocabulary": len(corpus.vocab), "recipe": {k: getattr(recipe, k) for k in LM_RECIPE_FIELDS},
+            "world_size": world_size, "rnntl_fast": __version__, "torch": torch.__version__.split("+")[0]}
+
+
+def identity_path(checkpoint: str) -> str:
+    """The record of what the LM checkpoint `checkpoint` was pretrained from, next to it."""
+    return os.path.splitext(checkpoint)[0] + ".identity.json"
+
+
+def _differences(recorded: dict, wanted: dict, prefix: str = "") -> List[str]:
+    out = []
+    for key in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} there, {b!r} here" if not isinstance(a, list) else f"{prefix}{key}")
+    return out
+
+
+def cached_language_model_mismatch(checkpoint: str, identity: dict, vocab_state: dict) -> Optional[str]:
+    """Why the LM checkpoint `checkpoint` cannot stand in for pretraining an LM of
+    `identity` (None: it can): not a finished LM checkpoint, an identity record that is
+    missing or differs (the differing fields named), or another vocabulary."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except Exception as error:  # any reason torch.load gives: the file is not ours to reuse
+        return f"unreadable ({type(error).__name__}: {error})"
+    if not isinstance(state, dict) or not {"model", "finished", "recipe", "vocab"} <= set(state):
+        return "not a language-model checkpoint of this command"
+    if not state["finished"]:
+        return f"an unfinished pretraining ({state.get('global_step')} steps; --resume continues it)"
+    record = identity_path(checkpoint)
+    if not os.path.isfile(record):
+        return f"no record of what it was pretrained on ({os.path.basename(record)})"
+    try:
+        with open(record) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"{os.path.basename(record)} unreadable ({error})"
+    differences = _differences(recorded, json.loads(json.dumps(identity)))
+    if differences:
+        return "pretrained on other data or settings: " + "; ".join(differences[:4]) + \
+            (f" (+{len(differences) - 4} more)" if len(differences) > 4 else "")
+    if state["vocab"] != vocab_state:
+        return "its vocabulary is not this run's"
+    return None
+
+
+def pretrain_or_reuse_language_model(corpus: TokenCorpus, recipe: Recipe, control: RunControl,
+                                     log=print) -> Tuple[LanguageModel, dict]:
+    """pipeline.pretrain_language_model, or the LM a previous run left finished in the
+    output folder (control.checkpoint("language_model")) when its identity record
+    (language_model_identity) equals this run's: loaded as a --resume of a finished run,
+    so the model, the summary and the RNG state are the ones that run ended with. A
+    checkpoint that does not match is not used: one line says why, and the LM is pretrained
+    anew (overwriting it). With control.resume the checkpoint is resumed as before.
+    Returns (model, summary + "reused_checkpoint", "seconds", "cpu_seconds")."""
+    checkpoint = control.checkpoint("language_model")
+    identity = language_model_identity(corpus, recipe, control.place.world_size)
+    reused = False
+    if checkpoint is not None and not control.resume and os.path.isfile(checkpoint):
+        reason = cached_language_model_mismatch(checkpoint, identity, corpus.vocab.state_dict())
+        reused = reason is None
+        if control.place.is_main:
+            log(f"{checkpoint}: reusing this language model (same corpus, LM recipe and code versions)" if reused
+                else f"{checkpoint}: not reused, {reason}; pretraining the language model anew")
+    control.place.barrier()  # every rank has read the old files before they change
+    if checkpoint is not None and not reused and control.place.is_main and os.path.isfile(identity_path(checkpoint)):
+        os.remove(identity_path(checkpoint))  # it would describe the old checkpoint until this one is finished
+    wall, cpu = time.perf_counter(), time.process_time()
+    model, summary = pretrain_language_model(corpus, recipe, dataclasses.replace(control, resume=control.resume or
+                                                                                 reused))
+    summary.update(reused_checkpoint=checkpoint if reused else None, seconds=time.perf_counter() - wall,
+                   cpu_seconds=time.process_time() - cpu)
+    if checkpoint is not None and control.place.is_main:
+        record = identity_path(checkpoint)
+        with open(record + ".tmp", "w") as handle:
+            json.dump(identity, handle, indent=1)
+        os.replace(record + ".tmp", record)
+    return model, summary
 
 
 # -- models of the methods -------------------------------------------------------------
@@ -214,7 +327,7 @@ def _forward_lm_unchanged(model: ElmoClassifier, language_model: LanguageModel) 
 def run_method(method: str, name: str, recipe: Recipe, context: MethodContext, control: RunControl,
                perplexity_before: float) -> Tuple[nn.Module, dict]:
     """Trains one method at one seed. Returns (model, summary with forgetting fields)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     own_recipe = method_recipe(method, recipe, context.settings)
     model, options = build_method_model(method, own_recipe, context, control.place.device)
     sets = context.sets
@@ -232,7 +345,7 @@ def run_method(method: str, name: str, recipe: Recipe, context: MethodContext, c
     else:
         after = encoder_perplexity(context.language_model, model.encoder, context.lm_valid, device)
     summary.update(method=method, lm_perplexity_before=perplexity_before, lm_perplexity_after=after,
-                   seconds=time.perf_counter() - started)
+                   seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started)
     return model, summary
 
 
@@ -258,7 +371,7 @@ def prepare_context(methods: Sequence[str], language_model: Optional[LanguageMod
     context = MethodContext(sets, num_classes, vocab_size, language_model, windows, held_out, settings)
     device = control.place.device
     if "ewc" in methods:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         # the first window of each of `rows` streams: windows spread evenly over the training tokens
         rows = min(settings.ewc_chunks, (len(train_tokens) - 1) // recipe.lm_chunk_length)
         spread = TokenStreams(train_tokens, max(rows, 1), recipe.lm_chunk_length, carry_state=False,
@@ -269,19 +382,21 @@ def prepare_context(methods: Sequence[str], language_model: Optional[LanguageMod
         fisher = diagonal_fisher(language_model, lambda model, example: model(*example), examples, names)
         context.fisher = fisher  # the classifier's encoder has the same parameter names
         description["ewc_fisher"] = {"chunks": len(examples), "seconds": time.perf_counter() - started,
+                                     "cpu_seconds": time.process_time() - cpu_started,
                                      "mean": sum(float(f.sum()) for f in fisher.values()) /
                                              sum(f.numel() for f in fisher.values())}
     if "elmo" in methods:
-        log("elmo: pretraining the backward language model (the same tokens reversed, same recipe)")
+        log("elmo: the backward language model (the same tokens reversed, same recipe)")
         backward_control = dataclasses.replace(control, output_dir=None if control.output_dir is None else
                                                os.path.join(control.output_dir, "backward_lm"))
-        backward, summary = pretrain_language_model(reversed_corpus(lm_corpus), recipe, backward_control)
+        backward, summary = pretrain_or_reuse_language_model(reversed_corpus(lm_corpus), recipe, backward_control,
+                                                              log)
         control.stop_after_steps = None if control.stop_after_steps is None else \
             control.stop_after_steps - summary["steps"]
         context.backward_language_model = backward
-        description["backward_language_model"] = {"valid_perplexity": summary["valid_perplexity"],
-                                                  "steps": summary["steps"],
-                                                  "train_tokens": summary["corpus"]["train_tokens"]}
+        description["backward_language_model"] = {key: summary[key] for key in (
+            "valid_perplexity", "steps", "reused_checkpoint", "seconds", "cpu_seconds")}
+        description["backward_language_model"]["train_tokens"] = summary["corpus"]["train_tokens"]
     return context, description
 
 
@@ -303,6 +418,7 @@ def summarise_method(runs: List[dict], scratch_runs: Optional[List[dict]]) -> di
         row["gain_vs_scratch"], row["gain_vs_scratch_std"], row["gain_vs_scratch_per_seed"] = spread(gains)
         row["seeds_ahead_of_scratch"] = sum(g > 0 for g in gains)
     row["seconds"] = sum(r["seconds"] for r in runs)
+    row["cpu_seconds"] = sum(r["cpu_seconds"] for r in runs)
     row["steps"] = sum(r["steps"] for r in runs)
     row["runs"] = runs
     return row
@@ -311,7 +427,7 @@ def summarise_method(runs: List[dict], scratch_runs: Optional[List[dict]]) -> di
 def methods_table(methods: Dict[str, dict]) -> str:
     """The printed table (one line per method)."""
     lines = [f"{'method':10s} {'test accuracy':>17s} {'gain vs scratch (ahead)':>25s} {'valid':>7s} "
-             f"{'LM ppl before -> after':>24s} {'seconds':>8s}"]
+             f"{'LM ppl before -> after':>24s} {'seconds':>8s} {'cpu s':>8s}"]
     for name, row in methods.items():
         seeds = len(row["runs"])
         accuracy = f"{row['test_accuracy']:.4f} +- {row['test_accuracy_std']:.4f}"
@@ -322,7 +438,7 @@ def methods_table(methods: Dict[str, dict]) -> str:
         else:
             perplexity = f"{row['lm_perplexity_before']:.1f} -> {row['lm_perplexity_after']:.1f}"
         lines.append(f"{name:10s} {accuracy:>17s} {gain:>25s} {row['valid_accuracy']:7.4f} {perplexity:>24s} "
-                     f"{row['seconds']:8.0f}")
+                     f"{row['seconds']:8.0f} {row['cpu_seconds']:8.0f}")
     return "\n".join(lines)
 
 
@@ -336,6 +452,7 @@ def run_methods(methods: Sequence[str], language_model: Optional[LanguageModel],
     if language_model is None and any(m != "scratch" for m in methods):
         raise SystemExit("--methods: every method but scratch needs the language model pretrained in this run "
                          "(not --encoder / --pretrained-*, and --lm-epochs > 0)")
+    sets = {name: dataset if name == "train" else length_sorted(dataset) for name, dataset in sets.items()}
     context, description = prepare_context(methods, language_model, lm_corpus, vocab_size, sets, num_classes,
                                            recipe, control, settings, log)
     before = stream_perplexity(language_model, context.lm_valid, control.place.device) \
