@@ -83,11 +83,13 @@ def backend_report() -> dict:
 def _extension_lines(extension, parallel_backend: str, threads: int) -> list:
     if not isinstance(extension, dict):
         return [f"extension: {extension}"]
-    # The kernels parallelise with at::parallel_for, i.e. on torch's own thread pool; the
-    # extension is compiled with -fopenmp-simd (vector pragmas) only, so _OPENMP is unset there.
+    # The kernels parallelise with at::parallel_for on torch's own threads, which is parallel
+    # only in code compiled with OpenMP (setup.py passes -fopenmp; docs/cpu.md).
     openmp = extension.get("openmp", 0)
-    openmp_text = (f"the extension itself is built with OpenMP {openmp} (the _OPENMP version date)" if openmp else
-                   "the extension has no OpenMP of its own ('openmp': 0; -fopenmp-simd vector pragmas only)")
+    openmp_text = (f"the extension is built with OpenMP {openmp} (the _OPENMP version date), so its "
+                   f"parallel_for calls use those threads" if openmp else
+                   "the extension was built without OpenMP ('openmp': 0): every parallel_for of its kernels "
+                   "runs on the calling thread")
     return [f"extension: {extension.get('path')} (compiler version {extension.get('compiler')})",
             f"multi-threading: the CPU kernels run on torch's intra-op pool (at::parallel_for; ATen backend "
             f"{parallel_backend}, {threads} thread{'s' if threads != 1 else ''}); {openmp_text}"]
