@@ -453,6 +453,7 @@ class GruBackward {
         if (n > 0) {
           gru_backward_rows_entry(s, 0, n);
           worker.barrier();  // dL/dgh_t complete
+          prefetch_own_rows(step - 1, s.unit_begin, s.unit_end);
           for (int64_t w = first; w < end; ++w)
             recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, carry + units[w], H, /*accumulate=*/true);
         }
@@ -463,6 +464,24 @@ class GruBackward {
         }
       }
     });
+  }
+
+  // The multi-core loop's prefetch_block (see there): a worker's units [unit_begin, unit_end)
+  // of the saved gates and hidden_n and of the output gradient, of processing step `step`,
+  // issued during the previous step's product.
+  void prefetch_own_rows(int64_t step, int64_t unit_begin, int64_t unit_end) const {
+    if (step < 0) return;
+    const int64_t H = hidden_, G = 3 * hidden_, U = unit_end - unit_begin;
+    const int64_t t = sequence_.time_of(step, reverse_);
+    const float* gates = gates_.data_ptr<float>();
+    const float* hidden_n = hidden_n_.data_ptr<float>();
+    const float* grad_output = grad_out_.data_ptr<float>();
+    for (int64_t j = 0; j < sequence_.active[t]; ++j) {
+      const int64_t compact = sequence_.first_row[t] + j;
+      for (int64_t g = 0; g < 3; ++g) prefetch_block(gates + compact * G + g * H + unit_begin, U);
+      prefetch_block(hidden_n + compact * H + unit_begin, U);
+      prefetch_block(grad_output + (t * batch_ + sequence_.order[j]) * H + unit_begin, U);
+    }
   }
 
   // (grad_input [T,B,I], grad_weight_ih [3H,I], grad_weight_hh [3H,H], grad_bias_ih [3H],

@@ -670,6 +670,7 @@ class LstmBackward {
           }
           lstm_backward_rows_entry(s, 0, n);
           worker.barrier();  // dL/da_t complete
+          prefetch_own_rows(step - 1, unit_begin, unit_end, column_begin, column_end);
           for (int64_t w = first; w < end; ++w)
             recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P, false);
         }
@@ -684,6 +685,25 @@ class LstmBackward {
         }
       }
     });
+  }
+
+  // The multi-core loop's prefetch_block (see there): a worker's units [unit_begin, unit_end)
+  // of the saved gates and cells, and its columns of the output gradient, of processing
+  // step `step`, issued during the previous step's product.
+  void prefetch_own_rows(int64_t step, int64_t unit_begin, int64_t unit_end, int64_t column_begin,
+                         int64_t column_end) const {
+    if (step < 0) return;
+    const int64_t H = hidden_, G = 4 * hidden_, P = out_size_, U = unit_end - unit_begin;
+    const int64_t t = sequence_.time_of(step, reverse_);
+    const float* gates = gates_.data_ptr<float>();
+    const float* cells = cells_.data_ptr<float>();
+    const float* grad_output = grad_out_.data_ptr<float>();
+    for (int64_t j = 0; j < sequence_.active[t]; ++j) {
+      const int64_t compact = sequence_.first_row[t] + j;
+      for (int64_t g = 0; g < 4; ++g) prefetch_block(gates + compact * G + g * H + unit_begin, U);
+      prefetch_block(cells + compact * H + unit_begin, U);
+      prefetch_block(grad_output + (t * batch_ + sequence_.order[j]) * P + column_begin, column_end - column_begin);
+    }
   }
 
   // The parts of the hidden-gradient pass that are the same at every step (all columns).
