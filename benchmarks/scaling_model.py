@@ -14,12 +14,13 @@ One LSTM step (forward, P = H) on W workers costs
     barrier(W)    `--barrier-ns` per arriving worker (a centralised barrier's arrivals
                   serialise on one cache line), so W * barrier-ns per step
 
-against the step-at-a-time loop with the same split of the work but `--fork-join-ns` paid
-three times per step (one per parallel pass). Measured inputs for
+against the step-at-a-time loop with the same split of the work but a fork/join of the
+team paid three times per step (one per parallel pass), each `--fork-join-ns` per thread
+(waking and joining the team grows with it, like the barrier's arrivals). Measured inputs for
 this machine come from build/cmake/bench_step_sync_cost and the one-thread bench rows
 (docs/cpu.md); the defaults are those figures.
 
-    python benchmarks/scaling_model.py [--barrier-ns 45] [--fork-join-ns 3000] ...
+    python benchmarks/scaling_model.py [--barrier-ns 40] [--fork-join-ns 600] [--l2-kib 2048] ...
 """
 import argparse
 import sys
@@ -41,11 +42,11 @@ def step_time_us(batch, hidden, workers, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--barrier-ns", type=float, default=45.0, help="per arriving worker, ns")
-    parser.add_argument("--fork-join-ns", type=float, default=3000.0, help="one fork/join of the team, ns")
-    parser.add_argument("--rate-cache", type=float, default=60.0, help="GFLOP/s per core, slice in L2")
+    parser.add_argument("--barrier-ns", type=float, default=40.0, help="per arriving worker, ns")
+    parser.add_argument("--fork-join-ns", type=float, default=600.0, help="one fork/join of the team, ns per thread")
+    parser.add_argument("--rate-cache", type=float, default=45.0, help="GFLOP/s per core, slice in L2")
     parser.add_argument("--rate-memory", type=float, default=6.0, help="GFLOP/s per core at batch 1, slice outside L2")
-    parser.add_argument("--l2-kib", type=float, default=1280.0, help="L2 per core, KiB")
+    parser.add_argument("--l2-kib", type=float, default=2048.0, help="L2 per core, KiB")
     args = parser.parse_args(argv)
     if min(args.barrier_ns, args.fork_join_ns, args.rate_cache, args.rate_memory, args.l2_kib) <= 0:
         parser.error("every figure must be positive")
@@ -60,7 +61,7 @@ def main(argv=None):
                 # step at a time with the same split of the work (OpenMP's static chunks give a
                 # thread the same panels every step), but a fork/join per parallel pass: the
                 # product, the pointwise pass and the output's zero rows or projection
-                stepwise = compute + 3 * args.fork_join_ns / 1000
+                stepwise = compute + 3 * workers * args.fork_join_ns / 1000
                 print(f"| {batch} | {hidden} | {workers} | {slice_kib:.0f} | {'yes' if in_cache else 'no'} "
                       f"| {compute:.2f} | {barrier:.2f} | {total:.2f} | {one / total:.1f}x | {stepwise:.2f} |")
     return 0
