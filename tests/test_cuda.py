@@ -268,3 +268,38 @@ def test_non_finite_values_propagate_as_in_the_reference(cell, poison, strategy)
         finite = torch.isfinite(expected)
         torch.testing.assert_close(fast[name][finite], expected[finite].float(), rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("form", ["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_autocast_like_torch_nn(cell, form, autocast_dtype):
+    """Under torch.autocast("cuda", ...) the modules return what torch.nn's cuDNN modules
+    return (docs/semantics.md, section 8: on CUDA every cell and input form runs in the
+    autocast dtype): the same output and state dtypes, values within that dtype's rounding,
+    and float32 parameter gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    reference = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(4, 6, num_layers=2, bidirectional=True).cuda()
+    fast = (rnntl_fast.LSTM if cell == "lstm" else rnntl_fast.GRU)(4, 6, num_layers=2, bidirectional=True).cuda()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 3, 4, device="cuda")
+
+    def model_input():
+        return pack_padded_sequence(x, [6, 4, 2]) if form == "packed" else x
+
+    def states(state):
+        return list(state) if isinstance(state, tuple) else [state]
+
+    with torch.autocast("cuda", autocast_dtype):
+        expected_output, expected_state = reference(model_input())
+        output, state = fast(model_input())
+    if form == "packed":
+        expected_output, output = expected_output.data, output.data
+    assert output.dtype == expected_output.dtype
+    assert [s.dtype for s in states(state)] == [s.dtype for s in states(expected_state)]
+    torch.testing.assert_close(output.float(), expected_output.float(), atol=5e-2, rtol=5e-2)
+    output.float().square().sum().backward()
+    for name, parameter in fast.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
