@@ -208,10 +208,7 @@ class GruForward {
   }
 
   // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) {
-    if (workers_ > 0) return run_steps_persistent(workers_);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "gru_forward_cpu", [&] { run_steps<scalar_t>(); });
-  }
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
 
   template <typename T>
   void run_steps() {
@@ -378,10 +375,7 @@ class GruBackward {
   }
 
   // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) {
-    if (workers_ > 0) return run_steps_persistent(workers_);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "gru_backward_cpu", [&] { run_steps<scalar_t>(); });
-  }
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
 
   template <typename T>
   void run_steps() {

@@ -332,10 +332,7 @@ class LstmForward {
   }
 
   // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) {
-    if (workers_ > 0) return run_steps_persistent(workers_);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_forward_cpu", [&] { run_steps<scalar_t>(); });
-  }
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
 
   template <typename T>
   void run_steps() {
@@ -552,10 +549,7 @@ class LstmBackward {
   }
 
   // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) {
-    if (workers_ > 0) return run_steps_persistent(workers_);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_backward_cpu", [&] { run_steps<scalar_t>(); });
-  }
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
 
   template <typename T>
   void run_steps() {

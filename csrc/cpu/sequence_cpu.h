@@ -183,6 +183,15 @@ inline int64_t persistent_workers(const at::Tensor& input, const at::Tensor& wei
   return own_step_kernel_suits(batch, rows_per_worker, weight_hh.size(1)) ? workers : 0;
 }
 
+// Runs a sequence op class's steps on the loop chosen for its sequence: the multi-core loop
+// (op.run_steps_persistent) where workers > 0, else the step-at-a-time loop (op.run_steps<T>)
+// for the input's dtype.
+template <typename Op>
+void run_chosen_loop(Op& op, int64_t workers, at::ScalarType dtype) {
+  if (workers > 0) return op.run_steps_persistent(workers);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] { op.template run_steps<scalar_t>(); });
+}
+
 // The hidden state [B, W] (slot-major) of the multi-core loop, in two buffers: processing
 // step s reads buffer s % 2 and writes buffer (s + 1) % 2, so that no worker overwrites a
 // row that another worker's product of the same step still reads. Both start as the
