@@ -130,20 +130,9 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // Whether the float32 products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
 inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
-// Whether the CPU has 512-bit vectors (AVX-512F). small_gemm_cpu.cpp has AVX2 code only; on
-// such CPUs the libraries' 512-bit kernels run the whole-sequence products about twice as
-// fast as it (docs/cpu.md, "Matrix products"), so those products go to the libraries there.
-inline bool cpu_has_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// Whether the whole-sequence float32 products run on the own kernel.
-inline bool own_kernel_for_sequence_products() { return own_kernel_enabled() && !cpu_has_avx512(); }
+// Whether the whole-sequence float32 products run on the own kernel (its AVX-512 variant
+// matches the libraries' rate at these shapes: docs/cpu.md, "Matrix products").
+inline bool own_kernel_for_sequence_products() { return own_kernel_enabled(); }
 
 // x [M, K] @ weight [N, K]^T (+ bias [N]), computed a block of rows at a time into a
 // caller's buffer. The sequence kernels project each few steps' input rows just before

@@ -111,17 +111,17 @@ void check_large(int64_t M, int64_t K, int64_t N, bool transposed_a, bool with_b
 int main() {
   std::mt19937 rng(7);
   int cases = 0;
-  for (int64_t M : {1, 2, 3, 5, 6, 7, 8, 13, 16, 17, 33})
+  for (int64_t M : {1, 2, 3, 5, 6, 7, 8, 9, 13, 16, 17, 24, 33})
     for (int64_t K : {1, 7, 64, 300})
-      for (int64_t N : {1, 15, 16, 17, 40, 100, 260})
+      for (int64_t N : {1, 15, 16, 17, 40, 80, 100, 260})
         for (bool transposed : {false, true})
           for (bool accumulate : {false, true}) {
             check(M, K, N, transposed, accumulate, (M + K + N) % 3, rng);
             ++cases;
           }
-  for (int64_t M : {1, 5, 6, 97, 200})
+  for (int64_t M : {1, 5, 6, 9, 97, 200})
     for (int64_t K : {1, 37, 300})
-      for (int64_t N : {1, 17, 48})
+      for (int64_t N : {1, 17, 48, 64})
         for (bool transposed_a : {false, true})
           for (int64_t depth_chunk : {int64_t(1), int64_t(16), int64_t(256)}) {
             check_large(M, K, N, transposed_a, /*with_bias=*/(M + N) % 2 == 0, /*accumulate=*/false, depth_chunk, rng);
