@@ -285,9 +285,10 @@ class _RecurrentStack(nn.Module):
 
     def _torch_nn_incompatible(self) -> List[str]:
         """The options on that torch.nn's module cannot run (convert(inverse=True) refuses them)."""
-        return [f"{name}={getattr(self, name)!r}" for name in ("recurrent_dropout", "zoneout", "weight_drop",
-                                                             "layer_norm")
-                if getattr(self, name) != self._extra_defaults()[name]]
+        on = {"recurrent_dropout": self.recurrent_dropout > 0,
+              "zoneout": any(z > 0 for _, z, _ in self._zoneout_states()),
+              "weight_drop": self.weight_drop > 0, "layer_norm": self.layer_norm}
+        return [f"{name}={getattr(self, name)!r}" for name, value in on.items() if value]
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -109,7 +109,8 @@ def _cases():
         for ln, mode in itertools.product(ln_options, ("state", "gates")):
             cases.append(_case(cell, T=7, B=4, I=5, H=13 if cell != "lstm" else 8, proj=3 if cell == "lstm" else 0,
                                lengths=(7, 3, 0, 5), reverse=mode == "gates", mask=True, zoneout="draws", ln=ln,
-                               clips=cell == "lstm", grad_clip=mode, nonlinearity="relu" if mode == "gates" else "tanh"))
+                               clips=cell == "lstm", grad_clip=mode,
+                               nonlinearity="relu" if mode == "gates" else "tanh"))
         cases.append(_case(cell, lengths=(2, 5, 4), mask=True, zoneout="fractions", ln=cell != "rnn", bias=False))
     return cases
 
@@ -320,6 +321,25 @@ def test_module_zoneout_one_keeps_the_initial_state_in_training():
     x, h0 = _module_inputs(), torch.randn(1, 3, 5, dtype=F64)
     out, h_n = module(x, h0)
     assert torch.equal(h_n, h0) and torch.equal(out, h0.expand_as(out))
+
+
+def test_module_input_forms_agree_in_eval_and_frozen_weights_train():
+    torch.manual_seed(2)
+    module = rnntl_fast.LSTM(4, 6, batch_first=True, bidirectional=True, proj_size=3, backend="reference",
+                             dtype=F64, zoneout=(0.3, 0.2), recurrent_dropout=0.2, weight_drop=0.2,
+                             layer_norm=True).eval()
+    x, lengths = _module_inputs().transpose(0, 1), torch.tensor([3, 5, 2])
+    padded_out, (padded_h, _) = module(x, lengths=lengths)
+    packed_out, (packed_h, _) = module(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    torch.testing.assert_close(packed_out.data, pack_padded_sequence(padded_out, lengths, batch_first=True,
+                                                                     enforce_sorted=False).data, rtol=0, atol=1e-14)
+    torch.testing.assert_close(packed_h, padded_h, rtol=0, atol=1e-14)
+    module.train()
+    for name in ("weight_hh_l0", "layer_norm_hh_weight_l0_reverse"):
+        getattr(module, name).requires_grad_(False)
+    module(x, lengths=lengths)[0].sum().backward()
+    assert module.weight_hh_l0.grad is None and module.layer_norm_hh_weight_l0_reverse.grad is None
+    assert module.weight_hh_l0_reverse.grad is not None and module.layer_norm_cell_weight_l0.grad is not None
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

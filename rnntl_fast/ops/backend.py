@@ -83,7 +83,8 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype = to
 # An op missing from a backend's entry has no kernel there. The reference loop runs everything.
 BACKEND_RUNS = {
     "reference": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
-                  "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
+                  "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
+                  "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cpu": {"lstm": frozenset(), "gru": frozenset()},
     "cuda": {"lstm": frozenset(), "gru": frozenset()},
     "triton": {"lstm": frozenset(), "gru": frozenset()},
