@@ -1,7 +1,7 @@
 """rnntl_fast: fused LSTM/GRU kernels with gradient clipping in the backward, drop-in
-torch.nn.LSTM / torch.nn.GRU modules, and transfer-learning tools.
+torch.nn.LSTM / GRU / RNN modules, and transfer-learning tools.
 
-Every public name and subpackage (`LSTM`, `GRU`, `convert`, `ops`, `pretrained`,
+Every public name and subpackage (`LSTM`, `GRU`, `RNN`, `convert`, `ops`, `pretrained`,
 `transfer`, `bench`) is loaded on first access, so `import rnntl_fast` itself imports
 neither torch nor the extension and the command line's `--help` stays fast. The native
 ops (`torch.ops.rnntl_fast.*`, with their fake and autograd registrations) are registered
@@ -13,10 +13,10 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> module defining it
-_ATTRIBUTES = {"LSTM": "rnntl_fast.nn", "GRU": "rnntl_fast.nn", "convert": "rnntl_fast.nn"}
+_ATTRIBUTES = {"LSTM": "rnntl_fast.nn", "GRU": "rnntl_fast.nn", "RNN": "rnntl_fast.nn", "convert": "rnntl_fast.nn"}
 _SUBMODULES = ("ops", "nn", "pretrained", "transfer", "bench", "info", "cli", "_ext")
 
-__all__ = ["LSTM", "GRU", "convert", "ops", "pretrained", "transfer", "bench"]
+__all__ = ["LSTM", "GRU", "RNN", "convert", "ops", "pretrained", "transfer", "bench"]
 
 
 def __getattr__(name: str):

@@ -1,11 +1,14 @@
-"""`rnntl_fast.LSTM` and `rnntl_fast.GRU`: drop-in replacements for torch.nn.LSTM / GRU.
+"""`rnntl_fast.LSTM`, `rnntl_fast.GRU` and `rnntl_fast.RNN`: drop-in replacements for
+torch.nn.LSTM / GRU / RNN.
 
 Same constructor, parameter names, shapes, gate order, registration order and
 initialisation as torch.nn (so state_dicts load both ways with strict=True and the same
 seed gives the same weights), same inputs and outputs ([T, B, I], batch_first [B, T, I],
 unbatched [T, I], PackedSequence in -> PackedSequence out, optional hx). Extra keyword
-arguments, all off by default: grad_clip, grad_clip_mode, backend, and for LSTM cell_clip
-and proj_clip.
+arguments, all off by default: grad_clip, grad_clip_mode, backend, the regularizers
+recurrent_dropout, zoneout and weight_drop, for LSTM and GRU layer_norm, and for LSTM
+cell_clip and proj_clip (docs/semantics.md, section 10). layer_norm adds parameters, so
+its state_dict is torch.nn's plus the layer-norm gains.
 
 They are plain nn.Modules (not torch.nn.LSTM subclasses) so that torch.compile traces them
 without the graph break Dynamo applies to torch.nn's recurrent modules.
@@ -22,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import ops
 from .ops.checks import check_clip, check_grad_clip_mode, normalize_lengths
+from .ops.reference import LayerNormWeights
 
 HiddenLSTM = Tuple[Tensor, Tensor]
 
@@ -72,6 +76,29 @@ def _check_packed(input: PackedSequence) -> None:
                          f"got {list(input.data.shape)}")
 
 
+def _check_drop_probability(value, name: str) -> float:
+    """A dropout probability of recurrent_dropout / weight_drop: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1) (the probability of dropping a unit; 1 would drop every one), "
+                         f"got {value}")
+    return float(value)
+
+
+def _check_zoneout_probability(value, name: str = "zoneout") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1] (the probability of keeping a unit's previous value), got {value}")
+    return float(value)
+
+
+def _dropout_mask(shape, p: float, like: Tensor) -> Tensor:
+    """[shape] of Bernoulli(1 - p) / (1 - p) draws from the default generator of like's device."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+
+
 def _packed_layout(data: Tensor, batch_sizes: Tensor) -> Optional["_PackedLayout"]:
     if data.device.type != "cpu":
         return None  # pad_packed_sequence: index_add (the layout's backward) need not be deterministic on CUDA
@@ -79,16 +106,18 @@ def _packed_layout(data: Tensor, batch_sizes: Tensor) -> Optional["_PackedLayout
 
 
 class _RecurrentStack(nn.Module):
-    """What LSTM and GRU share: parameters laid out exactly as torch.nn.RNNBase does, input
-    forms (batch_first, unbatched, PackedSequence), and the layer/direction loop."""
+    """What LSTM, GRU and RNN share: parameters laid out exactly as torch.nn.RNNBase does, input
+    forms (batch_first, unbatched, PackedSequence), the regularizers, and the layer/direction loop."""
 
-    mode = ""  # "LSTM" or "GRU"
+    mode = ""  # "LSTM", "GRU" or "RNN"
     gates = 0
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, grad_clip: Optional[float] = None,
-                 grad_clip_mode: str = "state", backend: str = "auto") -> None:
+                 grad_clip_mode: str = "state", backend: str = "auto", recurrent_dropout: float = 0.0,
+                 zoneout: Union[float, Tuple[float, float]] = 0.0, weight_drop: float = 0.0,
+                 layer_norm: bool = False) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
@@ -124,11 +153,18 @@ class _RecurrentStack(nn.Module):
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.recurrent_dropout = _check_drop_probability(recurrent_dropout, "recurrent_dropout")
+        self.weight_drop = _check_drop_probability(weight_drop, "weight_drop")
+        self.zoneout = self._check_zoneout(zoneout)
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm must be a bool, got {type(layer_norm).__name__}")
+        self.layer_norm = layer_norm
         directions = 2 if bidirectional else 1
         gate_size = self.gates * hidden_size
         real_hidden = proj_size if proj_size > 0 else hidden_size
-        self._flat_weights_names: List[str] = []
+        self._flat_weights_names: List[str] = []  # torch.nn's parameters only
         self._all_weights: List[List[str]] = []
+        self._layer_norm_names: List[str] = []
         for layer in range(num_layers):
             for direction in range(directions):
                 layer_input = input_size if layer == 0 else real_hidden * directions
@@ -145,13 +181,33 @@ class _RecurrentStack(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+                if layer_norm:  # right after the layer-direction's torch.nn parameters
+                    for base, size in self._layer_norm_sizes():
+                        name = f"layer_norm_{base}_l{layer}{suffix}"
+                        setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
+                        self._layer_norm_names.append(name)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # torch.nn.RNNBase's initialisation, in parameter registration order.
+        # torch.nn.RNNBase's initialisation, in parameter registration order (so the same seed gives
+        # torch.nn's weights, with or without layer norm); layer-norm gains 1 and biases 0.
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
+        for weight in self._flat_weights:
             nn.init.uniform_(weight, -bound, bound)
+        for name in self._layer_norm_names:
+            nn.init.constant_(getattr(self, name), 0.0 if "_bias_" in name else 1.0)
+
+    def _check_zoneout(self, zoneout) -> float:
+        return _check_zoneout_probability(zoneout)
+
+    def _layer_norm_sizes(self) -> List[Tuple[str, int]]:
+        """(name, size) of the layer-norm parameters of one layer-direction, in registration order."""
+        gate_size = self.gates * self.hidden_size
+        return [("ih_weight", gate_size), ("hh_weight", gate_size)]
+
+    def _zoneout_states(self) -> List[Tuple[str, float, int]]:
+        """(op argument, probability, width) of each zoned state."""
+        return [("zoneout", self.zoneout, self.hidden_size)]
 
     def flatten_parameters(self) -> None:
         """No-op: the kernels read the parameters where they are (cuDNN's packed buffer is not needed)."""
@@ -173,6 +229,37 @@ class _RecurrentStack(nn.Module):
         get = lambda base: getattr(self, f"{base}_l{layer}{suffix}", None)  # noqa: E731
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
 
+    def _layer_norm_weights(self, layer: int, direction: int) -> Optional[LayerNormWeights]:
+        if not self.layer_norm:
+            return None
+        suffix = "_reverse" if direction == 1 else ""
+        get = lambda base: getattr(self, f"layer_norm_{base}_l{layer}{suffix}", None)  # noqa: E731
+        return LayerNormWeights(get("ih_weight"), get("hh_weight"), get("cell_weight"), get("cell_bias"))
+
+    def _regularizers(self, x: Tensor, weights, layer_norm: Optional[LayerNormWeights]):
+        """(weights with weight_hh drop-connected, the op's regularizer arguments) of one
+        layer-direction and forward call, for x [T, B, *]. Training draws, in this order, the
+        recurrent-dropout mask [B, P], the weight-drop mask (weight_hh's shape) and the zoneout
+        keep weights [T, B, *] (h, then c) from the default generator of x's device; evaluation
+        draws nothing (zoneout keeps with weight z). Only the options that are on appear."""
+        extras = {}
+        steps, batch = x.shape[0], x.shape[1]
+        weight_hh = weights[1]
+        if self.training and self.recurrent_dropout > 0:
+            extras["recurrent_mask"] = _dropout_mask((batch, weight_hh.shape[1]), self.recurrent_dropout, x)
+        if self.training and self.weight_drop > 0:
+            # autograd makes weight_hh's gradient mask * (the gradient of the effective weight)
+            weights = (weights[0], weight_hh * _dropout_mask(weight_hh.shape, self.weight_drop, weight_hh),
+                       *weights[2:])
+        for name, z, width in self._zoneout_states():
+            if z > 0:
+                shape = (steps, batch, width)
+                extras[name] = (torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(z) if self.training
+                                else x.new_full((1, 1, 1), z).expand(shape))
+        if layer_norm is not None:
+            extras["layer_norm"] = layer_norm
+        return weights, extras
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size != 0:
@@ -193,12 +280,21 @@ class _RecurrentStack(nn.Module):
         return s
 
     def _extra_defaults(self):
-        return {"grad_clip": None, "grad_clip_mode": "state", "backend": "auto"}
+        return {"grad_clip": None, "grad_clip_mode": "state", "backend": "auto", "recurrent_dropout": 0.0,
+                "zoneout": 0.0, "weight_drop": 0.0, "layer_norm": False}
+
+    def _torch_nn_incompatible(self) -> List[str]:
+        """The options on that torch.nn's module cannot run (convert(inverse=True) refuses them)."""
+        on = {"recurrent_dropout": self.recurrent_dropout > 0,
+              "zoneout": any(z > 0 for _, z, _ in self._zoneout_states()),
+              "weight_drop": self.weight_drop > 0, "layer_norm": self.layer_norm}
+        return [f"{name}={getattr(self, name)!r}" for name, value in on.items() if value]
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in self._extra_defaults().items():
             self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("_layer_norm_names", [])
 
     # -- input forms ------------------------------------------------------------------
     def _state_sizes(self) -> List[Tuple[str, int]]:
@@ -308,7 +404,8 @@ class _RecurrentStack(nn.Module):
         return None
 
     def _stack(self, x: Tensor, lengths: Optional[Tensor], hx, run_layer, packed: bool = False):
-        """Runs all layers and directions; run_layer(x, weights, states, lengths, reverse) -> (out, new_states)."""
+        """Runs all layers and directions; run_layer(x, weights, states, lengths, reverse, extras) ->
+        (out, new_states), extras being the op's regularizer arguments."""
         if torch.jit.is_tracing():
             raise RuntimeError(f"rnntl_fast.{self.mode} cannot be traced with torch.jit.trace (the fused ops are "
                                "not TorchScript); use torch.compile or torch.export.export, which support it")
@@ -329,9 +426,12 @@ class _RecurrentStack(nn.Module):
                 index = layer * self.num_directions + direction
                 states = None if hx is None else tuple(h[index] for h in hx)
                 weights = self._layer_weights(layer, direction)
+                layer_norm = self._layer_norm_weights(layer, direction)
                 if weight_cast is not None:
                     weights = tuple(weight_cast(w) for w in weights)
-                out, new_states = run_layer(layer_input, weights, states, lengths, direction == 1)
+                    layer_norm = None if layer_norm is None else LayerNormWeights(*map(weight_cast, layer_norm))
+                weights, extras = self._regularizers(layer_input, weights, layer_norm)
+                out, new_states = run_layer(layer_input, weights, states, lengths, direction == 1, extras)
                 outputs.append(out)
                 for store, state in zip(finals, new_states):
                     store.append(state)
@@ -352,6 +452,16 @@ class LSTM(_RecurrentStack):
         cell_clip: clamp the cell state after every update.
         proj_clip: clamp the (projected) hidden state after every update.
         backend: "auto", "cpu", "cuda", "triton" or "reference".
+        recurrent_dropout: p in [0, 1): variational dropout of h_{t-1} where it enters
+            W_hh h_{t-1}, one mask per forward call and layer-direction (training only).
+        zoneout: z or (z_h, z_c) in [0, 1]: each step each unit keeps its previous h (c) with
+            probability z_h (z_c) in training; evaluation uses the expectation.
+        weight_drop: p in [0, 1): DropConnect on weight_hh, one mask per forward call and
+            layer-direction (training only); the parameter itself stays unmasked.
+        layer_norm: layer-normalised gate products and cell state, with the parameters
+            layer_norm_{ih,hh}_weight_l{k}[_reverse] [4H] (ones) and
+            layer_norm_cell_{weight,bias}_l{k}[_reverse] [H] (ones, zeros; no bias when bias=False).
+        The regularizers run on backend="reference" only so far (docs/semantics.md, section 10).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
     PackedSequence), optional (h_0, c_0) each [D*num_layers, B, H_out] / [D*num_layers, B, H].
@@ -371,6 +481,23 @@ class LSTM(_RecurrentStack):
         self.cell_clip = check_clip(cell_clip, "cell_clip")
         self.proj_clip = check_clip(proj_clip, "proj_clip")
 
+    def _check_zoneout(self, zoneout):
+        """A number, or a pair (z_h, z_c)."""
+        if isinstance(zoneout, (tuple, list)):
+            if len(zoneout) != 2:
+                raise ValueError(f"zoneout must be a number or a pair (z_h, z_c), got {len(zoneout)} values")
+            return (_check_zoneout_probability(zoneout[0], "zoneout[0] (z_h)"),
+                    _check_zoneout_probability(zoneout[1], "zoneout[1] (z_c)"))
+        return _check_zoneout_probability(zoneout)
+
+    def _layer_norm_sizes(self):
+        cell = [("cell_weight", self.hidden_size)] + ([("cell_bias", self.hidden_size)] if self.bias else [])
+        return super()._layer_norm_sizes() + cell
+
+    def _zoneout_states(self):
+        z_h, z_c = self.zoneout if isinstance(self.zoneout, tuple) else (self.zoneout, self.zoneout)
+        return [("zoneout_h", z_h, self.proj_size or self.hidden_size), ("zoneout_c", z_c, self.hidden_size)]
+
     def _extra_defaults(self):
         return {**super()._extra_defaults(), "cell_clip": None, "proj_clip": None}
 
@@ -381,13 +508,13 @@ class LSTM(_RecurrentStack):
                 lengths: Optional[Union[Tensor, List[int]]] = None):
         x, lengths, hx, finish = self._prepare(input, hx, lengths)
 
-        def run_layer(layer_input, weights, states, lengths, reverse):
+        def run_layer(layer_input, weights, states, lengths, reverse, extras):
             weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
             h0, c0 = states if states is not None else (None, None)
             out, h_n, c_n = ops.lstm(layer_input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
                                      reverse=reverse, cell_clip=self.cell_clip, proj_clip=self.proj_clip,
                                      grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
-                                     backend=self.backend)
+                                     backend=self.backend, **extras)
             return out, (h_n, c_n)
 
         output, states = self._stack(x, lengths, hx, run_layer, packed=isinstance(input, PackedSequence))
@@ -400,7 +527,9 @@ class GRU(_RecurrentStack):
 
     Args: exactly torch.nn.GRU's (input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None), plus
-    keyword-only extras, all off by default: grad_clip, grad_clip_mode, backend (as LSTM).
+    keyword-only extras, all off by default: grad_clip, grad_clip_mode, backend,
+    recurrent_dropout, weight_drop, zoneout (a number: h is the only state) and layer_norm
+    (parameters layer_norm_{ih,hh}_weight_l{k}[_reverse] [3H]), as LSTM.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
     PackedSequence), optional h_0 [D*num_layers, B, H]; keyword lengths as LSTM.
@@ -422,11 +551,67 @@ class GRU(_RecurrentStack):
                 lengths: Optional[Union[Tensor, List[int]]] = None):
         x, lengths, hx, finish = self._prepare(input, hx, lengths)
 
-        def run_layer(layer_input, weights, states, lengths, reverse):
+        def run_layer(layer_input, weights, states, lengths, reverse, extras):
             weight_ih, weight_hh, bias_ih, bias_hh, _ = weights
             h0 = states[0] if states is not None else None
             out, h_n = ops.gru(layer_input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse=reverse,
-                               grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode, backend=self.backend)
+                               grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode, backend=self.backend,
+                               **extras)
+            return out, (h_n,)
+
+        output, states = self._stack(x, lengths, hx, run_layer, packed=isinstance(input, PackedSequence))
+        output, (h_n,) = finish(output, states)
+        return output, h_n
+
+
+class RNN(_RecurrentStack):
+    r"""Drop-in replacement for :class:`torch.nn.RNN` (Elman RNN, tanh or relu).
+
+    Args: exactly torch.nn.RNN's (input_size, hidden_size, num_layers=1, nonlinearity='tanh',
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None),
+    plus keyword-only extras, all off by default: grad_clip, grad_clip_mode ("state" clamps
+    dL/dh_t, "gates" the gradient of the pre-activation), backend, recurrent_dropout,
+    weight_drop and zoneout (a number), as LSTM. layer_norm is not defined for it.
+
+    Only backend="reference" has an Elman RNN kernel so far; the default "auto" (and "cpu",
+    "cuda", "triton") raise NotImplementedError in forward, naming the backend.
+
+    Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
+    PackedSequence), optional h_0 [D*num_layers, B, H]; keyword lengths as LSTM.
+    Outputs: output [T, B, D*H] (same form as the input), h_n [D*num_layers, B, H].
+    """
+
+    mode = "RNN"
+    gates = 1
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs or len(args) > 8:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:  # torch.nn.RNN's positional order: nonlinearity comes fourth
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in ops.NONLINEARITIES:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        if kwargs.get("layer_norm", False) is not False:
+            raise ValueError("layer_norm is not defined for the Elman RNN (rnntl_fast.RNN); rnntl_fast.LSTM and "
+                             "rnntl_fast.GRU take it")
+        super().__init__(*args, **kwargs)
+        self.nonlinearity = nonlinearity
+
+    def _state_sizes(self):
+        return [("hx", self.hidden_size)]
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None, *,
+                lengths: Optional[Union[Tensor, List[int]]] = None):
+        x, lengths, hx, finish = self._prepare(input, hx, lengths)
+
+        def run_layer(layer_input, weights, states, lengths, reverse, extras):
+            weight_ih, weight_hh, bias_ih, bias_hh, _ = weights
+            h0 = states[0] if states is not None else None
+            out, h_n = ops.rnn(layer_input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
+                               nonlinearity=self.nonlinearity, reverse=reverse, grad_clip=self.grad_clip,
+                               grad_clip_mode=self.grad_clip_mode, backend=self.backend, **extras)
             return out, (h_n,)
 
         output, states = self._stack(x, lengths, hx, run_layer, packed=isinstance(input, PackedSequence))
@@ -435,7 +620,7 @@ class GRU(_RecurrentStack):
 
 
 def run_with_lengths(module: nn.Module, input: Tensor, lengths: Optional[Tensor], hx=None):
-    """Runs an LSTM/GRU module on padded input with per-row lengths [B] (or None): rnntl_fast
+    """Runs an LSTM/GRU/RNN module on padded input with per-row lengths [B] (or None): rnntl_fast
     modules take the lengths directly; torch.nn modules (baselines, converted models) get the
     PackedSequence they need, and their output is padded back to input's length."""
     if lengths is None:
@@ -450,7 +635,7 @@ def run_with_lengths(module: nn.Module, input: Tensor, lengths: Optional[Tensor]
     return output, state
 
 
-_PAIRS = ((nn.LSTM, LSTM), (nn.GRU, GRU))
+_PAIRS = ((nn.LSTM, LSTM), (nn.GRU, GRU), (nn.RNN, RNN))
 _CONSTRUCTOR_FIELDS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
@@ -459,15 +644,21 @@ def _swap(module: nn.Module, inverse: bool, extras) -> nn.Module:
         source, target = (fast_class, torch_class) if inverse else (torch_class, fast_class)
         if type(module) is not source:
             continue
+        if inverse and module._torch_nn_incompatible():
+            raise ValueError(f"convert(inverse=True): this rnntl_fast.{module.mode} has "
+                             f"{', '.join(module._torch_nn_incompatible())}, which torch.nn.{module.mode} cannot run")
         kwargs = {name: getattr(module, name) for name in _CONSTRUCTOR_FIELDS}
         if torch_class is nn.LSTM:
             kwargs["proj_size"] = module.proj_size
+        if torch_class is nn.RNN:
+            kwargs["nonlinearity"] = module.nonlinearity
         reference = next(iter(module.parameters()))
         kwargs.update(device=reference.device, dtype=reference.dtype)
         if not inverse:
             kwargs.update(extras)
         replacement = target(**kwargs)
-        replacement.load_state_dict(module.state_dict(), strict=True)
+        # torch.nn's parameters come from `module`; layer-norm ones (layer_norm=True) keep their initial values
+        replacement.load_state_dict({**replacement.state_dict(), **module.state_dict()}, strict=True)
         replacement.train(module.training)
         for name, parameter in module.named_parameters():
             getattr(replacement, name).requires_grad_(parameter.requires_grad)
@@ -476,10 +667,12 @@ def _swap(module: nn.Module, inverse: bool, extras) -> nn.Module:
 
 
 def convert(model: nn.Module, inverse: bool = False, **extras) -> nn.Module:
-    """Swaps every torch.nn.LSTM / torch.nn.GRU inside `model` for rnntl_fast.LSTM / GRU with
+    """Swaps every torch.nn.LSTM / GRU / RNN inside `model` for rnntl_fast.LSTM / GRU / RNN with
     the same configuration, weights, requires_grad flags and training mode (in place; the
-    model is also returned, which matters when `model` itself is an LSTM/GRU).
-    `inverse=True` swaps back. `extras` (grad_clip, backend, ...) go to the new modules."""
+    model is also returned, which matters when `model` itself is one of them).
+    `inverse=True` swaps back, and refuses a module with a regularizer or layer_norm on
+    (torch.nn cannot run them). `extras` (grad_clip, backend, layer_norm, ...) go to the new
+    modules; layer-norm parameters start at their initial values."""
     if inverse and extras:
         raise ValueError(f"convert(inverse=True) takes no extra arguments, got {sorted(extras)}")
     swapped = _swap(model, inverse, extras)

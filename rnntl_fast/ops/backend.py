@@ -3,7 +3,8 @@
 ``auto`` picks ``cpu`` for CPU tensors; for CUDA tensors ``cuda`` when the CUDA kernels
 were built, else ``triton`` when triton imports, else ``reference`` (with one warning).
 Asking for a backend that is not available raises an error that says what to install
-or set; nothing falls back silently.
+or set; nothing falls back silently. `check_backend_runs` refuses, in the same way, an op or
+an option the chosen backend has no kernel for (`BACKEND_RUNS` is the one table of them).
 """
 import importlib.util
 import os
@@ -76,3 +77,29 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype = to
         raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
                          f"before rnntl_fast is imported), got tensors on {device}")
     return requested
+
+
+# What each backend runs beyond an op's plain cell: op -> the optional arguments it runs.
+# An op missing from a backend's entry has no kernel there. The reference loop runs everything.
+BACKEND_RUNS = {
+    "reference": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
+                  "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
+                  "rnn": frozenset({"recurrent_mask", "zoneout"})},
+    "cpu": {"lstm": frozenset(), "gru": frozenset()},
+    "cuda": {"lstm": frozenset(), "gru": frozenset()},
+    "triton": {"lstm": frozenset(), "gru": frozenset()},
+}
+
+
+def check_backend_runs(op: str, backend: str, requested: str, **given) -> None:
+    """Raises NotImplementedError unless `backend` (resolved from `requested`) has a kernel for
+    `op` that runs every argument of `given` that is not None (name -> value)."""
+    runs = BACKEND_RUNS[backend].get(op)
+    chosen = f"backend '{backend}'" + (f" (chosen by backend='{requested}')" if requested != backend else "")
+    if runs is None:
+        cell = {"lstm": "LSTM", "gru": "GRU", "rnn": "Elman RNN"}[op]
+        raise NotImplementedError(f"rnntl_fast.ops.{op}: {chosen} has no {cell} kernel yet; pass backend='reference'")
+    for name, value in given.items():
+        if value is not None and name not in runs:
+            raise NotImplementedError(f"rnntl_fast.ops.{op}: {chosen} does not run {name} yet; "
+                                      "pass backend='reference'")

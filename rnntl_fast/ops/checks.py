@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .reference import LayerNormWeights
+
 GRAD_CLIP_MODES = ("state", "gates")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -80,11 +82,49 @@ def normalize_lengths(lengths: Union[None, Tensor, Sequence[int]], steps: int, b
 def _hidden_size_from_weight_ih(weight_ih, gates: int, features: int) -> int:
     """H from weight_ih [gates*H, I], checking its rank and its input width against the input's."""
     if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % gates or weight_ih.shape[0] == 0:
-        raise ValueError(f"weight_ih must have shape [{gates}*hidden_size, input_size], got "
+        rows = f"{gates}*hidden_size" if gates > 1 else "hidden_size"
+        raise ValueError(f"weight_ih must have shape [{rows}, input_size], got "
                          f"{list(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__}")
     if weight_ih.shape[1] != features:
         raise ValueError(f"input has {features} features (last dim) but weight_ih expects input_size={weight_ih.shape[1]}")
     return weight_ih.shape[0] // gates
+
+
+def check_recurrent_mask(mask: Optional[Tensor], input: Tensor, batch: int, width: int) -> None:
+    """recurrent_mask: [B, width] in the input's dtype and device, or None."""
+    if mask is not None:
+        _check_tensor(mask, "recurrent_mask", input, (batch, width))
+
+
+def check_zoneout(keep: Optional[Tensor], name: str, input: Tensor, steps: int, batch: int, width: int) -> None:
+    """Zoneout keep weights: [T, B, width] with every entry in [0, 1], or None."""
+    if keep is None:
+        return
+    _check_tensor(keep, name, input, (steps, batch, width))
+    if torch.compiler.is_compiling():
+        return  # the range check reads the values: eager calls only, no graph break when traced
+    if keep.numel() and not bool(((keep >= 0) & (keep <= 1)).all()):
+        raise ValueError(f"{name} must hold keep weights in [0, 1] (0/1 draws in training, the zoneout "
+                         f"probability in evaluation), got values in [{float(keep.min())}, {float(keep.max())}]")
+
+
+def check_layer_norm(layer_norm, input: Tensor, gate_size: int, hidden: Optional[int]) -> None:
+    """layer_norm: LayerNormWeights with ih, hh [gate_size] and, where `hidden` is given (LSTM),
+    cell_weight, cell_bias [hidden] or None; without `hidden` (GRU) both must be None."""
+    if layer_norm is None:
+        return
+    if not isinstance(layer_norm, LayerNormWeights):
+        raise TypeError(f"layer_norm must be a rnntl_fast.ops.LayerNormWeights or None, got "
+                        f"{type(layer_norm).__name__}")
+    _check_tensor(layer_norm.ih, "layer_norm.ih", input, (gate_size,))
+    _check_tensor(layer_norm.hh, "layer_norm.hh", input, (gate_size,))
+    for name in ("cell_weight", "cell_bias"):
+        value = getattr(layer_norm, name)
+        if value is None:
+            continue
+        if hidden is None:
+            raise ValueError(f"layer_norm.{name} is for the LSTM's cell state; this cell has none, pass None")
+        _check_tensor(value, f"layer_norm.{name}", input, (hidden,))
 
 
 def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0):
@@ -108,13 +148,13 @@ def check_lstm_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_h
     return steps, batch, features, hidden, out_size
 
 
-def check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0):
-    """Returns (T, B, I, H) after checking every shape, dtype and device."""
+def check_gru_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, gates: int = 3):
+    """Returns (T, B, I, H) after checking every shape, dtype and device (gates=1: Elman RNN)."""
     steps, batch, features = check_input(input)
-    hidden = _hidden_size_from_weight_ih(weight_ih, 3, features)
-    _check_tensor(weight_ih, "weight_ih", input, (3 * hidden, features))
-    _check_tensor(weight_hh, "weight_hh", input, (3 * hidden, hidden))
-    for name, t, shape in (("bias_ih", bias_ih, (3 * hidden,)), ("bias_hh", bias_hh, (3 * hidden,)),
+    hidden = _hidden_size_from_weight_ih(weight_ih, gates, features)
+    _check_tensor(weight_ih, "weight_ih", input, (gates * hidden, features))
+    _check_tensor(weight_hh, "weight_hh", input, (gates * hidden, hidden))
+    for name, t, shape in (("bias_ih", bias_ih, (gates * hidden,)), ("bias_hh", bias_hh, (gates * hidden,)),
                            ("h0", h0, (batch, hidden))):
         if t is not None:
             _check_tensor(t, name, input, shape)
