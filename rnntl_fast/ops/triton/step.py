@@ -37,6 +37,15 @@ def recurrent_operand(h_prev_ptr, recurrent_mask_ptr, rows, ks, batch, width, HA
     return h_chunk.to(DOT_DTYPE)
 
 
+@triton.jit
+def masked_product_plus_carry(product, grad_keep_ptr, recurrent_mask_ptr, offs, valid):
+    """dL/dh_t from a [BLOCK_B, BLOCK_N] tile of the next step's da @ W_hh: the product times
+    the recurrent mask (the product saw mask * h_t) plus the part carried around it.
+    grad_keep_ptr: [B, N] float32; recurrent_mask_ptr: [B, N] in the input dtype."""
+    recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return tl.load(grad_keep_ptr + offs, mask=valid, other=0.0) + recurrent_mask * product
+
+
 @triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"],
                  prune_configs_by=config.spill_free_pruning("lstm_forward_step"))
 @triton.jit
@@ -170,11 +179,13 @@ def lstm_backward_hidden_step_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < out_size)[None, :]
     offs = rows[:, None] * out_size + cols[None, :]
-    grad_keep = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
-    grad_carry = grad_keep
+    if HAS_RECURRENT_MASK:
+        # The product alone first: it reaches h_t times the mask, the carried part does not
+        # (loaded after the K loop, so that it holds no registers during it).
+        grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
     if not FIRST:
-        if HAS_RECURRENT_MASK:  # the product alone first: it reaches h_t times the mask
-            grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, 4 * hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             d_chunk = tl.load(grad_gates_next_ptr + rows[:, None] * (4 * hidden) + ks[None, :],
@@ -182,8 +193,8 @@ def lstm_backward_hidden_step_kernel(
             w_chunk = tl.load(weight_hh_ptr + ks[:, None] * out_size + cols[None, :],
                               mask=(ks < 4 * hidden)[:, None] & (cols < out_size)[None, :], other=0.0).to(DOT_DTYPE)
             grad_carry += tl.dot(d_chunk, w_chunk, input_precision="ieee")
-        if HAS_RECURRENT_MASK:
-            grad_carry = grad_keep + tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_carry
+    if HAS_RECURRENT_MASK:
+        grad_carry = masked_product_plus_carry(grad_carry, grad_keep_ptr, recurrent_mask_ptr, offs, mask)
     grad_out = tl.load(grad_output_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PROJ_CLIP:
         h_raw = tl.load(hidden_pre_clip_ptr + offs, mask=mask, other=0.0)
@@ -330,11 +341,11 @@ def gru_backward_step_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
     offs = rows[:, None] * hidden + cols[None, :]
-    grad_keep = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
-    grad_carry = grad_keep
+    if HAS_RECURRENT_MASK:  # as in lstm_backward_hidden_step_kernel
+        grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
     if not FIRST:
-        if HAS_RECURRENT_MASK:  # as in lstm_backward_hidden_step_kernel
-            grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, 3 * hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             d_chunk = tl.load(grad_hidden_gates_next_ptr + rows[:, None] * (3 * hidden) + ks[None, :],
@@ -342,8 +353,8 @@ def gru_backward_step_kernel(
             w_chunk = tl.load(weight_hh_ptr + ks[:, None] * hidden + cols[None, :],
                               mask=(ks < 3 * hidden)[:, None] & (cols < hidden)[None, :], other=0.0).to(DOT_DTYPE)
             grad_carry += tl.dot(d_chunk, w_chunk, input_precision="ieee")
-        if HAS_RECURRENT_MASK:
-            grad_carry = grad_keep + tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_carry
+    if HAS_RECURRENT_MASK:
+        grad_carry = masked_product_plus_carry(grad_carry, grad_keep_ptr, recurrent_mask_ptr, offs, mask)
     offs_4h = rows[:, None] * (4 * hidden) + cols[None, :]
     r = tl.load(gates_ptr + offs_4h, mask=mask, other=0.0)
     z = tl.load(gates_ptr + hidden + offs_4h, mask=mask, other=0.0)
