@@ -72,8 +72,8 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
-                                                recurrent_mask,
-                                                options.reverse, options.state_clip, options.gate_clip, save, chosen)
+                                                recurrent_mask, options.reverse, options.state_clip, options.gate_clip,
+                                                save, chosen)
     return output, h_n
 
 

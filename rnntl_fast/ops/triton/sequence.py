@@ -462,7 +462,8 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
     lstm_backward_sequence_kernel[_grid(batch)](
         grad_output, grad_h_n, grad_c_n, weight_hh, or_placeholder(weight_hr, unused),
         or_placeholder(c0, unused).contiguous(), or_placeholder(lengths, unused),
-        or_placeholder(recurrent_mask, unused), kept.gates, kept.cells, or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
+        or_placeholder(recurrent_mask, unused), kept.gates, kept.cells,
+        or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
         or_placeholder(kept.hidden_pre_clip if switches["PROJ_CLIP"] else None, unused),
         grad_gates, or_placeholder(grad_proj, unused), grad_h0, grad_c0,
         steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
