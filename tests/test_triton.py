@@ -236,6 +236,21 @@ def test_recurrent_mask_within_error_rule(case, strategy, monkeypatch):
     assert {"output", "h_n", "grad_weight_hh", "grad_h0"} <= set(checked), checked
 
 
+MASKED_LOW_PRECISION_CASES = [Case("lstm", T=3, B=2, I=4, H=6, proj=3, lengths=(3, 1), reverse=True),
+                              Case("gru", T=3, B=2, I=5, H=7, lengths=(1, 3))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", MASKED_LOW_PRECISION_CASES, ids=lambda c: c.id + "-recurrent_mask")
+def test_recurrent_mask_low_precision_within_error_rule(case, dtype, strategy, monkeypatch):
+    """The mask arrives in the input dtype and is widened to float32 in the kernels."""
+    tensors = make_tensors(case)
+    _pass_recurrent_mask(monkeypatch, _recurrent_mask(case))
+    reference64 = run(case, tensors, torch.float64, "reference")
+    fast = run(case, tensors, dtype, "triton", device=DEVICE)
+    assert_case_matches(case, fast, run(case, tensors, dtype, "reference"), reference64, dtype)
+
+
 def test_strategy_choice(monkeypatch):
     monkeypatch.delenv(config.STRATEGY_ENV, raising=False)
     half, single = torch.float16, torch.float32
