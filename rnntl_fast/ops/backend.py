@@ -87,7 +87,7 @@ BACKEND_RUNS = {
                   "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cpu": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
     "cuda": {"lstm": frozenset(), "gru": frozenset()},
-    "triton": {"lstm": frozenset(), "gru": frozenset()},
+    "triton": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
 }
 
 
