@@ -178,8 +178,8 @@ __global__ void lstm_backward_step_kernel(LstmBackwardArgs<T> s) {
               from_acc<T>(to_acc(act[3 * H + k]) * tanh_activation(clip_value(cell, s.cell_clip)));
       }
       if (k < P && s.hidden_prev_all)
-        s.hidden_prev_all[compact * P + k] =
-            first ? (s.h0 ? s.h0[b * P + k] : from_acc<T>(A(0))) : s.output[prev_row * P + k];
+        s.hidden_prev_all[compact * P + k] = masked_value(
+            s.recurrent_mask, b, P, k, first ? (s.h0 ? s.h0[b * P + k] : from_acc<T>(A(0))) : s.output[prev_row * P + k]);
     } else if (k < H) {
       s.grad_cell_carry[j * H + k] = clip_value(s.grad_cell_carry[j * H + k], s.state_clip);
     }
