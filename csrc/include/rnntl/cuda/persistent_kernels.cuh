@@ -26,6 +26,9 @@
 //                               the whole-sequence GEMMs and the exchange (row j of it)
 //   backward_finished(s, value&)  a finished row: clamps the cell's carry (a padded step
 //                               has no compact row, so there is nothing to zero)
+// Recurrent dropout (args.recurrent_mask, [B, H] or null): the forward stages h_{t-1}
+// masked for the products, and the backward's phase 2 masks W_hh^T dL/da before adding
+// the direct part; phase 1 writes the masked h_{t-1} for dW_hh.
 // Shapes: T steps, B batch, H hidden, G = kGates * H, U = units_per_block.
 #pragma once
 
@@ -200,8 +203,9 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
       A sum = A(0);
       for (int64_t g = lane; g < G; g += warpSize) sum += to_acc(weight_shared[k * G + g]) * da[g];
       sum = warp_sum(sum);
-      if (s.recurrent_mask) sum *= to_acc(s.recurrent_mask[s.order[j] * H + u0 + k]);  // only the product's part
-      if (lane == 0) carry[item] = Cell::kDirectHiddenPath ? value[item] + sum : sum;
+      if (lane != 0) continue;
+      if (s.recurrent_mask) sum *= to_acc(s.recurrent_mask[s.order[j] * H + u0 + k]);  // the product's part only
+      carry[item] = Cell::kDirectHiddenPath ? value[item] + sum : sum;
     }
     __syncthreads();
   }
