@@ -88,7 +88,8 @@ def _mask_of(data, dtype):
 
 def _lstm_reference_run(dtype, data, options):
     tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
-                   if v is not None and k not in ("go", "ghn", "gcn", "lengths", "mask") else v) for k, v in data.items()}
+                   if v is not None and k not in ("go", "ghn", "gcn", "lengths", "mask") else v)
+               for k, v in data.items()}
     out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
                                    tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"],
                                    recurrent_mask=_mask_of(data, dtype), **options._asdict())
@@ -117,8 +118,8 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=Fa
         ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
         _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
         _ptr(d["mask"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
-        _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells), _ptr(pre),
-        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
+        _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells),
+        _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
         _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))
     if error is not None:
         raise RuntimeError(error.decode())
@@ -164,8 +165,8 @@ def _gru_reference_run(dtype, data, options):
     tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
                    if v is not None and k not in ("go", "ghn", "lengths", "mask") else v) for k, v in data.items()}
     out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
-                             tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype), reverse=options.reverse,
-                             state_clip=options.state_clip, gate_clip=options.gate_clip)
+                             tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype),
+                             reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip)
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
@@ -185,9 +186,9 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIP
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options.reverse)),
         _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["x"]),
-        _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n), _ptr(gates), _ptr(hidden_n),
-        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]), _ptr(g["b_ih"]),
-        _ptr(g["b_hh"]), _ptr(g["h0"]))
+        _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n),
+        _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
+        _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n}

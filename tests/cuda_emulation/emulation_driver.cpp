@@ -254,7 +254,8 @@ extern "C" int rnntl_emulation_warp_selftest() {
 
 #ifdef RNNTL_EMULATION_MAIN
 // Race check: LSTM and GRU, both strategies, forward + backward, variable lengths and
-// reverse, both clip modes, with and without a recurrent mask; the persistent results must also match the stepwise ones.
+// reverse, both clip modes, with and without a recurrent mask; the persistent results
+// must also match the stepwise ones.
 namespace {
 
 std::vector<float> random_vector(std::mt19937& rng, size_t n) {
@@ -301,8 +302,9 @@ LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip
   const char* error = rnntl_emulation_lstm(
       0, strategy, 32, 3, T, B, I, H, H, reverse, 0.8, 0.3, state_clip, gate_clip, lengths.data(),
       masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(),
-      c0.data(), r.output.data(), r.h_n.data(), r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(), ghn.data(), gcn.data(), r.grad_input.data(),
-      gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr, r.grad_h0.data(), gc0.data());
+      c0.data(), r.output.data(), r.h_n.data(), r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(),
+      ghn.data(), gcn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr,
+      r.grad_h0.data(), gc0.data());
   if (error) {
     std::fprintf(stderr, "lstm failed: %s\n", error);
     std::exit(2);
@@ -331,8 +333,8 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
   const char* error = rnntl_emulation_gru(
       0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(),
       masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), h0.data(),
-      r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(),
-      r.grad_h0.data());
+      r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(), r.grad_input.data(),
+      gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
   if (error) {
     std::fprintf(stderr, "gru failed: %s\n", error);
     std::exit(2);
