@@ -303,3 +303,79 @@ def test_cuda_autocast_like_torch_nn(cell, form, autocast_dtype):
     output.float().square().sum().backward()
     for name, parameter in fast.named_parameters():
         assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+
+
+# Recurrent dropout (recurrent_mask, docs/semantics.md section 10) through the public ops:
+# (id, cell, T, B, I, H, proj, lengths, reverse, clip options, frozen leaves).
+MASK_CASES = [
+    ("lstm", "lstm", 6, 3, 5, 16, None, None, False, dict(), ()),
+    ("lstm_lengths_reverse_clips", "lstm", 7, 4, 5, 16, None, [7, 3, 0, 5], True,
+     dict(cell_clip=0.5, proj_clip=0.3, grad_clip=0.05), ()),
+    ("lstm_proj_clip_gates", "lstm", 6, 3, 4, 16, 8, [6, 2, 4], False,
+     dict(grad_clip=0.05, grad_clip_mode="gates"), ()),
+    ("lstm_frozen_weights", "lstm", 5, 2, 4, 12, None, [5, 3], False, dict(), ("w_ih", "w_hh")),
+    ("gru", "gru", 6, 3, 5, 16, None, None, False, dict(), ()),
+    ("gru_lengths_reverse_clip", "gru", 7, 4, 5, 16, None, [7, 3, 0, 5], True, dict(grad_clip=0.05), ()),
+    ("gru_clip_gates_frozen", "gru", 6, 3, 4, 12, None, [6, 2, 4], False,
+     dict(grad_clip=0.05, grad_clip_mode="gates"), ("w_ih", "w_hh")),
+]
+
+
+def _masked_run(case, data, dtype, device, backend):
+    """Results and the gradients of the leaves that are not frozen, on the CPU."""
+    _, cell, _, _, _, _, _, _, reverse, clips, frozen = case
+    t = {k: (v.to(device=device, dtype=dtype).detach().requires_grad_(k not in frozen)
+             if v is not None and k not in ("go", "lengths", "mask") else v) for k, v in data.items()}
+    options = dict(lengths=data["lengths"], reverse=reverse, backend=backend,
+                   recurrent_mask=data["mask"].to(device=device, dtype=dtype), **clips)
+    if cell == "lstm":
+        results = rnntl_fast.ops.lstm(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], t["h0"],
+                                      t["c0"], **options)
+    else:
+        results = rnntl_fast.ops.gru(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], **options)
+    loss = sum((r * g.to(device=device, dtype=dtype)).sum() for r, g in zip(results, data["go"]))
+    loss.backward()
+    out = dict(zip(("output", "h_n", "c_n"), (r.detach() for r in results)))
+    out.update({k: v.grad for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=[c[0] for c in MASK_CASES])
+def test_recurrent_mask_matches_reference(case, dtype, strategy):
+    """Forward results and gradients with a recurrent mask (Bernoulli(0.7) / 0.7) against the
+    float64 reference, both strategies."""
+    _, cell, T, B, I, H, proj, lengths, *_ = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P), "mask": torch.bernoulli(torch.full((B, P), 0.7, dtype=torch.float64)) / 0.7,
+            "lengths": torch.tensor(lengths) if lengths is not None else None}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H)})
+        data["go"] = (_rand(T, B, P), _rand(B, P), _rand(B, H))
+    else:
+        data["go"] = (_rand(T, B, P), _rand(B, P))
+    reference = _masked_run(case, data, torch.float64, "cpu", "reference")
+    baseline = _masked_run(case, data, dtype, "cuda", "reference")
+    fast = _masked_run(case, data, dtype, "cuda", "cuda")
+    _check(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck_with_recurrent_mask(cell, strategy):
+    """Schema, fake and autograd registration agree with the CUDA kernels given a mask."""
+    T, B, I, H = 3, 2, 4, 5
+    G = (4 if cell == "lstm" else 3) * H
+    tensors = [_rand(T, B, I).float().cuda().requires_grad_(), _rand(G, I).float().cuda().requires_grad_(),
+               _rand(G, H).float().cuda().requires_grad_(), _rand(G).float().cuda(), _rand(G).float().cuda()]
+    lengths = torch.tensor([3, 1])
+    mask = (torch.rand(B, H) > 0.3).float().cuda() / 0.7
+    if cell == "lstm":
+        args = (*tensors, None, None, None, lengths, mask, True, 0.5, 0.0, 0.0, 0.1, True)
+        torch.library.opcheck(torch.ops.rnntl_fast.lstm_forward.default, args)
+    else:
+        args = (*tensors, None, lengths, mask, False, 0.1, 0.0, True)
+        torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)

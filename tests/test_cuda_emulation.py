@@ -81,11 +81,18 @@ def _rand(*shape, dtype=torch.float64, scale=0.5):
     return ((torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
 
 
+def _mask_of(data, dtype):
+    """The recurrent mask of a case in `dtype` ([B, P]), or None."""
+    return data["mask"].to(dtype).contiguous() if data.get("mask") is not None else None
+
+
 def _lstm_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "gcn", "lengths")
-                   else v) for k, v in data.items()}
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
+                   if v is not None and k not in ("go", "ghn", "gcn", "lengths", "mask") else v)
+               for k, v in data.items()}
     out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
-                                   tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"], **options._asdict())
+                                   tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"],
+                                   recurrent_mask=_mask_of(data, dtype), **options._asdict())
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum() + (c_n * data["gcn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
@@ -93,14 +100,16 @@ def _lstm_reference_run(dtype, data, options):
     return {"output": out.detach(), "h_n": h_n.detach(), "c_n": c_n.detach(), **grads}
 
 
-def _lstm_emulated_run(library, strategy, dtype, data, shape, options):
+def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=False):
     T, B, I, H, P = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    d.setdefault("mask", None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
     out, h_n, c_n = nan(T, B, P), nan(B, P), nan(B, H)
     gates, cells = nan(T, B, 4 * H), nan(T, B, H)
     pre = nan(T, B, P) if options.proj_clip else None
-    g = {"x": nan(T, B, I), "w_ih": nan(4 * H, I), "w_hh": nan(4 * H, P), "bias": nan(4 * H),
+    g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(4 * H, I), "w_hh": None if frozen else nan(4 * H, P),
+         "bias": nan(4 * H),
          "w_hr": nan(P, H) if d["w_hr"] is not None else None,
          "h0": nan(B, P) if d["h0"] is not None else None, "c0": nan(B, H) if d["c0"] is not None else None}
     lengths = data["lengths"]
@@ -108,16 +117,15 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options):
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
         _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
-        _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["w_hr"]),
-        _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells), _ptr(pre),
-        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
+        _ptr(d["mask"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
+        _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells),
+        _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
         _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))
     if error is not None:
         raise RuntimeError(error.decode())
-    result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "w_ih": g["w_ih"], "w_hh": g["w_hh"],
-              "b_ih": g["bias"], "b_hh": g["bias"]}
+    result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "b_ih": g["bias"], "b_hh": g["bias"]}
     _RESERVE[id(result)] = (gates, cells, pre)
-    for k in ("w_hr", "h0", "c0"):
+    for k in ("w_ih", "w_hh", "w_hr", "h0", "c0"):
         if g[k] is not None:
             result[k] = g[k]
     return result
@@ -154,31 +162,33 @@ def test_lstm_matches_reference(library, case, strategy, dtype):
 
 
 def _gru_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in ("go", "ghn", "lengths") else v)
-               for k, v in data.items()}
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
+                   if v is not None and k not in ("go", "ghn", "lengths", "mask") else v) for k, v in data.items()}
     out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
-                             tensors["h0"], data["lengths"], reverse=options.reverse,
-                             state_clip=options.state_clip, gate_clip=options.gate_clip)
+                             tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype),
+                             reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip)
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
     return {"output": out.detach(), "h_n": h_n.detach(), **grads}
 
 
-def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIPROCESSORS):
+def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIPROCESSORS, frozen=False):
     T, B, I, H = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    d.setdefault("mask", None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, h_n, gates, hidden_n = nan(T, B, H), nan(B, H), nan(T, B, 3 * H), nan(T, B, H)
-    g = {"x": nan(T, B, I), "w_ih": nan(3 * H, I), "w_hh": nan(3 * H, H), "b_ih": nan(3 * H), "b_hh": nan(3 * H),
+    g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(3 * H, I), "w_hh": None if frozen else nan(3 * H, H),
+         "b_ih": nan(3 * H), "b_hh": nan(3 * H),
          "h0": nan(B, H) if d["h0"] is not None else None}
     error = library.rnntl_emulation_gru(
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options.reverse)),
-        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]),
-        _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n), _ptr(gates), _ptr(hidden_n),
-        _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]), _ptr(g["b_ih"]),
-        _ptr(g["b_hh"]), _ptr(g["h0"]))
+        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["x"]),
+        _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n),
+        _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
+        _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n}
@@ -199,6 +209,55 @@ def test_gru_matches_reference(library, case, strategy, dtype):
     reference = _gru_reference_run(torch.float64, data, options)
     baseline = _gru_reference_run(dtype, data, options)
     fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options)
+    _compare(fast, baseline, reference, dtype)
+
+
+# Recurrent dropout (docs/semantics.md section 10): a [B, P] mask of 0 and 2 (p = 0.5)
+# multiplies h_{t-1} in every step's recurrent product. "frozen": no weight gradients are
+# asked for (the dW GEMMs and their buffers are skipped).
+# (id, cell, T, B, I, H, proj, lengths, reverse, clip options, frozen)
+MASK_CASES = [
+    ("lstm", "lstm", 4, 3, 5, 9, None, None, False, dict(), False),
+    ("lstm_lengths_reverse_clips", "lstm", 5, 3, 4, 9, None, [3, 5, 0], True,
+     dict(cell_clip=0.5, proj_clip=0.2, grad_clip=0.02), False),
+    ("lstm_proj_clip_gates", "lstm", 4, 3, 5, 8, 5, [4, 2, 3], False,
+     dict(proj_clip=0.3, grad_clip=0.02, grad_clip_mode="gates"), False),
+    ("lstm_proj_reverse_frozen", "lstm", 3, 2, 4, 6, 4, [1, 3], True, dict(cell_clip=0.6), True),
+    ("gru", "gru", 4, 3, 5, 9, None, None, False, dict(), False),
+    ("gru_lengths_reverse_clip", "gru", 5, 3, 4, 9, None, [3, 5, 0], True, dict(grad_clip=0.02), False),
+    ("gru_clip_gates_frozen", "gru", 4, 2, 3, 7, None, [2, 4], False,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", MASK_CASES, ids=[c[0] for c in MASK_CASES])
+def test_recurrent_mask_matches_reference(library, case, strategy, dtype):
+    """Forward results and every gradient with a recurrent mask against the float64
+    reference: the product reads mask * h_{t-1}, the carried state is unmasked, the
+    product's part of dL/dh_{t-1} and the h_{t-1} of dW_hh are masked."""
+    _, cell, T, B, I, H, proj, lengths, reverse, clips, frozen = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P), "go": _rand(T, B, P), "ghn": _rand(B, P),
+            "mask": torch.bernoulli(torch.full((B, P), 0.5, dtype=torch.float64)) * 2,
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H), "gcn": _rand(B, H)})
+    options = sequence_options(reverse, **clips)
+    reference = _reference_case(cell, torch.float64, data, options)
+    baseline = _reference_case(cell, dtype, data, options)
+    if frozen:
+        for results in (reference, baseline):
+            del results["w_ih"], results["w_hh"]
+    if cell == "lstm":
+        fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, P), options, frozen=frozen)
+    else:
+        fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, frozen=frozen)
     _compare(fast, baseline, reference, dtype)
 
 

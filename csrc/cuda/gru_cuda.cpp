@@ -2,7 +2,7 @@
 // device guard and stream, then the kernels of csrc/cuda/gru_kernels.cu. Same semantics
 // and outputs as the CPU ops (csrc/cpu/gru_cpu.cpp), including the saved reserve.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H];
-// lengths: CPU [B].
+// lengths: CPU [B]; recurrent_mask [B, H].
 #include "sequence_cuda.h"
 
 namespace rnntl {
@@ -16,7 +16,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const std::optional<at::Tensor>& recurrent_mask, bool reverse,
     double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
-  refuse_recurrent_mask(recurrent_mask);
   const GruSizes sizes =
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
@@ -27,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
   at::Tensor hidden_n = call.empty(save_for_backward, {T, B, H});
 
   GruForwardParams p{};
-  call.fill(p, I, H, H, reverse, weight_ih, weight_hh, h0);
+  call.fill(p, I, H, H, reverse, weight_ih, weight_hh, h0, recurrent_mask);
   call.fill_forward(p, save_for_backward, bias_ih, bias_hh, output, h_n, gates);
   p.hidden_n = pointer_or_null(hidden_n);
   call.run(p, cuda::gru_forward_workspace_bytes, cuda::gru_forward);
@@ -44,7 +43,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask) {
   check_input_cuda(input);
-  refuse_recurrent_mask(recurrent_mask);
   const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
                                                       gates, hidden_n, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
@@ -57,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_h0 = call.empty(output_mask[5], {B, H});
 
   GruBackwardParams p{};
-  call.fill(p, I, H, H, reverse, weight_ih, weight_hh, h0);
+  call.fill(p, I, H, H, reverse, weight_ih, weight_hh, h0, recurrent_mask);
   call.fill_backward(p, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                      grad_weight_hh, grad_h0);
   p.hidden_n = call.in(hidden_n);

@@ -3,7 +3,7 @@
 // Same semantics and outputs as the CPU ops (csrc/cpu/lstm_cpu.cpp), including the saved
 // reserve (gates, cells, hidden_pre_clip) that the backward reads.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
-// h0 [B, P]; c0 [B, H]; lengths: CPU [B]; P = proj_size or H.
+// h0 [B, P]; c0 [B, H]; lengths: CPU [B]; recurrent_mask [B, P]; P = proj_size or H.
 #include "sequence_cuda.h"
 
 namespace rnntl {
@@ -30,7 +30,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& recurrent_mask, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
-  refuse_recurrent_mask(recurrent_mask);
   const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
@@ -44,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hidden_pre_clip = call.empty(save_for_backward && proj_clip > 0, {T, B, P});
 
   LstmForwardParams p{};
-  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0);
+  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0, recurrent_mask);
   call.fill_forward(p, save_for_backward, bias_ih, bias_hh, output, h_n, gates);
   fill_lstm(call, p, cell_clip, proj_clip, weight_hr, c0);
   p.c_n = c_n.data_ptr();
@@ -65,7 +64,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden_pre_clip, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   check_input_cuda(input);
-  refuse_recurrent_mask(recurrent_mask);
   const LstmSizes sizes =
       check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
@@ -82,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_c0 = call.empty(output_mask[6], {B, H});
 
   LstmBackwardParams p{};
-  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0);
+  call.fill(p, I, H, P, reverse, weight_ih, weight_hh, h0, recurrent_mask);
   call.fill_backward(p, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                      grad_weight_hh, grad_h0);
   fill_lstm(call, p, cell_clip, proj_clip, weight_hr, c0);

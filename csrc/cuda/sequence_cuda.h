@@ -40,12 +40,19 @@ inline void check_input_cuda(const at::Tensor& input) {
   dtype_of(input);
 }
 
-// Recurrent dropout (the ops' recurrent_mask) has no CUDA kernel yet: refused in one line
-// rather than ignored (rnntl_fast/ops/backend.py's table keeps the public API from asking).
-inline void refuse_recurrent_mask(const std::optional<at::Tensor>& recurrent_mask) {
-  TORCH_CHECK(!recurrent_mask.has_value(),
-              "rnntl_fast: the CUDA kernels do not run recurrent_mask (recurrent dropout) yet; use the cpu or "
-              "reference backend");
+// recurrent_mask (recurrent dropout, docs/semantics.md section 10): [B, width] on the
+// input's device, in its dtype, or none. The kernels read it through a raw pointer, so a
+// wrong shape would read out of bounds: checked here, naming the argument.
+inline void check_recurrent_mask(const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& input,
+                                 int64_t batch, int64_t width) {
+  if (!recurrent_mask.has_value()) return;
+  const at::Tensor& mask = *recurrent_mask;
+  TORCH_CHECK(mask.device() == input.device(), "rnntl_fast: recurrent_mask is on ", mask.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(mask.scalar_type() == input.scalar_type(), "rnntl_fast: recurrent_mask has dtype ",
+              mask.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == width,
+              "rnntl_fast: recurrent_mask must have shape [", batch, ", ", width, "], got ", mask.sizes());
 }
 
 // lengths: CPU integer tensor [B] (checked here), or none.
@@ -136,8 +143,11 @@ class OpCall {
   }
 
   // What every op's params hold (rnntl/params.h: SequenceParams).
+  // recurrent_mask: [B, out_size] or none (checked here).
   void fill(SequenceParams& p, int64_t input_size, int64_t hidden, int64_t out_size, bool reverse,
-            const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& h0) {
+            const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& h0,
+            const std::optional<at::Tensor>& recurrent_mask) {
+    check_recurrent_mask(recurrent_mask, input_, batch_, out_size);
     p.dtype = dtype_of(input_);
     p.steps = steps_;
     p.batch = batch_;
@@ -149,6 +159,7 @@ class OpCall {
     p.weight_ih = in(weight_ih);
     p.weight_hh = in(weight_hh);
     p.h0 = in(h0);
+    p.recurrent_mask = in(recurrent_mask);
     p.order = order_.view();
     p.env = make_env(&options_);
   }

@@ -86,7 +86,7 @@ BACKEND_RUNS = {
                   "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
                   "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cpu": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
-    "cuda": {"lstm": frozenset(), "gru": frozenset()},
+    "cuda": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
     "triton": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
 }
 

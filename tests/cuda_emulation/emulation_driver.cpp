@@ -74,7 +74,8 @@ struct Setup {
   }
   // The part of every op's params that the forward and the backward share.
   void fill(SequenceParams& p, int dtype, int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
-            const void* input, const void* weight_ih, const void* weight_hh, const void* h0) const {
+            const void* input, const void* weight_ih, const void* weight_hh, const void* h0,
+            const void* recurrent_mask) const {
     p.dtype = static_cast<DType>(dtype);
     p.steps = order.steps;
     p.batch = order.batch;
@@ -86,6 +87,7 @@ struct Setup {
     p.weight_ih = weight_ih;
     p.weight_hh = weight_hh;
     p.h0 = h0;
+    p.recurrent_mask = recurrent_mask;
     p.order = view();
     p.env = env;
   }
@@ -140,11 +142,13 @@ extern "C" {
 
 // Forward (saving for backward) then backward of one LSTM layer-direction.
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. strategy: 1 stepwise, 2 persistent. Shapes as in
-// rnntl/params.h; lengths: [B] int64 or null; any gradient pointer may be null.
+// rnntl/params.h; lengths: [B] int64 or null; recurrent_mask: [B, P] or null; any gradient
+// pointer may be null.
 const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
                                  int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
                                  double cell_clip, double proj_clip, double state_clip, double gate_clip,
-                                 const int64_t* lengths, const void* input, const void* weight_ih,
+                                 const int64_t* lengths, const void* recurrent_mask, const void* input,
+                                 const void* weight_ih,
                                  const void* weight_hh, const void* bias_ih, const void* bias_hh,
                                  const void* weight_hr, const void* h0, const void* c0, void* output, void* h_n,
                                  void* c_n, void* gates, void* cells, void* hidden_pre_clip,
@@ -153,7 +157,7 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
                                  void* grad_weight_hr, void* grad_h0, void* grad_c0) {
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   LstmForwardParams f{};
-  setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.cell_clip = cell_clip;
   f.proj_clip = proj_clip;
@@ -163,7 +167,7 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   f.cells = cells;
   f.hidden_pre_clip = hidden_pre_clip;
   LstmBackwardParams b{};
-  setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                       grad_weight_hh, grad_h0);
   static_cast<LstmParams&>(b) = f;  // cell_clip, proj_clip, weight_hr, c0
@@ -180,18 +184,19 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
 
 const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
                                 int64_t input_size, int64_t hidden, int reverse, double state_clip, double gate_clip,
-                                const int64_t* lengths, const void* input, const void* weight_ih,
+                                const int64_t* lengths, const void* recurrent_mask, const void* input,
+                                const void* weight_ih,
                                 const void* weight_hh, const void* bias_ih, const void* bias_hh, const void* h0,
                                 void* output, void* h_n, void* gates, void* hidden_n, const void* grad_output,
                                 const void* grad_h_n, void* grad_input, void* grad_weight_ih, void* grad_weight_hh,
                                 void* grad_bias_ih, void* grad_bias_hh, void* grad_h0) {
   emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
   GruForwardParams f{};
-  setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.hidden_n = hidden_n;
   GruBackwardParams b{};
-  setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0);
+  setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                       grad_weight_hh, grad_h0);
   b.hidden_n = hidden_n;
@@ -249,7 +254,8 @@ extern "C" int rnntl_emulation_warp_selftest() {
 
 #ifdef RNNTL_EMULATION_MAIN
 // Race check: LSTM and GRU, both strategies, forward + backward, variable lengths and
-// reverse, both clip modes; the persistent results must also match the stepwise ones.
+// reverse, both clip modes, with and without a recurrent mask; the persistent results
+// must also match the stepwise ones.
 namespace {
 
 std::vector<float> random_vector(std::mt19937& rng, size_t n) {
@@ -269,13 +275,21 @@ struct LstmRun {
   std::vector<float> output, h_n, c_n, grad_input, grad_weight_hh, grad_h0;
 };
 
-LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths) {
+// Half of the mask's entries 0, the others 2 (recurrent dropout with p = 0.5).
+std::vector<float> dropout_mask(std::mt19937& rng, size_t n) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = (rng() & 1) ? 2.0f : 0.0f;
+  return v;
+}
+
+LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths,
+                 bool masked) {
   const int64_t T = 4, B = 3, I = 5, H = 7;
   std::mt19937 rng(1);
   auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 4 * H * I), whh = random_vector(rng, 4 * H * H);
   auto bih = random_vector(rng, 4 * H), bhh = random_vector(rng, 4 * H), h0 = random_vector(rng, B * H),
        c0 = random_vector(rng, B * H), go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H),
-       gcn = random_vector(rng, B * H);
+       gcn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H);
   LstmRun r;
   r.output.resize(T * B * H);
   r.h_n.resize(B * H);
@@ -286,10 +300,11 @@ LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip
   r.grad_weight_hh.resize(4 * H * H);
   r.grad_h0.resize(B * H);
   const char* error = rnntl_emulation_lstm(
-      0, strategy, 32, 3, T, B, I, H, H, reverse, 0.8, 0.3, state_clip, gate_clip, lengths.data(), x.data(),
-      wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(), c0.data(), r.output.data(), r.h_n.data(),
-      r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(), ghn.data(), gcn.data(), r.grad_input.data(),
-      gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr, r.grad_h0.data(), gc0.data());
+      0, strategy, 32, 3, T, B, I, H, H, reverse, 0.8, 0.3, state_clip, gate_clip, lengths.data(),
+      masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(),
+      c0.data(), r.output.data(), r.h_n.data(), r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(),
+      ghn.data(), gcn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr,
+      r.grad_h0.data(), gc0.data());
   if (error) {
     std::fprintf(stderr, "lstm failed: %s\n", error);
     std::exit(2);
@@ -301,12 +316,13 @@ struct GruRun {
   std::vector<float> output, h_n, grad_input, grad_weight_hh, grad_h0;
 };
 
-GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths) {
+GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths,
+               bool masked) {
   const int64_t T = 4, B = 3, I = 5, H = 7;
   std::mt19937 rng(2);
   auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 3 * H * I), whh = random_vector(rng, 3 * H * H);
   auto bih = random_vector(rng, 3 * H), bhh = random_vector(rng, 3 * H), h0 = random_vector(rng, B * H),
-       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H);
+       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H);
   GruRun r;
   r.output.resize(T * B * H);
   r.h_n.resize(B * H);
@@ -315,10 +331,10 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
   r.grad_weight_hh.resize(3 * H * H);
   r.grad_h0.resize(B * H);
   const char* error = rnntl_emulation_gru(
-      0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(), x.data(), wih.data(),
-      whh.data(), bih.data(), bhh.data(), h0.data(), r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(),
-      go.data(), ghn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(),
-      r.grad_h0.data());
+      0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(),
+      masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), h0.data(),
+      r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(), r.grad_input.data(),
+      gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
   if (error) {
     std::fprintf(stderr, "gru failed: %s\n", error);
     std::exit(2);
@@ -337,20 +353,21 @@ int main() {
     {
       const int mode = reverse;
       const double state_clip = mode == 0 ? 0.05 : 0.0, gate_clip = mode == 1 ? 0.05 : 0.0;
-      const LstmRun a = run_lstm(1, reverse, state_clip, gate_clip, lengths);
-      const LstmRun b = run_lstm(2, reverse, state_clip, gate_clip, lengths);
+      const bool masked = reverse == 1;
+      const LstmRun a = run_lstm(1, reverse, state_clip, gate_clip, lengths, masked);
+      const LstmRun b = run_lstm(2, reverse, state_clip, gate_clip, lengths, masked);
       const float dl = std::max({max_difference(a.output, b.output), max_difference(a.c_n, b.c_n),
                                  max_difference(a.grad_input, b.grad_input),
                                  max_difference(a.grad_weight_hh, b.grad_weight_hh),
                                  max_difference(a.grad_h0, b.grad_h0)});
-      const GruRun c = run_gru(1, reverse, state_clip, gate_clip, lengths);
-      const GruRun d = run_gru(2, reverse, state_clip, gate_clip, lengths);
+      const GruRun c = run_gru(1, reverse, state_clip, gate_clip, lengths, masked);
+      const GruRun d = run_gru(2, reverse, state_clip, gate_clip, lengths, masked);
       const float dg = std::max({max_difference(c.output, d.output), max_difference(c.h_n, d.h_n),
                                  max_difference(c.grad_input, d.grad_input),
                                  max_difference(c.grad_weight_hh, d.grad_weight_hh),
                                  max_difference(c.grad_h0, d.grad_h0)});
-      std::printf("reverse=%d mode=%s: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
-                  mode == 0 ? "state" : "gates", dl, dg);
+      std::printf("reverse=%d mode=%s mask=%d: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
+                  mode == 0 ? "state" : "gates", int(masked), dl, dg);
       if (!(dl < 1e-5f && dg < 1e-5f)) ++failures;
     }
   }

@@ -86,6 +86,8 @@ struct SequenceParams {
   const void* weight_ih;   // [G, I]
   const void* weight_hh;   // [G, P]
   const void* h0;          // [B, P] or null (zeros)
+  const void* recurrent_mask;  // [B, P] or null (no mask): every step's W_hh product reads
+                               // mask * h_{t-1} (recurrent dropout, docs/semantics.md section 10)
   OrderView order;
   LaunchEnv env;
 };

@@ -44,6 +44,7 @@ struct ForwardArgs : SequenceArgs {
   T* output;                    // [T, B, P]
   T* h_n;                       // [B, P]
   T* gates;                     // [T, B, G] activations, or null (not saving)
+  const T* recurrent_mask;      // [B, P] batch order, or null: the products read mask * h_{t-1}
 };
 
 template <typename T>
@@ -59,8 +60,17 @@ struct BackwardArgs : SequenceArgs {
   unsigned int* barrier;        // one counter, zero at launch (persistent)
   T* hidden_prev_all;           // [N, P] compact rows: h_{t-1}, or null (no dW_hh)
   T* grad_h0;                   // [B, P] or null
+  const T* recurrent_mask;      // [B, P] batch order, or null: masks the product's part of
+                                // dL/dh_{t-1} and the h_{t-1} of dW_hh
   acc_t<T> state_clip, gate_clip;
 };
+
+// v * mask[b, k], rounded to T as the reference's h_{t-1} * mask is; v itself without a mask.
+//   mask: [B, width] batch order, or null.
+template <typename T>
+RNNTL_DEVICE T masked_value(const T* mask, int64_t b, int64_t width, int64_t k, T v) {
+  return mask ? from_acc<T>(to_acc(v) * to_acc(mask[b * width + k])) : v;
+}
 
 #define RNNTL_GRID_STRIDE_LOOP(index, total)                                                     \
   for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < (total);        \
@@ -108,6 +118,20 @@ __global__ void scatter_rows_kernel(const Src* src, Dst* dst, const int64_t* ord
   RNNTL_GRID_STRIDE_LOOP(index, rows * width) {
     const int64_t j = index / width, k = index % width;
     dst[order[j] * width + k] = from_acc<Dst>(to_acc(src[index]));
+  }
+}
+
+// dst[j, k] = (dst[j, k] if accumulate) + mask[order[j], k] * src[j, k] for the first `rows`
+// slots: the masked copy of h_{t-1} that enters the forward's product (accumulate false)
+// and the masked product part of dL/dh_{t-1} (the GRU adds it to its direct part).
+//   src, dst: [rows, width] slot-major (src may be dst);  mask: [B, width] batch order.
+template <typename T>
+__global__ void masked_rows_kernel(const T* src, T* dst, const T* mask, const int64_t* order, int64_t rows,
+                                   int64_t width, bool accumulate) {
+  RNNTL_GRID_STRIDE_LOOP(index, rows * width) {
+    const int64_t j = index / width, k = index % width;
+    const acc_t<T> v = to_acc(src[index]) * to_acc(mask[order[j] * width + k]);
+    dst[index] = accumulate ? from_acc<T>(to_acc(dst[index]) + to_acc(from_acc<T>(v))) : from_acc<T>(v);
   }
 }
 

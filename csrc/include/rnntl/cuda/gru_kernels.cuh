@@ -92,7 +92,7 @@ __global__ void gru_backward_step_kernel(GruBackwardArgs<T> s) {
         if (s.grad_hidden_gates_all) s.grad_hidden_gates_all[compact * G + g * H + k] = from_acc<T>(dg[g]);
       }
       s.grad_hidden_carry[index] = from_acc<T>(e.grad_hidden_prev);
-      if (s.hidden_prev_all) s.hidden_prev_all[compact * H + k] = h_prev;
+      if (s.hidden_prev_all) s.hidden_prev_all[compact * H + k] = masked_value(s.recurrent_mask, b, H, k, h_prev);
     } else {
       s.grad_hidden_carry[index] = from_acc<T>(clip_value(to_acc(s.grad_hidden_carry[index]), s.state_clip));
     }

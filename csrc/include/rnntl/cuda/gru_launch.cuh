@@ -83,8 +83,8 @@ struct GruLaunch : NoStateBesidesHidden {
                             const GruBackwardWorkspace<T>& w, const Gemm& gemm, void* stream) {
     const int64_t H = p.hidden, G = 3 * H;
     launch_kernel(pointwise_grid(p.batch * H), dim3(kPointwiseThreads), 0, stream, gru_backward_step_kernel<T>, s);
-    // dL/dh_{t-1} = z*dL/dh_t (already in the carry) + dL/d(W_hh h) W_hh, [n, 3H] @ [3H, H].
-    gemm(s.running, H, G, w.grad_hidden_gates, G, false, p.weight_hh, H, false, w.grad_hidden_carry, H, true);
+    // dL/dh_{t-1} = z*dL/dh_t (already in the carry) + mask * (dL/d(W_hh h) W_hh), [n, 3H] @ [3H, H].
+    recurrent_hidden_gradient(p, w, gemm, s.running, G, static_cast<const T*>(w.grad_hidden_gates), true, stream);
   }
 
   template <typename T>

@@ -196,6 +196,7 @@ struct ForwardWorkspace {
   T* recurrent_gates;           // [B, G]
   acc_t<T>* hidden_exchange;    // [2, B, H]
   unsigned int* barrier;        // [1]
+  T* masked_hidden;             // [B, P] mask * h_{t-1}, or null (no recurrent_mask)
   size_t bytes = 0;             // the whole workspace, set by the cell's constructor
 
  protected:
@@ -207,6 +208,7 @@ struct ForwardWorkspace {
     recurrent_gates = c.take<T>(B * G);
     hidden_exchange = c.take<acc_t<T>>(2 * B * H);
     barrier = c.take<unsigned int>(1);
+    masked_hidden = p.recurrent_mask ? c.take<T>(B * p.out_size) : nullptr;
   }
 };
 
@@ -218,6 +220,7 @@ struct BackwardWorkspace {
   T* hidden_prev_all;           // [N, P] or null (no dW_hh)
   acc_t<T>* gate_exchange;      // [2, B, G]
   unsigned int* barrier;        // [1]
+  T* grad_hidden_product;       // [B, P] dL/da W_hh before the mask, or null (no recurrent_mask)
   size_t bytes = 0;
 
  protected:
@@ -229,8 +232,38 @@ struct BackwardWorkspace {
     hidden_prev_all = p.grad_weight_hh ? c.take<T>(N * P) : nullptr;
     gate_exchange = c.take<acc_t<T>>(2 * B * gates * p.hidden);
     barrier = c.take<unsigned int>(1);
+    grad_hidden_product = p.recurrent_mask ? c.take<T>(B * P) : nullptr;
   }
 };
+
+// Stepwise: the input of step t's recurrent GEMM for the first n slots, [n, P]: h_{t-1}
+// itself, or mask * h_{t-1} written to w.masked_hidden.
+template <typename T>
+inline const T* recurrent_product_input(const SequenceParams& p, const ForwardWorkspace<T>& w, int64_t n,
+                                        void* stream) {
+  if (!p.recurrent_mask) return w.hidden_state;
+  launch_kernel(pointwise_grid(n * p.out_size), dim3(kPointwiseThreads), 0, stream, masked_rows_kernel<T>,
+                static_cast<const T*>(w.hidden_state), w.masked_hidden, typed<T>(p.recurrent_mask), p.order.order, n,
+                p.out_size, false);
+  return w.masked_hidden;
+}
+
+// Stepwise: dL/dh_{t-1} of the first n slots from their gate gradients grad_gates [n, G]:
+// the product's part grad_gates @ W_hh, times the mask where there is one, written to the
+// carry, or added to it (accumulate: the GRU's direct part z * dL/dh_t is there, unmasked).
+template <typename T>
+inline void recurrent_hidden_gradient(const SequenceParams& p, const BackwardWorkspace<T>& w, const Gemm& gemm,
+                                      int64_t n, int64_t G, const T* grad_gates, bool accumulate, void* stream) {
+  const int64_t P = p.out_size;
+  if (!p.recurrent_mask) {
+    gemm(n, P, G, grad_gates, G, false, p.weight_hh, P, false, w.grad_hidden_carry, P, accumulate);
+    return;
+  }
+  gemm(n, P, G, grad_gates, G, false, p.weight_hh, P, false, w.grad_hidden_product, P, false);
+  launch_kernel(pointwise_grid(n * P), dim3(kPointwiseThreads), 0, stream, masked_rows_kernel<T>,
+                static_cast<const T*>(w.grad_hidden_product), w.grad_hidden_carry, typed<T>(p.recurrent_mask),
+                p.order.order, n, P, accumulate);
+}
 
 // The kernels' arguments from the params, the workspace and the persistent plan.
 inline void fill_sequence_args(SequenceArgs& s, const SequenceParams& p, const PersistentPlan& plan) {
@@ -263,6 +296,7 @@ inline void fill_forward_args(ForwardArgs<T>& s, const ForwardParams& p, const F
   s.output = typed<T>(p.output);
   s.h_n = typed<T>(p.h_n);
   s.gates = p.save ? typed<T>(p.gates) : nullptr;
+  s.recurrent_mask = typed<T>(p.recurrent_mask);
 }
 
 template <typename T>
@@ -280,6 +314,7 @@ inline void fill_backward_args(BackwardArgs<T>& s, const BackwardParams& p, cons
   s.barrier = w.barrier;
   s.hidden_prev_all = w.hidden_prev_all;
   s.grad_h0 = typed<T>(p.grad_h0);
+  s.recurrent_mask = typed<T>(p.recurrent_mask);
   s.state_clip = acc_t<T>(p.state_clip);
   s.gate_clip = acc_t<T>(p.gate_clip);
 }

@@ -177,9 +177,10 @@ __global__ void lstm_backward_step_kernel(LstmBackwardArgs<T> s) {
           s.hidden_unprojected_all[compact * H + k] =
               from_acc<T>(to_acc(act[3 * H + k]) * tanh_activation(clip_value(cell, s.cell_clip)));
       }
-      if (k < P && s.hidden_prev_all)
-        s.hidden_prev_all[compact * P + k] =
-            first ? (s.h0 ? s.h0[b * P + k] : from_acc<T>(A(0))) : s.output[prev_row * P + k];
+      if (k < P && s.hidden_prev_all) {
+        const T h_prev = first ? (s.h0 ? s.h0[b * P + k] : from_acc<T>(A(0))) : s.output[prev_row * P + k];
+        s.hidden_prev_all[compact * P + k] = masked_value(s.recurrent_mask, b, P, k, h_prev);
+      }
     } else if (k < H) {
       s.grad_cell_carry[j * H + k] = clip_value(s.grad_cell_carry[j * H + k], s.state_clip);
     }

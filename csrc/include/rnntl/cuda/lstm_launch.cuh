@@ -148,8 +148,8 @@ struct LstmLaunch {
     // Through the projection: dL/dm = dL/dh W_hr, [n, P] @ [P, H].
     if (p.weight_hr) gemm(n, H, P, w.grad_pre_clip, P, false, p.weight_hr, H, false, w.grad_hidden_unprojected, H, false);
     launch_kernel(pointwise_grid(B * width), dim3(kPointwiseThreads), 0, stream, lstm_backward_step_kernel<T>, s);
-    // dL/dh_{t-1} of the running slots: [n, 4H] @ W_hh [4H, P].
-    gemm(n, P, G, w.grad_gates, G, false, p.weight_hh, P, false, w.grad_hidden_carry, P, false);
+    // dL/dh_{t-1} of the running slots: [n, 4H] @ W_hh [4H, P] (times the mask).
+    recurrent_hidden_gradient(p, w, gemm, n, G, static_cast<const T*>(w.grad_gates), false, stream);
   }
 
   template <typename T>

@@ -26,6 +26,9 @@
 //                               the whole-sequence GEMMs and the exchange (row j of it)
 //   backward_finished(s, value&)  a finished row: clamps the cell's carry (a padded step
 //                               has no compact row, so there is nothing to zero)
+// Recurrent dropout (args.recurrent_mask, [B, H] or null): the forward stages h_{t-1}
+// masked for the products, and the backward's phase 2 masks W_hh^T dL/da before adding
+// the direct part; phase 1 writes the masked h_{t-1} for dW_hh.
 // Shapes: T steps, B batch, H hidden, G = kGates * H, U = units_per_block.
 #pragma once
 
@@ -72,7 +75,12 @@ __global__ void persistent_forward_kernel(typename Cell::template ForwardArgs<T>
     const int64_t n = s.active[t];
     const A* hidden_prev = s.hidden_exchange + (step & 1) * B * H;
     A* hidden_next = s.hidden_exchange + ((step + 1) & 1) * B * H;
-    for (int64_t i = threadIdx.x; i < n * H; i += blockDim.x) hidden_shared[i] = load_coherent(hidden_prev + i);
+    // The products read mask * h_{t-1} (recurrent dropout); the cell's own h_{t-1} is not masked.
+    for (int64_t i = threadIdx.x; i < n * H; i += blockDim.x) {
+      const A h = load_coherent(hidden_prev + i);
+      hidden_shared[i] =
+          s.recurrent_mask ? to_acc(masked_value(s.recurrent_mask, s.order[i / H], H, i % H, from_acc<T>(h))) : h;
+    }
     __syncthreads();
     // One warp per (row, unit) item; its lanes split the dot products over H.
     const int64_t lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, warps = blockDim.x / warpSize;
@@ -91,7 +99,8 @@ __global__ void persistent_forward_kernel(typename Cell::template ForwardArgs<T>
         for (int g = 0; g < kGates; ++g) recurrent[g] = warp_sum(recurrent[g]);
         if (lane != 0) continue;
         // Rounded to T as the stepwise strategy's hidden state is.
-        const T h_out = Cell::forward_unit(s, row, compact, u, recurrent, h[u], unit_state + j * U + k);
+        const A h_prev_u = s.recurrent_mask ? load_coherent(hidden_prev + j * H + u) : h[u];
+        const T h_out = Cell::forward_unit(s, row, compact, u, recurrent, h_prev_u, unit_state + j * U + k);
         hidden_next[j * H + u] = to_acc(h_out);
         s.output[row * H + u] = h_out;
       } else {
@@ -175,7 +184,8 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
         dh = clip_value(dh, s.state_clip);
         Cell::backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, value[item], exchange + j * G);
         if (s.hidden_prev_all)
-          s.hidden_prev_all[compact * H + u] = Cell::kReadsPreviousHidden ? h_prev : hidden_prev();
+          s.hidden_prev_all[compact * H + u] =
+              masked_value(s.recurrent_mask, b, H, u, Cell::kReadsPreviousHidden ? h_prev : hidden_prev());
       } else {
         carry[item] = clip_value(carry[item], s.state_clip);
         Cell::backward_finished(s, value[item]);
@@ -193,7 +203,9 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
       A sum = A(0);
       for (int64_t g = lane; g < G; g += warpSize) sum += to_acc(weight_shared[k * G + g]) * da[g];
       sum = warp_sum(sum);
-      if (lane == 0) carry[item] = Cell::kDirectHiddenPath ? value[item] + sum : sum;
+      if (lane != 0) continue;
+      if (s.recurrent_mask) sum *= to_acc(s.recurrent_mask[s.order[j] * H + u0 + k]);  // the product's part only
+      carry[item] = Cell::kDirectHiddenPath ? value[item] + sum : sum;
     }
     __syncthreads();
   }

@@ -81,8 +81,9 @@ const char* forward_run(const typename Launch::ForwardParams& p) {
     const int64_t n = p.order.active_host[t];
     s.t = t;
     s.running = n;
-    // Recurrent part of the running slots: [n, P] @ W_hh^T.
-    gemm(n, G, P, w.hidden_state, P, false, p.weight_hh, P, true, w.recurrent_gates, G, false);
+    // Recurrent part of the running slots: [n, P] @ W_hh^T (h_{t-1} masked where there is a mask).
+    gemm(n, G, P, recurrent_product_input(p, w, n, stream), P, false, p.weight_hh, P, true, w.recurrent_gates, G,
+         false);
     Launch::forward_step(s, p, w, gemm, stream);
   }
   scatter_rows(static_cast<const T*>(w.hidden_state), typed<T>(p.h_n), p.order.order, B, P, stream);
