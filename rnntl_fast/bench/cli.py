@@ -165,6 +165,10 @@ def resolve_cases(args, parser) -> List[grids.Case]:
         if not cases:
             parser.error("argument --proj-size: proj_size applies to LSTM only; add --cell lstm")
         return cases
+    outside = [cell for cell in args.cell or [] if cell not in GRID_CELLS]
+    if outside:
+        parser.error(f"argument --cell: the named grids time {', '.join(GRID_CELLS)}; give size flags "
+                     f"(--T, --B, --I, --H) to time {', '.join(outside)}")
     dtypes = args.dtype or (["float32", "float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
     cases = grids.filter_cases(grids.named_grid(args.grid or "default", device, dtypes), args.cell, args.mode)
     if not cases:
