@@ -221,8 +221,8 @@ def test_backward_skips_unwanted_gradients():
     """An output_mask entry that is off comes back empty (frozen weights cost no product)."""
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_arguments(True)]
     out, h_n, activations = torch.ops.rnntl_fast.rnn_forward(*args)
-    grads = torch.ops.rnntl_fast.rnn_backward(torch.randn_like(out), None, *_backward_inputs(args), out, activations, True, False,
-                                              0.0, 0.1, [False, False, False, False, False, True])
+    grads = torch.ops.rnntl_fast.rnn_backward(torch.randn_like(out), None, *_backward_inputs(args), out, activations,
+                                              True, False, 0.0, 0.1, [False, False, False, False, False, True])
     assert [g.numel() for g in grads[:5]] == [0] * 5 and grads[5].shape == h_n.shape
 
 
@@ -238,8 +238,8 @@ def test_op_arguments_are_named_in_errors():
         torch.ops.rnntl_fast.rnn_forward(*bad)
     out, h_n, _ = torch.ops.rnntl_fast.rnn_forward(*args)
     with pytest.raises(RuntimeError, match="activations .forward run without save_for_backward"):
-        torch.ops.rnntl_fast.rnn_backward(out, h_n, *_backward_inputs(args), out, torch.empty(0, dtype=F64), True, False, 0.0,
-                                          0.1, [True] * 6)
+        torch.ops.rnntl_fast.rnn_backward(out, h_n, *_backward_inputs(args), out, torch.empty(0, dtype=F64), True,
+                                          False, 0.0, 0.1, [True] * 6)
 
 
 def test_results_identical_across_thread_counts():

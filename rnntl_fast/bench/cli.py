@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to time (size flags take comma lists and form a grid)")
     what.add_argument("--grid", choices=sorted(grids.GRIDS), help="a named grid (default: 'default' unless "
                       "size flags are given); --cell and --mode filter it")
-    what.add_argument("--cell", type=_list_of(_choice(CELLS), "cells"), help="lstm, gru, rnn (Elman, tanh) (default: lstm,gru)")
+    what.add_argument("--cell", type=_list_of(_choice(CELLS), "cells"),
+                      help="lstm, gru, rnn (Elman, tanh; size flags only) (default: lstm,gru)")
     what.add_argument("--mode", type=_list_of(_choice(MODES), "modes"),
                       help="inference, training, frozen, clip (custom grid default: inference,training)")
     what.add_argument("--T", type=_list_of(_positive_int, "step counts"), help="sequence length(s)")
