@@ -1,5 +1,8 @@
 """The cpu backend's Elman RNN (csrc/cpu/rnn_cpu.cpp) against the float64 reference loop and
 torch.nn.RNN (error rule: docs/semantics.md section 7), over every option of rnntl_fast.ops.rnn."""
+import os
+import subprocess
+import sys
 from typing import NamedTuple, Optional, Tuple
 
 import pytest
@@ -46,7 +49,9 @@ class Case(NamedTuple):
     def id(self) -> str:
         parts = [f"T{self.T}-B{self.B}-I{self.I}-H{self.H}", "relu" if self.relu else "tanh"]
         parts += ["rev"] * self.reverse
-        parts += ["len" + "_".join(map(str, self.lengths))] if self.lengths is not None else []
+        if self.lengths is not None:  # long length lists by their range
+            lengths = self.lengths if len(self.lengths) <= 6 else (min(self.lengths), max(self.lengths))
+            parts.append("len" + "_".join(map(str, lengths)) + ("var" if len(self.lengths) > 6 else ""))
         parts += ["noh0"] * (not self.h0) + ["nobias"] * (not self.bias)
         parts += [f"clip{self.clip_mode}{self.clip}"] * (self.clip > 0) + ["mask"] * self.mask
         parts += [f"zoneout{self.zoneout}"] * (self.zoneout is not None)
@@ -139,7 +144,9 @@ def test_float64_matches_reference(case):
 
 F32_CASES = [Case(T=20, B=5, I=8, H=32), Case(T=20, B=5, I=8, H=32, relu=True, reverse=True, lengths=(20, 3, 11, 0, 7)),
              Case(T=12, B=4, I=8, H=24, mask=True, zoneout="fractions", clip=0.1, lengths=(12, 5, 9, 1)),
-             Case(T=12, B=4, I=8, H=24, relu=True, zoneout="draws", clip=0.1, clip_mode="gates")]
+             Case(T=12, B=4, I=8, H=24, relu=True, zoneout="draws", clip=0.1, clip_mode="gates"),
+             # A per-step weight over 1 MiB at batch 64: the per-step products run on oneDNN.
+             Case(T=3, B=64, I=16, H=520, lengths=(3,) * 40 + (2,) * 20 + (0,) * 4, mask=True)]
 
 
 @pytest.mark.parametrize("case", F32_CASES, ids=[c.id for c in F32_CASES])
@@ -151,6 +158,17 @@ def test_float32_within_error_rule(case):
         if e is not None:
             assert a.dtype == torch.float32
             assert_within_error_rule(name, a, b, e, torch.float32)
+
+
+@pytest.mark.parametrize("choice", ["library", "aten"])
+def test_library_products_within_error_rule(choice):
+    """RNNTL_CPU_GEMM (read once per process) moves the float32 products off the own kernel onto
+    oneDNN / MKL (library) or at::mm (aten): the float32 cases again, in a child process."""
+    child = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                            "-k", "test_float32_within_error_rule"], env=dict(os.environ, RNNTL_CPU_GEMM=choice),
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert f"{len(F32_CASES)} passed" in child.stdout, child.stdout[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
