@@ -19,10 +19,10 @@ as the floor, and the cell loop with clamp hooks, what users write otherwise, is
 --lengths uniform draws row lengths uniformly in [ceil(T/2), T] (seed --seed, longest = T)
 and feeds both torch.nn and rnntl_fast a PackedSequence packed inside the timed step.
 
-GFLOP/s counts per step and batch row 8*H*(I+P) (+2*P*H projection) for LSTM and
-6*H*(I+H) for GRU, 2*H*(I+H) for the Elman RNN, per layer and direction, over valid steps only; training = 3x forward,
-frozen = 2x, inference = 1x. "% of GEMM" divides that by the GFLOP/s of a torch.mm of
-[T*B, I+P] @ [I+P, G*H] timed in the same rounds as the providers (same FLOPs as one
+GFLOP/s counts per step and batch row 8*H*(I+P) (+2*P*H projection) for LSTM,
+6*H*(I+H) for GRU and 2*H*(I+H) for the Elman RNN, per layer and direction, over valid
+steps only; training = 3x forward, frozen = 2x, inference = 1x. "% of GEMM" divides that
+by the GFLOP/s of a torch.mm of [T*B, I+P] @ [I+P, G*H] timed in the same rounds as the providers (same FLOPs as one
 forward layer-direction; oneDNN's fused RNN can beat a plain torch.mm, so > 100% happens).
 Peak memory (training modes): bytes torch allocates during one step above what was live
 before it; CUDA: torch.cuda.max_memory_allocated; CPU: running sum of torch.profiler's

@@ -48,8 +48,8 @@ def forward_flops(case: Case, lengths: Optional[Tensor]) -> float:
     """Floating-point operations of one forward pass over the valid steps.
 
     Per step and batch row: LSTM 8*H*(I_l + P) (+ 2*P*H for the projection), GRU
-    6*H*(I_l + H), Elman RNN 2*H*(I_l + H), where I_l is the layer's input width and P the recurrent width
-    (proj_size or H); elementwise gate math is not counted. Packed rows count only their
+    6*H*(I_l + H), Elman RNN 2*H*(I_l + H), where I_l is the layer's input width and P the
+    recurrent width (proj_size or H); elementwise gate math is not counted. Packed rows count only their
     valid steps (sum of lengths).
     """
     row_steps = float(lengths.sum()) if lengths is not None else float(case.T * case.B)
