@@ -106,6 +106,7 @@ struct GruBackwardStep {
   T* grad_input_gates_all;    // [N, 3H] compact dL/d(W_ih x + b_ih)
   T* hidden_prev_all;         // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
   int64_t hidden_prev_stride;
+  const T* recurrent_mask;    // [B, H] slot-major: hidden_prev_all gets mask * h_{t-1}; or nullptr
   T state_clip, gate_clip;
   int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass covers
 };
@@ -140,8 +141,14 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
     dgh[2 * H + k] = e.d_hidden_n;
     carry[k] = e.grad_hidden_prev;
   }
-  if (s.hidden_prev_all)
-    std::copy(h_prev + k_begin, h_prev + k_end, s.hidden_prev_all + compact * s.hidden_prev_stride + k_begin);
+  if (s.hidden_prev_all) {
+    T* operand = s.hidden_prev_all + compact * s.hidden_prev_stride;
+    if (s.recurrent_mask) {
+      masked_rows(s.recurrent_mask + j * H, h_prev, operand, 1, H, k_begin, k_end);
+    } else {
+      std::copy(h_prev + k_begin, h_prev + k_end, operand + k_begin);
+    }
+  }
 }
 
 template <typename T>
@@ -163,8 +170,8 @@ class GruForward {
  public:
   GruForward(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
              const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
-             const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64, const GruSizes& sizes, bool reverse,
-             bool save)
+             const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64,
+             const c10::optional<at::Tensor>& recurrent_mask, const GruSizes& sizes, bool reverse, bool save)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), input_size_(sizes.input_size),
         reverse_(reverse), save_(save), sequence_(lengths64, steps_, batch_),
         input_compact_(sequence_.compact_from_padded(input)),
@@ -181,6 +188,8 @@ class GruForward {
     input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
+    recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
+    if (recurrent_mask_.defined()) masked_hidden_ = at::empty({batch_, hidden_}, options);
     recurrent_scratch_ = at::empty({batch_, G}, options);
     output_ = at::empty({steps_, batch_, hidden_}, options);
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
@@ -226,8 +235,14 @@ class GruForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
+        const T* product_input = s.hidden_state;  // h_{t-1}, or mask * h_{t-1} with recurrent dropout
+        if (recurrent_mask_.defined()) {
+          masked_rows(recurrent_mask_.data_ptr<T>(), product_input, masked_hidden_.data_ptr<T>(), n, hidden_, 0,
+                      hidden_);
+          product_input = masked_hidden_.data_ptr<T>();
+        }
         s.recurrent_gates =
-            recurrent_->multiply(s.hidden_state, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
+            recurrent_->multiply(product_input, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
         parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
       }
       sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
@@ -247,6 +262,10 @@ class GruForward {
     const float* const bias = bias_ih_.has_value() ? bias_ih_->data_ptr<float>() : nullptr;
     const float* const x = input_compact_.data_ptr<float>();  // [N, I]
     AlternatingState hidden(hidden_state_);
+    // With recurrent dropout the products read mask * h (as LstmForward's).
+    const float* const mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<float>() : nullptr;
+    c10::optional<AlternatingState> masked;
+    if (mask) masked.emplace(recurrent_mask_ * hidden_state_);
     GruForwardStep<float> common = forward_step<float>();
     // As LstmForward's: every step's input gates first where the libraries run the product.
     const bool gates_up_front = !own_kernel_for_sequence_products();
@@ -281,9 +300,11 @@ class GruForward {
         s.hidden_previous = hidden.read(step);
         s.hidden_state = hidden.write(step);
         if (n > 0) {
-          for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, s.hidden_previous, H, n, recurrent, G);
+          const float* product_input = masked ? masked->read(step) : s.hidden_previous;
+          for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, product_input, H, n, recurrent, G);
           s.recurrent_gates = recurrent;
           gru_forward_rows_entry(s, 0, n, save_);
+          if (masked) masked_rows(mask, s.hidden_state, masked->write(step), n, H, units[first], units[end]);
         }
         sequence_.zero_past_length(s.output, H, t, units[first], units[end]);
         worker.barrier();  // h_t complete
@@ -311,6 +332,8 @@ class GruForward {
   at::Tensor input_gates_block_;  // [block capacity, 3H] one block's input gates, reused
   at::Tensor bias_hh_;            // [3H]
   at::Tensor hidden_state_;       // [B, H] slot-major
+  at::Tensor recurrent_mask_;     // [B, H] slot-major, or undefined
+  at::Tensor masked_hidden_;      // [B, H] slot-major mask * h_{t-1}, with recurrent_mask
   at::Tensor recurrent_scratch_;  // [B, 3H]
   at::Tensor output_, gates_, hidden_n_;
 };
@@ -322,8 +345,8 @@ class GruBackward {
  public:
   GruBackward(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
               const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-              const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64, const at::Tensor& output,
-              const at::Tensor& gates, const at::Tensor& hidden_n, const GruSizes& sizes, bool reverse,
+              const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64,
+              const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, const GruSizes& sizes, bool reverse,
               double state_clip, double gate_clip, std::array<bool, 6> output_mask)
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
@@ -347,6 +370,10 @@ class GruBackward {
     output_ = output.contiguous();
     gates_ = gates.contiguous();
     hidden_n_ = hidden_n.contiguous();
+    // With recurrent dropout dL/dh_{t-1} = z * dL/dh_t + mask * (dL/dgh @ W_hh): the product
+    // goes to a scratch first.
+    recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
+    if (recurrent_mask_.defined()) recurrent_product_ = at::empty({batch_, hidden_}, options_);
   }
 
   // The parts of the pointwise pass that are the same at every step (all units).
@@ -367,6 +394,7 @@ class GruBackward {
     s.grad_input_gates_all = grad_input_gates_all_.data_ptr<T>();
     s.hidden_prev_all = hidden_operand_->hidden_columns<T>();
     s.hidden_prev_stride = hidden_operand_->width();
+    s.recurrent_mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<T>() : nullptr;
     s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
     s.unit_begin = 0;
@@ -405,7 +433,13 @@ class GruBackward {
       if (n > 0) {
         parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
         prefetch_step(step - 1);
-        recurrent_back_->multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
+        if (s.recurrent_mask) {
+          T* product = recurrent_product_.data_ptr<T>();
+          recurrent_back_->multiply_into(s.grad_hidden_gates, n, product);
+          add_masked_rows(s.recurrent_mask, product, carry, n, hidden_, 0, hidden_);
+        } else {
+          recurrent_back_->multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
+        }
       }
       // Rows past their length pass their state gradient through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -448,8 +482,15 @@ class GruBackward {
           gru_backward_rows_entry(s, 0, n);
           worker.barrier();  // dL/dgh_t complete
           prefetch_own_rows(step - 1, s.unit_begin, s.unit_end);
-          for (int64_t w = first; w < end; ++w)
-            recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, carry + units[w], H, /*accumulate=*/true);
+          if (s.recurrent_mask) {
+            float* product = recurrent_product_.data_ptr<float>();
+            for (int64_t w = first; w < end; ++w)
+              recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, product + units[w], H, false);
+            add_masked_rows(s.recurrent_mask, product, carry, n, H, s.unit_begin, s.unit_end);
+          } else {
+            for (int64_t w = first; w < end; ++w)
+              recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, carry + units[w], H, /*accumulate=*/true);
+          }
         }
         // Rows past their length pass their state gradient through (clamped in state mode).
         if (s.state_clip > 0) {
@@ -513,6 +554,8 @@ class GruBackward {
   at::Tensor grad_hidden_gates_all_; // [N, 3H] compact, or [2B, 3H]: two steps' rows, alternating
   c10::optional<WeightGradientOperand> input_operand_, hidden_operand_;
   at::Tensor zeros_, h0_, output_, gates_, hidden_n_;
+  at::Tensor recurrent_mask_;     // [B, H] slot-major, or undefined
+  at::Tensor recurrent_product_;  // [B, H] dL/dgh @ W_hh, with recurrent_mask
 };
 
 }  // namespace
@@ -523,15 +566,18 @@ class GruBackward {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
-    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    double state_clip, double gate_clip, bool save_for_backward) {
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& recurrent_mask, bool reverse, double state_clip, double gate_clip,
+    bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
   const GruSizes sizes =
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
-  GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, sizes, reverse, save_for_backward);
+  check_optional(recurrent_mask, input, {sizes.batch, sizes.hidden}, "recurrent_mask");
+  GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, recurrent_mask, sizes, reverse,
+                     save_for_backward);
   forward.run(input.scalar_type());
   return forward.results();
 }
@@ -542,8 +588,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -551,8 +598,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
                                                       gates, hidden_n, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
-  GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, output, gates, hidden_n,
-                       sizes, reverse, state_clip, gate_clip, output_mask);
+  check_optional(recurrent_mask, input, {sizes.batch, sizes.hidden}, "recurrent_mask");
+  GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, recurrent_mask, output,
+                       gates, hidden_n, sizes, reverse, state_clip, gate_clip, output_mask);
   backward.run(input.scalar_type());
   return backward.gradients();
 }

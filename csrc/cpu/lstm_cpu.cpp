@@ -133,6 +133,7 @@ struct LstmBackwardStep {
   T* grad_gates;                    // [n, 4H] dL/da of step t's slots: grad_gates_all's rows of step t
   T* hidden_prev_all;               // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
   int64_t hidden_prev_stride;
+  const T* recurrent_mask;          // [B, P] slot-major: hidden_prev_all gets mask * h_{t-1}; or nullptr
   T* hidden_unprojected_all;        // [N, H] compact m per row (for dW_hr), or nullptr
   T cell_clip, state_clip, gate_clip;
   int64_t unit_begin, unit_end;      // the hidden units [unit_begin, unit_end) this pass covers
@@ -174,8 +175,12 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   }
   if (s.hidden_prev_all) {
     const T* h_prev = first ? (s.h0 ? s.h0 + b * P : s.zeros) : s.output + prev_row * P;
-    std::copy(h_prev + s.column_begin, h_prev + s.column_end,
-              s.hidden_prev_all + compact * s.hidden_prev_stride + s.column_begin);
+    T* operand = s.hidden_prev_all + compact * s.hidden_prev_stride;
+    if (s.recurrent_mask) {
+      masked_rows(s.recurrent_mask + j * P, h_prev, operand, 1, P, s.column_begin, s.column_end);
+    } else {
+      std::copy(h_prev + s.column_begin, h_prev + s.column_end, operand + s.column_begin);
+    }
   }
 }
 
@@ -258,8 +263,9 @@ class LstmForward {
   LstmForward(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
               const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
               const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
-              const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64, const LstmSizes& sizes, bool reverse,
-              double cell_clip, double proj_clip, bool save)
+              const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64,
+              const c10::optional<at::Tensor>& recurrent_mask, const LstmSizes& sizes, bool reverse, double cell_clip,
+              double proj_clip, bool save)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), out_size_(sizes.out_size),
         input_size_(sizes.input_size), project_(weight_hr.has_value()), reverse_(reverse), save_(save),
         cell_clip_(cell_clip), proj_clip_(proj_clip), sequence_(lengths64, steps_, batch_),
@@ -276,6 +282,8 @@ class LstmForward {
     }
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, P}, options);
     cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
+    recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
+    if (recurrent_mask_.defined()) masked_hidden_ = at::empty({B, P}, options);
     hidden_unprojected_ = project_ ? at::empty({B, H}, options) : at::Tensor();
     step_scratch_ = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
     output_ = at::empty({steps_, B, P}, options);
@@ -358,7 +366,12 @@ class LstmForward {
         }
       }
       if (n > 0) {
-        s.recurrent_gates = recurrent_->multiply(hidden_state_.data_ptr<T>(), n, recurrent_scratch, product_holder);
+        const T* product_input = hidden_state_.data_ptr<T>();
+        if (recurrent_mask_.defined()) {
+          masked_rows(recurrent_mask_.data_ptr<T>(), product_input, masked_hidden_.data_ptr<T>(), n, P, 0, P);
+          product_input = masked_hidden_.data_ptr<T>();
+        }
+        s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_, project_); });
       }
       if (project_ && n > 0) {
@@ -388,6 +401,11 @@ class LstmForward {
     const float* const bias = bias_.has_value() ? bias_->data_ptr<float>() : nullptr;
     const float* const x = input_compact_.data_ptr<float>();  // [N, I]
     AlternatingState hidden(hidden_state_);
+    // With recurrent dropout the products read mask * h, kept beside h in its own two
+    // buffers: each worker writes its columns of both before the step's last barrier.
+    const float* const mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<float>() : nullptr;
+    c10::optional<AlternatingState> masked;
+    if (mask) masked.emplace(recurrent_mask_ * hidden_state_);
     LstmForwardStep<float> common = forward_step<float>();
     // Where the libraries run the whole-sequence products (own_kernel_for_sequence_products),
     // one library product gives every step's input gates before the loop; else each worker
@@ -424,7 +442,7 @@ class LstmForward {
           for (int64_t w = first; w < end; ++w)
             input_panels.project(w, x + blocks.first() * I, I, blocks.rows(), bias, gates, G);
         }
-        const float* h_previous = hidden.read(step);
+        const float* h_previous = masked ? masked->read(step) : hidden.read(step);
         float* h = hidden.write(step);
         if (n > 0) {
           for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, h_previous, P, n, recurrent, G);
@@ -437,6 +455,7 @@ class LstmForward {
               projection_panels->multiply(w, 0, s.hidden_unprojected, H, n, projected + columns[w], P, false);
             projection_epilogue(s, projected, n, h, columns[first], columns[end]);
           }
+          if (masked) masked_rows(mask, h, masked->write(step), n, P, columns[first], columns[end]);
         }
         sequence_.zero_past_length(output_.data_ptr<float>(), P, t, columns[first], columns[end]);
         worker.barrier();  // h_t complete
@@ -465,6 +484,8 @@ class LstmForward {
   c10::optional<StepWeight> recurrent_, projection_;
   at::Tensor hidden_state_;        // [B, P] slot-major
   at::Tensor cell_state_;          // [B, H] slot-major
+  at::Tensor recurrent_mask_;      // [B, P] slot-major, or undefined
+  at::Tensor masked_hidden_;       // [B, P] slot-major mask * h_{t-1}, with recurrent_mask
   at::Tensor hidden_unprojected_;  // [B, H] slot-major m, with projection
   at::Tensor step_scratch_;        // [B, 4H + P]
   at::Tensor input_gates_block_;   // [block capacity, 4H], when not saving
@@ -480,7 +501,7 @@ class LstmBackward {
                const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
                const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr,
                const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64,
-               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+               const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                const at::Tensor& hidden_pre_clip, const LstmSizes& sizes, bool reverse, double cell_clip,
                double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask)
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden),
@@ -512,6 +533,7 @@ class LstmBackward {
     zeros_ = at::zeros({std::max(H, P)}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     c0_ = c0.has_value() ? c0->contiguous() : at::Tensor();
+    recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
     output_ = output.contiguous();
     gates_ = gates.contiguous();
     cells_ = cells.contiguous();
@@ -537,6 +559,7 @@ class LstmBackward {
     s.grad_cell_carry = grad_cell_carry_.data_ptr<T>();
     s.hidden_prev_all = weight_operand_->hidden_columns<T>();
     s.hidden_prev_stride = weight_operand_->width();
+    s.recurrent_mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<T>() : nullptr;
     s.hidden_unprojected_all = want_weight_hr() ? hidden_unprojected_all_.data_ptr<T>() : nullptr;
     s.cell_clip = static_cast<T>(cell_clip_);
     s.state_clip = static_cast<T>(state_clip_);
@@ -594,6 +617,7 @@ class LstmBackward {
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
         prefetch_step(step - 1);
         recurrent_back_->multiply_into(s.grad_gates, n, carry_h);
+        if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, 0, P);
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -667,6 +691,7 @@ class LstmBackward {
           prefetch_own_rows(step - 1, unit_begin, unit_end, column_begin, column_end);
           for (int64_t w = first; w < end; ++w)
             recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P, false);
+          if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, column_begin, column_end);
         }
         // Rows past their length pass their state gradients through (clamped in state mode).
         if (state_limit > 0) {
@@ -760,6 +785,7 @@ class LstmBackward {
   at::Tensor hidden_unprojected_all_;  // [N, H] compact m, for dW_hr
   c10::optional<WeightGradientOperand> weight_operand_;
   at::Tensor zeros_, h0_, c0_, output_, gates_, cells_, hidden_pre_clip_;
+  at::Tensor recurrent_mask_;  // [B, P] slot-major, or undefined
 };
 
 }  // namespace
@@ -772,16 +798,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, bool reverse,
-    double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& recurrent_mask, bool reverse, double cell_clip, double proj_clip,
+    double state_clip, double gate_clip, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
   const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
-  LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, sizes, reverse,
-                      cell_clip, proj_clip, save_for_backward);
+  check_optional(recurrent_mask, input, {sizes.batch, sizes.out_size}, "recurrent_mask");
+  LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, recurrent_mask,
+                      sizes, reverse, cell_clip, proj_clip, save_for_backward);
   forward.run(input.scalar_type());
   return forward.results();
 }
@@ -795,7 +823,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
                   const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                   const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
                   const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-                  const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                  const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                   const at::Tensor& hidden_pre_clip, bool reverse, double cell_clip, double proj_clip,
                   double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
@@ -805,8 +833,9 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
       check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
+  check_optional(recurrent_mask, input, {sizes.batch, sizes.out_size}, "recurrent_mask");
   LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
-                        output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
+                        recurrent_mask, output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
                         gate_clip, output_mask);
   backward.run(input.scalar_type());
   return backward.gradients();

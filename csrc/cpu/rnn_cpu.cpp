@@ -30,7 +30,7 @@ struct RnnForwardStep {
   const T* recurrent;         // [n, H]    W_hh (m * h_{t-1}) of step t's slots (no bias)
   const T* bias_hh;           // [H]       b_hh, or zeros
   T* hidden_state;            // [B, H]    slot-major h_{t-1} in, h_t out
-  const T* recurrent_mask;    // [B, H]    m by batch row, or nullptr
+  const T* recurrent_mask;    // [B, H]    slot-major m, or nullptr
   T* masked_state;            // [B, H]    slot-major m * h_t (the next product's operand), with a mask
   const T* zoneout;           // [T, B, H] padded keep weights d, or nullptr
   T* output;                  // [T, B, H] padded
@@ -50,7 +50,7 @@ RNNTL_ROW_INLINE void rnn_forward_row(const RnnForwardStep<T>& s, int64_t j) {
   T* __restrict__ out = s.output + row * H;
   const T* __restrict__ keep = kZoneout ? s.zoneout + row * H : nullptr;
   T* __restrict__ fresh_saved = kZoneout && s.activations ? s.activations + compact * H : nullptr;
-  const T* __restrict__ mask = s.recurrent_mask ? s.recurrent_mask + b * H : nullptr;
+  const T* __restrict__ mask = s.recurrent_mask ? s.recurrent_mask + j * H : nullptr;
   T* __restrict__ masked = mask ? s.masked_state + j * H : nullptr;
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) {
@@ -95,7 +95,7 @@ struct RnnBackwardStep {
   const T* grad_output;       // [T, B, H] padded
   const T* h0;                // [B, H] or nullptr
   const T* zeros;             // [H]
-  const T* recurrent_mask;    // [B, H] by batch row, or nullptr
+  const T* recurrent_mask;    // [B, H] slot-major, or nullptr
   const T* zoneout;           // [T, B, H] padded, or nullptr
   T* grad_hidden_carry;       // [B, H]  slot-major: dL/dh_t from step t+1 in, d * dL/dh_t out
                               //         with zoneout (the caller then adds m * (dL/da @ W_hh))
@@ -131,11 +131,9 @@ RNNTL_ROW_INLINE void rnn_backward_row(const RnnBackwardStep<T>& s, int64_t j) {
     const bool first = s.sequence->is_first_step(b, s.t, s.reverse);
     const int64_t prev_row = SequenceOrder::previous_step(s.t, s.reverse) * s.batch + b;
     const T* __restrict__ h_prev = first ? (s.h0 ? s.h0 + b * H : s.zeros) : s.output + prev_row * H;
-    T* __restrict__ operand = s.hidden_prev_all + compact * s.hidden_prev_stride;
+    T* operand = s.hidden_prev_all + compact * s.hidden_prev_stride;
     if (s.recurrent_mask) {
-      const T* __restrict__ mask = s.recurrent_mask + b * H;
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) operand[k] = mask[k] * h_prev[k];
+      masked_rows(s.recurrent_mask + j * H, h_prev, operand, 1, H, 0, H);
     } else {
       std::copy(h_prev, h_prev + H, operand);
     }
@@ -170,6 +168,11 @@ const T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // ------------------------------------------------------------------------------------
 // Forward: allocation (constructor), the step loop (run_steps), the results.
 // ------------------------------------------------------------------------------------
@@ -184,13 +187,13 @@ class RnnForward {
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, contiguous_or_none(bias_ih)),
         recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
-        recurrent_mask_(contiguous_or_none(recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
+        recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), hidden_}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({hidden_}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     // The first product's operand m * h0; each step then writes the next one.
-    if (recurrent_mask_.has_value()) masked_state_ = hidden_state_ * sequence_.slot_major(*recurrent_mask_);
+    if (recurrent_mask_.defined()) masked_state_ = hidden_state_ * recurrent_mask_;
     recurrent_scratch_ = at::empty({batch_, hidden_}, options);
     output_ = at::empty({steps_, batch_, hidden_}, options);
     // Without zoneout h~_t is the output itself: nothing more to keep.
@@ -250,7 +253,8 @@ class RnnForward {
   RowProjection input_projection_;  // [N, H] = x_compact W_ih^T + b_ih, in blocks
   StepWeight recurrent_;
   int64_t block_rows_;
-  c10::optional<at::Tensor> recurrent_mask_, zoneout_;
+  at::Tensor recurrent_mask_;      // [B, H] slot-major, or undefined
+  c10::optional<at::Tensor> zoneout_;
   at::Tensor input_gates_block_;  // [block capacity, H] one block's input gates, reused
   at::Tensor bias_hh_;            // [H]
   at::Tensor hidden_state_;       // [B, H] slot-major
@@ -274,14 +278,14 @@ class RnnBackward {
         reverse_(reverse), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/da @ W_hh
-        weight_ih_(weight_ih), recurrent_mask_(contiguous_or_none(recurrent_mask)),
+        weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_(contiguous_or_none(zoneout)) {
     const int64_t N = sequence_.valid_rows, H = hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, H}, options_));
     // dL/da of every step where a whole-sequence product reads it, else one step's rows.
     grad_preactivation_all_ = at::empty({keep_preactivation_gradients() ? N : batch_, H}, options_);
-    if (recurrent_mask_.has_value()) recurrent_scratch_ = at::empty({batch_, H}, options_);
+    if (recurrent_mask_.defined()) recurrent_scratch_ = at::empty({batch_, H}, options_);
     // dL/d[W_ih | W_hh] = (dL/da)^T @ [x | m * h_{t-1}] (m * h_{t-1} written by the steps).
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? H : 0,
                             options_);
@@ -316,7 +320,6 @@ class RnnBackward {
     T* const grad_preactivation = grad_preactivation_all_.data_ptr<T>();
     T* const scratch = recurrent_scratch_.defined() ? recurrent_scratch_.data_ptr<T>() : nullptr;
     const bool keep = keep_preactivation_gradients(), zoneout = s.zoneout != nullptr;
-    const int64_t* order = sequence_.order;
 
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
@@ -328,16 +331,11 @@ class RnnBackward {
         if (s.recurrent_mask) {
           // dL/dh_{t-1} (+)= m * (dL/da @ W_hh): the mask is per row, so not inside the product.
           recurrent_back_.multiply_into(s.grad_preactivation, n, scratch);
-          parallel_rows(n, H, [&](int64_t j) {
-            const T* __restrict__ mask = s.recurrent_mask + order[j] * H;
-            const T* __restrict__ product = scratch + j * H;
-            T* __restrict__ c = carry + j * H;
-            if (zoneout) {
-              for (int64_t k = 0; k < H; ++k) c[k] += mask[k] * product[k];
-            } else {
-              for (int64_t k = 0; k < H; ++k) c[k] = mask[k] * product[k];
-            }
-          });
+          if (zoneout) {
+            add_masked_rows(s.recurrent_mask, scratch, carry, n, H, 0, H);
+          } else {
+            masked_rows(s.recurrent_mask, scratch, carry, n, H, 0, H);
+          }
         } else {
           // Without zoneout the step's rows of dL/dh_{t-1} are the product alone.
           recurrent_back_.multiply_into(s.grad_preactivation, n, carry, /*accumulate=*/zoneout);
@@ -385,7 +383,8 @@ class RnnBackward {
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
   at::Tensor weight_ih_;
-  c10::optional<at::Tensor> recurrent_mask_, zoneout_;
+  at::Tensor recurrent_mask_;          // [B, H] slot-major, or undefined
+  c10::optional<at::Tensor> zoneout_;
   at::Tensor grad_out_;                // [T, B, H] padded
   at::Tensor grad_hidden_carry_;       // [B, H] slot-major
   at::Tensor grad_preactivation_all_;  // [N, H] compact, or [B, H]: one step's rows

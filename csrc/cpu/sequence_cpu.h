@@ -252,6 +252,30 @@ class ProjectionBlocks {
   int64_t end_step_ = 0, first_ = 0, rows_ = 0;
 };
 
+// Recurrent dropout (docs/semantics.md): out = mask * h over rows [0, rows) and columns
+// [column_begin, column_end) of slot-major [B, width] buffers (out may be h). The forward's
+// recurrent products read the masked state; the backward masks what they give dL/dh_{t-1}.
+template <typename T>
+inline void masked_rows(const T* mask, const T* h, T* out, int64_t rows, int64_t width, int64_t column_begin,
+                        int64_t column_end) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t k = column_begin; k < column_end; ++k) out[j * width + k] = mask[j * width + k] * h[j * width + k];
+}
+
+// carry += mask * product over the same rows and columns (the GRU's dL/dh_{t-1}, whose
+// direct path z * dL/dh_t is already in carry).
+template <typename T>
+inline void add_masked_rows(const T* mask, const T* product, T* carry, int64_t rows, int64_t width,
+                            int64_t column_begin, int64_t column_end) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t k = column_begin; k < column_end; ++k) carry[j * width + k] += mask[j * width + k] * product[j * width + k];
+}
+
+// A [B, width] op argument in slot order (sequence.slot_major), or undefined when absent.
+inline at::Tensor slot_major_or_undefined(const SequenceOrder& sequence, const c10::optional<at::Tensor>& by_batch) {
+  return by_batch.has_value() ? sequence.slot_major(by_batch->contiguous()) : at::Tensor();
+}
+
 // Runs f(j) for j in [0, rows), split across threads in blocks of roughly equal work.
 template <typename F>
 inline void parallel_rows(int64_t rows, int64_t width, const F& f) {

@@ -26,9 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
-    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, bool reverse,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& recurrent_mask, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
+  refuse_recurrent_mask(recurrent_mask);
   const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
@@ -58,10 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
-    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden_pre_clip, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   check_input_cuda(input);
+  refuse_recurrent_mask(recurrent_mask);
   const LstmSizes sizes =
       check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);

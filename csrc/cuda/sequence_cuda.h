@@ -40,6 +40,14 @@ inline void check_input_cuda(const at::Tensor& input) {
   dtype_of(input);
 }
 
+// Recurrent dropout (the ops' recurrent_mask) has no CUDA kernel yet: refused in one line
+// rather than ignored (rnntl_fast/ops/backend.py's table keeps the public API from asking).
+inline void refuse_recurrent_mask(const std::optional<at::Tensor>& recurrent_mask) {
+  TORCH_CHECK(!recurrent_mask.has_value(),
+              "rnntl_fast: the CUDA kernels do not run recurrent_mask (recurrent dropout) yet; use the cpu or "
+              "reference backend");
+}
+
 // lengths: CPU integer tensor [B] (checked here), or none.
 struct DeviceOrder {
   at::Tensor lengths_host;

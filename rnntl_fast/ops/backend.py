@@ -85,7 +85,7 @@ BACKEND_RUNS = {
     "reference": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
                   "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
                   "rnn": frozenset({"recurrent_mask", "zoneout"})},
-    "cpu": {"lstm": frozenset(), "gru": frozenset(),
+    "cpu": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"}),
             "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cuda": {"lstm": frozenset(), "gru": frozenset()},
     "triton": {"lstm": frozenset(), "gru": frozenset()},

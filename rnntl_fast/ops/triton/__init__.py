@@ -46,7 +46,7 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
-                                                      c0, lengths, options.reverse, options.cell_clip,
+                                                      c0, lengths, None, options.reverse, options.cell_clip,
                                                       options.proj_clip, options.state_clip, options.gate_clip,
                                                       save, chosen)
     return output, h_n, c_n
@@ -68,7 +68,7 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     hidden = weight_ih.shape[0] // 3
     chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
-    output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
+    output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, None,
                                                 options.reverse, options.state_clip, options.gate_clip, save, chosen)
     return output, h_n
 

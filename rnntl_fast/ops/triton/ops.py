@@ -38,13 +38,22 @@ def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tens
 # LSTM
 # ---------------------------------------------------------------------------------------
 
+def _refuse_recurrent_mask(recurrent_mask: Optional[Tensor]) -> None:
+    """Recurrent dropout has no Triton kernel yet: refused, never ignored (the public API's
+    table in rnntl_fast/ops/backend.py keeps it from asking)."""
+    if recurrent_mask is not None:
+        raise NotImplementedError("rnntl_fast: the Triton kernels do not run recurrent_mask (recurrent dropout) yet; "
+                                  "use the cpu or reference backend")
+
+
 LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("rnntl_fast::triton_lstm_forward", mutates_args=())
 def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                         bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor],
-                        c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, cell_clip: float,
+                        c0: Optional[Tensor], lengths: Optional[Tensor], recurrent_mask: Optional[Tensor],
+                        reverse: bool, cell_clip: float,
                         proj_clip: float, state_clip: float, gate_clip: float, save_for_backward: bool,
                         strategy: str) -> LstmForwardResult:
     """LSTM layer-direction forward. Returns output [T, B, P], h_n [B, P], c_n [B, H] and the
@@ -53,7 +62,9 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
 
     input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
     weight_hr: [P, H] or None; h0: [B, P] or None; c0: [B, H] or None; lengths: [B] CPU int64
-    or None; limits: floats, 0 = off; strategy: "sequence" or "step"."""
+    or None; recurrent_mask: None (no Triton kernel runs it yet); limits: floats, 0 = off;
+    strategy: "sequence" or "step"."""
+    _refuse_recurrent_mask(recurrent_mask)
     hidden = weight_ih.shape[0] // 4
     # Padded steps are zeroed first: what they hold must not reach the saved gates, whose
     # products the backward forms at every step.
@@ -68,8 +79,8 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
 
 
 @triton_lstm_forward.register_fake
-def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, reverse, cell_clip, proj_clip,
-      state_clip, gate_clip, save_for_backward, strategy):
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask, reverse, cell_clip,
+      proj_clip, state_clip, gate_clip, save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -87,7 +98,8 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
 @torch.library.custom_op("rnntl_fast::triton_lstm_backward", mutates_args=())
 def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor],
                          input: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor],
-                         h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
+                         h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
+                         recurrent_mask: Optional[Tensor], gates: Tensor,
                          cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
                          reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
                          strategy: str,
@@ -98,6 +110,7 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
     grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], each None where the loss does
     not use that result; the other arguments as the forward's, the reserve as it returned it."""
+    _refuse_recurrent_mask(recurrent_mask)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -133,7 +146,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
 
 @triton_lstm_backward.register_fake
-def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, gates, cells,
+def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask, gates,
+      cells,
       hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
       strategy, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
@@ -148,14 +162,16 @@ register_lstm_autograd(triton_lstm_forward, triton_lstm_backward, reserve_includ
 
 @torch.library.custom_op("rnntl_fast::triton_gru_forward", mutates_args=())
 def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
-                       bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-                       state_clip: float, gate_clip: float, save_for_backward: bool,
+                       bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor],
+                       recurrent_mask: Optional[Tensor], reverse: bool, state_clip: float, gate_clip: float, save_for_backward: bool,
                        strategy: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """GRU layer-direction forward. Returns output [T, B, H], h_n [B, H] and the float32
     reserve (launch.GruReserve: gates [T, B, 4H], hidden states [T, B, H]; empty where not kept).
 
     input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
-    h0: [B, H] or None; lengths: [B] CPU int64 or None; strategy: "sequence" or "step"."""
+    h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: None (not run yet);
+    strategy: "sequence" or "step"."""
+    _refuse_recurrent_mask(recurrent_mask)
     hidden = weight_ih.shape[0] // 3
     input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()  # as for LSTM
     # Always a bias pointer, zeros when absent, as for LSTM: one kernel variant fewer.
@@ -167,7 +183,7 @@ def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
 
 
 @triton_gru_forward.register_fake
-def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, state_clip, gate_clip,
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, reverse, state_clip, gate_clip,
       save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 3
@@ -179,7 +195,8 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, reverse, state
 
 @torch.library.custom_op("rnntl_fast::triton_gru_backward", mutates_args=())
 def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], input: Tensor, weight_ih: Tensor,
-                        weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], gates: Tensor,
+                        weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor],
+                        recurrent_mask: Optional[Tensor], gates: Tensor,
                         hidden_states: Tensor, reverse: bool, state_clip: float, gate_clip: float, strategy: str,
                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GRU layer-direction backward from the forward's reserve. Returns the gradients of
@@ -188,6 +205,7 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
     grad_output: [T, B, H], grad_h_n: [B, H], each None where the loss does not use that
     result; the other arguments as the forward's, the reserve as it returned it."""
+    _refuse_recurrent_mask(recurrent_mask)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 3
     dtype = input.dtype
@@ -217,8 +235,8 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
 
 @triton_gru_backward.register_fake
-def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, gates, hidden_states, reverse, state_clip,
-      gate_clip, strategy, output_mask):
+def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, gates, hidden_states, reverse,
+      state_clip, gate_clip, strategy, output_mask):
     return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
