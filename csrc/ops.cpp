@@ -9,6 +9,8 @@
 // each row starting at its own last step.
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+
+#include "cpu/small_gemm_cpu.h"
 #else  // built by CMake into the C++ tests: schemas only
 #include <torch/library.h>
 #endif
@@ -68,6 +70,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = false;
 #endif
   module.attr("compiler") = __VERSION__;
+  // The instruction set the own product kernel runs with on this CPU (avx512, avx2 or portable).
+  module.def("product_kernel", [] { return std::string(rnntl::cpu::small_gemm_variant()); });
 #ifdef _OPENMP
   module.attr("openmp") = _OPENMP;
 #else

@@ -24,4 +24,5 @@ def build_info():
     if _C is None:
         return {}
     return {"with_cuda": HAS_CUDA_KERNELS, "compiler": getattr(_C, "compiler", "?"),
-            "openmp": getattr(_C, "openmp", 0), "path": getattr(_C, "__file__", "?")}
+            "openmp": getattr(_C, "openmp", 0), "path": getattr(_C, "__file__", "?"),
+            "product_kernel": _C.product_kernel() if hasattr(_C, "product_kernel") else "?"}

@@ -90,7 +90,8 @@ def _extension_lines(extension, parallel_backend: str, threads: int) -> list:
                    f"parallel_for calls use those threads" if openmp else
                    "the extension was built without OpenMP ('openmp': 0): every parallel_for of its kernels "
                    "runs on the calling thread")
-    return [f"extension: {extension.get('path')} (compiler version {extension.get('compiler')})",
+    return [f"extension: {extension.get('path')} (compiler version {extension.get('compiler')}); own product "
+            f"kernel variant on this CPU: {extension.get('product_kernel')} (docs/cpu.md, \"Matrix products\")",
             f"multi-threading: the CPU kernels run on torch's intra-op pool (at::parallel_for; ATen backend "
             f"{parallel_backend}, {threads} thread{'s' if threads != 1 else ''}); {openmp_text}"]
 

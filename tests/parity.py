@@ -1,6 +1,7 @@
 """Shared machinery of the parity tests: one case description, the runs it needs (fast
 backend, float64 reference, baseline in the test dtype) and the comparison by the error
 rule of tests/tolerances.py."""
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -56,6 +57,17 @@ class Case:
     @property
     def out_size(self) -> int:
         return self.proj or self.H
+
+
+@contextmanager
+def threads(count: int):
+    """torch.set_num_threads(count) for the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_tensors(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:

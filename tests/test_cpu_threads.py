@@ -9,12 +9,11 @@ weights. Each multi-thread case also checks that the multi-core loop really ran.
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
 
-from parity import Case, assert_case_matches, make_tensors, run
+from parity import Case, assert_case_matches, make_tensors, run, threads
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.rnntl_fast, "lstm_forward"),
                                 reason="the compiled extension is not built")
@@ -35,16 +34,6 @@ CASES = [
     Case("gru", T=7, B=3, I=4, H=40, grad_clip=0.05, grad_clip_mode="gates", initial_state=False),
     Case("gru", T=6, B=2, I=4, H=36, frozen=("weight_hh", "bias_hh")),
 ]
-
-
-@contextmanager
-def threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_recording_engine(case, tensors, dtype):

@@ -7,13 +7,12 @@ rule of tests/tolerances.py with the float32 reference as the baseline. Every ca
 its mask as the modules do (Bernoulli(1 - p) / (1 - p), p = 0.3) and covers forward results
 and the gradients of every input that requires one.
 """
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 import rnntl_fast
 from rnntl_fast import ops
+from parity import threads
 from tolerances import assert_within_error_rule
 
 pytestmark = pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="the compiled extension is not built")
@@ -84,21 +83,11 @@ def _run(c, leaves, mask, dtype, backend):
     return [r.detach() for r in results], grads
 
 
-@contextmanager
-def _threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_float64_matches_the_reference(case):
     leaves, mask = _tensors(case)
     expected, expected_grads = _run(case, leaves, mask, F64, "reference")
-    with _threads(1):
+    with threads(1):
         actual, actual_grads = _run(case, leaves, mask, F64, "cpu")
     for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name)
@@ -107,16 +96,16 @@ def test_float64_matches_the_reference(case):
         torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("threads", [1, 2], ids=["1thread-stepwise", "2threads-multicore"])
+@pytest.mark.parametrize("thread_count", [1, 2], ids=["1thread-stepwise", "2threads-multicore"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_float32_within_the_error_rule(case, threads):
+def test_float32_within_the_error_rule(case, thread_count):
     leaves, mask = _tensors(case)
     reference64, reference64_grads = _run(case, leaves, mask, F64, "reference")
     baseline, baseline_grads = _run(case, leaves, mask, torch.float32, "reference")
-    with _threads(threads), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with threads(thread_count), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         actual, actual_grads = _run(case, leaves, mask, torch.float32, "cpu")
     loops = {e.name for e in profile.events() if e.name.endswith(("_steps", "_steps_persistent"))}
-    want = "_steps_persistent" if threads > 1 else "_steps"
+    want = "_steps_persistent" if thread_count > 1 else "_steps"
     assert loops and all(name.endswith(want) for name in loops), f"loops that ran: {sorted(loops)}"
     for name, a, b, r in zip(("output", "h_n", "c_n"), actual, baseline, reference64):
         assert_within_error_rule(name, a, b, r, torch.float32)

@@ -28,6 +28,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, lm_epochs_minimum: int 
     group.add_argument("--num-layers", type=positive_int, default=DEFAULTS.num_layers)
     group.add_argument("--cell", choices=("lstm", "gru"), default=DEFAULTS.cell)
     group.add_argument("--dropout", type=probability, default=DEFAULTS.dropout)
+    group.add_argument("--recurrent-dropout", type=float_range(0.0, 1.0, high_open=True),
+                       default=DEFAULTS.recurrent_dropout,
+                       help="variational dropout of h_{t-1} inside the recurrent layers (docs/finetune.md)")
+    group.add_argument("--weight-drop", type=float_range(0.0, 1.0, high_open=True), default=DEFAULTS.weight_drop,
+                       help="DropConnect on the recurrent weights (docs/finetune.md)")
     group.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of initialisation and data order")
     group.add_argument("--cut-frac", type=float_range(0.0, 1.0, low_open=True, high_open=True),
                        default=DEFAULTS.cut_frac, help="slanted triangular: warm-up fraction")

@@ -38,6 +38,8 @@ class Recipe:
     bidirectional: bool = False
     cell: str = "lstm"
     dropout: float = 0.3
+    recurrent_dropout: float = 0.0  # variational dropout of h_{t-1} inside the recurrence (docs/semantics.md)
+    weight_drop: float = 0.0        # DropConnect on weight_hh (docs/semantics.md)
     # language model
     lm_epochs: int = 10
     lm_batch_size: int = 64
@@ -66,7 +68,7 @@ class Recipe:
         """The arguments of RecurrentEncoder.stacked for a vocabulary of `vocab_size` words."""
         return dict(vocab_size=vocab_size, embedding_dim=self.embedding_dim, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bidirectional=self.bidirectional, cell=self.cell,
-                    dropout=self.dropout)
+                    dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, weight_drop=self.weight_drop)
 
 
 @dataclass
