@@ -461,7 +461,8 @@ class LSTM(_RecurrentStack):
         layer_norm: layer-normalised gate products and cell state, with the parameters
             layer_norm_{ih,hh}_weight_l{k}[_reverse] [4H] (ones) and
             layer_norm_cell_{weight,bias}_l{k}[_reverse] [H] (ones, zeros; no bias when bias=False).
-        The regularizers run on backend="reference" only so far (docs/semantics.md, section 10).
+        weight_drop runs on every backend; which backend runs the others: BACKEND_RUNS in
+        rnntl_fast/ops/backend.py (docs/semantics.md, section 10).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
     PackedSequence), optional (h_0, c_0) each [D*num_layers, B, H_out] / [D*num_layers, B, H].

@@ -143,7 +143,18 @@ def test_grad_clip_changes_gradients(case, strategy):
     assert "grad_weight_hh" in differing and "grad_input" in differing, differing
 
 
-def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, mode="state"):
+def _recurrent_mask(case: Case, seed: int = 1) -> torch.Tensor:
+    """A float64 recurrent-dropout mask [B, P] drawn as the modules draw it (Bernoulli(0.7) / 0.7),
+    with unit 0 of row 0 dropped so that every case drops at least one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.bernoulli(torch.full((case.B, case.out_size), 0.7, dtype=torch.float64), generator=g) / 0.7
+    mask[0, 0] = 0.0
+    assert (mask > 0).any()
+    return mask
+
+
+def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, mode="state",
+                  masked=False):
     """The forward op's arguments; clip limits as the op contract takes them (0 = off)."""
     limits = sequence_options(reverse, 0.5 if clips else None, 0.4 if clips else None, grad_clip, mode)
     case = Case(cell, T=3, B=2, I=3, H=5, proj=proj, lengths=lengths)
@@ -151,21 +162,25 @@ def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_c
     leaves = [tensors[n].float().to(DEVICE).requires_grad_(True) if n in tensors else None for n in LEAVES]
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None
+    mask = _recurrent_mask(case).float().to(DEVICE) if masked else None
     if cell == "lstm":
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, None, *limits, True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, None, reverse, limits.state_clip,
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, *limits, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, reverse, limits.state_clip,
             limits.gate_clip, True)
 
 
-OPCHECK = [("lstm", 0, None, False, False, None), ("lstm", 2, (3, 1), True, True, 0.1),
-           ("gru", 0, None, False, False, None), ("gru", 0, (2, 3), True, False, 0.1)]
+OPCHECK = [("lstm", 0, None, False, False, None, False), ("lstm", 2, (3, 1), True, True, 0.1, False),
+           ("lstm", 2, (3, 1), True, True, 0.1, True),
+           ("gru", 0, None, False, False, None, False), ("gru", 0, (2, 3), True, False, 0.1, False),
+           ("gru", 0, (2, 3), True, False, 0.1, True)]
 
 
-@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip", OPCHECK,
+@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,masked", OPCHECK,
                          ids=[f"{c}-P{p}-len{'_'.join(map(str, l or ())) or 'none'}-{'rev' if r else 'fwd'}"
-                              f"-clips{int(k)}-gradclip{g}" for c, p, l, r, k, g in OPCHECK])
-def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, strategy):
-    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip) + (strategy,)
+                              f"-clips{int(k)}-gradclip{g}" + ("-recurrent_mask" if m else "")
+                              for c, p, l, r, k, g, m in OPCHECK])
+def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, strategy):
+    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked=masked) + (strategy,)
     forward = torch.ops.rnntl_fast.triton_lstm_forward if cell == "lstm" else torch.ops.rnntl_fast.triton_gru_forward
     torch.library.opcheck(forward.default, args)
     # The backward op on its own, fed with the forward's reserve.
@@ -183,6 +198,57 @@ def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, strategy):
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), input, plain[1], plain[2], plain[5], plain[6],
                          plain[7], *reserve, *plain[8:11], strategy, [True] * 6)
         torch.library.opcheck(torch.ops.rnntl_fast.triton_gru_backward.default, backward_args)
+
+
+# recurrent_mask (recurrent dropout, docs/semantics.md section 10). H = 20 runs the step
+# kernels' K loops over two chunks of h_{t-1} and of the mask.
+MASKED_CASES = [
+    Case("lstm", T=3, B=2, I=3, H=20),
+    Case("lstm", T=4, B=3, I=4, H=6, proj=3, lengths=(2, 4, 3), cell_clip=0.3, proj_clip=0.1, grad_clip=0.05),
+    Case("lstm", T=4, B=3, I=4, H=6, reverse=True, grad_clip=0.05, grad_clip_mode="gates",
+         frozen=("input", "weight_ih")),
+    Case("gru", T=3, B=2, I=3, H=20),
+    Case("gru", T=4, B=3, I=4, H=6, lengths=(2, 4, 1), reverse=True),
+    Case("gru", T=4, B=3, I=4, H=6, lengths=(3, 1, 4), grad_clip=0.05, grad_clip_mode="state"),
+]
+
+
+def _pass_recurrent_mask(monkeypatch, mask: torch.Tensor) -> None:
+    """Every ops.lstm / ops.gru call (those parity.run makes) gets `mask` [B, P] in its input's
+    dtype and device, whatever backend it asks for."""
+    for name in ("lstm", "gru"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda input, *args, _op=op, **kwargs: _op(
+            input, *args, recurrent_mask=mask.to(input.dtype).to(input.device), **kwargs))
+
+
+@pytest.mark.parametrize("case", MASKED_CASES, ids=lambda c: c.id + "-recurrent_mask")
+def test_recurrent_mask_within_error_rule(case, strategy, monkeypatch):
+    """Forward results and every gradient with a recurrent mask, against the float64
+    reference with the same mask; the baseline of the error rule is the float32 reference
+    (torch.nn has no recurrent dropout)."""
+    tensors = make_tensors(case)
+    _pass_recurrent_mask(monkeypatch, _recurrent_mask(case))
+    reference64 = run(case, tensors, torch.float64, "reference")
+    baseline = run(case, tensors, torch.float32, "reference")
+    fast = run(case, tensors, torch.float32, "triton", device=DEVICE)
+    checked = assert_case_matches(case, fast, baseline, reference64, torch.float32)
+    assert {"output", "h_n", "grad_weight_hh", "grad_h0"} <= set(checked), checked
+
+
+MASKED_LOW_PRECISION_CASES = [Case("lstm", T=3, B=2, I=4, H=6, proj=3, lengths=(3, 1), reverse=True),
+                              Case("gru", T=3, B=2, I=5, H=7, lengths=(1, 3))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", MASKED_LOW_PRECISION_CASES, ids=lambda c: c.id + "-recurrent_mask")
+def test_recurrent_mask_low_precision_within_error_rule(case, dtype, strategy, monkeypatch):
+    """The mask arrives in the input dtype and is widened to float32 in the kernels."""
+    tensors = make_tensors(case)
+    _pass_recurrent_mask(monkeypatch, _recurrent_mask(case))
+    reference64 = run(case, tensors, torch.float64, "reference")
+    fast = run(case, tensors, dtype, "triton", device=DEVICE)
+    assert_case_matches(case, fast, run(case, tensors, dtype, "reference"), reference64, dtype)
 
 
 def test_strategy_choice(monkeypatch):

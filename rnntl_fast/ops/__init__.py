@@ -107,8 +107,9 @@ def lstm(
             Bernoulli(z); evaluation: every entry z).
         layer_norm: LayerNormWeights(ih [4H], hh [4H], cell_weight [H] or None,
             cell_bias [H] or None): layer-normalised gate products and cell state.
-        backend: "auto", "cpu", "cuda", "triton" or "reference". Only "reference" runs
-            recurrent_mask, zoneout_h, zoneout_c and layer_norm so far; the others refuse them.
+        backend: "auto", "cpu", "cuda", "triton" or "reference". Which backend runs which of
+            recurrent_mask, zoneout_h, zoneout_c and layer_norm: the table BACKEND_RUNS in
+            rnntl_fast/ops/backend.py (the reference runs all); the others refuse them by name.
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H].
     See docs/semantics.md (sections 2-4 and 10) for the math.

@@ -88,7 +88,7 @@ BACKEND_RUNS = {
     "cpu": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"}),
             "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cuda": {"lstm": frozenset(), "gru": frozenset()},
-    "triton": {"lstm": frozenset(), "gru": frozenset()},
+    "triton": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"})},
 }
 
 

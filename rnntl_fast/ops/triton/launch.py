@@ -62,6 +62,13 @@ def without_padded_steps(tensor: Tensor, lengths: Optional[Tensor]) -> Tensor:
     return torch.where(valid, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
+def times_recurrent_mask(tensor: Tensor, recurrent_mask: Optional[Tensor]) -> Tensor:
+    """`tensor` [..., B, N] float32 times `recurrent_mask` [B, N] (any float dtype), or `tensor`
+    itself without a mask: h_{t-1} as W_hh h_{t-1} sees it, and the product's gradient as it
+    reaches h_{t-1} (docs/semantics.md section 10)."""
+    return tensor if recurrent_mask is None else tensor * recurrent_mask.float()
+
+
 def processing_order(steps: int, reverse: bool) -> List[int]:
     """The steps in the order the recurrence visits them."""
     return list(range(steps - 1, -1, -1)) if reverse else list(range(steps))

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..autograd import gru_gradients_like, lstm_gradients_like, register_gru_autograd, register_lstm_autograd
 from . import sequence, step
 from .launch import (GruReserve, LstmReserve, clip_switches, float32_state, previous_states, reserve,
-                     without_padded_steps)
+                     times_recurrent_mask, without_padded_steps)
 
 # The launchers of each strategy, by the name the ops take.
 _STRATEGIES = {"sequence": sequence, "step": step}
@@ -25,6 +25,10 @@ _STRATEGIES = {"sequence": sequence, "step": step}
 
 def _device_lengths(lengths: Optional[Tensor], device) -> Optional[Tensor]:
     return lengths.to(device) if lengths is not None else None
+
+
+def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return tensor.contiguous() if tensor is not None else None
 
 
 def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tensor:
@@ -37,14 +41,6 @@ def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tens
 # ---------------------------------------------------------------------------------------
 # LSTM
 # ---------------------------------------------------------------------------------------
-
-def _refuse_recurrent_mask(recurrent_mask: Optional[Tensor]) -> None:
-    """Recurrent dropout has no Triton kernel yet: refused, never ignored (the public API's
-    table in rnntl_fast/ops/backend.py keeps it from asking)."""
-    if recurrent_mask is not None:
-        raise NotImplementedError("rnntl_fast: the Triton kernels do not run recurrent_mask (recurrent dropout) yet; "
-                                  "use the cpu or reference backend")
-
 
 LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -62,9 +58,8 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
 
     input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
     weight_hr: [P, H] or None; h0: [B, P] or None; c0: [B, H] or None; lengths: [B] CPU int64
-    or None; recurrent_mask: None (no Triton kernel runs it yet); limits: floats, 0 = off;
-    strategy: "sequence" or "step"."""
-    _refuse_recurrent_mask(recurrent_mask)
+    or None; recurrent_mask: [B, P] in the input dtype or None (multiplies h_{t-1} in
+    W_hh h_{t-1} only); limits: floats, 0 = off; strategy: "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 4
     # Padded steps are zeroed first: what they hold must not reach the saved gates, whose
     # products the backward forms at every step.
@@ -74,7 +69,8 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(4 * hidden)
     output, h_n, c_n, kept = _STRATEGIES[strategy].lstm_forward(
         input_gates, weight_hh.contiguous(), bias_hh, weight_hr.contiguous() if weight_hr is not None else None, h0,
-        c0, _device_lengths(lengths, input.device), reverse, cell_clip, proj_clip, bool(save_for_backward))
+        c0, _device_lengths(lengths, input.device), _contiguous(recurrent_mask), reverse, cell_clip, proj_clip,
+        bool(save_for_backward))
     return (output, h_n, c_n, *kept)
 
 
@@ -110,7 +106,6 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
     grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], each None where the loss does
     not use that result; the other arguments as the forward's, the reserve as it returned it."""
-    _refuse_recurrent_mask(recurrent_mask)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -120,7 +115,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
         _gradient_or_zeros(grad_output, (steps, batch, out_size), input),
         _gradient_or_zeros(grad_h_n, (batch, out_size), input), _gradient_or_zeros(grad_c_n, (batch, hidden), input),
         weight_hh.contiguous(), weight_hr.contiguous() if weight_hr is not None else None, c0,
-        _device_lengths(lengths, input.device), kept, reverse, cell_clip, proj_clip, state_clip, gate_clip)
+        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), kept, reverse, cell_clip, proj_clip,
+        state_clip, gate_clip)
 
     need_input, need_weight_ih, need_weight_hh, need_bias, need_weight_hr, need_h0, need_c0 = output_mask
     flat_grad_gates = grad_gates.reshape(steps * batch, 4 * hidden)
@@ -131,8 +127,9 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
                       ).to(dtype) if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = float32_state(h0, batch, out_size, input.device)
-        h_before = previous_states(hidden_states, h_start, reverse).reshape(steps * batch, out_size)
-        grad_weight_hh = (flat_grad_gates.t() @ h_before).to(dtype)
+        # h_{t-1} as the product saw it: times the mask, when there is one
+        h_before = times_recurrent_mask(previous_states(hidden_states, h_start, reverse), recurrent_mask)
+        grad_weight_hh = (flat_grad_gates.t() @ h_before.reshape(steps * batch, out_size)).to(dtype)
     else:
         grad_weight_hh = input.new_empty(0)
     grad_bias = flat_grad_gates.sum(0).to(dtype) if need_bias else input.new_empty(0)
@@ -169,16 +166,15 @@ def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
     reserve (launch.GruReserve: gates [T, B, 4H], hidden states [T, B, H]; empty where not kept).
 
     input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
-    h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: None (not run yet);
-    strategy: "sequence" or "step"."""
-    _refuse_recurrent_mask(recurrent_mask)
+    h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: [B, H] in the input
+    dtype or None (as for LSTM); strategy: "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 3
     input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()  # as for LSTM
     # Always a bias pointer, zeros when absent, as for LSTM: one kernel variant fewer.
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(3 * hidden)
     output, h_n, kept = _STRATEGIES[strategy].gru_forward(input_gates, weight_hh.contiguous(), bias_hh, h0,
-                                                        _device_lengths(lengths, input.device), reverse,
-                                                        bool(save_for_backward))
+                                                        _device_lengths(lengths, input.device),
+                                                        _contiguous(recurrent_mask), reverse, bool(save_for_backward))
     return (output, h_n, *kept)
 
 
@@ -205,14 +201,14 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
     grad_output: [T, B, H], grad_h_n: [B, H], each None where the loss does not use that
     result; the other arguments as the forward's, the reserve as it returned it."""
-    _refuse_recurrent_mask(recurrent_mask)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 3
     dtype = input.dtype
     grad_input_gates, grad_hidden_gates, grad_h0 = _STRATEGIES[strategy].gru_backward(
         _gradient_or_zeros(grad_output, (steps, batch, hidden), input),
         _gradient_or_zeros(grad_h_n, (batch, hidden), input), weight_hh.contiguous(), h0,
-        _device_lengths(lengths, input.device), GruReserve(gates, hidden_states), reverse, state_clip, gate_clip)
+        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), GruReserve(gates, hidden_states), reverse,
+        state_clip, gate_clip)
 
     need_input, need_weight_ih, need_weight_hh, need_bias_ih, need_bias_hh, need_h0 = output_mask
     flat_input_gates = grad_input_gates.reshape(steps * batch, 3 * hidden)
@@ -224,8 +220,8 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
                       ).to(dtype) if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = float32_state(h0, batch, hidden, input.device)
-        h_before = previous_states(hidden_states, h_start, reverse).reshape(steps * batch, hidden)
-        grad_weight_hh = (flat_hidden_gates.t() @ h_before).to(dtype)
+        h_before = times_recurrent_mask(previous_states(hidden_states, h_start, reverse), recurrent_mask)  # as LSTM
+        grad_weight_hh = (flat_hidden_gates.t() @ h_before.reshape(steps * batch, hidden)).to(dtype)
     else:
         grad_weight_hh = input.new_empty(0)
     grad_bias_ih = flat_input_gates.sum(0).to(dtype) if need_bias_ih else input.new_empty(0)

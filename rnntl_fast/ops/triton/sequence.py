@@ -31,14 +31,15 @@ def lstm_forward_sequence_kernel(
         h0_ptr,  # [B, P] (HAS_H0)
         c0_ptr,  # [B, H] (HAS_C0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, P] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
         output_ptr,  # [T, B, P] input dtype
         h_n_ptr,  # [B, P] input dtype
         c_n_ptr,  # [B, H] input dtype
         gates_ptr, cells_ptr, hidden_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # reserve (SAVE), see module doc
         steps, batch, hidden, out_size, cell_clip, proj_clip,
         HAS_PROJ: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr,
-        SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
+        CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols_h = tl.arange(0, BLOCK_H)
@@ -74,6 +75,8 @@ def lstm_forward_sequence_kernel(
         c = tl.load(c0_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     else:
         c = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_RECURRENT_MASK:  # one draw per sequence: loaded once
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
 
     for k in range(steps):
         if REVERSE:
@@ -81,7 +84,10 @@ def lstm_forward_sequence_kernel(
         else:
             t = k
         x_ptrs = input_gates_ptr + t * batch * 4 * hidden + offs_4h
-        h_dot = h.to(DOT_DTYPE)
+        if HAS_RECURRENT_MASK:  # masks h_{t-1} in the product only; h itself is carried unmasked
+            h_dot = (h * recurrent_mask).to(DOT_DTYPE)
+        else:
+            h_dot = h.to(DOT_DTYPE)
         a_i = tl.load(x_ptrs, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(h_dot, w_i, input_precision="ieee")
         a_f = tl.load(x_ptrs + hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
             h_dot, w_f, input_precision="ieee")
@@ -128,15 +134,17 @@ def lstm_backward_sequence_kernel(
         weight_hr_ptr,  # [P, H] (HAS_PROJ)
         c0_ptr,  # [B, H] (HAS_C0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, P] input dtype (HAS_RECURRENT_MASK)
         gates_ptr, cells_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # forward reserve, float32
         grad_gates_ptr,  # out [T, B, 4H] float32: dL/da_t
         grad_proj_ptr,  # out [T, B, P] float32: dL/d(W_hr m_t) (HAS_PROJ)
         grad_h0_ptr,  # out [B, P] float32
         grad_c0_ptr,  # out [B, H] float32
         steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
-        HAS_PROJ: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-        CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+        HAS_PROJ: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        REVERSE: tl.constexpr, CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr,
+        GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols_h = tl.arange(0, BLOCK_H)
     cols_p = tl.arange(0, BLOCK_P)
@@ -158,6 +166,8 @@ def lstm_backward_sequence_kernel(
         w_hr = tl.load(weight_hr_ptr + cols_p[:, None] * hidden + cols_h[None, :],
                        mask=(cols_p < out_size)[:, None] & (cols_h < hidden)[None, :], other=0.0).to(DOT_DTYPE)
 
+    if HAS_RECURRENT_MASK:
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     grad_h_carry = tl.load(grad_h_n_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     grad_c_carry = tl.load(grad_c_n_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     for k in range(steps):
@@ -206,10 +216,18 @@ def lstm_backward_sequence_kernel(
         tl.store(d_ptrs + hidden, d_f, mask=mask_h)
         tl.store(d_ptrs + 2 * hidden, d_g, mask=mask_h)
         tl.store(d_ptrs + 3 * hidden, d_o, mask=mask_h)
-        grad_h_carry = grad_h_keep + tl.dot(d_i.to(DOT_DTYPE), w_i, input_precision="ieee")
+        # dL/dh_{t-1}: the straight-through part plus da_t @ W_hh, which reaches h_{t-1}
+        # times the mask where the product saw mask * h_{t-1}.
+        if HAS_RECURRENT_MASK:
+            grad_h_carry = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+        else:
+            grad_h_carry = grad_h_keep
+        grad_h_carry += tl.dot(d_i.to(DOT_DTYPE), w_i, input_precision="ieee")
         grad_h_carry += tl.dot(d_f.to(DOT_DTYPE), w_f, input_precision="ieee")
         grad_h_carry += tl.dot(d_g.to(DOT_DTYPE), w_g, input_precision="ieee")
         grad_h_carry += tl.dot(d_o.to(DOT_DTYPE), w_o, input_precision="ieee")
+        if HAS_RECURRENT_MASK:
+            grad_h_carry = grad_h_keep + recurrent_mask * grad_h_carry
     tl.store(grad_h0_ptr + offs_p, grad_h_carry, mask=mask_p)
     tl.store(grad_c0_ptr + offs_h, grad_c_carry, mask=mask_h)
 
@@ -221,11 +239,12 @@ def gru_forward_sequence_kernel(
         bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
         h0_ptr,  # [B, H] (HAS_H0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
         output_ptr,  # [T, B, H] input dtype
         h_n_ptr,  # [B, H] input dtype
         gates_ptr, hidden_ptr,  # reserve (SAVE), see module doc
         steps, batch, hidden,
-        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
         SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
@@ -247,13 +266,18 @@ def gru_forward_sequence_kernel(
         h = tl.load(h0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_RECURRENT_MASK:  # one draw per sequence: loaded once
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
     for k in range(steps):
         if REVERSE:
             t = steps - 1 - k
         else:
             t = k
-        h_dot = h.to(DOT_DTYPE)
+        if HAS_RECURRENT_MASK:  # masks h_{t-1} in the product only; z * h_{t-1} takes it unmasked
+            h_dot = (h * recurrent_mask).to(DOT_DTYPE)
+        else:
+            h_dot = h.to(DOT_DTYPE)
         hh_r = tl.dot(h_dot, w_r, input_precision="ieee")
         hh_z = tl.dot(h_dot, w_z, input_precision="ieee")
         hh_n = tl.dot(h_dot, w_n, input_precision="ieee")
@@ -285,13 +309,15 @@ def gru_backward_sequence_kernel(
         weight_hh_ptr,  # [3H, H]
         h0_ptr,  # [B, H] (HAS_H0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
         gates_ptr, hidden_ptr,  # forward reserve, float32
         grad_input_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, dL/da_n
         grad_hidden_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, r * dL/da_n
         grad_h0_ptr,  # out [B, H] float32
         steps, batch, hidden, state_clip, gate_clip,
-        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STATE_CLIP: tl.constexpr,
-        GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
+        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
@@ -306,6 +332,8 @@ def gru_backward_sequence_kernel(
     w_z = tl.load(w_ptrs + hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
     w_n = tl.load(w_ptrs + 2 * hidden * hidden, mask=w_mask, other=0.0).to(DOT_DTYPE)
 
+    if HAS_RECURRENT_MASK:
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     grad_carry = tl.load(grad_h_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for k in range(steps):
         if REVERSE:
@@ -337,9 +365,17 @@ def gru_backward_sequence_kernel(
         tl.store(hg_ptrs, d_r, mask=mask)
         tl.store(hg_ptrs + hidden, d_z, mask=mask)
         tl.store(hg_ptrs + 2 * hidden, d_hh_n, mask=mask)
-        grad_carry = grad_keep + tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
+        # as in the LSTM: the product's part reaches h_{t-1} times the mask, grad_keep
+        # (z * dL/dh_t, and rows past their length) does not
+        if HAS_RECURRENT_MASK:
+            grad_carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        else:
+            grad_carry = grad_keep
+        grad_carry += tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
         grad_carry += tl.dot(d_z.to(DOT_DTYPE), w_z, input_precision="ieee")
         grad_carry += tl.dot(d_hh_n.to(DOT_DTYPE), w_n, input_precision="ieee")
+        if HAS_RECURRENT_MASK:
+            grad_carry = grad_keep + recurrent_mask * grad_carry
     tl.store(grad_h0_ptr + offs, grad_carry, mask=mask)
 
 
@@ -353,8 +389,9 @@ def _grid(batch: int) -> Tuple[int]:
 
 
 def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
-                 h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-                 cell_clip: float, proj_clip: float, save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
+                 h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
+                 recurrent_mask: Optional[Tensor], reverse: bool, cell_clip: float, proj_clip: float,
+                 save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
     """LSTM forward in one launch.
 
     Args:
@@ -362,6 +399,7 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
         weight_hh: [4H, P] contiguous; bias_hh: [4H] (zeros for a layer without bias)
         weight_hr: [P, H] contiguous, or None (then P = H)
         h0: [B, P] or None; c0: [B, H] or None; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, P] contiguous, in the input dtype, or None
         cell_clip, proj_clip: limits, 0 = off; save: keep the reserve for the backward
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H] in the input dtype, and the reserve.
@@ -383,19 +421,21 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     lstm_forward_sequence_kernel[_grid(batch)](
         input_gates, weight_hh, bias_hh, or_placeholder(weight_hr, unused),
         or_placeholder(h0, unused).contiguous(), or_placeholder(c0, unused).contiguous(),
-        or_placeholder(lengths, unused), output, h_n, c_n,
+        or_placeholder(lengths, unused), or_placeholder(recurrent_mask, unused), output, h_n, c_n,
         *(tensor if tensor.numel() else unused for tensor in kept),
         steps, batch, hidden, out_size, cell_clip, proj_clip,
         HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
-        HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), **switches, SAVE=save,
+        HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None, REVERSE=bool(reverse),
+        **switches, SAVE=save,
         DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
         BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
     return output, h_n, c_n, kept
 
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
-                  weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], kept: LstmReserve,
-                  reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
+                  weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
+                  recurrent_mask: Optional[Tensor], kept: LstmReserve, reverse: bool, cell_clip: float,
+                  proj_clip: float, state_clip: float,
                   gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LSTM backward recurrence in one launch, from the forward's reserve.
 
@@ -403,6 +443,7 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
         grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], contiguous, in the input dtype
         weight_hh: [4H, P] contiguous; weight_hr: [P, H] contiguous or None
         c0: [B, H] or None; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, P] contiguous, in the input dtype, or None (as the forward's)
         kept: the forward's reserve; limits: as the forward, state_clip and gate_clip 0 = off
     Returns:
         dL/da [T, B, 4H] (gate pre-activations), dL/d(W_hr m) [T, B, P] (None without a
@@ -421,24 +462,28 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
     lstm_backward_sequence_kernel[_grid(batch)](
         grad_output, grad_h_n, grad_c_n, weight_hh, or_placeholder(weight_hr, unused),
         or_placeholder(c0, unused).contiguous(), or_placeholder(lengths, unused),
-        kept.gates, kept.cells, or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
+        or_placeholder(recurrent_mask, unused), kept.gates, kept.cells,
+        or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
         or_placeholder(kept.hidden_pre_clip if switches["PROJ_CLIP"] else None, unused),
         grad_gates, or_placeholder(grad_proj, unused), grad_h0, grad_c0,
         steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
         HAS_PROJ=weight_hr is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-        REVERSE=bool(reverse), **switches, DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B,
+        HAS_RECURRENT_MASK=recurrent_mask is not None, REVERSE=bool(reverse), **switches,
+        DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B,
         BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
     return grad_gates, grad_proj, grad_h0, grad_c0
 
 
 def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
-                lengths: Optional[Tensor], reverse: bool, save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], reverse: bool,
+                save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
     """GRU forward in one launch.
 
     Args:
         input_gates: [T, B, 3H] W_ih x_t + b_ih, contiguous, in the input dtype
         weight_hh: [3H, H] contiguous; bias_hh: [3H] (zeros for a layer without bias)
-        h0: [B, H] or None; lengths: [B] int64 on the device, or None; save: keep the reserve
+        h0: [B, H] or None; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, H] contiguous, in the input dtype, or None; save: keep the reserve
     Returns:
         output [T, B, H], h_n [B, H] in the input dtype, and the reserve.
     """
@@ -452,22 +497,24 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
     unused = input_gates  # fills the pointer slots of absent tensors (never read)
     gru_forward_sequence_kernel[_grid(batch)](
         input_gates, weight_hh, bias_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
-        output, h_n, *(tensor if tensor.numel() else unused for tensor in kept),
+        or_placeholder(recurrent_mask, unused), output, h_n, *(tensor if tensor.numel() else unused for tensor in kept),
         steps, batch, hidden,
-        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), SAVE=save,
+        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+        REVERSE=bool(reverse), SAVE=save,
         DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
         num_warps=config.sequence_num_warps())
     return output, h_n, kept
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
-                 lengths: Optional[Tensor], kept: GruReserve, reverse: bool, state_clip: float,
-                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], kept: GruReserve, reverse: bool,
+                 state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
     """GRU backward recurrence in one launch, from the forward's reserve.
 
     Args:
         grad_output: [T, B, H], grad_h_n: [B, H], contiguous, in the input dtype
         weight_hh: [3H, H] contiguous; h0: [B, H] or None; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, H] contiguous, in the input dtype, or None (as the forward's)
         kept: the forward's reserve; state_clip, gate_clip: limits, 0 = off
     Returns:
         the input-side gate gradients [T, B, 3H] (dL/da_r, dL/da_z, dL/da_n), the hidden-side
@@ -481,9 +528,10 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
     unused = kept.gates  # fills the pointer slots of absent tensors (never read)
     gru_backward_sequence_kernel[_grid(batch)](
         grad_output, grad_h_n, weight_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
-        kept.gates, kept.hidden_states, grad_input_gates, grad_hidden_gates, grad_h0,
-        steps, batch, hidden, state_clip, gate_clip,
-        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+        or_placeholder(recurrent_mask, unused), kept.gates, kept.hidden_states, grad_input_gates, grad_hidden_gates,
+        grad_h0, steps, batch, hidden, state_clip, gate_clip,
+        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+        REVERSE=bool(reverse),
         **clip_switches(state_clip=state_clip, gate_clip=gate_clip), DOT_DTYPE=config.dot_dtype(grad_output.dtype),
         BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
     return grad_input_gates, grad_hidden_gates, grad_h0

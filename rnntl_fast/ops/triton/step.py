@@ -16,11 +16,34 @@ from . import config
 from .cell_math import (gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward,
                         lstm_hidden_backward, lstm_hidden_forward, rows_valid)
 from .launch import (GruReserve, LstmReserve, clip_switches, empty_reserve, float32_state, or_placeholder,
-                     processing_order, reserve)
+                     processing_order, reserve, times_recurrent_mask)
 
 # ---------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def recurrent_operand(h_prev_ptr, recurrent_mask_ptr, rows, ks, batch, width, HAS_RECURRENT_MASK: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] chunk (columns `ks`) of h_{t-1} as it enters W_hh h_{t-1}: times the
+    recurrent mask where there is one. h_prev_ptr: [B, width] float32; recurrent_mask_ptr:
+    [B, width] in the input dtype."""
+    offs = rows[:, None] * width + ks[None, :]
+    valid = (rows < batch)[:, None] & (ks < width)[None, :]
+    h_chunk = tl.load(h_prev_ptr + offs, mask=valid, other=0.0)
+    if HAS_RECURRENT_MASK:
+        h_chunk = h_chunk * tl.load(recurrent_mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return h_chunk.to(DOT_DTYPE)
+
+
+@triton.jit
+def masked_product_plus_carry(product, grad_keep_ptr, recurrent_mask_ptr, offs, valid):
+    """dL/dh_t from a [BLOCK_B, BLOCK_N] tile of the next step's da @ W_hh: the product times
+    the recurrent mask (the product saw mask * h_t) plus the part carried around it.
+    grad_keep_ptr: [B, N] float32; recurrent_mask_ptr: [B, N] in the input dtype."""
+    recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return tl.load(grad_keep_ptr + offs, mask=valid, other=0.0) + recurrent_mask * product
 
 
 @triton.autotune(configs=config.step_configs(), key=["batch", "hidden", "out_size"],
@@ -33,6 +56,7 @@ def lstm_forward_step_kernel(
         weight_hh_ptr,  # [4H, P]
         bias_hh_ptr,  # [4H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, P] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         cells_ptr,  # out [B, H] float32: carried c_t
         cell_pre_clip_ptr,  # out [B, H] float32 (SAVE and CELL_CLIP)
@@ -41,7 +65,7 @@ def lstm_forward_step_kernel(
         output_ptr,  # out [B, P] input dtype (not HAS_PROJ)
         hidden_pre_clip_ptr,  # out [B, P] float32 (not HAS_PROJ, SAVE and PROJ_CLIP)
         step, batch, hidden, out_size, cell_clip, proj_clip,
-        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, CELL_CLIP: tl.constexpr,
+        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, CELL_CLIP: tl.constexpr,
         PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -53,8 +77,8 @@ def lstm_forward_step_kernel(
     acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, out_size, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        h_chunk = tl.load(h_prev_ptr + rows[:, None] * out_size + ks[None, :],
-                          mask=(rows < batch)[:, None] & (ks < out_size)[None, :], other=0.0).to(DOT_DTYPE)
+        h_chunk = recurrent_operand(h_prev_ptr, recurrent_mask_ptr, rows, ks, batch, out_size, HAS_RECURRENT_MASK,
+                                    DOT_DTYPE)
         w_mask = (ks < out_size)[:, None] & (cols < hidden)[None, :]
         w_ptrs = weight_hh_ptr + cols[None, :] * out_size + ks[:, None]  # W_hh^T chunk [BLOCK_K, BLOCK_N]
         acc_i += tl.dot(h_chunk, tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE), input_precision="ieee")
@@ -142,17 +166,25 @@ def lstm_backward_hidden_step_kernel(
         weight_hh_ptr,  # [4H, P]
         hidden_pre_clip_ptr,  # [B, P] float32 (PROJ_CLIP)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, P] input dtype (HAS_RECURRENT_MASK)
         grad_proj_ptr,  # out [B, P] float32: dL/d(W_hr m_t), or dL/dm_t without projection
         grad_keep_out_ptr,  # out [B, P] float32: the part of dL/dh_t passed straight to h_{t-1}
         step, batch, hidden, out_size, proj_clip, state_clip,
-        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dL/dh_t = keep_{t+1} + da_{t+1} @ W_hh + dL/d output_t, clipped in "state" mode."""
+        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, PROJ_CLIP: tl.constexpr,
+        STATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """dL/dh_t = keep_{t+1} + (da_{t+1} @ W_hh) [* recurrent mask] + dL/d output_t, clipped in
+    "state" mode."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < out_size)[None, :]
     offs = rows[:, None] * out_size + cols[None, :]
-    grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
+    if HAS_RECURRENT_MASK:
+        # The product alone first: it reaches h_t times the mask, the carried part does not
+        # (loaded after the K loop, so that it holds no registers during it).
+        grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
     if not FIRST:
         for k0 in range(0, 4 * hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -161,6 +193,8 @@ def lstm_backward_hidden_step_kernel(
             w_chunk = tl.load(weight_hh_ptr + ks[:, None] * out_size + cols[None, :],
                               mask=(ks < 4 * hidden)[:, None] & (cols < out_size)[None, :], other=0.0).to(DOT_DTYPE)
             grad_carry += tl.dot(d_chunk, w_chunk, input_precision="ieee")
+    if HAS_RECURRENT_MASK:
+        grad_carry = masked_product_plus_carry(grad_carry, grad_keep_ptr, recurrent_mask_ptr, offs, mask)
     grad_out = tl.load(grad_output_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PROJ_CLIP:
         h_raw = tl.load(hidden_pre_clip_ptr + offs, mask=mask, other=0.0)
@@ -240,11 +274,12 @@ def gru_forward_step_kernel(
         weight_hh_ptr,  # [3H, H]
         bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         hidden_ptr,  # out [B, H] float32: carried h_t
         output_ptr,  # out [B, H] input dtype
         step, batch, hidden,
-        HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -254,8 +289,8 @@ def gru_forward_step_kernel(
     hh_n = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        h_chunk = tl.load(h_prev_ptr + rows[:, None] * hidden + ks[None, :],
-                          mask=(rows < batch)[:, None] & (ks < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+        h_chunk = recurrent_operand(h_prev_ptr, recurrent_mask_ptr, rows, ks, batch, hidden, HAS_RECURRENT_MASK,
+                                    DOT_DTYPE)
         w_mask = (ks < hidden)[:, None] & (cols < hidden)[None, :]
         w_ptrs = weight_hh_ptr + cols[None, :] * hidden + ks[:, None]  # W_hh^T chunk [BLOCK_K, BLOCK_N]
         hh_r += tl.dot(h_chunk, tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT_DTYPE), input_precision="ieee")
@@ -294,18 +329,22 @@ def gru_backward_step_kernel(
         gates_ptr,  # [B, 4H] float32 saved r, z, n, W_hn h + b_hn of step t
         h_prev_ptr,  # [B, H] float32 h_{t-1} (HAS_H_PREV)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
         grad_input_gates_ptr,  # out [B, 3H] float32
         grad_hidden_gates_ptr,  # out [B, 3H] float32
         grad_keep_out_ptr,  # out [B, H] float32
         step, batch, hidden, state_clip, gate_clip,
-        FIRST: tl.constexpr, HAS_H_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, STATE_CLIP: tl.constexpr,
-        GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        FIRST: tl.constexpr, HAS_H_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
     offs = rows[:, None] * hidden + cols[None, :]
-    grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
+    if HAS_RECURRENT_MASK:  # as in lstm_backward_hidden_step_kernel
+        grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
     if not FIRST:
         for k0 in range(0, 3 * hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -314,6 +353,8 @@ def gru_backward_step_kernel(
             w_chunk = tl.load(weight_hh_ptr + ks[:, None] * hidden + cols[None, :],
                               mask=(ks < 3 * hidden)[:, None] & (cols < hidden)[None, :], other=0.0).to(DOT_DTYPE)
             grad_carry += tl.dot(d_chunk, w_chunk, input_precision="ieee")
+    if HAS_RECURRENT_MASK:
+        grad_carry = masked_product_plus_carry(grad_carry, grad_keep_ptr, recurrent_mask_ptr, offs, mask)
     offs_4h = rows[:, None] * (4 * hidden) + cols[None, :]
     r = tl.load(gates_ptr + offs_4h, mask=mask, other=0.0)
     z = tl.load(gates_ptr + hidden + offs_4h, mask=mask, other=0.0)
@@ -358,8 +399,9 @@ def _backward_walk(steps: int, reverse: bool) -> Iterator[Tuple[int, int, Option
 
 
 def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
-                 h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-                 cell_clip: float, proj_clip: float, save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
+                 h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
+                 recurrent_mask: Optional[Tensor], reverse: bool, cell_clip: float, proj_clip: float,
+                 save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
     """LSTM forward, a launch per step; arguments and results as sequence.lstm_forward."""
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 4
@@ -380,16 +422,18 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     h_prev = float32_state(h0, batch, out_size, device)
     c_prev = float32_state(c0, batch, hidden, device)
     lengths_or_unused = or_placeholder(lengths, unused)
+    mask_or_unused = or_placeholder(recurrent_mask, unused)
     dot_dtype = config.dot_dtype(dtype)
     for n, t in enumerate(processing_order(steps, reverse)):
         slot = t if save else n % 2
         hidden_pre_clip_t = hidden_pre_clip[t] if hidden_pre_clip.numel() else unused
         lstm_forward_step_kernel[_grid(batch, hidden)](
-            input_gates[t], h_prev, c_prev, weight_hh, bias_hh, lengths_or_unused,
+            input_gates[t], h_prev, c_prev, weight_hh, bias_hh, lengths_or_unused, mask_or_unused,
             gates[t] if save else unused, cells[slot], cell_pre_clip[t] if cell_pre_clip.numel() else unused,
             or_placeholder(m, unused), hidden_states[slot], output[t], hidden_pre_clip_t,
             t, batch, hidden, out_size, cell_clip, proj_clip,
-            HAS_PROJ=weight_hr is not None, HAS_LENGTHS=lengths is not None, **switches, SAVE=save,
+            HAS_PROJ=weight_hr is not None, HAS_LENGTHS=lengths is not None,
+            HAS_RECURRENT_MASK=recurrent_mask is not None, **switches, SAVE=save,
             DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         if weight_hr is not None:
             lstm_projection_step_kernel[_grid(batch, out_size)](
@@ -406,8 +450,9 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
 
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
-                  weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], kept: LstmReserve,
-                  reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
+                  weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
+                  recurrent_mask: Optional[Tensor], kept: LstmReserve, reverse: bool, cell_clip: float,
+                  proj_clip: float, state_clip: float,
                   gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LSTM backward recurrence, two launches per step; arguments and results as
     sequence.lstm_backward."""
@@ -433,9 +478,10 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
         grad_proj_t = grad_proj[t] if grad_proj is not None else grad_m_buffer
         lstm_backward_hidden_step_kernel[_grid(batch, out_size)](
             grad_output[t], grad_keep[source], grad_gates[later] if later is not None else unused, weight_hh,
-            kept.hidden_pre_clip[t] if switches["PROJ_CLIP"] else unused, lengths_or_unused, grad_proj_t,
-            grad_keep[target], t, batch, hidden, out_size, proj_clip, state_clip,
-            FIRST=later is None, HAS_LENGTHS=lengths is not None, PROJ_CLIP=switches["PROJ_CLIP"],
+            kept.hidden_pre_clip[t] if switches["PROJ_CLIP"] else unused, lengths_or_unused,
+            or_placeholder(recurrent_mask, unused), grad_proj_t, grad_keep[target], t, batch, hidden, out_size,
+            proj_clip, state_clip, FIRST=later is None, HAS_LENGTHS=lengths is not None,
+            HAS_RECURRENT_MASK=recurrent_mask is not None, PROJ_CLIP=switches["PROJ_CLIP"],
             STATE_CLIP=switches["STATE_CLIP"], DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         c_prev = kept.cells[earlier] if earlier is not None else c_start
         lstm_backward_cell_step_kernel[_grid(batch, hidden)](
@@ -449,13 +495,14 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
     last = steps % 2
     first_step = processing_order(steps, reverse)[0]
     # dL/dh0: what the first processed step passes back, as the kernels would for h_{-1}.
-    grad_h0 = grad_keep[last] + grad_gates[first_step] @ weight_hh.float()
+    grad_h0 = grad_keep[last] + times_recurrent_mask(grad_gates[first_step] @ weight_hh.float(), recurrent_mask)
     grad_c0 = grad_c_carry[last].clone()  # a fresh tensor, not a view into the carry buffer
     return grad_gates, grad_proj, grad_h0, grad_c0
 
 
 def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
-                lengths: Optional[Tensor], reverse: bool, save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], reverse: bool,
+                save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
     """GRU forward, a launch per step; arguments and results as sequence.gru_forward."""
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 3
@@ -471,16 +518,18 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
         slot = t if save else n % 2
         gru_forward_step_kernel[_grid(batch, hidden)](
             input_gates[t], h_prev, weight_hh, bias_hh, or_placeholder(lengths, unused),
+            or_placeholder(recurrent_mask, unused),
             gates[t] if save else unused, hidden_states[slot], output[t], t, batch, hidden,
-            HAS_LENGTHS=lengths is not None, SAVE=save, DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B)
+            HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None, SAVE=save,
+            DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B)
         h_prev = hidden_states[slot]
     h_n = h_prev.to(dtype, copy=True)
     return output, h_n, GruReserve(gates, hidden_states if save else empty_reserve(device))
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
-                 lengths: Optional[Tensor], kept: GruReserve, reverse: bool, state_clip: float,
-                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], kept: GruReserve, reverse: bool,
+                 state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
     """GRU backward recurrence, a launch per step; arguments and results as
     sequence.gru_backward."""
     steps, batch, hidden = grad_output.shape
@@ -498,10 +547,14 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
         h_prev = kept.hidden_states[earlier] if earlier is not None else h_start
         gru_backward_step_kernel[_grid(batch, hidden)](
             grad_output[t], grad_keep[source], grad_hidden_gates[later] if later is not None else unused, weight_hh,
-            kept.gates[t], or_placeholder(h_prev, unused), or_placeholder(lengths, unused), grad_input_gates[t],
+            kept.gates[t], or_placeholder(h_prev, unused), or_placeholder(lengths, unused),
+            or_placeholder(recurrent_mask, unused), grad_input_gates[t],
             grad_hidden_gates[t], grad_keep[target], t, batch, hidden, state_clip, gate_clip,
-            FIRST=later is None, HAS_H_PREV=h_prev is not None, HAS_LENGTHS=lengths is not None, **switches,
+            FIRST=later is None, HAS_H_PREV=h_prev is not None, HAS_LENGTHS=lengths is not None,
+            HAS_RECURRENT_MASK=recurrent_mask is not None, **switches,
             DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B)
     # dL/dh0: what the first processed step passes back.
-    grad_h0 = grad_keep[steps % 2] + grad_hidden_gates[processing_order(steps, reverse)[0]] @ weight_hh.float()
+    first_step = processing_order(steps, reverse)[0]
+    grad_h0 = grad_keep[steps % 2] + times_recurrent_mask(grad_hidden_gates[first_step] @ weight_hh.float(),
+                                                          recurrent_mask)
     return grad_input_gates, grad_hidden_gates, grad_h0
