@@ -195,4 +195,59 @@ inline GruSizes check_gru_backward_arguments(const std::optional<at::Tensor>& gr
   return s;
 }
 
+// Sizes of one Elman RNN op call: T, B, I, H.
+struct RnnSizes {
+  int64_t steps, batch, input_size, hidden;
+};
+
+// Every argument of rnntl_fast::rnn_forward except lengths and the device/dtype of input:
+// weight_ih [H, I], weight_hh [H, H], biases [H], h0 [B, H], recurrent_mask [B, H],
+// zoneout [T, B, H].
+inline RnnSizes check_rnn_forward_arguments(const at::Tensor& input, const at::Tensor& weight_ih,
+                                            const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                                            const std::optional<at::Tensor>& bias_hh,
+                                            const std::optional<at::Tensor>& h0,
+                                            const std::optional<at::Tensor>& recurrent_mask,
+                                            const std::optional<at::Tensor>& zoneout, double state_clip,
+                                            double gate_clip) {
+  RnnSizes s{input.size(0), input.size(1), input.size(2), 0};
+  check_same(input, weight_ih, "weight_ih");
+  check_same(input, weight_hh, "weight_hh");
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) > 0,
+              "rnntl_fast: weight_ih must have shape [hidden_size, input_size], got ", weight_ih.sizes());
+  TORCH_CHECK(weight_ih.size(1) == input.size(2), "rnntl_fast: input has ", input.size(2),
+              " features but weight_ih expects input_size=", weight_ih.size(1));
+  s.hidden = weight_ih.size(0);
+  check_shape(weight_hh, {s.hidden, s.hidden}, "weight_hh");
+  check_optional(bias_ih, input, {s.hidden}, "bias_ih");
+  check_optional(bias_hh, input, {s.hidden}, "bias_hh");
+  check_optional(h0, input, {s.batch, s.hidden}, "h0");
+  check_optional(recurrent_mask, input, {s.batch, s.hidden}, "recurrent_mask");
+  check_optional(zoneout, input, {s.steps, s.batch, s.hidden}, "zoneout");
+  checked_clip(state_clip, "state_clip");
+  checked_clip(gate_clip, "gate_clip");
+  return s;
+}
+
+// Every argument of rnntl_fast::rnn_backward except lengths and the device/dtype of input.
+// activations (the forward's f(a_t)) is read only with zoneout.
+inline RnnSizes check_rnn_backward_arguments(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout,
+    const at::Tensor& output, const at::Tensor& activations, double state_clip, double gate_clip) {
+  const RnnSizes s = check_rnn_forward_arguments(input, weight_ih, weight_hh, std::nullopt, std::nullopt, h0,
+                                                 recurrent_mask, zoneout, state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden;
+  check_optional(grad_output, input, {T, B, H}, "grad_output");
+  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
+  check_same(input, output, "output");
+  check_shape(output, {T, B, H}, "output");
+  if (zoneout.has_value()) {
+    check_same(input, activations, "activations");
+    check_shape(activations, {T, B, H}, "activations (forward run without save_for_backward?)");
+  }
+  return s;
+}
+
 }  // namespace rnntl

@@ -46,6 +46,19 @@ TORCH_LIBRARY(rnntl_fast, m) {
       "Tensor hidden_n, "
       "bool reverse, float state_clip, float gate_clip, bool[6] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Elman RNN. recurrent_mask [B,H] and zoneout keep weights [T,B,H] (docs/semantics.md
+  // section 10) get no gradient. -> (output [T,B,H], h_n [B,H], activations [T,B,H]: f(a_t),
+  // kept only with zoneout, where it differs from the output)
+  m.def(
+      "rnn_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+      "Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, bool relu, bool reverse, "
+      "float state_clip, float gate_clip, bool save_for_backward) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0)
+  m.def(
+      "rnn_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, "
+      "Tensor output, Tensor activations, bool relu, bool reverse, float state_clip, float gate_clip, "
+      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -80,6 +80,18 @@ def test_size_flags_form_a_grid(tmp_path, capsys):
     assert all(r["group"] == "custom" and r["peak_memory_mb"] is None for r in rows)
 
 
+def test_elman_rnn_rows_against_torch_nn_rnn(tmp_path):
+    json_path = tmp_path / "rnn.json"
+    code = bench("--cell", "rnn", "--mode", "training,clip", "--T", "4", "--B", "2", "--I", "3", "--H", "5",
+                 "--lengths", "full,uniform", "--backends", "cpu,torch-hooks", "--device", "cpu", "--no-memory",
+                 *FAST, "--json", str(json_path))
+    assert code == 0
+    rows = json.loads(json_path.read_text())["results"]
+    assert {r["cell"] for r in rows} == {"rnn"}
+    timed = {(r["mode"], r["lengths"], r["provider"]) for r in rows if r["status"] == "ok"}
+    assert {("training", "full", "cpu"), ("clip", "uniform", "cpu"), ("clip", "full", "torch-hooks")} <= timed
+
+
 def test_unsupported_dtype_is_a_skipped_row_with_a_reason(tmp_path):
     json_path = tmp_path / "half.json"
     assert bench("--cell", "lstm", "--mode", "inference", *TINY_SIZES, "--dtype", "float16", "--device", "cpu",
@@ -94,7 +106,8 @@ def test_unsupported_dtype_is_a_skipped_row_with_a_reason(tmp_path):
     (["--T", "0"], "--T"),
     (["--T", "ten"], "--T"),
     (["--B", "4,,5"], "--B"),
-    (["--cell", "rnn"], "--cell"),
+    (["--cell", "elman"], "--cell"),
+    (["--cell", "rnn"], "--cell"),  # the named grids time lstm and gru only
     (["--mode", "eval"], "--mode"),
     (["--backends", "cudnn"], "--backends"),
     (["--grid", "huge"], "--grid"),
@@ -153,6 +166,7 @@ def test_flop_counts_follow_the_design_formulas():
     layer1 = 8 * 5 * (2 * 3 + 3) + 2 * 3 * 5
     assert forward_flops(stack, None) == 2 * 2 * (layer0 + layer1)
     assert forward_flops(lstm, torch.tensor([1, 2, 2])) == 5 * 8 * 5 * (4 + 5)
+    assert forward_flops(grids.Case("rnn", "inference", T=2, B=3, I=4, H=5), None) == 2 * 3 * 2 * 5 * (4 + 5)
 
 
 def test_named_grids_hold_the_goal_rows():

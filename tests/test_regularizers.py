@@ -550,9 +550,11 @@ def _op_call(cell, backend, **given):
     return (ops.gru if cell == "gru" else ops.rnn)(*args, backend=backend, **given)
 
 
+# The optional arguments of the LSTM and GRU (the cpu backend's Elman RNN runs both of the
+# RNN's: tests/test_rnn_cpu.py).
 OPTIONAL = [("lstm", "recurrent_mask", (2, 5)), ("lstm", "zoneout_h", (4, 2, 5)), ("lstm", "zoneout_c", (4, 2, 5)),
             ("lstm", "layer_norm", None), ("gru", "recurrent_mask", (2, 5)), ("gru", "zoneout", (4, 2, 5)),
-            ("gru", "layer_norm", None), ("rnn", "recurrent_mask", (2, 5)), ("rnn", "zoneout", (4, 2, 5))]
+            ("gru", "layer_norm", None)]
 
 
 def _optional_value(cell, shape):
@@ -569,19 +571,16 @@ def test_a_backend_without_the_option_refuses_it_by_name(cell, name, shape, back
     if name in BACKEND_RUNS["cpu"].get(cell, ()):
         pytest.skip(f"the cpu backend runs {name} of {cell} (tests/test_recurrent_dropout_cpu.py)")
     value = _optional_value(cell, shape)
-    if cell == "rnn":
-        pattern = r"backend 'cpu'.* has no Elman RNN kernel yet; pass backend='reference'"
-    else:
-        pattern = rf"rnntl_fast.ops.{cell}: backend 'cpu'.* does not run {name} yet; pass backend='reference'"
+    pattern = rf"rnntl_fast.ops.{cell}: backend 'cpu'.* does not run {name} yet; pass backend='reference'"
     with pytest.raises(NotImplementedError, match=pattern):
         _op_call(cell, backend, **{name: value})
     _op_call(cell, "reference", **{name: value})  # the reference runs it
 
 
-@pytest.mark.skipif(not rnntl_fast._ext.HAS_CPU_KERNELS, reason="rnntl_fast._C is not built")
-def test_rnn_module_default_backend_is_refused_not_replaced():
-    with pytest.raises(NotImplementedError, match="backend 'cpu' \\(chosen by backend='auto'\\) has no Elman RNN"):
-        rnntl_fast.RNN(3, 5)(torch.randn(4, 2, 3))
+@pytest.mark.skipif(not rnntl_fast.ops.backend.triton_available(), reason="triton is not installed")
+def test_rnn_module_on_a_backend_without_the_kernel_is_refused_not_replaced():
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no Elman RNN kernel yet"):
+        rnntl_fast.RNN(3, 5, backend="triton")(torch.randn(4, 2, 3))
 
 
 @pytest.mark.parametrize("cell,given,error,pattern", [

@@ -41,5 +41,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout, bool relu,
+    bool reverse, double state_clip, double gate_clip, bool save_for_backward);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const at::Tensor& output, const at::Tensor& activations, bool relu, bool reverse, double state_clip,
+    double gate_clip, std::array<bool, 6> output_mask);
+
 }  // namespace cpu
 }  // namespace rnntl

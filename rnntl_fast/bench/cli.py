@@ -1,4 +1,4 @@
-"""Time rnntl_fast's LSTM/GRU against torch.nn on the same device, in one process, and
+"""Time rnntl_fast's LSTM/GRU/RNN against torch.nn on the same device, in one process, and
 report same-run speedups; `rnntl-fast bench` (also `python -m rnntl_fast bench`).
 
     rnntl-fast bench                         # the default grid (module rows: stacks, packed, proj_size, ...)
@@ -19,10 +19,10 @@ as the floor, and the cell loop with clamp hooks, what users write otherwise, is
 --lengths uniform draws row lengths uniformly in [ceil(T/2), T] (seed --seed, longest = T)
 and feeds both torch.nn and rnntl_fast a PackedSequence packed inside the timed step.
 
-GFLOP/s counts per step and batch row 8*H*(I+P) (+2*P*H projection) for LSTM and
-6*H*(I+H) for GRU, per layer and direction, over valid steps only; training = 3x forward,
-frozen = 2x, inference = 1x. "% of GEMM" divides that by the GFLOP/s of a torch.mm of
-[T*B, I+P] @ [I+P, G*H] timed in the same rounds as the providers (same FLOPs as one
+GFLOP/s counts per step and batch row 8*H*(I+P) (+2*P*H projection) for LSTM,
+6*H*(I+H) for GRU and 2*H*(I+H) for the Elman RNN, per layer and direction, over valid
+steps only; training = 3x forward, frozen = 2x, inference = 1x. "% of GEMM" divides that
+by the GFLOP/s of a torch.mm of [T*B, I+P] @ [I+P, G*H] timed in the same rounds as the providers (same FLOPs as one
 forward layer-direction; oneDNN's fused RNN can beat a plain torch.mm, so > 100% happens).
 Peak memory (training modes): bytes torch allocates during one step above what was live
 before it; CUDA: torch.cuda.max_memory_allocated; CPU: running sum of torch.profiler's
@@ -60,7 +60,7 @@ from ..cli_types import output_file as _output_file
 from ..cli_types import positive_float as _positive_float
 from ..cli_types import positive_int as _positive_int
 from . import grids
-from .grids import CELLS, DTYPES, LENGTHS, MODES
+from .grids import CELLS, DTYPES, GRID_CELLS, LENGTHS, MODES
 
 SCHEMA = "rnntl_fast.bench/1"
 DEFAULT_REPEATS = 15
@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to time (size flags take comma lists and form a grid)")
     what.add_argument("--grid", choices=sorted(grids.GRIDS), help="a named grid (default: 'default' unless "
                       "size flags are given); --cell and --mode filter it")
-    what.add_argument("--cell", type=_list_of(_choice(CELLS), "cells"), help="lstm, gru (default: both)")
+    what.add_argument("--cell", type=_list_of(_choice(CELLS), "cells"),
+                      help="lstm, gru, rnn (Elman, tanh; size flags only) (default: lstm,gru)")
     what.add_argument("--mode", type=_list_of(_choice(MODES), "modes"),
                       help="inference, training, frozen, clip (custom grid default: inference,training)")
     what.add_argument("--T", type=_list_of(_positive_int, "step counts"), help="sequence length(s)")
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--bidirectional", nargs="?", const="true", type=_list_of(_boolean, "true/false values"),
                       help="bidirectional stacks; alone means true, or a list such as false,true")
     what.add_argument("--proj-size", dest="proj_size", type=_list_of(_non_negative_int, "sizes"),
-                      help="LSTM proj_size(s), 0 = none (GRU rows skip values > 0)")
+                      help="LSTM proj_size(s), 0 = none (GRU and RNN rows skip values > 0)")
     what.add_argument("--lengths", type=_list_of(_choice(LENGTHS), "length modes"),
                       help="full (every row T steps) or uniform (seeded lengths in [ceil(T/2), T], packed)")
     where = parser.add_argument_group("where and how")
@@ -154,7 +155,7 @@ def resolve_cases(args, parser) -> List[grids.Case]:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         parser.error(f"argument --grid: a named grid fixes the sizes; drop --grid to build a grid from {flags}")
     if given:
-        axes = {"cell": args.cell or list(CELLS), "mode": args.mode or ["inference", "training"]}
+        axes = {"cell": args.cell or list(GRID_CELLS), "mode": args.mode or ["inference", "training"]}
         for name in SIZE_FLAGS:
             axes[name] = getattr(args, name) if getattr(args, name) is not None else CUSTOM_DEFAULTS[name]
         axes["dtype"] = args.dtype or ["float32"]
@@ -165,6 +166,10 @@ def resolve_cases(args, parser) -> List[grids.Case]:
         if not cases:
             parser.error("argument --proj-size: proj_size applies to LSTM only; add --cell lstm")
         return cases
+    outside = [cell for cell in args.cell or [] if cell not in GRID_CELLS]
+    if outside:
+        parser.error(f"argument --cell: the named grids time {', '.join(GRID_CELLS)}; give size flags "
+                     f"(--T, --B, --I, --H) to time {', '.join(outside)}")
     dtypes = args.dtype or (["float32", "float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
     cases = grids.filter_cases(grids.named_grid(args.grid or "default", device, dtypes), args.cell, args.mode)
     if not cases:

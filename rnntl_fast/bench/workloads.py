@@ -2,14 +2,14 @@
 
 Providers (the names `--backends` takes):
 
-* ``torch``: torch.nn.LSTM / GRU on the same device (oneDNN / ATen on CPU, cuDNN on GPU);
+* ``torch``: torch.nn.LSTM / GRU / RNN on the same device (oneDNN / ATen on CPU, cuDNN on GPU);
   every ratio is computed against it. With ``lengths="uniform"`` it gets the same
   PackedSequence as rnntl_fast; in ``frozen`` mode the same frozen weights; in ``clip``
   mode it runs unclipped (torch.nn cannot clip inside its backward), i.e. it is the floor.
 * ``torch-hooks``: what users write to clip per step without rnntl_fast: an
   nn.LSTMCell / nn.GRUCell loop with ``register_hook(lambda g: g.clamp(-v, v))`` on every
   h_t and c_t, masking by lengths with ``torch.where``. Clip mode only; no proj_size.
-* ``cpu``, ``cuda``, ``triton``, ``reference``: rnntl_fast.LSTM / GRU with that backend,
+* ``cpu``, ``cuda``, ``triton``, ``reference``: rnntl_fast.LSTM / GRU / RNN with that backend,
   same weights as the torch.nn module.
 """
 import math
@@ -35,15 +35,21 @@ REFERENCE_MAX_FORWARD_FLOPS = 2e8
 
 
 def gates_of(cell: str) -> int:
-    return 4 if cell == "lstm" else 3
+    return {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+
+
+# torch.nn module, rnntl_fast module name and torch.nn cell of each bench cell.
+TORCH_MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+FAST_MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+TORCH_CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
 
 def forward_flops(case: Case, lengths: Optional[Tensor]) -> float:
     """Floating-point operations of one forward pass over the valid steps.
 
     Per step and batch row: LSTM 8*H*(I_l + P) (+ 2*P*H for the projection), GRU
-    6*H*(I_l + H), where I_l is the layer's input width and P the recurrent width
-    (proj_size or H); elementwise gate math is not counted. Packed rows count only their
+    6*H*(I_l + H), Elman RNN 2*H*(I_l + H), where I_l is the layer's input width and P the
+    recurrent width (proj_size or H); elementwise gate math is not counted. Packed rows count only their
     valid steps (sum of lengths).
     """
     row_steps = float(lengths.sum()) if lengths is not None else float(case.T * case.B)
@@ -94,7 +100,7 @@ class Workload:
             self.lengths = torch.randint(shortest, case.T + 1, (case.B,), generator=generator)
             self.lengths[torch.randint(0, case.B, (1,), generator=generator)] = case.T  # padded length is T
         torch.manual_seed(seed)  # same initial weights for every provider and every run
-        torch_class = nn.LSTM if case.cell == "lstm" else nn.GRU
+        torch_class = TORCH_MODULES[case.cell]
         extra = {"proj_size": case.proj_size} if case.proj_size else {}
         self.torch_module = torch_class(case.I, case.H, case.layers, bidirectional=case.bidirectional, **extra)
         self.torch_module.to(self.device, self.dtype)
@@ -125,7 +131,7 @@ class Workload:
 
     def rnntl_module(self, backend: str) -> nn.Module:
         import rnntl_fast  # noqa: F401  (rnntl_fast.bench is imported before the package body)
-        fast_class = rnntl_fast.LSTM if self.case.cell == "lstm" else rnntl_fast.GRU
+        fast_class = getattr(rnntl_fast, FAST_MODULES[self.case.cell])
         case = self.case
         extra = {"proj_size": case.proj_size} if case.proj_size else {}
         module = fast_class(case.I, case.H, case.layers, bidirectional=case.bidirectional, backend=backend,
@@ -156,10 +162,10 @@ class Workload:
         return training_step
 
     def hooks_step(self) -> Callable[[], None]:
-        """The per-step clipping loop over nn.LSTMCell / nn.GRUCell (clip mode)."""
+        """The per-step clipping loop over nn.LSTMCell / nn.GRUCell / nn.RNNCell (clip mode)."""
         case = self.case
         lstm = case.cell == "lstm"
-        cell_class = nn.LSTMCell if lstm else nn.GRUCell
+        cell_class = TORCH_CELLS[case.cell]
         directions = 2 if case.bidirectional else 1
         cells: List[List[nn.Module]] = []
         for layer in range(case.layers):

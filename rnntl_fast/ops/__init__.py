@@ -181,6 +181,16 @@ def gru(
 NONLINEARITIES = ("tanh", "relu")
 
 
+def _rnn_backend(name: str):
+    """The function of backend `name` that runs one Elman RNN layer-direction (BACKEND_RUNS
+    has refused the backends without one)."""
+    if name == "cpu":
+        return native.rnn_native
+    return lambda *tensors, options, **extras: rnn_reference(*tensors, reverse=options.reverse,
+                                                             state_clip=options.state_clip,
+                                                             gate_clip=options.gate_clip, **extras)
+
+
 def rnn(
     input: Tensor,
     weight_ih: Tensor,
@@ -210,8 +220,8 @@ def rnn(
         recurrent_mask: [B, H]; zoneout: [T, B, H] keep weights: as in `gru`.
     Returns:
         output [T, B, H], h_n [B, H].
-    Only backend "reference" has an Elman RNN kernel so far: "cpu", "cuda" and "triton" (also
-    when "auto" picks them) raise NotImplementedError.
+    Backends "cpu" (what "auto" picks for CPU tensors) and "reference" run it, with every
+    argument; "cuda" and "triton" have no Elman RNN kernel yet and raise NotImplementedError.
     """
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
@@ -226,8 +236,8 @@ def rnn(
     if batch == 0:
         return _empty_results(input, [(steps, 0, hidden), (0, hidden)], (weight_ih, weight_hh, bias_ih, bias_hh, h0),
                               extras)
-    return rnn_reference(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, nonlinearity=nonlinearity,
-                         reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip, **extras)
+    return _rnn_backend(chosen)(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options,
+                                nonlinearity=nonlinearity, **extras)
 
 
 __all__ = ["lstm", "gru", "rnn", "lstm_reference", "gru_reference", "rnn_reference", "LayerNormWeights",

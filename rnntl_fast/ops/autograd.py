@@ -1,5 +1,5 @@
 """Autograd for the fused ops, shared by every backend that registers a forward/backward op
-pair (the native `rnntl_fast::{lstm,gru}_{forward,backward}` and the Triton
+pair (the native `rnntl_fast::{lstm,gru,rnn}_{forward,backward}` and the Triton
 `rnntl_fast::triton_{lstm,gru}_{forward,backward}`).
 
 The contract of such a pair (docs/semantics.md, "Op contract"):
@@ -119,6 +119,57 @@ def register_gru_autograd(forward_op, backward_op: Callable, reserve_includes_ou
         return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * (len(need) - len(grads))
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+class RnnForwardCall(NamedTuple):
+    """The arguments of an Elman RNN forward op, by name."""
+    input: Tensor                     # [T, B, I]
+    weight_ih: Tensor                 # [H, I]
+    weight_hh: Tensor                 # [H, H]
+    bias_ih: Optional[Tensor]         # [H]
+    bias_hh: Optional[Tensor]         # [H]
+    h0: Optional[Tensor]              # [B, H]
+    lengths: Optional[Tensor]         # [B] CPU int64
+    recurrent_mask: Optional[Tensor]  # [B, H]
+    zoneout: Optional[Tensor]         # [T, B, H] keep weights
+    relu: bool
+    reverse: bool
+    state_clip: float
+    gate_clip: float
+    save_for_backward: bool
+
+
+def register_rnn_autograd(forward_op, backward_op: Callable) -> None:
+    """Autograd for an Elman RNN forward op; as register_gru_autograd, with the backward op
+    reading the forward's output and then its reserve (the activations). recurrent_mask and
+    zoneout are inputs of the backward op and get no gradient (docs/semantics.md section 10)."""
+
+    def setup_context(ctx, inputs, output):
+        call = RnnForwardCall(*inputs)
+        _save(ctx, (call.input, call.weight_ih, call.weight_hh, call.h0, call.lengths, call.recurrent_mask,
+                    call.zoneout), output, 2, reserve_includes_output=True)
+        ctx.call = call._replace(input=None, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
+                                 lengths=None, recurrent_mask=None, zoneout=None)
+
+    def backward(ctx, grad_output, grad_h_n, *_reserve_grads):
+        input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, output, activations = ctx.saved_tensors
+        call, need = ctx.call, ctx.needs_input_grad
+        grads = backward_op(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout,
+                            output, activations, call.relu, call.reverse, call.state_clip, call.gate_clip,
+                            list(need[:6]))
+        return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * (len(need) - len(grads))
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def rnn_gradients_like(input, weight_ih, weight_hh, output_mask):
+    """Empty tensors shaped as an Elman RNN backward's results (grad_input, grad_weight_ih,
+    grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0); [0] where output_mask is off."""
+    steps, batch, features = input.shape
+    hidden = weight_ih.shape[0]
+    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (hidden,), (hidden,),
+              (batch, hidden)]
+    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
 
 
 def lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask):

@@ -1,4 +1,4 @@
-"""The native ops `torch.ops.rnntl_fast.{lstm,gru}_{forward,backward}` (the `cpu` and `cuda`
+"""The native ops `torch.ops.rnntl_fast.{lstm,gru,rnn}_{forward,backward}` (the `cpu` and `cuda`
 backends): their fake (meta) implementations for tracing, their autograd, and the calls
 that run them. The schemas live in csrc/ops.cpp, the CPU kernels in csrc/cpu, the CUDA ones
 in csrc/cuda; torch's dispatcher picks the kernel by the tensors' device."""
@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import _ext
 from .autograd import (gru_gradients_like, lstm_gradients_like, needs_grad, register_gru_autograd,
                        register_lstm_autograd)
+from .autograd import register_rnn_autograd, rnn_gradients_like
 from .options import SequenceOptions
 
 REGISTERED = False
@@ -49,6 +50,20 @@ def _gru_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, l
     return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
+def _rnn_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, zoneout, relu,
+                      reverse, state_clip, gate_clip, save_for_backward):
+    steps, batch, _ = input.shape
+    hidden = weight_ih.shape[0]
+    keep = bool(save_for_backward) and zoneout is not None  # activations differ from the output only then
+    return (input.new_empty(steps, batch, hidden), input.new_empty(batch, hidden),
+            input.new_empty((steps, batch, hidden) if keep else (0,)))
+
+
+def _rnn_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout,
+                       output, activations, relu, reverse, state_clip, gate_clip, output_mask):
+    return rnn_gradients_like(input, weight_ih, weight_hh, output_mask)
+
+
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("rnntl_fast: double backward (create_graph=True through the backward of a fused "
                               "LSTM/GRU op) is not supported; use backend='reference' for higher-order gradients")
@@ -75,6 +90,11 @@ def register() -> None:
                           reserve_includes_output=True)
     for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward"):
         torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
+    torch.library.register_fake("rnntl_fast::rnn_forward")(_rnn_forward_fake)
+    torch.library.register_fake("rnntl_fast::rnn_backward")(_rnn_backward_fake)
+    register_rnn_autograd("rnntl_fast::rnn_forward", lambda *args: torch.ops.rnntl_fast.rnn_backward(*args))
+    torch.library.register_autograd("rnntl_fast::rnn_backward", _no_double_backward,
+                                    setup_context=_no_double_backward_setup)
     REGISTERED = True
 
 
@@ -118,4 +138,22 @@ def gru_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     out, h_n, _, _ = torch.ops.rnntl_fast.gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
                                                       recurrent_mask, options.reverse, options.state_clip, options.gate_clip, save)
+    return out, h_n
+
+
+def rnn_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+               bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], options: SequenceOptions,
+               nonlinearity: str = "tanh", recurrent_mask: Optional[Tensor] = None,
+               zoneout: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The `cpu` backend of rnntl_fast.ops.rnn (arguments already checked there). Shapes as
+    rnntl_fast.ops.rnn (recurrent_mask [B, H], zoneout [T, B, H]); returns output [T, B, H], h_n [B, H]."""
+    if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
+        tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, h0))
+        mask, keep = _widened((recurrent_mask, zoneout))
+        return tuple(r.to(input.dtype) for r in rnn_native(*tensors, lengths, options, nonlinearity,
+                                                           recurrent_mask=mask, zoneout=keep))
+    save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    out, h_n, _ = torch.ops.rnntl_fast.rnn_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
+                                                   recurrent_mask, zoneout, nonlinearity == "relu", options.reverse,
+                                                   options.state_clip, options.gate_clip, save)
     return out, h_n

@@ -125,6 +125,34 @@ void test_gru_backward() {
   }
 }
 
+// Elman element with zoneout: h = d * h_prev + (1 - d) * f(a); dL/da and dL/dh_prev (direct
+// path) against finite differences, tanh and relu (a kept away from relu's kink).
+template <bool kRelu>
+double rnn_loss(double a, double h_prev, double keep) {
+  return -0.9 * rnntl::zoneout_blend(keep, h_prev, rnntl::rnn_activation<kRelu>(a));
+}
+
+template <bool kRelu>
+void test_rnn_backward() {
+  const double h = 1e-6;
+  for (int trial = 0; trial < 200; ++trial) {
+    double a = (std::rand() / double(RAND_MAX) - 0.5) * 4;
+    if (kRelu && std::fabs(a) < 1e-3) a = 0.5;
+    const double h_prev = (std::rand() / double(RAND_MAX) - 0.5) * 2, keep = std::rand() / double(RAND_MAX);
+    const double fresh = rnntl::rnn_activation<kRelu>(a), dh = -0.9;
+    const double d_a = rnntl::rnn_preactivation_gradient<kRelu>(fresh, dh * (1 - keep), 0.0);
+    const double numeric_a = (rnn_loss<kRelu>(a + h, h_prev, keep) - rnn_loss<kRelu>(a - h, h_prev, keep)) / (2 * h);
+    expect_close("rnn dL/da", d_a, numeric_a, 1e-7);
+    expect_close("rnn dL/dh_prev", dh * keep,
+                 (rnn_loss<kRelu>(a, h_prev + h, keep) - rnn_loss<kRelu>(a, h_prev - h, keep)) / (2 * h), 1e-7);
+  }
+  // relu's derivative as torch's threshold_backward: zero at and below 0, NaN output passes.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect_close("relu backward at 0", rnntl::rnn_activation_backward<true>(1.0, 0.0), 0.0, 0.0);
+  expect_close("relu backward at NaN", std::isnan(rnntl::rnn_activation_backward<true>(nan, nan)) ? 1 : 0, 1, 0);
+  expect_close("relu of NaN", std::isnan(rnntl::rnn_activation<true>(nan)) ? 1 : 0, 1, 0);
+}
+
 void test_gate_clip() {
   const auto f = rnntl::lstm_element_forward(2.0, 1.0, -1.0, 0.5, 0.3, 0.0);
   const auto b = rnntl::lstm_element_backward(f.i, f.f, f.g, f.o, f.cell_before_clip, 0.3, 50.0, 40.0, 0.0, 0.0, 0.01);
@@ -167,6 +195,8 @@ int main() {
   test_float_non_finite();
   test_lstm_backward();
   test_gru_backward();
+  test_rnn_backward<false>();
+  test_rnn_backward<true>();
   test_gate_clip();
   test_clamps_non_finite();
   if (failures) {

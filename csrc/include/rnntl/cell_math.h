@@ -271,4 +271,43 @@ RNNTL_HOST_DEVICE GruBackwardElement<T> gru_element_backward(T r, T z, T n, T hi
   return e;
 }
 
+// ---------------------------------------------------------------------------------------
+// Elman RNN element (docs/semantics.md section 10): a = W_ih x + b_ih + W_hh (m * h) + b_hh,
+// h~ = f(a) with f = tanh or relu, and with zoneout keep weight d the carried
+// h = d * h_prev + (1 - d) * h~. Both derivatives are taken from the output f(a), as
+// torch's backward of tanh and relu takes them.
+// ---------------------------------------------------------------------------------------
+template <bool kRelu, typename T>
+RNNTL_HOST_DEVICE T rnn_activation(T a) {
+  if constexpr (kRelu) {
+    return a < T(0) ? T(0) : a;  // a NaN passes, as torch.relu's
+  } else {
+    return tanh_activation(a);
+  }
+}
+
+// dL/da from dL/dh~ and h~ = f(a). relu: torch's threshold_backward, zero where h~ <= 0
+// (a NaN h~ passes the gradient, as there).
+template <bool kRelu, typename T>
+RNNTL_HOST_DEVICE T rnn_activation_backward(T grad_fresh, T fresh) {
+  if constexpr (kRelu) {
+    return fresh <= T(0) ? T(0) : grad_fresh;
+  } else {
+    return grad_fresh * (T(1) - fresh * fresh);
+  }
+}
+
+// Zoneout: keep * previous + (1 - keep) * fresh, in the reference's order of operations.
+template <typename T>
+RNNTL_HOST_DEVICE T zoneout_blend(T keep, T previous, T fresh) {
+  return keep * previous + (T(1) - keep) * fresh;
+}
+
+// dL/da of one valid step from the total dL/dh~ (dL/dh_t times 1 - d under zoneout),
+// clamped in gate mode.
+template <bool kRelu, typename T>
+RNNTL_HOST_DEVICE T rnn_preactivation_gradient(T fresh, T grad_fresh, T gate_clip) {
+  return clip_value(rnn_activation_backward<kRelu>(grad_fresh, fresh), gate_clip);
+}
+
 }  // namespace rnntl
