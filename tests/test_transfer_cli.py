@@ -50,6 +50,19 @@ def tiny_args(tiny_data, output_dir, *extra):
             "--repeats", "1", "--output-dir", str(output_dir), *extra]
 
 
+def test_finetune_with_regularizers_in_the_recurrence_saves_them_and_skips_the_torch_nn_timing(tiny_data, tmp_path,
+                                                                                                 capsys):
+    """--recurrent-dropout / --weight-drop reach the encoder's LSTM (and its saved file); the
+    throughput comparison with torch.nn, which cannot run them, is skipped with one line."""
+    assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2", "--recurrent-dropout", "0.2",
+                          "--weight-drop", "0.4")) == 0
+    assert "throughput: not timed, torch.nn cannot run --recurrent-dropout and --weight-drop" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "throughput" not in metrics and metrics["recipe"]["weight_drop"] == 0.4
+    encoder = load_encoder(str(tmp_path / "encoder.pt"))
+    assert (encoder.layers[0].recurrent_dropout, encoder.layers[0].weight_drop) == (0.2, 0.4)
+
+
 def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
     assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2")) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

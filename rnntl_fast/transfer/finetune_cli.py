@@ -230,7 +230,12 @@ def _run(args, place, started, load_at_start) -> int:
     except StopRequested as stop:
         log(place, f"{stop}; continue with --resume --output-dir {args.output_dir}")
         return 0
-    if place.is_main and args.throughput_steps > 0:
+    in_recurrence = [flag for flag, value in (("--recurrent-dropout", recipe.recurrent_dropout),
+                                              ("--weight-drop", recipe.weight_drop)) if value > 0]
+    if place.is_main and args.throughput_steps > 0 and in_recurrence:
+        # The timing compares the same steps on torch.nn, which cannot run these.
+        log(place, f"throughput: not timed, torch.nn cannot run {' and '.join(in_recurrence)}")
+    elif place.is_main and args.throughput_steps > 0:
         log(place, "timing training steps: rnntl_fast vs torch.nn (same batches, interleaved)")
         metrics["throughput"] = measure_throughput(transfer_model, sets["train"], recipe.batch_size,
                                                    steps=args.throughput_steps, seed=recipe.seed)
