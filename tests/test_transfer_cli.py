@@ -50,15 +50,16 @@ def tiny_args(tiny_data, output_dir, *extra):
             "--repeats", "1", "--output-dir", str(output_dir), *extra]
 
 
-def test_finetune_with_regularizers_in_the_recurrence_saves_them_and_skips_the_torch_nn_timing(tiny_data, tmp_path,
-                                                                                                 capsys):
+def test_finetune_with_regularizers_in_the_recurrence_saves_them_and_times_torch_nn_without(tiny_data, tmp_path,
+                                                                                              capsys):
     """--recurrent-dropout / --weight-drop reach the encoder's LSTM (and its saved file); the
-    throughput comparison with torch.nn, which cannot run them, is skipped with one line."""
+    throughput comparison runs torch.nn, which cannot run them, without them, and says so."""
     assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2", "--recurrent-dropout", "0.2",
                           "--weight-drop", "0.4")) == 0
-    assert "throughput: not timed, torch.nn cannot run --recurrent-dropout and --weight-drop" in capsys.readouterr().err
+    assert "torch.nn without --recurrent-dropout and --weight-drop, which it cannot run" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "throughput" not in metrics and metrics["recipe"]["weight_drop"] == 0.4
+    assert metrics["throughput"]["torch_nn_without"] == ["recurrent_dropout", "weight_drop"]
+    assert metrics["throughput"]["tokens_per_s"]["torch.nn"] > 0 and metrics["recipe"]["weight_drop"] == 0.4
     encoder = load_encoder(str(tmp_path / "encoder.pt"))
     assert (encoder.layers[0].recurrent_dropout, encoder.layers[0].weight_drop) == (0.2, 0.4)
 

@@ -39,7 +39,7 @@ class Recipe:
     cell: str = "lstm"
     dropout: float = 0.3
     recurrent_dropout: float = 0.0  # variational dropout of h_{t-1} inside the recurrence (docs/semantics.md)
-    weight_drop: float = 0.0        # DropConnect on weight_hh (docs/semantics.md)
+    weight_drop: float = 0.5        # DropConnect on weight_hh (docs/semantics.md); chosen on validation (docs/finetune.md)
     # language model
     lm_epochs: int = 10
     lm_batch_size: int = 64
@@ -272,7 +272,8 @@ def combine_runs(summaries: Sequence[dict]) -> dict:
 def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size: int, steps: int = 10,
                        rounds: int = 3, seed: int = 0) -> dict:
     """Training tokens/s (forward + backward + Adam step) of `model` as is (rnntl_fast) and
-    of a copy converted to torch.nn (rnntl_fast.convert(inverse=True)), on the same batches,
+    of a copy converted to torch.nn (rnntl_fast.convert(inverse=True); recurrent_dropout and
+    weight_drop, which torch.nn cannot run, turned off in that copy), on the same batches,
     interleaved A/B for `rounds` rounds in this process; the median of each and their ratio.
     All parameters train (no freezing) so that both do the full work."""
     from .. import convert
@@ -290,7 +291,9 @@ def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size:
     fast = copy.deepcopy(model)
     for parameter in fast.parameters():
         parameter.requires_grad_(True)
-    reference = convert(copy.deepcopy(fast), inverse=True)
+    reference = copy.deepcopy(fast)
+    torch_nn_without = _turn_off_in_recurrence_dropouts(reference)
+    reference = convert(reference, inverse=True)
     providers = {"rnntl_fast": fast, "torch.nn": reference}
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in providers.items()}
 
@@ -318,4 +321,19 @@ def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size:
     ratios = [a / b for a, b in zip(samples["rnntl_fast"], samples["torch.nn"])]
     return {"steps_per_round": len(batches), "tokens_per_round": tokens, "rounds": rounds,
             "tokens_per_s": {k: statistics.median(v) for k, v in samples.items()},
-            "samples_tokens_per_s": samples, "ratio_rnntl_fast_over_torch_nn": statistics.median(ratios)}
+            "samples_tokens_per_s": samples, "ratio_rnntl_fast_over_torch_nn": statistics.median(ratios),
+            "torch_nn_without": torch_nn_without}
+
+
+def _turn_off_in_recurrence_dropouts(model: nn.Module) -> List[str]:
+    """Sets recurrent_dropout and weight_drop of every rnntl_fast recurrent module in `model` to
+    0 (torch.nn cannot run them); returns the names of those that were on."""
+    from ..nn import _RecurrentStack
+    names = set()
+    for module in model.modules():
+        if isinstance(module, _RecurrentStack):
+            for name in ("recurrent_dropout", "weight_drop"):
+                if getattr(module, name) > 0:
+                    names.add(name)
+                    setattr(module, name, 0.0)
+    return sorted(names)
