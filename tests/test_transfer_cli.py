@@ -148,7 +148,8 @@ def _free_port():
 
 
 def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
-    common = ("--throughput-steps", "0", "--dropout", "0", "--freeze", "gradual")
+    # No random masks: each rank draws its own (dropout, weight drop), a single process one set.
+    common = ("--throughput-steps", "0", "--dropout", "0", "--weight-drop", "0", "--freeze", "gradual")
     assert main(tiny_args(tiny_data, tmp_path / "single", *common)) == 0
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
