@@ -66,7 +66,7 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, l
 
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("rnntl_fast: double backward (create_graph=True through the backward of a fused "
-                              "LSTM/GRU op) is not supported; use backend='reference' for higher-order gradients")
+                              "LSTM/GRU/RNN op) is not supported; use backend='reference' for higher-order gradients")
 
 
 def _no_double_backward_setup(ctx, inputs, output):
