@@ -88,13 +88,11 @@ def register() -> None:
                            reserve_includes_output=True)
     register_gru_autograd("rnntl_fast::gru_forward", lambda *args: torch.ops.rnntl_fast.gru_backward(*args),
                           reserve_includes_output=True)
-    for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward"):
-        torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     torch.library.register_fake("rnntl_fast::rnn_forward")(_rnn_forward_fake)
     torch.library.register_fake("rnntl_fast::rnn_backward")(_rnn_backward_fake)
     register_rnn_autograd("rnntl_fast::rnn_forward", lambda *args: torch.ops.rnntl_fast.rnn_backward(*args))
-    torch.library.register_autograd("rnntl_fast::rnn_backward", _no_double_backward,
-                                    setup_context=_no_double_backward_setup)
+    for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward", "rnntl_fast::rnn_backward"):
+        torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     REGISTERED = True
 
 
