@@ -130,10 +130,6 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // Whether the float32 products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
 inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
-// Whether the whole-sequence float32 products run on the own kernel (its AVX-512 variant
-// matches the libraries' rate at these shapes: docs/cpu.md, "Matrix products").
-inline bool own_kernel_for_sequence_products() { return own_kernel_enabled(); }
-
 // x [M, K] @ weight [N, K]^T (+ bias [N]), computed a block of rows at a time into a
 // caller's buffer. The sequence kernels project each few steps' input rows just before
 // those steps run, into a buffer that stays in L2, instead of the whole [T*B, G] product up
@@ -149,7 +145,7 @@ class RowProjection {
   RowProjection(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                 const char* profile_name = "rnntl_fast::input_projection")
       : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias), profile_name_(profile_name) {
-    own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_for_sequence_products();
+    own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
     if (own_kernel_) {
       const int64_t N = weight.size(0), K = weight.size(1);
       panels_ = at::empty({packed_panels_size(N, K)}, weight.options());

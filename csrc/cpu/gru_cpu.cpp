@@ -266,21 +266,14 @@ class GruForward {
     const float* const mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<float>() : nullptr;
     c10::optional<AlternatingState> masked;
     if (mask) masked.emplace(recurrent_mask_ * hidden_state_);
-    GruForwardStep<float> common = forward_step<float>();
-    // As LstmForward's: every step's input gates first where the libraries run the product.
-    const bool gates_up_front = !own_kernel_for_sequence_products();
-    at::Tensor all_input_gates;  // [N, 3H]
-    if (gates_up_front) {
-      all_input_gates = RowProjection(input_compact_, weight_ih_, bias_ih_).all();
-      common.input_gates = all_input_gates.data_ptr<float>();
-    }
+    const GruForwardStep<float> common = forward_step<float>();
     float* const recurrent = recurrent_scratch_.data_ptr<float>();  // [B, 3H] W_hh h_{t-1}
 
     run_persistent(slices, [&](const StepWorker& worker) {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
       for (int64_t w = first; w < end; ++w) {
         recurrent_panels.pack(w, weight_hh.data_ptr<float>());
-        if (!gates_up_front) input_panels.pack(w, weight_ih.data_ptr<float>());
+        input_panels.pack(w, weight_ih.data_ptr<float>());
       }
       GruForwardStep<float> s = common;
       s.unit_begin = units[first];
@@ -291,7 +284,7 @@ class GruForward {
         const int64_t n = sequence_.active[t];
         s.t = t;
         s.first_row = sequence_.first_row[t];
-        if (!gates_up_front && blocks.starts_at(step)) {
+        if (blocks.starts_at(step)) {  // each worker projects its own columns, just before they run
           float* gates = input_gates_block_.data_ptr<float>();
           s.input_first_row = blocks.first();
           for (int64_t w = first; w < end; ++w)

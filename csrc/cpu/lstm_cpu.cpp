@@ -406,17 +406,7 @@ class LstmForward {
     const float* const mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<float>() : nullptr;
     c10::optional<AlternatingState> masked;
     if (mask) masked.emplace(recurrent_mask_ * hidden_state_);
-    LstmForwardStep<float> common = forward_step<float>();
-    // Where the libraries run the whole-sequence products (own_kernel_for_sequence_products),
-    // one library product gives every step's input gates before the loop; else each worker
-    // projects its own columns a block of steps at a time, just before they run.
-    const bool gates_up_front = !own_kernel_for_sequence_products();
-    at::Tensor all_input_gates;  // [N, 4H]
-    if (gates_up_front) {
-      all_input_gates = save_ ? gates_ : at::empty({sequence_.valid_rows, G}, input_compact_.options());
-      RowProjection(input_compact_, weight_ih_, bias_).into(0, sequence_.valid_rows, all_input_gates.data_ptr<float>());
-      common.input_gates = all_input_gates.data_ptr<float>();
-    }
+    const LstmForwardStep<float> common = forward_step<float>();
     float* const recurrent = step_scratch_.data_ptr<float>();  // [B, 4H] W_hh h_{t-1}
     float* const projected = recurrent + batch_ * G;            // [B, P]  W_hr m_t
 
@@ -424,7 +414,7 @@ class LstmForward {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
       for (int64_t w = first; w < end; ++w) {
         recurrent_panels.pack(w, weight_hh.data_ptr<float>());
-        if (!gates_up_front) input_panels.pack(w, weight_ih.data_ptr<float>());
+        input_panels.pack(w, weight_ih.data_ptr<float>());
         if (project_) projection_panels->pack(w, 0, weight_hr.data_ptr<float>() + columns[w] * H, H, 1);
       }
       LstmForwardStep<float> s = common;
@@ -436,7 +426,7 @@ class LstmForward {
         const int64_t n = sequence_.active[t];
         s.t = t;
         s.first_row = sequence_.first_row[t];
-        if (!gates_up_front && blocks.starts_at(step)) {
+        if (blocks.starts_at(step)) {  // each worker projects its own columns, just before they run
           float* gates = s.input_gates + (save_ ? blocks.first() * G : 0);
           if (!save_) s.input_first_row = blocks.first();
           for (int64_t w = first; w < end; ++w)
