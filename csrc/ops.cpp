@@ -17,34 +17,38 @@
 
 // recurrent_mask, when given, is [B, P] (P: the width of h): the recurrent product of every
 // step reads recurrent_mask * h_{t-1} instead of h_{t-1} (recurrent dropout, docs/semantics.md).
+// Zoneout keep weights d (zoneout_h [T, B, P], zoneout_c [T, B, H], zoneout [T, B, H]), when
+// given, make the carried state d * previous + (1 - d) * new (docs/semantics.md section 10).
+// Masks and keep weights get no gradient.
 // Clip arguments are limits >= 0 where 0 means "off" (docs/semantics.md): cell_clip and
 // proj_clip act in the forward; state_clip and gate_clip act in the backward and are taken
 // by the forward ops only so that autograd can hand them to the backward ops.
 TORCH_LIBRARY(rnntl_fast, m) {
-  // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
+  // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P],
+  //     carried_cells [T,B,H]: the zoned c_t, kept only with zoneout_c)
   m.def(
       "lstm_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
-      "Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor? recurrent_mask, bool reverse, "
-      "float cell_clip, float proj_clip, float state_clip, float gate_clip, bool save_for_backward) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout_h, "
+      "Tensor? zoneout_c, bool reverse, float cell_clip, float proj_clip, float state_clip, float gate_clip, "
+      "bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_h0, grad_c0)
   m.def(
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, "
-      "Tensor? recurrent_mask, Tensor output, Tensor gates, Tensor cells, Tensor hidden_pre_clip, bool reverse, float cell_clip, "
-      "float proj_clip, float state_clip, float gate_clip, bool[7] output_mask) "
+      "Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, Tensor output, Tensor gates, Tensor cells, "
+      "Tensor hidden_pre_clip, Tensor carried_cells, bool reverse, float cell_clip, float proj_clip, "
+      "float state_clip, float gate_clip, bool[7] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H])
   m.def(
       "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
-      "Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, bool reverse, float state_clip, float gate_clip, "
-      "bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, bool reverse, float state_clip, "
+      "float gate_clip, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)");
   // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0)
   m.def(
       "gru_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor output, Tensor gates, "
-      "Tensor hidden_n, "
-      "bool reverse, float state_clip, float gate_clip, bool[6] output_mask) "
+      "Tensor weight_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, Tensor output, "
+      "Tensor gates, Tensor hidden_n, bool reverse, float state_clip, float gate_clip, bool[6] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Elman RNN. recurrent_mask [B,H] and zoneout keep weights [T,B,H] (docs/semantics.md
   // section 10) get no gradient. -> (output [T,B,H], h_n [B,H], activations [T,B,H]: f(a_t),

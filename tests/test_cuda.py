@@ -70,7 +70,7 @@ def _lstm_run(data, dtype, device, options, native):
     t = _leaves(data, dtype, device, ("go", "ghn", "gcn", "lengths"))
     args = (t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], t["h0"], t["c0"], data["lengths"])
     if native:
-        out, h_n, c_n, *_ = torch.ops.rnntl_fast.lstm_forward(*args, None, *options, True)
+        out, h_n, c_n, *_ = torch.ops.rnntl_fast.lstm_forward(*args, None, None, None, *options, True)
     else:
         out, h_n, c_n = lstm_reference(*args, **options._asdict())
     cast = lambda name: data[name].to(device=device, dtype=dtype)  # noqa: E731
@@ -110,7 +110,7 @@ def _gru_run(data, dtype, device, options, native):
     t = _leaves(data, dtype, device, ("go", "ghn", "lengths"))
     args = (t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], data["lengths"])
     if native:
-        out, h_n, *_ = torch.ops.rnntl_fast.gru_forward(*args, None, options.reverse, options.state_clip,
+        out, h_n, *_ = torch.ops.rnntl_fast.gru_forward(*args, None, None, options.reverse, options.state_clip,
                                                         options.gate_clip, True)
     else:
         out, h_n = gru_reference(*args, reverse=options.reverse, state_clip=options.state_clip,
@@ -145,10 +145,11 @@ def test_reserve_outputs_match_the_cpu_op(cell, strategy):
     G = (4 if cell == "lstm" else 3) * H
     args = [_rand(T, B, I).float(), _rand(G, I).float(), _rand(G, H).float(), _rand(G).float(), _rand(G).float()]
     if cell == "lstm":
-        extra = [None, _rand(B, H).float(), _rand(B, H).float(), lengths, False, 0.6, 0.4, 0.0, 0.0, True]
+        extra = [None, _rand(B, H).float(), _rand(B, H).float(), lengths, None, None, None, False, 0.6, 0.4, 0.0,
+                 0.0, True]
         op = torch.ops.rnntl_fast.lstm_forward
     else:
-        extra = [_rand(B, H).float(), lengths, False, 0.0, 0.0, True]
+        extra = [_rand(B, H).float(), lengths, None, None, False, 0.0, 0.0, True]
         op = torch.ops.rnntl_fast.gru_forward
     cpu = op(*args, *extra)
     gpu = op(*[a.cuda() for a in args], *[e.cuda() if isinstance(e, torch.Tensor) and e is not lengths else e
@@ -175,10 +176,10 @@ def test_against_cudnn(cell, dtype, strategy):
         if native:
             params = [getattr(m, n) for n in names]
             if cell == "lstm":
-                out = torch.ops.rnntl_fast.lstm_forward(xi, *params, None, None, None, None, None, False, 0.0, 0.0,
-                                                        0.0, 0.0, True)[0]
+                out = torch.ops.rnntl_fast.lstm_forward(xi, *params, None, None, None, None, None, None, None, False,
+                                                        0.0, 0.0, 0.0, 0.0, True)[0]
             else:
-                out = torch.ops.rnntl_fast.gru_forward(xi, *params, None, None, None, False, 0.0, 0.0, True)[0]
+                out = torch.ops.rnntl_fast.gru_forward(xi, *params, None, None, None, None, False, 0.0, 0.0, True)[0]
         else:
             out = m(xi)[0]
         (out * go.to(device=device, dtype=dtype_)).sum().backward()
@@ -206,10 +207,10 @@ def test_opcheck(cell, strategy):
                _rand(G, H).float().cuda().requires_grad_(), _rand(G).float().cuda(), _rand(G).float().cuda()]
     lengths = torch.tensor([3, 1])
     if cell == "lstm":
-        args = (*tensors, None, None, None, lengths, None, True, 0.5, 0.0, 0.0, 0.1, True)
+        args = (*tensors, None, None, None, lengths, None, None, None, True, 0.5, 0.0, 0.0, 0.1, True)
         torch.library.opcheck(torch.ops.rnntl_fast.lstm_forward.default, args)
     else:
-        args = (*tensors, None, lengths, None, False, 0.1, 0.0, True)
+        args = (*tensors, None, lengths, None, None, False, 0.1, 0.0, True)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)
 
 
@@ -374,8 +375,8 @@ def test_opcheck_with_recurrent_mask(cell, strategy):
     lengths = torch.tensor([3, 1])
     mask = (torch.rand(B, H) > 0.3).float().cuda() / 0.7
     if cell == "lstm":
-        args = (*tensors, None, None, None, lengths, mask, True, 0.5, 0.0, 0.0, 0.1, True)
+        args = (*tensors, None, None, None, lengths, mask, None, None, True, 0.5, 0.0, 0.0, 0.1, True)
         torch.library.opcheck(torch.ops.rnntl_fast.lstm_forward.default, args)
     else:
-        args = (*tensors, None, lengths, mask, False, 0.1, 0.0, True)
+        args = (*tensors, None, lengths, mask, None, False, 0.1, 0.0, True)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)

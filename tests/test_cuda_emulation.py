@@ -398,13 +398,13 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
     if cell == "lstm":
         options = sequence_options(True, cell_clip=0.6, proj_clip=0.4)
         cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
-                                                f["c0"], lengths, None, *options, True)
+                                                f["c0"], lengths, None, None, None, *options, True)[:6]  # no carried_cells
         fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options)
         emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
     else:
         options = sequence_options(True)
         cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
-                                               None, True, 0.0, 0.0, True)
+                                               None, None, True, 0.0, 0.0, True)
         fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options)
         emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
     assert len(cpu) == len(emulated)

@@ -185,44 +185,52 @@ def test_gradcheck_float64(cell, proj, lengths, options):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
 
 
-def _opcheck_args(cell, proj=0, lengths=None, clip=None, masked=False):
+def _opcheck_args(cell, proj=0, lengths=None, clip=None, masked=False, zoneout=False):
     case, leaves = _small_double_inputs(cell, proj, lengths)
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None
     width = proj or weight_hh.shape[1]
     # A recurrent-dropout mask as the modules draw it (p = 0.5: entries 0 or 2).
     mask = torch.bernoulli(torch.full((input.shape[1], width), 0.5, dtype=input.dtype)) * 2 if masked else None
+    # Zoneout keep weights as drawn in training (z = 0.3: entries 0 or 1).
+    keep = (lambda size: torch.bernoulli(torch.full((input.shape[0], input.shape[1], size), 0.3,
+                                                    dtype=input.dtype))) if zoneout else (lambda size: None)
+    hidden = weight_hh.shape[0] // (4 if cell == "lstm" else 3)
     if cell == "lstm":
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, False, 0.5,
-                0.4, clip, 0.0, True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, True, 0.0, clip, True)
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, keep(width),
+                keep(hidden), False, 0.5, 0.4, clip, 0.0, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, keep(hidden), True, 0.0, clip,
+            True)
 
 
-OPCHECK = [("lstm", 0, None, 0.0, False), ("lstm", 2, (3, 1), 0.1, False), ("gru", 0, None, 0.0, False),
-           ("gru", 0, (2, 3), 0.1, False), ("lstm", 2, (3, 1), 0.1, True), ("gru", 0, (2, 3), 0.0, True)]
+OPCHECK = [("lstm", 0, None, 0.0, False, False), ("lstm", 2, (3, 1), 0.1, False, False),
+           ("gru", 0, None, 0.0, False, False), ("gru", 0, (2, 3), 0.1, False, False),
+           ("lstm", 2, (3, 1), 0.1, True, False), ("gru", 0, (2, 3), 0.0, True, False),
+           ("lstm", 2, (3, 1), 0.1, True, True), ("lstm", 0, None, 0.0, False, True), ("gru", 0, (2, 3), 0.1, True, True)]
 
 
-@pytest.mark.parametrize("cell,proj,lengths,clip,masked", OPCHECK,
-                         ids=[f"{c}-P{p}-len{l}-clip{g}{'-recurrent_mask' if m else ''}"
-                              for c, p, l, g, m in OPCHECK])
-def test_opcheck(cell, proj, lengths, clip, masked):
+@pytest.mark.parametrize("cell,proj,lengths,clip,masked,zoneout", OPCHECK,
+                         ids=[f"{c}-P{p}-len{l}-clip{g}{'-recurrent_mask' if m else ''}{'-zoneout' if z else ''}"
+                              for c, p, l, g, m, z in OPCHECK])
+def test_opcheck(cell, proj, lengths, clip, masked, zoneout):
     op = torch.ops.rnntl_fast.lstm_forward.default if cell == "lstm" else torch.ops.rnntl_fast.gru_forward.default
-    args = _opcheck_args(cell, proj, lengths, clip, masked)
+    args = _opcheck_args(cell, proj, lengths, clip, masked, zoneout)
     torch.library.opcheck(op, args)
     # The backward op on its own, with the forward's saved outputs.
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     saved = op(*args)
     input = args[0]
     if cell == "lstm":
-        out, h_n, c_n, gates, cells, pre = saved
+        out, h_n, c_n, gates, cells, pre, carried = saved
         bargs = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, args[1], args[2],
-                 args[5], args[6], args[7], args[8], args[9], out, gates, cells, pre, False, 0.5, 0.4, clip, 0.0,
+                 args[5], args[6], args[7], args[8], args[9], args[10], args[11], out, gates, cells, pre, carried, False,
+                 0.5, 0.4, clip, 0.0,
             [True, True, True, True, proj > 0, True, True])
         torch.library.opcheck(torch.ops.rnntl_fast.lstm_backward.default, bargs)
     else:
         out, h_n, gates, hidden_n = saved
-        bargs = (torch.randn_like(out), torch.randn_like(h_n), input, args[1], args[2], args[5], args[6], args[7], out,
-                 gates, hidden_n, True, 0.0, clip, [True] * 6)
+        bargs = (torch.randn_like(out), torch.randn_like(h_n), input, args[1], args[2], args[5], args[6], args[7],
+                 args[8], out, gates, hidden_n, True, 0.0, clip, [True] * 6)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_backward.default, bargs)
 
 
@@ -334,7 +342,8 @@ def test_backward_works_in_eval_mode_and_under_no_grad_forward_saves_nothing():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.no_grad():
         results = torch.ops.rnntl_fast.lstm_forward(x, module.weight_ih_l0, module.weight_hh_l0, None, None, None,
-                                                    None, None, None, None, False, 0.0, 0.0, 0.0, 0.0, False)
+                                                    None, None, None, None, None, None, False, 0.0, 0.0, 0.0, 0.0,
+                                                    False)
     assert all(r.numel() == 0 for r in results[3:])
 
 
@@ -385,22 +394,26 @@ def test_native_op_rejects_bad_input_directly():
     op = torch.ops.rnntl_fast.lstm_forward
     with pytest.raises(RuntimeError, match="lengths must be <= the number of steps"):
         op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None,
-           torch.tensor([9, 1]), None, False, 0.0, 0.0, 0.0, 0.0, False)
+           torch.tensor([9, 1]), None, None, None, False, 0.0, 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="h0 must have shape"):
         op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, torch.randn(5, 5), None, None,
-           None, False, 0.0, 0.0, 0.0, 0.0, False)
+           None, None, None, False, 0.0, 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="gate_clip must be a finite number >= 0"):
-        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, None, False, 0.0,
-           0.0, 0.0, -1.0, False)
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, None, None, None,
+           False, 0.0, 0.0, 0.0, -1.0, False)
     with pytest.raises(RuntimeError, match="cell_clip must be a finite number >= 0"):
-        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, None, False,
-           float("nan"), 0.0, 0.0, 0.0, False)
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, None, None, None,
+           False, float("nan"), 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match=r"recurrent_mask must have shape \[2, 5\]"):
         op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, torch.ones(5, 2),
-           False, 0.0, 0.0, 0.0, 0.0, False)
+           None, None, False, 0.0, 0.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"zoneout_c must have shape \[3, 2, 5\]"):
+        op(args["input"], args["weight_ih"], args["weight_hh"], None, None, None, None, None, None, None, None,
+           torch.ones(3, 2, 4), False, 0.0, 0.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="gates"):
         torch.ops.rnntl_fast.gru_backward(None, None, torch.randn(3, 2, 4), torch.randn(15, 4), torch.randn(15, 5),
-                                          None, None, None, torch.randn(3, 2, 5), torch.empty(0), torch.empty(0), False,
+                                          None, None, None, None, torch.randn(3, 2, 5), torch.empty(0), torch.empty(0),
+                                          False,
                                           0.0, 0.0, [True] * 6)
 
 
@@ -412,17 +425,19 @@ def test_native_backward_names_a_saved_tensor_of_the_wrong_dtype(cell):
     x = torch.randn(3, 2, 4)
     if cell == "lstm":
         w_ih, w_hh = args["weight_ih"], args["weight_hh"]
-        out, h_n, c_n, gates, cells, pre = torch.ops.rnntl_fast.lstm_forward(
-            x, w_ih, w_hh, None, None, None, None, None, None, None, False, 0.0, 0.0, 0.0, 0.0, True)
+        out, h_n, c_n, gates, cells, pre, carried = torch.ops.rnntl_fast.lstm_forward(
+            x, w_ih, w_hh, None, None, None, None, None, None, None, None, None, False, 0.0, 0.0, 0.0, 0.0, True)
         with pytest.raises(RuntimeError, match="gates has dtype Double but input has dtype Float"):
-            torch.ops.rnntl_fast.lstm_backward(out, None, None, x, w_ih, w_hh, None, None, None, None, None, out,
-                                               gates.double(), cells, pre, False, 0.0, 0.0, 0.0, 0.0, [True] * 7)
+            torch.ops.rnntl_fast.lstm_backward(out, None, None, x, w_ih, w_hh, None, None, None, None, None, None, None,
+                                               out, gates.double(), cells, pre, carried, False, 0.0, 0.0, 0.0, 0.0,
+                                               [True] * 7)
     else:
         w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
         out, h_n, gates, hidden_n = torch.ops.rnntl_fast.gru_forward(x, w_ih, w_hh, None, None, None, None, None,
-                                                                     False, 0.0, 0.0, True)
+                                                                     None, False, 0.0, 0.0, True)
         with pytest.raises(RuntimeError, match="hidden_n has dtype Double but input has dtype Float"):
-            torch.ops.rnntl_fast.gru_backward(out, None, x, w_ih, w_hh, None, None, None, out, gates, hidden_n.double(),
+            torch.ops.rnntl_fast.gru_backward(out, None, x, w_ih, w_hh, None, None, None, None, out, gates,
+                                              hidden_n.double(),
                                               False, 0.0, 0.0, [True] * 6)
 
 

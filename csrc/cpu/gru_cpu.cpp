@@ -6,7 +6,8 @@
 // Two step loops run it (docs/cpu.md, "Multi-core engine"): run_steps, a step at a time with
 // each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
 // region for the whole sequence in which each thread owns a slice of the hidden units.
-// Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H].
+// Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H];
+// recurrent_mask [B, H]; zoneout [T, B, H] keep weights d: h_t = d * h_{t-1} + (1 - d) * h~_t.
 // "Slot-major" buffers hold row order[j] in slot j. The whole-sequence buffers (input gates,
 // saved gates and hidden_n, gate gradients, weight-gradient operands) hold only the
 // N = valid_rows rows of SequenceOrder's compact layout, so padded steps never enter a
@@ -32,13 +33,14 @@ struct GruForwardStep {
   const T* bias_hh;          // [3H]       b_hh, or zeros
   const T* hidden_previous;  // [B, H]     slot-major h_{t-1} (may be hidden_state)
   T* hidden_state;           // [B, H]     slot-major h_t
+  const T* zoneout;          // [T, B, H]  padded keep weights, or nullptr
   T* output;                 // [T, B, H]  padded
   T* gates;                  // [N, 3H]    compact activations r, z, n, when saving for backward
   T* hidden_n;               // [N, H]     compact W_hn h_{t-1} + b_hn, when saving
   int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass updates
 };
 
-template <typename T, bool kSave>
+template <typename T, bool kSave, bool kZoneout>
 RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
@@ -53,6 +55,7 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   T* h = s.hidden_state + j * H;
   T* __restrict__ out = s.output + row * H;
   T* __restrict__ hidden_n = kSave ? s.hidden_n + compact * H : nullptr;
+  const T* __restrict__ keep = kZoneout ? s.zoneout + row * H : nullptr;
   const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
   // Two passes (see gru_candidate_update): the independent r and z first, then n and h.
 #pragma omp simd
@@ -67,8 +70,9 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
     const T hn = r[2 * H + k] + bias[2 * H + k];
     GruForwardElement<T> e;
     gru_candidate_update(rz[k], rz[H + k], x[2 * H + k], hn, h_previous[k], e);
-    h[k] = e.hidden;
-    out[k] = e.hidden;
+    const T value = kZoneout ? zoneout_blend(keep[k], h_previous[k], e.hidden) : e.hidden;
+    h[k] = value;
+    out[k] = value;
     if (kSave) {
       rz[2 * H + k] = e.n;
       hidden_n[k] = hn;
@@ -78,7 +82,12 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
 
 template <typename T>
 RNNTL_ROW_INLINE void gru_forward_rows(const GruForwardStep<T>& s, int64_t begin, int64_t end, bool save) {
-  for (int64_t j = begin; j < end; ++j) save ? gru_forward_row<T, true>(s, j) : gru_forward_row<T, false>(s, j);
+  for (int64_t j = begin; j < end; ++j) {
+    if (s.zoneout)
+      save ? gru_forward_row<T, true, true>(s, j) : gru_forward_row<T, false, true>(s, j);
+    else
+      save ? gru_forward_row<T, true, false>(s, j) : gru_forward_row<T, false, false>(s, j);
+  }
 }
 
 RNNTL_VECTOR_CLONES void gru_forward_rows_entry(const GruForwardStep<float>& s, int64_t begin, int64_t end,
@@ -100,8 +109,10 @@ struct GruBackwardStep {
   const T* grad_output;       // [T, B, H] padded
   const T* h0;                // [B, H] or nullptr
   const T* zeros;             // [H]
-  T* grad_hidden_carry;       // [B, H]  slot-major: dL/dh_t from step t+1 in, z * dL/dh_t out
-                              //         (the caller then adds dL/dgh @ W_hh)
+  const T* zoneout;           // [T, B, H] padded keep weights d, or nullptr
+  T* grad_hidden_carry;       // [B, H]  slot-major: dL/dh_t from step t+1 in, z * dL/dh~_t
+                              //         (+ d * dL/dh_t with zoneout) out (the caller then
+                              //         adds dL/dgh @ W_hh)
   T* grad_hidden_gates;       // [n, 3H] dL/d(W_hh h + b_hh) of step t's slots
   T* grad_input_gates_all;    // [N, 3H] compact dL/d(W_ih x + b_ih)
   T* hidden_prev_all;         // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
@@ -111,7 +122,7 @@ struct GruBackwardStep {
   int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass covers
 };
 
-template <typename T>
+template <typename T, bool kZoneout>
 RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 3 * s.hidden;
   const int64_t b = s.sequence->order[j];
@@ -126,20 +137,22 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
   T* __restrict__ carry = s.grad_hidden_carry + j * H;
   T* __restrict__ dgh = s.grad_hidden_gates + j * G;
   T* __restrict__ dgi = s.grad_input_gates_all + compact * G;
+  const T* __restrict__ keep = kZoneout ? s.zoneout + row * H : nullptr;
   const T state_clip = s.state_clip, gate_clip = s.gate_clip;
   const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
 #pragma omp simd
   for (int64_t k = k_begin; k < k_end; ++k) {
-    const T dh = clip_value(carry[k] + go[k], state_clip);
+    const T dh = clip_value(carry[k] + go[k], state_clip);  // of the carried h_t
+    const T dh_fresh = kZoneout ? (T(1) - keep[k]) * dh : dh;
     const GruBackwardElement<T> e =
-        gru_element_backward(act[k], act[H + k], act[2 * H + k], hn[k], h_prev[k], dh, gate_clip);
+        gru_element_backward(act[k], act[H + k], act[2 * H + k], hn[k], h_prev[k], dh_fresh, gate_clip);
     dgi[k] = e.d_r;
     dgi[H + k] = e.d_z;
     dgi[2 * H + k] = e.d_n;
     dgh[k] = e.d_r;
     dgh[H + k] = e.d_z;
     dgh[2 * H + k] = e.d_hidden_n;
-    carry[k] = e.grad_hidden_prev;
+    carry[k] = kZoneout ? e.grad_hidden_prev + keep[k] * dh : e.grad_hidden_prev;
   }
   if (s.hidden_prev_all) {
     T* operand = s.hidden_prev_all + compact * s.hidden_prev_stride;
@@ -153,7 +166,7 @@ RNNTL_ROW_INLINE void gru_backward_row(const GruBackwardStep<T>& s, int64_t j) {
 
 template <typename T>
 RNNTL_ROW_INLINE void gru_backward_rows(const GruBackwardStep<T>& s, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j) gru_backward_row(s, j);
+  for (int64_t j = begin; j < end; ++j) s.zoneout ? gru_backward_row<T, true>(s, j) : gru_backward_row<T, false>(s, j);
 }
 
 RNNTL_VECTOR_CLONES void gru_backward_rows_entry(const GruBackwardStep<float>& s, int64_t begin, int64_t end) {
@@ -171,7 +184,8 @@ class GruForward {
   GruForward(const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
              const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
              const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64,
-             const c10::optional<at::Tensor>& recurrent_mask, const GruSizes& sizes, bool reverse, bool save)
+             const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+             const GruSizes& sizes, bool reverse, bool save)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), input_size_(sizes.input_size),
         reverse_(reverse), save_(save), sequence_(lengths64, steps_, batch_),
         input_compact_(sequence_.compact_from_padded(input)),
@@ -190,6 +204,7 @@ class GruForward {
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
     if (recurrent_mask_.defined()) masked_hidden_ = at::empty({batch_, hidden_}, options);
+    zoneout_ = zoneout.has_value() ? zoneout->contiguous() : at::Tensor();
     recurrent_scratch_ = at::empty({batch_, G}, options);
     output_ = at::empty({steps_, batch_, hidden_}, options);
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
@@ -208,6 +223,7 @@ class GruForward {
     s.bias_hh = bias_hh_.data_ptr<T>();
     s.hidden_previous = hidden_state_.data_ptr<T>();
     s.hidden_state = hidden_state_.data_ptr<T>();
+    s.zoneout = zoneout_.defined() ? zoneout_.data_ptr<T>() : nullptr;
     s.output = output_.data_ptr<T>();
     s.gates = save_ ? gates_.data_ptr<T>() : nullptr;
     s.hidden_n = save_ ? hidden_n_.data_ptr<T>() : nullptr;
@@ -327,6 +343,7 @@ class GruForward {
   at::Tensor hidden_state_;       // [B, H] slot-major
   at::Tensor recurrent_mask_;     // [B, H] slot-major, or undefined
   at::Tensor masked_hidden_;      // [B, H] slot-major mask * h_{t-1}, with recurrent_mask
+  at::Tensor zoneout_;            // [T, B, H] padded keep weights, or undefined
   at::Tensor recurrent_scratch_;  // [B, 3H]
   at::Tensor output_, gates_, hidden_n_;
 };
@@ -339,7 +356,9 @@ class GruBackward {
   GruBackward(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
               const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
               const c10::optional<at::Tensor>& h0, const at::Tensor& lengths64,
-              const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, const GruSizes& sizes, bool reverse,
+              const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+              const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, const GruSizes& sizes,
+              bool reverse,
               double state_clip, double gate_clip, std::array<bool, 6> output_mask)
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
@@ -363,6 +382,7 @@ class GruBackward {
     output_ = output.contiguous();
     gates_ = gates.contiguous();
     hidden_n_ = hidden_n.contiguous();
+    zoneout_ = zoneout.has_value() ? zoneout->contiguous() : at::Tensor();
     // With recurrent dropout dL/dh_{t-1} = z * dL/dh_t + mask * (dL/dgh @ W_hh): the product
     // goes to a scratch first.
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
@@ -383,6 +403,7 @@ class GruBackward {
     s.grad_output = grad_out_.data_ptr<T>();
     s.h0 = h0_.defined() ? h0_.data_ptr<T>() : nullptr;
     s.zeros = zeros_.data_ptr<T>();
+    s.zoneout = zoneout_.defined() ? zoneout_.data_ptr<T>() : nullptr;
     s.grad_hidden_carry = grad_hidden_carry_.data_ptr<T>();
     s.grad_input_gates_all = grad_input_gates_all_.data_ptr<T>();
     s.hidden_prev_all = hidden_operand_->hidden_columns<T>();
@@ -547,6 +568,7 @@ class GruBackward {
   at::Tensor grad_hidden_gates_all_; // [N, 3H] compact, or [2B, 3H]: two steps' rows, alternating
   c10::optional<WeightGradientOperand> input_operand_, hidden_operand_;
   at::Tensor zeros_, h0_, output_, gates_, hidden_n_;
+  at::Tensor zoneout_;            // [T, B, H] padded keep weights, or undefined
   at::Tensor recurrent_mask_;     // [B, H] slot-major, or undefined
   at::Tensor recurrent_product_;  // [B, H] dL/dgh @ W_hh, with recurrent_mask
 };
@@ -554,14 +576,15 @@ class GruBackward {
 }  // namespace
 
 // Returns (output [T,B,H], h_n [B,H], gates [T,B,3H], hidden_n [T,B,H]); the last two
-// are empty unless save_for_backward. With lengths, gates and hidden_n hold the compact
+// are empty unless save_for_backward. Zoneout needs nothing more saved: the backward reads
+// the carried h_{t-1} from the output and n from the gates. With lengths, gates and hidden_n hold the compact
 // rows first (the layout is private to this op, see docs/cpu.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& recurrent_mask, bool reverse, double state_clip, double gate_clip,
-    bool save_for_backward) {
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout, bool reverse,
+    double state_clip, double gate_clip, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
@@ -569,8 +592,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   check_optional(recurrent_mask, input, {sizes.batch, sizes.hidden}, "recurrent_mask");
-  GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, recurrent_mask, sizes, reverse,
-                     save_for_backward);
+  check_optional(zoneout, input, {sizes.steps, sizes.batch, sizes.hidden}, "zoneout");
+  GruForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths64, recurrent_mask, zoneout, sizes,
+                     reverse, save_for_backward);
   forward.run(input.scalar_type());
   return forward.results();
 }
@@ -582,8 +606,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& hidden_n, bool reverse, double state_clip,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -592,8 +616,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                       gates, hidden_n, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   check_optional(recurrent_mask, input, {sizes.batch, sizes.hidden}, "recurrent_mask");
-  GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, recurrent_mask, output,
-                       gates, hidden_n, sizes, reverse, state_clip, gate_clip, output_mask);
+  check_optional(zoneout, input, {sizes.steps, sizes.batch, sizes.hidden}, "zoneout");
+  GruBackward backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths64, recurrent_mask, zoneout,
+                       output, gates, hidden_n, sizes, reverse, state_clip, gate_clip, output_mask);
   backward.run(input.scalar_type());
   return backward.gradients();
 }

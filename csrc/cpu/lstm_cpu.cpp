@@ -8,7 +8,9 @@
 // each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
 // region for the whole sequence in which each thread owns a slice of the hidden units.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
-// h0 [B, P]; c0 [B, H]; P = proj_size or H. "Slot-major" buffers hold row order[j] in slot j.
+// h0 [B, P]; c0 [B, H]; P = proj_size or H; recurrent_mask [B, P]; zoneout keep weights
+// zoneout_h [T, B, P], zoneout_c [T, B, H] (the carried state is d * previous + (1 - d) * new;
+// h~ reads the fresh cell). "Slot-major" buffers hold row order[j] in slot j.
 // The whole-sequence buffers (input gates, saved gates / cells / pre-clip hidden, gradient
 // buffers) hold only the valid rows, in SequenceOrder's compact layout: N = valid_rows <= T*B
 // rows, row first_row[t] + j for slot j at step t. With variable lengths the whole-sequence
@@ -40,6 +42,10 @@ struct LstmForwardStep {
   const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
+  const T* hidden_previous;  // [B, P]      slot-major h_{t-1} (may be hidden_state), for zoneout_h
+  const T* zoneout_h;        // [T, B, P]   padded keep weights of h, or nullptr
+  const T* zoneout_c;        // [T, B, H]   padded keep weights of c, or nullptr
+  T* carried_cells;          // [N, H]      compact zoned c_t, when saving with zoneout_c
   T* hidden_unprojected;     // [B, H]      slot-major o*tanh(c), only with projection
   T* output;                 // [T, B, H]   padded, only without projection
   T* cells;                  // [N, H]      compact cell before clip, when saving
@@ -48,7 +54,7 @@ struct LstmForwardStep {
   int64_t unit_begin, unit_end;  // the hidden units [unit_begin, unit_end) this pass updates
 };
 
-template <typename T, bool kSave, bool kProject>
+template <typename T, bool kSave, bool kProject, bool kZoneout>
 RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const int64_t row = s.t * s.batch + s.order[j];  // padded row (output)
@@ -63,6 +69,10 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   T* __restrict__ out = kProject ? nullptr : s.output + row * H;
   const bool keep_pre_clip = !kProject && kSave && s.hidden_pre_clip != nullptr;
   T* __restrict__ pre = keep_pre_clip ? s.hidden_pre_clip + compact * H : nullptr;
+  const T* __restrict__ keep_c = kZoneout && s.zoneout_c ? s.zoneout_c + row * H : nullptr;
+  const T* __restrict__ keep_h = kZoneout && !kProject && s.zoneout_h ? s.zoneout_h + row * H : nullptr;
+  const T* h_previous = keep_h ? s.hidden_previous + j * H : nullptr;  // may be h: read before written
+  T* __restrict__ carried_saved = kZoneout && kSave && keep_c ? s.carried_cells + compact * H : nullptr;
   const T cell_clip = s.cell_clip, proj_clip = s.proj_clip;
   const int64_t k_begin = s.unit_begin, k_end = s.unit_end;
   // Two passes (see lstm_cell_update): measured ~25% faster than one on AVX2.
@@ -80,13 +90,19 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   for (int64_t k = k_begin; k < k_end; ++k) {
     LstmForwardElement<T> e;
     lstm_cell_update(act[k], act[H + k], act[2 * H + k], act[3 * H + k], c[k], cell_clip, e);
-    c[k] = e.cell;
+    if (kZoneout && keep_c) {
+      c[k] = zoneout_blend(keep_c[k], c[k], e.cell);
+      if (carried_saved) carried_saved[k] = c[k];
+    } else {
+      c[k] = e.cell;
+    }
     if (kSave) cells[k] = e.cell_before_clip;
     if (kProject) {
       m[k] = e.hidden;
     } else {
-      const T hv = clip_value(e.hidden, proj_clip);
+      T hv = clip_value(e.hidden, proj_clip);
       if (keep_pre_clip) pre[k] = e.hidden;
+      if (kZoneout && keep_h) hv = zoneout_blend(keep_h[k], h_previous[k], hv);
       h[k] = hv;
       out[k] = hv;
     }
@@ -96,11 +112,18 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
 template <typename T>
 RNNTL_ROW_INLINE void lstm_forward_rows(const LstmForwardStep<T>& s, int64_t begin, int64_t end, bool save,
                               bool project) {
+  const bool zoneout = s.zoneout_h != nullptr || s.zoneout_c != nullptr;
   for (int64_t j = begin; j < end; ++j) {
-    if (save) {
-      project ? lstm_forward_row<T, true, true>(s, j) : lstm_forward_row<T, true, false>(s, j);
+    if (zoneout) {
+      if (save) {
+        project ? lstm_forward_row<T, true, true, true>(s, j) : lstm_forward_row<T, true, false, true>(s, j);
+      } else {
+        project ? lstm_forward_row<T, false, true, true>(s, j) : lstm_forward_row<T, false, false, true>(s, j);
+      }
+    } else if (save) {
+      project ? lstm_forward_row<T, true, true, false>(s, j) : lstm_forward_row<T, true, false, false>(s, j);
     } else {
-      project ? lstm_forward_row<T, false, true>(s, j) : lstm_forward_row<T, false, false>(s, j);
+      project ? lstm_forward_row<T, false, true, false>(s, j) : lstm_forward_row<T, false, false, false>(s, j);
     }
   }
 }
@@ -124,6 +147,8 @@ struct LstmBackwardStep {
   const SequenceOrder* sequence;
   const T* gates;                   // [N, 4H] compact
   const T* cells;                   // [N, H]  compact, before clip
+  const T* carried_cells;           // [N, H]  compact zoned c_t, with zoneout_c
+  const T* zoneout_c;               // [T, B, H] padded keep weights of c, or nullptr
   const T* output;                  // [T, B, P] padded
   const T* h0;                      // [B, P] or nullptr
   const T* c0;                      // [B, H] or nullptr
@@ -140,7 +165,7 @@ struct LstmBackwardStep {
   int64_t column_begin, column_end;  // the columns of h_{t-1} [column_begin, column_end) it copies
 };
 
-template <typename T, bool kKeepUnprojected>
+template <typename T, bool kKeepUnprojected, bool kZoneoutCell>
 RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
   const int64_t b = s.sequence->order[j];
@@ -150,8 +175,11 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   // Compact rows; only read when !first, where the previous step is valid for this slot.
   const int64_t compact = s.sequence->first_row[s.t] + j;
   const int64_t prev_compact = first ? 0 : s.sequence->first_row[prev_t] + j;
-  const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros) : s.cells + prev_compact * H;
-  const T prev_clip = first ? T(0) : s.cell_clip;  // c0 is not clipped; saved cells are pre-clip
+  // c_{t-1}: c0 (not clipped), the saved zoned state, or the clip of the saved pre-clip cell.
+  const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros)
+                                          : (kZoneoutCell ? s.carried_cells : s.cells) + prev_compact * H;
+  const T prev_clip = first || kZoneoutCell ? T(0) : s.cell_clip;
+  const T* __restrict__ keep_c = kZoneoutCell ? s.zoneout_c + (s.t * s.batch + b) * H : nullptr;
   const T* __restrict__ act = s.gates + compact * G;
   const T* __restrict__ cell = s.cells + compact * H;
   const T* __restrict__ dm = s.grad_hidden_unprojected + j * H;
@@ -163,9 +191,13 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
 #pragma omp simd
   for (int64_t k = s.unit_begin; k < s.unit_end; ++k) {
     const T tanh_cell = tanh_activation(clip_value(cell[k], cell_clip));
-    const LstmBackwardElement<T> e = lstm_element_backward_given_tanh(
-        act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k], tanh_cell, clip_value(cell_prev[k], prev_clip),
-        dm[k], dc[k], cell_clip, state_clip, gate_clip);
+    const LstmBackwardElement<T> e =
+        kZoneoutCell ? lstm_element_backward_zoneout(act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k],
+                                                     tanh_cell, cell_prev[k], dm[k], dc[k], keep_c[k], cell_clip,
+                                                     state_clip, gate_clip)
+                     : lstm_element_backward_given_tanh(act[k], act[H + k], act[2 * H + k], act[3 * H + k], cell[k],
+                                                        tanh_cell, clip_value(cell_prev[k], prev_clip), dm[k], dc[k],
+                                                        cell_clip, state_clip, gate_clip);
     da[k] = e.d_i;
     da[H + k] = e.d_f;
     da[2 * H + k] = e.d_g;
@@ -186,8 +218,12 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
 
 template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j)
-    s.hidden_unprojected_all ? lstm_backward_row<T, true>(s, j) : lstm_backward_row<T, false>(s, j);
+  for (int64_t j = begin; j < end; ++j) {
+    if (s.zoneout_c)
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, true>(s, j) : lstm_backward_row<T, false, true>(s, j);
+    else
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, false>(s, j) : lstm_backward_row<T, false, false>(s, j);
+  }
 }
 
 RNNTL_VECTOR_CLONES void lstm_backward_rows_entry(const LstmBackwardStep<float>& s, int64_t begin,
@@ -199,7 +235,8 @@ void lstm_backward_rows_entry(const LstmBackwardStep<double>& s, int64_t begin, 
 }
 
 // dL/dh_t total (carry from step t+1 plus the output's gradient), clipped in state mode,
-// then through proj_clip: the gradient w.r.t. the hidden before proj_clip, per slot.
+// then (times 1 - d under zoneout) through proj_clip: the gradient w.r.t. the hidden before
+// proj_clip, per slot.
 template <typename T>
 struct LstmHiddenGradientStep {
   int64_t batch, out_size, t;
@@ -207,7 +244,9 @@ struct LstmHiddenGradientStep {
   const int64_t* order;
   const T* grad_output;           // [T, B, P] padded
   const T* hidden_pre_clip;       // [N, P] compact, or nullptr without proj_clip
-  const T* grad_hidden_carry;     // [B, P] slot-major dL/dh_t from step t+1
+  const T* zoneout_h;             // [T, B, P] padded keep weights d of h, or nullptr
+  T* grad_hidden_carry;           // [B, P] slot-major dL/dh_t from step t+1 in; with zoneout_h
+                                  //        d * dL/dh_t out (the caller adds the product path)
   T* grad_pre_clip;               // [B, P] slot-major result
   T* grad_pre_clip_all;           // [N, P] compact copy of the result (for dW_hr), or nullptr
   T state_clip, proj_clip;
@@ -222,10 +261,20 @@ RNNTL_ROW_INLINE void lstm_hidden_gradient_rows(const LstmHiddenGradientStep<T>&
     const int64_t row = s.t * s.batch + s.order[j];  // padded (grad_output)
     const int64_t compact = s.first_row + j;         // compact (hidden_pre_clip, grad_pre_clip_all)
     const T* __restrict__ go = s.grad_output + row * P;
-    const T* __restrict__ carry = s.grad_hidden_carry + j * P;
+    T* __restrict__ carry = s.grad_hidden_carry + j * P;
     T* __restrict__ d = s.grad_pre_clip + j * P;
-    // Two loops rather than a test per element, so that each vectorizes.
-    if (s.hidden_pre_clip) {
+    // Separate loops rather than a test per element, so that each vectorizes.
+    if (s.zoneout_h) {
+      // dL/dh_t of the carried state splits into (1 - d) for h~_t and d for h_{t-1}.
+      const T* __restrict__ keep = s.zoneout_h + row * P;
+      const T* __restrict__ pre = s.hidden_pre_clip ? s.hidden_pre_clip + compact * P : nullptr;
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        const T total = clip_value(carry[k] + go[k], state_clip);
+        const T fresh = (T(1) - keep[k]) * total;
+        d[k] = pre ? clip_gradient(fresh, pre[k], proj_clip) : fresh;
+        carry[k] = keep[k] * total;
+      }
+    } else if (s.hidden_pre_clip) {
       const T* __restrict__ pre = s.hidden_pre_clip + compact * P;
 #pragma omp simd
       for (int64_t k = k_begin; k < k_end; ++k)
@@ -264,7 +313,8 @@ class LstmForward {
               const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
               const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
               const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64,
-              const c10::optional<at::Tensor>& recurrent_mask, const LstmSizes& sizes, bool reverse, double cell_clip,
+              const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout_h,
+              const c10::optional<at::Tensor>& zoneout_c, const LstmSizes& sizes, bool reverse, double cell_clip,
               double proj_clip, bool save)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), out_size_(sizes.out_size),
         input_size_(sizes.input_size), project_(weight_hr.has_value()), reverse_(reverse), save_(save),
@@ -284,6 +334,8 @@ class LstmForward {
     cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
     if (recurrent_mask_.defined()) masked_hidden_ = at::empty({B, P}, options);
+    zoneout_h_ = zoneout_h.has_value() ? zoneout_h->contiguous() : at::Tensor();
+    zoneout_c_ = zoneout_c.has_value() ? zoneout_c->contiguous() : at::Tensor();
     hidden_unprojected_ = project_ ? at::empty({B, H}, options) : at::Tensor();
     step_scratch_ = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
     output_ = at::empty({steps_, B, P}, options);
@@ -295,6 +347,7 @@ class LstmForward {
         save ? at::Tensor() : at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
     cells_ = save ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
     hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
+    carried_cells_ = save && zoneout_c_.defined() ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
   }
 
   // The parts of the pointwise pass that are the same at every step (all units).
@@ -308,6 +361,10 @@ class LstmForward {
     s.input_first_row = 0;
     s.cell_state = cell_state_.data_ptr<T>();
     s.hidden_state = project_ ? nullptr : hidden_state_.data_ptr<T>();
+    s.hidden_previous = hidden_state_.data_ptr<T>();
+    s.zoneout_h = zoneout_h_.defined() ? zoneout_h_.data_ptr<T>() : nullptr;
+    s.zoneout_c = zoneout_c_.defined() ? zoneout_c_.data_ptr<T>() : nullptr;
+    s.carried_cells = carried_cells_.numel() ? carried_cells_.data_ptr<T>() : nullptr;
     s.hidden_unprojected = project_ ? hidden_unprojected_.data_ptr<T>() : nullptr;
     s.output = project_ ? nullptr : output_.data_ptr<T>();
     s.cells = save_ ? cells_.data_ptr<T>() : nullptr;
@@ -320,19 +377,21 @@ class LstmForward {
   }
 
   // With projection: h = clip(r) of slots [0, n), columns [column_begin, column_end), from
-  // r = W_hr m [n, P], into the state h [B, P], the output, and hidden_pre_clip when saved.
+  // r = W_hr m [n, P], into the state h [B, P], the output, and hidden_pre_clip when saved;
+  // with zoneout_h blended with h_previous [B, P] (which may be h).
   template <typename T>
-  void projection_epilogue(const LstmForwardStep<T>& s, const T* r, int64_t n, T* h, int64_t column_begin,
-                           int64_t column_end) {
+  void projection_epilogue(const LstmForwardStep<T>& s, const T* r, int64_t n, T* h, const T* h_previous,
+                           int64_t column_begin, int64_t column_end) {
     const int64_t P = out_size_;
     T* const out = output_.data_ptr<T>();
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t row = s.t * batch_ + sequence_.order[j];  // padded (output)
+      const int64_t row = s.t * batch_ + sequence_.order[j];  // padded (output, zoneout_h)
       const int64_t compact = s.first_row + j;                // compact (hidden_pre_clip)
       for (int64_t k = column_begin; k < column_end; ++k) {
         const T v = r[j * P + k];
         if (s.hidden_pre_clip) s.hidden_pre_clip[compact * P + k] = v;
-        const T hv = clip_value(v, s.proj_clip);
+        T hv = clip_value(v, s.proj_clip);
+        if (s.zoneout_h) hv = zoneout_blend(s.zoneout_h[row * P + k], h_previous[j * P + k], hv);
         h[j * P + k] = hv;
         out[row * P + k] = hv;
       }
@@ -376,7 +435,7 @@ class LstmForward {
       }
       if (project_ && n > 0) {
         const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>(), n, projected_scratch, product_holder);
-        projection_epilogue(s, r, n, hidden_state_.data_ptr<T>(), 0, P);
+        projection_epilogue(s, r, n, hidden_state_.data_ptr<T>(), hidden_state_.data_ptr<T>(), 0, P);
       }
       sequence_.zero_past_length(output_.data_ptr<T>(), P, t, 0, P);
     }
@@ -438,12 +497,13 @@ class LstmForward {
           for (int64_t w = first; w < end; ++w) recurrent_panels.multiply(w, h_previous, P, n, recurrent, G);
           s.recurrent_gates = recurrent;
           s.hidden_state = project_ ? nullptr : h;
+          s.hidden_previous = hidden.read(step);
           lstm_forward_rows_entry(s, 0, n, save_, project_);
           if (project_) {
             worker.barrier();  // m_t complete
             for (int64_t w = first; w < end; ++w)
               projection_panels->multiply(w, 0, s.hidden_unprojected, H, n, projected + columns[w], P, false);
-            projection_epilogue(s, projected, n, h, columns[first], columns[end]);
+            projection_epilogue(s, projected, n, h, hidden.read(step), columns[first], columns[end]);
           }
           if (masked) masked_rows(mask, h, masked->write(step), n, P, columns[first], columns[end]);
         }
@@ -454,10 +514,11 @@ class LstmForward {
     hidden_state_ = hidden.final_state(sequence_, reverse_);
   }
 
-  // (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P]).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results() const {
+  // (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P],
+  // carried_cells [T,B,H]).
+  LstmForwardResults results() const {
     return {output_, sequence_.batch_major(hidden_state_), sequence_.batch_major(cell_state_), gates_, cells_,
-            hidden_pre_clip_};
+            hidden_pre_clip_, carried_cells_};
   }
 
  private:
@@ -476,10 +537,13 @@ class LstmForward {
   at::Tensor cell_state_;          // [B, H] slot-major
   at::Tensor recurrent_mask_;      // [B, P] slot-major, or undefined
   at::Tensor masked_hidden_;       // [B, P] slot-major mask * h_{t-1}, with recurrent_mask
+  at::Tensor zoneout_h_;           // [T, B, P] padded keep weights, or undefined
+  at::Tensor zoneout_c_;           // [T, B, H] padded keep weights, or undefined
   at::Tensor hidden_unprojected_;  // [B, H] slot-major m, with projection
   at::Tensor step_scratch_;        // [B, 4H + P]
   at::Tensor input_gates_block_;   // [block capacity, 4H], when not saving
   at::Tensor output_, gates_, cells_, hidden_pre_clip_;
+  at::Tensor carried_cells_;       // [T, B, H] compact rows first: the zoned c_t, when saving with zoneout_c
 };
 
 // ------------------------------------------------------------------------------------
@@ -491,8 +555,10 @@ class LstmBackward {
                const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
                const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr,
                const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& lengths64,
-               const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               const at::Tensor& hidden_pre_clip, const LstmSizes& sizes, bool reverse, double cell_clip,
+               const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout_h,
+               const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& output, const at::Tensor& gates,
+               const at::Tensor& cells, const at::Tensor& hidden_pre_clip, const at::Tensor& carried_cells,
+               const LstmSizes& sizes, bool reverse, double cell_clip,
                double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask)
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden),
         out_size_(sizes.out_size), project_(weight_hr.has_value()), reverse_(reverse), cell_clip_(cell_clip),
@@ -528,6 +594,12 @@ class LstmBackward {
     gates_ = gates.contiguous();
     cells_ = cells.contiguous();
     hidden_pre_clip_ = proj_clip > 0 ? hidden_pre_clip.contiguous() : at::Tensor();
+    zoneout_h_ = zoneout_h.has_value() ? zoneout_h->contiguous() : at::Tensor();
+    zoneout_c_ = zoneout_c.has_value() ? zoneout_c->contiguous() : at::Tensor();
+    carried_cells_ = zoneout_c_.defined() ? carried_cells.contiguous() : at::Tensor();
+    // With zoneout_h, dL/dh_{t-1} = d * dL/dh_t + (mask *) (dL/da @ W_hh): with a mask the
+    // product goes to a scratch first.
+    if (zoneout_h_.defined() && recurrent_mask_.defined()) recurrent_product_ = at::empty({B, P}, options_);
   }
 
   // The parts of the pointwise pass that are the same at every step (all units).
@@ -542,6 +614,8 @@ class LstmBackward {
     s.sequence = &sequence_;
     s.gates = gates_.data_ptr<T>();
     s.cells = cells_.data_ptr<T>();
+    s.carried_cells = carried_cells_.defined() ? carried_cells_.data_ptr<T>() : nullptr;
+    s.zoneout_c = zoneout_c_.defined() ? zoneout_c_.data_ptr<T>() : nullptr;
     s.output = output_.data_ptr<T>();
     s.h0 = h0_.defined() ? h0_.data_ptr<T>() : nullptr;
     s.c0 = c0_.defined() ? c0_.data_ptr<T>() : nullptr;
@@ -606,8 +680,14 @@ class LstmBackward {
             project_ ? projection_back_->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
         parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
         prefetch_step(step - 1);
-        recurrent_back_->multiply_into(s.grad_gates, n, carry_h);
-        if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, 0, P);
+        if (d.zoneout_h && s.recurrent_mask) {  // carry holds d * dL/dh_t
+          T* product = recurrent_product_.data_ptr<T>();
+          recurrent_back_->multiply_into(s.grad_gates, n, product);
+          add_masked_rows(s.recurrent_mask, product, carry_h, n, P, 0, P);
+        } else {
+          recurrent_back_->multiply_into(s.grad_gates, n, carry_h, /*accumulate=*/d.zoneout_h != nullptr);
+          if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, 0, P);
+        }
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
@@ -679,9 +759,17 @@ class LstmBackward {
           lstm_backward_rows_entry(s, 0, n);
           worker.barrier();  // dL/da_t complete
           prefetch_own_rows(step - 1, unit_begin, unit_end, column_begin, column_end);
-          for (int64_t w = first; w < end; ++w)
-            recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P, false);
-          if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, column_begin, column_end);
+          if (d.zoneout_h && s.recurrent_mask) {  // carry holds d * dL/dh_t
+            float* product = recurrent_product_.data_ptr<float>();
+            for (int64_t w = first; w < end; ++w)
+              recurrent_panels.multiply(w, 0, s.grad_gates, G, n, product + columns[w], P, false);
+            add_masked_rows(s.recurrent_mask, product, carry_h, n, P, column_begin, column_end);
+          } else {
+            for (int64_t w = first; w < end; ++w)
+              recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P,
+                                        /*accumulate=*/d.zoneout_h != nullptr);
+            if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, column_begin, column_end);
+          }
         }
         // Rows past their length pass their state gradients through (clamped in state mode).
         if (state_limit > 0) {
@@ -724,6 +812,7 @@ class LstmBackward {
     d.order = sequence_.order;
     d.grad_output = grad_out_.data_ptr<T>();
     d.hidden_pre_clip = hidden_pre_clip_.defined() ? hidden_pre_clip_.data_ptr<T>() : nullptr;
+    d.zoneout_h = zoneout_h_.defined() ? zoneout_h_.data_ptr<T>() : nullptr;
     d.grad_hidden_carry = grad_hidden_carry_.data_ptr<T>();
     d.grad_pre_clip = grad_pre_clip_.data_ptr<T>();
     d.grad_pre_clip_all = want_weight_hr() ? grad_pre_clip_all_.data_ptr<T>() : nullptr;
@@ -776,21 +865,27 @@ class LstmBackward {
   c10::optional<WeightGradientOperand> weight_operand_;
   at::Tensor zeros_, h0_, c0_, output_, gates_, cells_, hidden_pre_clip_;
   at::Tensor recurrent_mask_;  // [B, P] slot-major, or undefined
+  at::Tensor zoneout_h_;           // [T, B, P] padded keep weights, or undefined
+  at::Tensor zoneout_c_;           // [T, B, H] padded keep weights, or undefined
+  at::Tensor carried_cells_;       // [T, B, H] compact rows first, with zoneout_c
+  at::Tensor recurrent_product_;   // [B, P] dL/da @ W_hh, with zoneout_h and recurrent_mask
 };
 
 }  // namespace
 
 // Returns (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H],
-// hidden_pre_clip [T,B,P]); the last three are empty unless save_for_backward (and,
-// for hidden_pre_clip, proj_clip) is set. With lengths, they hold the compact rows first
-// (the layout is private to this op, see docs/cpu.md).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
+// hidden_pre_clip [T,B,P], carried_cells [T,B,H]); the last four are empty unless
+// save_for_backward (and, for hidden_pre_clip, proj_clip; for carried_cells, zoneout_c) is
+// set. With lengths, they hold the compact rows first (the layout is private to this op, see
+// docs/cpu.md).
+LstmForwardResults lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& recurrent_mask, bool reverse, double cell_clip, double proj_clip,
-    double state_clip, double gate_clip, bool save_for_backward) {
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout_h,
+    const c10::optional<at::Tensor>& zoneout_c, bool reverse, double cell_clip, double proj_clip, double state_clip,
+    double gate_clip, bool save_for_backward) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_input_cpu(input);
@@ -798,8 +893,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   check_optional(recurrent_mask, input, {sizes.batch, sizes.out_size}, "recurrent_mask");
+  check_optional(zoneout_h, input, {sizes.steps, sizes.batch, sizes.out_size}, "zoneout_h");
+  check_optional(zoneout_c, input, {sizes.steps, sizes.batch, sizes.hidden}, "zoneout_c");
   LstmForward forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths64, recurrent_mask,
-                      sizes, reverse, cell_clip, proj_clip, save_for_backward);
+                      zoneout_h, zoneout_c, sizes, reverse, cell_clip, proj_clip, save_for_backward);
   forward.run(input.scalar_type());
   return forward.results();
 }
@@ -813,8 +910,10 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
                   const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                   const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h0,
                   const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-                  const c10::optional<at::Tensor>& recurrent_mask, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                  const at::Tensor& hidden_pre_clip, bool reverse, double cell_clip, double proj_clip,
+                  const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout_h,
+                  const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& output, const at::Tensor& gates,
+                  const at::Tensor& cells, const at::Tensor& hidden_pre_clip, const at::Tensor& carried_cells,
+                  bool reverse, double cell_clip, double proj_clip,
                   double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   // The kernels' own GEMMs are not part of any autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -824,9 +923,12 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optio
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);
   const at::Tensor lengths64 = checked_lengths(lengths, sizes.steps, sizes.batch);
   check_optional(recurrent_mask, input, {sizes.batch, sizes.out_size}, "recurrent_mask");
+  check_optional(zoneout_h, input, {sizes.steps, sizes.batch, sizes.out_size}, "zoneout_h");
+  check_optional(zoneout_c, input, {sizes.steps, sizes.batch, sizes.hidden}, "zoneout_c");
+  if (zoneout_c.has_value()) check_optional(carried_cells, input, {sizes.steps, sizes.batch, sizes.hidden}, "carried_cells");
   LstmBackward backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths64,
-                        recurrent_mask, output, gates, cells, hidden_pre_clip, sizes, reverse, cell_clip, proj_clip, state_clip,
-                        gate_clip, output_mask);
+                        recurrent_mask, zoneout_h, zoneout_c, output, gates, cells, hidden_pre_clip, carried_cells, sizes,
+                        reverse, cell_clip, proj_clip, state_clip, gate_clip, output_mask);
   backward.run(input.scalar_type());
   return backward.gradients();
 }

@@ -13,9 +13,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& recurrent_mask, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout, bool reverse,
     double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
+  refuse_zoneout(zoneout, "zoneout");
   const GruSizes sizes =
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
@@ -39,10 +40,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask) {
   check_input_cuda(input);
+  refuse_zoneout(zoneout, "zoneout");
   const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
                                                       gates, hidden_n, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;

@@ -21,15 +21,19 @@ void fill_lstm(OpCall& call, LstmParams& p, double cell_clip, double proj_clip,
 
 }  // namespace
 
-// -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P])
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
+// -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P],
+//     carried_cells: empty, as there is no zoneout here)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& recurrent_mask, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
+  refuse_zoneout(zoneout_h, "zoneout_h");
+  refuse_zoneout(zoneout_c, "zoneout_c");
   const LstmSizes sizes = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
                                                        c0, cell_clip, proj_clip, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, P = sizes.out_size;
@@ -50,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.cells = pointer_or_null(cells);
   p.hidden_pre_clip = pointer_or_null(hidden_pre_clip);
   call.run(p, cuda::lstm_forward_workspace_bytes, cuda::lstm_forward);
-  return {output, h_n, c_n, gates, cells, hidden_pre_clip};
+  return {output, h_n, c_n, gates, cells, hidden_pre_clip, call.empty(false, {0})};
 }
 
 // -> (grad_input [T,B,I], grad_weight_ih [4H,I], grad_weight_hh [4H,P], grad_bias [4H],
@@ -60,10 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden_pre_clip, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hidden_pre_clip, const at::Tensor& /*carried_cells*/, bool reverse,
     double cell_clip, double proj_clip, double state_clip, double gate_clip, std::array<bool, 7> output_mask) {
   check_input_cuda(input);
+  refuse_zoneout(zoneout_h, "zoneout_h");
+  refuse_zoneout(zoneout_c, "zoneout_c");
   const LstmSizes sizes =
       check_lstm_backward_arguments(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0,
                                     output, gates, cells, hidden_pre_clip, cell_clip, proj_clip, state_clip, gate_clip);

@@ -4,11 +4,13 @@ pair (the native `rnntl_fast::{lstm,gru,rnn}_{forward,backward}` and the Triton
 
 The contract of such a pair (docs/semantics.md, "Op contract"):
 
-* forward(input, weights..., lengths, recurrent_mask, reverse, [cell_clip, proj_clip,] state_clip,
-  gate_clip, save_for_backward, *extra) -> (results..., *reserve). `reserve` holds what
-  the backward reads (cuDNN's "reserve space"); it is empty unless save_for_backward.
-* backward(grads of the results..., input, weights..., lengths, recurrent_mask, *reserve, reverse, [cell_clip,
-  proj_clip,] state_clip, gate_clip, *extra, output_mask) -> gradients, one per entry of
+* forward(input, weights..., lengths, recurrent_mask, zoneout keep weights, reverse, [cell_clip,
+  proj_clip,] state_clip, gate_clip, save_for_backward, *extra) -> (results..., *reserve).
+  `reserve` holds what the backward reads (cuDNN's "reserve space"); it is empty unless
+  save_for_backward.
+* backward(grads of the results..., input, weights..., lengths, recurrent_mask, zoneout keep
+  weights, *reserve, reverse, [cell_clip, proj_clip,] state_clip, gate_clip, *extra,
+  output_mask) -> gradients, one per entry of
   output_mask; an entry whose mask is off comes back empty and costs nothing (frozen
   weights cost no weight-gradient product).
 
@@ -33,6 +35,8 @@ class LstmForwardCall(NamedTuple):
     c0: Optional[Tensor]          # [B, H]
     lengths: Optional[Tensor]     # [B] CPU int64
     recurrent_mask: Optional[Tensor]  # [B, P]
+    zoneout_h: Optional[Tensor]   # [T, B, P] keep weights
+    zoneout_c: Optional[Tensor]   # [T, B, H] keep weights
     reverse: bool
     cell_clip: float
     proj_clip: float
@@ -52,6 +56,7 @@ class GruForwardCall(NamedTuple):
     h0: Optional[Tensor]          # [B, H]
     lengths: Optional[Tensor]     # [B] CPU int64
     recurrent_mask: Optional[Tensor]  # [B, H]
+    zoneout: Optional[Tensor]     # [T, B, H] keep weights
     reverse: bool
     state_clip: float
     gate_clip: float
@@ -81,18 +86,20 @@ def register_lstm_autograd(forward_op, backward_op: Callable, reserve_includes_o
     def setup_context(ctx, inputs, output):
         call = LstmForwardCall(*inputs)
         _save(ctx, (call.input, call.weight_ih, call.weight_hh, call.weight_hr, call.h0, call.c0, call.lengths,
-                    call.recurrent_mask), output, 3, reserve_includes_output)
+                    call.recurrent_mask, call.zoneout_h, call.zoneout_c), output, 3, reserve_includes_output)
         ctx.call = call._replace(input=None, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None,
-                                 weight_hr=None, h0=None, c0=None, lengths=None, recurrent_mask=None)
+                                 weight_hr=None, h0=None, c0=None, lengths=None, recurrent_mask=None, zoneout_h=None,
+                                 zoneout_c=None)
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_reserve_grads):
-        input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask, *reserve = ctx.saved_tensors
+        (input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask, zoneout_h, zoneout_c,
+         *reserve) = ctx.saved_tensors
         call, need = ctx.call, ctx.needs_input_grad
         # bias_ih and bias_hh share one gradient.
         mask = [need[0], need[1], need[2], need[3] or need[4], need[5], need[6], need[7]]
         g_input, g_weight_ih, g_weight_hh, g_bias, g_weight_hr, g_h0, g_c0 = backward_op(
             grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask,
-            *reserve,
+            zoneout_h, zoneout_c, *reserve,
             call.reverse, call.cell_clip, call.proj_clip, call.state_clip, call.gate_clip, *_extra(call), mask)
         grads = (g_input, g_weight_ih, g_weight_hh, g_bias, g_bias, g_weight_hr, g_h0, g_c0)
         return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * (len(need) - len(grads))
@@ -105,15 +112,16 @@ def register_gru_autograd(forward_op, backward_op: Callable, reserve_includes_ou
 
     def setup_context(ctx, inputs, output):
         call = GruForwardCall(*inputs)
-        _save(ctx, (call.input, call.weight_ih, call.weight_hh, call.h0, call.lengths, call.recurrent_mask), output,
-              2, reserve_includes_output)
+        _save(ctx, (call.input, call.weight_ih, call.weight_hh, call.h0, call.lengths, call.recurrent_mask,
+                    call.zoneout), output, 2, reserve_includes_output)
         ctx.call = call._replace(input=None, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
-                                 lengths=None, recurrent_mask=None)
+                                 lengths=None, recurrent_mask=None, zoneout=None)
 
     def backward(ctx, grad_output, grad_h_n, *_reserve_grads):
-        input, weight_ih, weight_hh, h0, lengths, recurrent_mask, *reserve = ctx.saved_tensors
+        input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, *reserve = ctx.saved_tensors
         call, need = ctx.call, ctx.needs_input_grad
-        grads = backward_op(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, *reserve,
+        grads = backward_op(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout,
+                            *reserve,
                             call.reverse,
                             call.state_clip, call.gate_clip, *_extra(call), list(need[:6]))
         return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * (len(need) - len(grads))

@@ -17,7 +17,7 @@ REGISTERED = False
 
 
 def _lstm_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask,
-                       reverse, cell_clip, proj_clip, state_clip, gate_clip, save_for_backward):
+                       zoneout_h, zoneout_c, reverse, cell_clip, proj_clip, state_clip, gate_clip, save_for_backward):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -26,17 +26,18 @@ def _lstm_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     return (empty(steps, batch, out_size), empty(batch, out_size), empty(batch, hidden),
             empty(steps, batch, 4 * hidden) if keep else empty(0),
             empty(steps, batch, hidden) if keep else empty(0),
-            empty(steps, batch, out_size) if keep and proj_clip > 0 else empty(0))
+            empty(steps, batch, out_size) if keep and proj_clip > 0 else empty(0),
+            empty(steps, batch, hidden) if keep and zoneout_c is not None else empty(0))
 
 
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths,
-                        recurrent_mask, output, gates, cells, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
-                        output_mask):
+                        recurrent_mask, zoneout_h, zoneout_c, output, gates, cells, hidden_pre_clip, carried_cells,
+                        reverse, cell_clip, proj_clip, state_clip, gate_clip, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
-def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, reverse, state_clip,
-                      gate_clip, save_for_backward):
+def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, zoneout, reverse,
+                      state_clip, gate_clip, save_for_backward):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 3
     keep = bool(save_for_backward)
@@ -45,8 +46,8 @@ def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths
             input.new_empty((steps, batch, hidden) if keep else (0,)))
 
 
-def _gru_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, output, gates,
-                       hidden_n, reverse, state_clip, gate_clip, output_mask):
+def _gru_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, output,
+                       gates, hidden_n, reverse, state_clip, gate_clip, output_mask):
     return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
@@ -108,34 +109,39 @@ def _widened(tensors):
 
 def lstm_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                 bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-                lengths: Optional[Tensor], options: SequenceOptions,
-                recurrent_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                lengths: Optional[Tensor], options: SequenceOptions, recurrent_mask: Optional[Tensor] = None,
+                zoneout_h: Optional[Tensor] = None, zoneout_c: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The `cpu` / `cuda` backends of rnntl_fast.ops.lstm (arguments already checked there).
-    Shapes as rnntl_fast.ops.lstm (recurrent_mask [B, P] or None); returns output [T, B, P],
-    h_n [B, P], c_n [B, H]."""
+    Shapes as rnntl_fast.ops.lstm (recurrent_mask [B, P], zoneout_h [T, B, P], zoneout_c
+    [T, B, H] or None); returns output [T, B, P], h_n [B, P], c_n [B, H]."""
     if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
         tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0))
-        mask, = _widened((recurrent_mask,))
-        return tuple(r.to(input.dtype) for r in lstm_native(*tensors, lengths, options, recurrent_mask=mask))
+        mask, keep_h, keep_c = _widened((recurrent_mask, zoneout_h, zoneout_c))
+        return tuple(r.to(input.dtype) for r in lstm_native(*tensors, lengths, options, recurrent_mask=mask,
+                                                            zoneout_h=keep_h, zoneout_c=keep_c))
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
-    out, h_n, c_n, _, _, _ = torch.ops.rnntl_fast.lstm_forward(
-        input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask, options.reverse,
-        options.cell_clip, options.proj_clip, options.state_clip, options.gate_clip, save)
+    out, h_n, c_n, *_reserve = torch.ops.rnntl_fast.lstm_forward(
+        input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask, zoneout_h, zoneout_c,
+        options.reverse, options.cell_clip, options.proj_clip, options.state_clip, options.gate_clip, save)
     return out, h_n, c_n
 
 
 def gru_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor],
-               options: SequenceOptions, recurrent_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               options: SequenceOptions, recurrent_mask: Optional[Tensor] = None,
+               zoneout: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The `cpu` / `cuda` backends of rnntl_fast.ops.gru (arguments already checked there).
-    Shapes as rnntl_fast.ops.gru (recurrent_mask [B, H] or None); returns output [T, B, H], h_n [B, H]."""
+    Shapes as rnntl_fast.ops.gru (recurrent_mask [B, H], zoneout [T, B, H] or None); returns
+    output [T, B, H], h_n [B, H]."""
     if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
         tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, h0))
-        mask, = _widened((recurrent_mask,))
-        return tuple(r.to(input.dtype) for r in gru_native(*tensors, lengths, options, recurrent_mask=mask))
+        mask, keep = _widened((recurrent_mask, zoneout))
+        return tuple(r.to(input.dtype) for r in gru_native(*tensors, lengths, options, recurrent_mask=mask,
+                                                           zoneout=keep))
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     out, h_n, _, _ = torch.ops.rnntl_fast.gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
-                                                      recurrent_mask, options.reverse, options.state_clip, options.gate_clip, save)
+                                                      recurrent_mask, zoneout, options.reverse, options.state_clip,
+                                                      options.gate_clip, save)
     return out, h_n
 
 

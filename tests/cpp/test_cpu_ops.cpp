@@ -54,7 +54,8 @@ void test_lstm_forward_matches_naive_loop() {
   const at::Tensor lengths = at::tensor({3, 6, 1, 4}, at::kLong);
   for (bool reverse : {false, true}) {
     const auto result = rnntl::cpu::lstm_forward_cpu(x, w_ih, w_hh, b, c10::nullopt, c10::nullopt, c10::nullopt,
-                                                     c10::nullopt, lengths, c10::nullopt, reverse, 0.0, 0.0, 0.0, 0.0,
+                                                     c10::nullopt, lengths, c10::nullopt, c10::nullopt, c10::nullopt, reverse,
+                                                     0.0, 0.0, 0.0, 0.0,
                                                      false);
     const auto [out, h] = naive_lstm(x, w_ih, w_hh, b, lengths, reverse);
     expect(at::allclose(std::get<0>(result), out, 1e-12, 1e-12), reverse ? "lstm output (reverse)" : "lstm output");
@@ -70,14 +71,14 @@ void test_gru_backward_matches_finite_differences() {
   const at::Tensor h0 = at::randn({2, 5}, options), weights = at::randn({4, 2, 5}, options);
   const at::Tensor lengths = at::tensor({2, 4}, at::kLong);
   auto loss = [&](const at::Tensor& input) {
-    const auto r = rnntl::cpu::gru_forward_cpu(input, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, c10::nullopt, true,
-                                               0.0, 0.0, false);
+    const auto r = rnntl::cpu::gru_forward_cpu(input, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, c10::nullopt,
+                                               c10::nullopt, true, 0.0, 0.0, false);
     return (std::get<0>(r) * weights).sum().item<double>();
   };
-  const auto forward = rnntl::cpu::gru_forward_cpu(x, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, c10::nullopt, true,
-                                                   0.0, 0.0, true);
+  const auto forward = rnntl::cpu::gru_forward_cpu(x, w_ih, w_hh, c10::nullopt, c10::nullopt, h0, lengths, c10::nullopt,
+                                                   c10::nullopt, true, 0.0, 0.0, true);
   const auto grads = rnntl::cpu::gru_backward_cpu(weights, c10::nullopt, x, w_ih, w_hh, h0, lengths, c10::nullopt,
-                                                  std::get<0>(forward), std::get<2>(forward), std::get<3>(forward),
+                                                  c10::nullopt, std::get<0>(forward), std::get<2>(forward), std::get<3>(forward),
                                                   true, 0.0, 0.0, {true, false, false, false, false, false});
   const at::Tensor grad_input = std::get<0>(grads);
   const double step = 1e-6;
@@ -131,7 +132,8 @@ void test_bad_input_is_an_error_not_a_crash() {
   bool raised = false;
   try {
     rnntl::cpu::lstm_forward_cpu(x, at::randn({20, 4}), at::randn({20, 5}), c10::nullopt, c10::nullopt, c10::nullopt,
-                                 c10::nullopt, c10::nullopt, at::tensor({4, 1}, at::kLong), c10::nullopt, false, 0.0, 0.0,
+                                 c10::nullopt, c10::nullopt, at::tensor({4, 1}, at::kLong), c10::nullopt, c10::nullopt,
+                                 c10::nullopt, false, 0.0, 0.0,
                                  0.0, 0.0, false);
   } catch (const c10::Error& error) {
     raised = std::string(error.what()).find("lengths must be <=") != std::string::npos;

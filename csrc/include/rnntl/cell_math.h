@@ -207,6 +207,23 @@ RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_given_tanh(T i, T
   return lstm_gate_gradients(i, f, g, o, tanh_cell, cell_prev, grad_hidden, grad_cell, gate_clip);
 }
 
+// The same under zoneout of c with keep weight `keep`: the carried c_t = keep * c_{t-1} +
+// (1 - keep) * clip(c~_t), while h~_t reads the fresh clip(c~_t). grad_cell_carry is dL/dc_t
+// of the carried state, clamped alone in state mode (the state a hook would see); dL/dc_{t-1}
+// gains the direct path keep * dL/dc_t.
+template <typename T>
+RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward_zoneout(T i, T f, T g, T o, T cell_before_clip,
+                                                                       T tanh_cell, T cell_prev, T grad_hidden,
+                                                                       T grad_cell_carry, T keep, T cell_clip,
+                                                                       T state_clip, T gate_clip) {
+  const T carried = clip_value(grad_cell_carry, state_clip);
+  const T grad_fresh = clip_gradient((T(1) - keep) * carried + grad_hidden * o * (T(1) - tanh_cell * tanh_cell),
+                                     cell_before_clip, cell_clip);
+  LstmBackwardElement<T> e = lstm_gate_gradients(i, f, g, o, tanh_cell, cell_prev, grad_hidden, grad_fresh, gate_clip);
+  e.grad_cell_prev += keep * carried;
+  return e;
+}
+
 // The same computing tanh(clip(cell_before_clip)) itself (the CUDA kernels' form).
 template <typename T>
 RNNTL_HOST_DEVICE LstmBackwardElement<T> lstm_element_backward(T i, T f, T g, T o, T cell_before_clip,

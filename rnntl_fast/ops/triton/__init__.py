@@ -48,7 +48,7 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
-                                                      c0, lengths, recurrent_mask, options.reverse, options.cell_clip,
+                                                      c0, lengths, recurrent_mask, None, None, options.reverse, options.cell_clip,
                                                       options.proj_clip, options.state_clip, options.gate_clip,
                                                       save, chosen)
     return output, h_n, c_n
@@ -72,7 +72,7 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
-                                                recurrent_mask, options.reverse, options.state_clip, options.gate_clip,
+                                                recurrent_mask, None, options.reverse, options.state_clip, options.gate_clip,
                                                 save, chosen)
     return output, h_n
 

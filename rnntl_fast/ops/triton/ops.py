@@ -31,6 +31,14 @@ def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor.contiguous() if tensor is not None else None
 
 
+def _refuse_zoneout(op: str, **keep_weights: Optional[Tensor]) -> None:
+    """The Triton kernels have no zoneout yet (rnntl_fast.ops refuses it before any op runs;
+    this guards direct calls of the registered ops)."""
+    for name, value in keep_weights.items():
+        if value is not None:
+            raise NotImplementedError(f"rnntl_fast::{op}: the Triton kernels do not run {name} yet")
+
+
 def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tensor:
     """An incoming gradient as a contiguous tensor; None (the loss does not use that result) as zeros."""
     if grad is None:
@@ -49,7 +57,7 @@ LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                         bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor],
                         c0: Optional[Tensor], lengths: Optional[Tensor], recurrent_mask: Optional[Tensor],
-                        reverse: bool, cell_clip: float,
+                        zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool, cell_clip: float,
                         proj_clip: float, state_clip: float, gate_clip: float, save_for_backward: bool,
                         strategy: str) -> LstmForwardResult:
     """LSTM layer-direction forward. Returns output [T, B, P], h_n [B, P], c_n [B, H] and the
@@ -59,7 +67,9 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
     input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
     weight_hr: [P, H] or None; h0: [B, P] or None; c0: [B, H] or None; lengths: [B] CPU int64
     or None; recurrent_mask: [B, P] in the input dtype or None (multiplies h_{t-1} in
-    W_hh h_{t-1} only); limits: floats, 0 = off; strategy: "sequence" or "step"."""
+    W_hh h_{t-1} only); zoneout_h, zoneout_c: must be None (no zoneout kernel yet); limits:
+    floats, 0 = off; strategy: "sequence" or "step"."""
+    _refuse_zoneout("triton_lstm_forward", zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     hidden = weight_ih.shape[0] // 4
     # Padded steps are zeroed first: what they hold must not reach the saved gates, whose
     # products the backward forms at every step.
@@ -75,8 +85,8 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
 
 
 @triton_lstm_forward.register_fake
-def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask, reverse, cell_clip,
-      proj_clip, state_clip, gate_clip, save_for_backward, strategy):
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, recurrent_mask, zoneout_h, zoneout_c,
+      reverse, cell_clip, proj_clip, state_clip, gate_clip, save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -95,8 +105,8 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
 def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor],
                          input: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor],
                          h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
-                         recurrent_mask: Optional[Tensor], gates: Tensor,
-                         cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
+                         recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
+                         zoneout_c: Optional[Tensor], gates: Tensor, cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
                          reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
                          strategy: str,
                          output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -106,6 +116,7 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
     grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], each None where the loss does
     not use that result; the other arguments as the forward's, the reserve as it returned it."""
+    _refuse_zoneout("triton_lstm_backward", zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
@@ -143,9 +154,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
 
 @triton_lstm_backward.register_fake
-def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask, gates,
-      cells,
-      hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
+def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask,
+      zoneout_h, zoneout_c, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
       strategy, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
@@ -160,14 +170,16 @@ register_lstm_autograd(triton_lstm_forward, triton_lstm_backward, reserve_includ
 @torch.library.custom_op("rnntl_fast::triton_gru_forward", mutates_args=())
 def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                        bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor],
-                       recurrent_mask: Optional[Tensor], reverse: bool, state_clip: float, gate_clip: float, save_for_backward: bool,
-                       strategy: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], reverse: bool, state_clip: float,
+                       gate_clip: float, save_for_backward: bool, strategy: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """GRU layer-direction forward. Returns output [T, B, H], h_n [B, H] and the float32
     reserve (launch.GruReserve: gates [T, B, 4H], hidden states [T, B, H]; empty where not kept).
 
     input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
     h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: [B, H] in the input
-    dtype or None (as for LSTM); strategy: "sequence" or "step"."""
+    dtype or None (as for LSTM); zoneout: must be None (no zoneout kernel yet); strategy:
+    "sequence" or "step"."""
+    _refuse_zoneout("triton_gru_forward", zoneout=zoneout)
     hidden = weight_ih.shape[0] // 3
     input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()  # as for LSTM
     # Always a bias pointer, zeros when absent, as for LSTM: one kernel variant fewer.
@@ -179,8 +191,8 @@ def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
 
 
 @triton_gru_forward.register_fake
-def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, reverse, state_clip, gate_clip,
-      save_for_backward, strategy):
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, zoneout, reverse, state_clip,
+      gate_clip, save_for_backward, strategy):
     steps, batch, _ = input.shape
     hidden = weight_ih.shape[0] // 3
     keep, device = bool(save_for_backward), input.device
@@ -192,7 +204,7 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask
 @torch.library.custom_op("rnntl_fast::triton_gru_backward", mutates_args=())
 def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], input: Tensor, weight_ih: Tensor,
                         weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor],
-                        recurrent_mask: Optional[Tensor], gates: Tensor,
+                        recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], gates: Tensor,
                         hidden_states: Tensor, reverse: bool, state_clip: float, gate_clip: float, strategy: str,
                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GRU layer-direction backward from the forward's reserve. Returns the gradients of
@@ -201,6 +213,7 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
     grad_output: [T, B, H], grad_h_n: [B, H], each None where the loss does not use that
     result; the other arguments as the forward's, the reserve as it returned it."""
+    _refuse_zoneout("triton_gru_backward", zoneout=zoneout)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 3
     dtype = input.dtype
@@ -231,8 +244,8 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
 
 @triton_gru_backward.register_fake
-def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, gates, hidden_states, reverse,
-      state_clip, gate_clip, strategy, output_mask):
+def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, gates, hidden_states,
+      reverse, state_clip, gate_clip, strategy, output_mask):
     return gru_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 

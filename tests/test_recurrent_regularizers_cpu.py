@@ -1,11 +1,12 @@
-"""Recurrent dropout (the ops' `recurrent_mask`, docs/semantics.md section 10) in the CPU
-kernels, against the float64 reference.
+"""Recurrent dropout and zoneout (the ops' `recurrent_mask` and zoneout keep weights,
+docs/semantics.md section 10) in the CPU LSTM and GRU kernels, against the float64 reference.
 
 float64: the step-at-a-time loop, to 1e-10. float32: at 1 thread (the step-at-a-time loop)
 and at 2 threads (the multi-core loop, which each case checks really ran), within the error
 rule of tests/tolerances.py with the float32 reference as the baseline. Every case draws
-its mask as the modules do (Bernoulli(1 - p) / (1 - p), p = 0.3) and covers forward results
-and the gradients of every input that requires one.
+its mask as the modules do (Bernoulli(1 - p) / (1 - p), p = 0.3) and its zoneout keep
+weights as training does (0/1 draws of Bernoulli(z)) or as evaluation does (every entry z),
+and covers forward results and the gradients of every input that requires one.
 """
 import pytest
 import torch
@@ -21,9 +22,12 @@ F64 = torch.float64
 GATES = {"lstm": 4, "gru": 3}
 
 
-def _case(cell, T, B, I, H, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, frozen=()):
+def _case(cell, T, B, I, H, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, frozen=(), mask=True,
+          zoneout=None):
+    """zoneout: None, "train" (0/1 keep weights, z = 0.3) or "eval" (every keep weight z = 0.3);
+    for the LSTM of both h and c, or of one with "train-h" / "train-c"."""
     return dict(cell=cell, T=T, B=B, I=I, H=H, proj=proj, lengths=lengths, reverse=reverse, clips=clips,
-                grad_clip=grad_clip, frozen=frozen)
+                grad_clip=grad_clip, frozen=frozen, mask=mask, zoneout=zoneout)
 
 
 def _case_id(c):
@@ -31,6 +35,7 @@ def _case_id(c):
     parts += [f"proj{c['proj']}"] * bool(c["proj"]) + ["lengths"] * (c["lengths"] is not None)
     parts += ["clips"] * c["clips"] + [f"gradclip_{c['grad_clip']}"] * bool(c["grad_clip"])
     parts += [f"frozen_{'_'.join(c['frozen'])}"] * bool(c["frozen"])
+    parts += ["recurrent_mask"] * c["mask"] + [f"zoneout_{c['zoneout']}"] * bool(c["zoneout"])
     return "-".join(parts)
 
 
@@ -47,11 +52,23 @@ CASES = [
     _case("gru", T=7, B=3, I=4, H=40, grad_clip="state", lengths=(7, 4, 1)),
     _case("gru", T=7, B=3, I=4, H=40, grad_clip="gates", reverse=True, lengths=(3, 7, 0)),
     _case("gru", T=6, B=2, I=4, H=36, frozen=("weight_ih", "h0")),
+    # zoneout, alone and with the mask
+    _case("lstm", T=7, B=3, I=5, H=40, mask=False, zoneout="train"),
+    _case("lstm", T=9, B=4, I=6, H=48, lengths=(9, 5, 2, 7), reverse=True, zoneout="train"),
+    _case("lstm", T=6, B=3, I=5, H=48, proj=24, lengths=(6, 0, 4), clips=True, zoneout="train"),
+    _case("lstm", T=7, B=3, I=4, H=40, grad_clip="state", lengths=(7, 4, 1), zoneout="train"),
+    _case("lstm", T=7, B=3, I=4, H=40, proj=20, grad_clip="gates", reverse=True, mask=False, zoneout="train-h"),
+    _case("lstm", T=6, B=2, I=4, H=36, clips=True, grad_clip="state", mask=False, zoneout="train-c"),
+    _case("lstm", T=6, B=2, I=4, H=36, frozen=("weight_hh", "input"), zoneout="eval"),
+    _case("gru", T=7, B=3, I=5, H=40, mask=False, zoneout="train"),
+    _case("gru", T=9, B=4, I=6, H=48, lengths=(9, 5, 2, 7), reverse=True, zoneout="train"),
+    _case("gru", T=7, B=3, I=4, H=40, grad_clip="state", lengths=(7, 4, 1), zoneout="train"),
+    _case("gru", T=7, B=3, I=4, H=40, grad_clip="gates", reverse=True, lengths=(3, 7, 0), mask=False, zoneout="eval"),
 ]
 
 
 def _tensors(c, seed=0):
-    """Leaves in float64 (name -> tensor) and the mask [B, P]."""
+    """Leaves in float64 (name -> tensor) and the regularizer arguments of the op (name -> float64 tensor)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=0.4: torch.randn(*shape, generator=g, dtype=F64) * scale  # noqa: E731
     G, H = GATES[c["cell"]] * c["H"], c["H"]
@@ -60,15 +77,28 @@ def _tensors(c, seed=0):
                   bias_ih=rand(G), bias_hh=rand(G), h0=rand(c["B"], P))
     if c["cell"] == "lstm":
         leaves.update(weight_hr=rand(P, H) if c["proj"] else None, c0=rand(c["B"], H))
-    mask = torch.bernoulli(torch.full((c["B"], P), 0.7, dtype=F64), generator=g) / 0.7
-    return leaves, mask
+    extras = {}
+    if c["mask"]:
+        extras["recurrent_mask"] = torch.bernoulli(torch.full((c["B"], P), 0.7, dtype=F64), generator=g) / 0.7
+    if c["zoneout"]:
+        draw = lambda width: (torch.full((c["T"], c["B"], width), 0.3, dtype=F64) if c["zoneout"] == "eval"  # noqa: E731
+                              else torch.bernoulli(torch.full((c["T"], c["B"], width), 0.3, dtype=F64), generator=g))
+        if c["cell"] == "gru":
+            extras["zoneout"] = draw(H)
+        else:
+            if not c["zoneout"].endswith("-c"):
+                extras["zoneout_h"] = draw(P)
+            if not c["zoneout"].endswith("-h"):
+                extras["zoneout_c"] = draw(H)
+    return leaves, extras
 
 
-def _run(c, leaves, mask, dtype, backend):
+def _run(c, leaves, extras, dtype, backend):
     """(results, gradients) of one op call in `dtype`; gradients of the leaves that are not frozen."""
     fresh = {k: None if v is None else v.to(dtype).requires_grad_(k not in c["frozen"]) for k, v in leaves.items()}
-    options = dict(lengths=c["lengths"], reverse=c["reverse"], recurrent_mask=mask.to(dtype), backend=backend,
-                   grad_clip=0.05 if c["grad_clip"] else None, grad_clip_mode=c["grad_clip"] or "state")
+    options = dict(lengths=c["lengths"], reverse=c["reverse"], backend=backend,
+                   grad_clip=0.05 if c["grad_clip"] else None, grad_clip_mode=c["grad_clip"] or "state",
+                   **{k: v.to(dtype) for k, v in extras.items()})
     if c["cell"] == "lstm":
         clips = dict(cell_clip=0.5, proj_clip=0.3) if c["clips"] else {}
         results = ops.lstm(fresh["input"], fresh["weight_ih"], fresh["weight_hh"], fresh["bias_ih"], fresh["bias_hh"],
@@ -85,10 +115,10 @@ def _run(c, leaves, mask, dtype, backend):
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_float64_matches_the_reference(case):
-    leaves, mask = _tensors(case)
-    expected, expected_grads = _run(case, leaves, mask, F64, "reference")
+    leaves, extras = _tensors(case)
+    expected, expected_grads = _run(case, leaves, extras, F64, "reference")
     with threads(1):
-        actual, actual_grads = _run(case, leaves, mask, F64, "cpu")
+        actual, actual_grads = _run(case, leaves, extras, F64, "cpu")
     for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name)
     assert actual_grads.keys() == expected_grads.keys()
@@ -99,11 +129,11 @@ def test_float64_matches_the_reference(case):
 @pytest.mark.parametrize("thread_count", [1, 2], ids=["1thread-stepwise", "2threads-multicore"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_float32_within_the_error_rule(case, thread_count):
-    leaves, mask = _tensors(case)
-    reference64, reference64_grads = _run(case, leaves, mask, F64, "reference")
-    baseline, baseline_grads = _run(case, leaves, mask, torch.float32, "reference")
+    leaves, extras = _tensors(case)
+    reference64, reference64_grads = _run(case, leaves, extras, F64, "reference")
+    baseline, baseline_grads = _run(case, leaves, extras, torch.float32, "reference")
     with threads(thread_count), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        actual, actual_grads = _run(case, leaves, mask, torch.float32, "cpu")
+        actual, actual_grads = _run(case, leaves, extras, torch.float32, "cpu")
     loops = {e.name for e in profile.events() if e.name.endswith(("_steps", "_steps_persistent"))}
     want = "_steps_persistent" if thread_count > 1 else "_steps"
     assert loops and all(name.endswith(want) for name in loops), f"loops that ran: {sorted(loops)}"
@@ -117,8 +147,9 @@ def test_float32_within_the_error_rule(case, thread_count):
 def test_mask_of_ones_is_bitwise_no_mask():
     """A mask of ones changes nothing: the kernels multiply by it, nothing else differs."""
     case = CASES[1]
-    leaves, mask = _tensors(case)
-    plain, plain_grads = _run(case, leaves, torch.ones_like(mask), torch.float32, "cpu")
+    leaves, extras = _tensors(case)
+    ones = {"recurrent_mask": torch.ones_like(extras["recurrent_mask"])}
+    plain, plain_grads = _run(case, leaves, ones, torch.float32, "cpu")
     options = dict(case, frozen=())
     without, without_grads = _run_without_mask(options, leaves)
     for a, b in zip(plain, without):
@@ -138,14 +169,20 @@ def _run_without_mask(c, leaves):
     return [r.detach() for r in results], dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values()))))
 
 
+REGULARIZERS = {"recurrent_dropout": dict(recurrent_dropout=0.3), "zoneout": dict(zoneout=0.2),
+                "both": dict(recurrent_dropout=0.3, zoneout=0.2)}
+
+
+@pytest.mark.parametrize("regularizer", sorted(REGULARIZERS))
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_module_with_recurrent_dropout_on_cpu_matches_the_reference_module(cell):
-    """The module draws the same masks from the same seed on either backend (2-layer,
-    bidirectional, packed lengths, float64)."""
+def test_module_on_cpu_matches_the_reference_module(cell, regularizer):
+    """The module draws the same masks and zoneout keep weights from the same seed on either
+    backend (2-layer, bidirectional, packed lengths, float64)."""
     make = rnntl_fast.LSTM if cell == "lstm" else rnntl_fast.GRU
     torch.manual_seed(0)
-    fast = make(5, 40, num_layers=2, bidirectional=True, recurrent_dropout=0.3, backend="cpu", dtype=F64)
-    slow = make(5, 40, num_layers=2, bidirectional=True, recurrent_dropout=0.3, backend="reference", dtype=F64)
+    options = REGULARIZERS[regularizer]
+    fast = make(5, 40, num_layers=2, bidirectional=True, backend="cpu", dtype=F64, **options)
+    slow = make(5, 40, num_layers=2, bidirectional=True, backend="reference", dtype=F64, **options)
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(6, 3, 5, dtype=F64)
     lengths = torch.tensor([6, 2, 4])
