@@ -52,16 +52,18 @@ def tiny_args(tiny_data, output_dir, *extra):
 
 def test_finetune_with_regularizers_in_the_recurrence_saves_them_and_times_torch_nn_without(tiny_data, tmp_path,
                                                                                               capsys):
-    """--recurrent-dropout / --weight-drop reach the encoder's LSTM (and its saved file); the
-    throughput comparison runs torch.nn, which cannot run them, without them, and says so."""
+    """--recurrent-dropout / --weight-drop / --zoneout reach the encoder's LSTM (and its saved
+    file); the throughput comparison runs torch.nn, which cannot run them, without them, and says so."""
     assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2", "--recurrent-dropout", "0.2",
-                          "--weight-drop", "0.4")) == 0
-    assert "torch.nn without --recurrent-dropout and --weight-drop, which it cannot run" in capsys.readouterr().err
+                          "--weight-drop", "0.4", "--zoneout", "0.1")) == 0
+    assert ("torch.nn without --recurrent-dropout and --weight-drop and --zoneout, which it cannot run"
+            in capsys.readouterr().err)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["throughput"]["torch_nn_without"] == ["recurrent_dropout", "weight_drop"]
-    assert metrics["throughput"]["tokens_per_s"]["torch.nn"] > 0 and metrics["recipe"]["weight_drop"] == 0.4
+    assert metrics["throughput"]["torch_nn_without"] == ["recurrent_dropout", "weight_drop", "zoneout"]
+    assert metrics["throughput"]["tokens_per_s"]["torch.nn"] > 0 and metrics["recipe"]["zoneout"] == 0.1
     encoder = load_encoder(str(tmp_path / "encoder.pt"))
-    assert (encoder.layers[0].recurrent_dropout, encoder.layers[0].weight_drop) == (0.2, 0.4)
+    layer = encoder.layers[0]
+    assert (layer.recurrent_dropout, layer.weight_drop, layer.zoneout) == (0.2, 0.4, 0.1)
 
 
 def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):

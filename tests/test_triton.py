@@ -164,8 +164,9 @@ def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_c
     length_tensor = torch.tensor(lengths) if lengths else None
     mask = _recurrent_mask(case).float().to(DEVICE) if masked else None
     if cell == "lstm":
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, *limits, True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, reverse, limits.state_clip,
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, None, None,
+                *limits, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, None, reverse, limits.state_clip,
             limits.gate_clip, True)
 
 
@@ -190,13 +191,13 @@ def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, strateg
     if cell == "lstm":
         out, h_n, c_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, plain[1],
-                         plain[2], plain[5], plain[6], plain[7], plain[8], plain[9], *reserve, *plain[10:15], strategy,
+                         plain[2], plain[5], plain[6], plain[7], plain[8], *plain[9:12], *reserve, *plain[12:17], strategy,
                          [True, True, True, True, proj > 0, True, True])
         torch.library.opcheck(torch.ops.rnntl_fast.triton_lstm_backward.default, backward_args)
     else:
         out, h_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), input, plain[1], plain[2], plain[5], plain[6],
-                         plain[7], *reserve, *plain[8:11], strategy, [True] * 6)
+                         plain[7], plain[8], *reserve, *plain[9:12], strategy, [True] * 6)
         torch.library.opcheck(torch.ops.rnntl_fast.triton_gru_backward.default, backward_args)
 
 

@@ -4,6 +4,8 @@ report same-run speedups; `rnntl-fast bench` (also `python -m rnntl_fast bench`)
     rnntl-fast bench                         # the default grid (module rows: stacks, packed, proj_size, ...)
     rnntl-fast bench --grid ops              # the op grid, geometric means per cell/mode
     rnntl-fast bench --cell lstm --T 50,100 --B 16 --I 128 --H 128,256 --mode training
+    rnntl-fast bench --grid regularizers     # each regularizer's cost and speedup vs the cell loop; Elman RNN rows
+    rnntl-fast bench --cell lstm --T 100 --B 32 --mode training --regularizer zoneout,layer_norm
     rnntl-fast bench --grid tiny --json out.json --plot out.png
 
 Protocol (docs/benchmarks.md): every provider is warmed up, then timed in interleaved
@@ -37,7 +39,9 @@ JSON (--json FILE), schema "rnntl_fast.bench/1":
     results: list of rows, one per (case, provider):
         cell, mode, T, B, I, H, layers, bidirectional, proj_size, lengths, dtype, device,
         group, label: the case;
-        provider: "torch", "torch-hooks", "cpu", "cuda", "triton" or "reference";
+        regularizer: "" or recurrent_dropout, zoneout, weight_drop, layer_norm (docs/semantics.md);
+        provider: "torch", "torch-hooks", "torch-cells", "without", "cpu", "cuda", "triton" or
+            "reference";
         description: human name; status: "ok" or "skipped"; note: why skipped (else "");
         time_ms: median ms per step; samples_ms: every sample (ms per step);
         calls_per_sample: int; speedup_vs_torch: median per-round torch.nn/this ratio;
@@ -45,9 +49,14 @@ JSON (--json FILE), schema "rnntl_fast.bench/1":
         flops: FLOPs per step (as above); gflops: flops / median time;
         gemm_gflops: the same-run GEMM throughput; gemm_fraction: gflops / gemm_gflops;
         peak_memory_mb: MiB (training modes, else null);
-    summary: list of {group, cell, mode, provider, rows, geomean_speedup_vs_torch
-        [, geomean_speedup_vs_hooks][, goal, meets_goal]}; goal: the project's target speedup
-        of the compiled backend over torch.nn for that group (docs/benchmarks.md), where one is set.
+        speedup_vs_cells: regularizer rows, same against the cell loop with the regularizer, else
+        null; cost_vs_without: regularizer rows, median per-round this/without-the-regularizer;
+    summary: list of {group, cell, mode, regularizer, provider, rows, geomean_speedup_vs_torch
+        [, geomean_speedup_vs_hooks][, geomean_speedup_vs_cells, worst_speedup_vs_cells,
+        geomean_cost_vs_without, worst_cost_vs_without][, goal][, meets_goal]}; goal: the
+        project's target speedup of the compiled backend over torch.nn for that group
+        (docs/benchmarks.md), where one is set; regularizer rows meet theirs when every row
+        costs <= 1.15x and is >= 3x faster than the cell loop.
 Times, speedups and FLOP rates of skipped rows are null.
 """
 import argparse
@@ -64,11 +73,12 @@ from .grids import CELLS, DTYPES, GRID_CELLS, LENGTHS, MODES
 
 SCHEMA = "rnntl_fast.bench/1"
 DEFAULT_REPEATS = 15
-BACKEND_CHOICES = ("auto", "cpu", "cuda", "triton", "reference", "torch", "torch-hooks")
-SIZE_FLAGS = ("T", "B", "I", "H", "layers", "bidirectional", "proj_size", "lengths")
+BACKEND_CHOICES = ("auto", "cpu", "cuda", "triton", "reference", "torch", "torch-hooks", "torch-cells", "without")
+SIZE_FLAGS = ("T", "B", "I", "H", "layers", "bidirectional", "proj_size", "lengths", "regularizer")
+NO_REGULARIZER = "none"
 # Sizes of a custom grid for the size flags that were not given.
 CUSTOM_DEFAULTS = {"T": [100], "B": [32], "I": [256], "H": [256], "layers": [1], "bidirectional": [False],
-                   "proj_size": [0], "lengths": ["full"]}
+                   "proj_size": [0], "lengths": ["full"], "regularizer": [""]}
 
 
 # -- argument types: each raises ArgumentTypeError, which argparse reports naming the flag --
@@ -89,6 +99,13 @@ def _choice(choices) -> Callable[[str], str]:
     return parse
 
 
+def _regularizer(text: str) -> str:
+    """A --regularizer item: "" for none, else a key of grids.REGULARIZERS."""
+    if text == NO_REGULARIZER:
+        return ""
+    return _choice(tuple(grids.REGULARIZERS))(text)
+
+
 def _boolean(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -100,7 +117,7 @@ def _boolean(text: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
-    parser.epilog = "Named grids: default, tiny, ops. The JSON fields: docs/benchmarks.md."
+    parser.epilog = "Named grids: default, tiny, ops, regularizers. The JSON fields: docs/benchmarks.md."
     what = parser.add_argument_group("what to time (size flags take comma lists and form a grid)")
     what.add_argument("--grid", choices=sorted(grids.GRIDS), help="a named grid (default: 'default' unless "
                       "size flags are given); --cell and --mode filter it")
@@ -119,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="LSTM proj_size(s), 0 = none (GRU and RNN rows skip values > 0)")
     what.add_argument("--lengths", type=_list_of(_choice(LENGTHS), "length modes"),
                       help="full (every row T steps) or uniform (seeded lengths in [ceil(T/2), T], packed)")
+    what.add_argument("--regularizer", type=_list_of(_regularizer, "regularizers"),
+                      help=f"none or {', '.join(grids.REGULARIZERS)} (rnntl_fast runs with it, torch.nn "
+                           "without; timed with and without it and against the cell loop; training modes)")
     where = parser.add_argument_group("where and how")
     where.add_argument("--dtype", type=_list_of(_choice(DTYPES), "dtypes"),
                        help="float32 (default; on CUDA named grids add float16,bfloat16), float64, float16, bfloat16")
@@ -166,12 +186,14 @@ def resolve_cases(args, parser) -> List[grids.Case]:
         if not cases:
             parser.error("argument --proj-size: proj_size applies to LSTM only; add --cell lstm")
         return cases
-    outside = [cell for cell in args.cell or [] if cell not in GRID_CELLS]
-    if outside:
-        parser.error(f"argument --cell: the named grids time {', '.join(GRID_CELLS)}; give size flags "
-                     f"(--T, --B, --I, --H) to time {', '.join(outside)}")
     dtypes = args.dtype or (["float32", "float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
-    cases = grids.filter_cases(grids.named_grid(args.grid or "default", device, dtypes), args.cell, args.mode)
+    grid = grids.named_grid(args.grid or "default", device, dtypes)
+    present = sorted({case.cell for case in grid})
+    outside = [cell for cell in args.cell or [] if cell not in present]
+    if outside:
+        parser.error(f"argument --cell: grid {args.grid or 'default'!r} times {', '.join(present)}; give size "
+                     f"flags (--T, --B, --I, --H) to time {', '.join(outside)}")
+    cases = grids.filter_cases(grid, args.cell, args.mode)
     if not cases:
         parser.error(f"argument --mode: grid {args.grid or 'default'!r} has no rows with cell "
                      f"{args.cell} and mode {args.mode}")
@@ -191,7 +213,7 @@ def resolve_providers(args, parser) -> List[str]:
                 expanded = ["cpu"] if _ext.HAS_CPU_KERNELS else []
             else:
                 expanded = (["cuda"] if _ext.HAS_CUDA_KERNELS else []) + (["triton"] if triton_available() else [])
-            expanded += ["reference", "torch-hooks"]
+            expanded += ["reference", "torch-hooks", "torch-cells", "without"]
         else:
             expanded = [name]
         for provider in expanded:
@@ -224,7 +246,8 @@ def command_line(args) -> str:
         if value is True:
             words.append(flag)
         elif isinstance(value, list):
-            words += [flag, ",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
+            words += [flag, ",".join(str(v).lower() if isinstance(v, bool) else str(v) or NO_REGULARIZER
+                                     for v in value)]
         else:
             words += [flag, str(value)]
     return " ".join(shlex.quote(word) for word in words)

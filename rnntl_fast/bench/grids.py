@@ -9,6 +9,10 @@ Named grids:
   variable-length input, proj_size LSTM) plus frozen-weight fine-tuning and gradient
   clipping against the hook loop users write, at one mid size (DEFAULT_SIZE); a few minutes
   on 2 cores.
+* ``regularizers``: training rows of each in-kernel regularizer (docs/semantics.md section
+  10) at REGULARIZER_SIZES, LSTM and GRU, each timed with and without the regularizer and
+  against the LSTMCell / GRUCell loop users write for it; plus the Elman RNN against
+  torch.nn.RNN at OPS_SIZES.
 """
 import itertools
 from dataclasses import asdict, dataclass
@@ -21,6 +25,10 @@ GRID_CELLS = ("lstm", "gru")
 MODES = ("inference", "training", "frozen", "clip")
 LENGTHS = ("full", "uniform")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# Module options of the regularizer rows (Case.regularizer -> rnntl_fast module keyword arguments).
+REGULARIZERS = {"recurrent_dropout": {"recurrent_dropout": 0.25}, "zoneout": {"zoneout": 0.1},
+                "weight_drop": {"weight_drop": 0.5}, "layer_norm": {"layer_norm": True}}
+REGULARIZER_SIZES = ((100, 32, 256, 256), (200, 16, 128, 128), (500, 1, 256, 256))
 
 # Issue 2's grid: (T, B, I, H).
 OPS_SIZES = ((100, 32, 256, 256), (200, 16, 128, 128), (100, 8, 64, 64), (500, 1, 256, 256), (50, 64, 512, 512))
@@ -38,8 +46,10 @@ class Case:
         need grads), "frozen" (forward + backward with every recurrent weight frozen; only
         the input gets a gradient, as when fine-tuning what lies below or above a frozen
         encoder), "clip" (training with grad_clip=1.0 "state" clipping in the backward).
+    regularizer: "" or a key of REGULARIZERS: the rnntl_fast module runs with it (torch.nn,
+        which has none of them, runs without: the floor, as in clip mode).
     group: which summary the row belongs to ("ops", "stack", "packed", "proj", "frozen",
-        "clip", "plain", "custom").
+        "clip", "plain", "regularizers", "rnn", "custom").
     """
     cell: str
     mode: str
@@ -53,6 +63,7 @@ class Case:
     lengths: str = "full"
     dtype: str = "float32"
     device: str = "cpu"
+    regularizer: str = ""
     group: str = "custom"
 
     @property
@@ -69,6 +80,8 @@ class Case:
             parts.append("packed")
         if self.dtype != "float32":
             parts.append(self.dtype)
+        if self.regularizer:
+            parts.append(self.regularizer)
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -111,10 +124,22 @@ def tiny_grid(device: str = "cpu", dtypes: Sequence[str] = ("float32",)) -> List
                 cases.append(Case(cell, mode, 6, 3, 5, 8, dtype=dtype, device=device, group="tiny"))
         cases.append(Case("lstm", "training", 6, 3, 5, 8, layers=2, bidirectional=True, proj_size=4,
                           lengths="uniform", dtype=dtype, device=device, group="tiny"))
+        cases.append(Case("lstm", "training", 6, 3, 5, 8, dtype=dtype, device=device, regularizer="zoneout",
+                          group="tiny"))
+        cases.append(Case("gru", "training", 6, 3, 5, 8, dtype=dtype, device=device, regularizer="recurrent_dropout",
+                          group="tiny"))
     return cases
 
 
-GRIDS = {"default": default_grid, "ops": ops_grid, "tiny": tiny_grid}
+def regularizer_grid(device: str = "cpu", dtypes: Sequence[str] = ("float32",)) -> List[Case]:
+    cases = [Case(cell, "training", T, B, I, H, dtype=dtype, device=device, regularizer=name, group="regularizers")
+             for dtype in dtypes for cell in GRID_CELLS for (T, B, I, H) in REGULARIZER_SIZES for name in REGULARIZERS]
+    cases += [Case("rnn", mode, T, B, I, H, dtype=dtype, device=device, group="rnn")
+              for dtype in dtypes for mode in ("inference", "training") for (T, B, I, H) in OPS_SIZES]
+    return cases
+
+
+GRIDS = {"default": default_grid, "ops": ops_grid, "tiny": tiny_grid, "regularizers": regularizer_grid}
 
 
 def named_grid(name: str, device: str, dtypes: Sequence[str]) -> List[Case]:
@@ -123,12 +148,15 @@ def named_grid(name: str, device: str, dtypes: Sequence[str]) -> List[Case]:
 
 def product_grid(axes: Dict[str, Sequence], device: str) -> List[Case]:
     """The cartesian product of the per-flag value lists (keys are Case field names).
-    Combinations that do not exist (GRU or RNN with proj_size, proj_size >= H) are dropped."""
+    Combinations that do not exist (GRU or RNN with proj_size, proj_size >= H, the Elman RNN
+    with layer_norm) are dropped."""
     names = list(axes)
     cases = []
     for values in itertools.product(*(axes[name] for name in names)):
         fields = dict(zip(names, values))
         if fields.get("proj_size", 0) and (fields["cell"] != "lstm" or fields["proj_size"] >= fields["H"]):
+            continue
+        if fields.get("regularizer") == "layer_norm" and fields["cell"] == "rnn":
             continue
         cases.append(Case(device=device, group="custom", **fields))
     return cases

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..machine import cpu_model
-from .workloads import HOOKS, TORCH
+from .workloads import CELLS, HOOKS, TORCH, WITHOUT
 
 # The project's targets (docs/benchmarks.md), written into the JSON summary next to the
 # measured geometric means (never asserted):
@@ -22,7 +22,13 @@ GOALS = {
     ("proj", "lstm", "inference"): 1.5,
     ("stack", "gru", "training"): 1.5,
     ("stack", "gru", "inference"): 1.5,
+    ("rnn", "rnn", "training"): 1.5,
 }
+# Regularizer rows (group "regularizers"): the most a regularizer may cost over the same
+# module without it, and the least speedup over the cell loop that users write for it.
+REGULARIZER_MAX_COST = 1.15
+REGULARIZER_MIN_SPEEDUP_VS_CELLS = 3.0
+BASELINES = (TORCH, HOOKS, CELLS, WITHOUT)  # the providers other rows are compared with
 
 
 # Printed under the tables: what each column means.
@@ -31,13 +37,17 @@ TABLE_COLUMNS = textwrap.fill(
     "packed = variable lengths as a PackedSequence); mode = inference (no-grad forward), training (forward + "
     "backward), frozen (backward with the recurrent weights frozen), clip (training with grad_clip=1.0); "
     "time = median ms per step; speedup vs torch.nn = median over rounds of torch.nn's time / this time "
-    "(> 1 is faster); GFLOP/s = the recurrent layers' FLOPs per step / time; % of GEMM = that rate over a "
+    "(> 1 is faster), and for regularizer rows the same against the cell loop with the regularizer and the cost "
+    "= this time / the time without the regularizer; GFLOP/s = the recurrent layers' FLOPs per step / time; "
+    "% of GEMM = that rate over a "
     "same-size torch.mm timed in the same rounds; peak MB = memory torch allocates during one step "
     "(training modes only, else -).", 100)
 SUMMARY_COLUMNS = textwrap.fill("Columns: group = the kind of rows summarised (plain, stack = 2-layer bidirectional, packed, "
-                   "proj = proj_size, frozen, clip, ops = the op grid, tiny = the smoke-test grid, custom = size flags); rows = how many "
+                   "proj = proj_size, frozen, clip, ops = the op grid, regularizers, rnn = the Elman RNN, tiny = "
+                   "the smoke-test grid, custom = size flags); rows = how many "
                    "cases; geomean speedup = geometric mean of those rows' speedups over torch.nn (and over "
-                   "the per-step clamp-hook loop for clip rows).", 100)
+                   "the per-step clamp-hook loop for clip rows, over the cell loop and the cost for regularizer "
+                   "rows).", 100)
 
 
 def machine_info(device: str) -> dict:
@@ -92,6 +102,8 @@ def markdown_table(rows: List[dict]) -> str:
         speedup = _fmt(row["speedup_vs_torch"], ".2f", "x")
         if row.get("speedup_vs_hooks") is not None and row["provider"] != HOOKS:
             speedup += f" ({row['speedup_vs_hooks']:.1f}x vs hooks)"
+        if row.get("speedup_vs_cells") is not None and row["provider"] not in BASELINES:
+            speedup += f" ({row['speedup_vs_cells']:.1f}x vs cell loop, cost {row['cost_vs_without']:.2f}x)"
         lines.append(f"| {row['label']} | {row['mode']} | {row['description']} | {row['time_ms']:.3f} | {speedup} | "
                      f"{_fmt(row['gflops'], '.1f')} | {_fmt(row['gemm_fraction'], '.0%')} | "
                      f"{_fmt(row['peak_memory_mb'], '.1f')} |")
@@ -106,21 +118,32 @@ def geometric_mean(values: Sequence[float]) -> float:
 
 
 def summarize(rows: List[dict]) -> List[dict]:
-    """Geometric-mean speedup vs torch.nn per (group, cell, mode, provider), over the
-    rnntl_fast providers and the hook loop, with the speed goal where there is one."""
+    """Geometric-mean speedup vs torch.nn per (group, cell, mode, regularizer, provider), over
+    the rnntl_fast providers and the cell loops, with the speed goal where there is one."""
     buckets: Dict[tuple, List[dict]] = {}
     for row in rows:
         if row["status"] == "ok" and row["provider"] != TORCH:
-            buckets.setdefault((row["group"], row["cell"], row["mode"], row["provider"]), []).append(row)
+            key = (row["group"], row["cell"], row["mode"], row.get("regularizer", ""), row["provider"])
+            buckets.setdefault(key, []).append(row)
     summary = []
-    for (group, cell, mode, provider), members in sorted(buckets.items()):
-        entry = {"group": group, "cell": cell, "mode": mode, "provider": provider, "rows": len(members),
+    for (group, cell, mode, regularizer, provider), members in sorted(buckets.items()):
+        entry = {"group": group, "cell": cell, "mode": mode, "regularizer": regularizer, "provider": provider,
+                 "rows": len(members),
                  "geomean_speedup_vs_torch": geometric_mean([m["speedup_vs_torch"] for m in members])}
         hooks = [m["speedup_vs_hooks"] for m in members if m.get("speedup_vs_hooks") is not None]
         if hooks and provider != HOOKS:
             entry["geomean_speedup_vs_hooks"] = geometric_mean(hooks)
+        cells = [m["speedup_vs_cells"] for m in members if m.get("speedup_vs_cells") is not None]
+        if cells and provider not in BASELINES:
+            entry["geomean_speedup_vs_cells"] = geometric_mean(cells)
+            entry["geomean_cost_vs_without"] = geometric_mean([m["cost_vs_without"] for m in members])
+            entry["worst_cost_vs_without"] = max(m["cost_vs_without"] for m in members)
+            entry["worst_speedup_vs_cells"] = min(cells)
+            if provider != "reference":
+                entry["meets_goal"] = (entry["worst_cost_vs_without"] <= REGULARIZER_MAX_COST
+                                       and entry["worst_speedup_vs_cells"] >= REGULARIZER_MIN_SPEEDUP_VS_CELLS)
         goal = GOALS.get((group, cell, mode))
-        if goal is not None and provider not in (HOOKS, "reference"):
+        if goal is not None and provider not in BASELINES + ("reference",):
             entry["goal"] = goal
             entry["meets_goal"] = entry["geomean_speedup_vs_torch"] >= goal
         summary.append(entry)
@@ -134,7 +157,12 @@ def summary_markdown(summary: List[dict]) -> str:
         speedup = _fmt(entry["geomean_speedup_vs_torch"], ".2f", "x")
         if "geomean_speedup_vs_hooks" in entry:
             speedup += f" ({entry['geomean_speedup_vs_hooks']:.1f}x vs hooks)"
-        lines.append(f"| {entry['group']} | {entry['cell']} | {entry['mode']} | {entry['provider']} | "
+        if "geomean_speedup_vs_cells" in entry:
+            speedup += (f" ({entry['geomean_speedup_vs_cells']:.1f}x vs cell loop, worst "
+                        f"{entry['worst_speedup_vs_cells']:.1f}x; cost {entry['geomean_cost_vs_without']:.2f}x, "
+                        f"worst {entry['worst_cost_vs_without']:.2f}x)")
+        cell = f"{entry['cell']} {entry['regularizer']}".strip()
+        lines.append(f"| {entry['group']} | {cell} | {entry['mode']} | {entry['provider']} | "
                      f"{entry['rows']} | {speedup} |")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import torch
 
 from . import timing
 from .grids import Case
-from .workloads import HOOKS, TORCH, Workload, build_steps, gates_of, provider_description
+from .workloads import CELLS, HOOKS, TORCH, WITHOUT, Workload, build_steps, gates_of, provider_description
 
 # Step failures that mean "this provider cannot run this case" (unsupported dtype, missing
 # backend); they are reported as skipped rows with the error, never hidden.
@@ -38,7 +38,7 @@ def _base_row(case: Case, provider: str) -> dict:
     row = case.to_dict()
     row.update(label=case.label, provider=provider, description=provider_description(provider, case.device),
                status="ok", note="", time_ms=None, samples_ms=[], calls_per_sample=None, speedup_vs_torch=None,
-               speedup_vs_hooks=None, flops=None, gflops=None, gemm_gflops=None, gemm_fraction=None,
+               speedup_vs_hooks=None, speedup_vs_cells=None, cost_vs_without=None, flops=None, gflops=None, gemm_gflops=None, gemm_fraction=None,
                peak_memory_mb=None)
     return row
 
@@ -91,6 +91,10 @@ def run_case(case: Case, providers: List[str], settings: dict, measure_memory: b
             row["speedup_vs_torch"] = timing.paired_ratio(samples[TORCH], samples[name])
         if HOOKS in samples:
             row["speedup_vs_hooks"] = timing.paired_ratio(samples[HOOKS], samples[name])
+        if CELLS in samples:
+            row["speedup_vs_cells"] = timing.paired_ratio(samples[CELLS], samples[name])
+        if WITHOUT in samples:
+            row["cost_vs_without"] = timing.paired_ratio(samples[name], samples[WITHOUT])
         if measure_memory and case.mode != "inference":
             peak = timing.peak_memory_bytes(step, device, verbose=verbose)
             row["peak_memory_mb"] = peak / 2**20 if peak is not None else None

@@ -9,22 +9,33 @@ Providers (the names `--backends` takes):
 * ``torch-hooks``: what users write to clip per step without rnntl_fast: an
   nn.LSTMCell / nn.GRUCell loop with ``register_hook(lambda g: g.clamp(-v, v))`` on every
   h_t and c_t, masking by lengths with ``torch.where``. Clip mode only; no proj_size.
+* ``torch-cells``: for a regularizer row (Case.regularizer), what users write without
+  rnntl_fast: a Python loop over torch's fused cells (the kernels behind nn.LSTMCell /
+  nn.GRUCell / nn.RNNCell) with the same regularizer: h_{t-1} * mask into the recurrent
+  product, zoneout blends of fresh draws every step, W_hh * mask as the weight, or
+  nn.LayerNorm modules on the two gate products (and the LSTM's cell). One layer, one
+  direction, full lengths.
+* ``without``: for a regularizer row, the rnntl_fast module (backend "auto") without the
+  regularizer: the denominator of the regularizer's cost.
 * ``cpu``, ``cuda``, ``triton``, ``reference``: rnntl_fast.LSTM / GRU / RNN with that backend,
-  same weights as the torch.nn module.
+  same weights as the torch.nn module (and the row's regularizer).
 """
 import math
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .grids import Case
+from .grids import REGULARIZERS, Case
 
 TORCH = "torch"
 HOOKS = "torch-hooks"
+CELLS = "torch-cells"
+WITHOUT = "without"
 RNNTL_BACKENDS = ("cpu", "cuda", "triton", "reference")
-PROVIDERS = RNNTL_BACKENDS + (TORCH, HOOKS)
+PROVIDERS = RNNTL_BACKENDS + (TORCH, HOOKS, CELLS, WITHOUT)
 CLIP_VALUE = 1.0  # grad_clip of the "clip" mode, in rnntl_fast and in the hook loop
 
 # The reference step loop runs one Python iteration per step, layer and direction and
@@ -129,15 +140,21 @@ class Workload:
         # Packing is part of what a packed-input user pays on both sides.
         return pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
 
-    def rnntl_module(self, backend: str) -> nn.Module:
+    def rnntl_module(self, backend: str, regularized: bool = True) -> nn.Module:
+        """rnntl_fast's module with torch.nn's weights (and, if `regularized`, the row's regularizer;
+        layer_norm's own parameters keep their initial ones and zeros)."""
         import rnntl_fast  # noqa: F401  (rnntl_fast.bench is imported before the package body)
         fast_class = getattr(rnntl_fast, FAST_MODULES[self.case.cell])
         case = self.case
         extra = {"proj_size": case.proj_size} if case.proj_size else {}
+        if regularized and case.regularizer:
+            extra.update(REGULARIZERS[case.regularizer])
         module = fast_class(case.I, case.H, case.layers, bidirectional=case.bidirectional, backend=backend,
                             grad_clip=CLIP_VALUE if case.mode == "clip" else None, **extra)
         module.to(self.device, self.dtype)
-        module.load_state_dict(self.torch_module.state_dict(), strict=True)
+        missing, unexpected = module.load_state_dict(self.torch_module.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("layer_norm_") for name in missing):
+            raise RuntimeError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         return self._prepare(module)
 
     def module_step(self, module: nn.Module) -> Callable[[], None]:
@@ -219,11 +236,84 @@ class Workload:
         return hooks_training_step
 
 
+    def cells_step(self) -> Callable[[], None]:
+        """One fwd+bwd of the torch cell loop with the row's regularizer (see the module docstring).
+        Masks are drawn in the step, as the modules draw theirs."""
+        case, module = self.case, self.torch_module
+        name, options = case.regularizer, REGULARIZERS[case.regularizer]
+        w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
+        b_ih, b_hh = module.bias_ih_l0, module.bias_hh_l0
+        gates = gates_of(case.cell) * case.H
+        lstm, norms = case.cell == "lstm", {}
+        if name == "layer_norm":  # gains only on the gate products; gain and bias on the LSTM's cell
+            norms = {"ih": nn.LayerNorm(gates, bias=False), "hh": nn.LayerNorm(gates, bias=False),
+                     "cell": nn.LayerNorm(case.H)}
+            for norm in norms.values():
+                norm.to(self.device, self.dtype)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        trainable += [p for norm in norms.values() for p in norm.parameters()]
+        x, grad, B, H = self.x, self.grad_padded, case.B, case.H
+        draw = lambda shape, keep: torch.bernoulli(torch.full(shape, keep, device=self.device, dtype=self.dtype))  # noqa: E731
+
+        def fresh_state(h, x_t, c, w_hh_used, mask):
+            """The cell's new (h~, c~) from h_{t-1}, x_t, c_{t-1}."""
+            h_in = h * mask if mask is not None else h
+            if not norms and lstm:
+                return torch.lstm_cell(x_t, (h_in, c), w_ih, w_hh_used, b_ih, b_hh)
+            if case.cell == "rnn":
+                return torch.rnn_tanh_cell(x_t, h_in, w_ih, w_hh_used, b_ih, b_hh), c
+            # gru_cell blends with the h it is given: the unmasked state must be blended, so
+            # the masked one goes only through the recurrent product (and layer norm needs the products).
+            x_part, h_part = F.linear(x_t, w_ih), F.linear(h_in, w_hh_used)
+            if norms:
+                x_part, h_part = norms["ih"](x_part), norms["hh"](h_part)
+            x_part, h_part = x_part + b_ih, h_part + b_hh
+            if lstm:
+                i, f, g, o = (x_part + h_part).chunk(4, 1)
+                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                return torch.sigmoid(o) * torch.tanh(norms["cell"](c_new)), c_new
+            x_r, x_z, x_n = x_part.chunk(3, 1)
+            h_r, h_z, h_n = h_part.chunk(3, 1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            return (1 - z) * torch.tanh(x_n + r * h_n) + z * h, c
+
+        def cells_training_step():
+            x.grad = None
+            for parameter in trainable:
+                parameter.grad = None
+            w_hh_used, mask = w_hh, None
+            if name == "weight_drop":
+                keep = 1 - options["weight_drop"]
+                w_hh_used = w_hh * (draw(tuple(w_hh.shape), keep) / keep)
+            if name == "recurrent_dropout":
+                keep = 1 - options["recurrent_dropout"]
+                mask = draw((B, H), keep) / keep
+            h, c = x.new_zeros(B, H), x.new_zeros(B, H)
+            outputs = []
+            for t in range(case.T):
+                h_new, c_new = fresh_state(h, x[t], c, w_hh_used, mask)
+                if name == "zoneout":
+                    z = options["zoneout"]
+                    d = draw((B, H), z)
+                    h_new = d * h + (1 - d) * h_new
+                    if lstm:
+                        e = draw((B, H), z)
+                        c_new = e * c + (1 - e) * c_new
+                h, c = h_new, c_new
+                outputs.append(h)
+            torch.autograd.backward(torch.stack(outputs), grad)
+        return cells_training_step
+
+
 def provider_description(name: str, device: str) -> str:
     if name == TORCH:
         return "torch.nn (cuDNN)" if device.startswith("cuda") else "torch.nn (oneDNN/ATen)"
     if name == HOOKS:
         return "torch cell loop + clamp hooks"
+    if name == CELLS:
+        return "torch cell loop + the regularizer"
+    if name == WITHOUT:
+        return "rnntl_fast without the regularizer"
     return f"rnntl_fast {name}"
 
 
@@ -241,6 +331,15 @@ def build_steps(workload: Workload, providers: List[str]) -> Dict[str, object]:
                 steps[name] = "skipped: nn.LSTMCell has no proj_size"
             else:
                 steps[name] = workload.hooks_step()
+        elif name in (CELLS, WITHOUT):
+            if not case.regularizer or case.mode == "inference":
+                continue  # only meaningful for a regularizer in training; not a note-worthy skip
+            if name == WITHOUT:
+                steps[name] = workload.module_step(workload.rnntl_module("auto", regularized=False))
+            elif case.layers != 1 or case.bidirectional or case.proj_size or case.lengths != "full":
+                steps[name] = "skipped: the cell loop covers one layer, one direction, full lengths, no proj_size"
+            else:
+                steps[name] = workload.cells_step()
         elif name == "reference" and reference_steps(case) > REFERENCE_MAX_STEPS:
             steps[name] = (f"skipped: T*layers*directions = {reference_steps(case)} > {REFERENCE_MAX_STEPS} "
                            "(the reference loop is slow)")

@@ -112,16 +112,17 @@ class RecurrentEncoder(nn.Module):
     @classmethod
     def stacked(cls, vocab_size: int, embedding_dim: int = 128, hidden_size: int = 256, num_layers: int = 1,
                 bidirectional: bool = False, cell: str = "lstm", dropout: float = 0.0, recurrent_dropout: float = 0.0,
-                weight_drop: float = 0.0) -> "RecurrentEncoder":
+                weight_drop: float = 0.0, zoneout: float = 0.0, layer_norm: bool = False) -> "RecurrentEncoder":
         """Embedding [vocab_size, embedding_dim] (row 0 is padding) -> dropout -> one
         batch_first rnntl_fast LSTM/GRU of `num_layers` layers (`dropout` also between
-        them; recurrent_dropout and weight_drop inside them, docs/semantics.md): the encoder
-        `rnntl-fast pretrain` and `finetune` build."""
+        them; recurrent_dropout, weight_drop, zoneout and layer_norm inside them,
+        docs/semantics.md): the encoder `rnntl-fast pretrain` and `finetune` build."""
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         layer = {"kind": cell.upper(), "hidden_size": hidden_size, "num_layers": num_layers,
                  "bidirectional": bidirectional, "dropout": dropout if num_layers > 1 else 0.0,
-                 "recurrent_dropout": recurrent_dropout, "weight_drop": weight_drop}
+                 "recurrent_dropout": recurrent_dropout, "weight_drop": weight_drop, "zoneout": zoneout,
+                 "layer_norm": layer_norm}
         return cls(vocab_size, embedding_dim, [layer], padding_idx=0, batch_first=True, dropout=dropout)
 
     @property

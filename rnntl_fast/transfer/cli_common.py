@@ -33,6 +33,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, lm_epochs_minimum: int 
                        help="variational dropout of h_{t-1} inside the recurrent layers (docs/finetune.md)")
     group.add_argument("--weight-drop", type=float_range(0.0, 1.0, high_open=True), default=DEFAULTS.weight_drop,
                        help="DropConnect on the recurrent weights (docs/finetune.md)")
+    group.add_argument("--zoneout", type=float_range(0.0, 1.0), default=DEFAULTS.zoneout,
+                       help="zoneout of h and c inside the recurrent layers (docs/finetune.md)")
+    group.add_argument("--layer-norm", action="store_true", default=DEFAULTS.layer_norm,
+                       help="layer-normalised LSTM/GRU cells (docs/finetune.md)")
     group.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of initialisation and data order")
     group.add_argument("--cut-frac", type=float_range(0.0, 1.0, low_open=True, high_open=True),
                        default=DEFAULTS.cut_frac, help="slanted triangular: warm-up fraction")

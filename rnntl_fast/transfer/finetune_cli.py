@@ -19,7 +19,7 @@ from .cli_common import add_model_arguments, add_run_arguments, build_language_m
 from ..pretrained.encoder import load_encoder, save_encoder
 from .data import EncodedTexts, Vocab
 from .models import POOLINGS
-from .pipeline import (FREEZE_POLICIES, Recipe, combine_runs, measure_throughput,
+from .pipeline import (FREEZE_POLICIES, IN_RECURRENCE_DROPOUTS, Recipe, combine_runs, measure_throughput,
                        train_classifier)
 from .training import StopRequested, teardown_distributed
 
@@ -230,9 +230,10 @@ def _run(args, place, started, load_at_start) -> int:
     except StopRequested as stop:
         log(place, f"{stop}; continue with --resume --output-dir {args.output_dir}")
         return 0
-    if place.is_main and args.throughput_steps > 0:
-        in_recurrence = [flag for flag, value in (("--recurrent-dropout", recipe.recurrent_dropout),
-                                                  ("--weight-drop", recipe.weight_drop)) if value > 0]
+    if place.is_main and args.throughput_steps > 0 and recipe.layer_norm:
+        log(place, "no throughput comparison: a layer-normalised model has no torch.nn form")
+    elif place.is_main and args.throughput_steps > 0:
+        in_recurrence = ["--" + name.replace("_", "-") for name in IN_RECURRENCE_DROPOUTS if getattr(recipe, name) > 0]
         # torch.nn cannot run these: its copy runs without them, less work than rnntl_fast's.
         without = f"; torch.nn without {' and '.join(in_recurrence)}, which it cannot run" if in_recurrence else ""
         log(place, f"timing training steps: rnntl_fast vs torch.nn (same batches, interleaved{without})")

@@ -105,7 +105,7 @@ def length_sorted(dataset: EncodedTexts) -> EncodedTexts:
 
 # the Recipe fields that decide a pretrained LM's weights (the classifier's fields do not)
 LM_RECIPE_FIELDS = ("seed", "vocab_size", "min_freq", "embedding_dim", "hidden_size", "num_layers", "cell",
-                    "dropout", "recurrent_dropout", "weight_drop", "lm_epochs", "lm_batch_size", "lm_chunk_length", "lm_lr", "lm_state",
+                    "dropout", "recurrent_dropout", "weight_drop", "zoneout", "layer_norm", "lm_epochs", "lm_batch_size", "lm_chunk_length", "lm_lr", "lm_state",
                     "lm_random_bptt", "lm_valid_fraction", "cut_frac", "ratio", "max_grad_norm")
 
 

@@ -40,6 +40,8 @@ class Recipe:
     dropout: float = 0.3
     recurrent_dropout: float = 0.0  # variational dropout of h_{t-1} inside the recurrence (docs/semantics.md)
     weight_drop: float = 0.5        # DropConnect on weight_hh (docs/semantics.md); chosen on validation (docs/finetune.md)
+    zoneout: float = 0.0            # zoneout of h and c (docs/semantics.md)
+    layer_norm: bool = False        # layer-normalised cells (docs/semantics.md)
     # language model
     lm_epochs: int = 10
     lm_batch_size: int = 64
@@ -68,7 +70,8 @@ class Recipe:
         """The arguments of RecurrentEncoder.stacked for a vocabulary of `vocab_size` words."""
         return dict(vocab_size=vocab_size, embedding_dim=self.embedding_dim, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bidirectional=self.bidirectional, cell=self.cell,
-                    dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, weight_drop=self.weight_drop)
+                    dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, weight_drop=self.weight_drop,
+                    zoneout=self.zoneout, layer_norm=self.layer_norm)
 
 
 @dataclass
@@ -272,8 +275,9 @@ def combine_runs(summaries: Sequence[dict]) -> dict:
 def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size: int, steps: int = 10,
                        rounds: int = 3, seed: int = 0) -> dict:
     """Training tokens/s (forward + backward + Adam step) of `model` as is (rnntl_fast) and
-    of a copy converted to torch.nn (rnntl_fast.convert(inverse=True); recurrent_dropout and
-    weight_drop, which torch.nn cannot run, turned off in that copy), on the same batches,
+    of a copy converted to torch.nn (rnntl_fast.convert(inverse=True); recurrent_dropout,
+    weight_drop and zoneout, which torch.nn cannot run, turned off in that copy; a model with
+    layer_norm has no torch.nn form and is refused), on the same batches,
     interleaved A/B for `rounds` rounds in this process; the median of each and their ratio.
     All parameters train (no freezing) so that both do the full work."""
     from .. import convert
@@ -325,15 +329,19 @@ def measure_throughput(model: TextClassifier, dataset: EncodedTexts, batch_size:
             "torch_nn_without": torch_nn_without}
 
 
+# The Recipe fields (and module options) of the dropouts inside the recurrence.
+IN_RECURRENCE_DROPOUTS = ("recurrent_dropout", "weight_drop", "zoneout")
+
+
 def _turn_off_in_recurrence_dropouts(model: nn.Module) -> List[str]:
-    """Sets recurrent_dropout and weight_drop of every rnntl_fast recurrent module in `model` to
-    0 (torch.nn cannot run them); returns the names of those that were on."""
+    """Sets recurrent_dropout, weight_drop and zoneout of every rnntl_fast recurrent module in
+    `model` to 0 (torch.nn cannot run them); returns the names of those that were on."""
     from ..nn import _RecurrentStack
     names = set()
     for module in model.modules():
         if isinstance(module, _RecurrentStack):
-            for name in ("recurrent_dropout", "weight_drop"):
-                if getattr(module, name) > 0:
+            for name in IN_RECURRENCE_DROPOUTS:
+                if getattr(module, name) != 0:
                     names.add(name)
                     setattr(module, name, 0.0)
     return sorted(names)
