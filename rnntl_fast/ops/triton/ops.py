@@ -309,8 +309,8 @@ def triton_rnn_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
     # As in the forward, padded steps of the input take part in no product.
     grad_input = without_padded_steps((flat_grad_gates @ weight_ih.float()).reshape(steps, batch, features),
                                       lengths).to(dtype) if need_input else input.new_empty(0)
-    grad_weight_ih = (flat_grad_gates.t() @ without_padded_steps(input, lengths).reshape(steps * batch, features).float()
-                      ).to(dtype) if need_weight_ih else input.new_empty(0)
+    grad_weight_ih = (flat_grad_gates.t() @ without_padded_steps(input, lengths).reshape(steps * batch, features)
+                      .float()).to(dtype) if need_weight_ih else input.new_empty(0)
     if need_weight_hh:
         h_start = float32_state(h0, batch, hidden, input.device)
         h_before = times_recurrent_mask(previous_states(hidden_states, h_start, reverse), recurrent_mask)  # as LSTM

@@ -47,8 +47,8 @@ SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 
 # Pointer arguments in the input dtype (everything else is float32 reserve, or int64 lengths).
 _INPUT_DTYPE_POINTERS = {"input_gates_ptr", "weight_hh_ptr", "bias_hh_ptr", "weight_hr_ptr", "h0_ptr", "c0_ptr",
-                         "recurrent_mask_ptr", "zoneout_ptr", "output_ptr", "h_n_ptr", "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr",
-                         "grad_c_n_ptr"}
+                         "recurrent_mask_ptr", "zoneout_ptr", "output_ptr", "h_n_ptr", "c_n_ptr", "grad_output_ptr",
+                         "grad_h_n_ptr", "grad_c_n_ptr"}
 _FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip"}
 # Boolean switches that are not "on" in the heaviest form: the backward step kernels' first
 # step skips the K loop, and the direction changes only the order of the steps.
