@@ -6,8 +6,7 @@ recurrence with the chosen strategy (sequence.py or step.py). Each backward runs
 backward recurrence with the same strategy, which yields the gradients of the gate
 pre-activations; every weight gradient is then one matmul over all steps, skipped for
 weights that need none. Shapes: T steps, B batch rows, I input features, H cells,
-P outputs (P = proj_size with weight_hr, else H; the Elman RNN's gate width G·H is H).
-The reserve is float32 (launch.py).
+P outputs (P = proj_size with weight_hr, else H). The reserve is float32 (launch.py).
 """
 from typing import List, Optional, Tuple
 
