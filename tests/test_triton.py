@@ -463,3 +463,187 @@ def test_rnntl_fast_imports_without_triton():
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repository)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Elman RNN (docs/semantics.md section 10): the cases and tensors of tests/test_rnn_cpu.py
+# ---------------------------------------------------------------------------------------
+
+from test_rnn_cpu import LEAVES as RNN_LEAVES  # noqa: E402
+from test_rnn_cpu import NAMES as RNN_NAMES  # noqa: E402
+from test_rnn_cpu import Case as RnnCase  # noqa: E402
+from test_rnn_cpu import make_tensors as make_rnn_tensors  # noqa: E402
+from tolerances import assert_within_error_rule  # noqa: E402
+
+
+def _run_rnn(case: RnnCase, backend: str, dtype, device="cpu", poison=None, **overrides):
+    """[output, h_n, gradients of RNN_LEAVES (None where frozen or absent)] of one ops.rnn call,
+    on CPU; the tensors of tests/test_rnn_cpu.py (NaN in the padded steps), moved to `device`.
+    poison: (leaf, index, value) to write into one leaf; overrides: RnnCase fields to replace
+    (clip=0.0 turns the gradient clip off)."""
+    case = case._replace(**overrides)
+    leaves, mask, keep = make_rnn_tensors(case, dtype)
+    moved = {}
+    for name, leaf in leaves.items():
+        moved[name] = None if leaf is None else leaf.detach().to(device, copy=True)
+        if poison is not None and poison[0] == name:
+            moved[name][poison[1]] = poison[2]
+        if leaf is not None:
+            moved[name].requires_grad_(leaf.requires_grad)
+    out, h_n = ops.rnn(*(moved[n] for n in RNN_LEAVES), case.lengths, nonlinearity="relu" if case.relu else "tanh",
+                       reverse=case.reverse, grad_clip=case.clip or None, grad_clip_mode=case.clip_mode,
+                       recurrent_mask=None if mask is None else mask.to(device),
+                       zoneout=None if keep is None else keep.to(device), backend=backend)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype).to(device) for t in (out, h_n)]
+    loss = (out * weights[0]).sum() + (h_n * weights[1]).sum()
+    wanted = [n for n in RNN_LEAVES if moved[n] is not None and moved[n].requires_grad]
+    grads = dict(zip(wanted, torch.autograd.grad(loss, [moved[n] for n in wanted]))) if wanted else {}
+    return [t if t is None else t.detach().cpu() for t in [out, h_n] + [grads.get(n) for n in RNN_LEAVES]]
+
+
+def _assert_rnn_within_error_rule(fast, baseline, reference64, dtype):
+    for name, a, b, e in zip(RNN_NAMES, fast, baseline, reference64):
+        if e is None:
+            assert a is None, f"{name}: a gradient where the reference has none"
+            continue
+        assert a.dtype == dtype, f"{name} has dtype {a.dtype}"
+        assert_within_error_rule(name, a, b, e, dtype)
+
+
+# H = 20 runs the step kernels' K loops and column tiles over two chunks; B = 17 two row tiles.
+RNN_CASES = [
+    RnnCase(T=3, B=2, I=3, H=5),
+    RnnCase(T=3, B=2, I=3, H=20, relu=True, h0=False),
+    RnnCase(T=4, B=3, I=3, H=5, reverse=True, lengths=(2, 4, 0), bias=False),
+    RnnCase(T=4, B=3, I=3, H=5, lengths=(3, 1, 4), relu=True, clip=0.05, clip_mode="state", mask=True),
+    RnnCase(T=4, B=3, I=3, H=5, lengths=(3, 1, 4), reverse=True, clip=0.05, clip_mode="gates", zoneout="draws"),
+    RnnCase(T=3, B=2, I=3, H=20, mask=True, zoneout="fractions", relu=True, reverse=True),
+    RnnCase(T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17)), mask=True, zoneout="draws"),
+    RnnCase(T=3, B=2, I=3, H=5, frozen=("weight_ih", "weight_hh")),
+    RnnCase(T=3, B=2, I=3, H=5, lengths=(3, 2), mask=True, zoneout="fractions", frozen=("input", "bias_ih", "h0")),
+]
+
+
+@pytest.mark.parametrize("case", RNN_CASES, ids=lambda c: c.id)
+def test_rnn_float32_within_error_rule(case, strategy):
+    """Forward results and every gradient against the float64 reference; the baseline of the
+    error rule is the float32 reference (torch.nn has no clip, mask or zoneout)."""
+    reference64 = _run_rnn(case, "reference", torch.float64)
+    fast = _run_rnn(case, "triton", torch.float32, DEVICE)
+    _assert_rnn_within_error_rule(fast, _run_rnn(case, "reference", torch.float32), reference64, torch.float32)
+    if case.clip:  # the clip binds: the unclipped gradients differ
+        unclipped = _run_rnn(case, "triton", torch.float32, DEVICE, clip=0.0)
+        differing = [name for name, a, b in zip(RNN_NAMES, fast, unclipped)
+                     if name.startswith("grad_") and a is not None and (a - b).abs().max() > 1e-4]
+        assert "grad_weight_hh" in differing and "grad_input" in differing, differing
+
+
+RNN_LOW_PRECISION_CASES = [RnnCase(T=3, B=2, I=4, H=6, lengths=(3, 1), reverse=True, mask=True, zoneout="fractions"),
+                           RnnCase(T=3, B=2, I=4, H=6, relu=True, clip=0.05, clip_mode="gates")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", RNN_LOW_PRECISION_CASES, ids=lambda c: c.id)
+def test_rnn_low_precision_within_error_rule(case, dtype, strategy):
+    """The mask and keep weights arrive in the input dtype and are widened to float32 in the kernels."""
+    reference64 = _run_rnn(case, "reference", torch.float64)
+    fast = _run_rnn(case, "triton", dtype, DEVICE)
+    _assert_rnn_within_error_rule(fast, _run_rnn(case, "reference", dtype), reference64, dtype)
+
+
+def _rnn_op_arguments(relu, lengths, reverse, grad_clip, mode, masked, zoned):
+    """triton_rnn_forward's arguments without the strategy (clip limits as the op takes them, 0 = off)."""
+    case = RnnCase(T=3, B=2, I=3, H=5, relu=relu, lengths=lengths, reverse=reverse, mask=masked,
+                   zoneout="draws" if zoned else None)
+    leaves, mask, keep = make_rnn_tensors(case, torch.float32)
+    limits = sequence_options(reverse, grad_clip=grad_clip, grad_clip_mode=mode)
+    leaves = [leaves[n].detach().nan_to_num(0.0).to(DEVICE).requires_grad_(True) for n in RNN_LEAVES]
+    return (*leaves, torch.tensor(lengths) if lengths else None, None if mask is None else mask.to(DEVICE),
+            None if keep is None else keep.to(DEVICE), relu, reverse, limits.state_clip, limits.gate_clip, True)
+
+
+RNN_OPCHECK = [(False, None, False, None, "state", False, False), (True, (3, 1), True, 0.1, "gates", True, True)]
+
+
+@pytest.mark.parametrize("relu,lengths,reverse,grad_clip,mode,masked,zoned", RNN_OPCHECK,
+                         ids=[f"{'relu' if r else 'tanh'}-len{'_'.join(map(str, l or ())) or 'none'}"
+                              f"-{'rev' if v else 'fwd'}-gradclip{g}{m}" + "-recurrent_mask" * k + "-zoneout" * z
+                              for r, l, v, g, m, k, z in RNN_OPCHECK])
+def test_rnn_opcheck(relu, lengths, reverse, grad_clip, mode, masked, zoned, strategy):
+    args = _rnn_op_arguments(relu, lengths, reverse, grad_clip, mode, masked, zoned) + (strategy,)
+    forward = torch.ops.rnntl_fast.triton_rnn_forward
+    torch.library.opcheck(forward.default, args)
+    # The backward op on its own, fed with the forward's reserve.
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    out, h_n, *reserve = forward(*plain)
+    assert reserve[1].numel() == (out.numel() if zoned else 0)  # activations: kept with zoneout only
+    backward_args = (torch.randn_like(out), torch.randn_like(h_n), *plain[0:2], plain[2], *plain[5:9], *reserve,
+                     *plain[9:13], strategy, [True] * 6)
+    torch.library.opcheck(torch.ops.rnntl_fast.triton_rnn_backward.default, backward_args)
+
+
+def _count_rnn_matmuls(case):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:  # host-side op calls
+        _run_rnn(case, "triton", torch.float32, DEVICE)
+    return sum(event.count for event in profile.key_averages() if event.key in ("aten::mm", "aten::addmm"))
+
+
+def test_rnn_frozen_weights_skip_weight_gradient_matmuls(strategy):
+    full = _count_rnn_matmuls(RnnCase(T=2, B=2, I=3, H=5))
+    frozen = _count_rnn_matmuls(RnnCase(T=2, B=2, I=3, H=5, frozen=("weight_ih", "weight_hh")))
+    assert frozen == full - 2, (full, frozen)
+
+
+def test_rnn_inference_forward_saves_nothing_and_matches_training(strategy):
+    """Without grad the forward keeps no reserve (the step strategy then alternates two state
+    slots); its results are those of the training forward, bit for bit."""
+    args = _rnn_op_arguments(False, (3, 1), True, None, "state", True, True)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+    out, h_n, *reserve = torch.ops.rnntl_fast.triton_rnn_forward(*plain, False, strategy)
+    assert all(r.numel() == 0 for r in reserve)
+    training = torch.ops.rnntl_fast.triton_rnn_forward(*plain, True, strategy)
+    assert all(r.numel() for r in training[2:])
+    for name, value, expected in zip(("output", "h_n"), (out, h_n), training):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_module_matches_torch_nn(nonlinearity, strategy):
+    """rnntl_fast.RNN with backend="triton": 2 layers, bidirectional, batch_first, packed
+    sequence with unsorted lengths, against torch.nn.RNN with the same weights."""
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=True, nonlinearity=nonlinearity)
+    theirs = nn.RNN(4, 5, **kwargs).to(DEVICE)
+    ours = rnntl_fast.RNN(4, 5, backend="triton", **kwargs).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4, 4, device=DEVICE)
+    lengths = torch.tensor([2, 4, 1])
+    results = []
+    for module in (theirs, ours):
+        xi = x.clone().requires_grad_(True)
+        packed = nn.utils.rnn.pack_padded_sequence(xi, lengths, batch_first=True, enforce_sorted=False)
+        out, h_n = module(packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), device=DEVICE).reshape(padded.shape)).sum() + \
+            h_n.square().sum()
+        results.append([padded.detach(), h_n.detach(), *torch.autograd.grad(loss, [xi, *module.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+RNN_NONFINITE_CASES = [RnnCase(T=3, B=2, I=3, H=5, lengths=(3, 2), zoneout="fractions"),
+                       RnnCase(T=3, B=2, I=3, H=5, relu=True, reverse=True, mask=True, clip=0.05, clip_mode="gates")]
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=lambda p: f"{p[0]}{list(p[1])}={p[2]}")
+@pytest.mark.parametrize("case", RNN_NONFINITE_CASES, ids=lambda c: c.id)
+def test_rnn_nonfinite_values_propagate_as_in_the_reference(case, poison, strategy):
+    """As test_nonfinite_values_propagate_as_in_the_reference, for the Elman RNN: relu(NaN)
+    is NaN and its gradient passes there, tanh(+-inf) is +-1 with derivative exactly 0."""
+    reference64 = _run_rnn(case, "reference", torch.float64, poison=poison)
+    fast = _run_rnn(case, "triton", torch.float32, DEVICE, poison=poison)
+    assert any(not torch.isfinite(v).all() for v in reference64 if v is not None), "poison reached nothing"
+    for name, value, expected in zip(RNN_NAMES, fast, reference64):
+        if expected is not None:
+            _assert_same_nonfinite_pattern(name, value, expected)

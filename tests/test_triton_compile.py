@@ -42,7 +42,8 @@ def test_check_plan_covers_every_kernel_and_automatic_configuration():
     assert names == {"lstm_forward_sequence", "lstm_backward_sequence", "gru_forward_sequence",
                      "gru_backward_sequence", "lstm_forward_step", "lstm_projection_step",
                      "lstm_backward_hidden_step", "lstm_backward_cell_step", "gru_forward_step",
-                     "gru_backward_step"}
+                     "gru_backward_step", "rnn_forward_sequence", "rnn_backward_sequence", "rnn_forward_step",
+                     "rnn_backward_step"}
     sequence_tiles = {(d, c.tile) for d, c in plan if c.name == "lstm_forward_sequence"}
     assert sequence_tiles == {("float32", "H=P=16"), ("float32", "H=P=32"), ("bfloat16", "H=P=16"),
                               ("bfloat16", "H=P=32"), ("bfloat16", "H=P=64")}

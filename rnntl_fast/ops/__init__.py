@@ -186,6 +186,9 @@ def _rnn_backend(name: str):
     has refused the backends without one)."""
     if name == "cpu":
         return native.rnn_native
+    if name == "triton":
+        from .triton import rnn_triton
+        return rnn_triton
     return lambda *tensors, options, **extras: rnn_reference(*tensors, reverse=options.reverse,
                                                              state_clip=options.state_clip,
                                                              gate_clip=options.gate_clip, **extras)
@@ -220,8 +223,8 @@ def rnn(
         recurrent_mask: [B, H]; zoneout: [T, B, H] keep weights: as in `gru`.
     Returns:
         output [T, B, H], h_n [B, H].
-    Backends "cpu" (what "auto" picks for CPU tensors) and "reference" run it, with every
-    argument; "cuda" and "triton" have no Elman RNN kernel yet and raise NotImplementedError.
+    Backends "cpu" (what "auto" picks for CPU tensors), "triton" and "reference" run it, with
+    every argument; "cuda" has no Elman RNN kernel yet and raises NotImplementedError.
     """
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")

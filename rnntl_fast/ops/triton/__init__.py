@@ -1,5 +1,5 @@
-"""The `triton` backend: Triton kernels for one LSTM / GRU layer-direction, forward and
-backward, registered as torch ops `rnntl_fast::triton_{lstm,gru}_{forward,backward}`.
+"""The `triton` backend: Triton kernels for one LSTM / GRU / Elman RNN layer-direction, forward
+and backward, registered as torch ops `rnntl_fast::triton_{lstm,gru,rnn}_{forward,backward}`.
 
 rnntl_fast.ops imports this package on first use only, so that rnntl_fast imports without
 triton. Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set
@@ -17,7 +17,8 @@ from torch import Tensor
 from ..autograd import needs_grad
 from ..options import SequenceOptions
 from . import config
-from .ops import triton_gru_backward, triton_gru_forward, triton_lstm_backward, triton_lstm_forward
+from .ops import (triton_gru_backward, triton_gru_forward, triton_lstm_backward, triton_lstm_forward,
+                  triton_rnn_backward, triton_rnn_forward)
 
 
 def _check_dtype(input: Tensor) -> None:
@@ -77,5 +78,31 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     return output, h_n
 
 
-__all__ = ["lstm_triton", "gru_triton", "triton_lstm_forward", "triton_lstm_backward", "triton_gru_forward",
-           "triton_gru_backward"]
+def rnn_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+               bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], options: SequenceOptions,
+               nonlinearity: str = "tanh", *, recurrent_mask: Optional[Tensor] = None,
+               zoneout: Optional[Tensor] = None, strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """The `triton` backend of rnntl_fast.ops.rnn (arguments already checked there).
+
+    Args:
+        input: [T, B, I]; weight_ih: [H, I]; weight_hh: [H, H]; bias_ih, bias_hh: [H] or None;
+        h0: [B, H] or None; lengths: CPU int64 [B] or None; options: reverse and clip limits.
+        nonlinearity: "tanh" or "relu".
+        recurrent_mask: [B, H] in the input dtype or None, as in lstm_triton.
+        zoneout: [T, B, H] keep weights of h in the input dtype, or None (docs/semantics.md section 10).
+        strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
+    Returns:
+        output [T, B, H], h_n [B, H].
+    """
+    _check_dtype(input)
+    hidden = weight_ih.shape[0]
+    chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
+    save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+    output, h_n, *_reserve = triton_rnn_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
+                                                recurrent_mask, zoneout, nonlinearity == "relu", options.reverse,
+                                                options.state_clip, options.gate_clip, save, chosen)
+    return output, h_n
+
+
+__all__ = ["lstm_triton", "gru_triton", "rnn_triton", "triton_lstm_forward", "triton_lstm_backward",
+           "triton_gru_forward", "triton_gru_backward", "triton_rnn_forward", "triton_rnn_backward"]

@@ -1,5 +1,5 @@
 """Cell math of the Triton kernels, shared by both strategies: element-wise helpers and the
-LSTM / GRU cell forward and backward on [BLOCK_B, N] tiles (float32 in, float32 out).
+LSTM / GRU / Elman RNN cell forward and backward on [BLOCK_B, N] tiles (float32 in, float32 out).
 
 The formulas are those of rnntl_fast.ops.reference (docs/semantics.md); each strategy
 (sequence.py, step.py) only loads the operands and stores the results.
@@ -175,3 +175,52 @@ def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_
     d_n = tl.where(valid, d_n, 0.0)
     grad_keep = tl.where(valid, grad_h * z, grad_h)
     return d_r, d_z, d_n, tl.where(valid, d_n * r, 0.0), grad_keep
+
+
+# ---------------------------------------------------------------------------------------
+# Elman RNN cell (torch.nn.RNN's, tanh or relu), with zoneout of h
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rnn_cell_forward(a, h_prev, keep, valid, RELU: tl.constexpr, HAS_ZONEOUT: tl.constexpr):
+    """Pre-activation a_t [BB, BH] -> f(a_t), carried h_t, output (0 past a row's length).
+    keep: the zoneout keep weights d_t (HAS_ZONEOUT): h_t = d_t * h_{t-1} + (1 - d_t) * f(a_t)."""
+    if RELU:
+        activation = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN, as torch's
+    else:
+        activation = tanh(a)
+    if HAS_ZONEOUT:
+        h_new = keep * h_prev + (1.0 - keep) * activation
+    else:
+        h_new = activation
+    h_new = tl.where(valid, h_new, h_prev)
+    return activation, h_new, tl.where(valid, h_new, 0.0)
+
+
+@triton.jit
+def rnn_cell_backward(grad_carry, grad_out, activation, keep, valid, state_clip, gate_clip, RELU: tl.constexpr,
+                      HAS_ZONEOUT: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr):
+    """dL/dh_t from step t+1 and from output_t, f(a_t) -> dL/da_t and the part of dL/dh_{t-1}
+    that does not go through W_hh (zoneout's d_t * dL/dh_t; all of dL/dh_t past a row's length)."""
+    grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
+    if STATE_CLIP:
+        grad_h = clamp(grad_h, state_clip)
+    grad_step = tl.where(valid, grad_h, 0.0)
+    if HAS_ZONEOUT:
+        grad_activation = grad_step * (1.0 - keep)
+    else:
+        grad_activation = grad_step
+    if RELU:
+        # torch's relu backward selects by the result: the gradient passes where f(a) > 0 (and where it is NaN)
+        d_a = tl.where(activation <= 0.0, 0.0, grad_activation)
+    else:
+        d_a = grad_activation * (1.0 - activation * activation)
+    if GATE_CLIP:
+        d_a = clamp(d_a, gate_clip)
+    d_a = tl.where(valid, d_a, 0.0)  # padded steps: zeros selected (see the LSTM)
+    if HAS_ZONEOUT:
+        grad_keep = tl.where(valid, grad_h * keep, grad_h)
+    else:
+        grad_keep = tl.where(valid, 0.0, grad_h)
+    return d_a, grad_keep

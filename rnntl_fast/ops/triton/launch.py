@@ -21,6 +21,12 @@ class GruReserve(NamedTuple):
     hidden_states: Tensor  # [T, B, H] h_t as the recurrence carries it (kept past a row's length)
 
 
+class RnnReserve(NamedTuple):
+    """What the Elman RNN forward keeps for the backward, float32 (empty where not kept):"""
+    hidden_states: Tensor  # [T, B, H] h_t as the recurrence carries it (kept past a row's length)
+    activations: Tensor    # [T, B, H] f(a_t), only with zoneout (without it f(a_t) is h_t where the row is valid)
+
+
 def clip_switches(**limits: float) -> Dict[str, bool]:
     """The kernels' constexpr switches for clip limits, where 0 means off (docs/semantics.md):
     clip_switches(cell_clip=0.5, proj_clip=0.0) == {"CELL_CLIP": True, "PROJ_CLIP": False}.

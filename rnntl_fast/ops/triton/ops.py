@@ -1,4 +1,4 @@
-"""The four registered Triton ops, `rnntl_fast::triton_{lstm,gru}_{forward,backward}`
+"""The registered Triton ops, `rnntl_fast::triton_{lstm,gru,rnn}_{forward,backward}`
 (contract: rnntl_fast/ops/autograd.py; math: docs/semantics.md).
 
 Each forward computes the input projection of every step in one matmul, then runs the
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..autograd import gru_gradients_like, lstm_gradients_like, register_gru_autograd, register_lstm_autograd
+from ..autograd import (RnnForwardCall, _save, gru_gradients_like, lstm_gradients_like, register_gru_autograd,
+                        register_lstm_autograd, rnn_gradients_like)
 from . import sequence, step
-from .launch import (GruReserve, LstmReserve, clip_switches, float32_state, previous_states, reserve,
+from .launch import (GruReserve, LstmReserve, RnnReserve, clip_switches, float32_state, previous_states, reserve,
                      times_recurrent_mask, without_padded_steps)
 
 # The launchers of each strategy, by the name the ops take.
@@ -250,3 +251,121 @@ def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent
 
 
 register_gru_autograd(triton_gru_forward, triton_gru_backward, reserve_includes_output=False)
+
+# ---------------------------------------------------------------------------------------
+# Elman RNN (torch.nn.RNN's cell, tanh or relu; docs/semantics.md section 10)
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rnntl_fast::triton_rnn_forward", mutates_args=())
+def triton_rnn_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                       bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor],
+                       recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], relu: bool, reverse: bool,
+                       state_clip: float, gate_clip: float, save_for_backward: bool,
+                       strategy: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Elman RNN layer-direction forward: h_t = f(W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh),
+    with zoneout h_t = d_t * h_{t-1} + (1 - d_t) * f(...). Returns output [T, B, H], h_n [B, H]
+    and the float32 reserve (launch.RnnReserve: hidden states [T, B, H], activations [T, B, H]
+    only with zoneout; empty where not kept).
+
+    input: [T, B, I]; weight_ih: [H, I]; weight_hh: [H, H]; bias_ih, bias_hh: [H] or None;
+    h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: [B, H] (m) and
+    zoneout: [T, B, H] keep weights (d), in the input dtype, or None; relu: f = relu, else
+    tanh; limits: floats, 0 = off; strategy: "sequence" or "step". The arguments before
+    `strategy` are those of the native rnntl_fast::rnn_forward."""
+    hidden = weight_ih.shape[0]
+    # As in the LSTM: padded steps are zeroed before they reach the saved state.
+    input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()
+    bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(hidden)
+    output, h_n, kept = _STRATEGIES[strategy].rnn_forward(
+        input_gates, weight_hh.contiguous(), bias_hh, h0, _device_lengths(lengths, input.device),
+        _contiguous(recurrent_mask), _contiguous(zoneout), relu, reverse, bool(save_for_backward))
+    return (output, h_n, *kept)
+
+
+@triton_rnn_forward.register_fake
+def _(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, zoneout, relu, reverse, state_clip,
+      gate_clip, save_for_backward, strategy):
+    steps, batch, _ = input.shape
+    hidden = weight_ih.shape[0]
+    keep, device = bool(save_for_backward), input.device
+    return (input.new_empty(steps, batch, hidden), input.new_empty(batch, hidden),
+            *RnnReserve(reserve(keep, steps, batch, hidden, device=device),
+                        reserve(keep and zoneout is not None, steps, batch, hidden, device=device)))
+
+
+@torch.library.custom_op("rnntl_fast::triton_rnn_backward", mutates_args=())
+def triton_rnn_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], input: Tensor, weight_ih: Tensor,
+                        weight_hh: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor],
+                        recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], hidden_states: Tensor,
+                        activations: Tensor, relu: bool, reverse: bool, state_clip: float, gate_clip: float,
+                        strategy: str,
+                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Elman RNN layer-direction backward from the forward's reserve. Returns the gradients of
+    (input, weight_ih, weight_hh, bias_ih, bias_hh, h0); output_mask (6 bools) says which are
+    needed, the others come back empty and cost nothing.
+
+    grad_output: [T, B, H], grad_h_n: [B, H], each None where the loss does not use that
+    result; the other arguments as the forward's, the reserve as it returned it."""
+    steps, batch, features = input.shape
+    hidden = weight_ih.shape[0]
+    dtype = input.dtype
+    grad_gates, grad_h0 = _STRATEGIES[strategy].rnn_backward(
+        _gradient_or_zeros(grad_output, (steps, batch, hidden), input),
+        _gradient_or_zeros(grad_h_n, (batch, hidden), input), weight_hh.contiguous(),
+        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), _contiguous(zoneout),
+        RnnReserve(hidden_states, activations), relu, reverse, state_clip, gate_clip)
+
+    need_input, need_weight_ih, need_weight_hh, need_bias_ih, need_bias_hh, need_h0 = output_mask
+    flat_grad_gates = grad_gates.reshape(steps * batch, hidden)
+    # As in the forward, padded steps of the input take part in no product.
+    grad_input = without_padded_steps((flat_grad_gates @ weight_ih.float()).reshape(steps, batch, features),
+                                      lengths).to(dtype) if need_input else input.new_empty(0)
+    grad_weight_ih = (flat_grad_gates.t() @ without_padded_steps(input, lengths).reshape(steps * batch, features)
+                      .float()).to(dtype) if need_weight_ih else input.new_empty(0)
+    if need_weight_hh:
+        h_start = float32_state(h0, batch, hidden, input.device)
+        h_before = times_recurrent_mask(previous_states(hidden_states, h_start, reverse), recurrent_mask)  # as LSTM
+        grad_weight_hh = (flat_grad_gates.t() @ h_before.reshape(steps * batch, hidden)).to(dtype)
+    else:
+        grad_weight_hh = input.new_empty(0)
+    # b_ih and b_hh enter a_t alike: each gets the sum (two tensors: results may not alias)
+    grad_bias_ih = flat_grad_gates.sum(0).to(dtype) if need_bias_ih else input.new_empty(0)
+    grad_bias_hh = flat_grad_gates.sum(0).to(dtype) if need_bias_hh else input.new_empty(0)
+    grad_h0 = grad_h0.to(dtype) if need_h0 else input.new_empty(0)
+    return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0
+
+
+@triton_rnn_backward.register_fake
+def _(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, hidden_states,
+      activations, relu, reverse, state_clip, gate_clip, strategy, output_mask):
+    return rnn_gradients_like(input, weight_ih, weight_hh, output_mask)
+
+
+def _register_rnn_autograd() -> None:
+    """Autograd for triton_rnn_forward: autograd.register_rnn_autograd's, but the forward takes
+    the strategy after the native op's arguments (handed on to the backward op), and the
+    backward reads this op's reserve (hidden states, activations) instead of the native
+    op's output and activations."""
+
+    def setup_context(ctx, inputs, output):
+        *arguments, strategy = inputs
+        call = RnnForwardCall(*arguments)
+        _save(ctx, (call.input, call.weight_ih, call.weight_hh, call.h0, call.lengths, call.recurrent_mask,
+                    call.zoneout), output, 2, reserve_includes_output=False)
+        ctx.call = call._replace(input=None, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
+                                 lengths=None, recurrent_mask=None, zoneout=None)
+        ctx.strategy = strategy
+
+    def backward(ctx, grad_output, grad_h_n, *_reserve_grads):
+        input, weight_ih, weight_hh, h0, lengths, recurrent_mask, zoneout, *kept = ctx.saved_tensors
+        call, need = ctx.call, ctx.needs_input_grad
+        grads = triton_rnn_backward(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, lengths, recurrent_mask,
+                                    zoneout, *kept, call.relu, call.reverse, call.state_clip, call.gate_clip,
+                                    ctx.strategy, list(need[:6]))
+        return tuple(g if need[n] else None for n, g in enumerate(grads)) + (None,) * (len(need) - len(grads))
+
+    torch.library.register_autograd(triton_rnn_forward, backward, setup_context=setup_context)
+
+
+_register_rnn_autograd()

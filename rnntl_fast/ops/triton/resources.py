@@ -47,8 +47,8 @@ SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 
 # Pointer arguments in the input dtype (everything else is float32 reserve, or int64 lengths).
 _INPUT_DTYPE_POINTERS = {"input_gates_ptr", "weight_hh_ptr", "bias_hh_ptr", "weight_hr_ptr", "h0_ptr", "c0_ptr",
-                         "recurrent_mask_ptr", "output_ptr", "h_n_ptr", "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr",
-                         "grad_c_n_ptr"}
+                         "recurrent_mask_ptr", "zoneout_ptr", "output_ptr", "h_n_ptr", "c_n_ptr", "grad_output_ptr",
+                         "grad_h_n_ptr", "grad_c_n_ptr"}
 _FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip"}
 # Boolean switches that are not "on" in the heaviest form: the backward step kernels' first
 # step skips the K loop, and the direction changes only the order of the steps.
@@ -127,28 +127,32 @@ def _heaviest(fn, **constexprs) -> Dict[str, object]:
 
 
 def sequence_compilations(dtype, width: int) -> List[Compilation]:
-    """The four sequence kernels at padded hidden = output width `width`."""
+    """The six sequence kernels at padded hidden = output width `width`."""
     warps = config.sequence_num_warps()
     compilations = []
     for name, fn, blocks in [("lstm_forward_sequence", sequence.lstm_forward_sequence_kernel, ("BLOCK_H", "BLOCK_P")),
                              ("lstm_backward_sequence", sequence.lstm_backward_sequence_kernel,
                               ("BLOCK_H", "BLOCK_P")),
                              ("gru_forward_sequence", sequence.gru_forward_sequence_kernel, ("BLOCK_H",)),
-                             ("gru_backward_sequence", sequence.gru_backward_sequence_kernel, ("BLOCK_H",))]:
+                             ("gru_backward_sequence", sequence.gru_backward_sequence_kernel, ("BLOCK_H",)),
+                             ("rnn_forward_sequence", sequence.rnn_forward_sequence_kernel, ("BLOCK_H",)),
+                             ("rnn_backward_sequence", sequence.rnn_backward_sequence_kernel, ("BLOCK_H",))]:
         constexprs = _heaviest(fn, DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B, **{block: width for block in blocks})
         compilations.append(Compilation(name, fn, constexprs, f"H=P={width}", warps))
     return compilations
 
 
 def step_compilations(dtype, torch_dtype: torch.dtype, all_tiles: bool) -> List[Compilation]:
-    """The six step kernels at each autotune tile: those offered for `torch_dtype`, or
+    """The eight step kernels at each autotune tile: those offered for `torch_dtype`, or
     every tile of config.compiled_step_configs() with all_tiles."""
     kernels = [("lstm_forward_step", step.lstm_forward_step_kernel),
                ("lstm_projection_step", step.lstm_projection_step_kernel),
                ("lstm_backward_hidden_step", step.lstm_backward_hidden_step_kernel),
                ("lstm_backward_cell_step", step.lstm_backward_cell_step_kernel),
                ("gru_forward_step", step.gru_forward_step_kernel),
-               ("gru_backward_step", step.gru_backward_step_kernel)]
+               ("gru_backward_step", step.gru_backward_step_kernel),
+               ("rnn_forward_step", step.rnn_forward_step_kernel),
+               ("rnn_backward_step", step.rnn_backward_step_kernel)]
     compilations = []
     for name, autotuned in kernels:
         tiles = config.compiled_step_configs()

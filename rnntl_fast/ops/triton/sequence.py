@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import config
 from .cell_math import (gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward,
-                        lstm_hidden_backward, lstm_hidden_forward, rows_valid)
-from .launch import GruReserve, LstmReserve, clip_switches, or_placeholder, reserve
+                        lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward, rnn_cell_forward, rows_valid)
+from .launch import GruReserve, LstmReserve, RnnReserve, clip_switches, or_placeholder, reserve
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -379,6 +379,112 @@ def gru_backward_sequence_kernel(
     tl.store(grad_h0_ptr + offs, grad_carry, mask=mask)
 
 
+@triton.jit
+def rnn_forward_sequence_kernel(
+        input_gates_ptr,  # [T, B, H] W_ih x_t + b_ih, input dtype
+        weight_hh_ptr,  # [H, H]
+        bias_hh_ptr,  # [H] (zeros when the layer has no bias)
+        h0_ptr,  # [B, H] (HAS_H0)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [T, B, H] input dtype: keep weights d_t (HAS_ZONEOUT)
+        output_ptr,  # [T, B, H] input dtype
+        h_n_ptr,  # [B, H] input dtype
+        hidden_ptr, activations_ptr,  # reserve (SAVE; activations also HAS_ZONEOUT), launch.RnnReserve
+        steps, batch, hidden,
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        HAS_ZONEOUT: tl.constexpr, RELU: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    offs = rows[:, None] * hidden + cols[None, :]
+
+    # W_hh^T, [BLOCK_H (k), BLOCK_H (j)], loaded once for all steps.
+    w_hh = tl.load(weight_hh_ptr + cols[None, :] * hidden + cols[:, None],
+                   mask=(cols < hidden)[:, None] & (cols < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+    b_hh = tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_RECURRENT_MASK:  # one draw per sequence: loaded once
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    for k in range(steps):
+        if REVERSE:
+            t = steps - 1 - k
+        else:
+            t = k
+        if HAS_RECURRENT_MASK:  # masks h_{t-1} in the product only; zoneout keeps the unmasked state
+            h_dot = (h * recurrent_mask).to(DOT_DTYPE)
+        else:
+            h_dot = h.to(DOT_DTYPE)
+        a = tl.dot(h_dot, w_hh, input_precision="ieee") + b_hh
+        a += tl.load(input_gates_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZONEOUT:
+            keep = tl.load(zoneout_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep = a  # unused
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        activation, h_new, out = rnn_cell_forward(a, h, keep, valid, RELU, HAS_ZONEOUT)
+        tl.store(output_ptr + t * batch * hidden + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(hidden_ptr + t * batch * hidden + offs, h_new, mask=mask)
+            if HAS_ZONEOUT:
+                tl.store(activations_ptr + t * batch * hidden + offs, activation, mask=mask)
+        h = h_new
+    tl.store(h_n_ptr + offs, h.to(h_n_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rnn_backward_sequence_kernel(
+        grad_output_ptr,  # [T, B, H] input dtype
+        grad_h_n_ptr,  # [B, H] input dtype
+        weight_hh_ptr,  # [H, H]
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [T, B, H] input dtype (HAS_ZONEOUT)
+        activations_ptr,  # [T, B, H] float32 f(a_t): the activations reserve with zoneout, else the hidden states
+        grad_gates_ptr,  # out [T, B, H] float32: dL/da_t
+        grad_h0_ptr,  # out [B, H] float32
+        steps, batch, hidden, state_clip, gate_clip,
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr, RELU: tl.constexpr,
+        REVERSE: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    offs = rows[:, None] * hidden + cols[None, :]
+
+    # W_hh as stored, [BLOCK_H (j), BLOCK_H (k)]: dL/da_t @ W_hh is dL/d(mask * h_{t-1}).
+    w_hh = tl.load(weight_hh_ptr + cols[:, None] * hidden + cols[None, :],
+                   mask=(cols < hidden)[:, None] & (cols < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+    if HAS_RECURRENT_MASK:
+        recurrent_mask = tl.load(recurrent_mask_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad_carry = tl.load(grad_h_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for k in range(steps):
+        if REVERSE:
+            t = k
+        else:
+            t = steps - 1 - k
+        activation = tl.load(activations_ptr + t * batch * hidden + offs, mask=mask, other=0.0)
+        if HAS_ZONEOUT:
+            keep = tl.load(zoneout_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep = activation  # unused
+        grad_out = tl.load(grad_output_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        d_a, grad_keep = rnn_cell_backward(grad_carry, grad_out, activation, keep, valid, state_clip, gate_clip,
+                                           RELU, HAS_ZONEOUT, STATE_CLIP, GATE_CLIP)
+        tl.store(grad_gates_ptr + t * batch * hidden + offs, d_a, mask=mask)
+        product = tl.dot(d_a.to(DOT_DTYPE), w_hh, input_precision="ieee")
+        if HAS_RECURRENT_MASK:  # the product saw mask * h_{t-1}; grad_keep reaches h_{t-1} directly
+            product = recurrent_mask * product
+        grad_carry = grad_keep + product
+    tl.store(grad_h0_ptr + offs, grad_carry, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
@@ -535,3 +641,65 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
         **clip_switches(state_clip=state_clip, gate_clip=gate_clip), DOT_DTYPE=config.dot_dtype(grad_output.dtype),
         BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
     return grad_input_gates, grad_hidden_gates, grad_h0
+
+
+def rnn_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], relu: bool,
+                reverse: bool, save: bool) -> Tuple[Tensor, Tensor, RnnReserve]:
+    """Elman RNN forward in one launch.
+
+    Args:
+        input_gates: [T, B, H] W_ih x_t + b_ih, contiguous, in the input dtype
+        weight_hh: [H, H] contiguous; bias_hh: [H] (zeros for a layer without bias)
+        h0: [B, H] or None; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, H] contiguous, in the input dtype, or None
+        zoneout: [T, B, H] keep weights, contiguous, in the input dtype, or None
+        relu: f = relu, else tanh; save: keep the reserve for the backward
+    Returns:
+        output [T, B, H], h_n [B, H] in the input dtype, and the reserve.
+    """
+    steps, batch, hidden = input_gates.shape
+    device, dtype = input_gates.device, input_gates.dtype
+    kept = RnnReserve(hidden_states=reserve(save, steps, batch, hidden, device=device),
+                      activations=reserve(save and zoneout is not None, steps, batch, hidden, device=device))
+    output = torch.empty(steps, batch, hidden, device=device, dtype=dtype)
+    h_n = torch.empty(batch, hidden, device=device, dtype=dtype)
+    unused = input_gates  # fills the pointer slots of absent tensors (never read)
+    rnn_forward_sequence_kernel[_grid(batch)](
+        input_gates, weight_hh, bias_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
+        or_placeholder(recurrent_mask, unused), or_placeholder(zoneout, unused), output, h_n,
+        *(tensor if tensor.numel() else unused for tensor in kept), steps, batch, hidden,
+        HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+        HAS_ZONEOUT=zoneout is not None, RELU=bool(relu), REVERSE=bool(reverse), SAVE=save,
+        DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
+        num_warps=config.sequence_num_warps())
+    return output, h_n, kept
+
+
+def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, lengths: Optional[Tensor],
+                 recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], kept: RnnReserve, relu: bool,
+                 reverse: bool, state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor]:
+    """Elman RNN backward recurrence in one launch, from the forward's reserve.
+
+    Args:
+        grad_output: [T, B, H], grad_h_n: [B, H], contiguous, in the input dtype
+        weight_hh: [H, H] contiguous; lengths: [B] int64 on the device, or None
+        recurrent_mask: [B, H], zoneout: [T, B, H], contiguous, in the input dtype, or None (as the forward's)
+        kept: the forward's reserve; relu, reverse: as the forward; state_clip, gate_clip: limits, 0 = off
+    Returns:
+        dL/da [T, B, H] (the pre-activations) and dL/dh0 [B, H], float32.
+    """
+    steps, batch, hidden = grad_output.shape
+    f32 = dict(device=grad_output.device, dtype=torch.float32)
+    grad_gates = torch.empty(steps, batch, hidden, **f32)
+    grad_h0 = torch.empty(batch, hidden, **f32)
+    unused = kept.hidden_states  # fills the pointer slots of absent tensors (never read)
+    rnn_backward_sequence_kernel[_grid(batch)](
+        grad_output, grad_h_n, weight_hh, or_placeholder(lengths, unused), or_placeholder(recurrent_mask, unused),
+        or_placeholder(zoneout, unused), kept.activations if zoneout is not None else kept.hidden_states,
+        grad_gates, grad_h0, steps, batch, hidden, state_clip, gate_clip,
+        HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+        HAS_ZONEOUT=zoneout is not None, RELU=bool(relu), REVERSE=bool(reverse),
+        **clip_switches(state_clip=state_clip, gate_clip=gate_clip), DOT_DTYPE=config.dot_dtype(grad_output.dtype),
+        BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
+    return grad_gates, grad_h0

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from . import config
 from .cell_math import (gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward,
-                        lstm_hidden_backward, lstm_hidden_forward, rows_valid)
-from .launch import (GruReserve, LstmReserve, clip_switches, empty_reserve, float32_state, or_placeholder,
-                     processing_order, reserve, times_recurrent_mask)
+                        lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward, rnn_cell_forward, rows_valid)
+from .launch import (GruReserve, LstmReserve, RnnReserve, clip_switches, empty_reserve, float32_state,
+                     or_placeholder, processing_order, reserve, times_recurrent_mask)
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -378,6 +378,99 @@ def gru_backward_step_kernel(
     tl.store(grad_keep_out_ptr + offs, grad_keep, mask=mask)
 
 
+@triton.autotune(configs=config.step_configs(), key=["batch", "hidden"],
+                 prune_configs_by=config.spill_free_pruning("rnn_forward_step"))
+@triton.jit
+def rnn_forward_step_kernel(
+        input_gates_ptr,  # [B, H] this step's W_ih x_t + b_ih, input dtype
+        h_prev_ptr,  # [B, H] float32
+        weight_hh_ptr,  # [H, H]
+        bias_hh_ptr,  # [H] (zeros when the layer has no bias)
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [B, H] this step's keep weights, input dtype (HAS_ZONEOUT)
+        activations_ptr,  # out [B, H] float32 f(a_t) (SAVE and HAS_ZONEOUT)
+        hidden_ptr,  # out [B, H] float32: carried h_t
+        output_ptr,  # out [B, H] input dtype
+        step, batch, hidden,
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr, RELU: tl.constexpr,
+        SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    a = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h_chunk = recurrent_operand(h_prev_ptr, recurrent_mask_ptr, rows, ks, batch, hidden, HAS_RECURRENT_MASK,
+                                    DOT_DTYPE)
+        w_ptrs = weight_hh_ptr + cols[None, :] * hidden + ks[:, None]  # W_hh^T chunk [BLOCK_K, BLOCK_N]
+        w_chunk = tl.load(w_ptrs, mask=(ks < hidden)[:, None] & (cols < hidden)[None, :], other=0.0)
+        a += tl.dot(h_chunk, w_chunk.to(DOT_DTYPE), input_precision="ieee")
+    offs = rows[:, None] * hidden + cols[None, :]
+    a += tl.load(bias_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+    a += tl.load(input_gates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h_prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0)
+    if HAS_ZONEOUT:
+        keep = tl.load(zoneout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep = a  # unused
+    valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
+    activation, h_new, out = rnn_cell_forward(a, h_prev, keep, valid, RELU, HAS_ZONEOUT)
+    tl.store(hidden_ptr + offs, h_new, mask=mask)
+    tl.store(output_ptr + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
+    if SAVE and HAS_ZONEOUT:
+        tl.store(activations_ptr + offs, activation, mask=mask)
+
+
+@triton.autotune(configs=config.step_configs(), key=["batch", "hidden"])
+@triton.jit
+def rnn_backward_step_kernel(
+        grad_output_ptr,  # [B, H] this step's dL/d output_t, input dtype
+        grad_keep_ptr,  # [B, H] float32: part of dL/dh_t from step t+1 not through W_hh (or dL/dh_n)
+        grad_gates_next_ptr,  # [B, H] float32: dL/da of step t+1 (not FIRST)
+        weight_hh_ptr,  # [H, H]
+        activations_ptr,  # [B, H] float32 f(a_t): the activations reserve with zoneout, else the hidden states
+        lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [B, H] this step's keep weights, input dtype (HAS_ZONEOUT)
+        grad_gates_ptr,  # out [B, H] float32: dL/da_t
+        grad_keep_out_ptr,  # out [B, H] float32
+        step, batch, hidden, state_clip, gate_clip,
+        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr,
+        RELU: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
+    offs = rows[:, None] * hidden + cols[None, :]
+    if HAS_RECURRENT_MASK:  # as in lstm_backward_hidden_step_kernel
+        grad_carry = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        grad_carry = tl.load(grad_keep_ptr + offs, mask=mask, other=0.0)
+    if not FIRST:
+        for k0 in range(0, hidden, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            d_chunk = tl.load(grad_gates_next_ptr + rows[:, None] * hidden + ks[None, :],
+                              mask=(rows < batch)[:, None] & (ks < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+            w_chunk = tl.load(weight_hh_ptr + ks[:, None] * hidden + cols[None, :],  # W_hh chunk [BLOCK_K, BLOCK_N]
+                              mask=(ks < hidden)[:, None] & (cols < hidden)[None, :], other=0.0).to(DOT_DTYPE)
+            grad_carry += tl.dot(d_chunk, w_chunk, input_precision="ieee")
+    if HAS_RECURRENT_MASK:
+        grad_carry = masked_product_plus_carry(grad_carry, grad_keep_ptr, recurrent_mask_ptr, offs, mask)
+    activation = tl.load(activations_ptr + offs, mask=mask, other=0.0)
+    if HAS_ZONEOUT:
+        keep = tl.load(zoneout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep = activation  # unused
+    grad_out = tl.load(grad_output_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
+    d_a, grad_keep = rnn_cell_backward(grad_carry, grad_out, activation, keep, valid, state_clip, gate_clip, RELU,
+                                       HAS_ZONEOUT, STATE_CLIP, GATE_CLIP)
+    tl.store(grad_gates_ptr + offs, d_a, mask=mask)
+    tl.store(grad_keep_out_ptr + offs, grad_keep, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
@@ -558,3 +651,60 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
     grad_h0 = grad_keep[steps % 2] + times_recurrent_mask(grad_hidden_gates[first_step] @ weight_hh.float(),
                                                           recurrent_mask)
     return grad_input_gates, grad_hidden_gates, grad_h0
+
+
+def rnn_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], relu: bool,
+                reverse: bool, save: bool) -> Tuple[Tensor, Tensor, RnnReserve]:
+    """Elman RNN forward, a launch per step; arguments and results as sequence.rnn_forward."""
+    steps, batch, hidden = input_gates.shape
+    device, dtype = input_gates.device, input_gates.dtype
+    unused = input_gates  # fills the pointer slots of absent tensors (never read)
+    output = torch.empty(steps, batch, hidden, device=device, dtype=dtype)
+    activations = reserve(save and zoneout is not None, steps, batch, hidden, device=device)
+    # Step t reads the float32 state step t-1 wrote: one slot per step when training (they
+    # are the saved activations), two alternating slots otherwise.
+    hidden_states = torch.empty(steps if save else 2, batch, hidden, device=device, dtype=torch.float32)
+    h_prev = float32_state(h0, batch, hidden, device)
+    for n, t in enumerate(processing_order(steps, reverse)):
+        slot = t if save else n % 2
+        rnn_forward_step_kernel[_grid(batch, hidden)](
+            input_gates[t], h_prev, weight_hh, bias_hh, or_placeholder(lengths, unused),
+            or_placeholder(recurrent_mask, unused), zoneout[t] if zoneout is not None else unused,
+            activations[t] if activations.numel() else unused, hidden_states[slot], output[t], t, batch, hidden,
+            HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+            HAS_ZONEOUT=zoneout is not None, RELU=bool(relu), SAVE=save, DOT_DTYPE=config.dot_dtype(dtype),
+            BLOCK_B=config.BLOCK_B)
+        h_prev = hidden_states[slot]
+    h_n = h_prev.to(dtype, copy=True)
+    return output, h_n, RnnReserve(hidden_states if save else empty_reserve(device), activations)
+
+
+def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, lengths: Optional[Tensor],
+                 recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], kept: RnnReserve, relu: bool,
+                 reverse: bool, state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor]:
+    """Elman RNN backward recurrence, a launch per step; arguments and results as
+    sequence.rnn_backward."""
+    steps, batch, hidden = grad_output.shape
+    f32 = dict(device=grad_output.device, dtype=torch.float32)
+    unused = kept.hidden_states  # fills the pointer slots of absent tensors (never read)
+    activations = kept.activations if zoneout is not None else kept.hidden_states
+    grad_gates = torch.empty(steps, batch, hidden, **f32)
+    # The carry ping-pongs between two buffers: no launch rewrites what it reads.
+    grad_keep = torch.empty(2, batch, hidden, **f32)
+    grad_keep[0].copy_(grad_h_n)
+    for n, t, later, _earlier in _backward_walk(steps, reverse):
+        source, target = n % 2, (n + 1) % 2
+        rnn_backward_step_kernel[_grid(batch, hidden)](
+            grad_output[t], grad_keep[source], grad_gates[later] if later is not None else unused, weight_hh,
+            activations[t], or_placeholder(lengths, unused), or_placeholder(recurrent_mask, unused),
+            zoneout[t] if zoneout is not None else unused, grad_gates[t], grad_keep[target],
+            t, batch, hidden, state_clip, gate_clip,
+            FIRST=later is None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+            HAS_ZONEOUT=zoneout is not None, RELU=bool(relu), **clip_switches(state_clip=state_clip,
+                                                                             gate_clip=gate_clip),
+            DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B)
+    # dL/dh0: what the first processed step passes back.
+    first_step = processing_order(steps, reverse)[0]
+    grad_h0 = grad_keep[steps % 2] + times_recurrent_mask(grad_gates[first_step] @ weight_hh.float(), recurrent_mask)
+    return grad_gates, grad_h0
