@@ -18,8 +18,9 @@ FAST = ["--repeats", "2", "--sample-ms", "1", "--warmup-ms", "1", "--threads", "
 TINY_SIZES = ["--T", "4", "--B", "2", "--I", "3", "--H", "5"]
 
 ROW_FIELDS = {"cell", "mode", "T", "B", "I", "H", "layers", "bidirectional", "proj_size", "lengths", "dtype",
-              "device", "group", "label", "provider", "description", "status", "note", "time_ms", "samples_ms",
-              "calls_per_sample", "speedup_vs_torch", "speedup_vs_hooks", "flops", "gflops", "gemm_gflops",
+              "device", "regularizer", "group", "label", "provider", "description", "status", "note", "time_ms",
+              "samples_ms", "calls_per_sample", "speedup_vs_torch", "speedup_vs_hooks", "speedup_vs_cells",
+              "cost_vs_without", "flops", "gflops", "gemm_gflops",
               "gemm_fraction", "peak_memory_mb"}
 MACHINE_FIELDS = {"cpu", "cores", "threads", "torch", "rnntl_fast", "device", "torch_backend"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,6 +93,24 @@ def test_elman_rnn_rows_against_torch_nn_rnn(tmp_path):
     assert {("training", "full", "cpu"), ("clip", "uniform", "cpu"), ("clip", "full", "torch-hooks")} <= timed
 
 
+def test_regularizer_rows_time_with_without_and_the_cell_loop(tmp_path):
+    json_path = tmp_path / "regularizers.json"
+    code = bench("--cell", "lstm,gru", "--mode", "training", "--T", "4", "--B", "2", "--I", "3", "--H", "5",
+                 "--regularizer", "zoneout,weight_drop", "--backends", "cpu,torch-cells,without", "--device", "cpu",
+                 "--no-memory", *FAST, "--json", str(json_path))
+    assert code == 0
+    document = json.loads(json_path.read_text())
+    assert "--regularizer zoneout,weight_drop" in document["command"]
+    rows = [r for r in document["results"] if r["status"] == "ok"]
+    assert {(r["cell"], r["regularizer"], r["provider"]) for r in rows} == {
+        (cell, name, provider) for cell in ("lstm", "gru") for name in ("zoneout", "weight_drop")
+        for provider in ("torch", "cpu", "torch-cells", "without")}
+    fast = [r for r in rows if r["provider"] == "cpu"]
+    assert all(r["speedup_vs_cells"] > 0 and r["cost_vs_without"] > 0 for r in fast)
+    summary = [e for e in document["summary"] if e["provider"] == "cpu"]
+    assert len(summary) == 4 and all("worst_cost_vs_without" in e and "meets_goal" in e for e in summary)
+
+
 def test_unsupported_dtype_is_a_skipped_row_with_a_reason(tmp_path):
     json_path = tmp_path / "half.json"
     assert bench("--cell", "lstm", "--mode", "inference", *TINY_SIZES, "--dtype", "float16", "--device", "cpu",
@@ -114,6 +133,8 @@ def test_unsupported_dtype_is_a_skipped_row_with_a_reason(tmp_path):
     (["--grid", "ops", "--T", "5"], "--grid"),
     (["--dtype", "int8"], "--dtype"),
     (["--lengths", "random"], "--lengths"),
+    (["--regularizer", "dropconnect"], "--regularizer"),
+    (["--grid", "regularizers", "--cell", "rnn,lstm", "--regularizer", "zoneout"], "--grid"),
     (["--repeats", "-1"], "--repeats"),
     (["--device", "tpu"], "--device"),
     (["--bidirectional", "maybe"], "--bidirectional"),
@@ -178,6 +199,9 @@ def test_named_grids_hold_the_goal_rows():
     assert {"stack", "packed", "proj", "frozen", "clip"} <= groups
     assert any(c.layers == 2 and c.bidirectional and c.cell == "gru" for c in default)
     assert any(c.proj_size and c.mode == "training" for c in default)
+    regularizers = grids.named_grid("regularizers", "cpu", ["float32"])
+    assert {c.regularizer for c in regularizers if c.group == "regularizers"} == set(grids.REGULARIZERS)
+    assert {(c.T, c.B, c.I, c.H) for c in regularizers if c.cell == "rnn"} == set(grids.OPS_SIZES)
 
 
 def test_ratio_helpers():
