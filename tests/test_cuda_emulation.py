@@ -372,6 +372,8 @@ def test_rnn_reserve_matches_the_cpu_op(library, strategy, with_lengths):
 
 # Non-finite values. Cells of the cases below: (id, cell, proj, clip options); every case
 # has lengths (a length-0 row, a full one, rows in unsorted order) so the padded rows matter.
+# The Elman RNN runs relu with zoneout (every keep weight 0.3) and a recurrent mask: relu's
+# NaN pass-through and the zoneout blend are its own element math.
 NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H = 5, 4, 3, 6
 NONFINITE_LENGTHS = [3, 5, 0, 2]
 NONFINITE_CASES = [
@@ -380,11 +382,14 @@ NONFINITE_CASES = [
     ("lstm_proj_clips_gates", "lstm", 4, dict(cell_clip=0.4, proj_clip=0.1, grad_clip=0.02, grad_clip_mode="gates")),
     ("gru", "gru", None, dict()),
     ("gru_clip_gates", "gru", None, dict(grad_clip=0.02, grad_clip_mode="gates")),
+    ("rnn_relu_zoneout_mask_clip_gates", "rnn", None, dict(grad_clip=0.02, grad_clip_mode="gates")),
 ]
 
 
 def _nonfinite_data(cell, proj, lengths=NONFINITE_LENGTHS):
     T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    if cell == "rnn":
+        return _rnn_data(T, B, I, H, lengths, True, "eval", True)
     G = (4 if cell == "lstm" else 3) * H
     P = proj or H
     data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
@@ -399,10 +404,14 @@ def _run_case(library, cell, strategy, dtype, data, proj, options):
     T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
     if cell == "lstm":
         return _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, proj or H), options)
+    if cell == "rnn":
+        return _rnn_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, relu=True)
     return _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options)
 
 
 def _reference_case(cell, dtype, data, options):
+    if cell == "rnn":
+        return _rnn_reference_run(dtype, data, options, relu=True)
     return _lstm_reference_run(dtype, data, options) if cell == "lstm" else _gru_reference_run(dtype, data, options)
 
 
