@@ -574,9 +574,8 @@ class RNN(_RecurrentStack):
     dL/dh_t, "gates" the gradient of the pre-activation), backend, recurrent_dropout,
     weight_drop and zoneout (a number), as LSTM. layer_norm is not defined for it.
 
-    Backends "cpu" (the default "auto" on CPU tensors), "triton" and "reference" run it with
-    every option; "cuda" has no Elman RNN kernel yet and raises NotImplementedError in
-    forward, naming the backend.
+    Backends "cpu" (the default "auto" on CPU tensors), "cuda", "triton" and "reference" run it
+    with every option.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched, or a
     PackedSequence), optional h_0 [D*num_layers, B, H]; keyword lengths as LSTM.

@@ -380,3 +380,75 @@ def test_opcheck_with_recurrent_mask(cell, strategy):
     else:
         args = (*tensors, None, lengths, mask, None, False, 0.1, 0.0, True)
         torch.library.opcheck(torch.ops.rnntl_fast.gru_forward.default, args)
+
+
+# Elman RNN through rnntl_fast.ops.rnn, backend "cuda" against "reference" (f = tanh or
+# relu, recurrent mask Bernoulli(0.7) / 0.7, zoneout keep weights as training draws).
+# (id, T, B, I, H, relu, lengths, reverse, mask, zoneout, clip options, frozen leaves)
+RNN_CASES = [
+    ("tanh", 5, 3, 7, 13, False, None, False, False, False, dict(), ()),
+    ("relu_lengths_reverse_state_clip", 5, 3, 7, 13, True, [3, 5, 0], True, False, False, dict(grad_clip=0.02), ()),
+    ("tanh_mask_zoneout_lengths_gates_clip", 6, 4, 5, 9, False, [2, 6, 0, 4], False, True, True,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), ()),
+    ("relu_mask_zoneout_reverse_frozen", 5, 3, 4, 8, True, [5, 1, 3], True, True, True, dict(), ("w_ih", "w_hh")),
+    ("larger_mask_zoneout", 16, 8, 32, 64, False, None, False, True, True, dict(), ()),
+]
+
+
+def _rnn_data(case):
+    _, T, B, I, H, _, lengths, _, mask, zoneout, _, _ = case
+    return {"x": _rand(T, B, I), "w_ih": _rand(H, I), "w_hh": _rand(H, H), "b_ih": _rand(H), "b_hh": _rand(H),
+            "h0": _rand(B, H), "go": (_rand(T, B, H), _rand(B, H)),
+            "mask": torch.bernoulli(torch.full((B, H), 0.7, dtype=torch.float64)) / 0.7 if mask else None,
+            "zoneout": torch.bernoulli(torch.full((T, B, H), 0.3, dtype=torch.float64)) if zoneout else None,
+            "lengths": torch.tensor(lengths) if lengths is not None else None}
+
+
+def _rnn_run(case, data, dtype, device, backend):
+    """Results and the gradients of the leaves that are not frozen, on the CPU."""
+    _, _, _, _, _, relu, _, reverse, _, _, clips, frozen = case
+    given = ("go", "lengths", "mask", "zoneout")
+    t = {k: (v.to(device=device, dtype=dtype).detach().requires_grad_(k not in frozen)
+             if v is not None and k not in given else v) for k, v in data.items()}
+    regularizers = {name: data[key].to(device=device, dtype=dtype)
+                    for name, key in (("recurrent_mask", "mask"), ("zoneout", "zoneout")) if data[key] is not None}
+    results = rnntl_fast.ops.rnn(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], data["lengths"],
+                                 nonlinearity="relu" if relu else "tanh", reverse=reverse, backend=backend,
+                                 **regularizers, **clips)
+    loss = sum((r * g.to(device=device, dtype=dtype)).sum() for r, g in zip(results, data["go"]))
+    loss.backward()
+    out = dict(zip(("output", "h_n"), (r.detach() for r in results)))
+    out.update({k: v.grad for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", RNN_CASES, ids=[c[0] for c in RNN_CASES])
+def test_rnn_matches_reference(case, dtype, strategy):
+    """Forward results and every gradient of the Elman RNN against the float64 reference."""
+    data = _rnn_data(case)
+    reference = _rnn_run(case, data, torch.float64, "cpu", "reference")
+    baseline = _rnn_run(case, data, dtype, "cuda", "reference")
+    fast = _rnn_run(case, data, dtype, "cuda", "cuda")
+    _check(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("zoneout", [False, True], ids=["no_zoneout", "zoneout"])
+def test_rnn_reserve_and_opcheck(zoneout, strategy):
+    """The RNN's outputs and activations reserve equal the CPU op's (layout included: the
+    compact rows first, then zeros); schema, fake and autograd agree with the CUDA kernels."""
+    T, B, I, H = 4, 3, 5, 7
+    lengths = torch.tensor([2, 4, 0])
+    args = [_rand(T, B, I).float(), _rand(H, I).float(), _rand(H, H).float(), _rand(H).float(), _rand(H).float(),
+            _rand(B, H).float()]
+    mask = (torch.rand(B, H) > 0.3).float() / 0.7
+    keep = torch.bernoulli(torch.full((T, B, H), 0.3)) if zoneout else None
+    flags = (True, False, 0.0, 0.1, True)  # relu, reverse, state_clip, gate_clip, save_for_backward
+    cpu = torch.ops.rnntl_fast.rnn_forward(*args, lengths, mask, keep, *flags)
+    gpu_args = [a.cuda().requires_grad_(i < 3) for i, a in enumerate(args)]
+    gpu = torch.ops.rnntl_fast.rnn_forward(*gpu_args, lengths, mask.cuda(), keep.cuda() if zoneout else None, *flags)
+    for name, a, b in zip(("output", "h_n", "activations"), cpu, gpu):
+        assert a.shape == b.shape, f"{name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b.detach().cpu(), a, atol=2e-5, rtol=1e-4, msg=name)
+    torch.library.opcheck(torch.ops.rnntl_fast.rnn_forward.default,
+                          (*gpu_args, lengths, mask.cuda(), keep.cuda() if zoneout else None, *flags))

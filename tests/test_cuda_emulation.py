@@ -2,7 +2,7 @@
 (tests/cuda_emulation/cuda_emulation.h), against the float64 reference loop.
 
 Both strategies (stepwise: pointwise kernels between GEMMs; persistent: one cooperative
-launch with a grid barrier per step), LSTM and GRU, forward and every gradient, with the
+launch with a grid barrier per step), LSTM, GRU and Elman RNN, forward and every gradient, with the
 error rule of tests/tolerances.py (baseline: the reference loop in the same dtype).
 The driver is built with g++ only (tests/cuda_emulation/build.py), in about 10 s.
 A second build under ThreadSanitizer must run without a race report.
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rnntl_fast.ops.options import sequence_options  # noqa: E402
-from rnntl_fast.ops.reference import gru_reference, lstm_reference  # noqa: E402
+from rnntl_fast.ops.reference import gru_reference, lstm_reference, rnn_reference  # noqa: E402
 from tolerances import assert_within_error_rule  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
@@ -42,6 +42,7 @@ def library():
     lib = ctypes.CDLL(build_library())
     lib.rnntl_emulation_lstm.restype = ctypes.c_char_p
     lib.rnntl_emulation_gru.restype = ctypes.c_char_p
+    lib.rnntl_emulation_rnn.restype = ctypes.c_char_p
     return lib
 
 
@@ -261,8 +262,118 @@ def test_recurrent_mask_matches_reference(library, case, strategy, dtype):
     _compare(fast, baseline, reference, dtype)
 
 
+# Elman RNN (docs/semantics.md section 10): f = tanh or relu, with the recurrent mask
+# ([B, H] of 0 and 2) and zoneout keep weights ([T, B, H]: 0/1 draws as in training, or
+# every entry 0.3 as in evaluation). "frozen": no weight gradients are asked for.
+# (id, T, B, I, H, relu, lengths, reverse, mask, zoneout, clip options, with_h0, frozen)
+RNN_CASES = [
+    ("tanh", 4, 3, 5, 9, False, None, False, False, None, dict(), True, False),
+    ("relu_lengths_reverse_state_clip", 5, 3, 4, 9, True, [3, 5, 0], True, False, None,
+     dict(grad_clip=0.02), True, False),
+    ("tanh_mask_zoneout_lengths_gates_clip", 5, 4, 3, 7, False, [2, 5, 0, 4], False, True, "draws",
+     dict(grad_clip=0.02, grad_clip_mode="gates"), False, False),
+    ("relu_mask_zoneout_reverse_frozen", 4, 3, 5, 8, True, [4, 1, 3], True, True, "draws", dict(), True, True),
+    ("tanh_zoneout_eval_reverse_state_clip", 4, 2, 3, 6, False, None, True, False, "eval",
+     dict(grad_clip=0.05), True, False),
+]
+
+
+def _rnn_data(T, B, I, H, lengths, mask, zoneout, with_h0):
+    keep = {None: None, "draws": lambda: torch.bernoulli(torch.full((T, B, H), 0.3, dtype=torch.float64)),
+            "eval": lambda: torch.full((T, B, H), 0.3, dtype=torch.float64)}[zoneout]
+    return {"x": _rand(T, B, I), "w_ih": _rand(H, I), "w_hh": _rand(H, H), "b_ih": _rand(H), "b_hh": _rand(H),
+            "h0": _rand(B, H) if with_h0 else None, "go": _rand(T, B, H), "ghn": _rand(B, H),
+            "mask": torch.bernoulli(torch.full((B, H), 0.5, dtype=torch.float64)) * 2 if mask else None,
+            "zoneout": keep() if keep else None,
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+
+
+def _rnn_reference_run(dtype, data, options, relu):
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
+                   if v is not None and k not in ("go", "ghn", "lengths", "mask", "zoneout") else v)
+               for k, v in data.items()}
+    zoneout = data["zoneout"].to(dtype) if data["zoneout"] is not None else None
+    out, h_n = rnn_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
+                             tensors["h0"], data["lengths"], nonlinearity="relu" if relu else "tanh",
+                             reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip,
+                             recurrent_mask=_mask_of(data, dtype), zoneout=zoneout)
+    loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
+    loss.backward()
+    grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
+    return {"output": out.detach(), "h_n": h_n.detach(), **grads}
+
+
+def _rnn_emulated_run(library, strategy, dtype, data, shape, options, relu, frozen=False):
+    """Forward (saving) and backward of the emulated kernels; the activations reserve
+    ([T, B, H], only with zoneout) is kept in _RESERVE."""
+    T, B, I, H = shape
+    d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
+    out, h_n = nan(T, B, H), nan(B, H)
+    activations = nan(T, B, H) if d["zoneout"] is not None else None
+    g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(H, I), "w_hh": None if frozen else nan(H, H),
+         "b_ih": nan(H), "b_hh": nan(H), "h0": nan(B, H) if d["h0"] is not None else None}
+    error = library.rnntl_emulation_rnn(
+        ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
+        ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(relu)),
+        ctypes.c_int(int(options.reverse)), _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]),
+        _ptr(d["mask"]), _ptr(d["zoneout"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]),
+        _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n), _ptr(activations), _ptr(d["go"]), _ptr(d["ghn"]),
+        _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]), _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
+    if error is not None:
+        raise RuntimeError(error.decode())
+    result = {"output": out, "h_n": h_n}
+    result.update({k: v for k, v in g.items() if v is not None})
+    _RESERVE[id(result)] = activations
+    return result
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", RNN_CASES, ids=[c[0] for c in RNN_CASES])
+def test_rnn_matches_reference(library, case, strategy, dtype):
+    """Forward results and every gradient of the Elman RNN against the float64 reference."""
+    _, T, B, I, H, relu, lengths, reverse, mask, zoneout, clips, with_h0, frozen = case
+    data = _rnn_data(T, B, I, H, lengths, mask, zoneout, with_h0)
+    options = sequence_options(reverse, **clips)
+    reference = _rnn_reference_run(torch.float64, data, options, relu)
+    baseline = _rnn_reference_run(dtype, data, options, relu)
+    if frozen:
+        for results in (reference, baseline):
+            del results["w_ih"], results["w_hh"]
+    fast = _rnn_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, relu, frozen=frozen)
+    _compare(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_rnn_reserve_matches_the_cpu_op(library, strategy, with_lengths):
+    """Output, h_n and the activations reserve (with zoneout) equal the CPU op's, layout
+    included: the compact rows first, then zeros, also with lengths."""
+    from rnntl_fast import _ext
+
+    if not _ext.HAS_CPU_KERNELS:
+        pytest.skip(f"the CPU extension is not built here ({_ext.IMPORT_ERROR})")
+    import rnntl_fast  # noqa: F401  (registers the ops' fakes and autograd)
+
+    T, B, I, H = 4, 3, 5, 7
+    lengths = [2, 4, 0] if with_lengths else None
+    data = _rnn_data(T, B, I, H, lengths, True, "draws", True)
+    f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    options = sequence_options(True)
+    cpu = torch.ops.rnntl_fast.rnn_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"],
+                                           data["lengths"], f["mask"], f["zoneout"], False, True, 0.0, 0.0, True)
+    fast = _rnn_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options, relu=False)
+    emulated = (fast["output"], fast["h_n"], _RESERVE.pop(id(fast)))
+    for name, a, b in zip(("output", "h_n", "activations"), cpu, emulated):
+        assert tuple(a.shape) == tuple(b.shape), f"{name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=f"{name}")
+
+
 # Non-finite values. Cells of the cases below: (id, cell, proj, clip options); every case
 # has lengths (a length-0 row, a full one, rows in unsorted order) so the padded rows matter.
+# The Elman RNN runs relu with zoneout (every keep weight 0.3) and a recurrent mask: relu's
+# NaN pass-through and the zoneout blend are its own element math.
 NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H = 5, 4, 3, 6
 NONFINITE_LENGTHS = [3, 5, 0, 2]
 NONFINITE_CASES = [
@@ -271,11 +382,14 @@ NONFINITE_CASES = [
     ("lstm_proj_clips_gates", "lstm", 4, dict(cell_clip=0.4, proj_clip=0.1, grad_clip=0.02, grad_clip_mode="gates")),
     ("gru", "gru", None, dict()),
     ("gru_clip_gates", "gru", None, dict(grad_clip=0.02, grad_clip_mode="gates")),
+    ("rnn_relu_zoneout_mask_clip_gates", "rnn", None, dict(grad_clip=0.02, grad_clip_mode="gates")),
 ]
 
 
 def _nonfinite_data(cell, proj, lengths=NONFINITE_LENGTHS):
     T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    if cell == "rnn":
+        return _rnn_data(T, B, I, H, lengths, True, "eval", True)
     G = (4 if cell == "lstm" else 3) * H
     P = proj or H
     data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
@@ -290,10 +404,14 @@ def _run_case(library, cell, strategy, dtype, data, proj, options):
     T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
     if cell == "lstm":
         return _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, proj or H), options)
+    if cell == "rnn":
+        return _rnn_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, relu=True)
     return _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options)
 
 
 def _reference_case(cell, dtype, data, options):
+    if cell == "rnn":
+        return _rnn_reference_run(dtype, data, options, relu=True)
     return _lstm_reference_run(dtype, data, options) if cell == "lstm" else _gru_reference_run(dtype, data, options)
 
 

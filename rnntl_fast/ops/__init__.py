@@ -184,7 +184,7 @@ NONLINEARITIES = ("tanh", "relu")
 def _rnn_backend(name: str):
     """The function of backend `name` that runs one Elman RNN layer-direction (BACKEND_RUNS
     has refused the backends without one)."""
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         return native.rnn_native
     if name == "triton":
         from .triton import rnn_triton
@@ -223,8 +223,8 @@ def rnn(
         recurrent_mask: [B, H]; zoneout: [T, B, H] keep weights: as in `gru`.
     Returns:
         output [T, B, H], h_n [B, H].
-    Backends "cpu" (what "auto" picks for CPU tensors), "triton" and "reference" run it, with
-    every argument; "cuda" has no Elman RNN kernel yet and raises NotImplementedError.
+    Backends "cpu" (what "auto" picks for CPU tensors), "cuda", "triton" and "reference" run
+    it, with every argument.
     """
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")

@@ -149,7 +149,7 @@ def rnn_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
                bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], options: SequenceOptions,
                nonlinearity: str = "tanh", recurrent_mask: Optional[Tensor] = None,
                zoneout: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """The `cpu` backend of rnntl_fast.ops.rnn (arguments already checked there). Shapes as
+    """The `cpu` / `cuda` backends of rnntl_fast.ops.rnn (arguments already checked there). Shapes as
     rnntl_fast.ops.rnn (recurrent_mask [B, H], zoneout [T, B, H]); returns output [T, B, H], h_n [B, H]."""
     if input.device.type == "cpu" and input.dtype in HALF_DTYPES:
         tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, h0))

@@ -8,6 +8,7 @@
 // the same emulated launch.
 #include <rnntl/cuda/gru_launch.cuh>
 #include <rnntl/cuda/lstm_launch.cuh>
+#include <rnntl/cuda/rnn_launch.cuh>
 #include <rnntl/host_order.h>
 
 #include <cmath>
@@ -207,6 +208,34 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
   });
 }
 
+// Forward (saving for backward) then backward of one Elman RNN layer-direction. zoneout:
+// [T, B, H] keep weights or null; activations: the [T, B, H] reserve (used with zoneout) or null.
+const char* rnntl_emulation_rnn(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
+                                int64_t input_size, int64_t hidden, int relu, int reverse, double state_clip,
+                                double gate_clip, const int64_t* lengths, const void* recurrent_mask,
+                                const void* zoneout, const void* input, const void* weight_ih, const void* weight_hh,
+                                const void* bias_ih, const void* bias_hh, const void* h0, void* output, void* h_n,
+                                void* activations, const void* grad_output, const void* grad_h_n, void* grad_input,
+                                void* grad_weight_ih, void* grad_weight_hh, void* grad_bias_ih, void* grad_bias_hh,
+                                void* grad_h0) {
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, sms);
+  RnnForwardParams f{};
+  setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, activations);
+  f.relu = relu != 0;
+  f.zoneout = zoneout;
+  RnnBackwardParams b{};
+  setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, activations, grad_input,
+                      grad_weight_ih, grad_weight_hh, grad_h0);
+  static_cast<RnnParams&>(b) = f;  // relu, zoneout
+  b.grad_bias_ih = grad_bias_ih;
+  b.grad_bias_hh = grad_bias_hh;
+  return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
+    return forward_backward<cuda::RnnLaunch, decltype(tag)>(setup, f, b);
+  });
+}
+
 }  // extern "C"
 
 namespace {
@@ -253,9 +282,9 @@ extern "C" int rnntl_emulation_warp_selftest() {
 }
 
 #ifdef RNNTL_EMULATION_MAIN
-// Race check: LSTM and GRU, both strategies, forward + backward, variable lengths and
-// reverse, both clip modes, with and without a recurrent mask; the persistent results
-// must also match the stepwise ones.
+// Race check: LSTM, GRU and Elman RNN, both strategies, forward + backward, variable
+// lengths and reverse, both clip modes, with and without a recurrent mask (the RNN once:
+// reverse, relu, mask and zoneout); the persistent results must also match the stepwise ones.
 namespace {
 
 std::vector<float> random_vector(std::mt19937& rng, size_t n) {
@@ -342,6 +371,39 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
   return r;
 }
 
+struct RnnRun {
+  std::vector<float> output, h_n, grad_input, grad_weight_hh, grad_h0;
+};
+
+// relu; with the mask also zoneout keep weights (0/1 draws): the persistent backward's direct part.
+RnnRun run_rnn(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths,
+               bool masked) {
+  const int64_t T = 4, B = 3, I = 5, H = 7;
+  std::mt19937 rng(3);
+  auto x = random_vector(rng, T * B * I), wih = random_vector(rng, H * I), whh = random_vector(rng, H * H);
+  auto bih = random_vector(rng, H), bhh = random_vector(rng, H), h0 = random_vector(rng, B * H),
+       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H),
+       keep = dropout_mask(rng, T * B * H);
+  for (auto& d : keep) d /= 2.0f;
+  RnnRun r;
+  r.output.resize(T * B * H);
+  r.h_n.resize(B * H);
+  std::vector<float> activations(T * B * H), gwih(H * I), gbih(H), gbhh(H);
+  r.grad_input.resize(T * B * I);
+  r.grad_weight_hh.resize(H * H);
+  r.grad_h0.resize(B * H);
+  const char* error = rnntl_emulation_rnn(
+      0, strategy, 32, 3, T, B, I, H, /*relu=*/1, reverse, state_clip, gate_clip, lengths.data(),
+      masked ? mask.data() : nullptr, masked ? keep.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(),
+      bhh.data(), h0.data(), r.output.data(), r.h_n.data(), activations.data(), go.data(), ghn.data(),
+      r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
+  if (error) {
+    std::fprintf(stderr, "rnn failed: %s\n", error);
+    std::exit(2);
+  }
+  return r;
+}
+
 }  // namespace
 
 int main() {
@@ -369,6 +431,17 @@ int main() {
       std::printf("reverse=%d mode=%s mask=%d: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
                   mode == 0 ? "state" : "gates", int(masked), dl, dg);
       if (!(dl < 1e-5f && dg < 1e-5f)) ++failures;
+      if (masked) {  // the RNN once: its own parts (relu, zoneout's direct path) with the mask
+        const RnnRun e = run_rnn(1, reverse, state_clip, gate_clip, lengths, masked);
+        const RnnRun f = run_rnn(2, reverse, state_clip, gate_clip, lengths, masked);
+        const float dr = std::max({max_difference(e.output, f.output), max_difference(e.h_n, f.h_n),
+                                   max_difference(e.grad_input, f.grad_input),
+                                   max_difference(e.grad_weight_hh, f.grad_weight_hh),
+                                   max_difference(e.grad_h0, f.grad_h0)});
+        std::printf("reverse=%d mode=%s mask=1 zoneout=1 relu=1: rnn stepwise vs persistent %.2e\n", reverse,
+                    mode == 0 ? "state" : "gates", dr);
+        if (!(dr < 1e-5f)) ++failures;
+      }
     }
   }
   std::printf(failures ? "FAILED\n" : "OK\n");

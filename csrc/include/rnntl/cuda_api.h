@@ -20,5 +20,10 @@ const char* gru_forward(const GruForwardParams& params);
 size_t gru_backward_workspace_bytes(const GruBackwardParams& params);
 const char* gru_backward(const GruBackwardParams& params);
 
+size_t rnn_forward_workspace_bytes(const RnnForwardParams& params);
+const char* rnn_forward(const RnnForwardParams& params);
+size_t rnn_backward_workspace_bytes(const RnnBackwardParams& params);
+const char* rnn_backward(const RnnBackwardParams& params);
+
 }  // namespace cuda
 }  // namespace rnntl

@@ -151,4 +151,20 @@ struct GruBackwardParams : BackwardParams {
   void* grad_bias_hh;      // [3H]
 };
 
+// Elman RNN (docs/semantics.md section 10): G = H, P = H. ForwardParams::gates /
+// BackwardParams::gates is the CPU op's `activations` reserve f(a_t): [T, B, H] as T*B rows,
+// the N compact rows first, then zeros; written only when save and zoneout, read only with
+// zoneout (without it f(a_t) is the output).
+struct RnnParams {
+  bool relu;               // f = relu, else tanh
+  const void* zoneout;     // [T, B, H] keep weights d in [0, 1], or null (no zoneout)
+};
+
+struct RnnForwardParams : ForwardParams, RnnParams {};
+
+struct RnnBackwardParams : BackwardParams, RnnParams {
+  void* grad_bias_ih;      // [H]
+  void* grad_bias_hh;      // [H]
+};
+
 }  // namespace rnntl
