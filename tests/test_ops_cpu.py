@@ -165,14 +165,31 @@ def _small_double_inputs(cell, proj=0, lengths=None, with_states=True):
     return case, [tensors[n].clone().requires_grad_(True) if n in tensors else None for n in LEAVES]
 
 
+def _fixed_regularizers(cell, proj, steps=3, batch=2, hidden=4):
+    """A recurrent mask and zoneout keep weights (0/1 draws and fractions), fixed by a seed."""
+    g = torch.Generator().manual_seed(5)
+    width = proj or hidden
+    keep = lambda size: torch.bernoulli(torch.full((steps, batch, size), 0.4, dtype=torch.float64),  # noqa: E731
+                                        generator=g) * torch.rand(steps, batch, size, generator=g, dtype=torch.float64)
+    extras = {"recurrent_mask": torch.bernoulli(torch.full((batch, width), 0.7, dtype=torch.float64), generator=g) / 0.7}
+    if cell == "lstm":
+        return dict(extras, zoneout_h=keep(width), zoneout_c=keep(hidden))
+    return dict(extras, zoneout=keep(hidden))
+
+
 GRADCHECK = [("lstm", 0, None, {}), ("lstm", 2, (3, 1), {"reverse": True}),
              ("lstm", 0, (2, 3), {"cell_clip": 0.4, "proj_clip": 0.3}), ("gru", 0, None, {}),
-             ("gru", 0, (1, 3), {"reverse": True})]
+             ("gru", 0, (1, 3), {"reverse": True}),
+             ("lstm", 2, (3, 1), {"reverse": True, "proj_clip": 0.3, "regularizers": True}),
+             ("gru", 0, (1, 3), {"regularizers": True})]
 
 
 @pytest.mark.parametrize("cell,proj,lengths,options", GRADCHECK,
                          ids=[f"{c}-P{p}-len{l}-{'+'.join(o) or 'plain'}" for c, p, l, o in GRADCHECK])
 def test_gradcheck_float64(cell, proj, lengths, options):
+    options = dict(options)
+    if options.pop("regularizers", False):  # recurrent mask and zoneout, fixed
+        options.update(_fixed_regularizers(cell, proj))
     case, leaves = _small_double_inputs(cell, proj, lengths)
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None

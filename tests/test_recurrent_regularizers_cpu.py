@@ -196,3 +196,27 @@ def test_module_on_cpu_matches_the_reference_module(cell, regularizer):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("thread_count", [1, 2], ids=["1thread-stepwise", "2threads-multicore"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_limits(cell, thread_count):
+    """Keep weights of 0 give the plain op bit for bit (forward and gradients); keep weights
+    of 1 hold the initial state at every valid step."""
+    case = next(c for c in CASES if c["cell"] == cell and c["zoneout"] == "train" and c["lengths"])
+    leaves, extras = _tensors(case)
+    keep = {k: v for k, v in extras.items() if k.startswith("zoneout")}
+    with threads(thread_count):
+        plain, plain_grads = _run(case, leaves, {}, torch.float32, "cpu")
+        zero, zero_grads = _run(case, leaves, {k: torch.zeros_like(v) for k, v in keep.items()}, torch.float32, "cpu")
+        held, _ = _run(case, leaves, {k: torch.ones_like(v) for k, v in keep.items()}, torch.float32, "cpu")
+    for a, b in zip(zero, plain):
+        assert torch.equal(a, b)
+    for name in plain_grads:
+        assert torch.equal(zero_grads[name], plain_grads[name]), name
+    h0 = leaves["h0"].float()
+    assert torch.equal(held[1], h0)
+    if cell == "lstm":
+        assert torch.equal(held[2], leaves["c0"].float())
+    valid = (torch.arange(case["T"])[:, None] < torch.tensor(case["lengths"])[None, :])[:, :, None]
+    assert torch.equal(held[0], torch.where(valid, h0.expand_as(held[0]), torch.zeros(())))
