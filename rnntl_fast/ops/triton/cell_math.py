@@ -144,6 +144,10 @@ def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw,
         grad_c_raw = tl.where(valid, grad_c, 0.0)
     if CELL_CLIP:
         grad_c_raw = clamp_backward(grad_c_raw, c_raw, cell_clip)
+    if HAS_ZONEOUT_C:
+        # dL/dc_{t-1} before the gate math, so that keep_c and the carried gradient are not
+        # held through it (held, the bfloat16 step and sequence kernels spilled on sm_90)
+        grad_c_prev = tl.where(valid, grad_c_raw * f + keep_c * grad_c, grad_c)
     d_i = grad_c_raw * g * i * (1.0 - i)
     d_f = grad_c_raw * c_prev * f * (1.0 - f)
     d_g = grad_c_raw * i * (1.0 - g * g)
@@ -159,9 +163,7 @@ def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw,
     d_f = tl.where(valid, d_f, 0.0)
     d_g = tl.where(valid, d_g, 0.0)
     d_o = tl.where(valid, d_o, 0.0)
-    if HAS_ZONEOUT_C:
-        grad_c_prev = tl.where(valid, grad_c_raw * f + keep_c * grad_c, grad_c)
-    else:
+    if not HAS_ZONEOUT_C:
         grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
     return d_i, d_f, d_g, d_o, grad_c_prev
 
