@@ -113,6 +113,24 @@ def layer_norm_backward(dy0, dy1, dy2, dy3, n0, n1, n2, n3, rstd, cols_valid, co
             tl.where(cols_valid, rstd * (dy3 - mean_dy - n3 * mean_dyn), 0.0))
 
 
+@triton.jit
+def layer_norm_backward_means(dy0, dy1, dy2, n_ptrs, stride, mask, count):
+    """(mean(dy), mean(dy * n)) [BB, 1] over a three-tile row, the normalized tiles loaded from
+    n_ptrs + k * stride (float32); with layer_norm_backward_tile, layer_norm_backward one tile
+    at a time."""
+    total = _row_sum(dy0) + _row_sum(dy1) + _row_sum(dy2)
+    dot = (_row_sum(dy0 * tl.load(n_ptrs, mask=mask, other=0.0))
+           + _row_sum(dy1 * tl.load(n_ptrs + stride, mask=mask, other=0.0))
+           + _row_sum(dy2 * tl.load(n_ptrs + 2 * stride, mask=mask, other=0.0)))
+    return total / count, dot / count
+
+
+@triton.jit
+def layer_norm_backward_tile(dy, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid):
+    """One tile of dL/dx of n = LN(x): rstd * (dy - mean(dy) - n * mean(dy * n))."""
+    return tl.where(cols_valid, rstd * (dy - mean_dy - tl.load(n_ptrs, mask=mask, other=0.0) * mean_dyn), 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # LSTM cell
 # ---------------------------------------------------------------------------------------

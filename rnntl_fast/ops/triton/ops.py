@@ -56,10 +56,10 @@ def _check_layer_norm_pair(op: str, ih: Optional[Tensor], hh: Optional[Tensor], 
 
 
 def _layer_norm_rows(u: Tensor) -> Tuple[Tensor, Tensor]:
-    """(LN(u), 1 / sqrt(var + eps)) over the last dimension of a float32 tensor u [..., G]."""
-    centered = u - u.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + LAYER_NORM_EPS)
-    return centered * rstd, rstd
+    """(LN(u), 1 / sqrt(var + eps)) over the last dimension of a float32 tensor u [..., G]
+    (torch's layer_norm: the forward's values, which the reference's are)."""
+    var, _ = torch.var_mean(u, -1, unbiased=False, keepdim=True)
+    return F.layer_norm(u, u.shape[-1:], eps=LAYER_NORM_EPS), torch.rsqrt(var + LAYER_NORM_EPS)
 
 
 def _layer_norm_backward(grad: Tensor, normalized: Tensor, rstd: Tensor) -> Tensor:
@@ -75,8 +75,8 @@ def _input_gates(input: Tensor, weight_ih: Tensor, bias_ih: Optional[Tensor], le
     x = without_padded_steps(input, lengths)
     if layer_norm_ih is None:
         return F.linear(x, weight_ih, bias_ih).contiguous()
-    normalized, _ = _layer_norm_rows(F.linear(x.float(), weight_ih.float()))
-    gates = normalized * layer_norm_ih.float()
+    product = F.linear(x.float(), weight_ih.float())
+    gates = F.layer_norm(product, product.shape[-1:], eps=LAYER_NORM_EPS) * layer_norm_ih.float()
     if bias_ih is not None:
         gates = gates + bias_ih.float()
     return gates.to(input.dtype).contiguous()
@@ -92,7 +92,7 @@ def _input_side_gradients(grad_gates: Tensor, input: Tensor, weight_ih: Tensor, 
     grad_gain = input.new_empty(0)
     grad_product = grad_gates
     if layer_norm_ih is not None and (need_input or need_weight_ih or need_gain):
-        normalized, rstd = _layer_norm_rows(x.float() @ weight_ih.float().t())
+        normalized, rstd = _layer_norm_rows(F.linear(x.float(), weight_ih.float()))
         if need_gain:
             grad_gain = (grad_gates * normalized).sum(0).to(input.dtype)
         grad_product = _layer_norm_backward(grad_gates * layer_norm_ih.float(), normalized, rstd)

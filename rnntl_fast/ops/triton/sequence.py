@@ -13,7 +13,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import config
-from .cell_math import (gru_cell_backward, gru_cell_forward, layer_norm_backward, layer_norm_rows, lstm_cell_backward,
+from .cell_math import (gru_cell_backward, gru_cell_forward, layer_norm_backward, layer_norm_backward_means,
+                        layer_norm_backward_tile, layer_norm_rows, lstm_cell_backward,
                         lstm_cell_forward, lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward,
                         rnn_cell_forward, rows_valid, tanh)
 from ..reference import LAYER_NORM_EPS
@@ -515,27 +516,36 @@ def gru_backward_sequence_kernel(
         tl.store(hg_ptrs, d_r, mask=mask)
         tl.store(hg_ptrs + hidden, d_z, mask=mask)
         tl.store(hg_ptrs + 2 * hidden, d_hh_n, mask=mask)
-        if LAYER_NORM:  # through the gain and LN: the product's own gradient (as the LSTM's)
-            n_ptrs = normalized_products_ptr + t * batch * 3 * hidden + offs_3h
-            n_n = tl.load(n_ptrs + 2 * hidden, mask=mask, other=0.0)
-            d_r, d_z, d_hh_n, _unused = layer_norm_backward(
-                d_r * gn_r, d_z * gn_z, d_hh_n * gn_n, d_hh_n, tl.load(n_ptrs, mask=mask, other=0.0),
-                tl.load(n_ptrs + hidden, mask=mask, other=0.0), n_n, n_n,
-                tl.load(product_rstd_ptr + t * batch + rows[:, None], mask=offs_rows, other=0.0), cols_valid,
-                3 * hidden, 3)
-            p_ptrs = grad_products_ptr + t * batch * 3 * hidden + offs_3h
-            tl.store(p_ptrs, d_r, mask=mask)
-            tl.store(p_ptrs + hidden, d_z, mask=mask)
-            tl.store(p_ptrs + 2 * hidden, d_hh_n, mask=mask)
         # as in the LSTM: the product's part reaches h_{t-1} times the mask, grad_keep
         # (z * dL/dh_t, and rows past their length) does not
         if HAS_RECURRENT_MASK:
             grad_carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         else:
             grad_carry = grad_keep
-        grad_carry += tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
-        grad_carry += tl.dot(d_z.to(DOT_DTYPE), w_z, input_precision="ieee")
-        grad_carry += tl.dot(d_hh_n.to(DOT_DTYPE), w_n, input_precision="ieee")
+        if LAYER_NORM:
+            # Through the gain and LN: the product's own gradient (as the LSTM's), one gate at a
+            # time after the row statistics, so that one tile of it is live (all three held,
+            # the bfloat16 kernel at width 64 spilled on sm_90).
+            n_ptrs = normalized_products_ptr + t * batch * 3 * hidden + offs_3h
+            p_ptrs = grad_products_ptr + t * batch * 3 * hidden + offs_3h
+            y_r = d_r * gn_r
+            y_z = d_z * gn_z
+            y_n = d_hh_n * gn_n
+            mean_dy, mean_dyn = layer_norm_backward_means(y_r, y_z, y_n, n_ptrs, hidden, mask, 3 * hidden)
+            rstd = tl.load(product_rstd_ptr + t * batch + rows[:, None], mask=offs_rows, other=0.0)
+            d_p = layer_norm_backward_tile(y_r, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid)
+            tl.store(p_ptrs, d_p, mask=mask)
+            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_r, input_precision="ieee")
+            d_p = layer_norm_backward_tile(y_z, n_ptrs + hidden, mask, rstd, mean_dy, mean_dyn, cols_valid)
+            tl.store(p_ptrs + hidden, d_p, mask=mask)
+            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_z, input_precision="ieee")
+            d_p = layer_norm_backward_tile(y_n, n_ptrs + 2 * hidden, mask, rstd, mean_dy, mean_dyn, cols_valid)
+            tl.store(p_ptrs + 2 * hidden, d_p, mask=mask)
+            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_n, input_precision="ieee")
+        else:
+            grad_carry += tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
+            grad_carry += tl.dot(d_z.to(DOT_DTYPE), w_z, input_precision="ieee")
+            grad_carry += tl.dot(d_hh_n.to(DOT_DTYPE), w_n, input_precision="ieee")
         if HAS_RECURRENT_MASK:
             grad_carry = grad_keep + recurrent_mask * grad_carry
     tl.store(grad_h0_ptr + offs, grad_carry, mask=mask)
