@@ -183,7 +183,8 @@ OPCHECK = [("lstm", 0, None, False, False, None, False, False), ("lstm", 2, (3, 
 
 @pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,masked,zoned", OPCHECK,
                          ids=[f"{c}-P{p}-len{'_'.join(map(str, l or ())) or 'none'}-{'rev' if r else 'fwd'}"
-                              f"-clips{int(k)}-gradclip{g}" + ("-recurrent_mask" if m else "") + ("-zoneout" if z else "")
+                              f"-clips{int(k)}-gradclip{g}" + ("-recurrent_mask" if m else "")
+                              + ("-zoneout" if z else "")
                               for c, p, l, r, k, g, m, z in OPCHECK])
 def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, zoned, strategy):
     args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked=masked, zoned=zoned) + (strategy,)

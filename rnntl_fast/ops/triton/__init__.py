@@ -52,9 +52,9 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
-                                                      c0, lengths, recurrent_mask, zoneout_h, zoneout_c, options.reverse,
-                                                      options.cell_clip, options.proj_clip, options.state_clip,
-                                                      options.gate_clip, save, chosen)
+                                                      c0, lengths, recurrent_mask, zoneout_h, zoneout_c,
+                                                      options.reverse, options.cell_clip, options.proj_clip,
+                                                      options.state_clip, options.gate_clip, save, chosen)
     return output, h_n, c_n
 
 

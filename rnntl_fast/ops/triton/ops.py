@@ -101,8 +101,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
                          h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
                          recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
                          zoneout_c: Optional[Tensor], gates: Tensor, cells: Tensor, hidden_states: Tensor,
-                         cell_pre_clip: Tensor, hidden_pre_clip: Tensor, fresh_cells: Tensor, reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
-                         strategy: str,
+                         cell_pre_clip: Tensor, hidden_pre_clip: Tensor, fresh_cells: Tensor, reverse: bool,
+                         cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float, strategy: str,
                          output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """LSTM layer-direction backward from the forward's reserve. Returns the gradients of
     (input, weight_ih, weight_hh, bias (= bias_ih = bias_hh), weight_hr, h0, c0); output_mask
@@ -149,8 +149,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
 @triton_lstm_backward.register_fake
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask,
-      zoneout_h, zoneout_c, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells, reverse, cell_clip,
-      proj_clip, state_clip, gate_clip, strategy, output_mask):
+      zoneout_h, zoneout_c, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells, reverse,
+      cell_clip, proj_clip, state_clip, gate_clip, strategy, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
