@@ -14,9 +14,10 @@ shared memory than the architecture allows a block; tests/test_triton_compile.py
 architecture and dtype and prints the markdown table of docs/triton.md.
 
 Kernels are compiled with every boolean switch on (projection, clips, lengths, recurrent
-mask, zoneout, saving), their heaviest form. Uses the ptxas bundled with triton; needs no GPU and no CUDA driver,
-but TRITON_INTERPRET must be unset (the interpreter compiles nothing). Compiled kernels
-and ptxas reports are kept in triton's cache (TRITON_CACHE_DIR), so a second run is quick.
+mask, zoneout, saving), their heaviest form. Uses the ptxas bundled with triton; needs no
+GPU and no CUDA driver, but TRITON_INTERPRET must be unset (the interpreter compiles
+nothing). Compiled kernels and ptxas reports are kept in triton's cache (TRITON_CACHE_DIR),
+so a second run is quick.
 """
 import argparse
 import hashlib
