@@ -22,6 +22,7 @@ from rnntl_fast import ops  # noqa: E402
 from rnntl_fast.ops.backend import triton_interpreted  # noqa: E402
 from rnntl_fast.ops.options import sequence_options  # noqa: E402
 from parity import LEAVES, Case, assert_case_matches, make_tensors, run  # noqa: E402
+from tolerances import assert_within_error_rule  # noqa: E402
 
 if triton_interpreted():
     DEVICE = "cpu"
@@ -154,8 +155,9 @@ def _recurrent_mask(case: Case, seed: int = 1) -> torch.Tensor:
 
 
 def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, mode="state",
-                  masked=False):
-    """The forward op's arguments; clip limits as the op contract takes them (0 = off)."""
+                  masked=False, zoned=False):
+    """The forward op's arguments; clip limits as the op contract takes them (0 = off); zoned:
+    zoneout keep weights (0/1 draws, z = 0.3) of h and c (LSTM) or h (GRU)."""
     limits = sequence_options(reverse, 0.5 if clips else None, 0.4 if clips else None, grad_clip, mode)
     case = Case(cell, T=3, B=2, I=3, H=5, proj=proj, lengths=lengths)
     tensors = make_tensors(case)
@@ -163,25 +165,29 @@ def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_c
     input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0 = leaves
     length_tensor = torch.tensor(lengths) if lengths else None
     mask = _recurrent_mask(case).float().to(DEVICE) if masked else None
+    g = torch.Generator().manual_seed(2)
+    keep = lambda width: torch.bernoulli(torch.full((case.T, case.B, width), 0.3), generator=g).to(DEVICE)  # noqa: E731
     if cell == "lstm":
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, None, None,
+        zoneout = (keep(case.out_size), keep(case.H)) if zoned else (None, None)
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, *zoneout,
                 *limits, True)
-    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, None, reverse, limits.state_clip,
-            limits.gate_clip, True)
+    return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, keep(case.H) if zoned else None,
+            reverse, limits.state_clip, limits.gate_clip, True)
 
 
-OPCHECK = [("lstm", 0, None, False, False, None, False), ("lstm", 2, (3, 1), True, True, 0.1, False),
-           ("lstm", 2, (3, 1), True, True, 0.1, True),
-           ("gru", 0, None, False, False, None, False), ("gru", 0, (2, 3), True, False, 0.1, False),
-           ("gru", 0, (2, 3), True, False, 0.1, True)]
+OPCHECK = [("lstm", 0, None, False, False, None, False, False), ("lstm", 2, (3, 1), True, True, 0.1, False, False),
+           ("lstm", 2, (3, 1), True, True, 0.1, True, False), ("lstm", 2, (3, 1), True, True, 0.1, True, True),
+           ("gru", 0, None, False, False, None, False, False), ("gru", 0, (2, 3), True, False, 0.1, False, False),
+           ("gru", 0, (2, 3), True, False, 0.1, True, False), ("gru", 0, (2, 3), True, False, 0.1, True, True)]
 
 
-@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,masked", OPCHECK,
+@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,masked,zoned", OPCHECK,
                          ids=[f"{c}-P{p}-len{'_'.join(map(str, l or ())) or 'none'}-{'rev' if r else 'fwd'}"
                               f"-clips{int(k)}-gradclip{g}" + ("-recurrent_mask" if m else "")
-                              for c, p, l, r, k, g, m in OPCHECK])
-def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, strategy):
-    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked=masked) + (strategy,)
+                              + ("-zoneout" if z else "")
+                              for c, p, l, r, k, g, m, z in OPCHECK])
+def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, zoned, strategy):
+    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked=masked, zoned=zoned) + (strategy,)
     forward = torch.ops.rnntl_fast.triton_lstm_forward if cell == "lstm" else torch.ops.rnntl_fast.triton_gru_forward
     torch.library.opcheck(forward.default, args)
     # The backward op on its own, fed with the forward's reserve.
@@ -250,6 +256,114 @@ def test_recurrent_mask_low_precision_within_error_rule(case, dtype, strategy, m
     reference64 = run(case, tensors, torch.float64, "reference")
     fast = run(case, tensors, dtype, "triton", device=DEVICE)
     assert_case_matches(case, fast, run(case, tensors, dtype, "reference"), reference64, dtype)
+
+
+# Zoneout of the LSTM and GRU (docs/semantics.md section 10): the cases, tensors and keep
+# weights of tests/test_recurrent_regularizers_cpu.py at interpreter sizes. "train": 0/1 draws
+# of Bernoulli(0.3) for h and c, "train-h" / "train-c" of one of them, "eval": every keep
+# weight 0.3. H = 20 runs the step kernels' second column tile and K chunk, B = 17 two row tiles.
+from test_recurrent_regularizers_cpu import _case as _zoned_case  # noqa: E402
+from test_recurrent_regularizers_cpu import _case_id as _zoned_case_id  # noqa: E402
+from test_recurrent_regularizers_cpu import _tensors as _zoned_tensors  # noqa: E402
+
+ZONEOUT_CASES = [
+    _zoned_case("lstm", T=4, B=3, I=4, H=6, mask=False, zoneout="train"),
+    _zoned_case("lstm", T=4, B=3, I=4, H=6, proj=3, lengths=(4, 0, 2), clips=True, reverse=True, zoneout="train"),
+    _zoned_case("lstm", T=4, B=3, I=4, H=6, grad_clip="state", lengths=(4, 1, 3), zoneout="train"),
+    _zoned_case("lstm", T=3, B=2, I=3, H=20, proj=17, grad_clip="gates", reverse=True, mask=False, zoneout="train-h"),
+    _zoned_case("lstm", T=4, B=3, I=4, H=6, clips=True, grad_clip="state", mask=False, zoneout="train-c"),
+    _zoned_case("lstm", T=3, B=2, I=4, H=6, frozen=("weight_hh", "input"), zoneout="eval"),
+    _zoned_case("lstm", T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17)), mask=False, zoneout="train"),
+    _zoned_case("gru", T=4, B=3, I=4, H=6, mask=False, zoneout="train"),
+    _zoned_case("gru", T=3, B=2, I=3, H=20, grad_clip="state", lengths=(3, 1), reverse=True, zoneout="eval"),
+    _zoned_case("gru", T=4, B=3, I=4, H=6, grad_clip="gates", lengths=(3, 4, 0), frozen=("weight_ih", "h0"),
+                zoneout="train"),
+    _zoned_case("gru", T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17)), zoneout="train"),
+]
+
+
+def _run_zoned(c, leaves, extras, dtype, backend, device="cpu", grad=True):
+    """{name: result or gradient} of one ops.lstm / ops.gru call in `dtype` on `device` with the
+    regularizer arguments `extras` (float64, name -> tensor); gradients of the leaves that are
+    not frozen (none with grad=False, under torch.no_grad)."""
+    fresh = {k: None if v is None else v.to(dtype).to(device, copy=True).requires_grad_(grad and k not in c["frozen"])
+             for k, v in leaves.items()}
+    options = dict(lengths=c["lengths"], reverse=c["reverse"], backend=backend,
+                   grad_clip=0.05 if c["grad_clip"] else None, grad_clip_mode=c["grad_clip"] or "state",
+                   **{k: v.to(dtype).to(device) for k, v in extras.items()})
+    with torch.set_grad_enabled(grad):
+        if c["cell"] == "lstm":
+            clips = dict(cell_clip=0.5, proj_clip=0.3) if c["clips"] else {}
+            results = ops.lstm(*(fresh[n] for n in ("input", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                    "weight_hr", "h0", "c0")), **clips, **options)
+        else:
+            results = ops.gru(*(fresh[n] for n in ("input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0")),
+                              **options)
+    named = dict(zip(("output", "h_n", "c_n"), (r.detach().cpu() for r in results)))
+    if grad:
+        g = torch.Generator().manual_seed(3)
+        loss = sum((r * torch.randn(r.shape, generator=g, dtype=torch.float64).to(dtype).to(device)).sum()
+                   for r in results)
+        wanted = {k: v for k, v in fresh.items() if v is not None and v.requires_grad}
+        named.update({f"grad_{k}": v.cpu() for k, v in zip(wanted, torch.autograd.grad(loss, list(wanted.values())))})
+    return named
+
+
+def _assert_zoned_within_error_rule(fast, baseline, reference64, dtype):
+    assert fast.keys() == reference64.keys(), (sorted(fast), sorted(reference64))
+    for name in reference64:
+        assert fast[name].dtype == dtype, f"{name} has dtype {fast[name].dtype}"
+        assert_within_error_rule(name, fast[name], baseline[name], reference64[name], dtype)
+
+
+@pytest.mark.parametrize("case", ZONEOUT_CASES, ids=[_zoned_case_id(c) for c in ZONEOUT_CASES])
+def test_zoneout_within_error_rule(case, strategy):
+    """Forward results and every gradient with zoneout keep weights (and the recurrent mask
+    where the case has it), against the float64 reference by the error rule with the float32
+    reference as the baseline (torch.nn has no zoneout). The inference forward (no reserve;
+    the step strategy alternates two state slots) must give the training forward's results
+    bit for bit."""
+    leaves, extras = _zoned_tensors(case)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    baseline = _run_zoned(case, leaves, extras, torch.float32, "reference")
+    fast = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, baseline, reference64, torch.float32)
+    inference = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE, grad=False)
+    for name, value in inference.items():
+        torch.testing.assert_close(value, fast[name], rtol=0, atol=0, msg=name)
+
+
+def test_zoneout_changes_results(strategy):
+    """Keep weights of 1 freeze the state at h0 / c0 (every output row is h0), of 0 give the
+    results without zoneout: the kernels do read them."""
+    case = _zoned_case("lstm", T=3, B=2, I=3, H=5, proj=2, mask=False, zoneout="train")
+    leaves, extras = _zoned_tensors(case)
+    frozen = _run_zoned(case, leaves, {k: torch.ones_like(v) for k, v in extras.items()}, torch.float32, "triton",
+                        DEVICE, grad=False)
+    torch.testing.assert_close(frozen["output"], leaves["h0"].float().expand(3, 2, 2), rtol=0, atol=0)
+    torch.testing.assert_close(frozen["c_n"], leaves["c0"].float(), rtol=0, atol=0)
+    open_ = _run_zoned(case, leaves, {k: torch.zeros_like(v) for k, v in extras.items()}, torch.float32, "triton",
+                       DEVICE, grad=False)
+    plain = _run_zoned(case, leaves, {}, torch.float32, "triton", DEVICE, grad=False)
+    for name in plain:
+        torch.testing.assert_close(open_[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+ZONEOUT_LOW_PRECISION_CASES = [
+    _zoned_case("lstm", T=3, B=2, I=4, H=6, proj=3, lengths=(3, 1), reverse=True, zoneout="train"),
+    _zoned_case("gru", T=3, B=2, I=5, H=7, lengths=(1, 3), mask=False, zoneout="eval"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ZONEOUT_LOW_PRECISION_CASES,
+                         ids=[_zoned_case_id(c) for c in ZONEOUT_LOW_PRECISION_CASES])
+def test_zoneout_low_precision_within_error_rule(case, dtype, strategy):
+    """The keep weights arrive in the input dtype and are widened to float32 in the kernels."""
+    leaves, extras = _zoned_tensors(case)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)
 
 
 def test_strategy_choice(monkeypatch):
@@ -473,7 +587,6 @@ from test_rnn_cpu import LEAVES as RNN_LEAVES  # noqa: E402
 from test_rnn_cpu import NAMES as RNN_NAMES  # noqa: E402
 from test_rnn_cpu import Case as RnnCase  # noqa: E402
 from test_rnn_cpu import make_tensors as make_rnn_tensors  # noqa: E402
-from tolerances import assert_within_error_rule  # noqa: E402
 
 
 def _run_rnn(case: RnnCase, backend: str, dtype, device="cpu", poison=None, **overrides):

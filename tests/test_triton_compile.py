@@ -47,8 +47,9 @@ def test_check_plan_covers_every_kernel_and_automatic_configuration():
     sequence_tiles = {(d, c.tile) for d, c in plan if c.name == "lstm_forward_sequence"}
     assert sequence_tiles == {("float32", "H=P=16"), ("float32", "H=P=32"), ("bfloat16", "H=P=16"),
                               ("bfloat16", "H=P=32"), ("bfloat16", "H=P=64")}
-    # every switch on, the heaviest form
+    # every switch on, the heaviest form; every kernel in its zoneout variant
     for _, c in plan:
+        assert any(name.startswith("HAS_ZONEOUT") for name in c.constexprs), c.name
         switches = {k: v for k, v in c.constexprs.items() if isinstance(v, bool)}
         assert all(v for k, v in switches.items() if k not in ("FIRST", "REVERSE")), (c.name, switches)
 

@@ -30,6 +30,7 @@ def _check_dtype(input: Tensor) -> None:
 def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                 bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
                 lengths: Optional[Tensor], options: SequenceOptions, *, recurrent_mask: Optional[Tensor] = None,
+                zoneout_h: Optional[Tensor] = None, zoneout_c: Optional[Tensor] = None,
                 strategy: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The `triton` backend of rnntl_fast.ops.lstm (arguments already checked there).
 
@@ -39,6 +40,8 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
         lengths: CPU int64 [B] or None; options: reverse and clip limits (rnntl_fast.ops.options).
         recurrent_mask: [B, P] in the input dtype or None: multiplies h_{t-1} in W_hh h_{t-1}
             only (recurrent dropout, docs/semantics.md section 10).
+        zoneout_h: [T, B, P], zoneout_c: [T, B, H] keep weights of h and c in the input dtype, or None
+            (zoneout, docs/semantics.md section 10).
         strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H].
@@ -49,21 +52,23 @@ def lstm_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Op
     chosen = config.choose_strategy(hidden, out_size, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0)
     output, h_n, c_n, *_reserve = triton_lstm_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0,
-                                                      c0, lengths, recurrent_mask, None, None, options.reverse, options.cell_clip,
-                                                      options.proj_clip, options.state_clip, options.gate_clip,
-                                                      save, chosen)
+                                                      c0, lengths, recurrent_mask, zoneout_h, zoneout_c,
+                                                      options.reverse, options.cell_clip, options.proj_clip,
+                                                      options.state_clip, options.gate_clip, save, chosen)
     return output, h_n, c_n
 
 
 def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                bias_hh: Optional[Tensor], h0: Optional[Tensor], lengths: Optional[Tensor], options: SequenceOptions,
-               *, recurrent_mask: Optional[Tensor] = None, strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+               *, recurrent_mask: Optional[Tensor] = None, zoneout: Optional[Tensor] = None,
+               strategy: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """The `triton` backend of rnntl_fast.ops.gru (arguments already checked there).
 
     Args:
         input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
         h0: [B, H] or None; lengths: CPU int64 [B] or None; options: reverse and clip limits.
         recurrent_mask: [B, H] in the input dtype or None, as in lstm_triton.
+        zoneout: [T, B, H] keep weights of h in the input dtype, or None (docs/semantics.md section 10).
         strategy: None (RNNTL_TRITON_STRATEGY, default "auto"), "auto", "sequence" or "step".
     Returns:
         output [T, B, H], h_n [B, H].
@@ -73,8 +78,8 @@ def gru_triton(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Opt
     chosen = config.choose_strategy(hidden, hidden, input.dtype, strategy)
     save = needs_grad(input, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     output, h_n, *_reserve = triton_gru_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths,
-                                                recurrent_mask, None, options.reverse, options.state_clip, options.gate_clip,
-                                                save, chosen)
+                                                recurrent_mask, zoneout, options.reverse, options.state_clip,
+                                                options.gate_clip, save, chosen)
     return output, h_n
 
 

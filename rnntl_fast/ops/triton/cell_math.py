@@ -65,58 +65,89 @@ def rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def lstm_cell_forward(a_i, a_f, a_g, a_o, c_prev, valid, cell_clip, CELL_CLIP: tl.constexpr):
-    """Gate pre-activations [BB, BH] -> activations, c_t before clip, carried c_t, m = o*tanh(c_t)."""
+def lstm_cell_forward(a_i, a_f, a_g, a_o, c_prev, keep_c, valid, cell_clip, CELL_CLIP: tl.constexpr,
+                      HAS_ZONEOUT_C: tl.constexpr):
+    """Gate pre-activations [BB, BH] -> activations, c_t before clip, the fresh c~_t (after the
+    clip; what h~_t reads), the carried c_t and m = o*tanh(c~_t). keep_c: the zoneout keep
+    weights e_t (HAS_ZONEOUT_C): carried c_t = e_t * c_{t-1} + (1 - e_t) * c~_t; without
+    zoneout the fresh and the carried cell are one."""
     i = sigmoid(a_i)
     f = sigmoid(a_f)
     g = tanh(a_g)
     o = sigmoid(a_o)
     c_raw = f * c_prev + i * g
     if CELL_CLIP:
-        c_new = clamp(c_raw, cell_clip)
+        c_fresh = clamp(c_raw, cell_clip)
     else:
-        c_new = c_raw
-    c_new = tl.where(valid, c_new, c_prev)
-    m = o * tanh(c_new)
-    return i, f, g, o, c_raw, c_new, m
+        c_fresh = c_raw
+    if HAS_ZONEOUT_C:
+        c_new = tl.where(valid, keep_c * c_prev + (1.0 - keep_c) * c_fresh, c_prev)
+    else:
+        c_fresh = tl.where(valid, c_fresh, c_prev)
+        c_new = c_fresh
+    m = o * tanh(c_fresh)
+    return i, f, g, o, c_raw, c_fresh, c_new, m
 
 
 @triton.jit
-def lstm_hidden_forward(h_raw, h_prev, valid, proj_clip, PROJ_CLIP: tl.constexpr):
-    """W_hr m (or m) -> carried h_t and the output (0 past a row's length)."""
+def lstm_hidden_forward(h_raw, h_prev, keep_h, valid, proj_clip, PROJ_CLIP: tl.constexpr,
+                        HAS_ZONEOUT_H: tl.constexpr):
+    """W_hr m (or m) -> carried h_t and the output (0 past a row's length). keep_h: the zoneout
+    keep weights d_t (HAS_ZONEOUT_H): h_t = d_t * h_{t-1} + (1 - d_t) * h~_t, h~_t after proj_clip."""
     if PROJ_CLIP:
         h_new = clamp(h_raw, proj_clip)
     else:
         h_new = h_raw
+    if HAS_ZONEOUT_H:
+        h_new = keep_h * h_prev + (1.0 - keep_h) * h_new
     h_new = tl.where(valid, h_new, h_prev)
     return h_new, tl.where(valid, h_new, 0.0)
 
 
 @triton.jit
-def lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_clip, PROJ_CLIP: tl.constexpr,
-                          STATE_CLIP: tl.constexpr):
+def lstm_hidden_backward(grad_carry, grad_out, h_raw, keep_h, valid, proj_clip, state_clip, PROJ_CLIP: tl.constexpr,
+                          STATE_CLIP: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr):
     """Total dL/dh_t (clipped in "state" mode) -> (gradient of W_hr m_t, the part passed
-    straight to h_{t-1} where the row is past its length)."""
+    straight to h_{t-1}: zoneout's d_t * dL/dh_t, all of dL/dh_t where the row is past its length)."""
     grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
     if STATE_CLIP:
         grad_h = clamp(grad_h, state_clip)
     grad_proj = tl.where(valid, grad_h, 0.0)
+    if HAS_ZONEOUT_H:
+        grad_proj = grad_proj * (1.0 - keep_h)
     if PROJ_CLIP:
         grad_proj = clamp_backward(grad_proj, h_raw, proj_clip)
-    return grad_proj, tl.where(valid, 0.0, grad_h)
+    if HAS_ZONEOUT_H:
+        grad_keep = tl.where(valid, grad_h * keep_h, grad_h)
+    else:
+        grad_keep = tl.where(valid, 0.0, grad_h)
+    return grad_proj, grad_keep
 
 
 @triton.jit
-def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip,
-                        CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr):
-    """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}."""
-    tanh_c = tanh(c_new)
-    grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
-    if STATE_CLIP:
-        grad_c = clamp(grad_c, state_clip)
-    grad_c_raw = tl.where(valid, grad_c, 0.0)
+def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, cell_clip, state_clip,
+                        gate_clip, CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
+                        HAS_ZONEOUT_C: tl.constexpr):
+    """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}. c_fresh: c~_t as
+    h~_t read it (the carried c_t without zoneout). Under zoneout h~_t reads c~_t, not the
+    carried c_t, so the state clip applies to the carried gradient alone."""
+    tanh_c = tanh(c_fresh)
+    if HAS_ZONEOUT_C:
+        grad_c = grad_c_carry
+        if STATE_CLIP:
+            grad_c = clamp(grad_c, state_clip)
+        grad_c_raw = tl.where(valid, (1.0 - keep_c) * grad_c + grad_m * o * (1.0 - tanh_c * tanh_c), 0.0)
+    else:
+        grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
+        if STATE_CLIP:
+            grad_c = clamp(grad_c, state_clip)
+        grad_c_raw = tl.where(valid, grad_c, 0.0)
     if CELL_CLIP:
         grad_c_raw = clamp_backward(grad_c_raw, c_raw, cell_clip)
+    if HAS_ZONEOUT_C:
+        # dL/dc_{t-1} before the gate math, so that keep_c and the carried gradient are not
+        # held through it (held, the bfloat16 step and sequence kernels spilled on sm_90)
+        grad_c_prev = tl.where(valid, grad_c_raw * f + keep_c * grad_c, grad_c)
     d_i = grad_c_raw * g * i * (1.0 - i)
     d_f = grad_c_raw * c_prev * f * (1.0 - f)
     d_g = grad_c_raw * i * (1.0 - g * g)
@@ -132,35 +163,41 @@ def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, v
     d_f = tl.where(valid, d_f, 0.0)
     d_g = tl.where(valid, d_g, 0.0)
     d_o = tl.where(valid, d_o, 0.0)
-    grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
+    if not HAS_ZONEOUT_C:
+        grad_c_prev = tl.where(valid, grad_c_raw * f, grad_c)
     return d_i, d_f, d_g, d_o, grad_c_prev
 
 
 # ---------------------------------------------------------------------------------------
-# GRU cell ("reset after", as torch.nn)
+# GRU cell ("reset after", as torch.nn), with zoneout of h
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, valid):
-    """Input-side and hidden-side gate sums [BB, BH] -> r, z, n, carried h_t, output."""
+def gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, keep, valid, HAS_ZONEOUT: tl.constexpr):
+    """Input-side and hidden-side gate sums [BB, BH] -> r, z, n, carried h_t, output. keep: the
+    zoneout keep weights d_t (HAS_ZONEOUT): h_t = d_t * h_{t-1} + (1 - d_t) * h~_t."""
     r = sigmoid(x_r + hh_r)
     z = sigmoid(x_z + hh_z)
     n = tanh(x_n + r * hh_n)
     h_new = (1.0 - z) * n + z * h_prev
+    if HAS_ZONEOUT:
+        h_new = keep * h_prev + (1.0 - keep) * h_new
     h_new = tl.where(valid, h_new, h_prev)
     return r, z, n, h_new, tl.where(valid, h_new, 0.0)
 
 
 @triton.jit
-def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_clip, gate_clip, STATE_CLIP: tl.constexpr,
-                       GATE_CLIP: tl.constexpr):
+def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, keep, valid, state_clip, gate_clip,
+                      STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, HAS_ZONEOUT: tl.constexpr):
     """dL/dh_t from step t+1 and from output_t -> gate gradients and the part of dL/dh_{t-1}
-    that does not go through W_hh."""
+    that does not go through W_hh (z * dL/dh~_t, plus zoneout's d_t * dL/dh_t)."""
     grad_h = grad_carry + tl.where(valid, grad_out, 0.0)
     if STATE_CLIP:
         grad_h = clamp(grad_h, state_clip)
     grad_step = tl.where(valid, grad_h, 0.0)
+    if HAS_ZONEOUT:
+        grad_step = grad_step * (1.0 - keep)
     d_n = grad_step * (1.0 - z) * (1.0 - n * n)
     if GATE_CLIP:
         d_n = clamp(d_n, gate_clip)
@@ -173,7 +210,10 @@ def gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid, state_
     d_r = tl.where(valid, d_r, 0.0)
     d_z = tl.where(valid, d_z, 0.0)
     d_n = tl.where(valid, d_n, 0.0)
-    grad_keep = tl.where(valid, grad_h * z, grad_h)
+    if HAS_ZONEOUT:
+        grad_keep = tl.where(valid, grad_h * keep + grad_step * z, grad_h)
+    else:
+        grad_keep = tl.where(valid, grad_h * z, grad_h)
     return d_r, d_z, d_n, tl.where(valid, d_n * r, 0.0), grad_keep
 
 

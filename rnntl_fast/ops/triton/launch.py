@@ -9,16 +9,17 @@ from torch import Tensor
 class LstmReserve(NamedTuple):
     """What the LSTM forward keeps for the backward, all float32 (empty where not kept):"""
     gates: Tensor            # [T, B, 4H] i, f, g, o after their nonlinearities
-    cells: Tensor            # [T, B, H] c_t as the recurrence carries it (clipped; kept past a row's length)
-    hidden_states: Tensor    # [T, B, P] h_t as the recurrence carries it
+    cells: Tensor            # [T, B, H] c_t as the recurrence carries it (clipped, zoned; kept past a row's length)
+    hidden_states: Tensor    # [T, B, P] h_t as the recurrence carries it (zoned)
     cell_pre_clip: Tensor    # [T, B, H] f*c_{t-1} + i*g before cell_clip (only with cell_clip)
     hidden_pre_clip: Tensor  # [T, B, P] h_t before proj_clip (only with proj_clip)
+    fresh_cells: Tensor      # [T, B, H] c~_t after cell_clip, before zoneout: what h~_t reads (only with zoneout_c)
 
 
 class GruReserve(NamedTuple):
     """What the GRU forward keeps for the backward, float32 (empty where not kept):"""
     gates: Tensor          # [T, B, 4H] r, z, n and W_hn h_{t-1} + b_hn (what the reset gate multiplies)
-    hidden_states: Tensor  # [T, B, H] h_t as the recurrence carries it (kept past a row's length)
+    hidden_states: Tensor  # [T, B, H] h_t as the recurrence carries it (zoned; kept past a row's length)
 
 
 class RnnReserve(NamedTuple):

@@ -32,14 +32,6 @@ def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor.contiguous() if tensor is not None else None
 
 
-def _refuse_zoneout(op: str, **keep_weights: Optional[Tensor]) -> None:
-    """The Triton kernels have no zoneout yet (rnntl_fast.ops refuses it before any op runs;
-    this guards direct calls of the registered ops)."""
-    for name, value in keep_weights.items():
-        if value is not None:
-            raise NotImplementedError(f"rnntl_fast::{op}: the Triton kernels do not run {name} yet")
-
-
 def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tensor:
     """An incoming gradient as a contiguous tensor; None (the loss does not use that result) as zeros."""
     if grad is None:
@@ -51,7 +43,7 @@ def _gradient_or_zeros(grad: Optional[Tensor], like_shape, like: Tensor) -> Tens
 # LSTM
 # ---------------------------------------------------------------------------------------
 
-LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+LstmForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("rnntl_fast::triton_lstm_forward", mutates_args=())
@@ -63,14 +55,14 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
                         strategy: str) -> LstmForwardResult:
     """LSTM layer-direction forward. Returns output [T, B, P], h_n [B, P], c_n [B, H] and the
     float32 reserve (launch.LstmReserve: gates, cells, hidden states, cell before clip,
-    hidden before clip), each empty where not kept.
+    hidden before clip, fresh cells), each empty where not kept.
 
     input: [T, B, I]; weight_ih: [4H, I]; weight_hh: [4H, P]; bias_ih, bias_hh: [4H] or None;
     weight_hr: [P, H] or None; h0: [B, P] or None; c0: [B, H] or None; lengths: [B] CPU int64
     or None; recurrent_mask: [B, P] in the input dtype or None (multiplies h_{t-1} in
-    W_hh h_{t-1} only); zoneout_h, zoneout_c: must be None (no zoneout kernel yet); limits:
-    floats, 0 = off; strategy: "sequence" or "step"."""
-    _refuse_zoneout("triton_lstm_forward", zoneout_h=zoneout_h, zoneout_c=zoneout_c)
+    W_hh h_{t-1} only); zoneout_h: [T, B, P], zoneout_c: [T, B, H] keep weights in the input
+    dtype, or None (docs/semantics.md section 10); limits: floats, 0 = off; strategy:
+    "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 4
     # Padded steps are zeroed first: what they hold must not reach the saved gates, whose
     # products the backward forms at every step.
@@ -80,8 +72,8 @@ def triton_lstm_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bia
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(4 * hidden)
     output, h_n, c_n, kept = _STRATEGIES[strategy].lstm_forward(
         input_gates, weight_hh.contiguous(), bias_hh, weight_hr.contiguous() if weight_hr is not None else None, h0,
-        c0, _device_lengths(lengths, input.device), _contiguous(recurrent_mask), reverse, cell_clip, proj_clip,
-        bool(save_for_backward))
+        c0, _device_lengths(lengths, input.device), _contiguous(recurrent_mask), _contiguous(zoneout_h),
+        _contiguous(zoneout_c), reverse, cell_clip, proj_clip, bool(save_for_backward))
     return (output, h_n, c_n, *kept)
 
 
@@ -97,7 +89,8 @@ def _(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
                        reserve(keep, steps, batch, hidden, device=device),
                        reserve(keep, steps, batch, out_size, device=device),
                        reserve(keep and switches["CELL_CLIP"], steps, batch, hidden, device=device),
-                       reserve(keep and switches["PROJ_CLIP"], steps, batch, out_size, device=device))
+                       reserve(keep and switches["PROJ_CLIP"], steps, batch, out_size, device=device),
+                       reserve(keep and zoneout_c is not None, steps, batch, hidden, device=device))
     return (input.new_empty(steps, batch, out_size), input.new_empty(batch, out_size), input.new_empty(batch, hidden),
             *kept)
 
@@ -107,9 +100,9 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
                          input: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor],
                          h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
                          recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
-                         zoneout_c: Optional[Tensor], gates: Tensor, cells: Tensor, hidden_states: Tensor, cell_pre_clip: Tensor, hidden_pre_clip: Tensor,
-                         reverse: bool, cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float,
-                         strategy: str,
+                         zoneout_c: Optional[Tensor], gates: Tensor, cells: Tensor, hidden_states: Tensor,
+                         cell_pre_clip: Tensor, hidden_pre_clip: Tensor, fresh_cells: Tensor, reverse: bool,
+                         cell_clip: float, proj_clip: float, state_clip: float, gate_clip: float, strategy: str,
                          output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """LSTM layer-direction backward from the forward's reserve. Returns the gradients of
     (input, weight_ih, weight_hh, bias (= bias_ih = bias_hh), weight_hr, h0, c0); output_mask
@@ -117,18 +110,17 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
     grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], each None where the loss does
     not use that result; the other arguments as the forward's, the reserve as it returned it."""
-    _refuse_zoneout("triton_lstm_backward", zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     dtype = input.dtype
-    kept = LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip)
+    kept = LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells)
     grad_gates, grad_proj, grad_h0, grad_c0 = _STRATEGIES[strategy].lstm_backward(
         _gradient_or_zeros(grad_output, (steps, batch, out_size), input),
         _gradient_or_zeros(grad_h_n, (batch, out_size), input), _gradient_or_zeros(grad_c_n, (batch, hidden), input),
         weight_hh.contiguous(), weight_hr.contiguous() if weight_hr is not None else None, c0,
-        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), kept, reverse, cell_clip, proj_clip,
-        state_clip, gate_clip)
+        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), _contiguous(zoneout_h),
+        _contiguous(zoneout_c), kept, reverse, cell_clip, proj_clip, state_clip, gate_clip)
 
     need_input, need_weight_ih, need_weight_hh, need_bias, need_weight_hr, need_h0, need_c0 = output_mask
     flat_grad_gates = grad_gates.reshape(steps * batch, 4 * hidden)
@@ -146,7 +138,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
         grad_weight_hh = input.new_empty(0)
     grad_bias = flat_grad_gates.sum(0).to(dtype) if need_bias else input.new_empty(0)
     if need_weight_hr and weight_hr is not None:
-        m = gates[..., 3 * hidden:] * torch.tanh(cells)
+        # m = o * tanh(c~_t): the fresh cell under zoneout of c, else the carried one
+        m = gates[..., 3 * hidden:] * torch.tanh(fresh_cells if zoneout_c is not None else cells)
         grad_weight_hr = (grad_proj.reshape(steps * batch, out_size).t() @ m.reshape(steps * batch, hidden)).to(dtype)
     else:
         grad_weight_hr = input.new_empty(0)
@@ -156,8 +149,8 @@ def triton_lstm_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tenso
 
 @triton_lstm_backward.register_fake
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, h0, c0, lengths, recurrent_mask,
-      zoneout_h, zoneout_c, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, reverse, cell_clip, proj_clip, state_clip, gate_clip,
-      strategy, output_mask):
+      zoneout_h, zoneout_c, gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells, reverse,
+      cell_clip, proj_clip, state_clip, gate_clip, strategy, output_mask):
     return lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask)
 
 
@@ -178,16 +171,16 @@ def triton_gru_forward(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
 
     input: [T, B, I]; weight_ih: [3H, I]; weight_hh: [3H, H]; bias_ih, bias_hh: [3H] or None;
     h0: [B, H] or None; lengths: [B] CPU int64 or None; recurrent_mask: [B, H] in the input
-    dtype or None (as for LSTM); zoneout: must be None (no zoneout kernel yet); strategy:
-    "sequence" or "step"."""
-    _refuse_zoneout("triton_gru_forward", zoneout=zoneout)
+    dtype or None (as for LSTM); zoneout: [T, B, H] keep weights in the input dtype, or None
+    (docs/semantics.md section 10); strategy: "sequence" or "step"."""
     hidden = weight_ih.shape[0] // 3
     input_gates = F.linear(without_padded_steps(input, lengths), weight_ih, bias_ih).contiguous()  # as for LSTM
     # Always a bias pointer, zeros when absent, as for LSTM: one kernel variant fewer.
     bias_hh = bias_hh.contiguous() if bias_hh is not None else input.new_zeros(3 * hidden)
     output, h_n, kept = _STRATEGIES[strategy].gru_forward(input_gates, weight_hh.contiguous(), bias_hh, h0,
                                                         _device_lengths(lengths, input.device),
-                                                        _contiguous(recurrent_mask), reverse, bool(save_for_backward))
+                                                        _contiguous(recurrent_mask), _contiguous(zoneout), reverse,
+                                                        bool(save_for_backward))
     return (output, h_n, *kept)
 
 
@@ -214,15 +207,14 @@ def triton_gru_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor
 
     grad_output: [T, B, H], grad_h_n: [B, H], each None where the loss does not use that
     result; the other arguments as the forward's, the reserve as it returned it."""
-    _refuse_zoneout("triton_gru_backward", zoneout=zoneout)
     steps, batch, features = input.shape
     hidden = weight_ih.shape[0] // 3
     dtype = input.dtype
     grad_input_gates, grad_hidden_gates, grad_h0 = _STRATEGIES[strategy].gru_backward(
         _gradient_or_zeros(grad_output, (steps, batch, hidden), input),
         _gradient_or_zeros(grad_h_n, (batch, hidden), input), weight_hh.contiguous(), h0,
-        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), GruReserve(gates, hidden_states), reverse,
-        state_clip, gate_clip)
+        _device_lengths(lengths, input.device), _contiguous(recurrent_mask), _contiguous(zoneout),
+        GruReserve(gates, hidden_states), reverse, state_clip, gate_clip)
 
     need_input, need_weight_ih, need_weight_hh, need_bias_ih, need_bias_hh, need_h0 = output_mask
     flat_input_gates = grad_input_gates.reshape(steps * batch, 3 * hidden)

@@ -32,13 +32,17 @@ def lstm_forward_sequence_kernel(
         c0_ptr,  # [B, H] (HAS_C0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, P] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_h_ptr,  # [T, B, P] input dtype: keep weights d_t of h (HAS_ZONEOUT_H)
+        zoneout_c_ptr,  # [T, B, H] input dtype: keep weights e_t of c (HAS_ZONEOUT_C)
         output_ptr,  # [T, B, P] input dtype
         h_n_ptr,  # [B, P] input dtype
         c_n_ptr,  # [B, H] input dtype
-        gates_ptr, cells_ptr, hidden_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # reserve (SAVE), see module doc
+        gates_ptr, cells_ptr, hidden_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # reserve (SAVE), launch.LstmReserve
+        fresh_cells_ptr,  # reserve (SAVE and HAS_ZONEOUT_C)
         steps, batch, hidden, out_size, cell_clip, proj_clip,
         HAS_PROJ: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
+        HAS_ZONEOUT_C: tl.constexpr, REVERSE: tl.constexpr,
         CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -100,12 +104,21 @@ def lstm_forward_sequence_kernel(
         a_g += b_g
         a_o += b_o
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
-        i, f, g, o, c_raw, c_new, m = lstm_cell_forward(a_i, a_f, a_g, a_o, c, valid, cell_clip, CELL_CLIP)
+        if HAS_ZONEOUT_C:
+            keep_c = tl.load(zoneout_c_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        else:
+            keep_c = c  # unused
+        i, f, g, o, c_raw, c_fresh, c_new, m = lstm_cell_forward(a_i, a_f, a_g, a_o, c, keep_c, valid, cell_clip,
+                                                                 CELL_CLIP, HAS_ZONEOUT_C)
         if HAS_PROJ:
             h_raw = tl.dot(m.to(DOT_DTYPE), w_hr, input_precision="ieee")
         else:
             h_raw = m
-        h_new, out = lstm_hidden_forward(h_raw, h, valid, proj_clip, PROJ_CLIP)
+        if HAS_ZONEOUT_H:
+            keep_h = tl.load(zoneout_h_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        else:
+            keep_h = h  # unused
+        h_new, out = lstm_hidden_forward(h_raw, h, keep_h, valid, proj_clip, PROJ_CLIP, HAS_ZONEOUT_H)
         tl.store(output_ptr + t * batch * out_size + offs_p, out.to(output_ptr.dtype.element_ty), mask=mask_p)
         if SAVE:
             g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
@@ -119,6 +132,8 @@ def lstm_forward_sequence_kernel(
                 tl.store(cell_pre_clip_ptr + t * batch * hidden + offs_h, c_raw, mask=mask_h)
             if PROJ_CLIP:
                 tl.store(hidden_pre_clip_ptr + t * batch * out_size + offs_p, h_raw, mask=mask_p)
+            if HAS_ZONEOUT_C:
+                tl.store(fresh_cells_ptr + t * batch * hidden + offs_h, c_fresh, mask=mask_h)
         h = h_new
         c = c_new
     tl.store(h_n_ptr + offs_p, h.to(h_n_ptr.dtype.element_ty), mask=mask_p)
@@ -135,13 +150,17 @@ def lstm_backward_sequence_kernel(
         c0_ptr,  # [B, H] (HAS_C0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, P] input dtype (HAS_RECURRENT_MASK)
+        zoneout_h_ptr,  # [T, B, P] input dtype (HAS_ZONEOUT_H)
+        zoneout_c_ptr,  # [T, B, H] input dtype (HAS_ZONEOUT_C)
         gates_ptr, cells_ptr, cell_pre_clip_ptr, hidden_pre_clip_ptr,  # forward reserve, float32
+        fresh_cells_ptr,  # forward reserve, float32 (HAS_ZONEOUT_C)
         grad_gates_ptr,  # out [T, B, 4H] float32: dL/da_t
         grad_proj_ptr,  # out [T, B, P] float32: dL/d(W_hr m_t) (HAS_PROJ)
         grad_h0_ptr,  # out [B, P] float32
         grad_c0_ptr,  # out [B, H] float32
         steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
         HAS_PROJ: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        HAS_ZONEOUT_H: tl.constexpr, HAS_ZONEOUT_C: tl.constexpr,
         REVERSE: tl.constexpr, CELL_CLIP: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr,
         GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_P: tl.constexpr):
@@ -187,8 +206,12 @@ def lstm_backward_sequence_kernel(
             h_raw = tl.load(hidden_pre_clip_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0)
         else:
             h_raw = grad_out  # unused
-        grad_proj, grad_h_keep = lstm_hidden_backward(grad_h_carry, grad_out, h_raw, valid, proj_clip, state_clip,
-                                                       PROJ_CLIP, STATE_CLIP)
+        if HAS_ZONEOUT_H:
+            keep_h = tl.load(zoneout_h_ptr + t * batch * out_size + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        else:
+            keep_h = grad_out  # unused
+        grad_proj, grad_h_keep = lstm_hidden_backward(grad_h_carry, grad_out, h_raw, keep_h, valid, proj_clip,
+                                                       state_clip, PROJ_CLIP, STATE_CLIP, HAS_ZONEOUT_H)
         if HAS_PROJ:
             tl.store(grad_proj_ptr + t * batch * out_size + offs_p, grad_proj, mask=mask_p)
             grad_m = tl.dot(grad_proj.to(DOT_DTYPE), w_hr, input_precision="ieee")
@@ -200,17 +223,22 @@ def lstm_backward_sequence_kernel(
         f = tl.load(g_ptrs + hidden, mask=mask_h, other=0.0)
         g = tl.load(g_ptrs + 2 * hidden, mask=mask_h, other=0.0)
         o = tl.load(g_ptrs + 3 * hidden, mask=mask_h, other=0.0)
-        c_new = tl.load(cells_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
+        if HAS_ZONEOUT_C:  # h~_t read the fresh cell; the carried one only enters through c_prev
+            c_fresh = tl.load(fresh_cells_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
+            keep_c = tl.load(zoneout_c_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        else:
+            c_fresh = tl.load(cells_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
+            keep_c = c_fresh  # unused
         c_prev = tl.load(cells_ptr + t_prev * batch * hidden + offs_h, mask=mask_h & has_prev, other=0.0)
         if HAS_C0:
             c_prev += tl.load(c0_ptr + offs_h, mask=mask_h & is_first, other=0.0).to(tl.float32)
         if CELL_CLIP:
             c_raw = tl.load(cell_pre_clip_ptr + t * batch * hidden + offs_h, mask=mask_h, other=0.0)
         else:
-            c_raw = c_new  # unused
+            c_raw = c_fresh  # unused
         d_i, d_f, d_g, d_o, grad_c_carry = lstm_cell_backward(
-            grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw, valid, cell_clip, state_clip, gate_clip, CELL_CLIP,
-            STATE_CLIP, GATE_CLIP)
+            grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, cell_clip, state_clip, gate_clip,
+            CELL_CLIP, STATE_CLIP, GATE_CLIP, HAS_ZONEOUT_C)
         d_ptrs = grad_gates_ptr + t * batch * 4 * hidden + offs_4h
         tl.store(d_ptrs, d_i, mask=mask_h)
         tl.store(d_ptrs + hidden, d_f, mask=mask_h)
@@ -240,12 +268,14 @@ def gru_forward_sequence_kernel(
         h0_ptr,  # [B, H] (HAS_H0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [T, B, H] input dtype: keep weights d_t (HAS_ZONEOUT)
         output_ptr,  # [T, B, H] input dtype
         h_n_ptr,  # [B, H] input dtype
-        gates_ptr, hidden_ptr,  # reserve (SAVE), see module doc
+        gates_ptr, hidden_ptr,  # reserve (SAVE), launch.GruReserve
         steps, batch, hidden,
-        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
-        SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr,
+        REVERSE: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
@@ -288,8 +318,12 @@ def gru_forward_sequence_kernel(
         x_r = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         x_z = tl.load(x_ptrs + hidden, mask=mask, other=0.0).to(tl.float32)
         x_n = tl.load(x_ptrs + 2 * hidden, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZONEOUT:
+            keep = tl.load(zoneout_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep = h  # unused
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
-        r, z, n, h_new, out = gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h, valid)
+        r, z, n, h_new, out = gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h, keep, valid, HAS_ZONEOUT)
         tl.store(output_ptr + t * batch * hidden + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
         if SAVE:
             g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
@@ -310,14 +344,15 @@ def gru_backward_sequence_kernel(
         h0_ptr,  # [B, H] (HAS_H0)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [T, B, H] input dtype (HAS_ZONEOUT)
         gates_ptr, hidden_ptr,  # forward reserve, float32
         grad_input_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, dL/da_n
         grad_hidden_gates_ptr,  # out [T, B, 3H] float32: dL/da_r, dL/da_z, r * dL/da_n
         grad_h0_ptr,  # out [B, H] float32
         steps, batch, hidden, state_clip, gate_clip,
-        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, REVERSE: tl.constexpr,
-        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_H: tl.constexpr):
+        HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr,
+        REVERSE: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
@@ -354,9 +389,14 @@ def gru_backward_sequence_kernel(
         n = tl.load(g_ptrs + 2 * hidden, mask=mask, other=0.0)
         hh_n = tl.load(g_ptrs + 3 * hidden, mask=mask, other=0.0)
         grad_out = tl.load(grad_output_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZONEOUT:
+            keep = tl.load(zoneout_ptr + t * batch * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep = grad_out  # unused
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
-        d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid,
-                                                              state_clip, gate_clip, STATE_CLIP, GATE_CLIP)
+        d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, keep, valid,
+                                                              state_clip, gate_clip, STATE_CLIP, GATE_CLIP,
+                                                              HAS_ZONEOUT)
         x_ptrs = grad_input_gates_ptr + t * batch * 3 * hidden + offs_3h
         tl.store(x_ptrs, d_r, mask=mask)
         tl.store(x_ptrs + hidden, d_z, mask=mask)
@@ -496,7 +536,8 @@ def _grid(batch: int) -> Tuple[int]:
 
 def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
                  h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
-                 recurrent_mask: Optional[Tensor], reverse: bool, cell_clip: float, proj_clip: float,
+                 recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
+                 reverse: bool, cell_clip: float, proj_clip: float,
                  save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
     """LSTM forward in one launch.
 
@@ -506,6 +547,7 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
         weight_hr: [P, H] contiguous, or None (then P = H)
         h0: [B, P] or None; c0: [B, H] or None; lengths: [B] int64 on the device, or None
         recurrent_mask: [B, P] contiguous, in the input dtype, or None
+        zoneout_h: [T, B, P], zoneout_c: [T, B, H] keep weights, contiguous, in the input dtype, or None
         cell_clip, proj_clip: limits, 0 = off; save: keep the reserve for the backward
     Returns:
         output [T, B, P], h_n [B, P], c_n [B, H] in the input dtype, and the reserve.
@@ -519,7 +561,8 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
                        cells=reserve(save, steps, batch, hidden, device=device),
                        hidden_states=reserve(save, steps, batch, out_size, device=device),
                        cell_pre_clip=reserve(save and switches["CELL_CLIP"], steps, batch, hidden, device=device),
-                       hidden_pre_clip=reserve(save and switches["PROJ_CLIP"], steps, batch, out_size, device=device))
+                       hidden_pre_clip=reserve(save and switches["PROJ_CLIP"], steps, batch, out_size, device=device),
+                       fresh_cells=reserve(save and zoneout_c is not None, steps, batch, hidden, device=device))
     output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
     h_n = torch.empty(batch, out_size, device=device, dtype=dtype)
     c_n = torch.empty(batch, hidden, device=device, dtype=dtype)
@@ -527,11 +570,13 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     lstm_forward_sequence_kernel[_grid(batch)](
         input_gates, weight_hh, bias_hh, or_placeholder(weight_hr, unused),
         or_placeholder(h0, unused).contiguous(), or_placeholder(c0, unused).contiguous(),
-        or_placeholder(lengths, unused), or_placeholder(recurrent_mask, unused), output, h_n, c_n,
+        or_placeholder(lengths, unused), or_placeholder(recurrent_mask, unused), or_placeholder(zoneout_h, unused),
+        or_placeholder(zoneout_c, unused), output, h_n, c_n,
         *(tensor if tensor.numel() else unused for tensor in kept),
         steps, batch, hidden, out_size, cell_clip, proj_clip,
         HAS_PROJ=weight_hr is not None, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
-        HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None, REVERSE=bool(reverse),
+        HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+        HAS_ZONEOUT_H=zoneout_h is not None, HAS_ZONEOUT_C=zoneout_c is not None, REVERSE=bool(reverse),
         **switches, SAVE=save,
         DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
         BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
@@ -540,8 +585,8 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
                   weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
-                  recurrent_mask: Optional[Tensor], kept: LstmReserve, reverse: bool, cell_clip: float,
-                  proj_clip: float, state_clip: float,
+                  recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
+                  kept: LstmReserve, reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
                   gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LSTM backward recurrence in one launch, from the forward's reserve.
 
@@ -549,7 +594,8 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
         grad_output: [T, B, P], grad_h_n: [B, P], grad_c_n: [B, H], contiguous, in the input dtype
         weight_hh: [4H, P] contiguous; weight_hr: [P, H] contiguous or None
         c0: [B, H] or None; lengths: [B] int64 on the device, or None
-        recurrent_mask: [B, P] contiguous, in the input dtype, or None (as the forward's)
+        recurrent_mask: [B, P], zoneout_h: [T, B, P], zoneout_c: [T, B, H], contiguous, in the input
+            dtype, or None (as the forward's)
         kept: the forward's reserve; limits: as the forward, state_clip and gate_clip 0 = off
     Returns:
         dL/da [T, B, 4H] (gate pre-activations), dL/d(W_hr m) [T, B, P] (None without a
@@ -568,20 +614,23 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
     lstm_backward_sequence_kernel[_grid(batch)](
         grad_output, grad_h_n, grad_c_n, weight_hh, or_placeholder(weight_hr, unused),
         or_placeholder(c0, unused).contiguous(), or_placeholder(lengths, unused),
-        or_placeholder(recurrent_mask, unused), kept.gates, kept.cells,
+        or_placeholder(recurrent_mask, unused), or_placeholder(zoneout_h, unused), or_placeholder(zoneout_c, unused),
+        kept.gates, kept.cells,
         or_placeholder(kept.cell_pre_clip if switches["CELL_CLIP"] else None, unused),
         or_placeholder(kept.hidden_pre_clip if switches["PROJ_CLIP"] else None, unused),
+        or_placeholder(kept.fresh_cells if zoneout_c is not None else None, unused),
         grad_gates, or_placeholder(grad_proj, unused), grad_h0, grad_c0,
         steps, batch, hidden, out_size, cell_clip, proj_clip, state_clip, gate_clip,
         HAS_PROJ=weight_hr is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-        HAS_RECURRENT_MASK=recurrent_mask is not None, REVERSE=bool(reverse), **switches,
+        HAS_RECURRENT_MASK=recurrent_mask is not None, HAS_ZONEOUT_H=zoneout_h is not None,
+        HAS_ZONEOUT_C=zoneout_c is not None, REVERSE=bool(reverse), **switches,
         DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B,
         BLOCK_H=config.padded(hidden), BLOCK_P=config.padded(out_size), num_warps=config.sequence_num_warps())
     return grad_gates, grad_proj, grad_h0, grad_c0
 
 
 def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
-                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], reverse: bool,
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], reverse: bool,
                 save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
     """GRU forward in one launch.
 
@@ -589,7 +638,8 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
         input_gates: [T, B, 3H] W_ih x_t + b_ih, contiguous, in the input dtype
         weight_hh: [3H, H] contiguous; bias_hh: [3H] (zeros for a layer without bias)
         h0: [B, H] or None; lengths: [B] int64 on the device, or None
-        recurrent_mask: [B, H] contiguous, in the input dtype, or None; save: keep the reserve
+        recurrent_mask: [B, H] contiguous, in the input dtype, or None
+        zoneout: [T, B, H] keep weights, contiguous, in the input dtype, or None; save: keep the reserve
     Returns:
         output [T, B, H], h_n [B, H] in the input dtype, and the reserve.
     """
@@ -603,24 +653,25 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
     unused = input_gates  # fills the pointer slots of absent tensors (never read)
     gru_forward_sequence_kernel[_grid(batch)](
         input_gates, weight_hh, bias_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
-        or_placeholder(recurrent_mask, unused), output, h_n, *(tensor if tensor.numel() else unused for tensor in kept),
-        steps, batch, hidden,
+        or_placeholder(recurrent_mask, unused), or_placeholder(zoneout, unused), output, h_n,
+        *(tensor if tensor.numel() else unused for tensor in kept), steps, batch, hidden,
         HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
-        REVERSE=bool(reverse), SAVE=save,
+        HAS_ZONEOUT=zoneout is not None, REVERSE=bool(reverse), SAVE=save,
         DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden),
         num_warps=config.sequence_num_warps())
     return output, h_n, kept
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
-                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], kept: GruReserve, reverse: bool,
-                 state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor],
+                 kept: GruReserve, reverse: bool, state_clip: float,
+                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
     """GRU backward recurrence in one launch, from the forward's reserve.
 
     Args:
         grad_output: [T, B, H], grad_h_n: [B, H], contiguous, in the input dtype
         weight_hh: [3H, H] contiguous; h0: [B, H] or None; lengths: [B] int64 on the device, or None
-        recurrent_mask: [B, H] contiguous, in the input dtype, or None (as the forward's)
+        recurrent_mask: [B, H], zoneout: [T, B, H], contiguous, in the input dtype, or None (as the forward's)
         kept: the forward's reserve; state_clip, gate_clip: limits, 0 = off
     Returns:
         the input-side gate gradients [T, B, 3H] (dL/da_r, dL/da_z, dL/da_n), the hidden-side
@@ -634,10 +685,10 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
     unused = kept.gates  # fills the pointer slots of absent tensors (never read)
     gru_backward_sequence_kernel[_grid(batch)](
         grad_output, grad_h_n, weight_hh, or_placeholder(h0, unused).contiguous(), or_placeholder(lengths, unused),
-        or_placeholder(recurrent_mask, unused), kept.gates, kept.hidden_states, grad_input_gates, grad_hidden_gates,
-        grad_h0, steps, batch, hidden, state_clip, gate_clip,
+        or_placeholder(recurrent_mask, unused), or_placeholder(zoneout, unused), kept.gates, kept.hidden_states,
+        grad_input_gates, grad_hidden_gates, grad_h0, steps, batch, hidden, state_clip, gate_clip,
         HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
-        REVERSE=bool(reverse),
+        HAS_ZONEOUT=zoneout is not None, REVERSE=bool(reverse),
         **clip_switches(state_clip=state_clip, gate_clip=gate_clip), DOT_DTYPE=config.dot_dtype(grad_output.dtype),
         BLOCK_B=config.BLOCK_B, BLOCK_H=config.padded(hidden), num_warps=config.sequence_num_warps())
     return grad_input_gates, grad_hidden_gates, grad_h0

@@ -57,15 +57,19 @@ def lstm_forward_step_kernel(
         bias_hh_ptr,  # [4H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, P] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_h_ptr,  # [B, P] this step's keep weights of h, input dtype (HAS_ZONEOUT_H, not HAS_PROJ)
+        zoneout_c_ptr,  # [B, H] this step's keep weights of c, input dtype (HAS_ZONEOUT_C)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         cells_ptr,  # out [B, H] float32: carried c_t
         cell_pre_clip_ptr,  # out [B, H] float32 (SAVE and CELL_CLIP)
-        m_ptr,  # out [B, H] float32: o * tanh(c_t) (HAS_PROJ; the projection kernel finishes h_t)
+        fresh_cells_ptr,  # out [B, H] float32: c~_t before zoneout (SAVE and HAS_ZONEOUT_C)
+        m_ptr,  # out [B, H] float32: o * tanh(c~_t) (HAS_PROJ; the projection kernel finishes h_t)
         hidden_ptr,  # out [B, P] float32: carried h_t (not HAS_PROJ)
         output_ptr,  # out [B, P] input dtype (not HAS_PROJ)
         hidden_pre_clip_ptr,  # out [B, P] float32 (not HAS_PROJ, SAVE and PROJ_CLIP)
         step, batch, hidden, out_size, cell_clip, proj_clip,
-        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, CELL_CLIP: tl.constexpr,
+        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        HAS_ZONEOUT_H: tl.constexpr, HAS_ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr,
         PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -100,8 +104,13 @@ def lstm_forward_step_kernel(
     acc_o += tl.load(bias_hh_ptr + 3 * hidden + cols, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     offs_h = rows[:, None] * hidden + cols[None, :]
     c_prev = tl.load(c_prev_ptr + offs_h, mask=mask, other=0.0)
+    if HAS_ZONEOUT_C:
+        keep_c = tl.load(zoneout_c_ptr + offs_h, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep_c = c_prev  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    i, f, g, o, c_raw, c_new, m = lstm_cell_forward(acc_i, acc_f, acc_g, acc_o, c_prev, valid, cell_clip, CELL_CLIP)
+    i, f, g, o, c_raw, c_fresh, c_new, m = lstm_cell_forward(acc_i, acc_f, acc_g, acc_o, c_prev, keep_c, valid,
+                                                             cell_clip, CELL_CLIP, HAS_ZONEOUT_C)
     tl.store(cells_ptr + offs_h, c_new, mask=mask)
     if SAVE:
         tl.store(gates_ptr + offs_4h, i, mask=mask)
@@ -110,12 +119,18 @@ def lstm_forward_step_kernel(
         tl.store(gates_ptr + 3 * hidden + offs_4h, o, mask=mask)
         if CELL_CLIP:
             tl.store(cell_pre_clip_ptr + offs_h, c_raw, mask=mask)
+        if HAS_ZONEOUT_C:
+            tl.store(fresh_cells_ptr + offs_h, c_fresh, mask=mask)
     if HAS_PROJ:
         tl.store(m_ptr + offs_h, m, mask=mask)
     else:
-        # P == H: this tile of m is this tile of h_t
+        # P == H: this tile of m is this tile of h~_t
         h_prev = tl.load(h_prev_ptr + offs_h, mask=mask, other=0.0)
-        h_new, out = lstm_hidden_forward(m, h_prev, valid, proj_clip, PROJ_CLIP)
+        if HAS_ZONEOUT_H:
+            keep_h = tl.load(zoneout_h_ptr + offs_h, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep_h = h_prev  # unused
+        h_new, out = lstm_hidden_forward(m, h_prev, keep_h, valid, proj_clip, PROJ_CLIP, HAS_ZONEOUT_H)
         tl.store(hidden_ptr + offs_h, h_new, mask=mask)
         tl.store(output_ptr + offs_h, out.to(output_ptr.dtype.element_ty), mask=mask)
         if SAVE and PROJ_CLIP:
@@ -129,12 +144,13 @@ def lstm_projection_step_kernel(
         weight_hr_ptr,  # [P, H]
         h_prev_ptr,  # [B, P] float32
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        zoneout_h_ptr,  # [B, P] this step's keep weights of h, input dtype (HAS_ZONEOUT_H)
         hidden_ptr,  # out [B, P] float32: carried h_t
         output_ptr,  # out [B, P] input dtype
         hidden_pre_clip_ptr,  # out [B, P] float32 (SAVE and PROJ_CLIP)
         step, batch, hidden, out_size, proj_clip,
-        HAS_LENGTHS: tl.constexpr, PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_LENGTHS: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr, PROJ_CLIP: tl.constexpr, SAVE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < out_size)[None, :]
@@ -148,8 +164,12 @@ def lstm_projection_step_kernel(
         acc += tl.dot(m_chunk, w_chunk, input_precision="ieee")
     offs = rows[:, None] * out_size + cols[None, :]
     h_prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0)
+    if HAS_ZONEOUT_H:
+        keep_h = tl.load(zoneout_h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep_h = h_prev  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    h_new, out = lstm_hidden_forward(acc, h_prev, valid, proj_clip, PROJ_CLIP)
+    h_new, out = lstm_hidden_forward(acc, h_prev, keep_h, valid, proj_clip, PROJ_CLIP, HAS_ZONEOUT_H)
     tl.store(hidden_ptr + offs, h_new, mask=mask)
     tl.store(output_ptr + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
     if SAVE and PROJ_CLIP:
@@ -167,12 +187,13 @@ def lstm_backward_hidden_step_kernel(
         hidden_pre_clip_ptr,  # [B, P] float32 (PROJ_CLIP)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, P] input dtype (HAS_RECURRENT_MASK)
+        zoneout_h_ptr,  # [B, P] this step's keep weights of h, input dtype (HAS_ZONEOUT_H)
         grad_proj_ptr,  # out [B, P] float32: dL/d(W_hr m_t), or dL/dm_t without projection
         grad_keep_out_ptr,  # out [B, P] float32: the part of dL/dh_t passed straight to h_{t-1}
         step, batch, hidden, out_size, proj_clip, state_clip,
-        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, PROJ_CLIP: tl.constexpr,
-        STATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
+        HAS_ZONEOUT_H: tl.constexpr, PROJ_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/dh_t = keep_{t+1} + (da_{t+1} @ W_hh) [* recurrent mask] + dL/d output_t, clipped in
     "state" mode."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -200,9 +221,13 @@ def lstm_backward_hidden_step_kernel(
         h_raw = tl.load(hidden_pre_clip_ptr + offs, mask=mask, other=0.0)
     else:
         h_raw = grad_out  # unused
+    if HAS_ZONEOUT_H:
+        keep_h = tl.load(zoneout_h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep_h = grad_out  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    grad_proj, grad_keep = lstm_hidden_backward(grad_carry, grad_out, h_raw, valid, proj_clip, state_clip, PROJ_CLIP,
-                                                 STATE_CLIP)
+    grad_proj, grad_keep = lstm_hidden_backward(grad_carry, grad_out, h_raw, keep_h, valid, proj_clip, state_clip,
+                                                 PROJ_CLIP, STATE_CLIP, HAS_ZONEOUT_H)
     tl.store(grad_proj_ptr + offs, grad_proj, mask=mask)
     tl.store(grad_keep_out_ptr + offs, grad_keep, mask=mask)
 
@@ -214,14 +239,16 @@ def lstm_backward_cell_step_kernel(
         weight_hr_ptr,  # [P, H] (HAS_PROJ)
         grad_c_carry_ptr,  # [B, H] float32: dL/dc_t from step t+1
         gates_ptr,  # [B, 4H] float32 saved activations of step t
-        cells_ptr,  # [B, H] float32 c_t
+        cells_ptr,  # [B, H] float32 c~_t as h~_t read it: the fresh cells with zoneout of c, else the carried c_t
         c_prev_ptr,  # [B, H] float32 c_{t-1} (HAS_C_PREV)
         cell_pre_clip_ptr,  # [B, H] float32 (CELL_CLIP)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
+        zoneout_c_ptr,  # [B, H] this step's keep weights of c, input dtype (HAS_ZONEOUT_C)
         grad_gates_ptr,  # out [B, 4H] float32: dL/da_t
         grad_c_carry_out_ptr,  # out [B, H] float32: dL/dc_{t-1}
         step, batch, hidden, out_size, cell_clip, state_clip, gate_clip,
-        HAS_PROJ: tl.constexpr, HAS_C_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, CELL_CLIP: tl.constexpr,
+        HAS_PROJ: tl.constexpr, HAS_C_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_ZONEOUT_C: tl.constexpr,
+        CELL_CLIP: tl.constexpr,
         STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -254,10 +281,14 @@ def lstm_backward_cell_step_kernel(
     else:
         c_raw = c_new  # unused
     grad_c_carry = tl.load(grad_c_carry_ptr + offs_h, mask=mask, other=0.0)
+    if HAS_ZONEOUT_C:
+        keep_c = tl.load(zoneout_c_ptr + offs_h, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep_c = c_new  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
     d_i, d_f, d_g, d_o, grad_c_prev = lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw,
-                                                          valid, cell_clip, state_clip, gate_clip, CELL_CLIP, STATE_CLIP,
-                                                          GATE_CLIP)
+                                                          keep_c, valid, cell_clip, state_clip, gate_clip, CELL_CLIP,
+                                                          STATE_CLIP, GATE_CLIP, HAS_ZONEOUT_C)
     tl.store(grad_gates_ptr + offs_4h, d_i, mask=mask)
     tl.store(grad_gates_ptr + hidden + offs_4h, d_f, mask=mask)
     tl.store(grad_gates_ptr + 2 * hidden + offs_4h, d_g, mask=mask)
@@ -275,12 +306,13 @@ def gru_forward_step_kernel(
         bias_hh_ptr,  # [3H] (zeros when the layer has no bias)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, H] input dtype: multiplier of h_{t-1} in W_hh h_{t-1} (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [B, H] this step's keep weights, input dtype (HAS_ZONEOUT)
         gates_ptr,  # out [B, 4H] float32 (SAVE)
         hidden_ptr,  # out [B, H] float32: carried h_t
         output_ptr,  # out [B, H] input dtype
         step, batch, hidden,
-        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr, HAS_ZONEOUT: tl.constexpr, SAVE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
@@ -307,8 +339,12 @@ def gru_forward_step_kernel(
     x_z = tl.load(input_gates_ptr + hidden + offs_3h, mask=mask, other=0.0).to(tl.float32)
     x_n = tl.load(input_gates_ptr + 2 * hidden + offs_3h, mask=mask, other=0.0).to(tl.float32)
     h_prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0)
+    if HAS_ZONEOUT:
+        keep = tl.load(zoneout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep = h_prev  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    r, z, n, h_new, out = gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, valid)
+    r, z, n, h_new, out = gru_cell_forward(x_r, x_z, x_n, hh_r, hh_z, hh_n, h_prev, keep, valid, HAS_ZONEOUT)
     tl.store(hidden_ptr + offs, h_new, mask=mask)
     tl.store(output_ptr + offs, out.to(output_ptr.dtype.element_ty), mask=mask)
     if SAVE:
@@ -330,13 +366,14 @@ def gru_backward_step_kernel(
         h_prev_ptr,  # [B, H] float32 h_{t-1} (HAS_H_PREV)
         lengths_ptr,  # [B] int64 (HAS_LENGTHS)
         recurrent_mask_ptr,  # [B, H] input dtype (HAS_RECURRENT_MASK)
+        zoneout_ptr,  # [B, H] this step's keep weights, input dtype (HAS_ZONEOUT)
         grad_input_gates_ptr,  # out [B, 3H] float32
         grad_hidden_gates_ptr,  # out [B, 3H] float32
         grad_keep_out_ptr,  # out [B, H] float32
         step, batch, hidden, state_clip, gate_clip,
         FIRST: tl.constexpr, HAS_H_PREV: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RECURRENT_MASK: tl.constexpr,
-        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_ZONEOUT: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < batch)[:, None] & (cols < hidden)[None, :]
@@ -365,9 +402,13 @@ def gru_backward_step_kernel(
     else:
         h_prev = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     grad_out = tl.load(grad_output_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZONEOUT:
+        keep = tl.load(zoneout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        keep = grad_out  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
-    d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, valid,
-                                                          state_clip, gate_clip, STATE_CLIP, GATE_CLIP)
+    d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, keep, valid,
+                                                          state_clip, gate_clip, STATE_CLIP, GATE_CLIP, HAS_ZONEOUT)
     offs_3h = rows[:, None] * (3 * hidden) + cols[None, :]
     tl.store(grad_input_gates_ptr + offs_3h, d_r, mask=mask)
     tl.store(grad_input_gates_ptr + hidden + offs_3h, d_z, mask=mask)
@@ -493,7 +534,8 @@ def _backward_walk(steps: int, reverse: bool) -> Iterator[Tuple[int, int, Option
 
 def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
                  h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
-                 recurrent_mask: Optional[Tensor], reverse: bool, cell_clip: float, proj_clip: float,
+                 recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
+                 reverse: bool, cell_clip: float, proj_clip: float,
                  save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
     """LSTM forward, a launch per step; arguments and results as sequence.lstm_forward."""
     steps, batch, _ = input_gates.shape
@@ -510,6 +552,7 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     hidden_states = torch.empty(slots, batch, out_size, device=device, dtype=torch.float32)
     cell_pre_clip = reserve(save and switches["CELL_CLIP"], steps, batch, hidden, device=device)
     hidden_pre_clip = reserve(save and switches["PROJ_CLIP"], steps, batch, out_size, device=device)
+    fresh_cells = reserve(save and zoneout_c is not None, steps, batch, hidden, device=device)
     m = torch.empty(batch, hidden, device=device, dtype=torch.float32) if weight_hr is not None else None
     output = torch.empty(steps, batch, out_size, device=device, dtype=dtype)
     h_prev = float32_state(h0, batch, out_size, device)
@@ -520,32 +563,35 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     for n, t in enumerate(processing_order(steps, reverse)):
         slot = t if save else n % 2
         hidden_pre_clip_t = hidden_pre_clip[t] if hidden_pre_clip.numel() else unused
+        zoneout_h_t = zoneout_h[t] if zoneout_h is not None else unused
         lstm_forward_step_kernel[_grid(batch, hidden)](
-            input_gates[t], h_prev, c_prev, weight_hh, bias_hh, lengths_or_unused, mask_or_unused,
+            input_gates[t], h_prev, c_prev, weight_hh, bias_hh, lengths_or_unused, mask_or_unused, zoneout_h_t,
+            zoneout_c[t] if zoneout_c is not None else unused,
             gates[t] if save else unused, cells[slot], cell_pre_clip[t] if cell_pre_clip.numel() else unused,
+            fresh_cells[t] if fresh_cells.numel() else unused,
             or_placeholder(m, unused), hidden_states[slot], output[t], hidden_pre_clip_t,
             t, batch, hidden, out_size, cell_clip, proj_clip,
             HAS_PROJ=weight_hr is not None, HAS_LENGTHS=lengths is not None,
-            HAS_RECURRENT_MASK=recurrent_mask is not None, **switches, SAVE=save,
-            DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
+            HAS_RECURRENT_MASK=recurrent_mask is not None, HAS_ZONEOUT_H=zoneout_h is not None,
+            HAS_ZONEOUT_C=zoneout_c is not None, **switches, SAVE=save, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         if weight_hr is not None:
             lstm_projection_step_kernel[_grid(batch, out_size)](
-                m, weight_hr, h_prev, lengths_or_unused, hidden_states[slot], output[t], hidden_pre_clip_t,
-                t, batch, hidden, out_size, proj_clip,
-                HAS_LENGTHS=lengths is not None, PROJ_CLIP=switches["PROJ_CLIP"], SAVE=save, DOT_DTYPE=dot_dtype,
-                BLOCK_B=config.BLOCK_B)
+                m, weight_hr, h_prev, lengths_or_unused, zoneout_h_t, hidden_states[slot], output[t],
+                hidden_pre_clip_t, t, batch, hidden, out_size, proj_clip,
+                HAS_LENGTHS=lengths is not None, HAS_ZONEOUT_H=zoneout_h is not None, PROJ_CLIP=switches["PROJ_CLIP"],
+                SAVE=save, DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         h_prev, c_prev = hidden_states[slot], cells[slot]
     h_n = h_prev.to(dtype, copy=True)
     c_n = c_prev.to(dtype, copy=True)
     if not save:
         cells, hidden_states = empty_reserve(device), empty_reserve(device)
-    return output, h_n, c_n, LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip)
+    return output, h_n, c_n, LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells)
 
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
                   weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
-                  recurrent_mask: Optional[Tensor], kept: LstmReserve, reverse: bool, cell_clip: float,
-                  proj_clip: float, state_clip: float,
+                  recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
+                  kept: LstmReserve, reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
                   gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LSTM backward recurrence, two launches per step; arguments and results as
     sequence.lstm_backward."""
@@ -572,17 +618,22 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
         lstm_backward_hidden_step_kernel[_grid(batch, out_size)](
             grad_output[t], grad_keep[source], grad_gates[later] if later is not None else unused, weight_hh,
             kept.hidden_pre_clip[t] if switches["PROJ_CLIP"] else unused, lengths_or_unused,
-            or_placeholder(recurrent_mask, unused), grad_proj_t, grad_keep[target], t, batch, hidden, out_size,
+            or_placeholder(recurrent_mask, unused), zoneout_h[t] if zoneout_h is not None else unused,
+            grad_proj_t, grad_keep[target], t, batch, hidden, out_size,
             proj_clip, state_clip, FIRST=later is None, HAS_LENGTHS=lengths is not None,
-            HAS_RECURRENT_MASK=recurrent_mask is not None, PROJ_CLIP=switches["PROJ_CLIP"],
+            HAS_RECURRENT_MASK=recurrent_mask is not None, HAS_ZONEOUT_H=zoneout_h is not None,
+            PROJ_CLIP=switches["PROJ_CLIP"],
             STATE_CLIP=switches["STATE_CLIP"], DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
         c_prev = kept.cells[earlier] if earlier is not None else c_start
+        # h~_t read the fresh cell: under zoneout of c that is not the carried one
+        cell_read = kept.fresh_cells[t] if zoneout_c is not None else kept.cells[t]
         lstm_backward_cell_step_kernel[_grid(batch, hidden)](
-            grad_proj_t, or_placeholder(weight_hr, unused), grad_c_carry[source], kept.gates[t], kept.cells[t],
+            grad_proj_t, or_placeholder(weight_hr, unused), grad_c_carry[source], kept.gates[t], cell_read,
             or_placeholder(c_prev, unused), kept.cell_pre_clip[t] if switches["CELL_CLIP"] else unused,
-            lengths_or_unused, grad_gates[t], grad_c_carry[target],
+            lengths_or_unused, zoneout_c[t] if zoneout_c is not None else unused, grad_gates[t], grad_c_carry[target],
             t, batch, hidden, out_size, cell_clip, state_clip, gate_clip,
             HAS_PROJ=weight_hr is not None, HAS_C_PREV=c_prev is not None, HAS_LENGTHS=lengths is not None,
+            HAS_ZONEOUT_C=zoneout_c is not None,
             CELL_CLIP=switches["CELL_CLIP"], STATE_CLIP=switches["STATE_CLIP"], GATE_CLIP=switches["GATE_CLIP"],
             DOT_DTYPE=dot_dtype, BLOCK_B=config.BLOCK_B)
     last = steps % 2
@@ -594,7 +645,7 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
 
 
 def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
-                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], reverse: bool,
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], reverse: bool,
                 save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
     """GRU forward, a launch per step; arguments and results as sequence.gru_forward."""
     steps, batch, _ = input_gates.shape
@@ -611,9 +662,10 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
         slot = t if save else n % 2
         gru_forward_step_kernel[_grid(batch, hidden)](
             input_gates[t], h_prev, weight_hh, bias_hh, or_placeholder(lengths, unused),
-            or_placeholder(recurrent_mask, unused),
+            or_placeholder(recurrent_mask, unused), zoneout[t] if zoneout is not None else unused,
             gates[t] if save else unused, hidden_states[slot], output[t], t, batch, hidden,
-            HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None, SAVE=save,
+            HAS_LENGTHS=lengths is not None, HAS_RECURRENT_MASK=recurrent_mask is not None,
+            HAS_ZONEOUT=zoneout is not None, SAVE=save,
             DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B)
         h_prev = hidden_states[slot]
     h_n = h_prev.to(dtype, copy=True)
@@ -621,8 +673,9 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
-                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], kept: GruReserve, reverse: bool,
-                 state_clip: float, gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor],
+                 kept: GruReserve, reverse: bool, state_clip: float,
+                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
     """GRU backward recurrence, a launch per step; arguments and results as
     sequence.gru_backward."""
     steps, batch, hidden = grad_output.shape
@@ -641,10 +694,10 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
         gru_backward_step_kernel[_grid(batch, hidden)](
             grad_output[t], grad_keep[source], grad_hidden_gates[later] if later is not None else unused, weight_hh,
             kept.gates[t], or_placeholder(h_prev, unused), or_placeholder(lengths, unused),
-            or_placeholder(recurrent_mask, unused), grad_input_gates[t],
+            or_placeholder(recurrent_mask, unused), zoneout[t] if zoneout is not None else unused, grad_input_gates[t],
             grad_hidden_gates[t], grad_keep[target], t, batch, hidden, state_clip, gate_clip,
             FIRST=later is None, HAS_H_PREV=h_prev is not None, HAS_LENGTHS=lengths is not None,
-            HAS_RECURRENT_MASK=recurrent_mask is not None, **switches,
+            HAS_RECURRENT_MASK=recurrent_mask is not None, HAS_ZONEOUT=zoneout is not None, **switches,
             DOT_DTYPE=config.dot_dtype(grad_output.dtype), BLOCK_B=config.BLOCK_B)
     # dL/dh0: what the first processed step passes back.
     first_step = processing_order(steps, reverse)[0]
