@@ -87,13 +87,22 @@ def _mask_of(data, dtype):
     return data["mask"].to(dtype).contiguous() if data.get("mask") is not None else None
 
 
+# Inputs of a case that receive no gradient (go, ghn, gcn: the loss's weights).
+GIVEN = ("go", "ghn", "gcn", "lengths", "mask", "zoneout", "zoneout_h", "zoneout_c")
+
+
+def _keep_of(data, name, dtype):
+    """Zoneout keep weights `name` of a case in `dtype` ([T, B, *]), or None."""
+    return data[name].to(dtype).contiguous() if data.get(name) is not None else None
+
+
 def _lstm_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
-                   if v is not None and k not in ("go", "ghn", "gcn", "lengths", "mask") else v)
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in GIVEN else v)
                for k, v in data.items()}
     out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
                                    tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"],
-                                   recurrent_mask=_mask_of(data, dtype), **options._asdict())
+                                   recurrent_mask=_mask_of(data, dtype), zoneout_h=_keep_of(data, "zoneout_h", dtype),
+                                   zoneout_c=_keep_of(data, "zoneout_c", dtype), **options._asdict())
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum() + (c_n * data["gcn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
@@ -102,13 +111,17 @@ def _lstm_reference_run(dtype, data, options):
 
 
 def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=False):
+    """Forward (saving) and backward of the emulated kernels; the reserve (gates, cells,
+    hidden_pre_clip and, with zoneout_c, carried_cells) is kept in _RESERVE."""
     T, B, I, H, P = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
-    d.setdefault("mask", None)
+    for name in ("mask", "zoneout_h", "zoneout_c"):
+        d.setdefault(name, None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
     out, h_n, c_n = nan(T, B, P), nan(B, P), nan(B, H)
     gates, cells = nan(T, B, 4 * H), nan(T, B, H)
     pre = nan(T, B, P) if options.proj_clip else None
+    carried = nan(T, B, H) if d["zoneout_c"] is not None else None
     g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(4 * H, I), "w_hh": None if frozen else nan(4 * H, P),
          "bias": nan(4 * H),
          "w_hr": nan(P, H) if d["w_hr"] is not None else None,
@@ -118,14 +131,14 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=Fa
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
         _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
-        _ptr(d["mask"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
+        _ptr(d["mask"]), _ptr(d["zoneout_h"]), _ptr(d["zoneout_c"]), _ptr(carried), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
         _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells),
         _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
         _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "b_ih": g["bias"], "b_hh": g["bias"]}
-    _RESERVE[id(result)] = (gates, cells, pre)
+    _RESERVE[id(result)] = (gates, cells, pre) + ((carried,) if carried is not None else ())
     for k in ("w_ih", "w_hh", "w_hr", "h0", "c0"):
         if g[k] is not None:
             result[k] = g[k]
@@ -163,11 +176,12 @@ def test_lstm_matches_reference(library, case, strategy, dtype):
 
 
 def _gru_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
-                   if v is not None and k not in ("go", "ghn", "lengths", "mask") else v) for k, v in data.items()}
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in GIVEN else v)
+               for k, v in data.items()}
     out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
                              tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype),
-                             reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip)
+                             zoneout=_keep_of(data, "zoneout", dtype), reverse=options.reverse,
+                             state_clip=options.state_clip, gate_clip=options.gate_clip)
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
@@ -178,6 +192,7 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIP
     T, B, I, H = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
     d.setdefault("mask", None)
+    d.setdefault("zoneout", None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, h_n, gates, hidden_n = nan(T, B, H), nan(B, H), nan(T, B, 3 * H), nan(T, B, H)
     g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(3 * H, I), "w_hh": None if frozen else nan(3 * H, H),
@@ -186,10 +201,10 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIP
     error = library.rnntl_emulation_gru(
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options.reverse)),
-        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["x"]),
-        _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n),
-        _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
-        _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
+        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["zoneout"]),
+        _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out),
+        _ptr(h_n), _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]),
+        _ptr(g["w_hh"]), _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n}
