@@ -277,6 +277,72 @@ def test_recurrent_mask_matches_reference(library, case, strategy, dtype):
     _compare(fast, baseline, reference, dtype)
 
 
+# Zoneout (docs/semantics.md section 10): keep weights [T, B, *] as 0/1 draws of Bernoulli(z)
+# (training) or every entry z (evaluation); the LSTM's of h ("h"), of c ("c") or both.
+# (id, cell, T, B, I, H, proj, lengths, reverse, zoned, keep, mask, clip options, frozen)
+ZONEOUT_CASES = [
+    ("lstm_h_draws", "lstm", 4, 3, 5, 9, None, None, False, "h", "draws", False, dict(), False),
+    ("lstm_c_eval_lengths_reverse_clips", "lstm", 5, 3, 4, 9, None, [3, 5, 0], True, "c", "eval", False,
+     dict(cell_clip=0.5, grad_clip=0.02), False),
+    ("lstm_hc_draws_mask_lengths_clips", "lstm", 5, 4, 3, 7, None, [2, 5, 0, 4], False, "hc", "draws", True,
+     dict(cell_clip=0.5, proj_clip=0.2, grad_clip=0.02), False),
+    ("lstm_hc_eval_mask_reverse_gates_frozen", "lstm", 4, 2, 3, 6, None, [4, 2], True, "hc", "eval", True,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+    ("lstm_proj_hc_draws_mask_clips", "lstm", 4, 3, 5, 8, 5, [4, 2, 3], False, "hc", "draws", True,
+     dict(cell_clip=0.6, proj_clip=0.3, grad_clip=0.05), False),
+    ("lstm_proj_h_eval_reverse_gates", "lstm", 3, 2, 4, 7, 3, [1, 3], True, "h", "eval", False,
+     dict(proj_clip=0.3, grad_clip=0.02, grad_clip_mode="gates"), False),
+    ("gru_draws_lengths_reverse_clip", "gru", 5, 3, 4, 9, None, [3, 5, 0], True, "h", "draws", False,
+     dict(grad_clip=0.02), False),
+    ("gru_eval_mask_gates_frozen", "gru", 4, 3, 5, 8, None, [4, 1, 3], False, "h", "eval", True,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+]
+ZONEOUT_RATES = {"zoneout_h": 0.3, "zoneout_c": 0.2, "zoneout": 0.3}
+
+
+def _zoneout_data(cell, T, B, I, H, proj, lengths, zoned, keep, mask):
+    """Inputs of a zoneout case; every leaf is given (h0, c0 and the biases)."""
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P), "go": _rand(T, B, P), "ghn": _rand(B, P),
+            "mask": torch.bernoulli(torch.full((B, P), 0.5, dtype=torch.float64)) * 2 if mask else None,
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H), "gcn": _rand(B, H)})
+        names = {"h": ("zoneout_h",), "c": ("zoneout_c",), "hc": ("zoneout_h", "zoneout_c")}[zoned]
+    else:
+        names = ("zoneout",)
+    for name in names:
+        rate = torch.full((T, B, P if name == "zoneout_h" else H), ZONEOUT_RATES[name], dtype=torch.float64)
+        data[name] = torch.bernoulli(rate) if keep == "draws" else rate
+    return data
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", ZONEOUT_CASES, ids=[c[0] for c in ZONEOUT_CASES])
+def test_zoneout_matches_reference(library, case, strategy, dtype):
+    """Forward results and every gradient with zoneout against the float64 reference: the
+    carried state blends the previous and the new one, h~ reads the fresh cell, the
+    projected h is the zoned one, and the state clip clamps the carried state's gradient."""
+    _, cell, T, B, I, H, proj, lengths, reverse, zoned, keep, mask, clips, frozen = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    data = _zoneout_data(cell, T, B, I, H, proj, lengths, zoned, keep, mask)
+    options = sequence_options(reverse, **clips)
+    reference = _reference_case(cell, torch.float64, data, options)
+    baseline = _reference_case(cell, dtype, data, options)
+    if frozen:
+        for results in (reference, baseline):
+            del results["w_ih"], results["w_hh"]
+    if cell == "lstm":
+        fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, proj or H), options, frozen=frozen)
+    else:
+        fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, frozen=frozen)
+    _compare(fast, baseline, reference, dtype)
+
+
 # Elman RNN (docs/semantics.md section 10): f = tanh or relu, with the recurrent mask
 # ([B, H] of 0 and 2) and zoneout keep weights ([T, B, H]: 0/1 draws as in training, or
 # every entry 0.3 as in evaluation). "frozen": no weight gradients are asked for.
@@ -506,15 +572,16 @@ def test_emulated_warp_primitives_and_shared_memory(library):
     assert library.rnntl_emulation_warp_selftest() == 0
 
 
+@pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
+def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths, zoneout):
     """Forward outputs and the saved reserve the backward reads (gates, cells,
-    hidden_pre_clip / hidden_n) have the CPU op's shapes, layout and values, except the reserve
-    with lengths: the CPU ops store only the valid rows there (docs/cpu.md), so only its
-    shapes are compared; gradients with lengths are compared against the reference by the
-    tests above."""
+    hidden_pre_clip / hidden_n; with zoneout of c the LSTM's carried_cells) have the CPU op's
+    shapes, layout and values, except the reserve with lengths: the CPU ops store only the
+    valid rows there (docs/cpu.md), so only its shapes are compared; gradients with lengths
+    are compared against the reference by the tests above. Zoneout: keep weights as 0/1 draws."""
     from rnntl_fast import _ext
 
     if not _ext.HAS_CPU_KERNELS:
@@ -528,16 +595,22 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
             "h0": _rand(B, H), "c0": _rand(B, H), "w_hr": None, "go": _rand(T, B, H), "ghn": _rand(B, H),
             "gcn": _rand(B, H), "lengths": lengths}
     f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    draws = lambda: torch.bernoulli(torch.full((T, B, H), 0.3, dtype=torch.float64)) if zoneout else None  # noqa: E731
     if cell == "lstm":
+        data.update(zoneout_h=draws(), zoneout_c=draws())
+        keep = [v.float() if v is not None else None for v in (data["zoneout_h"], data["zoneout_c"])]
         options = sequence_options(True, cell_clip=0.6, proj_clip=0.4)
         cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
-                                                f["c0"], lengths, None, None, None, *options, True)[:6]  # no carried_cells
+                                                f["c0"], lengths, None, *keep, *options, True)
+        cpu = cpu if zoneout else cpu[:6]  # carried_cells only with zoneout_c
         fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options)
         emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
     else:
+        data["zoneout"] = draws()
+        keep = data["zoneout"].float() if zoneout else None
         options = sequence_options(True)
         cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
-                                               None, None, True, 0.0, 0.0, True)
+                                               None, keep, True, 0.0, 0.0, True)
         fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options)
         emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
     assert len(cpu) == len(emulated)
