@@ -131,7 +131,8 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=Fa
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
         _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
-        _ptr(d["mask"]), _ptr(d["zoneout_h"]), _ptr(d["zoneout_c"]), _ptr(carried), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
+        _ptr(d["mask"]), _ptr(d["zoneout_h"]), _ptr(d["zoneout_c"]), _ptr(carried), _ptr(d["x"]), _ptr(d["w_ih"]),
+        _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
         _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells),
         _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
         _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))

@@ -383,8 +383,8 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
   const char* error = rnntl_emulation_gru(
       0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(),
       masked ? mask.data() : nullptr, zoned ? keep.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(),
-      bhh.data(), h0.data(), r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(), r.grad_input.data(),
-      gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
+      bhh.data(), h0.data(), r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(),
+      r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
   if (error) {
     std::fprintf(stderr, "gru failed: %s\n", error);
     std::exit(2);

@@ -194,7 +194,6 @@ struct GruCell {
     }
     direct = e.grad_hidden_prev;
   }
-
 };
 
 }  // namespace cuda
