@@ -121,15 +121,15 @@ RNNTL_DEVICE LstmBackwardElement<acc_t<T>> lstm_backward_item(const LstmBackward
   const T* act = s.gates + row * G;
   const A i = to_acc(act[u]), f = to_acc(act[H + u]), g = to_acc(act[2 * H + u]), o = to_acc(act[3 * H + u]);
   const A cell = to_acc(s.cells[row * H + u]);
-  const A c0 = s.c0 ? to_acc(s.c0[b * H + u]) : A(0);
+  const A cell_prev = first         ? (s.c0 ? to_acc(s.c0[b * H + u]) : A(0))
+                      : s.zoneout_c ? to_acc(s.carried_cells[prev_row * H + u])
+                                    : clip_value(to_acc(s.cells[prev_row * H + u]), s.cell_clip);
   LstmBackwardElement<A> e;
   if (s.zoneout_c) {
-    const A cell_prev = first ? c0 : to_acc(s.carried_cells[prev_row * H + u]);
     const A tanh_cell = tanh_activation(clip_value(cell, s.cell_clip));
     e = lstm_element_backward_zoneout<A>(i, f, g, o, cell, tanh_cell, cell_prev, grad_hidden, grad_cell,
                                          to_acc(s.zoneout_c[row * H + u]), s.cell_clip, s.state_clip, s.gate_clip);
   } else {
-    const A cell_prev = first ? c0 : clip_value(to_acc(s.cells[prev_row * H + u]), s.cell_clip);
     e = lstm_element_backward<A>(i, f, g, o, cell, cell_prev, grad_hidden, grad_cell, s.cell_clip, s.state_clip,
                                  s.gate_clip);
   }
