@@ -568,6 +568,29 @@ def test_non_finite_values_propagate_as_in_the_reference(library, case, poison, 
         _assert_same_nonfinite_pattern(name, fast[name], reference[name])
 
 
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_padded_steps_reach_nothing(library, cell, strategy):
+    """Rows past their length run no step and ignore their keep weights: NaN and +-inf in
+    the keep weights (and the input) at padded steps change no output and no gradient."""
+    T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    data = _zoneout_data(cell, T, B, I, H, None, NONFINITE_LENGTHS, "hc", "draws", True)
+    options = sequence_options(False, cell_clip=0.4, grad_clip=0.02)
+    clean = _run_case(library, cell, strategy, torch.float32, data, None, options)
+    padded = _padded_mask(NONFINITE_LENGTHS, T)
+    dirty = dict(data)
+    for name in ("x", "zoneout", "zoneout_h", "zoneout_c"):
+        if data.get(name) is not None:
+            dirty[name] = data[name].clone()
+            width = data[name].shape[-1]
+            dirty[name][padded] = torch.tensor([float("nan"), float("inf"), -float("inf")] * width,
+                                               dtype=torch.float64)[:width]
+    fouled = _run_case(library, cell, strategy, torch.float32, dirty, None, options)
+    for name, expected in clean.items():
+        assert torch.isfinite(expected).all(), f"{name}: the clean run is not finite"
+        torch.testing.assert_close(fouled[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_emulated_warp_primitives_and_shared_memory(library):
     """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
     assert library.rnntl_emulation_warp_selftest() == 0
