@@ -452,3 +452,116 @@ def test_rnn_reserve_and_opcheck(zoneout, strategy):
         torch.testing.assert_close(b.detach().cpu(), a, atol=2e-5, rtol=1e-4, msg=name)
     torch.library.opcheck(torch.ops.rnntl_fast.rnn_forward.default,
                           (*gpu_args, lengths, mask.cuda(), keep.cuda() if zoneout else None, *flags))
+
+
+# Zoneout (docs/semantics.md section 10) through the public ops, backend "cuda" against
+# "reference": keep weights [T, B, *] as 0/1 draws of Bernoulli(z) (training) or every entry
+# z (evaluation); the LSTM's of h ("h"), of c ("c") or both.
+# (id, cell, T, B, I, H, proj, lengths, reverse, zoned, keep, mask, clip options, frozen leaves)
+ZONEOUT_CASES = [
+    ("lstm_hc_draws", "lstm", 6, 3, 5, 16, None, None, False, "hc", "draws", False, dict(), ()),
+    ("lstm_c_eval_lengths_reverse_clips", "lstm", 7, 4, 5, 16, None, [7, 3, 0, 5], True, "c", "eval", False,
+     dict(cell_clip=0.5, grad_clip=0.05), ()),
+    ("lstm_h_draws_mask_lengths_clips", "lstm", 6, 3, 4, 12, None, [6, 2, 4], False, "h", "draws", True,
+     dict(cell_clip=0.5, proj_clip=0.3, grad_clip=0.05), ()),
+    ("lstm_proj_hc_draws_mask_clips", "lstm", 6, 3, 4, 16, 8, [6, 2, 4], False, "hc", "draws", True,
+     dict(cell_clip=0.6, proj_clip=0.3, grad_clip=0.05), ()),
+    ("lstm_proj_h_eval_reverse_gates", "lstm", 5, 2, 4, 12, 6, [5, 3], True, "h", "eval", False,
+     dict(grad_clip=0.05, grad_clip_mode="gates"), ()),
+    ("lstm_hc_eval_mask_gates_frozen", "lstm", 5, 2, 4, 12, None, [5, 3], True, "hc", "eval", True,
+     dict(grad_clip=0.05, grad_clip_mode="gates"), ("w_ih", "w_hh")),
+    ("lstm_larger_hc_draws_mask", "lstm", 16, 8, 32, 64, None, None, False, "hc", "draws", True, dict(), ()),
+    ("gru_draws_lengths_reverse_clip", "gru", 7, 4, 5, 16, None, [7, 3, 0, 5], True, "h", "draws", False,
+     dict(grad_clip=0.05), ()),
+    ("gru_eval_mask_gates_frozen", "gru", 6, 3, 4, 12, None, [6, 2, 4], False, "h", "eval", True,
+     dict(grad_clip=0.05, grad_clip_mode="gates"), ("w_ih", "w_hh")),
+    ("gru_larger_draws_mask", "gru", 16, 8, 32, 64, None, None, False, "h", "draws", True, dict(), ()),
+]
+ZONEOUT_RATES = {"zoneout_h": 0.3, "zoneout_c": 0.2, "zoneout": 0.3}
+
+
+def _zoneout_data(case):
+    _, cell, T, B, I, H, proj, lengths, _, zoned, keep, mask, _, _ = case
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P),
+            "mask": torch.bernoulli(torch.full((B, P), 0.7, dtype=torch.float64)) / 0.7 if mask else None,
+            "lengths": torch.tensor(lengths) if lengths is not None else None}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H)})
+        data["go"] = (_rand(T, B, P), _rand(B, P), _rand(B, H))
+        names = {"h": ("zoneout_h",), "c": ("zoneout_c",), "hc": ("zoneout_h", "zoneout_c")}[zoned]
+    else:
+        data["go"] = (_rand(T, B, P), _rand(B, P))
+        names = ("zoneout",)
+    for name in names:
+        rate = torch.full((T, B, P if name == "zoneout_h" else H), ZONEOUT_RATES[name], dtype=torch.float64)
+        data[name] = torch.bernoulli(rate) if keep == "draws" else rate
+    return data
+
+
+def _zoneout_run(case, data, dtype, device, backend):
+    """Results and the gradients of the leaves that are not frozen, on the CPU."""
+    _, cell, _, _, _, _, _, _, reverse, _, _, _, clips, frozen = case
+    given = ("go", "lengths", "mask", "zoneout", "zoneout_h", "zoneout_c")
+    t = {k: (v.to(device=device, dtype=dtype).detach().requires_grad_(k not in frozen)
+             if v is not None and k not in given else v) for k, v in data.items()}
+    regularizers = {name: data[key].to(device=device, dtype=dtype)
+                    for name, key in (("recurrent_mask", "mask"), ("zoneout", "zoneout"), ("zoneout_h", "zoneout_h"),
+                                      ("zoneout_c", "zoneout_c")) if data.get(key) is not None}
+    options = dict(lengths=data["lengths"], reverse=reverse, backend=backend, **regularizers, **clips)
+    if cell == "lstm":
+        results = rnntl_fast.ops.lstm(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], t["h0"],
+                                      t["c0"], **options)
+    else:
+        results = rnntl_fast.ops.gru(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], **options)
+    loss = sum((r * g.to(device=device, dtype=dtype)).sum() for r, g in zip(results, data["go"]))
+    loss.backward()
+    out = dict(zip(("output", "h_n", "c_n"), (r.detach() for r in results)))
+    out.update({k: v.grad for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", ZONEOUT_CASES, ids=[c[0] for c in ZONEOUT_CASES])
+def test_zoneout_matches_reference(case, dtype, strategy):
+    """Forward results and every gradient with zoneout against the float64 reference, both
+    strategies."""
+    if strategy == "persistent" and case[6] is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    data = _zoneout_data(case)
+    reference = _zoneout_run(case, data, torch.float64, "cpu", "reference")
+    baseline = _zoneout_run(case, data, dtype, "cuda", "reference")
+    fast = _zoneout_run(case, data, dtype, "cuda", "cuda")
+    _check(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_reserve_and_opcheck(cell, strategy):
+    """With zoneout (keep weights as 0/1 draws) the outputs and the reserve, the LSTM's
+    carried_cells included, equal the CPU op's (no lengths: with lengths the CPU op keeps
+    compact rows); schema, fake and autograd agree with the CUDA kernels."""
+    T, B, I, H = 4, 3, 5, 7
+    G = (4 if cell == "lstm" else 3) * H
+    args = [_rand(T, B, I).float(), _rand(G, I).float(), _rand(G, H).float(), _rand(G).float(), _rand(G).float()]
+    draws = lambda: torch.bernoulli(torch.full((T, B, H), 0.3))  # noqa: E731
+    if cell == "lstm":
+        # weight_hr, h0, c0, lengths, recurrent_mask, zoneout_h, zoneout_c, reverse, cell_clip, proj_clip,
+        # state_clip, gate_clip, save_for_backward
+        extra = [None, _rand(B, H).float(), _rand(B, H).float(), None, None, draws(), draws(), True, 0.6, 0.4, 0.1,
+                 0.0, True]
+        op = torch.ops.rnntl_fast.lstm_forward
+    else:
+        # h0, lengths, recurrent_mask, zoneout, reverse, state_clip, gate_clip, save_for_backward
+        extra = [_rand(B, H).float(), None, None, draws(), True, 0.0, 0.1, True]
+        op = torch.ops.rnntl_fast.gru_forward
+    cpu = op(*args, *extra)
+    gpu_args = [a.cuda().requires_grad_(i < 3) for i, a in enumerate(args)]
+    gpu_extra = [e.cuda() if isinstance(e, torch.Tensor) else e for e in extra]
+    gpu = op(*gpu_args, *gpu_extra)
+    assert len(cpu) == len(gpu)
+    for index, (a, b) in enumerate(zip(cpu, gpu)):
+        assert a.shape == b.shape, f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b.detach().cpu(), a, atol=2e-5, rtol=1e-4, msg=f"output {index}")
+    torch.library.opcheck(op.default, (*gpu_args, *gpu_extra))

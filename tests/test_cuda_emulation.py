@@ -87,13 +87,22 @@ def _mask_of(data, dtype):
     return data["mask"].to(dtype).contiguous() if data.get("mask") is not None else None
 
 
+# Inputs of a case that receive no gradient (go, ghn, gcn: the loss's weights).
+GIVEN = ("go", "ghn", "gcn", "lengths", "mask", "zoneout", "zoneout_h", "zoneout_c")
+
+
+def _keep_of(data, name, dtype):
+    """Zoneout keep weights `name` of a case in `dtype` ([T, B, *]), or None."""
+    return data[name].to(dtype).contiguous() if data.get(name) is not None else None
+
+
 def _lstm_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
-                   if v is not None and k not in ("go", "ghn", "gcn", "lengths", "mask") else v)
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in GIVEN else v)
                for k, v in data.items()}
     out, h_n, c_n = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
                                    tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"],
-                                   recurrent_mask=_mask_of(data, dtype), **options._asdict())
+                                   recurrent_mask=_mask_of(data, dtype), zoneout_h=_keep_of(data, "zoneout_h", dtype),
+                                   zoneout_c=_keep_of(data, "zoneout_c", dtype), **options._asdict())
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum() + (c_n * data["gcn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
@@ -102,13 +111,17 @@ def _lstm_reference_run(dtype, data, options):
 
 
 def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=False):
+    """Forward (saving) and backward of the emulated kernels; the reserve (gates, cells,
+    hidden_pre_clip and, with zoneout_c, carried_cells) is kept in _RESERVE."""
     T, B, I, H, P = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
-    d.setdefault("mask", None)
+    for name in ("mask", "zoneout_h", "zoneout_c"):
+        d.setdefault(name, None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
     out, h_n, c_n = nan(T, B, P), nan(B, P), nan(B, H)
     gates, cells = nan(T, B, 4 * H), nan(T, B, H)
     pre = nan(T, B, P) if options.proj_clip else None
+    carried = nan(T, B, H) if d["zoneout_c"] is not None else None
     g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(4 * H, I), "w_hh": None if frozen else nan(4 * H, P),
          "bias": nan(4 * H),
          "w_hr": nan(P, H) if d["w_hr"] is not None else None,
@@ -118,14 +131,15 @@ def _lstm_emulated_run(library, strategy, dtype, data, shape, options, frozen=Fa
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(MULTIPROCESSORS), _i(T), _i(B), _i(I), _i(H), _i(P), ctypes.c_int(int(options.reverse)),
         _d(options.cell_clip), _d(options.proj_clip), _d(options.state_clip), _d(options.gate_clip), _ptr(lengths),
-        _ptr(d["mask"]), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
+        _ptr(d["mask"]), _ptr(d["zoneout_h"]), _ptr(d["zoneout_c"]), _ptr(carried), _ptr(d["x"]), _ptr(d["w_ih"]),
+        _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]),
         _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(out), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(cells),
         _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
         _ptr(g["bias"]), _ptr(g["w_hr"]), _ptr(g["h0"]), _ptr(g["c0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n, "c_n": c_n, "x": g["x"], "b_ih": g["bias"], "b_hh": g["bias"]}
-    _RESERVE[id(result)] = (gates, cells, pre)
+    _RESERVE[id(result)] = (gates, cells, pre) + ((carried,) if carried is not None else ())
     for k in ("w_ih", "w_hh", "w_hr", "h0", "c0"):
         if g[k] is not None:
             result[k] = g[k]
@@ -163,11 +177,12 @@ def test_lstm_matches_reference(library, case, strategy, dtype):
 
 
 def _gru_reference_run(dtype, data, options):
-    tensors = {k: (v.detach().to(dtype).clone().requires_grad_()
-                   if v is not None and k not in ("go", "ghn", "lengths", "mask") else v) for k, v in data.items()}
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in GIVEN else v)
+               for k, v in data.items()}
     out, h_n = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
                              tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype),
-                             reverse=options.reverse, state_clip=options.state_clip, gate_clip=options.gate_clip)
+                             zoneout=_keep_of(data, "zoneout", dtype), reverse=options.reverse,
+                             state_clip=options.state_clip, gate_clip=options.gate_clip)
     loss = (out * data["go"].to(dtype)).sum() + (h_n * data["ghn"].to(dtype)).sum()
     loss.backward()
     grads = {k: tensors[k].grad for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0") if tensors[k] is not None}
@@ -178,6 +193,7 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIP
     T, B, I, H = shape
     d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
     d.setdefault("mask", None)
+    d.setdefault("zoneout", None)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, h_n, gates, hidden_n = nan(T, B, H), nan(B, H), nan(T, B, 3 * H), nan(T, B, H)
     g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(3 * H, I), "w_hh": None if frozen else nan(3 * H, H),
@@ -186,10 +202,10 @@ def _gru_emulated_run(library, strategy, dtype, data, shape, options, sms=MULTIP
     error = library.rnntl_emulation_gru(
         ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
         ctypes.c_int(sms), _i(T), _i(B), _i(I), _i(H), ctypes.c_int(int(options.reverse)),
-        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["x"]),
-        _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out), _ptr(h_n),
-        _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]), _ptr(g["w_hh"]),
-        _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
+        _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d["mask"]), _ptr(d["zoneout"]),
+        _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(out),
+        _ptr(h_n), _ptr(gates), _ptr(hidden_n), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(g["x"]), _ptr(g["w_ih"]),
+        _ptr(g["w_hh"]), _ptr(g["b_ih"]), _ptr(g["b_hh"]), _ptr(g["h0"]))
     if error is not None:
         raise RuntimeError(error.decode())
     result = {"output": out, "h_n": h_n}
@@ -257,6 +273,72 @@ def test_recurrent_mask_matches_reference(library, case, strategy, dtype):
             del results["w_ih"], results["w_hh"]
     if cell == "lstm":
         fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, P), options, frozen=frozen)
+    else:
+        fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, frozen=frozen)
+    _compare(fast, baseline, reference, dtype)
+
+
+# Zoneout (docs/semantics.md section 10): keep weights [T, B, *] as 0/1 draws of Bernoulli(z)
+# (training) or every entry z (evaluation); the LSTM's of h ("h"), of c ("c") or both.
+# (id, cell, T, B, I, H, proj, lengths, reverse, zoned, keep, mask, clip options, frozen)
+ZONEOUT_CASES = [
+    ("lstm_h_draws", "lstm", 4, 3, 5, 9, None, None, False, "h", "draws", False, dict(), False),
+    ("lstm_c_eval_lengths_reverse_clips", "lstm", 5, 3, 4, 9, None, [3, 5, 0], True, "c", "eval", False,
+     dict(cell_clip=0.5, grad_clip=0.02), False),
+    ("lstm_hc_draws_mask_lengths_clips", "lstm", 5, 4, 3, 7, None, [2, 5, 0, 4], False, "hc", "draws", True,
+     dict(cell_clip=0.5, proj_clip=0.2, grad_clip=0.02), False),
+    ("lstm_hc_eval_mask_reverse_gates_frozen", "lstm", 4, 2, 3, 6, None, [4, 2], True, "hc", "eval", True,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+    ("lstm_proj_hc_draws_mask_clips", "lstm", 4, 3, 5, 8, 5, [4, 2, 3], False, "hc", "draws", True,
+     dict(cell_clip=0.6, proj_clip=0.3, grad_clip=0.05), False),
+    ("lstm_proj_h_eval_reverse_gates", "lstm", 3, 2, 4, 7, 3, [1, 3], True, "h", "eval", False,
+     dict(proj_clip=0.3, grad_clip=0.02, grad_clip_mode="gates"), False),
+    ("gru_draws_lengths_reverse_clip", "gru", 5, 3, 4, 9, None, [3, 5, 0], True, "h", "draws", False,
+     dict(grad_clip=0.02), False),
+    ("gru_eval_mask_gates_frozen", "gru", 4, 3, 5, 8, None, [4, 1, 3], False, "h", "eval", True,
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+]
+ZONEOUT_RATES = {"zoneout_h": 0.3, "zoneout_c": 0.2, "zoneout": 0.3}
+
+
+def _zoneout_data(cell, T, B, I, H, proj, lengths, zoned, keep, mask):
+    """Inputs of a zoneout case; every leaf is given (h0, c0 and the biases)."""
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G), "b_hh": _rand(G),
+            "h0": _rand(B, P), "go": _rand(T, B, P), "ghn": _rand(B, P),
+            "mask": torch.bernoulli(torch.full((B, P), 0.5, dtype=torch.float64)) * 2 if mask else None,
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H), "gcn": _rand(B, H)})
+        names = {"h": ("zoneout_h",), "c": ("zoneout_c",), "hc": ("zoneout_h", "zoneout_c")}[zoned]
+    else:
+        names = ("zoneout",)
+    for name in names:
+        rate = torch.full((T, B, P if name == "zoneout_h" else H), ZONEOUT_RATES[name], dtype=torch.float64)
+        data[name] = torch.bernoulli(rate) if keep == "draws" else rate
+    return data
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("case", ZONEOUT_CASES, ids=[c[0] for c in ZONEOUT_CASES])
+def test_zoneout_matches_reference(library, case, strategy, dtype):
+    """Forward results and every gradient with zoneout against the float64 reference: the
+    carried state blends the previous and the new one, h~ reads the fresh cell, the
+    projected h is the zoned one, and the state clip clamps the carried state's gradient."""
+    _, cell, T, B, I, H, proj, lengths, reverse, zoned, keep, mask, clips, frozen = case
+    if strategy == "persistent" and proj is not None:
+        pytest.skip("the persistent kernel keeps W_hh of P == H on chip; proj_size runs stepwise")
+    data = _zoneout_data(cell, T, B, I, H, proj, lengths, zoned, keep, mask)
+    options = sequence_options(reverse, **clips)
+    reference = _reference_case(cell, torch.float64, data, options)
+    baseline = _reference_case(cell, dtype, data, options)
+    if frozen:
+        for results in (reference, baseline):
+            del results["w_ih"], results["w_hh"]
+    if cell == "lstm":
+        fast = _lstm_emulated_run(library, strategy, dtype, data, (T, B, I, H, proj or H), options, frozen=frozen)
     else:
         fast = _gru_emulated_run(library, strategy, dtype, data, (T, B, I, H), options, frozen=frozen)
     _compare(fast, baseline, reference, dtype)
@@ -486,20 +568,44 @@ def test_non_finite_values_propagate_as_in_the_reference(library, case, poison, 
         _assert_same_nonfinite_pattern(name, fast[name], reference[name])
 
 
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_padded_steps_reach_nothing(library, cell, strategy):
+    """Rows past their length run no step and ignore their keep weights: NaN and +-inf in
+    the keep weights (and the input) at padded steps change no output and no gradient."""
+    T, B, I, H = NONFINITE_T, NONFINITE_B, NONFINITE_I, NONFINITE_H
+    data = _zoneout_data(cell, T, B, I, H, None, NONFINITE_LENGTHS, "hc", "draws", True)
+    options = sequence_options(False, cell_clip=0.4, grad_clip=0.02)
+    clean = _run_case(library, cell, strategy, torch.float32, data, None, options)
+    padded = _padded_mask(NONFINITE_LENGTHS, T)
+    dirty = dict(data)
+    for name in ("x", "zoneout", "zoneout_h", "zoneout_c"):
+        if data.get(name) is not None:
+            dirty[name] = data[name].clone()
+            width = data[name].shape[-1]
+            dirty[name][padded] = torch.tensor([float("nan"), float("inf"), -float("inf")] * width,
+                                               dtype=torch.float64)[:width]
+    fouled = _run_case(library, cell, strategy, torch.float32, dirty, None, options)
+    for name, expected in clean.items():
+        assert torch.isfinite(expected).all(), f"{name}: the clean run is not finite"
+        torch.testing.assert_close(fouled[name], expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_emulated_warp_primitives_and_shared_memory(library):
     """Ballot / any / all / shuffles, per-block shared memory and atomics behave as on CUDA."""
     assert library.rnntl_emulation_warp_selftest() == 0
 
 
+@pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
+def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths, zoneout):
     """Forward outputs and the saved reserve the backward reads (gates, cells,
-    hidden_pre_clip / hidden_n) have the CPU op's shapes, layout and values, except the reserve
-    with lengths: the CPU ops store only the valid rows there (docs/cpu.md), so only its
-    shapes are compared; gradients with lengths are compared against the reference by the
-    tests above."""
+    hidden_pre_clip / hidden_n; with zoneout of c the LSTM's carried_cells) have the CPU op's
+    shapes, layout and values, except the reserve with lengths: the CPU ops store only the
+    valid rows there (docs/cpu.md), so only its shapes are compared; gradients with lengths
+    are compared against the reference by the tests above. Zoneout: keep weights as 0/1 draws."""
     from rnntl_fast import _ext
 
     if not _ext.HAS_CPU_KERNELS:
@@ -513,16 +619,22 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths):
             "h0": _rand(B, H), "c0": _rand(B, H), "w_hr": None, "go": _rand(T, B, H), "ghn": _rand(B, H),
             "gcn": _rand(B, H), "lengths": lengths}
     f = {k: (v.float() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    draws = lambda: torch.bernoulli(torch.full((T, B, H), 0.3, dtype=torch.float64)) if zoneout else None  # noqa: E731
     if cell == "lstm":
+        data.update(zoneout_h=draws(), zoneout_c=draws())
+        keep = [v.float() if v is not None else None for v in (data["zoneout_h"], data["zoneout_c"])]
         options = sequence_options(True, cell_clip=0.6, proj_clip=0.4)
         cpu = torch.ops.rnntl_fast.lstm_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], None, f["h0"],
-                                                f["c0"], lengths, None, None, None, *options, True)[:6]  # no carried_cells
+                                                f["c0"], lengths, None, *keep, *options, True)
+        cpu = cpu if zoneout else cpu[:6]  # carried_cells only with zoneout_c
         fast = _lstm_emulated_run(library, strategy, torch.float32, data, (T, B, I, H, H), options)
         emulated = (fast["output"], fast["h_n"], fast["c_n"], *_RESERVE.pop(id(fast)))
     else:
+        data["zoneout"] = draws()
+        keep = data["zoneout"].float() if zoneout else None
         options = sequence_options(True)
         cpu = torch.ops.rnntl_fast.gru_forward(f["x"], f["w_ih"], f["w_hh"], f["b_ih"], f["b_hh"], f["h0"], lengths,
-                                               None, None, True, 0.0, 0.0, True)
+                                               None, keep, True, 0.0, 0.0, True)
         fast = _gru_emulated_run(library, strategy, torch.float32, data, (T, B, I, H), options)
         emulated = (fast["output"], fast["h_n"], *_RESERVE.pop(id(fast)))
     assert len(cpu) == len(emulated)

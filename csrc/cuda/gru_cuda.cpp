@@ -2,7 +2,7 @@
 // device guard and stream, then the kernels of csrc/cuda/gru_kernels.cu. Same semantics
 // and outputs as the CPU ops (csrc/cpu/gru_cpu.cpp), including the saved reserve.
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H];
-// lengths: CPU [B]; recurrent_mask [B, H].
+// lengths: CPU [B]; recurrent_mask [B, H]; zoneout keep weights [T, B, H].
 #include "sequence_cuda.h"
 
 namespace rnntl {
@@ -16,10 +16,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout, bool reverse,
     double state_clip, double gate_clip, bool save_for_backward) {
   check_input_cuda(input);
-  refuse_zoneout(zoneout, "zoneout");
   const GruSizes sizes =
       check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
+  check_optional(zoneout, input, {T, B, H}, "zoneout");
   OpCall call(input, lengths, T, B);
   at::Tensor output = call.empty(true, {T, B, H});
   at::Tensor h_n = call.empty(true, {B, H});
@@ -30,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
   call.fill(p, I, H, H, reverse, weight_ih, weight_hh, h0, recurrent_mask);
   call.fill_forward(p, save_for_backward, bias_ih, bias_hh, output, h_n, gates);
   p.hidden_n = pointer_or_null(hidden_n);
+  p.zoneout = call.in(zoneout);
   call.run(p, cuda::gru_forward_workspace_bytes, cuda::gru_forward);
   return {output, h_n, gates, hidden_n};
 }
@@ -44,10 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hidden_n, bool reverse, double state_clip,
     double gate_clip, std::array<bool, 6> output_mask) {
   check_input_cuda(input);
-  refuse_zoneout(zoneout, "zoneout");
   const GruSizes sizes = check_gru_backward_arguments(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, output,
                                                       gates, hidden_n, state_clip, gate_clip);
   const int64_t T = sizes.steps, B = sizes.batch, I = sizes.input_size, H = sizes.hidden, G = 3 * H;
+  check_optional(zoneout, input, {T, B, H}, "zoneout");
   OpCall call(input, lengths, T, B);
   at::Tensor grad_input = call.empty(output_mask[0], {T, B, I});
   at::Tensor grad_weight_ih = call.empty(output_mask[1], {G, I});
@@ -61,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   call.fill_backward(p, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                      grad_weight_hh, grad_h0);
   p.hidden_n = call.in(hidden_n);
+  p.zoneout = call.in(zoneout);
   p.grad_bias_ih = pointer_or_null(grad_bias_ih);
   p.grad_bias_hh = pointer_or_null(grad_bias_hh);
   call.run(p, cuda::gru_backward_workspace_bytes, cuda::gru_backward);

@@ -43,12 +43,6 @@ inline void check_input_cuda(const at::Tensor& input) {
 // recurrent_mask (recurrent dropout, docs/semantics.md section 10): [B, width] on the
 // input's device, in its dtype, or none. The kernels read it through a raw pointer, so a
 // wrong shape would read out of bounds: checked here, naming the argument.
-// Zoneout keep weights: the LSTM and GRU CUDA kernels have none yet (rnntl_fast.ops refuses
-// zoneout for backend "cuda" before any op runs; this guards direct calls of the ops).
-inline void refuse_zoneout(const std::optional<at::Tensor>& keep_weights, const char* name) {
-  TORCH_CHECK(!keep_weights.has_value(), "rnntl_fast: the CUDA LSTM/GRU kernels do not run ", name, " yet");
-}
-
 inline void check_recurrent_mask(const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& input,
                                  int64_t batch, int64_t width) {
   if (!recurrent_mask.has_value()) return;

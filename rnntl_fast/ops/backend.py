@@ -87,8 +87,8 @@ BACKEND_RUNS = {
                   "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "cpu": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
             "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
-    "cuda": {"lstm": frozenset({"recurrent_mask"}), "gru": frozenset({"recurrent_mask"}),
-             "rnn": frozenset({"recurrent_mask", "zoneout"})},
+    "cuda": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
+             "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "triton": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
                "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
 }

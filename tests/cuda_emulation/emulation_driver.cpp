@@ -143,12 +143,14 @@ extern "C" {
 
 // Forward (saving for backward) then backward of one LSTM layer-direction.
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. strategy: 1 stepwise, 2 persistent. Shapes as in
-// rnntl/params.h; lengths: [B] int64 or null; recurrent_mask: [B, P] or null; any gradient
-// pointer may be null.
+// rnntl/params.h; lengths: [B] int64 or null; recurrent_mask: [B, P] or null; zoneout_h
+// [T, B, P], zoneout_c [T, B, H] keep weights or null; carried_cells: the [T, B, H] reserve
+// (used with zoneout_c) or null; any gradient pointer may be null.
 const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
                                  int64_t input_size, int64_t hidden, int64_t out_size, int reverse,
                                  double cell_clip, double proj_clip, double state_clip, double gate_clip,
-                                 const int64_t* lengths, const void* recurrent_mask, const void* input,
+                                 const int64_t* lengths, const void* recurrent_mask, const void* zoneout_h,
+                                 const void* zoneout_c, void* carried_cells, const void* input,
                                  const void* weight_ih,
                                  const void* weight_hh, const void* bias_ih, const void* bias_hh,
                                  const void* weight_hr, const void* h0, const void* c0, void* output, void* h_n,
@@ -164,17 +166,21 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   f.proj_clip = proj_clip;
   f.weight_hr = weight_hr;
   f.c0 = c0;
+  f.zoneout_h = zoneout_h;
+  f.zoneout_c = zoneout_c;
   f.c_n = c_n;
   f.cells = cells;
   f.hidden_pre_clip = hidden_pre_clip;
+  f.carried_cells = carried_cells;
   LstmBackwardParams b{};
   setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                       grad_weight_hh, grad_h0);
-  static_cast<LstmParams&>(b) = f;  // cell_clip, proj_clip, weight_hr, c0
+  static_cast<LstmParams&>(b) = f;  // cell_clip, proj_clip, weight_hr, c0, zoneout_h, zoneout_c
   b.grad_c_n = grad_c_n;
   b.cells = cells;
   b.hidden_pre_clip = proj_clip > 0 ? hidden_pre_clip : nullptr;
+  b.carried_cells = carried_cells;
   b.grad_bias = grad_bias;
   b.grad_weight_hr = grad_weight_hr;
   b.grad_c0 = grad_c0;
@@ -183,9 +189,11 @@ const char* rnntl_emulation_lstm(int dtype, int strategy, int threads, int sms, 
   });
 }
 
+// The same for one GRU layer-direction; zoneout: [T, B, H] keep weights or null.
 const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, int64_t steps, int64_t batch,
                                 int64_t input_size, int64_t hidden, int reverse, double state_clip, double gate_clip,
-                                const int64_t* lengths, const void* recurrent_mask, const void* input,
+                                const int64_t* lengths, const void* recurrent_mask, const void* zoneout,
+                                const void* input,
                                 const void* weight_ih,
                                 const void* weight_hh, const void* bias_ih, const void* bias_hh, const void* h0,
                                 void* output, void* h_n, void* gates, void* hidden_n, const void* grad_output,
@@ -196,11 +204,13 @@ const char* rnntl_emulation_gru(int dtype, int strategy, int threads, int sms, i
   setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
   f.hidden_n = hidden_n;
+  f.zoneout = zoneout;
   GruBackwardParams b{};
   setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
                       grad_weight_hh, grad_h0);
   b.hidden_n = hidden_n;
+  b.zoneout = zoneout;
   b.grad_bias_ih = grad_bias_ih;
   b.grad_bias_hh = grad_bias_hh;
   return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
@@ -283,7 +293,7 @@ extern "C" int rnntl_emulation_warp_selftest() {
 
 #ifdef RNNTL_EMULATION_MAIN
 // Race check: LSTM, GRU and Elman RNN, both strategies, forward + backward, variable
-// lengths and reverse, both clip modes, with and without a recurrent mask (the RNN once:
+// lengths and reverse, both clip modes, with a recurrent mask or with zoneout (the RNN once:
 // reverse, relu, mask and zoneout); the persistent results must also match the stepwise ones.
 namespace {
 
@@ -311,26 +321,36 @@ std::vector<float> dropout_mask(std::mt19937& rng, size_t n) {
   return v;
 }
 
+// Keep weights of zoneout as 0/1 draws (p = 0.5), as in training.
+std::vector<float> zoneout_draws(std::mt19937& rng, size_t n) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = float(rng() & 1);
+  return v;
+}
+
+// With `zoned`, zoneout of h and c.
 LstmRun run_lstm(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths,
-                 bool masked) {
+                 bool masked, bool zoned) {
   const int64_t T = 4, B = 3, I = 5, H = 7;
   std::mt19937 rng(1);
   auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 4 * H * I), whh = random_vector(rng, 4 * H * H);
   auto bih = random_vector(rng, 4 * H), bhh = random_vector(rng, 4 * H), h0 = random_vector(rng, B * H),
        c0 = random_vector(rng, B * H), go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H),
-       gcn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H);
+       gcn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H), keep_h = zoneout_draws(rng, T * B * H),
+       keep_c = zoneout_draws(rng, T * B * H);
   LstmRun r;
   r.output.resize(T * B * H);
   r.h_n.resize(B * H);
   r.c_n.resize(B * H);
-  std::vector<float> gates(T * B * 4 * H), cells(T * B * H), pre(T * B * H);
+  std::vector<float> gates(T * B * 4 * H), cells(T * B * H), pre(T * B * H), carried(T * B * H);
   r.grad_input.resize(T * B * I);
   std::vector<float> gwih(4 * H * I), gbias(4 * H), gc0(B * H);
   r.grad_weight_hh.resize(4 * H * H);
   r.grad_h0.resize(B * H);
   const char* error = rnntl_emulation_lstm(
       0, strategy, 32, 3, T, B, I, H, H, reverse, 0.8, 0.3, state_clip, gate_clip, lengths.data(),
-      masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(),
+      masked ? mask.data() : nullptr, zoned ? keep_h.data() : nullptr, zoned ? keep_c.data() : nullptr,
+      zoned ? carried.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(),
       c0.data(), r.output.data(), r.h_n.data(), r.c_n.data(), gates.data(), cells.data(), pre.data(), go.data(),
       ghn.data(), gcn.data(), r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbias.data(), nullptr,
       r.grad_h0.data(), gc0.data());
@@ -346,12 +366,13 @@ struct GruRun {
 };
 
 GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, const std::vector<int64_t>& lengths,
-               bool masked) {
+               bool masked, bool zoned) {
   const int64_t T = 4, B = 3, I = 5, H = 7;
   std::mt19937 rng(2);
   auto x = random_vector(rng, T * B * I), wih = random_vector(rng, 3 * H * I), whh = random_vector(rng, 3 * H * H);
   auto bih = random_vector(rng, 3 * H), bhh = random_vector(rng, 3 * H), h0 = random_vector(rng, B * H),
-       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H);
+       go = random_vector(rng, T * B * H), ghn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H),
+       keep = zoneout_draws(rng, T * B * H);
   GruRun r;
   r.output.resize(T * B * H);
   r.h_n.resize(B * H);
@@ -361,9 +382,9 @@ GruRun run_gru(int strategy, bool reverse, double state_clip, double gate_clip, 
   r.grad_h0.resize(B * H);
   const char* error = rnntl_emulation_gru(
       0, strategy, 32, 3, T, B, I, H, reverse, state_clip, gate_clip, lengths.data(),
-      masked ? mask.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), h0.data(),
-      r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(), r.grad_input.data(),
-      gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
+      masked ? mask.data() : nullptr, zoned ? keep.data() : nullptr, x.data(), wih.data(), whh.data(), bih.data(),
+      bhh.data(), h0.data(), r.output.data(), r.h_n.data(), gates.data(), hidden_n.data(), go.data(), ghn.data(),
+      r.grad_input.data(), gwih.data(), r.grad_weight_hh.data(), gbih.data(), gbhh.data(), r.grad_h0.data());
   if (error) {
     std::fprintf(stderr, "gru failed: %s\n", error);
     std::exit(2);
@@ -415,21 +436,21 @@ int main() {
     {
       const int mode = reverse;
       const double state_clip = mode == 0 ? 0.05 : 0.0, gate_clip = mode == 1 ? 0.05 : 0.0;
-      const bool masked = reverse == 1;
-      const LstmRun a = run_lstm(1, reverse, state_clip, gate_clip, lengths, masked);
-      const LstmRun b = run_lstm(2, reverse, state_clip, gate_clip, lengths, masked);
+      const bool masked = reverse == 1, zoned = reverse == 0;  // zoneout: the LSTM's and GRU's direct part
+      const LstmRun a = run_lstm(1, reverse, state_clip, gate_clip, lengths, masked, zoned);
+      const LstmRun b = run_lstm(2, reverse, state_clip, gate_clip, lengths, masked, zoned);
       const float dl = std::max({max_difference(a.output, b.output), max_difference(a.c_n, b.c_n),
                                  max_difference(a.grad_input, b.grad_input),
                                  max_difference(a.grad_weight_hh, b.grad_weight_hh),
                                  max_difference(a.grad_h0, b.grad_h0)});
-      const GruRun c = run_gru(1, reverse, state_clip, gate_clip, lengths, masked);
-      const GruRun d = run_gru(2, reverse, state_clip, gate_clip, lengths, masked);
+      const GruRun c = run_gru(1, reverse, state_clip, gate_clip, lengths, masked, zoned);
+      const GruRun d = run_gru(2, reverse, state_clip, gate_clip, lengths, masked, zoned);
       const float dg = std::max({max_difference(c.output, d.output), max_difference(c.h_n, d.h_n),
                                  max_difference(c.grad_input, d.grad_input),
                                  max_difference(c.grad_weight_hh, d.grad_weight_hh),
                                  max_difference(c.grad_h0, d.grad_h0)});
-      std::printf("reverse=%d mode=%s mask=%d: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
-                  mode == 0 ? "state" : "gates", int(masked), dl, dg);
+      std::printf("reverse=%d mode=%s mask=%d zoneout=%d: lstm stepwise vs persistent %.2e, gru %.2e\n", reverse,
+                  mode == 0 ? "state" : "gates", int(masked), int(zoned), dl, dg);
       if (!(dl < 1e-5f && dg < 1e-5f)) ++failures;
       if (masked) {  // the RNN once: its own parts (relu, zoneout's direct path) with the mask
         const RnnRun e = run_rnn(1, reverse, state_clip, gate_clip, lengths, masked);

@@ -123,29 +123,40 @@ struct LstmParams {
   double proj_clip;        // <= 0: off
   const void* weight_hr;   // [P, H] or null (no projection)
   const void* c0;          // [B, H] or null (zeros)
+  // Zoneout keep weights (docs/semantics.md section 10), every entry in [0, 1], or null:
+  // the carried h_t = d * h_{t-1} + (1 - d) * h~_t (h~_t after W_hr and proj_clip) and
+  // c_t = e * c_{t-1} + (1 - e) * c~_t (c~_t after cell_clip; h~_t reads c~_t).
+  const void* zoneout_h;   // [T, B, P] d
+  const void* zoneout_c;   // [T, B, H] e
 };
 
 struct LstmForwardParams : ForwardParams, LstmParams {
   void* c_n;               // [B, H]
   void* cells;             // [T, B, H]  cell before cell_clip; only when save
   void* hidden_pre_clip;   // [T, B, P]  hidden before proj_clip; only when save && proj_clip
+  void* carried_cells;     // [T, B, H]  the zoned c_t (zeros at padded steps); only when save && zoneout_c
 };
 
 struct LstmBackwardParams : BackwardParams, LstmParams {
   const void* grad_c_n;         // [B, H] or null
   const void* cells;            // [T, B, H]  saved cells before clip
   const void* hidden_pre_clip;  // [T, B, P] or null (only with proj_clip)
+  const void* carried_cells;    // [T, B, H] the forward's zoned c_t, or null (only with zoneout_c)
   void* grad_bias;              // [4H] (bias_ih and bias_hh have the same gradient)
   void* grad_weight_hr;         // [P, H]
   void* grad_c0;                // [B, H]
 };
 
 // GRU ("reset after"): G = 3H, gates r,z,n; P = H.
-struct GruForwardParams : ForwardParams {
+struct GruParams {
+  const void* zoneout;     // [T, B, H] keep weights d in [0, 1], or null: h_t = d * h_{t-1} + (1 - d) * h~_t
+};
+
+struct GruForwardParams : ForwardParams, GruParams {
   void* hidden_n;          // [T, B, H]  W_hn h_{t-1} + b_hn; only when save
 };
 
-struct GruBackwardParams : BackwardParams {
+struct GruBackwardParams : BackwardParams, GruParams {
   const void* hidden_n;    // [T, B, H]
   void* grad_bias_ih;      // [3H]
   void* grad_bias_hh;      // [3H]

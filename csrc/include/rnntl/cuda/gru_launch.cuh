@@ -56,6 +56,7 @@ struct GruLaunch : NoStateBesidesHidden {
     GruForwardArgs<T> s;
     fill_forward_args(s, p, w, plan);
     s.hidden_n = p.save ? typed<T>(p.hidden_n) : nullptr;
+    s.zoneout = typed<T>(p.zoneout);
     return s;
   }
 
@@ -72,6 +73,7 @@ struct GruLaunch : NoStateBesidesHidden {
     GruBackwardArgs<T> s;
     fill_backward_args(s, p, w, plan);
     s.hidden_n = typed<T>(p.hidden_n);
+    s.zoneout = typed<T>(p.zoneout);
     s.grad_input_gates_all = w.grad_input_gates_all;
     s.grad_hidden_gates_all = w.grad_hidden_gates_all;
     s.grad_hidden_gates = w.grad_hidden_gates;
@@ -83,7 +85,8 @@ struct GruLaunch : NoStateBesidesHidden {
                             const GruBackwardWorkspace<T>& w, const Gemm& gemm, void* stream) {
     const int64_t H = p.hidden, G = 3 * H;
     launch_kernel(pointwise_grid(p.batch * H), dim3(kPointwiseThreads), 0, stream, gru_backward_step_kernel<T>, s);
-    // dL/dh_{t-1} = z*dL/dh_t (already in the carry) + mask * (dL/d(W_hh h) W_hh), [n, 3H] @ [3H, H].
+    // dL/dh_{t-1} = z*dL/dh~_t (+ d*dL/dh_t with zoneout; already in the carry)
+    //             + mask * (dL/d(W_hh h) W_hh), [n, 3H] @ [3H, H].
     recurrent_hidden_gradient(p, w, gemm, s.running, G, static_cast<const T*>(w.grad_hidden_gates), true, stream);
   }
 

@@ -77,6 +77,9 @@ struct LstmLaunch {
     s.c_n = typed<T>(p.c_n);
     s.cells = p.save ? typed<T>(p.cells) : nullptr;
     s.hidden_pre_clip = (p.save && p.proj_clip > 0) ? typed<T>(p.hidden_pre_clip) : nullptr;
+    s.zoneout_h = typed<T>(p.zoneout_h);
+    s.zoneout_c = typed<T>(p.zoneout_c);
+    s.carried_cells = (p.save && p.zoneout_c) ? typed<T>(p.carried_cells) : nullptr;
     s.cell_state = w.cell_state;
     s.hidden_unprojected = w.hidden_unprojected;
     s.cell_clip = acc_t<T>(p.cell_clip);
@@ -90,7 +93,8 @@ struct LstmLaunch {
     gather_rows(s.c0, s.cell_state, p.order.order, p.batch, p.hidden, stream);
   }
 
-  // After the recurrent GEMM: the cell update, then with a projection h = clip(W_hr m).
+  // After the recurrent GEMM: the cell update, then with a projection h = clip(W_hr m)
+  // (zoned in the epilogue with zoneout_h).
   template <typename T>
   static void forward_step(const LstmForwardArgs<T>& s, const LstmForwardParams& p, const LstmForwardWorkspace<T>& w,
                            const Gemm& gemm, void* stream) {
@@ -99,9 +103,8 @@ struct LstmLaunch {
     launch_kernel(pointwise_grid(B * width), dim3(kPointwiseThreads), 0, stream, lstm_forward_step_kernel<T>, s);
     if (s.project && n > 0) {
       gemm(n, P, H, w.hidden_unprojected, H, false, p.weight_hr, H, true, w.projected, P, false);
-      launch_kernel(pointwise_grid(n * P), dim3(kPointwiseThreads), 0, stream, lstm_projection_epilogue_kernel<T>,
-                    static_cast<const T*>(w.projected), w.hidden_state, s.output, s.hidden_pre_clip, p.order.order, B,
-                    P, s.t, n, s.proj_clip);
+      launch_kernel(pointwise_grid(n * P), dim3(kPointwiseThreads), 0, stream, lstm_projection_epilogue_kernel<T>, s,
+                    static_cast<const T*>(w.projected));
     }
   }
 
@@ -120,6 +123,9 @@ struct LstmLaunch {
     s.c0 = typed<T>(p.c0);
     s.cells = typed<T>(p.cells);
     s.hidden_pre_clip = p.proj_clip > 0 ? typed<T>(p.hidden_pre_clip) : nullptr;
+    s.zoneout_h = typed<T>(p.zoneout_h);
+    s.zoneout_c = typed<T>(p.zoneout_c);
+    s.carried_cells = p.zoneout_c ? typed<T>(p.carried_cells) : nullptr;
     s.grad_c0 = typed<T>(p.grad_c0);
     s.grad_gates_all = w.grad_gates_all;
     s.grad_pre_clip = w.grad_pre_clip;
@@ -148,8 +154,10 @@ struct LstmLaunch {
     // Through the projection: dL/dm = dL/dh W_hr, [n, P] @ [P, H].
     if (p.weight_hr) gemm(n, H, P, w.grad_pre_clip, P, false, p.weight_hr, H, false, w.grad_hidden_unprojected, H, false);
     launch_kernel(pointwise_grid(B * width), dim3(kPointwiseThreads), 0, stream, lstm_backward_step_kernel<T>, s);
-    // dL/dh_{t-1} of the running slots: [n, 4H] @ W_hh [4H, P] (times the mask).
-    recurrent_hidden_gradient(p, w, gemm, n, G, static_cast<const T*>(w.grad_gates), false, stream);
+    // dL/dh_{t-1} of the running slots: [n, 4H] @ W_hh [4H, P] (times the mask), added to
+    // d * dL/dh_t (in the carry) with zoneout_h.
+    recurrent_hidden_gradient(p, w, gemm, n, G, static_cast<const T*>(w.grad_gates), p.zoneout_h != nullptr,
+                              stream);
   }
 
   template <typename T>

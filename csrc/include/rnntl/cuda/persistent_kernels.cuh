@@ -17,15 +17,17 @@
 //   forward_finished(s, row, u) zeros of a finished row's reserve
 //   kCellCarry                  the backward carries a second gradient across steps
 //                               (LSTM: dL/dc_t); when true:
-//     initial_cell_carry(s, b, u, owned) and final_cell_carry(s, b, u, carry)
-//   kDirectHiddenPath           dL/dh_{t-1} = direct + W_hh^T dL/da, the direct part left in
-//                               the per-unit value by backward_unit (GRU: z * dL/dh_t)
+//     initial_cell_carry(s, b, u, owned), final_cell_carry(s, b, u, carry) and
+//     backward_finished(s, cell_carry&)  a finished row: clamps the cell's carry (a padded
+//                               step has no compact row, so there is nothing to zero)
 //   kReadsPreviousHidden        backward_unit needs h_{t-1}
-//   backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, value&, exchange_row)
+//   backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, cell_carry&, direct&,
+//                 exchange_row)
 //                               gate gradients of a running item: into the compact rows of
-//                               the whole-sequence GEMMs and the exchange (row j of it)
-//   backward_finished(s, value&)  a finished row: clamps the cell's carry (a padded step
-//                               has no compact row, so there is nothing to zero)
+//                               the whole-sequence GEMMs and the exchange (row j of it);
+//                               `direct` gets the part of dL/dh_{t-1} that bypasses W_hh
+//                               (GRU: z * dL/dh~_t; zoneout: + d * dL/dh_t; else 0), to which
+//                               phase 2 adds W_hh^T dL/da
 // Recurrent dropout (args.recurrent_mask, [B, H] or null): the forward stages h_{t-1}
 // masked for the products, and the backward's phase 2 masks W_hh^T dL/da before adding
 // the direct part; phase 1 writes the masked h_{t-1} for dW_hh.
@@ -123,11 +125,12 @@ __global__ void persistent_forward_kernel(typename Cell::template ForwardArgs<T>
   }
 }
 
-// Shared memory: dL/d(W_hh h) of the running rows [B][G], the block's carry dL/dh and the
-// cell's per-unit value [B][U] each (acc_t<T>), then the block's columns of W_hh, [G][U].
+// Shared memory: dL/d(W_hh h) of the running rows [B][G], the block's carry dL/dh [B][U]
+// and, when kCellCarry, the cell's carry [B][U] (acc_t<T>), then the block's columns of
+// W_hh, [G][U].
 template <typename Cell, typename T>
 inline size_t persistent_backward_shared_bytes(int64_t batch, int64_t hidden, int64_t units) {
-  return size_t(batch * Cell::kGates * hidden + 2 * batch * units) * sizeof(acc_t<T>) +
+  return size_t(batch * Cell::kGates * hidden + (Cell::kCellCarry ? 2 : 1) * batch * units) * sizeof(acc_t<T>) +
          size_t(Cell::kGates * hidden * units) * sizeof(T);
 }
 
@@ -144,9 +147,11 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int64_t units = H - u0 < U ? H - u0 : U;
   A* gate_shared = reinterpret_cast<A*>(shared);  // [B][G]
-  A* carry = gate_shared + B * G;                 // [B][U] dL/dh_t
-  A* value = carry + B * U;                       // [B][U] the cell's per-unit value
-  T* weight_shared = reinterpret_cast<T*>(value + B * U);  // [U][G]
+  // carry: dL/dh_t, overwritten in phase 1 by the direct part of dL/dh_{t-1}, to which
+  // phase 2 adds the product's part.
+  A* carry = gate_shared + B * G;                 // [B][U]
+  A* cell_carry = carry + B * U;                  // [B][U] when kCellCarry
+  T* weight_shared = reinterpret_cast<T*>(cell_carry + (Cell::kCellCarry ? B * U : 0));  // [U][G]
 
   // The block's columns of W_hh, unit-major: row k is column u0 + k (g fastest, so the
   // lanes of a warp read consecutive words).
@@ -157,7 +162,7 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
   for (int64_t i = threadIdx.x; i < B * U; i += blockDim.x) {
     const int64_t j = i / U, k = i % U, b = s.order[j];
     carry[i] = (k < units && s.grad_h_n) ? to_acc(s.grad_h_n[b * H + u0 + k]) : A(0);
-    if constexpr (Cell::kCellCarry) value[i] = Cell::initial_cell_carry(s, b, u0 + k, k < units);
+    if constexpr (Cell::kCellCarry) cell_carry[i] = Cell::initial_cell_carry(s, b, u0 + k, k < units);
   }
   __syncthreads();
 
@@ -182,13 +187,16 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
         A dh = carry[item];
         if (s.grad_output) dh += to_acc(s.grad_output[row * H + u]);
         dh = clip_value(dh, s.state_clip);
-        Cell::backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, value[item], exchange + j * G);
+        A unused = A(0);
+        A& cell_value = Cell::kCellCarry ? cell_carry[item] : unused;
+        Cell::backward_unit(s, row, compact, prev_row, first, b, u, dh, h_prev, cell_value, carry[item],
+                            exchange + j * G);
         if (s.hidden_prev_all)
           s.hidden_prev_all[compact * H + u] =
               masked_value(s.recurrent_mask, b, H, u, Cell::kReadsPreviousHidden ? h_prev : hidden_prev());
       } else {
         carry[item] = clip_value(carry[item], s.state_clip);
-        Cell::backward_finished(s, value[item]);
+        if constexpr (Cell::kCellCarry) Cell::backward_finished(s, cell_carry[item]);
       }
     }
     grid_barrier(s.barrier, static_cast<unsigned int>(round + 1));
@@ -205,7 +213,7 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
       sum = warp_sum(sum);
       if (lane != 0) continue;
       if (s.recurrent_mask) sum *= to_acc(s.recurrent_mask[s.order[j] * H + u0 + k]);  // the product's part only
-      carry[item] = Cell::kDirectHiddenPath ? value[item] + sum : sum;
+      carry[item] += sum;  // the direct part is there
     }
     __syncthreads();
   }
@@ -214,7 +222,7 @@ __global__ void persistent_backward_kernel(typename Cell::template BackwardArgs<
     if (k >= units) continue;
     const int64_t b = s.order[j];
     if (s.grad_h0) s.grad_h0[b * H + u] = from_acc<T>(carry[item]);
-    if constexpr (Cell::kCellCarry) Cell::final_cell_carry(s, b, u, value[item]);
+    if constexpr (Cell::kCellCarry) Cell::final_cell_carry(s, b, u, cell_carry[item]);
   }
 }
 

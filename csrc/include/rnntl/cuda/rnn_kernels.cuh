@@ -167,23 +167,19 @@ struct RnnCell {
     rnn_forward_padding(s, row / s.batch, row % s.batch, u);
   }
 
-  // Backward: the per-unit value is the direct part d * dL/dh_t of dL/dh_{t-1} (0 without zoneout).
+  // Backward: no cell carry; the direct part of dL/dh_{t-1} is d * dL/dh_t (0 without zoneout).
   static constexpr bool kCellCarry = false;
-  static constexpr bool kDirectHiddenPath = true;
   static constexpr bool kReadsPreviousHidden = false;
 
   template <typename T>
   RNNTL_DEVICE static void backward_unit(const RnnBackwardArgs<T>& s, int64_t row, int64_t compact,
                                          int64_t /*prev_row*/, bool /*first*/, int64_t /*b*/, int64_t u,
-                                         acc_t<T> dh, T /*hidden_prev*/, acc_t<T>& direct, acc_t<T>* exchange) {
+                                         acc_t<T> dh, T /*hidden_prev*/, acc_t<T>& /*cell_carry*/, acc_t<T>& direct,
+                                         acc_t<T>* exchange) {
     const T da = from_acc<T>(rnn_backward_item(s, row, compact, u, dh, direct));
     s.grad_preactivation_all[compact * s.hidden + u] = da;
     exchange[u] = to_acc(da);
   }
-
-  // A finished row: nothing besides the skeleton's clamp of its dL/dh carry.
-  template <typename T>
-  RNNTL_DEVICE static void backward_finished(const RnnBackwardArgs<T>&, acc_t<T>& /*direct*/) {}
 };
 
 }  // namespace cuda
