@@ -67,6 +67,40 @@ at::Tensor compact_rows(const at::Tensor& saved, int64_t valid_rows) {
   return saved.view({-1, saved.size(2)}).narrow(0, 0, valid_rows);
 }
 
+// out[w] = sum over the rows r of a[r, w] * b[r, w]: the gains' gradients (dL/dy times the
+// normalised values, summed over every valid row) in one pass over both operands, without
+// the [N, W] product that (a * b).sum(0) writes and reads back. Column blocks run in
+// parallel; float sums accumulate in double (N may be T*B rows).
+template <typename T>
+void column_dot_into(const T* a, int64_t a_stride, const T* b, int64_t b_stride, int64_t rows, int64_t width,
+                     T* out) {
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (width + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    double sums[kBlock];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kBlock, count = std::min(kBlock, width - first);
+      std::fill(sums, sums + count, 0.0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* ra = a + r * a_stride + first;
+        const T* rb = b + r * b_stride + first;
+#pragma omp simd
+        for (int64_t k = 0; k < count; ++k) sums[k] += double(ra[k]) * double(rb[k]);
+      }
+      for (int64_t k = 0; k < count; ++k) out[first + k] = static_cast<T>(sums[k]);
+    }
+  });
+}
+
+// a, b: [N, W] with contiguous rows -> [W].
+at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(1)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rnntl_fast::column_dot", [&] {
+    column_dot_into(a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(), b.stride(0), a.size(0), a.size(1),
+                    out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 // h_{t-1} of slot j at step t (a valid step): the initial state on the row's first step,
 // else the carried state, which is the previous step's output.
 template <typename T>
@@ -649,9 +683,9 @@ class LnLstmBackward {
         want_weight_hr() ? transposed_product(grad_fresh_hidden_, unprojected_all_) : none(),
         mask_[kH0] ? sequence_.batch_major(grad_hidden_carry_) : none(),
         mask_[kC0] ? sequence_.batch_major(grad_cell_carry_) : none(),
-        mask_[kGainIh] ? (grad_a * normalized.narrow(1, 0, G)).sum(0) : none(),
-        mask_[kGainHh] ? (grad_a * normalized.narrow(1, G, G)).sum(0) : none(),
-        mask_[kCellGain] ? (grad_normalized_cell_ * cells.narrow(1, H, H)).sum(0) : none(),
+        mask_[kGainIh] ? column_dot(grad_a, normalized.narrow(1, 0, G)) : none(),
+        mask_[kGainHh] ? column_dot(grad_a, normalized.narrow(1, G, G)) : none(),
+        mask_[kCellGain] ? column_dot(grad_normalized_cell_, cells.narrow(1, H, H)) : none(),
         mask_[kCellBias] ? grad_normalized_cell_.sum(0) : none()};
   }
 
@@ -1042,8 +1076,8 @@ class LnGruBackward {
         mask_[kGruBiasIh] ? grad_input_gates_.sum(0) : none(),
         mask_[kGruBiasHh] ? grad_hidden_gates_.sum(0) : none(),
         mask_[kGruH0] ? sequence_.batch_major(grad_hidden_carry_) : none(),
-        mask_[kGruGainIh] ? (grad_input_gates_ * normalized.narrow(1, 0, G)).sum(0) : none(),
-        mask_[kGruGainHh] ? (grad_hidden_gates_ * normalized.narrow(1, G, G)).sum(0) : none()};
+        mask_[kGruGainIh] ? column_dot(grad_input_gates_, normalized.narrow(1, 0, G)) : none(),
+        mask_[kGruGainHh] ? column_dot(grad_hidden_gates_, normalized.narrow(1, G, G)) : none()};
   }
 
  private:
