@@ -79,7 +79,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, median of {args.repeats}")
-    print("| cell | T, B, I, H | plain (ms) | layer norm (ms) | cell loop (ms) | cost vs plain | speedup vs cell loop |")
+    print("| cell | T, B, I, H | plain (ms) | layer norm (ms) | cell loop (ms) | cost vs plain "
+          "| speedup vs cell loop |")
     print("|---|---|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     for cell in ("lstm", "gru"):

@@ -769,8 +769,8 @@ RNNTL_ROW_INLINE void ln_gru_forward_row(const LnGruForwardStep<T>& s, int64_t j
     const GruForwardElement<T> e = gru_element_forward(
         layer_norm_affine(xn[k], gi[k], bi[k]), layer_norm_affine(xn[H + k], gi[H + k], bi[H + k]),
         layer_norm_affine(xn[2 * H + k], gi[2 * H + k], bi[2 * H + k]), layer_norm_affine(hn[k], gh[k], bh[k]),
-        layer_norm_affine(hn[H + k], gh[H + k], bh[H + k]), layer_norm_affine(hn[2 * H + k], gh[2 * H + k], bh[2 * H + k]),
-        h[k]);
+        layer_norm_affine(hn[H + k], gh[H + k], bh[H + k]),
+        layer_norm_affine(hn[2 * H + k], gh[2 * H + k], bh[2 * H + k]), h[k]);
     act[k] = e.r;
     act[H + k] = e.z;
     act[2 * H + k] = e.n;
@@ -783,7 +783,8 @@ RNNTL_ROW_INLINE void ln_gru_forward_row(const LnGruForwardStep<T>& s, int64_t j
 
 template <typename T>
 RNNTL_ROW_INLINE void ln_gru_forward_rows(const LnGruForwardStep<T>& s, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j) s.zoneout ? ln_gru_forward_row<T, true>(s, j) : ln_gru_forward_row<T, false>(s, j);
+  for (int64_t j = begin; j < end; ++j)
+    s.zoneout ? ln_gru_forward_row<T, true>(s, j) : ln_gru_forward_row<T, false>(s, j);
 }
 
 RNNTL_VECTOR_CLONES void ln_gru_forward_rows_entry(const LnGruForwardStep<float>& s, int64_t begin, int64_t end) {

@@ -134,8 +134,8 @@ def lstm(
     if batch == 0:
         return _empty_results(input, [(steps, 0, out_size), (0, out_size), (0, hidden)],
                               (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0), extras)
-    return _lstm_backend(chosen, "layer_norm" in extras)(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
-                                 options=options, **extras)
+    run = _lstm_backend(chosen, "layer_norm" in extras)
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, options=options, **extras)
 
 
 def gru(
@@ -181,7 +181,8 @@ def gru(
     if batch == 0:
         return _empty_results(input, [(steps, 0, hidden), (0, hidden)], (weight_ih, weight_hh, bias_ih, bias_hh, h0),
                               extras)
-    return _gru_backend(chosen, "layer_norm" in extras)(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options, **extras)
+    run = _gru_backend(chosen, "layer_norm" in extras)
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options, **extras)
 
 
 NONLINEARITIES = ("tanh", "relu")
