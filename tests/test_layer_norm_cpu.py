@@ -4,6 +4,9 @@ an independent cell loop written here with torch.nn.functional.layer_norm (docs/
 section 10; error rule: section 7), forward and every gradient, over every option of
 rnntl_fast.ops.lstm / gru; the modules with layer_norm=True on the default backend against
 backend="reference"."""
+import os
+import subprocess
+import sys
 from typing import NamedTuple, Optional, Tuple
 
 import pytest
@@ -291,6 +294,17 @@ def test_float32_within_error_rule(case):
         if e is not None:
             assert a.dtype == torch.float32
             assert_within_error_rule(name, a, b, e, torch.float32)
+
+
+def test_library_products_within_error_rule():
+    """RNNTL_CPU_GEMM=library (read once per process) moves the float32 products off the own
+    kernel onto oneDNN / MKL: the float32 cases again, in a child process. (at::mm, what
+    RNNTL_CPU_GEMM=aten picks, is what every float64 case runs.)"""
+    child = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                            "-k", "test_float32_within_error_rule"], env=dict(os.environ, RNNTL_CPU_GEMM="library"),
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert f"{len(F32_CASES)} passed" in child.stdout, child.stdout[-2000:]
 
 
 def test_float32_on_two_threads_equals_one_thread():
