@@ -230,11 +230,14 @@ def assert_all_close(case, fast, expected, rtol=1e-9, atol=1e-11):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+LSTM_ONLY = ("proj", "cell_clip", "proj_clip", "cell_terms")
+
+
 def _both(**kwargs):
+    """The case for the LSTM and the GRU."""
     return [Case(cell="lstm", **kwargs), Case(cell="gru", **{k: v for k, v in kwargs.items() if k not in LSTM_ONLY})]
 
 
-LSTM_ONLY = ("proj", "cell_clip", "proj_clip", "cell_terms")
 F64_CASES = [
     *_both(),
     Case(T=1, B=1, I=3, H=5),
