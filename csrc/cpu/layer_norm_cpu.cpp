@@ -29,6 +29,9 @@
 #include <rnntl/cell_math.h>
 #include <rnntl/layer_norm_math.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace rnntl {
 namespace cpu {
 namespace {
@@ -69,26 +72,32 @@ at::Tensor compact_rows(const at::Tensor& saved, int64_t valid_rows) {
 
 // out[w] = sum over the rows r of a[r, w] * b[r, w]: the gains' gradients (dL/dy times the
 // normalised values, summed over every valid row) in one pass over both operands, without
-// the [N, W] product that (a * b).sum(0) writes and reads back. Column blocks run in
-// parallel; float sums accumulate in double (N may be T*B rows).
+// the [N, W] product that (a * b).sum(0) writes and reads back. Rows are read in order (a
+// column-block order strides through memory, which the prefetchers do not follow), in
+// fixed chunks whose partial sums (double) are added in chunk order: the result does not
+// depend on the thread count.
 template <typename T>
 void column_dot_into(const T* a, int64_t a_stride, const T* b, int64_t b_stride, int64_t rows, int64_t width,
                      T* out) {
-  constexpr int64_t kBlock = 64;
-  at::parallel_for(0, (width + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    double sums[kBlock];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * kBlock, count = std::min(kBlock, width - first);
-      std::fill(sums, sums + count, 0.0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* ra = a + r * a_stride + first;
-        const T* rb = b + r * b_stride + first;
+  constexpr int64_t kChunkRows = 256;
+  const int64_t chunks = std::max<int64_t>(1, (rows + kChunkRows - 1) / kChunkRows);
+  std::vector<double> partial(chunks * width, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      double* __restrict__ sums = partial.data() + chunk * width;
+      for (int64_t r = chunk * kChunkRows; r < std::min(rows, (chunk + 1) * kChunkRows); ++r) {
+        const T* __restrict__ ra = a + r * a_stride;
+        const T* __restrict__ rb = b + r * b_stride;
 #pragma omp simd
-        for (int64_t k = 0; k < count; ++k) sums[k] += double(ra[k]) * double(rb[k]);
+        for (int64_t k = 0; k < width; ++k) sums[k] += double(ra[k]) * double(rb[k]);
       }
-      for (int64_t k = 0; k < count; ++k) out[first + k] = static_cast<T>(sums[k]);
     }
   });
+  for (int64_t k = 0; k < width; ++k) {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * width + k];
+    out[k] = static_cast<T>(sum);
+  }
 }
 
 // a, b: [N, W] with contiguous rows -> [W].
