@@ -29,6 +29,22 @@ namespace rnntl {
 // torch.nn.functional.layer_norm's default eps, the one docs/semantics.md defines.
 constexpr double kLayerNormEps = 1e-5;
 
+// The type a row's sums accumulate in: double for float rows on the host, so that the
+// statistics do not depend on the order of the additions (a build without vectorization,
+// a sanitizer build say, sums a 4H row one element after the other, and float sums lost
+// enough there to double the float32 error of the gains' gradients); device code keeps T
+// (a CUDA kernel would reduce across threads instead).
+template <typename T>
+struct RowAccumulator {
+  using type = T;
+};
+#if !defined(__CUDACC__)
+template <>
+struct RowAccumulator<float> {
+  using type = double;
+};
+#endif
+
 // 1/std of a row from its biased variance.
 template <typename T>
 RNNTL_HOST_DEVICE T layer_norm_inverse_std(T variance) {
@@ -44,16 +60,18 @@ RNNTL_HOST_DEVICE T layer_norm_inverse_std(T variance) {
 // precision than the one-pass sum of squares.
 template <typename T>
 RNNTL_HOST_DEVICE T layer_norm_row_forward(const T* v, T* normalized, int64_t n) {
-  T sum = T(0);
+  using Acc = typename RowAccumulator<T>::type;
+  Acc sum = Acc(0);
   RNNTL_SIMD_REDUCTION(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += v[k];
-  const T mean = sum / T(n);
-  T squares = T(0);
+  for (int64_t k = 0; k < n; ++k) sum += Acc(v[k]);
+  const Acc mean = sum / Acc(n);
+  Acc squares = Acc(0);
   RNNTL_SIMD_REDUCTION(+ : squares)
-  for (int64_t k = 0; k < n; ++k) squares += (v[k] - mean) * (v[k] - mean);
-  const T inverse_std = layer_norm_inverse_std(squares / T(n));
+  for (int64_t k = 0; k < n; ++k) squares += (Acc(v[k]) - mean) * (Acc(v[k]) - mean);
+  const T inverse_std = T(layer_norm_inverse_std(squares / Acc(n)));
+  const T row_mean = T(mean);
   RNNTL_SIMD
-  for (int64_t k = 0; k < n; ++k) normalized[k] = (v[k] - mean) * inverse_std;
+  for (int64_t k = 0; k < n; ++k) normalized[k] = (v[k] - row_mean) * inverse_std;
   return inverse_std;
 }
 
@@ -63,14 +81,15 @@ RNNTL_HOST_DEVICE T layer_norm_row_forward(const T* v, T* normalized, int64_t n)
 template <typename T>
 RNNTL_HOST_DEVICE void layer_norm_row_backward(const T* grad, const T* gain, const T* normalized, T inverse_std,
                                                T* grad_v, int64_t n) {
-  T sum = T(0), dot = T(0);
+  using Acc = typename RowAccumulator<T>::type;
+  Acc sum = Acc(0), dot = Acc(0);
   RNNTL_SIMD_REDUCTION(+ : sum, dot)
   for (int64_t k = 0; k < n; ++k) {
     const T d = grad[k] * gain[k];
-    sum += d;
-    dot += d * normalized[k];
+    sum += Acc(d);
+    dot += Acc(d) * Acc(normalized[k]);
   }
-  const T mean = sum / T(n), mean_dot = dot / T(n);
+  const T mean = T(sum / Acc(n)), mean_dot = T(dot / Acc(n));
   RNNTL_SIMD
   for (int64_t k = 0; k < n; ++k) grad_v[k] = inverse_std * (grad[k] * gain[k] - mean - normalized[k] * mean_dot);
 }
