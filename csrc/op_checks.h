@@ -250,4 +250,101 @@ inline RnnSizes check_rnn_backward_arguments(
   return s;
 }
 
+// Every argument of rnntl_fast::layer_norm_lstm_forward except lengths and the device/dtype
+// of input: lstm_forward's, plus recurrent_mask [B, P], zoneout_h [T, B, P], zoneout_c
+// [T, B, H], layer_norm_ih and layer_norm_hh [4H], layer_norm_cell_weight and
+// layer_norm_cell_bias [H].
+inline LstmSizes check_layer_norm_lstm_forward_arguments(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    const at::Tensor& layer_norm_ih, const at::Tensor& layer_norm_hh,
+    const std::optional<at::Tensor>& layer_norm_cell_weight, const std::optional<at::Tensor>& layer_norm_cell_bias,
+    double cell_clip, double proj_clip, double state_clip, double gate_clip) {
+  const LstmSizes s = check_lstm_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0,
+                                                   cell_clip, proj_clip, state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, P = s.out_size;
+  check_optional(recurrent_mask, input, {B, P}, "recurrent_mask");
+  check_optional(zoneout_h, input, {T, B, P}, "zoneout_h");
+  check_optional(zoneout_c, input, {T, B, H}, "zoneout_c");
+  check_optional(layer_norm_ih, input, {4 * H}, "layer_norm_ih");
+  check_optional(layer_norm_hh, input, {4 * H}, "layer_norm_hh");
+  check_optional(layer_norm_cell_weight, input, {H}, "layer_norm_cell_weight");
+  check_optional(layer_norm_cell_bias, input, {H}, "layer_norm_cell_bias");
+  return s;
+}
+
+// Every argument of rnntl_fast::layer_norm_lstm_backward except lengths and the
+// device/dtype of input; the reserve as layer_norm_lstm_forward returns it.
+inline LstmSizes check_layer_norm_lstm_backward_arguments(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    const at::Tensor& layer_norm_ih, const at::Tensor& layer_norm_hh,
+    const std::optional<at::Tensor>& layer_norm_cell_weight, const std::optional<at::Tensor>& layer_norm_cell_bias,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& normalized, const at::Tensor& cells,
+    const at::Tensor& inverse_std, const at::Tensor& hidden_pre_clip, double cell_clip, double proj_clip,
+    double state_clip, double gate_clip) {
+  const LstmSizes s = check_layer_norm_lstm_forward_arguments(
+      input, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr, h0, c0, recurrent_mask, zoneout_h,
+      zoneout_c, layer_norm_ih, layer_norm_hh, layer_norm_cell_weight, layer_norm_cell_bias, cell_clip, proj_clip,
+      state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, P = s.out_size;
+  check_optional(grad_output, input, {T, B, P}, "grad_output");
+  check_optional(grad_h_n, input, {B, P}, "grad_h_n");
+  check_optional(grad_c_n, input, {B, H}, "grad_c_n");
+  check_optional(output, input, {T, B, P}, "output");
+  check_optional(gates, input, {T, B, 4 * H}, "gates (forward run without save_for_backward?)");
+  check_optional(normalized, input, {T, B, 8 * H}, "normalized (forward run without save_for_backward?)");
+  check_optional(cells, input, {T, B, 3 * H}, "cells (forward run without save_for_backward?)");
+  check_optional(inverse_std, input, {T, B, 3}, "inverse_std (forward run without save_for_backward?)");
+  if (proj_clip > 0) check_optional(hidden_pre_clip, input, {T, B, P}, "hidden_pre_clip");
+  return s;
+}
+
+// Every argument of rnntl_fast::layer_norm_gru_forward except lengths and the device/dtype
+// of input: gru_forward's, plus recurrent_mask [B, H], zoneout [T, B, H], layer_norm_ih and
+// layer_norm_hh [3H].
+inline GruSizes check_layer_norm_gru_forward_arguments(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout, const at::Tensor& layer_norm_ih, const at::Tensor& layer_norm_hh,
+    double state_clip, double gate_clip) {
+  const GruSizes s =
+      check_gru_forward_arguments(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden;
+  check_optional(recurrent_mask, input, {B, H}, "recurrent_mask");
+  check_optional(zoneout, input, {T, B, H}, "zoneout");
+  check_optional(layer_norm_ih, input, {3 * H}, "layer_norm_ih");
+  check_optional(layer_norm_hh, input, {3 * H}, "layer_norm_hh");
+  return s;
+}
+
+// Every argument of rnntl_fast::layer_norm_gru_backward except lengths and the device/dtype
+// of input; the reserve as layer_norm_gru_forward returns it.
+inline GruSizes check_layer_norm_gru_backward_arguments(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout, const at::Tensor& layer_norm_ih, const at::Tensor& layer_norm_hh,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& normalized, const at::Tensor& inverse_std,
+    double state_clip, double gate_clip) {
+  const GruSizes s = check_layer_norm_gru_forward_arguments(input, weight_ih, weight_hh, std::nullopt, bias_hh, h0,
+                                                            recurrent_mask, zoneout, layer_norm_ih, layer_norm_hh,
+                                                            state_clip, gate_clip);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden;
+  check_optional(grad_output, input, {T, B, H}, "grad_output");
+  check_optional(grad_h_n, input, {B, H}, "grad_h_n");
+  check_optional(output, input, {T, B, H}, "output");
+  check_optional(gates, input, {T, B, 3 * H}, "gates (forward run without save_for_backward?)");
+  check_optional(normalized, input, {T, B, 6 * H}, "normalized (forward run without save_for_backward?)");
+  check_optional(inverse_std, input, {T, B, 2}, "inverse_std (forward run without save_for_backward?)");
+  return s;
+}
+
 }  // namespace rnntl

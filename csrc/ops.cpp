@@ -63,6 +63,47 @@ TORCH_LIBRARY(rnntl_fast, m) {
       "Tensor weight_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, "
       "Tensor output, Tensor activations, bool relu, bool reverse, float state_clip, float gate_clip, "
       "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Layer-normalised LSTM (docs/semantics.md section 10): lstm_forward's arguments plus the
+  // zoneout keep weights zoneout_h [T,B,P] and zoneout_c [T,B,H] and the norms' terms
+  // layer_norm_ih, layer_norm_hh [4H] (gains) and layer_norm_cell_weight, layer_norm_cell_bias
+  // [H] (absent: 1 and 0); bias_ih / bias_hh add after the norms. Masks and keep weights get
+  // no gradient. -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], normalized [T,B,8H],
+  // cells [T,B,3H], inverse_std [T,B,3], hidden_pre_clip [T,B,P]); the reserve (docs/cpu.md,
+  // "Layer normalisation") is empty unless save_for_backward (hidden_pre_clip also unless proj_clip).
+  m.def(
+      "layer_norm_lstm_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor? recurrent_mask, "
+      "Tensor? zoneout_h, Tensor? zoneout_c, Tensor layer_norm_ih, Tensor layer_norm_hh, "
+      "Tensor? layer_norm_cell_weight, Tensor? layer_norm_cell_bias, bool reverse, float cell_clip, "
+      "float proj_clip, float state_clip, float gate_clip, bool save_for_backward) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias (the same for bias_ih and
+  // bias_hh), grad_weight_hr, grad_h0, grad_c0, grad_layer_norm_ih, grad_layer_norm_hh,
+  // grad_layer_norm_cell_weight, grad_layer_norm_cell_bias)
+  m.def(
+      "layer_norm_lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor? h0, Tensor? c0, Tensor? lengths, "
+      "Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, Tensor layer_norm_ih, Tensor layer_norm_hh, "
+      "Tensor? layer_norm_cell_weight, Tensor? layer_norm_cell_bias, Tensor output, Tensor gates, "
+      "Tensor normalized, Tensor cells, Tensor inverse_std, Tensor hidden_pre_clip, bool reverse, "
+      "float cell_clip, float proj_clip, float state_clip, float gate_clip, bool[11] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Layer-normalised GRU: gru_forward's arguments plus recurrent_mask [B,H], zoneout keep
+  // weights [T,B,H] and the gains layer_norm_ih, layer_norm_hh [3H]. -> (output [T,B,H],
+  // h_n [B,H], gates [T,B,3H], normalized [T,B,6H], inverse_std [T,B,2])
+  m.def(
+      "layer_norm_gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, "
+      "Tensor layer_norm_ih, Tensor layer_norm_hh, bool reverse, float state_clip, float gate_clip, "
+      "bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0,
+  // grad_layer_norm_ih, grad_layer_norm_hh). bias_hh: the backward of r * gh_n reads gh_n.
+  m.def(
+      "layer_norm_gru_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_hh, Tensor? h0, Tensor? lengths, Tensor? recurrent_mask, Tensor? zoneout, "
+      "Tensor layer_norm_ih, Tensor layer_norm_hh, Tensor output, Tensor gates, Tensor normalized, "
+      "Tensor inverse_std, bool reverse, float state_clip, float gate_clip, bool[8] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from . import native
+from . import layer_norm_native, native
 from .backend import BACKENDS, check_backend_runs, select_backend
 from .checks import (check_gru_arguments, check_layer_norm, check_lstm_arguments, check_recurrent_mask,
                      check_zoneout, normalize_lengths)
@@ -41,8 +41,11 @@ def _given(**arguments):
     return {name: value for name, value in arguments.items() if value is not None}
 
 
-def _lstm_backend(name: str):
-    """The function of backend `name` that runs one LSTM layer-direction."""
+def _lstm_backend(name: str, layer_norm: bool = False):
+    """The function of backend `name` that runs one LSTM layer-direction (layer_norm: a
+    layer-normalised one)."""
+    if name == "cpu" and layer_norm:
+        return layer_norm_native.lstm_layer_norm_native
     if name in ("cpu", "cuda"):
         return native.lstm_native
     if name == "triton":
@@ -51,8 +54,11 @@ def _lstm_backend(name: str):
     return lambda *tensors, options, **extras: lstm_reference(*tensors, **options._asdict(), **extras)
 
 
-def _gru_backend(name: str):
-    """The function of backend `name` that runs one GRU layer-direction."""
+def _gru_backend(name: str, layer_norm: bool = False):
+    """The function of backend `name` that runs one GRU layer-direction (layer_norm: a
+    layer-normalised one)."""
+    if name == "cpu" and layer_norm:
+        return layer_norm_native.gru_layer_norm_native
     if name in ("cpu", "cuda"):
         return native.gru_native
     if name == "triton":
@@ -128,8 +134,8 @@ def lstm(
     if batch == 0:
         return _empty_results(input, [(steps, 0, out_size), (0, out_size), (0, hidden)],
                               (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0), extras)
-    return _lstm_backend(chosen)(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths,
-                                 options=options, **extras)
+    run = _lstm_backend(chosen, "layer_norm" in extras)
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, lengths, options=options, **extras)
 
 
 def gru(
@@ -175,7 +181,8 @@ def gru(
     if batch == 0:
         return _empty_results(input, [(steps, 0, hidden), (0, hidden)], (weight_ih, weight_hh, bias_ih, bias_hh, h0),
                               extras)
-    return _gru_backend(chosen)(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options, **extras)
+    run = _gru_backend(chosen, "layer_norm" in extras)
+    return run(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, options=options, **extras)
 
 
 NONLINEARITIES = ("tanh", "relu")

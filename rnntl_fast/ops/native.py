@@ -94,6 +94,8 @@ def register() -> None:
     register_rnn_autograd("rnntl_fast::rnn_forward", lambda *args: torch.ops.rnntl_fast.rnn_backward(*args))
     for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward", "rnntl_fast::rnn_backward"):
         torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
+    from . import layer_norm_native  # the layer-normalised cells' ops (imports this module)
+    layer_norm_native.register(_no_double_backward, _no_double_backward_setup)
     REGISTERED = True
 
 
