@@ -408,7 +408,7 @@ def test_dropouts_need_no_kernel_in_eval_mode():
     regularized = rnntl_fast.LSTM(4, 6, recurrent_dropout=0.5, weight_drop=0.5).eval()
     x = torch.randn(5, 3, 4)
     assert torch.equal(plain(x)[0], regularized(x)[0])
-    # In training the cpu kernels run the drawn masks (tests/test_recurrent_dropout_cpu.py checks the values).
+    # In training the cpu kernels run the drawn masks (tests/test_recurrent_regularizers_cpu.py checks the values).
     trained = regularized.train()(x)[0]
     assert torch.isfinite(trained).all() and not torch.equal(trained, plain(x)[0])
 
@@ -569,7 +569,7 @@ def _optional_value(cell, shape):
 @pytest.mark.parametrize("cell,name,shape", OPTIONAL, ids=[f"{c}-{n}" for c, n, _ in OPTIONAL])
 def test_a_backend_without_the_option_refuses_it_by_name(cell, name, shape, backend):
     if name in BACKEND_RUNS["cpu"].get(cell, ()):
-        tests = "tests/test_layer_norm_cpu.py" if name == "layer_norm" else "tests/test_recurrent_dropout_cpu.py"
+        tests = "tests/test_layer_norm_cpu.py" if name == "layer_norm" else "tests/test_recurrent_regularizers_cpu.py"
         pytest.skip(f"the cpu backend runs {name} of {cell} ({tests})")
     value = _optional_value(cell, shape)
     pattern = rf"rnntl_fast.ops.{cell}: backend 'cpu'.* does not run {name} yet; pass backend='reference'"
