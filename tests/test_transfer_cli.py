@@ -66,6 +66,16 @@ def test_finetune_with_regularizers_in_the_recurrence_saves_them_and_times_torch
     assert (layer.recurrent_dropout, layer.weight_drop, layer.zoneout) == (0.2, 0.4, 0.1)
 
 
+def test_finetune_with_layer_norm_builds_layer_normalised_cells_and_skips_the_torch_nn_timing(tiny_data, tmp_path,
+                                                                                               capsys):
+    assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2", "--layer-norm")) == 0
+    assert "no throughput comparison: a layer-normalised model has no torch.nn form" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["recipe"]["layer_norm"] is True and "throughput" not in metrics
+    encoder = load_encoder(str(tmp_path / "encoder.pt"))
+    assert encoder.layers[0].layer_norm and hasattr(encoder.layers[0], "layer_norm_hh_weight_l0")
+
+
 def test_finetune_cli_smoke_writes_metrics_and_plot(tiny_data, tmp_path):
     assert main(tiny_args(tiny_data, tmp_path, "--throughput-steps", "2")) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
