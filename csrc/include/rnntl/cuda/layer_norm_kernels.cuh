@@ -67,10 +67,13 @@ RNNTL_DEVICE void two_row_statistics(const T* a, const T* b, int64_t n, acc_t<T>
     squares[1] += db * db;
   }
   block_sums<2>(squares, shared);
+  // 1/std rounded to T, as the reserve keeps it: the backward then differentiates exactly
+  // the norm the forward applied (with 1/std in a half type, float16 runs had twice the
+  // reference's gradient error otherwise).
   stats[0] = mean_a;
-  stats[1] = layer_norm_inverse_std(squares[0] / A(n));
+  stats[1] = to_acc(from_acc<T>(layer_norm_inverse_std(squares[0] / A(n))));
   stats[2] = mean_b;
-  stats[3] = layer_norm_inverse_std(squares[1] / A(n));
+  stats[3] = to_acc(from_acc<T>(layer_norm_inverse_std(squares[1] / A(n))));
 }
 
 template <typename T>
@@ -385,10 +388,27 @@ __global__ void ln_lstm_backward_row_kernel(LnLstmBackwardArgs<T> s) {
   const T* hn = xn + G;
   const T* cells = s.cells + row * 3 * H;
   A* work = s.cell_work + j * H;
+  // LN(c~) again from the saved c~ before clip, its statistics in float from the dtype's
+  // c~ as the reference's norm backward takes them, rather than from the saved LN(c~) and
+  // 1/std rounded to the dtype (two block sums more).
+  A cell_stats[1] = {A(0)};
+  for (int64_t k = threadIdx.x; k < H; k += blockDim.x) cell_stats[0] += clip_value(to_acc(cells[k]), s.cell_clip);
+  block_sums<1>(cell_stats, shared);
+  const A fresh_mean = cell_stats[0] / A(H);
+  A squares[1] = {A(0)};
+  for (int64_t k = threadIdx.x; k < H; k += blockDim.x) {
+    const A centred = clip_value(to_acc(cells[k]), s.cell_clip) - fresh_mean;
+    squares[0] += centred * centred;
+  }
+  block_sums<1>(squares, shared);
+  const A cell_inverse_std = layer_norm_inverse_std(squares[0] / A(H));
+  const auto normalized_cell = [&](int64_t k) {
+    return (clip_value(to_acc(cells[k]), s.cell_clip) - fresh_mean) * cell_inverse_std;
+  };
   // dL/dy, y = LN(c~) g_c + b_c, and its norm's two sums.
   A cell_sums[2] = {A(0), A(0)};
   for (int64_t k = threadIdx.x; k < H; k += blockDim.x) {
-    const A o = to_acc(act[3 * H + k]), y = to_acc(cells[H + k]), gain = value_or(s.cell_gain, k, A(1));
+    const A o = to_acc(act[3 * H + k]), y = normalized_cell(k), gain = value_or(s.cell_gain, k, A(1));
     const A tanh_cell = tanh_activation(layer_norm_affine(y, gain, value_or(s.cell_bias, k, A(0))));
     const A dy = lstm_normalized_cell_gradient(o, tanh_cell, to_acc(s.grad_hidden_unprojected[j * H + k]));
     work[k] = dy;
@@ -399,10 +419,9 @@ __global__ void ln_lstm_backward_row_kernel(LnLstmBackwardArgs<T> s) {
   }
   block_sums<2>(cell_sums, shared);
   const A cell_mean = cell_sums[0] / A(H), cell_dot = cell_sums[1] / A(H);
-  const A cell_inverse_std = to_acc(s.inverse_std[row * 3 + 2]);
   A gate_sums[4] = {A(0), A(0), A(0), A(0)};
   for (int64_t k = threadIdx.x; k < H; k += blockDim.x) {
-    const A y = to_acc(cells[H + k]), gain = value_or(s.cell_gain, k, A(1));
+    const A y = normalized_cell(k), gain = value_or(s.cell_gain, k, A(1));
     const A tanh_cell = tanh_activation(layer_norm_affine(y, gain, value_or(s.cell_bias, k, A(0))));
     const A through_norm = cell_inverse_std * (work[k] * gain - cell_mean - y * cell_dot);
     const LayerNormCellGradient<A> g =
