@@ -726,7 +726,8 @@ def _layer_norm_emulated_run(library, cell, dtype, data, shape, options, frozen=
     out, h_n = nan(T, B, P), nan(B, P)
     g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(G, I), "w_hh": None if frozen else nan(G, P),
          "h0": nan(B, P), "ln_ih": nan(G), "ln_hh": nan(G)}
-    common = (ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), _i(T), _i(B), _i(I), _i(H))
+    common = (ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
+              _i(T), _i(B), _i(I), _i(H))
     if cell == "lstm":
         c_n = nan(B, H)
         reserve = (nan(T, B, G), nan(T, B, 2 * G), nan(T, B, 3 * H), nan(T, B, 3))

@@ -260,11 +260,11 @@ const char* rnntl_emulation_rnn(int dtype, int strategy, int threads, int sms, i
 }
 
 // Forward (saving for backward) then backward of one layer-normalised LSTM layer-direction
-// (docs/semantics.md section 10). gain_ih, gain_hh [4H]; cell_gain, cell_bias [H] or null;
+// (docs/semantics.md section 10); threads: of the row kernels' blocks (0: the GPU's default). gain_ih, gain_hh [4H]; cell_gain, cell_bias [H] or null;
 // the reserve: gates [T, B, 4H], normalized [T, B, 8H], cells [T, B, 3H], inverse_std
 // [T, B, 3], hidden_pre_clip [T, B, P] (with proj_clip); any gradient pointer may be null.
 const char* rnntl_emulation_layer_norm_lstm(
-    int dtype, int strategy, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int64_t out_size,
+    int dtype, int strategy, int threads, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int64_t out_size,
     int reverse, double cell_clip, double proj_clip, double state_clip, double gate_clip, const int64_t* lengths,
     const void* recurrent_mask, const void* zoneout_h, const void* zoneout_c, const void* input,
     const void* weight_ih, const void* weight_hh, const void* bias_ih, const void* bias_hh, const void* weight_hr,
@@ -274,7 +274,7 @@ const char* rnntl_emulation_layer_norm_lstm(
     void* grad_input, void* grad_weight_ih, void* grad_weight_hh, void* grad_bias, void* grad_weight_hr,
     void* grad_h0, void* grad_c0, void* grad_gain_ih, void* grad_gain_hh, void* grad_cell_gain,
     void* grad_cell_bias) {
-  emulation::Setup setup(lengths, steps, batch, strategy, 0, 0);
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, 0);
   LayerNormLstmForwardParams f{};
   setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
@@ -320,14 +320,14 @@ const char* rnntl_emulation_layer_norm_lstm(
 // The same for the layer-normalised GRU: gain_ih, gain_hh [3H]; the reserve gates
 // [T, B, 3H], normalized [T, B, 6H], inverse_std [T, B, 2].
 const char* rnntl_emulation_layer_norm_gru(
-    int dtype, int strategy, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int reverse,
+    int dtype, int strategy, int threads, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int reverse,
     double state_clip, double gate_clip, const int64_t* lengths, const void* recurrent_mask, const void* zoneout,
     const void* input, const void* weight_ih, const void* weight_hh, const void* bias_ih, const void* bias_hh,
     const void* h0, const void* gain_ih, const void* gain_hh, void* output, void* h_n, void* gates, void* normalized,
     void* inverse_std, const void* grad_output, const void* grad_h_n, void* grad_input, void* grad_weight_ih,
     void* grad_weight_hh, void* grad_bias_ih, void* grad_bias_hh, void* grad_h0, void* grad_gain_ih,
     void* grad_gain_hh) {
-  emulation::Setup setup(lengths, steps, batch, strategy, 0, 0);
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, 0);
   LayerNormGruForwardParams f{};
   setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
   setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);

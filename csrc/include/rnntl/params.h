@@ -69,7 +69,7 @@ struct LaunchEnv {
   GemmHook gemm;
   void* workspace;         // *_workspace_bytes(params) bytes, any content
   Strategy strategy;
-  int threads_per_block;   // persistent kernels; 0 = default (256)
+  int threads_per_block;   // persistent kernels and the layer-norm row kernels; 0 = default (256, 128)
 };
 
 // The parameters are layered so that each field is declared once: SequenceParams holds

@@ -25,11 +25,13 @@ inline std::vector<int64_t> host_first_rows(const OrderView& order, int64_t step
   return first;
 }
 
-// The row kernels: one block per slot.
+// The row kernels: one block per slot, of kRowThreads threads unless the launch environment
+// asks for another whole number of warps (the emulation tests run fewer).
 template <typename Kernel, typename Args>
-inline void launch_rows(Kernel kernel, const Args& s, int64_t batch, size_t shared_bytes, void* stream) {
-  launch_kernel(dim3(static_cast<unsigned int>(batch > 0 ? batch : 1)), dim3(kRowThreads), shared_bytes, stream,
-                kernel, s);
+inline void launch_rows(Kernel kernel, const Args& s, const LaunchEnv& env, size_t shared_bytes) {
+  const int threads = env.threads_per_block > 0 ? (env.threads_per_block + 31) / 32 * 32 : kRowThreads;
+  launch_kernel(dim3(static_cast<unsigned int>(s.batch > 0 ? s.batch : 1)), dim3(threads < 1024 ? threads : 1024),
+                shared_bytes, env.stream, kernel, s);
 }
 
 // out [cols] = column sums of compact `a` times the padded reserve's normalised values.
@@ -226,7 +228,7 @@ const char* layer_norm_lstm_forward_run(const LayerNormLstmForwardParams& p) {
     s.running = n;
     gemm(n, G, P, recurrent_product_input(p, w, n, stream), P, false, p.weight_hh, P, true, w.recurrent_gates, G,
          false);
-    launch_rows(ln_lstm_forward_row_kernel<T>, s, B, row_shared_bytes<T>(), stream);
+    launch_rows(ln_lstm_forward_row_kernel<T>, s, p.env, row_shared_bytes<T>());
     if (s.project && n > 0) {
       gemm(n, P, H, w.hidden_unprojected, H, false, p.weight_hr, H, true, w.projected, P, false);
       launch_kernel(pointwise_grid(n * P), dim3(kPointwiseThreads), 0, stream, ln_lstm_projection_epilogue_kernel<T>,
@@ -278,7 +280,7 @@ const char* layer_norm_lstm_backward_run(const LayerNormLstmBackwardParams& p) {
     launch_kernel(pointwise_grid(B * P), dim3(kPointwiseThreads), 0, stream, ln_lstm_hidden_gradient_kernel<T>, s);
     // Through the projection: dL/dm = dL/dh~ W_hr, [n, P] @ [P, H].
     if (project) gemm(n, H, P, w.grad_pre_clip, P, false, p.weight_hr, H, false, w.grad_hidden_unprojected, H, false);
-    launch_rows(ln_lstm_backward_row_kernel<T>, s, B, row_shared_bytes<T>(), stream);
+    launch_rows(ln_lstm_backward_row_kernel<T>, s, p.env, row_shared_bytes<T>());
     layer_norm_recurrent_gradient(p, w, w.buffers, gemm, t, n, G, first_rows, p.zoneout_h != nullptr, stream);
   }
   if (p.grad_h0)
@@ -353,7 +355,7 @@ const char* layer_norm_gru_forward_run(const LayerNormGruForwardParams& p) {
     s.running = n;
     gemm(n, G, H, recurrent_product_input(p, w, n, stream), H, false, p.weight_hh, H, true, w.recurrent_gates, G,
          false);
-    launch_rows(ln_gru_forward_row_kernel<T>, s, B, row_shared_bytes<T>(), stream);
+    launch_rows(ln_gru_forward_row_kernel<T>, s, p.env, row_shared_bytes<T>());
   }
   scatter_rows(static_cast<const T*>(w.hidden_state), typed<T>(p.h_n), p.order.order, B, H, stream);
   return launch_error();
@@ -382,7 +384,7 @@ const char* layer_norm_gru_backward_run(const LayerNormGruBackwardParams& p) {
     const int64_t n = p.order.active_host[t];
     s.t = t;
     s.running = n;
-    launch_rows(ln_gru_backward_row_kernel<T>, s, B, row_shared_bytes<T>(), stream);
+    launch_rows(ln_gru_backward_row_kernel<T>, s, p.env, row_shared_bytes<T>());
     // The carry holds z * dL/dh~ + d * dL/dh_t (unmasked); the product's part adds to it.
     layer_norm_recurrent_gradient(p, w, w.buffers, gemm, t, n, G, first_rows, true, stream);
   }
