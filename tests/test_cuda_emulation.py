@@ -2,7 +2,8 @@
 (tests/cuda_emulation/cuda_emulation.h), against the float64 reference loop.
 
 Both strategies (stepwise: pointwise kernels between GEMMs; persistent: one cooperative
-launch with a grid barrier per step), LSTM, GRU and Elman RNN, forward and every gradient, with the
+launch with a grid barrier per step), LSTM, GRU and Elman RNN, and the layer-normalised LSTM and
+GRU (stepwise only), forward and every gradient, with the
 error rule of tests/tolerances.py (baseline: the reference loop in the same dtype).
 The driver is built with g++ only (tests/cuda_emulation/build.py), in about 10 s.
 A second build under ThreadSanitizer must run without a race report.
@@ -672,7 +673,7 @@ LAYER_NORM_LEAVES = {"lstm": ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0",
 
 def _layer_norm_data(cell, T, B, I, H, proj, lengths, bias, cell_terms, mask, zoneout):
     """Inputs of a layer-norm case in float64; gains around 1 and a cell bias, so that their
-    gradients and their effect show."""
+    gradients and their effect show; NaN in the input at padded steps, which nothing may read."""
     P = proj or H
     G = (4 if cell == "lstm" else 3) * H
     data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G) if bias else None,
@@ -689,6 +690,8 @@ def _layer_norm_data(cell, T, B, I, H, proj, lengths, bias, cell_terms, mask, zo
     for name in names * bool(zoneout):
         rate = torch.full((T, B, P if name == "zoneout_h" else H), ZONEOUT_RATES[name], dtype=torch.float64)
         data[name] = torch.bernoulli(rate) if zoneout == "draws" else rate
+    for b, n in enumerate(lengths or ()):
+        data["x"][n:, b] = float("nan")
     return data
 
 

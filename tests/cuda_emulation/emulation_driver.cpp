@@ -406,6 +406,7 @@ extern "C" int rnntl_emulation_warp_selftest() {
 // Race check: LSTM, GRU and Elman RNN, both strategies, forward + backward, variable
 // lengths and reverse, both clip modes, with a recurrent mask or with zoneout (the RNN once:
 // reverse, relu, mask and zoneout); the persistent results must also match the stepwise ones.
+// The layer-normalised LSTM and GRU once each (stepwise: their only strategy).
 namespace {
 
 std::vector<float> random_vector(std::mt19937& rng, size_t n) {
@@ -536,6 +537,37 @@ RnnRun run_rnn(int strategy, bool reverse, double state_clip, double gate_clip, 
   return r;
 }
 
+// The layer-normalised LSTM (reverse, mask, zoneout of h and c, cell terms, both clips of the
+// state) and GRU (mask, zoneout, gate clip) once each, with 64-thread row blocks: 0 on success.
+int run_layer_norm_cells(const std::vector<int64_t>& lengths) {
+  const int64_t T = 4, B = 3, I = 5, H = 7, G4 = 4 * H, G3 = 3 * H;
+  std::mt19937 rng(4);
+  auto x = random_vector(rng, T * B * I), wih = random_vector(rng, G4 * I), whh = random_vector(rng, G4 * H),
+       bih = random_vector(rng, G4), bhh = random_vector(rng, G4), h0 = random_vector(rng, B * H),
+       c0 = random_vector(rng, B * H), gih = random_vector(rng, G4), ghh = random_vector(rng, G4),
+       gc = random_vector(rng, H), bc = random_vector(rng, H), go = random_vector(rng, T * B * H),
+       ghn = random_vector(rng, B * H), gcn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H),
+       keep_h = zoneout_draws(rng, T * B * H), keep_c = zoneout_draws(rng, T * B * H);
+  std::vector<float> out(T * B * H), h_n(B * H), c_n(B * H), gates(T * B * G4), normalized(T * B * 2 * G4),
+      cells(T * B * 3 * H), inverse_std(T * B * 3), pre(T * B * H), gx(T * B * I), gwih(G4 * I), gwhh(G4 * H),
+      gb(G4), gbih(G3), gbhh(G3), gh0(B * H), gc0(B * H), ggih(G4), gghh(G4), ggc(H), gbc(H);
+  const char* error = rnntl_emulation_layer_norm_lstm(
+      0, 1, 64, T, B, I, H, H, 1, 0.8, 0.3, 0.05, 0.0, lengths.data(), mask.data(), keep_h.data(), keep_c.data(),
+      x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(), c0.data(), gih.data(),
+      ghh.data(), gc.data(), bc.data(), out.data(), h_n.data(), c_n.data(), gates.data(), normalized.data(),
+      cells.data(), inverse_std.data(), pre.data(), go.data(), ghn.data(), gcn.data(), gx.data(), gwih.data(),
+      gwhh.data(), gb.data(), nullptr, gh0.data(), gc0.data(), ggih.data(), gghh.data(), ggc.data(), gbc.data());
+  if (!error)
+    error = rnntl_emulation_layer_norm_gru(
+        0, 1, 64, T, B, I, H, 0, 0.0, 0.05, lengths.data(), mask.data(), keep_h.data(), x.data(), wih.data(),
+        whh.data(), bih.data(), bhh.data(), h0.data(), gih.data(), ghh.data(), out.data(), h_n.data(), gates.data(),
+        normalized.data(), inverse_std.data(), go.data(), ghn.data(), gx.data(), gwih.data(), gwhh.data(),
+        gbih.data(), gbhh.data(), gh0.data(), ggih.data(), gghh.data());
+  if (error) std::fprintf(stderr, "layer norm failed: %s\n", error);
+  std::printf("layer-norm lstm and gru: %s\n", error ? "failed" : "ran");
+  return error ? 1 : 0;
+}
+
 }  // namespace
 
 int main() {
@@ -576,6 +608,7 @@ int main() {
       }
     }
   }
+  failures += run_layer_norm_cells(lengths);
   std::printf(failures ? "FAILED\n" : "OK\n");
   return failures ? 1 : 0;
 }
