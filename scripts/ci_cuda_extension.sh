@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the full extension with the CUDA kernels (RNNTL_BUILD_CUDA=1) against a CUDA
 # build of torch in a venv of its own, and checks that the built module reports the CUDA
-# backend and that all six ops have a CUDA kernel registered. Nothing runs on a GPU.
+# backend and that all ten ops have a CUDA kernel registered. Nothing runs on a GPU.
 # Standalone; exits non-zero on any failure.
 #   RNNTL_CUDA_VENV        venv to create or reuse (default build/venv-cuda)
 #   RNNTL_CUDA_TORCH       torch requirement (default torch==2.14.1)
@@ -66,11 +66,12 @@ print("build info:", ext.build_info())
 if not ext.HAS_CUDA_KERNELS:
     sys.exit(f"rnntl_fast._ext.HAS_CUDA_KERNELS is False (import error: {ext.IMPORT_ERROR})")
 missing = [op for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward",
-                         "rnn_backward")
+                         "rnn_backward", "layer_norm_lstm_forward", "layer_norm_lstm_backward",
+                         "layer_norm_gru_forward", "layer_norm_gru_backward")
            if "\nCUDA: registered" not in torch._C._dispatch_dump(f"rnntl_fast::{op}")]
 if missing:
     sys.exit(f"no CUDA kernel registered for: {missing}")
-print("CUDA kernels registered for all six ops")
+print("CUDA kernels registered for all ten ops")
 import json
 import os
 import subprocess

@@ -569,3 +569,118 @@ def test_zoneout_reserve_and_opcheck(cell, strategy):
         assert a.shape == b.shape, f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
         torch.testing.assert_close(b.detach().cpu(), a, atol=2e-5, rtol=1e-4, msg=f"output {index}")
     torch.library.opcheck(op.default, (*gpu_args, *gpu_extra))
+
+
+# Layer normalisation (docs/semantics.md section 10; docs/cuda.md, "Layer normalisation"):
+# stepwise only. (id, cell, T, B, I, H, proj, lengths, reverse, bias, mask, zoneout, clip options, frozen leaves)
+LAYER_NORM_CASES = [
+    ("lstm", "lstm", 5, 3, 4, 9, None, None, False, True, False, None, dict(), ()),
+    ("lstm_lengths_reverse_mask_zoneout_clips", "lstm", 6, 4, 5, 9, None, [2, 6, 0, 4], True, True, True, "draws",
+     dict(cell_clip=0.5, proj_clip=0.2, grad_clip=0.02), ()),
+    ("lstm_proj_zoneout_eval_gates_clip_frozen", "lstm", 5, 3, 4, 8, 5, [5, 2, 3], False, False, True, "eval",
+     dict(proj_clip=0.3, grad_clip=0.02, grad_clip_mode="gates"), ("w_ih", "w_hh")),
+    ("lstm_larger", "lstm", 16, 8, 32, 256, None, None, False, True, False, None, dict(), ()),
+    ("gru_lengths_reverse_mask_zoneout_clip", "gru", 6, 4, 5, 9, None, [2, 6, 0, 4], True, True, True, "draws",
+     dict(grad_clip=0.02), ()),
+    ("gru_zoneout_eval_gates_clip_frozen", "gru", 5, 3, 4, 8, None, [5, 1, 3], False, False, False, "eval",
+     dict(grad_clip=0.02, grad_clip_mode="gates"), ("w_ih", "w_hh")),
+    ("gru_larger", "gru", 16, 8, 32, 256, None, None, False, True, False, None, dict(), ()),
+]
+
+
+def _layer_norm_data(case):
+    _, cell, T, B, I, H, proj, lengths, _, bias, mask, zoneout, _, _ = case
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G) if bias else None,
+            "b_hh": _rand(G) if bias else None, "h0": _rand(B, P), "ln_ih": 1 + _rand(G, scale=0.3),
+            "ln_hh": 1 + _rand(G, scale=0.3), "lengths": torch.tensor(lengths) if lengths is not None else None,
+            "mask": torch.bernoulli(torch.full((B, P), 0.7, dtype=torch.float64)) / 0.7 if mask else None}
+    shapes = [(T, B, P), (B, P)]
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H),
+                     "ln_cell_weight": 1 + _rand(H, scale=0.3), "ln_cell_bias": _rand(H, scale=0.3) if bias else None})
+        shapes.append((B, H))
+    data["go"] = [_rand(*shape) for shape in shapes]
+    names = ("zoneout_h", "zoneout_c") if cell == "lstm" else ("zoneout",)
+    for name in names * bool(zoneout):
+        rate = torch.full((T, B, P if name == "zoneout_h" else H), 0.3, dtype=torch.float64)
+        data[name] = torch.bernoulli(rate) if zoneout == "draws" else rate
+    return data
+
+
+def _layer_norm_run(case, data, dtype, device, backend):
+    """Results and the gradients of the leaves that are not frozen, on the CPU."""
+    _, cell, _, _, _, _, _, _, reverse, _, _, _, clips, frozen = case
+    given = ("go", "lengths", "mask", "zoneout", "zoneout_h", "zoneout_c")
+    t = {k: (v.to(device=device, dtype=dtype).detach().requires_grad_(k not in frozen)
+             if v is not None and k not in given else v) for k, v in data.items()}
+    regularizers = {name: data[key].to(device=device, dtype=dtype)
+                    for name, key in (("recurrent_mask", "mask"), ("zoneout", "zoneout"), ("zoneout_h", "zoneout_h"),
+                                      ("zoneout_c", "zoneout_c")) if data.get(key) is not None}
+    norms = rnntl_fast.ops.LayerNormWeights(t["ln_ih"], t["ln_hh"], t.get("ln_cell_weight"), t.get("ln_cell_bias"))
+    options = dict(lengths=data["lengths"], reverse=reverse, backend=backend, layer_norm=norms, **regularizers,
+                   **clips)
+    if cell == "lstm":
+        results = rnntl_fast.ops.lstm(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], t["h0"],
+                                      t["c0"], **options)
+    else:
+        results = rnntl_fast.ops.gru(t["x"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], **options)
+    loss = sum((r * g.to(device=device, dtype=dtype)).sum() for r, g in zip(results, data["go"]))
+    loss.backward()
+    out = dict(zip(("output", "h_n", "c_n"), (r.detach() for r in results)))
+    out.update({k: v.grad for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=[c[0] for c in LAYER_NORM_CASES])
+def test_layer_norm_matches_reference(case, dtype, monkeypatch):
+    """Forward results and every gradient (the gains' included) of the layer-normalised
+    cells through rnntl_fast.ops.lstm / gru(backend="cuda") against the float64 reference."""
+    monkeypatch.setenv("RNNTL_CUDA_STRATEGY", "auto")
+    data = _layer_norm_data(case)
+    reference = _layer_norm_run(case, data, torch.float64, "cpu", "reference")
+    baseline = _layer_norm_run(case, data, dtype, "cuda", "reference")
+    fast = _layer_norm_run(case, data, dtype, "cuda", "cuda")
+    _check(fast, baseline, reference, dtype)
+
+
+def test_layer_norm_refuses_the_persistent_strategy(monkeypatch):
+    """The layer-norm cells run stepwise only: RNNTL_CUDA_STRATEGY=persistent is an error."""
+    monkeypatch.setenv("RNNTL_CUDA_STRATEGY", "persistent")
+    case = LAYER_NORM_CASES[0]
+    with pytest.raises(RuntimeError, match="persistent CUDA strategy does not run layer_norm"):
+        _layer_norm_run(case, _layer_norm_data(case), torch.float32, "cuda", "cuda")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layer_norm_reserve_and_opcheck(cell):
+    """The layer-norm ops' outputs and reserve on the GPU equal the CPU op's (no lengths:
+    with lengths the CPU op keeps compact rows); schema, fake and autograd agree with the
+    CUDA kernels."""
+    T, B, I, H = 4, 3, 5, 7
+    G = (4 if cell == "lstm" else 3) * H
+    args = [_rand(T, B, I).float(), _rand(G, I).float(), _rand(G, H).float(), _rand(G).float(), _rand(G).float()]
+    draws = lambda: torch.bernoulli(torch.full((T, B, H), 0.3))  # noqa: E731
+    mask = torch.bernoulli(torch.full((B, H), 0.5)) * 2
+    gains = [1 + _rand(G, scale=0.3).float(), 1 + _rand(G, scale=0.3).float()]
+    if cell == "lstm":
+        # weight_hr, h0, c0, lengths, recurrent_mask, zoneout_h, zoneout_c, gains, cell terms, reverse, cell_clip,
+        # proj_clip, state_clip, gate_clip, save_for_backward
+        extra = [None, _rand(B, H).float(), _rand(B, H).float(), None, mask, draws(), draws(), *gains,
+                 1 + _rand(H, scale=0.3).float(), _rand(H).float(), True, 0.6, 0.4, 0.1, 0.0, True]
+        op = torch.ops.rnntl_fast.layer_norm_lstm_forward
+    else:
+        # h0, lengths, recurrent_mask, zoneout, gains, reverse, state_clip, gate_clip, save_for_backward
+        extra = [_rand(B, H).float(), None, mask, draws(), *gains, True, 0.0, 0.1, True]
+        op = torch.ops.rnntl_fast.layer_norm_gru_forward
+    cpu = op(*args, *extra)
+    gpu_args = [a.cuda().requires_grad_(i < 3) for i, a in enumerate(args)]
+    gpu_extra = [e.cuda() if isinstance(e, torch.Tensor) else e for e in extra]
+    gpu = op(*gpu_args, *gpu_extra)
+    assert len(cpu) == len(gpu)
+    for index, (a, b) in enumerate(zip(cpu, gpu)):
+        assert a.shape == b.shape, f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(b.detach().cpu(), a, atol=2e-5, rtol=1e-4, msg=f"output {index}")
+    torch.library.opcheck(op.default, (*gpu_args, *gpu_extra))

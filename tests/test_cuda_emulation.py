@@ -2,7 +2,8 @@
 (tests/cuda_emulation/cuda_emulation.h), against the float64 reference loop.
 
 Both strategies (stepwise: pointwise kernels between GEMMs; persistent: one cooperative
-launch with a grid barrier per step), LSTM, GRU and Elman RNN, forward and every gradient, with the
+launch with a grid barrier per step), LSTM, GRU and Elman RNN, and the layer-normalised LSTM and
+GRU (stepwise only), forward and every gradient, with the
 error rule of tests/tolerances.py (baseline: the reference loop in the same dtype).
 The driver is built with g++ only (tests/cuda_emulation/build.py), in about 10 s.
 A second build under ThreadSanitizer must run without a race report.
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rnntl_fast.ops.options import sequence_options  # noqa: E402
-from rnntl_fast.ops.reference import gru_reference, lstm_reference, rnn_reference  # noqa: E402
+from rnntl_fast.ops.reference import LayerNormWeights, gru_reference, lstm_reference, rnn_reference  # noqa: E402
 from tolerances import assert_within_error_rule  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
@@ -43,6 +44,8 @@ def library():
     lib.rnntl_emulation_lstm.restype = ctypes.c_char_p
     lib.rnntl_emulation_gru.restype = ctypes.c_char_p
     lib.rnntl_emulation_rnn.restype = ctypes.c_char_p
+    lib.rnntl_emulation_layer_norm_lstm.restype = ctypes.c_char_p
+    lib.rnntl_emulation_layer_norm_gru.restype = ctypes.c_char_p
     return lib
 
 
@@ -643,6 +646,206 @@ def test_reserve_matches_the_cpu_op(library, cell, strategy, with_lengths, zoneo
         assert tuple(a.shape) == tuple(b.shape), f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
         if index < outputs or not with_lengths:
             torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=f"output {index}")
+
+
+# Layer normalisation (docs/semantics.md section 10; docs/cuda.md, "Layer normalisation"):
+# the stepwise kernels of rnntl/cuda/layer_norm_kernels.cuh, forward and every gradient
+# including the gains', against the float64 reference.
+# (id, cell, T, B, I, H, proj, lengths, reverse, bias, cell_terms, mask, zoneout, clip options, frozen)
+LAYER_NORM_CASES = [
+    ("lstm", "lstm", 4, 3, 5, 7, None, None, False, True, True, False, None, dict(), False),
+    ("lstm_lengths_reverse_mask_zoneout_draws_state_clips", "lstm", 5, 3, 4, 9, None, [3, 5, 0], True, True, True,
+     True, "draws", dict(cell_clip=0.5, proj_clip=0.2, grad_clip=0.02), False),
+    ("lstm_proj_lengths_zoneout_eval_gates_clip", "lstm", 4, 3, 5, 8, 5, [4, 2, 3], False, True, True, True, "eval",
+     dict(cell_clip=0.6, proj_clip=0.3, grad_clip=0.02, grad_clip_mode="gates"), False),
+    ("lstm_proj_reverse_nobias_no_cell_terms_frozen", "lstm", 3, 2, 4, 6, 4, [1, 3], True, False, False, False, None,
+     dict(cell_clip=0.6), True),
+    ("gru", "gru", 4, 3, 5, 7, None, None, False, True, False, False, None, dict(), False),
+    ("gru_lengths_reverse_mask_zoneout_draws_state_clip", "gru", 5, 3, 4, 9, None, [3, 5, 0], True, True, False,
+     True, "draws", dict(grad_clip=0.02), False),
+    ("gru_zoneout_eval_gates_clip_nobias_frozen", "gru", 4, 2, 3, 7, None, [2, 4], False, False, False, False, "eval",
+     dict(grad_clip=0.02, grad_clip_mode="gates"), True),
+]
+LAYER_NORM_LEAVES = {"lstm": ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0", "ln_ih", "ln_hh", "ln_cell_weight",
+                              "ln_cell_bias"),
+                     "gru": ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "ln_ih", "ln_hh")}
+
+
+def _layer_norm_data(cell, T, B, I, H, proj, lengths, bias, cell_terms, mask, zoneout):
+    """Inputs of a layer-norm case in float64; gains around 1 and a cell bias, so that their
+    gradients and their effect show; NaN in the input at padded steps, which nothing may read."""
+    P = proj or H
+    G = (4 if cell == "lstm" else 3) * H
+    data = {"x": _rand(T, B, I), "w_ih": _rand(G, I), "w_hh": _rand(G, P), "b_ih": _rand(G) if bias else None,
+            "b_hh": _rand(G) if bias else None, "h0": _rand(B, P), "go": _rand(T, B, P), "ghn": _rand(B, P),
+            "ln_ih": 1 + _rand(G, scale=0.3), "ln_hh": 1 + _rand(G, scale=0.3),
+            "mask": torch.bernoulli(torch.full((B, P), 0.5, dtype=torch.float64)) * 2 if mask else None,
+            "lengths": torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None}
+    names = ("zoneout",)
+    if cell == "lstm":
+        data.update({"w_hr": _rand(P, H) if proj else None, "c0": _rand(B, H), "gcn": _rand(B, H),
+                     "ln_cell_weight": 1 + _rand(H, scale=0.3) if cell_terms else None,
+                     "ln_cell_bias": _rand(H, scale=0.3) if cell_terms and bias else None})
+        names = ("zoneout_h", "zoneout_c")
+    for name in names * bool(zoneout):
+        rate = torch.full((T, B, P if name == "zoneout_h" else H), ZONEOUT_RATES[name], dtype=torch.float64)
+        data[name] = torch.bernoulli(rate) if zoneout == "draws" else rate
+    for b, n in enumerate(lengths or ()):
+        data["x"][n:, b] = float("nan")
+    return data
+
+
+def _layer_norm_reference_run(cell, dtype, data, options):
+    tensors = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None and k not in GIVEN else v)
+               for k, v in data.items()}
+    norms = LayerNormWeights(tensors["ln_ih"], tensors["ln_hh"], tensors.get("ln_cell_weight"),
+                             tensors.get("ln_cell_bias"))
+    if cell == "lstm":
+        results = lstm_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
+                                 tensors["w_hr"], tensors["h0"], tensors["c0"], data["lengths"],
+                                 recurrent_mask=_mask_of(data, dtype), zoneout_h=_keep_of(data, "zoneout_h", dtype),
+                                 zoneout_c=_keep_of(data, "zoneout_c", dtype), layer_norm=norms, **options._asdict())
+        weights = ("go", "ghn", "gcn")
+    else:
+        results = gru_reference(tensors["x"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"],
+                                tensors["h0"], data["lengths"], recurrent_mask=_mask_of(data, dtype),
+                                zoneout=_keep_of(data, "zoneout", dtype), reverse=options.reverse,
+                                state_clip=options.state_clip, gate_clip=options.gate_clip, layer_norm=norms)
+        weights = ("go", "ghn")
+    sum(((r * data[w].to(dtype)).sum() for r, w in zip(results, weights))).backward()
+    names = ("output", "h_n", "c_n")
+    grads = {k: tensors[k].grad for k in LAYER_NORM_LEAVES[cell] if tensors.get(k) is not None}
+    return {**{n: r.detach() for n, r in zip(names, results)}, **grads}
+
+
+def _layer_norm_emulated_run(library, cell, dtype, data, shape, options, frozen=False, strategy="stepwise"):
+    """Forward (saving) and backward of the emulated layer-norm kernels; the reserve is kept
+    in _RESERVE."""
+    T, B, I, H, P = shape
+    d = {k: (v.to(dtype).contiguous() if v is not None and k != "lengths" else v) for k, v in data.items()}
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731  catches unwritten outputs
+    given = lambda name, *s: nan(*s) if d.get(name) is not None else None  # noqa: E731
+    G = (4 if cell == "lstm" else 3) * H
+    out, h_n = nan(T, B, P), nan(B, P)
+    g = {"x": nan(T, B, I), "w_ih": None if frozen else nan(G, I), "w_hh": None if frozen else nan(G, P),
+         "h0": nan(B, P), "ln_ih": nan(G), "ln_hh": nan(G)}
+    common = (ctypes.c_int(DTYPE_CODES[dtype]), ctypes.c_int(STRATEGIES[strategy]), ctypes.c_int(THREADS_PER_BLOCK),
+              _i(T), _i(B), _i(I), _i(H))
+    if cell == "lstm":
+        c_n = nan(B, H)
+        reserve = (nan(T, B, G), nan(T, B, 2 * G), nan(T, B, 3 * H), nan(T, B, 3))
+        pre = nan(T, B, P) if options.proj_clip else None
+        g.update({"bias": given("b_ih", G), "w_hr": given("w_hr", P, H), "c0": nan(B, H),
+                  "ln_cell_weight": given("ln_cell_weight", H), "ln_cell_bias": given("ln_cell_bias", H)})
+        error = library.rnntl_emulation_layer_norm_lstm(
+            *common, _i(P), ctypes.c_int(int(options.reverse)), _d(options.cell_clip), _d(options.proj_clip),
+            _d(options.state_clip), _d(options.gate_clip), _ptr(data["lengths"]), _ptr(d.get("mask")),
+            _ptr(d.get("zoneout_h")), _ptr(d.get("zoneout_c")), _ptr(d["x"]), _ptr(d["w_ih"]), _ptr(d["w_hh"]),
+            _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["w_hr"]), _ptr(d["h0"]), _ptr(d["c0"]), _ptr(d["ln_ih"]),
+            _ptr(d["ln_hh"]), _ptr(d["ln_cell_weight"]), _ptr(d["ln_cell_bias"]), _ptr(out), _ptr(h_n), _ptr(c_n),
+            *map(_ptr, reserve), _ptr(pre), _ptr(d["go"]), _ptr(d["ghn"]), _ptr(d["gcn"]),
+            *(_ptr(g[k]) for k in ("x", "w_ih", "w_hh", "bias", "w_hr", "h0", "c0", "ln_ih", "ln_hh",
+                                   "ln_cell_weight", "ln_cell_bias")))
+        result = {"output": out, "h_n": h_n, "c_n": c_n}
+        bias = g.pop("bias")
+        if bias is not None:
+            result.update(b_ih=bias, b_hh=bias)
+        reserve += (pre,) if pre is not None else ()
+    else:
+        reserve = (nan(T, B, G), nan(T, B, 2 * G), nan(T, B, 2))
+        g.update({"b_ih": given("b_ih", G), "b_hh": given("b_hh", G)})
+        error = library.rnntl_emulation_layer_norm_gru(
+            *common, ctypes.c_int(int(options.reverse)), _d(options.state_clip), _d(options.gate_clip),
+            _ptr(data["lengths"]), _ptr(d.get("mask")), _ptr(d.get("zoneout")), _ptr(d["x"]), _ptr(d["w_ih"]),
+            _ptr(d["w_hh"]), _ptr(d["b_ih"]), _ptr(d["b_hh"]), _ptr(d["h0"]), _ptr(d["ln_ih"]), _ptr(d["ln_hh"]),
+            _ptr(out), _ptr(h_n), *map(_ptr, reserve), _ptr(d["go"]), _ptr(d["ghn"]),
+            *(_ptr(g[k]) for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "ln_ih", "ln_hh")))
+        result = {"output": out, "h_n": h_n}
+    if error is not None:
+        raise RuntimeError(error.decode())
+    result.update({k: v for k, v in g.items() if v is not None})
+    _RESERVE[id(result)] = reserve
+    return result
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=[c[0] for c in LAYER_NORM_CASES])
+def test_layer_norm_matches_reference(library, case, dtype):
+    """Forward results and every gradient (the gains' included) of the layer-normalised
+    cells against the float64 reference, with lengths (a length-0 row), reverse, proj_size,
+    all clips in both modes, the recurrent mask, zoneout as draws and as evaluation's
+    constants, absent biases and cell terms, frozen weights."""
+    _, cell, T, B, I, H, proj, lengths, reverse, bias, cell_terms, mask, zoneout, clips, frozen = case
+    P = proj or H
+    data = _layer_norm_data(cell, T, B, I, H, proj, lengths, bias, cell_terms, mask, zoneout)
+    options = sequence_options(reverse, **clips)
+    reference = _layer_norm_reference_run(cell, torch.float64, data, options)
+    baseline = _layer_norm_reference_run(cell, dtype, data, options)
+    if frozen:
+        for results in (reference, baseline):
+            del results["w_ih"], results["w_hh"]
+    fast = _layer_norm_emulated_run(library, cell, dtype, data, (T, B, I, H, P), options, frozen=frozen)
+    _compare(fast, baseline, reference, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layer_norm_refuses_the_persistent_strategy(library, cell):
+    """The layer-norm cells run stepwise only: an explicit persistent request is an error
+    naming the reason, never a silent fallback."""
+    case = next(c for c in LAYER_NORM_CASES if c[0] == cell)
+    _, cell, T, B, I, H, proj, lengths, reverse, bias, cell_terms, mask, zoneout, clips, frozen = case
+    data = _layer_norm_data(cell, T, B, I, H, proj, lengths, bias, cell_terms, mask, zoneout)
+    with pytest.raises(RuntimeError, match="persistent CUDA strategy does not run layer_norm"):
+        _layer_norm_emulated_run(library, cell, torch.float32, data, (T, B, I, H, H), sequence_options(),
+                                 strategy="persistent")
+
+
+def _compact_rows(padded, lengths):
+    """The valid rows of a padded [T, B, W] reserve in the CPU op's order (step by step in
+    time order, rows by decreasing length within a step), as [N, W]."""
+    T, B = padded.shape[:2]
+    order = sorted(range(B), key=lambda b: -int(lengths[b]))
+    return torch.stack([padded[t, b] for t in range(T) for b in order if lengths[b] > t])
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layer_norm_reserve_matches_the_cpu_op(library, cell, with_lengths):
+    """Forward outputs and the saved reserve (gates, normalized, cells, inverse_std,
+    hidden_pre_clip) against the CPU op rnntl_fast::layer_norm_*_forward in float64: same
+    shapes, and the same values row for row (the CPU op stores compact rows first, these
+    kernels padded rows with zeros at padded steps)."""
+    from rnntl_fast import _ext
+
+    if not _ext.HAS_CPU_KERNELS:
+        pytest.skip(f"the CPU extension is not built here ({_ext.IMPORT_ERROR})")
+    import rnntl_fast  # noqa: F401  (registers the ops' fakes and autograd)
+
+    T, B, I, H = 4, 3, 5, 7
+    lengths = torch.tensor([2, 4, 0]) if with_lengths else torch.tensor([T] * B)
+    data = _layer_norm_data(cell, T, B, I, H, None, lengths.tolist(), True, True, True, "draws")
+    options = sequence_options(True, cell_clip=0.6, proj_clip=0.4, grad_clip=0.1)
+    d = data
+    if cell == "lstm":
+        cpu = torch.ops.rnntl_fast.layer_norm_lstm_forward(
+            d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, d["h0"], d["c0"], lengths, d["mask"],
+            d["zoneout_h"], d["zoneout_c"], d["ln_ih"], d["ln_hh"], d["ln_cell_weight"], d["ln_cell_bias"],
+            *options, True)
+        outputs = 3
+    else:
+        cpu = torch.ops.rnntl_fast.layer_norm_gru_forward(
+            d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["h0"], lengths, d["mask"], d["zoneout"],
+            d["ln_ih"], d["ln_hh"], True, options.state_clip, options.gate_clip, True)
+        outputs = 2
+    fast = _layer_norm_emulated_run(library, cell, torch.float64, data, (T, B, I, H, H), options)
+    emulated = (fast["output"], fast["h_n"]) + ((fast["c_n"],) if cell == "lstm" else ()) + _RESERVE.pop(id(fast))
+    assert len(cpu) == len(emulated)
+    for index, (a, b) in enumerate(zip(cpu, emulated)):
+        assert tuple(a.shape) == tuple(b.shape), f"output {index}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        if index >= outputs:
+            N = int(lengths.sum())
+            a, b = a.reshape(-1, a.shape[2])[:N], _compact_rows(b, lengths)
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10, msg=f"output {index}")
 
 
 def test_persistent_plan_refuses_what_does_not_fit(library):

@@ -44,7 +44,7 @@ def _given(**arguments):
 def _lstm_backend(name: str, layer_norm: bool = False):
     """The function of backend `name` that runs one LSTM layer-direction (layer_norm: a
     layer-normalised one)."""
-    if name == "cpu" and layer_norm:
+    if name in ("cpu", "cuda") and layer_norm:  # the native ops dispatch by device
         return layer_norm_native.lstm_layer_norm_native
     if name in ("cpu", "cuda"):
         return native.lstm_native
@@ -57,7 +57,7 @@ def _lstm_backend(name: str, layer_norm: bool = False):
 def _gru_backend(name: str, layer_norm: bool = False):
     """The function of backend `name` that runs one GRU layer-direction (layer_norm: a
     layer-normalised one)."""
-    if name == "cpu" and layer_norm:
+    if name in ("cpu", "cuda") and layer_norm:
         return layer_norm_native.gru_layer_norm_native
     if name in ("cpu", "cuda"):
         return native.gru_native

@@ -88,8 +88,9 @@ BACKEND_RUNS = {
     "cpu": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
             "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
             "rnn": frozenset({"recurrent_mask", "zoneout"})},
-    "cuda": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
-             "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
+    "cuda": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
+             "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
+             "rnn": frozenset({"recurrent_mask", "zoneout"})},
     "triton": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
                "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
 }

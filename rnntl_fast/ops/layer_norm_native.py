@@ -1,9 +1,11 @@
 """The native ops of the layer-normalised cells,
-`torch.ops.rnntl_fast.layer_norm_{lstm,gru}_{forward,backward}` (the `cpu` backend of
-rnntl_fast.ops.lstm / gru with `layer_norm`; docs/semantics.md section 10): their fake
-(meta) implementations, their autograd, and the calls that run them. The schemas live in
+`torch.ops.rnntl_fast.layer_norm_{lstm,gru}_{forward,backward}` (the `cpu` and `cuda`
+backends of rnntl_fast.ops.lstm / gru with `layer_norm`; docs/semantics.md section 10): their
+fake (meta) implementations, their autograd, and the calls that run them. The schemas live in
 csrc/ops.cpp, the kernels in csrc/cpu/layer_norm_cpu.cpp (docs/cpu.md, "Layer
-normalisation", describes the reserve the forward returns and the backward reads).
+normalisation", describes the reserve the forward returns and the backward reads) and
+csrc/cuda/layer_norm_cuda.cpp (docs/cuda.md, "Layer normalisation": the same shapes, padded
+rows).
 
 The contract is the plain ops' (rnntl_fast/ops/autograd.py): the forward returns its results
 and then the reserve (empty unless save_for_backward); the backward takes the results'
@@ -180,13 +182,13 @@ def lstm_layer_norm_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, 
                            recurrent_mask: Optional[Tensor] = None, zoneout_h: Optional[Tensor] = None,
                            zoneout_c: Optional[Tensor] = None,
                            layer_norm: Optional[LayerNormWeights] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """The `cpu` backend of rnntl_fast.ops.lstm with layer_norm (arguments already checked
+    """The `cpu` and `cuda` backends of rnntl_fast.ops.lstm with layer_norm (arguments already checked
     there). Shapes as rnntl_fast.ops.lstm: recurrent_mask [B, P], zoneout_h [T, B, P],
     zoneout_c [T, B, H], layer_norm (ih, hh [4H]; cell_weight, cell_bias [H] or None).
     Returns output [T, B, P], h_n [B, P], c_n [B, H]."""
     if layer_norm is None:
         raise ValueError("lstm_layer_norm_native needs layer_norm (rnntl_fast.ops.LayerNormWeights)")
-    if input.dtype in HALF_DTYPES:
+    if input.device.type == "cpu" and input.dtype in HALF_DTYPES:  # the CUDA kernels take half types
         tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0))
         mask, keep_h, keep_c = _widened((recurrent_mask, zoneout_h, zoneout_c))
         norms = LayerNormWeights(*_widened(layer_norm))
@@ -206,12 +208,12 @@ def gru_layer_norm_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, b
                           options: SequenceOptions, recurrent_mask: Optional[Tensor] = None,
                           zoneout: Optional[Tensor] = None,
                           layer_norm: Optional[LayerNormWeights] = None) -> Tuple[Tensor, Tensor]:
-    """The `cpu` backend of rnntl_fast.ops.gru with layer_norm (arguments already checked
+    """The `cpu` and `cuda` backends of rnntl_fast.ops.gru with layer_norm (arguments already checked
     there). Shapes as rnntl_fast.ops.gru: recurrent_mask [B, H], zoneout [T, B, H],
     layer_norm (ih, hh [3H]). Returns output [T, B, H], h_n [B, H]."""
     if layer_norm is None:
         raise ValueError("gru_layer_norm_native needs layer_norm (rnntl_fast.ops.LayerNormWeights)")
-    if input.dtype in HALF_DTYPES:
+    if input.device.type == "cpu" and input.dtype in HALF_DTYPES:  # the CUDA kernels take half types
         tensors = _widened((input, weight_ih, weight_hh, bias_ih, bias_hh, h0))
         mask, keep = _widened((recurrent_mask, zoneout))
         norms = LayerNormWeights(*_widened(layer_norm))

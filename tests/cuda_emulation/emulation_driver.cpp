@@ -7,6 +7,7 @@
 // The GEMMs that cuBLAS does on the GPU are a plain loop kernel here, launched through
 // the same emulated launch.
 #include <rnntl/cuda/gru_launch.cuh>
+#include <rnntl/cuda/layer_norm_launch.cuh>
 #include <rnntl/cuda/lstm_launch.cuh>
 #include <rnntl/cuda/rnn_launch.cuh>
 #include <rnntl/host_order.h>
@@ -137,6 +138,18 @@ const char* forward_backward(emulation::Setup& setup, typename Launch::ForwardPa
   return cuda::backward_run<Launch, T>(b);
 }
 
+// The same for the layer-normalised cells, whose drivers are functions of their own.
+template <template <typename> class ForwardWorkspace, template <typename> class BackwardWorkspace, typename T,
+          typename Forward, typename Backward>
+const char* layer_norm_forward_backward(emulation::Setup& setup, Forward f, Backward b,
+                                        const char* (*forward_run)(const Forward&),
+                                        const char* (*backward_run)(const Backward&)) {
+  f.env.workspace = setup.allocate(ForwardWorkspace<T>(f, nullptr).bytes);
+  if (const char* error = forward_run(f)) return error;
+  b.env.workspace = setup.allocate(BackwardWorkspace<T>(b, nullptr).bytes);
+  return backward_run(b);
+}
+
 }  // namespace
 
 extern "C" {
@@ -246,6 +259,104 @@ const char* rnntl_emulation_rnn(int dtype, int strategy, int threads, int sms, i
   });
 }
 
+// Forward (saving for backward) then backward of one layer-normalised LSTM layer-direction
+// (docs/semantics.md section 10); threads: of the row kernels' blocks (0: the GPU's default). gain_ih, gain_hh [4H]; cell_gain, cell_bias [H] or null;
+// the reserve: gates [T, B, 4H], normalized [T, B, 8H], cells [T, B, 3H], inverse_std
+// [T, B, 3], hidden_pre_clip [T, B, P] (with proj_clip); any gradient pointer may be null.
+const char* rnntl_emulation_layer_norm_lstm(
+    int dtype, int strategy, int threads, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int64_t out_size,
+    int reverse, double cell_clip, double proj_clip, double state_clip, double gate_clip, const int64_t* lengths,
+    const void* recurrent_mask, const void* zoneout_h, const void* zoneout_c, const void* input,
+    const void* weight_ih, const void* weight_hh, const void* bias_ih, const void* bias_hh, const void* weight_hr,
+    const void* h0, const void* c0, const void* gain_ih, const void* gain_hh, const void* cell_gain,
+    const void* cell_bias, void* output, void* h_n, void* c_n, void* gates, void* normalized, void* cells,
+    void* inverse_std, void* hidden_pre_clip, const void* grad_output, const void* grad_h_n, const void* grad_c_n,
+    void* grad_input, void* grad_weight_ih, void* grad_weight_hh, void* grad_bias, void* grad_weight_hr,
+    void* grad_h0, void* grad_c0, void* grad_gain_ih, void* grad_gain_hh, void* grad_cell_gain,
+    void* grad_cell_bias) {
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, 0);
+  LayerNormLstmForwardParams f{};
+  setup.fill(f, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
+  f.cell_clip = cell_clip;
+  f.proj_clip = proj_clip;
+  f.weight_hr = weight_hr;
+  f.c0 = c0;
+  f.zoneout_h = zoneout_h;
+  f.zoneout_c = zoneout_c;
+  f.gain_ih = gain_ih;
+  f.gain_hh = gain_hh;
+  f.cell_gain = cell_gain;
+  f.cell_bias = cell_bias;
+  f.c_n = c_n;
+  f.normalized = normalized;
+  f.cells = cells;
+  f.inverse_std = inverse_std;
+  f.hidden_pre_clip = hidden_pre_clip;
+  LayerNormLstmBackwardParams b{};
+  setup.fill(b, dtype, input_size, hidden, out_size, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
+  static_cast<LayerNormLstmParams&>(b) = f;  // clips, weight_hr, c0, zoneout, gains
+  b.grad_c_n = grad_c_n;
+  b.normalized = normalized;
+  b.cells = cells;
+  b.inverse_std = inverse_std;
+  b.hidden_pre_clip = proj_clip > 0 ? hidden_pre_clip : nullptr;
+  b.grad_bias = grad_bias;
+  b.grad_weight_hr = grad_weight_hr;
+  b.grad_c0 = grad_c0;
+  b.grad_gain_ih = grad_gain_ih;
+  b.grad_gain_hh = grad_gain_hh;
+  b.grad_cell_gain = grad_cell_gain;
+  b.grad_cell_bias = grad_cell_bias;
+  return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return layer_norm_forward_backward<cuda::LnLstmForwardWorkspace, cuda::LnLstmBackwardWorkspace, T>(
+        setup, f, b, cuda::layer_norm_lstm_forward_run<T>, cuda::layer_norm_lstm_backward_run<T>);
+  });
+}
+
+// The same for the layer-normalised GRU: gain_ih, gain_hh [3H]; the reserve gates
+// [T, B, 3H], normalized [T, B, 6H], inverse_std [T, B, 2].
+const char* rnntl_emulation_layer_norm_gru(
+    int dtype, int strategy, int threads, int64_t steps, int64_t batch, int64_t input_size, int64_t hidden, int reverse,
+    double state_clip, double gate_clip, const int64_t* lengths, const void* recurrent_mask, const void* zoneout,
+    const void* input, const void* weight_ih, const void* weight_hh, const void* bias_ih, const void* bias_hh,
+    const void* h0, const void* gain_ih, const void* gain_hh, void* output, void* h_n, void* gates, void* normalized,
+    void* inverse_std, const void* grad_output, const void* grad_h_n, void* grad_input, void* grad_weight_ih,
+    void* grad_weight_hh, void* grad_bias_ih, void* grad_bias_hh, void* grad_h0, void* grad_gain_ih,
+    void* grad_gain_hh) {
+  emulation::Setup setup(lengths, steps, batch, strategy, threads, 0);
+  LayerNormGruForwardParams f{};
+  setup.fill(f, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_forward(f, bias_ih, bias_hh, output, h_n, gates);
+  f.zoneout = zoneout;
+  f.gain_ih = gain_ih;
+  f.gain_hh = gain_hh;
+  f.normalized = normalized;
+  f.inverse_std = inverse_std;
+  LayerNormGruBackwardParams b{};
+  setup.fill(b, dtype, input_size, hidden, hidden, reverse, input, weight_ih, weight_hh, h0, recurrent_mask);
+  setup.fill_backward(b, state_clip, gate_clip, grad_output, grad_h_n, output, gates, grad_input, grad_weight_ih,
+                      grad_weight_hh, grad_h0);
+  b.zoneout = zoneout;
+  b.gain_ih = gain_ih;
+  b.gain_hh = gain_hh;
+  b.bias_hh = bias_hh;
+  b.normalized = normalized;
+  b.inverse_std = inverse_std;
+  b.grad_bias_ih = grad_bias_ih;
+  b.grad_bias_hh = grad_bias_hh;
+  b.grad_gain_ih = grad_gain_ih;
+  b.grad_gain_hh = grad_gain_hh;
+  return cuda::dispatch_dtype(f.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return layer_norm_forward_backward<cuda::LnGruForwardWorkspace, cuda::LnGruBackwardWorkspace, T>(
+        setup, f, b, cuda::layer_norm_gru_forward_run<T>, cuda::layer_norm_gru_backward_run<T>);
+  });
+}
+
 }  // extern "C"
 
 namespace {
@@ -295,6 +406,7 @@ extern "C" int rnntl_emulation_warp_selftest() {
 // Race check: LSTM, GRU and Elman RNN, both strategies, forward + backward, variable
 // lengths and reverse, both clip modes, with a recurrent mask or with zoneout (the RNN once:
 // reverse, relu, mask and zoneout); the persistent results must also match the stepwise ones.
+// The layer-normalised LSTM and GRU once each (stepwise: their only strategy).
 namespace {
 
 std::vector<float> random_vector(std::mt19937& rng, size_t n) {
@@ -425,6 +537,37 @@ RnnRun run_rnn(int strategy, bool reverse, double state_clip, double gate_clip, 
   return r;
 }
 
+// The layer-normalised LSTM (reverse, mask, zoneout of h and c, cell terms, both clips of the
+// state) and GRU (mask, zoneout, gate clip) once each, with 64-thread row blocks: 0 on success.
+int run_layer_norm_cells(const std::vector<int64_t>& lengths) {
+  const int64_t T = 4, B = 3, I = 5, H = 7, G4 = 4 * H, G3 = 3 * H;
+  std::mt19937 rng(4);
+  auto x = random_vector(rng, T * B * I), wih = random_vector(rng, G4 * I), whh = random_vector(rng, G4 * H),
+       bih = random_vector(rng, G4), bhh = random_vector(rng, G4), h0 = random_vector(rng, B * H),
+       c0 = random_vector(rng, B * H), gih = random_vector(rng, G4), ghh = random_vector(rng, G4),
+       gc = random_vector(rng, H), bc = random_vector(rng, H), go = random_vector(rng, T * B * H),
+       ghn = random_vector(rng, B * H), gcn = random_vector(rng, B * H), mask = dropout_mask(rng, B * H),
+       keep_h = zoneout_draws(rng, T * B * H), keep_c = zoneout_draws(rng, T * B * H);
+  std::vector<float> out(T * B * H), h_n(B * H), c_n(B * H), gates(T * B * G4), normalized(T * B * 2 * G4),
+      cells(T * B * 3 * H), inverse_std(T * B * 3), pre(T * B * H), gx(T * B * I), gwih(G4 * I), gwhh(G4 * H),
+      gb(G4), gbih(G3), gbhh(G3), gh0(B * H), gc0(B * H), ggih(G4), gghh(G4), ggc(H), gbc(H);
+  const char* error = rnntl_emulation_layer_norm_lstm(
+      0, 1, 64, T, B, I, H, H, 1, 0.8, 0.3, 0.05, 0.0, lengths.data(), mask.data(), keep_h.data(), keep_c.data(),
+      x.data(), wih.data(), whh.data(), bih.data(), bhh.data(), nullptr, h0.data(), c0.data(), gih.data(),
+      ghh.data(), gc.data(), bc.data(), out.data(), h_n.data(), c_n.data(), gates.data(), normalized.data(),
+      cells.data(), inverse_std.data(), pre.data(), go.data(), ghn.data(), gcn.data(), gx.data(), gwih.data(),
+      gwhh.data(), gb.data(), nullptr, gh0.data(), gc0.data(), ggih.data(), gghh.data(), ggc.data(), gbc.data());
+  if (!error)
+    error = rnntl_emulation_layer_norm_gru(
+        0, 1, 64, T, B, I, H, 0, 0.0, 0.05, lengths.data(), mask.data(), keep_h.data(), x.data(), wih.data(),
+        whh.data(), bih.data(), bhh.data(), h0.data(), gih.data(), ghh.data(), out.data(), h_n.data(), gates.data(),
+        normalized.data(), inverse_std.data(), go.data(), ghn.data(), gx.data(), gwih.data(), gwhh.data(),
+        gbih.data(), gbhh.data(), gh0.data(), ggih.data(), gghh.data());
+  if (error) std::fprintf(stderr, "layer norm failed: %s\n", error);
+  std::printf("layer-norm lstm and gru: %s\n", error ? "failed" : "ran");
+  return error ? 1 : 0;
+}
+
 }  // namespace
 
 int main() {
@@ -465,6 +608,7 @@ int main() {
       }
     }
   }
+  failures += run_layer_norm_cells(lengths);
   std::printf(failures ? "FAILED\n" : "OK\n");
   return failures ? 1 : 0;
 }

@@ -25,5 +25,16 @@ const char* rnn_forward(const RnnForwardParams& params);
 size_t rnn_backward_workspace_bytes(const RnnBackwardParams& params);
 const char* rnn_backward(const RnnBackwardParams& params);
 
+// Layer-normalised LSTM and GRU (stepwise strategy only: an explicit persistent request
+// returns an error).
+size_t layer_norm_lstm_forward_workspace_bytes(const LayerNormLstmForwardParams& params);
+const char* layer_norm_lstm_forward(const LayerNormLstmForwardParams& params);
+size_t layer_norm_lstm_backward_workspace_bytes(const LayerNormLstmBackwardParams& params);
+const char* layer_norm_lstm_backward(const LayerNormLstmBackwardParams& params);
+size_t layer_norm_gru_forward_workspace_bytes(const LayerNormGruForwardParams& params);
+const char* layer_norm_gru_forward(const LayerNormGruForwardParams& params);
+size_t layer_norm_gru_backward_workspace_bytes(const LayerNormGruBackwardParams& params);
+const char* layer_norm_gru_backward(const LayerNormGruBackwardParams& params);
+
 }  // namespace cuda
 }  // namespace rnntl

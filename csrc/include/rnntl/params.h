@@ -69,7 +69,7 @@ struct LaunchEnv {
   GemmHook gemm;
   void* workspace;         // *_workspace_bytes(params) bytes, any content
   Strategy strategy;
-  int threads_per_block;   // persistent kernels; 0 = default (256)
+  int threads_per_block;   // persistent kernels and the layer-norm row kernels; 0 = default (256, 128)
 };
 
 // The parameters are layered so that each field is declared once: SequenceParams holds
@@ -176,6 +176,62 @@ struct RnnForwardParams : ForwardParams, RnnParams {};
 struct RnnBackwardParams : BackwardParams, RnnParams {
   void* grad_bias_ih;      // [H]
   void* grad_bias_hh;      // [H]
+};
+
+// Layer-normalised LSTM and GRU (docs/semantics.md section 10; rnntl/cuda/layer_norm_launch.cuh):
+// the gains of LN(W_ih x) and LN(W_hh (m * h_{t-1})) over the whole G row, and the reserve
+// both passes share. The reserve is padded [T, B, *] (zeros at padded steps); the CPU op
+// keeps compact rows there (docs/cpu.md), same shapes.
+struct LayerNormParams {
+  const void* gain_ih;     // [G] g_ih
+  const void* gain_hh;     // [G] g_hh
+};
+
+// LSTM (G = 4H): a = LN(W_ih x) g_ih + b_ih + LN(W_hh (m * h)) g_hh + b_hh;
+// h~ = o * tanh(LN(c~) g_c + b_c). ForwardParams::gates holds i, f, g, o.
+struct LayerNormLstmParams : LstmParams, LayerNormParams {
+  const void* cell_gain;   // [H] g_c, or null (1)
+  const void* cell_bias;   // [H] b_c, or null (0)
+};
+
+struct LayerNormLstmForwardParams : ForwardParams, LayerNormLstmParams {
+  void* c_n;               // [B, H]
+  void* normalized;        // [T, B, 8H] LN(W_ih x) | LN(W_hh (m * h)); only when save
+  void* cells;             // [T, B, 3H] c~ before cell_clip | LN(c~ after clip) | carried c_t; only when save
+  void* inverse_std;       // [T, B, 3]  1/std of the two products and of c~; only when save
+  void* hidden_pre_clip;   // [T, B, P]  h~ before proj_clip; only when save && proj_clip
+};
+
+struct LayerNormLstmBackwardParams : BackwardParams, LayerNormLstmParams {
+  const void* grad_c_n;         // [B, H] or null
+  const void* normalized;       // [T, B, 8H]
+  const void* cells;            // [T, B, 3H]
+  const void* inverse_std;      // [T, B, 3]
+  const void* hidden_pre_clip;  // [T, B, P] or null (only with proj_clip)
+  void* grad_bias;              // [4H] (bias_ih and bias_hh have the same gradient)
+  void* grad_weight_hr;         // [P, H]
+  void* grad_c0;                // [B, H]
+  void* grad_gain_ih;           // [4H]
+  void* grad_gain_hh;           // [4H]
+  void* grad_cell_gain;         // [H]
+  void* grad_cell_bias;         // [H]
+};
+
+// GRU (G = 3H, P = H): gx = LN(W_ih x) g_ih + b_ih, gh = LN(W_hh (m * h)) g_hh + b_hh in
+// place of section 2's products. ForwardParams::gates holds r, z, n.
+struct LayerNormGruForwardParams : ForwardParams, GruParams, LayerNormParams {
+  void* normalized;        // [T, B, 6H] LN(W_ih x) | LN(W_hh (m * h)); only when save
+  void* inverse_std;       // [T, B, 2]; only when save
+};
+
+struct LayerNormGruBackwardParams : BackwardParams, GruParams, LayerNormParams {
+  const void* bias_hh;     // [3H] or null: the backward of r * gh_n reads gh_n
+  const void* normalized;  // [T, B, 6H]
+  const void* inverse_std; // [T, B, 2]
+  void* grad_bias_ih;      // [3H]
+  void* grad_bias_hh;      // [3H]
+  void* grad_gain_ih;      // [3H]
+  void* grad_gain_hh;      // [3H]
 };
 
 }  // namespace rnntl
