@@ -287,6 +287,12 @@ def _stack_with_ops(module, x, draws, lengths=None):
     return layer_input, torch.stack(finals_h), torch.stack(finals_c)
 
 
+def _draws(shape, probability):
+    """The modules' Bernoulli draws as docs/semantics.md section 10 defines them: u < probability
+    for u uniform in [0, 1) from the default generator."""
+    return (torch.rand(shape, dtype=F64) < probability).to(F64)
+
+
 def test_module_training_step_uses_one_draw_per_call_and_layer_direction():
     """Masks come from the default generator, per layer-direction in the documented order
     (recurrent mask, weight mask, zoneout of h, of c), once per forward call."""
@@ -298,9 +304,8 @@ def test_module_training_step_uses_one_draw_per_call_and_layer_direction():
     torch.manual_seed(21)
     draws = []
     for _ in range(4):
-        draws.append((torch.empty(3, 3, dtype=F64).bernoulli_(1 - p) / (1 - p),
-                      torch.empty(24, 3, dtype=F64).bernoulli_(1 - w) / (1 - w),
-                      torch.empty(5, 3, 3, dtype=F64).bernoulli_(z_h), torch.empty(5, 3, 6, dtype=F64).bernoulli_(z_c)))
+        draws.append((_draws((3, 3), 1 - p) / (1 - p), _draws((24, 3), 1 - w) / (1 - w), _draws((5, 3, 3), z_h),
+                      _draws((5, 3, 6), z_c)))
     expected = _stack_with_ops(module, x, draws)
     for a, e in zip((out, h_n, c_n), expected):
         assert torch.equal(a, e)
@@ -352,7 +357,7 @@ def test_weight_drop_zeroes_the_gradient_of_dropped_weights_and_keeps_the_state_
     out = module(_module_inputs())[0]
     out.pow(2).sum().backward()
     torch.manual_seed(31)
-    kept = torch.empty_like(module.weight_hh_l0).bernoulli_(0.5) > 0
+    kept = _draws(tuple(module.weight_hh_l0.shape), 0.5) > 0
     grad = module.weight_hh_l0.grad
     assert bool((grad[~kept] == 0).all()) and bool((grad[kept] != 0).all())
     assert list(module.state_dict()) == list(before)
