@@ -102,8 +102,10 @@ def markdown_table(rows: List[dict]) -> str:
         speedup = _fmt(row["speedup_vs_torch"], ".2f", "x")
         if row.get("speedup_vs_hooks") is not None and row["provider"] != HOOKS:
             speedup += f" ({row['speedup_vs_hooks']:.1f}x vs hooks)"
-        if row.get("speedup_vs_cells") is not None and row["provider"] not in BASELINES:
-            speedup += f" ({row['speedup_vs_cells']:.1f}x vs cell loop, cost {row['cost_vs_without']:.2f}x)"
+        if row["provider"] not in BASELINES:
+            extra = [f"{row['speedup_vs_cells']:.1f}x vs cell loop"] if row.get("speedup_vs_cells") is not None else []
+            extra += [f"cost {row['cost_vs_without']:.2f}x"] if row.get("cost_vs_without") is not None else []
+            speedup += f" ({', '.join(extra)})" if extra else ""
         lines.append(f"| {row['label']} | {row['mode']} | {row['description']} | {row['time_ms']:.3f} | {speedup} | "
                      f"{_fmt(row['gflops'], '.1f')} | {_fmt(row['gemm_fraction'], '.0%')} | "
                      f"{_fmt(row['peak_memory_mb'], '.1f')} |")
@@ -134,11 +136,14 @@ def summarize(rows: List[dict]) -> List[dict]:
         if hooks and provider != HOOKS:
             entry["geomean_speedup_vs_hooks"] = geometric_mean(hooks)
         cells = [m["speedup_vs_cells"] for m in members if m.get("speedup_vs_cells") is not None]
+        costs = [m["cost_vs_without"] for m in members if m.get("cost_vs_without") is not None]
         if cells and provider not in BASELINES:
             entry["geomean_speedup_vs_cells"] = geometric_mean(cells)
-            entry["geomean_cost_vs_without"] = geometric_mean([m["cost_vs_without"] for m in members])
-            entry["worst_cost_vs_without"] = max(m["cost_vs_without"] for m in members)
             entry["worst_speedup_vs_cells"] = min(cells)
+        if costs and provider not in BASELINES:
+            entry["geomean_cost_vs_without"] = geometric_mean(costs)
+            entry["worst_cost_vs_without"] = max(costs)
+        if cells and costs and provider not in BASELINES:
             if provider != "reference":
                 entry["meets_goal"] = (entry["worst_cost_vs_without"] <= REGULARIZER_MAX_COST
                                        and entry["worst_speedup_vs_cells"] >= REGULARIZER_MIN_SPEEDUP_VS_CELLS)
@@ -157,10 +162,13 @@ def summary_markdown(summary: List[dict]) -> str:
         speedup = _fmt(entry["geomean_speedup_vs_torch"], ".2f", "x")
         if "geomean_speedup_vs_hooks" in entry:
             speedup += f" ({entry['geomean_speedup_vs_hooks']:.1f}x vs hooks)"
+        extra = []
         if "geomean_speedup_vs_cells" in entry:
-            speedup += (f" ({entry['geomean_speedup_vs_cells']:.1f}x vs cell loop, worst "
-                        f"{entry['worst_speedup_vs_cells']:.1f}x; cost {entry['geomean_cost_vs_without']:.2f}x, "
-                        f"worst {entry['worst_cost_vs_without']:.2f}x)")
+            extra.append(f"{entry['geomean_speedup_vs_cells']:.1f}x vs cell loop, worst "
+                         f"{entry['worst_speedup_vs_cells']:.1f}x")
+        if "geomean_cost_vs_without" in entry:
+            extra.append(f"cost {entry['geomean_cost_vs_without']:.2f}x, worst {entry['worst_cost_vs_without']:.2f}x")
+        speedup += f" ({'; '.join(extra)})" if extra else ""
         cell = f"{entry['cell']} {entry['regularizer']}".strip()
         lines.append(f"| {entry['group']} | {cell} | {entry['mode']} | {entry['provider']} | "
                      f"{entry['rows']} | {speedup} |")
