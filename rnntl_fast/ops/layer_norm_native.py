@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .autograd import _save, needs_grad
+from .autograd import _save, gru_gradients_like, lstm_gradients_like, needs_grad
 from .native import HALF_DTYPES, _widened
 from .options import SequenceOptions
 from .reference import LayerNormWeights
@@ -101,13 +101,11 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weigh
                         recurrent_mask, zoneout_h, zoneout_c, layer_norm_ih, layer_norm_hh, layer_norm_cell_weight,
                         layer_norm_cell_bias, output, gates, normalized, cells, inverse_std, hidden_pre_clip, reverse,
                         cell_clip, proj_clip, state_clip, gate_clip, output_mask):
-    steps, batch, features = input.shape
+    # The plain LSTM's seven gradients, then the gains' (and the cell bias').
     hidden = weight_ih.shape[0] // 4
-    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
-    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (4 * hidden,),
-              tuple(weight_hr.shape) if weight_hr is not None else (0,), (batch, out_size), (batch, hidden),
-              (4 * hidden,), (4 * hidden,), (hidden,), (hidden,)]
-    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    gains = [(4 * hidden,), (4 * hidden,), (hidden,), (hidden,)]
+    return (*lstm_gradients_like(input, weight_ih, weight_hh, weight_hr, output_mask[:7]),
+            *(input.new_empty(shape if need else (0,)) for shape, need in zip(gains, output_mask[7:])))
 
 
 def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths, recurrent_mask, zoneout,
@@ -122,11 +120,10 @@ def _gru_forward_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths
 def _gru_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, bias_hh, h0, lengths, recurrent_mask,
                        zoneout, layer_norm_ih, layer_norm_hh, output, gates, normalized, inverse_std, reverse,
                        state_clip, gate_clip, output_mask):
-    steps, batch, features = input.shape
-    hidden = weight_ih.shape[0] // 3
-    shapes = [(steps, batch, features), tuple(weight_ih.shape), tuple(weight_hh.shape), (3 * hidden,),
-              (3 * hidden,), (batch, hidden), (3 * hidden,), (3 * hidden,)]
-    return tuple(input.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    # The plain GRU's six gradients, then the two gains'.
+    gains = (3 * (weight_ih.shape[0] // 3),)
+    return (*gru_gradients_like(input, weight_ih, weight_hh, output_mask[:6]),
+            *(input.new_empty(gains if need else (0,)) for need in output_mask[6:]))
 
 
 def _lstm_setup_context(ctx, inputs, output):
