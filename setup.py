@@ -8,6 +8,10 @@ docs/ENVIRONMENT.md documents each one:
                           /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST    GPU architectures for the CUDA build (default "7.5;8.0;8.6;9.0").
   MAX_JOBS                parallel compile jobs (read by torch's build_ext).
+  RNNTL_CUDA_ONLY=1       with RNNTL_BUILD_CUDA=1: leave the CPU kernels (csrc/cpu) out, so the
+                          ops have only CUDA kernels; for the CUDA build check of CI
+                          (scripts/ci_cuda_extension.sh), whose CPU kernels the regular build
+                          compiles and tests.
   RNNTL_DEBUG=1           -O0 -g, for debuggers.
   RNNTL_SANITIZE          sanitizers to build with, as for -fsanitize= (e.g. "address,undefined");
                           -O1 -g, errors abort. `make sanitize` (scripts/sanitize.sh) uses it.
@@ -73,9 +77,13 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     if not _flag("RNNTL_BUILD_CUDA"):
+        if _flag("RNNTL_CUDA_ONLY"):
+            raise SystemExit("setup.py: RNNTL_CUDA_ONLY=1 needs RNNTL_BUILD_CUDA=1 (without it nothing would be built)")
         return [CppExtension("rnntl_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if _flag("RNNTL_CUDA_ONLY"):  # ops.cpp still reports the CPU's product kernel: keep that file
+        sources = ["csrc/ops.cpp", "csrc/cpu/small_gemm_cpu.cpp"]
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
     # No --use_fast_math: the gate math must match the CPU/reference rounding closely.
     # The .cu files include no torch headers, so C++17 is enough there; the glue

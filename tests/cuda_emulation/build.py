@@ -36,7 +36,7 @@ def _build(name, flags):
     os.makedirs(BUILD_DIR, exist_ok=True)
     target = os.path.join(BUILD_DIR, f"{name}-{_sources_digest([compiler] + flags)}")
     if not os.path.exists(target):
-        partial = target + ".partial"
+        partial = f"{target}.{os.getpid()}.partial"  # parallel test processes may build it at once
         subprocess.run([compiler, *flags, SOURCE, "-o", partial], check=True)
         os.replace(partial, target)
     return target
@@ -57,8 +57,8 @@ def tsan_runtime_problem():
     this probe may turn into a skip: a failure to build the emulation driver itself is a bug."""
     compiler = os.environ.get("CXX", "g++")
     os.makedirs(BUILD_DIR, exist_ok=True)
-    probe_source = os.path.join(BUILD_DIR, "tsan_probe.cpp")
-    probe = os.path.join(BUILD_DIR, "tsan_probe")
+    probe_source = os.path.join(BUILD_DIR, f"tsan_probe.{os.getpid()}.cpp")
+    probe = os.path.join(BUILD_DIR, f"tsan_probe.{os.getpid()}")
     with open(probe_source, "w") as handle:
         handle.write("#include <thread>\nint main() { std::thread t([] {}); t.join(); return 0; }\n")
     built = subprocess.run([compiler, "-fsanitize=thread", "-pthread", probe_source, "-o", probe],
