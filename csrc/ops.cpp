@@ -24,6 +24,12 @@
 // proj_clip act in the forward; state_clip and gate_clip act in the backward and are taken
 // by the forward ops only so that autograd can hand them to the backward ops.
 TORCH_LIBRARY(rnntl_fast, m) {
+  // The regularizers' random draws (docs/semantics.md section 10): out[i] = value if u_i <
+  // probability else 0, u_i the i-th uniform of the Philox stream of seed
+  // (csrc/include/rnntl/philox.h). out: any shape, contiguous, floating point; seed: a
+  // one-element int64 tensor on out's device (a tensor, so that drawing it from a generator
+  // needs no host sync and no graph break).
+  m.def("bernoulli_draws_(Tensor(a!) out, float probability, float value, Tensor seed) -> ()");
   // -> (output [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], cells [T,B,H], hidden_pre_clip [T,B,P],
   //     carried_cells [T,B,H]: the zoned c_t, kept only with zoneout_c)
   m.def(

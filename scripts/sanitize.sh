@@ -3,7 +3,7 @@
 #   1. the C++ tests (CMakeLists.txt, tests/cpp) built with -DRNNTL_SANITIZE, run by ctest;
 #   2. the extension built with RNNTL_SANITIZE (setup.py) into build/sanitize/lib, and a
 #      fast subset of the op tests (tests/test_ops_cpu.py, tests/test_properties.py,
-#      tests/test_layer_norm_cpu.py) run
+#      tests/test_layer_norm_cpu.py, tests/test_regularizer_draws.py) run
 #      against it in a Python with libasan (and libstdc++) preloaded.
 # Everything goes to build/sanitize (incremental); the regular build is untouched. Any
 # sanitizer finding aborts the process, so the run fails.
@@ -25,7 +25,8 @@ OUT="build/sanitize"
 # same kernels). From tests/test_properties.py: the op properties, drawn sizes, options and
 # memory layouts in float32 and float64 (the ci profile's examples). From
 # tests/test_layer_norm_cpu.py: the layer-normalised cells' float64 cases, gradcheck, opcheck.
-DEFAULT_TESTS="float64_matches_reference or gradcheck or opcheck or bad_input or rejects_bad_input or non_contiguous or state_and_gate_clip or test_op_float"
+# From tests/test_regularizer_draws.py: the mask op against its torch-op form, at 1-3 threads.
+DEFAULT_TESTS="float64_matches_reference or gradcheck or opcheck or bad_input or rejects_bad_input or non_contiguous or state_and_gate_clip or test_op_float or native_op or thread_count"
 TESTS="${RNNTL_SANITIZE_TESTS:-$DEFAULT_TESTS}"
 export MAX_JOBS
 
@@ -71,6 +72,6 @@ if sys.argv[1] not in C.__file__ or b"__asan_report" not in library or b"__ubsan
     sys.exit("sanitize: that is not the extension built with AddressSanitizer and UBSan")
 PY
 # --capture=sys: a sanitizer report (written to fd 2 just before the abort) reaches the log.
-"$PYTHON" -P -m pytest tests/test_ops_cpu.py tests/test_properties.py tests/test_layer_norm_cpu.py -q -p no:cacheprovider \
+"$PYTHON" -P -m pytest tests/test_ops_cpu.py tests/test_properties.py tests/test_layer_norm_cpu.py tests/test_regularizer_draws.py -q -p no:cacheprovider \
     --capture=sys -k "$TESTS"
 echo "sanitize: passed in $(( $(date +%s) - start )) s"

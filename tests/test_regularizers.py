@@ -12,6 +12,7 @@ import rnntl_fast
 from rnntl_fast import ops
 from rnntl_fast.ops import LayerNormWeights
 from rnntl_fast.ops.backend import BACKEND_RUNS
+from rnntl_fast.ops.draws import draw_seed, philox_draws
 
 F64 = torch.float64
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -289,8 +290,8 @@ def _stack_with_ops(module, x, draws, lengths=None):
 
 def _draws(shape, probability):
     """The modules' Bernoulli draws as docs/semantics.md section 10 defines them: u < probability
-    for u uniform in [0, 1) from the default generator."""
-    return (torch.rand(shape, dtype=F64) < probability).to(F64)
+    for u the Philox stream of a seed drawn from the default generator (torch ops only)."""
+    return philox_draws(shape, probability, 1.0, draw_seed("cpu"), F64, "cpu")
 
 
 def test_module_training_step_uses_one_draw_per_call_and_layer_direction():

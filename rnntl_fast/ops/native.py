@@ -65,6 +65,10 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, h0, l
     return rnn_gradients_like(input, weight_ih, weight_hh, output_mask)
 
 
+def _bernoulli_draws_fake(out, probability, value, seed):
+    return None  # fills out in place
+
+
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("rnntl_fast: double backward (create_graph=True through the backward of a fused "
                               "LSTM/GRU/RNN op) is not supported; use backend='reference' for higher-order gradients")
@@ -79,6 +83,7 @@ def register() -> None:
     global REGISTERED
     if REGISTERED or not _ext.HAS_CPU_KERNELS:
         return
+    torch.library.register_fake("rnntl_fast::bernoulli_draws_")(_bernoulli_draws_fake)
     torch.library.register_fake("rnntl_fast::lstm_forward")(_lstm_forward_fake)
     torch.library.register_fake("rnntl_fast::lstm_backward")(_lstm_backward_fake)
     torch.library.register_fake("rnntl_fast::gru_forward")(_gru_forward_fake)
