@@ -60,6 +60,78 @@ def rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------
+# Layer normalisation over a row held as one, three or four [BLOCK_B, BLOCK_N] tiles (the
+# gates of the sequence kernels): LN(x) = (x - mean) / sqrt(var + eps), biased variance,
+# over the `count` valid columns (cols_valid [1, BLOCK_N]; padded columns hold 0 and give 0).
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.sum(x, axis=1)[:, None]
+
+
+@triton.jit
+def layer_norm_rows(x0, x1, x2, x3, cols_valid, count, eps, TILES: tl.constexpr):
+    """LN over the row formed by the first TILES of x0..x3 -> (normalized tiles, rstd [BB, 1])."""
+    total = _row_sum(tl.where(cols_valid, x0, 0.0))
+    if TILES >= 3:
+        total += _row_sum(tl.where(cols_valid, x1, 0.0)) + _row_sum(tl.where(cols_valid, x2, 0.0))
+    if TILES == 4:
+        total += _row_sum(tl.where(cols_valid, x3, 0.0))
+    mean = total / count
+    d0 = tl.where(cols_valid, x0 - mean, 0.0)
+    d1 = tl.where(cols_valid, x1 - mean, 0.0)
+    d2 = tl.where(cols_valid, x2 - mean, 0.0)
+    d3 = tl.where(cols_valid, x3 - mean, 0.0)
+    squares = _row_sum(d0 * d0)
+    if TILES >= 3:
+        squares += _row_sum(d1 * d1) + _row_sum(d2 * d2)
+    if TILES == 4:
+        squares += _row_sum(d3 * d3)
+    rstd = 1.0 / tl.sqrt_rn(squares / count + eps)
+    return d0 * rstd, d1 * rstd, d2 * rstd, d3 * rstd, rstd
+
+
+@triton.jit
+def layer_norm_backward(dy0, dy1, dy2, dy3, n0, n1, n2, n3, rstd, cols_valid, count, TILES: tl.constexpr):
+    """dL/dx of n = LN(x) over the row of the first TILES tiles, from dL/dn (dy), n and rstd:
+    rstd * (dy - mean(dy) - n * mean(dy * n))."""
+    total = _row_sum(dy0)
+    dot = _row_sum(dy0 * n0)
+    if TILES >= 3:
+        total += _row_sum(dy1) + _row_sum(dy2)
+        dot += _row_sum(dy1 * n1) + _row_sum(dy2 * n2)
+    if TILES == 4:
+        total += _row_sum(dy3)
+        dot += _row_sum(dy3 * n3)
+    mean_dy = total / count
+    mean_dyn = dot / count
+    return (tl.where(cols_valid, rstd * (dy0 - mean_dy - n0 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy1 - mean_dy - n1 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy2 - mean_dy - n2 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy3 - mean_dy - n3 * mean_dyn), 0.0))
+
+
+@triton.jit
+def layer_norm_backward_means(dy0, dy1, dy2, n_ptrs, stride, mask, count):
+    """(mean(dy), mean(dy * n)) [BB, 1] over a three-tile row, the normalized tiles loaded from
+    n_ptrs + k * stride (float32); with layer_norm_backward_tile, layer_norm_backward one tile
+    at a time."""
+    total = _row_sum(dy0) + _row_sum(dy1) + _row_sum(dy2)
+    dot = (_row_sum(dy0 * tl.load(n_ptrs, mask=mask, other=0.0))
+           + _row_sum(dy1 * tl.load(n_ptrs + stride, mask=mask, other=0.0))
+           + _row_sum(dy2 * tl.load(n_ptrs + 2 * stride, mask=mask, other=0.0)))
+    return total / count, dot / count
+
+
+@triton.jit
+def layer_norm_backward_tile(dy, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid):
+    """One tile of dL/dx of n = LN(x): rstd * (dy - mean(dy) - n * mean(dy * n))."""
+    return tl.where(cols_valid, rstd * (dy - mean_dy - tl.load(n_ptrs, mask=mask, other=0.0) * mean_dyn), 0.0)
+
+
+# ---------------------------------------------------------------------------------------
 # LSTM cell
 # ---------------------------------------------------------------------------------------
 
@@ -125,20 +197,28 @@ def lstm_hidden_backward(grad_carry, grad_out, h_raw, keep_h, valid, proj_clip, 
 
 
 @triton.jit
-def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, cell_clip, state_clip,
-                        gate_clip, CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
-                        HAS_ZONEOUT_C: tl.constexpr):
+def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, grad_c_normed,
+                        tanh_normed, cell_clip, state_clip, gate_clip, CELL_CLIP: tl.constexpr,
+                        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, HAS_ZONEOUT_C: tl.constexpr,
+                        CELL_NORM: tl.constexpr):
     """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}. c_fresh: c~_t as
     h~_t read it (the carried c_t without zoneout). Under zoneout h~_t reads c~_t, not the
-    carried c_t, so the state clip applies to the carried gradient alone."""
-    tanh_c = tanh(c_fresh)
+    carried c_t, so the state clip applies to the carried gradient alone. With CELL_NORM
+    (layer normalisation, m = o * tanh(y), y = LN(c~_t) * g_c + b_c) the caller gives
+    tanh(y) and the part of dL/dc~_t through m (layer_norm_backward)."""
+    if CELL_NORM:
+        tanh_c = tanh_normed
+        grad_c_from_m = grad_c_normed
+    else:
+        tanh_c = tanh(c_fresh)
+        grad_c_from_m = grad_m * o * (1.0 - tanh_c * tanh_c)
     if HAS_ZONEOUT_C:
         grad_c = grad_c_carry
         if STATE_CLIP:
             grad_c = clamp(grad_c, state_clip)
-        grad_c_raw = tl.where(valid, (1.0 - keep_c) * grad_c + grad_m * o * (1.0 - tanh_c * tanh_c), 0.0)
+        grad_c_raw = tl.where(valid, (1.0 - keep_c) * grad_c + grad_c_from_m, 0.0)
     else:
-        grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
+        grad_c = grad_c_carry + grad_c_from_m
         if STATE_CLIP:
             grad_c = clamp(grad_c, state_clip)
         grad_c_raw = tl.where(valid, grad_c, 0.0)

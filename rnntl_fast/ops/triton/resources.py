@@ -14,10 +14,10 @@ shared memory than the architecture allows a block; tests/test_triton_compile.py
 architecture and dtype and prints the markdown table of docs/triton.md.
 
 Kernels are compiled with every boolean switch on (projection, clips, lengths, recurrent
-mask, zoneout, saving), their heaviest form. Uses the ptxas bundled with triton; needs no
-GPU and no CUDA driver, but TRITON_INTERPRET must be unset (the interpreter compiles
-nothing). Compiled kernels and ptxas reports are kept in triton's cache (TRITON_CACHE_DIR),
-so a second run is quick.
+mask, zoneout, layer normalisation, saving), their heaviest form. Uses the ptxas bundled
+with triton; needs no GPU and no CUDA driver, but TRITON_INTERPRET must be unset (the
+interpreter compiles nothing). Compiled kernels and ptxas reports are kept in triton's
+cache (TRITON_CACHE_DIR), so a second run is quick.
 """
 import argparse
 import hashlib
@@ -49,8 +49,9 @@ SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 # Pointer arguments in the input dtype (everything else is float32 reserve, or int64 lengths).
 _INPUT_DTYPE_POINTERS = {"input_gates_ptr", "weight_hh_ptr", "bias_hh_ptr", "weight_hr_ptr", "h0_ptr", "c0_ptr",
                          "recurrent_mask_ptr", "zoneout_ptr", "zoneout_h_ptr", "zoneout_c_ptr", "output_ptr", "h_n_ptr",
-                         "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr", "grad_c_n_ptr"}
-_FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip"}
+                         "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr", "grad_c_n_ptr", "norm_hh_ptr",
+                         "cell_norm_weight_ptr", "cell_norm_bias_ptr"}
+_FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip", "norm_eps"}
 # Boolean switches that are not "on" in the heaviest form: the backward step kernels' first
 # step skips the K loop, and the direction changes only the order of the steps.
 _SWITCHES_OFF = {"FIRST": False, "REVERSE": False}
