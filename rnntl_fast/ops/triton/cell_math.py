@@ -13,23 +13,84 @@ import triton
 import triton.language as tl
 
 
+# ---------------------------------------------------------------------------------------
+# sigmoid and tanh in float32, within about 1 ulp of the exact value for every x (measured by
+# tests/test_triton_cell_math.py against float64; figures in docs/triton.md "Precision").
+# Both rest on exp(-a) = 2^k (1 + p), a >= 0, p = expm1(r) from a polynomial (not tl.exp,
+# which lowers to ex2.approx.f32 of x * log2(e), whose error grows with |x|), and on
+# w = e / (1 + e) <= 1/2 with the roundings of e and 1 + e compensated:
+# sigmoid(-a) = w(exp(-a)), sigmoid(a) = 1 - w(exp(-a)), tanh(a) = 1 - 2 w(exp(-2a)) for
+# tanh(a) >= 1/2, and an odd polynomial below. No form subtracts two nearly equal numbers.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp_reduced(y):
+    """y: float32, -160 < y <= 0 -> (k, p) with exp(y) = 2^k * (1 + p): k integer-valued, p = expm1(r),
+    r = y - k ln2 in about [-ln2/2, ln2/2] (ln2 split in two: k times the high part is exact for |k| < 512)."""
+    k = tl.floor(y * 1.4426950408889634 + 0.5)
+    r = tl.fma(k, -0.693145751953125, y)
+    r = tl.fma(k, -1.4286067653301870e-06, r)
+    # Taylor series of expm1 to r^8: the next term is below 6e-10 of r for |r| <= ln2/2
+    q = tl.fma(r, 2.4801587301587302e-05, 1.9841269841269841e-04)
+    q = tl.fma(r, q, 1.3888888888888889e-03)
+    q = tl.fma(r, q, 8.3333333333333333e-03)
+    q = tl.fma(r, q, 4.1666666666666667e-02)
+    q = tl.fma(r, q, 1.6666666666666667e-01)
+    q = tl.fma(r, q, 0.5)
+    return k, tl.fma(r * r, q, r)
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as float32 for integer-valued k in [-126, 127], built from its exponent bits."""
+    return ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ratio_to_one_plus(scale, p):
+    """w = e / (1 + e) for e = scale * (1 + p) <= 1 (scale a power of two): the quotient of the
+    rounded e and 1 + e, corrected by the residual of both roundings (each exact by an fma or
+    Fast2Sum), so that w is off by little more than its own rounding."""
+    e = tl.fma(scale, p, scale)
+    e_low = tl.fma(scale, p, scale - e)  # scale - e is exact: e lies within [scale / 2, 2 scale]
+    d = 1.0 + e
+    d_low = (1.0 - d) + e + e_low  # 1 + e - d exactly (1 >= e), plus e_low
+    w = tl.math.div_rn(e, d)
+    residual = tl.fma(-w, d, e) + e_low - w * d_low  # e + e_low - w (d + d_low)
+    return tl.fma(residual, 1.0 - w, w)  # 1 - w = 1 / (1 + e)
+
+
 @triton.jit
 def sigmoid(x):
-    # exp(-x) overflows to +inf below x ~ -88, and 1 / inf is exactly 0, as torch's.
-    return 1.0 / (1.0 + tl.exp(-x))
+    # Past |x| = 110 exp(-|x|) is below the smallest subnormal: e is 0 there, so sigmoid(-inf)
+    # is exactly 0 and sigmoid(inf) exactly 1. tl.minimum drops NaN (a = 110), hence the last select.
+    a = tl.minimum(tl.abs(x), 110.0)
+    k, p = _exp_reduced(-a)
+    k_half = tl.floor(k * 0.5)  # 2^k in two normal factors: k reaches -159, below the normal range
+    w = _ratio_to_one_plus(_pow2(k_half) * _pow2(k - k_half), p)
+    value = tl.where(x >= 0.0, 1.0 - w, w)
+    return tl.where(x == x, value, x)
 
 
 @triton.jit
 def tanh(x):
-    # (1 - e) / (1 + e) with e = exp(-2|x|) never overflows, but loses relative accuracy
-    # near 0 where 1 - e cancels; a short odd series (error < 2e-10 below 0.125) takes over.
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    far = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    near = ax * (1.0 + x2 * (-0.333333333333 + x2 * (0.133333333333 + x2 * -0.0539682539683)))
-    magnitude = tl.where(ax < 0.125, near, far)
-    return tl.where(x < 0.0, -magnitude, magnitude)
+    # tanh(10) rounds to 1 in float32 (so does anything past 9.02): a is clamped there, which
+    # keeps 2^k normal and gives tanh(+-inf) = +-1 exactly. NaN: as in sigmoid.
+    a = tl.minimum(tl.abs(x), 10.0)
+    k, p = _exp_reduced(-2.0 * a)
+    far = 1.0 - 2.0 * _ratio_to_one_plus(_pow2(k), p)
+    # below tanh = 1/2 (a < ln(3)/2): a + a^3 P(a^2), P fitted to (tanh(a) - a) / a^3 (relative
+    # error of the sum 2.5e-9 with these float32 coefficients)
+    s = a * a
+    poly = tl.fma(s, -0.006258251611143351, 0.021058546379208565)
+    poly = tl.fma(s, poly, -0.053848542273044586)
+    poly = tl.fma(s, poly, 0.13332542777061462)
+    poly = tl.fma(s, poly, -0.33333316445350647)
+    near = tl.fma(a * s, poly, a)
+    magnitude = tl.where(a < 0.5493061443340549, near, far)
+    value = tl.where(x < 0.0, -magnitude, magnitude)
+    return tl.where(x == x, value, x)
 
 
 @triton.jit
