@@ -10,6 +10,7 @@ recurrence in one launch, weights on chip) and "step" (a launch per step); under
 interpreter the step kernels use 16-wide tiles, so H=20 exercises their multi-tile paths.
 """
 import os
+import random
 
 import pytest
 import torch
@@ -399,9 +400,9 @@ def _normed_case_id(c):
     return _zoned_case_id(c) + "-layer_norm" + terms
 
 
-def _normed_tensors(c, seed=5):
-    """_zoned_tensors(c) with the layer-norm terms added to the leaves."""
-    leaves, extras = _zoned_tensors(c)
+def _normed_tensors(c, seed=5, tensor_seed=0):
+    """_zoned_tensors(c, tensor_seed) with the layer-norm terms (drawn from `seed`) added to the leaves."""
+    leaves, extras = _zoned_tensors(c, tensor_seed)
     g = torch.Generator().manual_seed(seed)
     gates = (4 if c["cell"] == "lstm" else 3) * c["H"]
     leaves["layer_norm_ih"] = 1 + 0.3 * torch.randn(gates, generator=g, dtype=torch.float64)
@@ -462,6 +463,55 @@ LAYER_NORM_LOW_PRECISION_CASES = [
 def test_layer_norm_low_precision_within_error_rule(case, dtype, sequence_strategy):
     """The gains arrive in the input dtype; the statistics are float32 in the kernels."""
     leaves, extras = _normed_tensors(case)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)
+
+
+def _drawn_normed_case(cell, seed):
+    """A layer-normalised case with sizes and options drawn from `seed`: up to 5 steps, 1 to 17
+    rows (17: two programs), H from 3 to 32 (the float32 sequence strategy's widest), lengths
+    with zeros, either direction, projection, clips, both gradient clips, the recurrent mask,
+    zoneout of either kind, any subset of the LSTM's cell terms."""
+    rng = random.Random(seed)
+    T, B, I, H = rng.randint(1, 5), rng.choice((1, 2, 3, 5, 17)), rng.randint(1, 6), rng.choice((3, 5, 8, 13, 20, 32))
+    lstm = cell == "lstm"
+    zoneouts = (None, "train", "eval") + (("train-h", "train-c") if lstm else ())
+    return _normed_case(
+        cell, T, B, I, H, proj=rng.choice((0, rng.randint(1, H))) if lstm and H > 1 else 0,
+        lengths=tuple(rng.randint(0, T) for _ in range(B)) if rng.random() < 0.5 else None,
+        reverse=rng.random() < 0.5, clips=lstm and rng.random() < 0.3,
+        grad_clip=rng.choice((None, None, "state", "gates")), mask=rng.random() < 0.5, zoneout=rng.choice(zoneouts),
+        cell_terms=tuple(t for t in ("weight", "bias") if rng.random() < 0.7))
+
+
+LAYER_NORM_DRAWS = [(cell, seed) for cell in ("lstm", "gru") for seed in range(100, 112)]
+
+
+@pytest.mark.parametrize("cell,seed", LAYER_NORM_DRAWS, ids=[f"{c}-draw{s}" for c, s in LAYER_NORM_DRAWS])
+def test_layer_norm_random_draws_within_error_rule(cell, seed, sequence_strategy):
+    """Random sizes, options and tensors (_drawn_normed_case), float32: every result and gradient
+    by the error rule, the float32 reference as the baseline."""
+    case = _drawn_normed_case(cell, seed)
+    leaves, extras = _normed_tensors(case, seed, tensor_seed=seed)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, torch.float32, "reference"), reference64,
+                                    torch.float32)
+
+
+LAYER_NORM_HALF_DRAWS = [(cell, dtype, seed) for cell in ("lstm", "gru") for dtype in ("float16", "bfloat16")
+                         for seed in range(200, 206)]
+
+
+@pytest.mark.parametrize("cell,dtype,seed", LAYER_NORM_HALF_DRAWS,
+                         ids=[f"{c}-{d}-draw{s}" for c, d, s in LAYER_NORM_HALF_DRAWS])
+def test_layer_norm_low_precision_random_draws_within_error_rule(cell, dtype, seed, sequence_strategy):
+    """As test_layer_norm_random_draws_within_error_rule in float16 / bfloat16, the reference in
+    that dtype as the baseline."""
+    dtype = getattr(torch, dtype)
+    case = _drawn_normed_case(cell, seed)
+    leaves, extras = _normed_tensors(case, seed, tensor_seed=seed)
     reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
     fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
     _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)

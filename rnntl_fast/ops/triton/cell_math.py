@@ -192,6 +192,19 @@ def layer_norm_backward_tile(dy, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_val
     return tl.where(cols_valid, rstd * (dy - mean_dy - tl.load(n_ptrs, mask=mask, other=0.0) * mean_dyn), 0.0)
 
 
+@triton.jit
+def dot_float32_operand(a, w, DOT_DTYPE: tl.constexpr):
+    """a @ w, float32 [BB, K] x DOT_DTYPE [K, N] -> float32 [BB, N], a kept to about float32
+    accuracy: with a half DOT_DTYPE, a goes in as two parts of that dtype (a's rounding and what
+    it left), two tensor-core dots; w is exact in its dtype. For a that layer normalisation's
+    backward enlarged, whose rounding to the half type alone cost the error rule."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, w, input_precision="ieee")
+    high = a.to(DOT_DTYPE)
+    low = (a - high.to(tl.float32)).to(DOT_DTYPE)
+    return tl.dot(high, w, input_precision="ieee") + tl.dot(low, w, input_precision="ieee")
+
+
 # ---------------------------------------------------------------------------------------
 # LSTM cell
 # ---------------------------------------------------------------------------------------

@@ -69,9 +69,11 @@ def _layer_norm_backward(grad: Tensor, normalized: Tensor, rstd: Tensor) -> Tens
 
 def _input_gates(input: Tensor, weight_ih: Tensor, bias_ih: Optional[Tensor], lengths: Optional[Tensor],
                  layer_norm_ih: Optional[Tensor]) -> Tensor:
-    """[T, B, G] in the input dtype, contiguous: W_ih x_t + b_ih, or LN(W_ih x_t) * g_ih + b_ih
-    (computed in float32). Padded steps are zeroed first: what they hold must not reach the
-    saved gates, whose products the backward forms at every step."""
+    """[T, B, G] contiguous: W_ih x_t + b_ih in the input dtype, or LN(W_ih x_t) * g_ih + b_ih in
+    float32 (the kernels widen them anyway; rounded to float16, these normalised gates made the
+    float16 LSTM's gradients exceed the error rule, docs/triton.md). Padded steps are zeroed
+    first: what they hold must not reach the saved gates, whose products the backward forms at
+    every step."""
     x = without_padded_steps(input, lengths)
     if layer_norm_ih is None:
         return F.linear(x, weight_ih, bias_ih).contiguous()
@@ -79,7 +81,7 @@ def _input_gates(input: Tensor, weight_ih: Tensor, bias_ih: Optional[Tensor], le
     gates = F.layer_norm(product, product.shape[-1:], eps=LAYER_NORM_EPS) * layer_norm_ih.float()
     if bias_ih is not None:
         gates = gates + bias_ih.float()
-    return gates.to(input.dtype).contiguous()
+    return gates.contiguous()
 
 
 def _input_side_gradients(grad_gates: Tensor, input: Tensor, weight_ih: Tensor, lengths: Optional[Tensor],

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import config
-from .cell_math import (gru_cell_backward, gru_cell_forward, layer_norm_backward, layer_norm_backward_means,
+from .cell_math import (dot_float32_operand, gru_cell_backward, gru_cell_forward, layer_norm_backward, layer_norm_backward_means,
                         layer_norm_backward_tile, layer_norm_rows, lstm_cell_backward,
                         lstm_cell_forward, lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward,
                         rnn_cell_forward, rows_valid, tanh)
@@ -332,10 +332,16 @@ def lstm_backward_sequence_kernel(
             grad_h_carry = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
         else:
             grad_h_carry = grad_h_keep
-        grad_h_carry += tl.dot(d_i.to(DOT_DTYPE), w_i, input_precision="ieee")
-        grad_h_carry += tl.dot(d_f.to(DOT_DTYPE), w_f, input_precision="ieee")
-        grad_h_carry += tl.dot(d_g.to(DOT_DTYPE), w_g, input_precision="ieee")
-        grad_h_carry += tl.dot(d_o.to(DOT_DTYPE), w_o, input_precision="ieee")
+        if LAYER_NORM:
+            grad_h_carry += dot_float32_operand(d_i, w_i, DOT_DTYPE)
+            grad_h_carry += dot_float32_operand(d_f, w_f, DOT_DTYPE)
+            grad_h_carry += dot_float32_operand(d_g, w_g, DOT_DTYPE)
+            grad_h_carry += dot_float32_operand(d_o, w_o, DOT_DTYPE)
+        else:
+            grad_h_carry += tl.dot(d_i.to(DOT_DTYPE), w_i, input_precision="ieee")
+            grad_h_carry += tl.dot(d_f.to(DOT_DTYPE), w_f, input_precision="ieee")
+            grad_h_carry += tl.dot(d_g.to(DOT_DTYPE), w_g, input_precision="ieee")
+            grad_h_carry += tl.dot(d_o.to(DOT_DTYPE), w_o, input_precision="ieee")
         if HAS_RECURRENT_MASK:
             grad_h_carry = grad_h_keep + recurrent_mask * grad_h_carry
     tl.store(grad_h0_ptr + offs_p, grad_h_carry, mask=mask_p)
@@ -535,13 +541,13 @@ def gru_backward_sequence_kernel(
             rstd = tl.load(product_rstd_ptr + t * batch + rows[:, None], mask=offs_rows, other=0.0)
             d_p = layer_norm_backward_tile(y_r, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid)
             tl.store(p_ptrs, d_p, mask=mask)
-            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_r, input_precision="ieee")
+            grad_carry += dot_float32_operand(d_p, w_r, DOT_DTYPE)
             d_p = layer_norm_backward_tile(y_z, n_ptrs + hidden, mask, rstd, mean_dy, mean_dyn, cols_valid)
             tl.store(p_ptrs + hidden, d_p, mask=mask)
-            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_z, input_precision="ieee")
+            grad_carry += dot_float32_operand(d_p, w_z, DOT_DTYPE)
             d_p = layer_norm_backward_tile(y_n, n_ptrs + 2 * hidden, mask, rstd, mean_dy, mean_dyn, cols_valid)
             tl.store(p_ptrs + 2 * hidden, d_p, mask=mask)
-            grad_carry += tl.dot(d_p.to(DOT_DTYPE), w_n, input_precision="ieee")
+            grad_carry += dot_float32_operand(d_p, w_n, DOT_DTYPE)
         else:
             grad_carry += tl.dot(d_r.to(DOT_DTYPE), w_r, input_precision="ieee")
             grad_carry += tl.dot(d_z.to(DOT_DTYPE), w_z, input_precision="ieee")
@@ -674,7 +680,7 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     """LSTM forward in one launch.
 
     Args:
-        input_gates: [T, B, 4H] W_ih x_t + b_ih, contiguous, in the input dtype
+        input_gates: [T, B, 4H] W_ih x_t + b_ih, contiguous, in the input dtype (float32 with norm)
         weight_hh: [4H, P] contiguous; bias_hh: [4H] (zeros for a layer without bias)
         weight_hr: [P, H] contiguous, or None (then P = H)
         h0: [B, P] or None; c0: [B, H] or None; lengths: [B] int64 on the device, or None
@@ -689,7 +695,7 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 4
     out_size = weight_hh.shape[1]
-    device, dtype = input_gates.device, input_gates.dtype
+    device, dtype = input_gates.device, weight_hh.dtype  # the input dtype (input_gates are float32 with LN)
     switches = clip_switches(cell_clip=cell_clip, proj_clip=proj_clip)
     kept = LstmReserve(gates=reserve(save, steps, batch, 4 * hidden, device=device),
                        cells=reserve(save, steps, batch, hidden, device=device),
@@ -777,7 +783,7 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
     """GRU forward in one launch.
 
     Args:
-        input_gates: [T, B, 3H] W_ih x_t + b_ih, contiguous, in the input dtype
+        input_gates: [T, B, 3H] W_ih x_t + b_ih, contiguous, in the input dtype (float32 with norm_hh)
         weight_hh: [3H, H] contiguous; bias_hh: [3H] (zeros for a layer without bias)
         h0: [B, H] or None; lengths: [B] int64 on the device, or None
         recurrent_mask: [B, H] contiguous, in the input dtype, or None
@@ -789,7 +795,7 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
     """
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 3
-    device, dtype = input_gates.device, input_gates.dtype
+    device, dtype = input_gates.device, weight_hh.dtype  # the input dtype (input_gates are float32 with LN)
     normed = norm_hh is not None
     kept = GruReserve(gates=reserve(save, steps, batch, 4 * hidden, device=device),
                       hidden_states=reserve(save, steps, batch, hidden, device=device),
