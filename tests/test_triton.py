@@ -539,7 +539,8 @@ def test_layer_norm_module_matches_the_reference_backend(sequence_strategy):
     torch.manual_seed(0)
     x = torch.randn(3, 2, 4)
     for cls in (rnntl_fast.LSTM, rnntl_fast.GRU):
-        modules = [cls(4, 5, layer_norm=True, bidirectional=True, backend=b).to(DEVICE) for b in ("reference", "triton")]
+        modules = [cls(4, 5, layer_norm=True, bidirectional=True, backend=backend).to(DEVICE)
+                   for backend in ("reference", "triton")]
         modules[1].load_state_dict(modules[0].state_dict())
         with torch.no_grad():  # gains other than 1, so that they matter
             for module in modules:

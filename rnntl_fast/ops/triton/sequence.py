@@ -13,8 +13,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import config
-from .cell_math import (dot_float32_operand, gru_cell_backward, gru_cell_forward, layer_norm_backward, layer_norm_backward_means,
-                        layer_norm_backward_tile, layer_norm_rows, lstm_cell_backward,
+from .cell_math import (dot_float32_operand, gru_cell_backward, gru_cell_forward, layer_norm_backward,
+                        layer_norm_backward_means, layer_norm_backward_tile, layer_norm_rows, lstm_cell_backward,
                         lstm_cell_forward, lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward,
                         rnn_cell_forward, rows_valid, tanh)
 from ..reference import LAYER_NORM_EPS
@@ -24,6 +24,14 @@ from .launch import (GruRecurrenceGradients, GruReserve, LayerNormGains, LstmRec
 # ---------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_vector(ptr, cols, count):
+    """[1, BLOCK] float32 of a per-unit vector (a layer-norm gain or bias) at `ptr` [count]. The
+    layer-normalised kernels load these at each step rather than hold them for all steps:
+    held, the bfloat16 LSTM forward at width 64 spilled on sm_90."""
+    return tl.load(ptr + cols, mask=cols < count, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -90,12 +98,6 @@ def lstm_forward_sequence_kernel(
         recurrent_mask = tl.load(recurrent_mask_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     if LAYER_NORM:
         cols_valid = (cols_h < hidden)[None, :]
-        gn_i = tl.load(norm_hh_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        gn_f = tl.load(norm_hh_ptr + hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        gn_g = tl.load(norm_hh_ptr + 2 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        gn_o = tl.load(norm_hh_ptr + 3 * hidden + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        gain_c = tl.load(cell_norm_weight_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        bias_c = tl.load(cell_norm_bias_ptr + cols_h, mask=b_mask, other=0.0).to(tl.float32)[None, :]
         offs_rows = (rows < batch)[:, None]
 
     for k in range(steps):
@@ -105,14 +107,15 @@ def lstm_forward_sequence_kernel(
             t = k
         x_ptrs = input_gates_ptr + t * batch * 4 * hidden + offs_4h
         if HAS_RECURRENT_MASK:  # masks h_{t-1} in the product only; h itself is carried unmasked
-            h_dot = (h * recurrent_mask).to(DOT_DTYPE)
+            h_operand = h * recurrent_mask
         else:
-            h_dot = h.to(DOT_DTYPE)
+            h_operand = h
         if LAYER_NORM:
-            # LN(W_hh (m * h_{t-1})) over the whole 4H row this program holds, times its gain
+            # LN(W_hh (m * h_{t-1})) over the whole 4H row this program holds, times its gain;
+            # the norm's 1/std enlarges the rounding of a half-type h, so h goes in unrounded
             n_i, n_f, n_g, n_o, rstd = layer_norm_rows(
-                tl.dot(h_dot, w_i, input_precision="ieee"), tl.dot(h_dot, w_f, input_precision="ieee"),
-                tl.dot(h_dot, w_g, input_precision="ieee"), tl.dot(h_dot, w_o, input_precision="ieee"),
+                dot_float32_operand(h_operand, w_i, DOT_DTYPE), dot_float32_operand(h_operand, w_f, DOT_DTYPE),
+                dot_float32_operand(h_operand, w_g, DOT_DTYPE), dot_float32_operand(h_operand, w_o, DOT_DTYPE),
                 cols_valid, 4 * hidden, norm_eps, 4)
             if SAVE:
                 n_ptrs = normalized_products_ptr + t * batch * 4 * hidden + offs_4h
@@ -121,11 +124,16 @@ def lstm_forward_sequence_kernel(
                 tl.store(n_ptrs + 2 * hidden, n_g, mask=mask_h)
                 tl.store(n_ptrs + 3 * hidden, n_o, mask=mask_h)
                 tl.store(product_rstd_ptr + t * batch + rows[:, None], rstd, mask=offs_rows)
-            a_i = tl.load(x_ptrs, mask=mask_h, other=0.0).to(tl.float32) + n_i * gn_i
-            a_f = tl.load(x_ptrs + hidden, mask=mask_h, other=0.0).to(tl.float32) + n_f * gn_f
-            a_g = tl.load(x_ptrs + 2 * hidden, mask=mask_h, other=0.0).to(tl.float32) + n_g * gn_g
-            a_o = tl.load(x_ptrs + 3 * hidden, mask=mask_h, other=0.0).to(tl.float32) + n_o * gn_o
+            a_i = tl.load(x_ptrs, mask=mask_h, other=0.0).to(tl.float32) + n_i * _row_vector(norm_hh_ptr, cols_h,
+                                                                                              hidden)
+            a_f = tl.load(x_ptrs + hidden, mask=mask_h, other=0.0).to(tl.float32) + n_f * _row_vector(
+                norm_hh_ptr + hidden, cols_h, hidden)
+            a_g = tl.load(x_ptrs + 2 * hidden, mask=mask_h, other=0.0).to(tl.float32) + n_g * _row_vector(
+                norm_hh_ptr + 2 * hidden, cols_h, hidden)
+            a_o = tl.load(x_ptrs + 3 * hidden, mask=mask_h, other=0.0).to(tl.float32) + n_o * _row_vector(
+                norm_hh_ptr + 3 * hidden, cols_h, hidden)
         else:
+            h_dot = h_operand.to(DOT_DTYPE)
             a_i = tl.load(x_ptrs, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(h_dot, w_i, input_precision="ieee")
             a_f = tl.load(x_ptrs + hidden, mask=mask_h, other=0.0).to(tl.float32) + tl.dot(
                 h_dot, w_f, input_precision="ieee")
@@ -147,7 +155,8 @@ def lstm_forward_sequence_kernel(
         if LAYER_NORM:  # m = o * tanh(LN(c~_t) * g_c + b_c); the carried c_t stays un-normalised
             c_normed, _unused1, _unused2, _unused3, c_rstd = layer_norm_rows(c_fresh, c_fresh, c_fresh, c_fresh,
                                                                             cols_valid, hidden, norm_eps, 1)
-            m = o * tanh(c_normed * gain_c + bias_c)
+            m = o * tanh(c_normed * _row_vector(cell_norm_weight_ptr, cols_h, hidden)
+                         + _row_vector(cell_norm_bias_ptr, cols_h, hidden))
             if SAVE:
                 tl.store(normalized_cells_ptr + t * batch * hidden + offs_h, c_normed, mask=mask_h)
                 tl.store(cell_rstd_ptr + t * batch + rows[:, None], c_rstd, mask=offs_rows)
@@ -401,12 +410,18 @@ def gru_forward_sequence_kernel(
         else:
             t = k
         if HAS_RECURRENT_MASK:  # masks h_{t-1} in the product only; z * h_{t-1} takes it unmasked
-            h_dot = (h * recurrent_mask).to(DOT_DTYPE)
+            h_operand = h * recurrent_mask
         else:
-            h_dot = h.to(DOT_DTYPE)
-        hh_r = tl.dot(h_dot, w_r, input_precision="ieee")
-        hh_z = tl.dot(h_dot, w_z, input_precision="ieee")
-        hh_n = tl.dot(h_dot, w_n, input_precision="ieee")
+            h_operand = h
+        if LAYER_NORM:  # h unrounded, as in the LSTM
+            hh_r = dot_float32_operand(h_operand, w_r, DOT_DTYPE)
+            hh_z = dot_float32_operand(h_operand, w_z, DOT_DTYPE)
+            hh_n = dot_float32_operand(h_operand, w_n, DOT_DTYPE)
+        else:
+            h_dot = h_operand.to(DOT_DTYPE)
+            hh_r = tl.dot(h_dot, w_r, input_precision="ieee")
+            hh_z = tl.dot(h_dot, w_z, input_precision="ieee")
+            hh_n = tl.dot(h_dot, w_n, input_precision="ieee")
         if LAYER_NORM:  # LN(W_hh (m * h_{t-1})) over the whole 3H row, times its gain
             hh_r, hh_z, hh_n, _unused, rstd = layer_norm_rows(hh_r, hh_z, hh_n, hh_n, cols_valid, 3 * hidden,
                                                               norm_eps, 3)
@@ -483,9 +498,6 @@ def gru_backward_sequence_kernel(
     if LAYER_NORM:
         cols_valid = (cols < hidden)[None, :]
         offs_rows = (rows < batch)[:, None]
-        gn_r = tl.load(norm_hh_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        gn_z = tl.load(norm_hh_ptr + hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        gn_n = tl.load(norm_hh_ptr + 2 * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
     grad_carry = tl.load(grad_h_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for k in range(steps):
         if REVERSE:
@@ -497,9 +509,6 @@ def gru_backward_sequence_kernel(
         # [1, 1] tensors (not scalars) so that they combine with the [BB, BH] masks
         has_prev = tl.full((1, 1), k, tl.int32) < steps - 1
         is_first = tl.full((1, 1), k, tl.int32) == steps - 1
-        h_prev = tl.load(hidden_ptr + t_prev * batch * hidden + offs, mask=mask & has_prev, other=0.0)
-        if HAS_H0:
-            h_prev += tl.load(h0_ptr + offs, mask=mask & is_first, other=0.0).to(tl.float32)
         g_ptrs = gates_ptr + t * batch * 4 * hidden + offs_4h
         r = tl.load(g_ptrs, mask=mask, other=0.0)
         z = tl.load(g_ptrs + hidden, mask=mask, other=0.0)
@@ -511,6 +520,11 @@ def gru_backward_sequence_kernel(
         else:
             keep = grad_out  # unused
         valid = rows_valid(lengths_ptr, rows, batch, t, HAS_LENGTHS)
+        # h_{t-1} loaded just before the cell: loaded first in the step, the layer-normalised
+        # bfloat16 kernel at width 32 spilled 16 bytes on sm_90
+        h_prev = tl.load(hidden_ptr + t_prev * batch * hidden + offs, mask=mask & has_prev, other=0.0)
+        if HAS_H0:
+            h_prev += tl.load(h0_ptr + offs, mask=mask & is_first, other=0.0).to(tl.float32)
         d_r, d_z, d_n, d_hh_n, grad_keep = gru_cell_backward(grad_carry, grad_out, r, z, n, hh_n, h_prev, keep, valid,
                                                               state_clip, gate_clip, STATE_CLIP, GATE_CLIP,
                                                               HAS_ZONEOUT)
@@ -534,9 +548,10 @@ def gru_backward_sequence_kernel(
             # the bfloat16 kernel at width 64 spilled on sm_90).
             n_ptrs = normalized_products_ptr + t * batch * 3 * hidden + offs_3h
             p_ptrs = grad_products_ptr + t * batch * 3 * hidden + offs_3h
-            y_r = d_r * gn_r
-            y_z = d_z * gn_z
-            y_n = d_hh_n * gn_n
+            gains = norm_hh_ptr + cols  # g_hh of r; z and n follow at + H, + 2H (loaded per step, not held)
+            y_r = d_r * tl.load(gains, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+            y_z = d_z * tl.load(gains + hidden, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+            y_n = d_hh_n * tl.load(gains + 2 * hidden, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
             mean_dy, mean_dyn = layer_norm_backward_means(y_r, y_z, y_n, n_ptrs, hidden, mask, 3 * hidden)
             rstd = tl.load(product_rstd_ptr + t * batch + rows[:, None], mask=offs_rows, other=0.0)
             d_p = layer_norm_backward_tile(y_r, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid)
