@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 # ---------------------------------------------------------------------------------------
-# sigmoid and tanh in float32, within about 1 ulp of the exact value for every x (measured by
+# sigmoid and tanh in float32, within 1 ulp of the exact value for every x (measured by
 # tests/test_triton_cell_math.py against float64; figures in docs/triton.md "Precision").
 # Both rest on exp(-a) = 2^k (1 + p), a >= 0, p = expm1(r) from a polynomial (not tl.exp,
 # which lowers to ex2.approx.f32 of x * log2(e), whose error grows with |x|), and on
@@ -197,8 +197,9 @@ def layer_norm_backward_tile(dy, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_val
 def dot_float32_operand(a, w, DOT_DTYPE: tl.constexpr):
     """a @ w, float32 [BB, K] x DOT_DTYPE [K, N] -> float32 [BB, N], a kept to about float32
     accuracy: with a half DOT_DTYPE, a goes in as two parts of that dtype (a's rounding and what
-    it left), two tensor-core dots; w is exact in its dtype. For a that layer normalisation's
-    backward enlarged, whose rounding to the half type alone cost the error rule."""
+    it left), two tensor-core dots; w is exact in its dtype. For the operands whose rounding
+    layer normalisation's 1/std enlarges (h_{t-1} forward, dL/d(W_hh h) backward): rounded to
+    the half type once, they cost the error rule (docs/triton.md, "Layer normalisation")."""
     if DOT_DTYPE == tl.float32:
         return tl.dot(a, w, input_precision="ieee")
     high = a.to(DOT_DTYPE)

@@ -29,8 +29,9 @@ from .launch import (GruRecurrenceGradients, GruReserve, LayerNormGains, LstmRec
 @triton.jit
 def _row_vector(ptr, cols, count):
     """[1, BLOCK] float32 of a per-unit vector (a layer-norm gain or bias) at `ptr` [count]. The
-    layer-normalised kernels load these at each step rather than hold them for all steps:
-    held, the bfloat16 LSTM forward at width 64 spilled on sm_90."""
+    LSTM forward loads these at each step rather than hold them for all steps (held, its
+    bfloat16 kernel at width 64 spilled 8 bytes on sm_90), and so does the GRU backward (fewer
+    registers held across the step loop)."""
     return tl.load(ptr + cols, mask=cols < count, other=0.0).to(tl.float32)[None, :]
 
 
@@ -548,10 +549,9 @@ def gru_backward_sequence_kernel(
             # the bfloat16 kernel at width 64 spilled on sm_90).
             n_ptrs = normalized_products_ptr + t * batch * 3 * hidden + offs_3h
             p_ptrs = grad_products_ptr + t * batch * 3 * hidden + offs_3h
-            gains = norm_hh_ptr + cols  # g_hh of r; z and n follow at + H, + 2H (loaded per step, not held)
-            y_r = d_r * tl.load(gains, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-            y_z = d_z * tl.load(gains + hidden, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-            y_n = d_hh_n * tl.load(gains + 2 * hidden, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+            y_r = d_r * _row_vector(norm_hh_ptr, cols, hidden)
+            y_z = d_z * _row_vector(norm_hh_ptr + hidden, cols, hidden)
+            y_n = d_hh_n * _row_vector(norm_hh_ptr + 2 * hidden, cols, hidden)
             mean_dy, mean_dyn = layer_norm_backward_means(y_r, y_z, y_n, n_ptrs, hidden, mask, 3 * hidden)
             rstd = tl.load(product_rstd_ptr + t * batch + rows[:, None], mask=offs_rows, other=0.0)
             d_p = layer_norm_backward_tile(y_r, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid)
