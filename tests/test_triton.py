@@ -10,6 +10,7 @@ recurrence in one launch, weights on chip) and "step" (a launch per step); under
 interpreter the step kernels use 16-wide tiles, so H=20 exercises their multi-tile paths.
 """
 import os
+import random
 
 import pytest
 import torch
@@ -155,9 +156,10 @@ def _recurrent_mask(case: Case, seed: int = 1) -> torch.Tensor:
 
 
 def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_clip=None, mode="state",
-                  masked=False, zoned=False):
+                  masked=False, zoned=False, normed=False):
     """The forward op's arguments; clip limits as the op contract takes them (0 = off); zoned:
-    zoneout keep weights (0/1 draws, z = 0.3) of h and c (LSTM) or h (GRU)."""
+    zoneout keep weights (0/1 draws, z = 0.3) of h and c (LSTM) or h (GRU); normed: layer-norm
+    gains (and the LSTM's cell gain and bias) that require grad."""
     limits = sequence_options(reverse, 0.5 if clips else None, 0.4 if clips else None, grad_clip, mode)
     case = Case(cell, T=3, B=2, I=3, H=5, proj=proj, lengths=lengths)
     tensors = make_tensors(case)
@@ -167,27 +169,40 @@ def _op_arguments(cell, proj=0, lengths=None, reverse=False, clips=False, grad_c
     mask = _recurrent_mask(case).float().to(DEVICE) if masked else None
     g = torch.Generator().manual_seed(2)
     keep = lambda width: torch.bernoulli(torch.full((case.T, case.B, width), 0.3), generator=g).to(DEVICE)  # noqa: E731
+    gain = lambda width: (1 + 0.3 * torch.randn(width, generator=g)).to(DEVICE).requires_grad_(True)  # noqa: E731
+    gates = weight_ih.shape[0]
+    norm = (gain(gates), gain(gates)) if normed else (None, None)
     if cell == "lstm":
         zoneout = (keep(case.out_size), keep(case.H)) if zoned else (None, None)
-        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, *zoneout,
-                *limits, True)
+        cell_norm = (gain(case.H), gain(case.H) - 1) if normed else (None, None)
+        return (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, length_tensor, mask, *zoneout, *norm,
+                *cell_norm, *limits, True)
     return (input, weight_ih, weight_hh, bias_ih, bias_hh, h0, length_tensor, mask, keep(case.H) if zoned else None,
-            reverse, limits.state_clip, limits.gate_clip, True)
+            *norm, reverse, limits.state_clip, limits.gate_clip, True)
 
 
-OPCHECK = [("lstm", 0, None, False, False, None, False, False), ("lstm", 2, (3, 1), True, True, 0.1, False, False),
-           ("lstm", 2, (3, 1), True, True, 0.1, True, False), ("lstm", 2, (3, 1), True, True, 0.1, True, True),
-           ("gru", 0, None, False, False, None, False, False), ("gru", 0, (2, 3), True, False, 0.1, False, False),
-           ("gru", 0, (2, 3), True, False, 0.1, True, False), ("gru", 0, (2, 3), True, False, 0.1, True, True)]
+# (cell, proj, lengths, reverse, clips, grad_clip, regularizers)
+OPCHECK = [("lstm", 0, None, False, False, None, ()), ("lstm", 2, (3, 1), True, True, 0.1, ()),
+           ("lstm", 2, (3, 1), True, True, 0.1, ("recurrent_mask",)),
+           ("lstm", 2, (3, 1), True, True, 0.1, ("recurrent_mask", "zoneout")),
+           ("lstm", 2, (3, 1), True, True, 0.1, ("recurrent_mask", "zoneout", "layer_norm")),
+           ("gru", 0, None, False, False, None, ()), ("gru", 0, (2, 3), True, False, 0.1, ()),
+           ("gru", 0, (2, 3), True, False, 0.1, ("recurrent_mask",)),
+           ("gru", 0, (2, 3), True, False, 0.1, ("recurrent_mask", "zoneout")),
+           ("gru", 0, (2, 3), True, False, 0.1, ("recurrent_mask", "zoneout", "layer_norm"))]
 
 
-@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,masked,zoned", OPCHECK,
+@pytest.mark.parametrize("cell,proj,lengths,reverse,clips,grad_clip,regularizers", OPCHECK,
                          ids=[f"{c}-P{p}-len{'_'.join(map(str, l or ())) or 'none'}-{'rev' if r else 'fwd'}"
-                              f"-clips{int(k)}-gradclip{g}" + ("-recurrent_mask" if m else "")
-                              + ("-zoneout" if z else "")
-                              for c, p, l, r, k, g, m, z in OPCHECK])
-def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, zoned, strategy):
-    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked=masked, zoned=zoned) + (strategy,)
+                              f"-clips{int(k)}-gradclip{g}" + "".join(f"-{name}" for name in regs)
+                              for c, p, l, r, k, g, regs in OPCHECK])
+def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, regularizers, strategy):
+    normed = "layer_norm" in regularizers
+    if normed and strategy == "step":
+        pytest.skip("layer_norm runs in the sequence strategy only (the step strategy refuses it: "
+                    "test_layer_norm_refused_on_the_step_strategy)")
+    args = _op_arguments(cell, proj, lengths, reverse, clips, grad_clip, masked="recurrent_mask" in regularizers,
+                         zoned="zoneout" in regularizers, normed=normed) + (strategy,)
     forward = torch.ops.rnntl_fast.triton_lstm_forward if cell == "lstm" else torch.ops.rnntl_fast.triton_gru_forward
     torch.library.opcheck(forward.default, args)
     # The backward op on its own, fed with the forward's reserve.
@@ -197,13 +212,14 @@ def test_opcheck(cell, proj, lengths, reverse, clips, grad_clip, masked, zoned, 
     if cell == "lstm":
         out, h_n, c_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), input, plain[1],
-                         plain[2], plain[5], plain[6], plain[7], plain[8], *plain[9:12], *reserve, *plain[12:17], strategy,
-                         [True, True, True, True, proj > 0, True, True])
+                         plain[2], plain[5], plain[6], plain[7], plain[8], *plain[9:16], *reserve, *plain[16:21],
+                         strategy, [True, True, True, True, proj > 0, True, True] + [normed] * 4)
         torch.library.opcheck(torch.ops.rnntl_fast.triton_lstm_backward.default, backward_args)
     else:
         out, h_n, *reserve = saved
         backward_args = (torch.randn_like(out), torch.randn_like(h_n), input, plain[1], plain[2], plain[5], plain[6],
-                         plain[7], plain[8], *reserve, *plain[9:12], strategy, [True] * 6)
+                         plain[7], plain[8], plain[9], plain[10], *reserve, *plain[11:14], strategy,
+                         [True] * 6 + [normed] * 2)
         torch.library.opcheck(torch.ops.rnntl_fast.triton_gru_backward.default, backward_args)
 
 
@@ -282,15 +298,21 @@ ZONEOUT_CASES = [
 ]
 
 
+LAYER_NORM_LEAVES = ("layer_norm_ih", "layer_norm_hh", "layer_norm_cell_weight", "layer_norm_cell_bias")
+
+
 def _run_zoned(c, leaves, extras, dtype, backend, device="cpu", grad=True):
     """{name: result or gradient} of one ops.lstm / ops.gru call in `dtype` on `device` with the
-    regularizer arguments `extras` (float64, name -> tensor); gradients of the leaves that are
-    not frozen (none with grad=False, under torch.no_grad)."""
+    regularizer arguments `extras` (float64, name -> tensor) and, where `leaves` has them, the
+    layer-norm terms (LAYER_NORM_LEAVES, leaves with gradients); gradients of the leaves that
+    are not frozen (none with grad=False, under torch.no_grad)."""
     fresh = {k: None if v is None else v.to(dtype).to(device, copy=True).requires_grad_(grad and k not in c["frozen"])
              for k, v in leaves.items()}
     options = dict(lengths=c["lengths"], reverse=c["reverse"], backend=backend,
                    grad_clip=0.05 if c["grad_clip"] else None, grad_clip_mode=c["grad_clip"] or "state",
                    **{k: v.to(dtype).to(device) for k, v in extras.items()})
+    if "layer_norm_ih" in fresh:
+        options["layer_norm"] = ops.LayerNormWeights(*(fresh.get(n) for n in LAYER_NORM_LEAVES))
     with torch.set_grad_enabled(grad):
         if c["cell"] == "lstm":
             clips = dict(cell_clip=0.5, proj_clip=0.3) if c["clips"] else {}
@@ -364,6 +386,176 @@ def test_zoneout_low_precision_within_error_rule(case, dtype, strategy):
     reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
     fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
     _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)
+
+
+# Layer normalisation (docs/semantics.md section 10): the sequence strategy only (the step
+# strategy refuses it, below), so these cases run once. The gains are 1 + N(0, 0.3), the cell
+# bias N(0, 0.3); "cell" says which of the LSTM's cell terms are given (None: gain 1, bias 0).
+def _normed_case(cell, T, B, I, H, cell_terms=("weight", "bias"), **kwargs):
+    return dict(_zoned_case(cell, T, B, I, H, **{"mask": False, **kwargs}), cell_terms=cell_terms)
+
+
+def _normed_case_id(c):
+    terms = "-cell_" + "_".join(c["cell_terms"] or ("none",)) if c["cell"] == "lstm" else ""
+    return _zoned_case_id(c) + "-layer_norm" + terms
+
+
+def _normed_tensors(c, seed=5, tensor_seed=0):
+    """_zoned_tensors(c, tensor_seed) with the layer-norm terms (drawn from `seed`) added to the leaves."""
+    leaves, extras = _zoned_tensors(c, tensor_seed)
+    g = torch.Generator().manual_seed(seed)
+    gates = (4 if c["cell"] == "lstm" else 3) * c["H"]
+    leaves["layer_norm_ih"] = 1 + 0.3 * torch.randn(gates, generator=g, dtype=torch.float64)
+    leaves["layer_norm_hh"] = 1 + 0.3 * torch.randn(gates, generator=g, dtype=torch.float64)
+    if c["cell"] == "lstm":
+        if "weight" in c["cell_terms"]:
+            leaves["layer_norm_cell_weight"] = 1 + 0.3 * torch.randn(c["H"], generator=g, dtype=torch.float64)
+        if "bias" in c["cell_terms"]:
+            leaves["layer_norm_cell_bias"] = 0.3 * torch.randn(c["H"], generator=g, dtype=torch.float64)
+    return leaves, extras
+
+
+LAYER_NORM_CASES = [
+    _normed_case("lstm", T=4, B=3, I=4, H=6),
+    _normed_case("lstm", T=4, B=3, I=4, H=6, proj=3, lengths=(4, 0, 2), clips=True, reverse=True, mask=True,
+                 zoneout="train"),
+    _normed_case("lstm", T=4, B=3, I=4, H=6, grad_clip="state", lengths=(4, 1, 3), cell_terms=()),
+    _normed_case("lstm", T=3, B=2, I=3, H=20, proj=17, grad_clip="gates", reverse=True, cell_terms=("weight",),
+                 frozen=("weight_hh", "layer_norm_ih")),
+    _normed_case("lstm", T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17)), zoneout="eval"),
+    _normed_case("gru", T=4, B=3, I=4, H=6),
+    _normed_case("gru", T=4, B=3, I=4, H=6, lengths=(3, 4, 0), reverse=True, grad_clip="gates", zoneout="eval"),
+    _normed_case("gru", T=3, B=2, I=3, H=20, grad_clip="state", mask=True, frozen=("layer_norm_hh", "input")),
+    _normed_case("gru", T=2, B=17, I=3, H=5, lengths=tuple(i % 3 for i in range(17)), zoneout="train"),
+]
+
+
+@pytest.fixture
+def sequence_strategy(monkeypatch):
+    monkeypatch.setenv(config.STRATEGY_ENV, "sequence")
+
+
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=[_normed_case_id(c) for c in LAYER_NORM_CASES])
+def test_layer_norm_within_error_rule(case, sequence_strategy):
+    """Forward results and every gradient, those of the gains and the cell bias included,
+    against the float64 reference by the error rule (the float32 reference as the baseline:
+    torch.nn has no layer normalisation); the inference forward bit-equal to the training one."""
+    leaves, extras = _normed_tensors(case)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE)
+    assert {f"grad_{n}" for n in LAYER_NORM_LEAVES if n in leaves} - {f"grad_{n}" for n in case["frozen"]} <= set(fast)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, torch.float32, "reference"), reference64,
+                                    torch.float32)
+    inference = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE, grad=False)
+    for name, value in inference.items():
+        torch.testing.assert_close(value, fast[name], rtol=0, atol=0, msg=name)
+
+
+LAYER_NORM_LOW_PRECISION_CASES = [
+    _normed_case("lstm", T=3, B=2, I=4, H=6, proj=3, lengths=(3, 1), reverse=True, zoneout="train"),
+    _normed_case("gru", T=3, B=2, I=5, H=7, lengths=(1, 3), mask=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", LAYER_NORM_LOW_PRECISION_CASES,
+                         ids=[_normed_case_id(c) for c in LAYER_NORM_LOW_PRECISION_CASES])
+def test_layer_norm_low_precision_within_error_rule(case, dtype, sequence_strategy):
+    """The gains arrive in the input dtype; the statistics are float32 in the kernels."""
+    leaves, extras = _normed_tensors(case)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)
+
+
+def _drawn_normed_case(cell, seed):
+    """A layer-normalised case with sizes and options drawn from `seed`: up to 5 steps, 1 to 17
+    rows (17: two programs), H from 3 to 32 (the float32 sequence strategy's widest), lengths
+    with zeros, either direction, projection, clips, both gradient clips, the recurrent mask,
+    zoneout of either kind, any subset of the LSTM's cell terms."""
+    rng = random.Random(seed)
+    T, B, I, H = rng.randint(1, 5), rng.choice((1, 2, 3, 5, 17)), rng.randint(1, 6), rng.choice((3, 5, 8, 13, 20, 32))
+    lstm = cell == "lstm"
+    zoneouts = (None, "train", "eval") + (("train-h", "train-c") if lstm else ())
+    return _normed_case(
+        cell, T, B, I, H, proj=rng.choice((0, rng.randint(1, H))) if lstm and H > 1 else 0,
+        lengths=tuple(rng.randint(0, T) for _ in range(B)) if rng.random() < 0.5 else None,
+        reverse=rng.random() < 0.5, clips=lstm and rng.random() < 0.3,
+        grad_clip=rng.choice((None, None, "state", "gates")), mask=rng.random() < 0.5, zoneout=rng.choice(zoneouts),
+        cell_terms=tuple(t for t in ("weight", "bias") if rng.random() < 0.7))
+
+
+LAYER_NORM_DRAWS = [(cell, seed) for cell in ("lstm", "gru") for seed in range(100, 112)]
+
+
+@pytest.mark.parametrize("cell,seed", LAYER_NORM_DRAWS, ids=[f"{c}-draw{s}" for c, s in LAYER_NORM_DRAWS])
+def test_layer_norm_random_draws_within_error_rule(cell, seed, sequence_strategy):
+    """Random sizes, options and tensors (_drawn_normed_case), float32: every result and gradient
+    by the error rule, the float32 reference as the baseline."""
+    case = _drawn_normed_case(cell, seed)
+    leaves, extras = _normed_tensors(case, seed, tensor_seed=seed)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, torch.float32, "reference"), reference64,
+                                    torch.float32)
+
+
+LAYER_NORM_HALF_DRAWS = [(cell, dtype, seed) for cell in ("lstm", "gru") for dtype in ("float16", "bfloat16")
+                         for seed in range(200, 206)]
+
+
+@pytest.mark.parametrize("cell,dtype,seed", LAYER_NORM_HALF_DRAWS,
+                         ids=[f"{c}-{d}-draw{s}" for c, d, s in LAYER_NORM_HALF_DRAWS])
+def test_layer_norm_low_precision_random_draws_within_error_rule(cell, dtype, seed, sequence_strategy):
+    """As test_layer_norm_random_draws_within_error_rule in float16 / bfloat16, the reference in
+    that dtype as the baseline."""
+    dtype = getattr(torch, dtype)
+    case = _drawn_normed_case(cell, seed)
+    leaves, extras = _normed_tensors(case, seed, tensor_seed=seed)
+    reference64 = _run_zoned(case, leaves, extras, torch.float64, "reference")
+    fast = _run_zoned(case, leaves, extras, dtype, "triton", DEVICE)
+    _assert_zoned_within_error_rule(fast, _run_zoned(case, leaves, extras, dtype, "reference"), reference64, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layer_norm_refused_on_the_step_strategy(cell, monkeypatch):
+    """Forced (strategy='step') or chosen by size (float32 past width 32), the step strategy
+    refuses layer_norm with an error naming it, never a silent fallback."""
+    case = _normed_case(cell, T=2, B=2, I=3, H=5)
+    leaves, extras = _normed_tensors(case)
+    monkeypatch.setenv(config.STRATEGY_ENV, "step")
+    with pytest.raises(NotImplementedError, match=rf"ops.{cell}: backend 'triton' runs layer_norm in its sequence "
+                                                  r"strategy only.*strategy 'step'"):
+        _run_zoned(case, leaves, extras, torch.float32, "triton", DEVICE)
+    monkeypatch.setenv(config.STRATEGY_ENV, "auto")
+    wide = _normed_case(cell, T=2, B=2, I=3, H=40)
+    with pytest.raises(NotImplementedError, match="hidden=40, output=40 on strategy 'step'"):
+        _run_zoned(wide, *_normed_tensors(wide), torch.float32, "triton", DEVICE)
+
+
+def test_layer_norm_module_matches_the_reference_backend(sequence_strategy):
+    """rnntl_fast.LSTM / GRU(layer_norm=True, backend="triton") against the same module on the
+    reference backend: outputs and every parameter's gradient (the layer_norm_* ones included)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4)
+    for cls in (rnntl_fast.LSTM, rnntl_fast.GRU):
+        modules = [cls(4, 5, layer_norm=True, bidirectional=True, backend=backend).to(DEVICE)
+                   for backend in ("reference", "triton")]
+        modules[1].load_state_dict(modules[0].state_dict())
+        with torch.no_grad():  # gains other than 1, so that they matter
+            for module in modules:
+                for name, parameter in module.named_parameters():
+                    if name.startswith("layer_norm"):
+                        parameter.copy_(torch.linspace(0.5, 1.5, parameter.numel()))
+        results = []
+        for module in modules:
+            out = module(x.to(DEVICE))[0]
+            out.square().sum().backward()
+            results.append((out.detach().cpu(), {n: p.grad.cpu() for n, p in module.named_parameters()}))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+        assert any(n.startswith("layer_norm") for n in results[0][1])
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_strategy_choice(monkeypatch):

@@ -44,14 +44,19 @@ def test_check_plan_covers_every_kernel_and_automatic_configuration():
                      "lstm_backward_hidden_step", "lstm_backward_cell_step", "gru_forward_step",
                      "gru_backward_step", "rnn_forward_sequence", "rnn_backward_sequence", "rnn_forward_step",
                      "rnn_backward_step"}
-    sequence_tiles = {(d, c.tile) for d, c in plan if c.name == "lstm_forward_sequence"}
-    assert sequence_tiles == {("float32", "H=P=16"), ("float32", "H=P=32"), ("bfloat16", "H=P=16"),
-                              ("bfloat16", "H=P=32"), ("bfloat16", "H=P=64")}
-    # every switch on, the heaviest form; every kernel in its zoneout variant
+    widths = {("float32", 16), ("float32", 32), ("bfloat16", 16), ("bfloat16", 32), ("bfloat16", 64)}
+    for name in ("lstm_forward_sequence", "lstm_backward_sequence", "gru_forward_sequence", "gru_backward_sequence"):
+        sequence_tiles = {(d, c.tile) for d, c in plan if c.name == name}
+        assert sequence_tiles == ({(d, f"H=P={w}") for d, w in widths}
+                                  | {(d, f"H=P={w} layer_norm") for d, w in widths}), name
+    # every switch on, the heaviest form (layer_norm off in the LSTM/GRU sequence kernels'
+    # plain variant); every kernel in its zoneout variant
     for _, c in plan:
         assert any(name.startswith("HAS_ZONEOUT") for name in c.constexprs), c.name
         switches = {k: v for k, v in c.constexprs.items() if isinstance(v, bool)}
-        assert all(v for k, v in switches.items() if k not in ("FIRST", "REVERSE")), (c.name, switches)
+        off = {"FIRST", "REVERSE"} | ({"LAYER_NORM"} if not c.tile.endswith("layer_norm") else set())
+        assert all(v for k, v in switches.items() if k not in off), (c.name, c.tile, switches)
+        assert switches.get("LAYER_NORM", False) == c.tile.endswith("layer_norm"), (c.name, c.tile)
 
 
 @pytest.mark.parametrize("kernel,dtype,offered", [

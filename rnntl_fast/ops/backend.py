@@ -91,8 +91,9 @@ BACKEND_RUNS = {
     "cuda": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
              "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
              "rnn": frozenset({"recurrent_mask", "zoneout"})},
-    "triton": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c"}),
-               "gru": frozenset({"recurrent_mask", "zoneout"}), "rnn": frozenset({"recurrent_mask", "zoneout"})},
+    "triton": {"lstm": frozenset({"recurrent_mask", "zoneout_h", "zoneout_c", "layer_norm"}),
+               "gru": frozenset({"recurrent_mask", "zoneout", "layer_norm"}),
+               "rnn": frozenset({"recurrent_mask", "zoneout"})},
 }
 
 

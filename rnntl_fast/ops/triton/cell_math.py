@@ -13,23 +13,85 @@ import triton
 import triton.language as tl
 
 
+# ---------------------------------------------------------------------------------------
+# sigmoid and tanh in float32, within 1 ulp of the exact value over a dense grid of x from
+# tiny to saturated (tests/test_triton_cell_math.py; figures in docs/triton.md "Precision").
+# Both rest on exp(-a) = 2^k (1 + p), a >= 0, p = expm1(r) from a polynomial (not tl.exp,
+# which lowers to ex2.approx.f32 of x * log2(e), whose error grows with |x|), and on
+# w = e / (1 + e) <= 1/2 with the roundings of e and 1 + e compensated:
+# sigmoid(-a) = w(exp(-a)), sigmoid(a) = 1 - w(exp(-a)), tanh(a) = 1 - 2 w(exp(-2a)) for
+# tanh(a) >= 1/2, and an odd polynomial below. No form subtracts two nearly equal numbers.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp_reduced(y):
+    """y: float32, -160 < y <= 0 -> (k, p) with exp(y) = 2^k * (1 + p): k integer-valued, p = expm1(r),
+    r = y - k ln2 in about [-ln2/2, ln2/2] (ln2 split in two: k times the high part is exact for |k| < 512)."""
+    k = tl.floor(y * 1.4426950408889634 + 0.5)
+    r = tl.fma(k, -0.693145751953125, y)
+    r = tl.fma(k, -1.4286067653301870e-06, r)
+    # Taylor series of expm1 to r^8: the next term is below 6e-10 of r for |r| <= ln2/2
+    q = tl.fma(r, 2.4801587301587302e-05, 1.9841269841269841e-04)
+    q = tl.fma(r, q, 1.3888888888888889e-03)
+    q = tl.fma(r, q, 8.3333333333333333e-03)
+    q = tl.fma(r, q, 4.1666666666666667e-02)
+    q = tl.fma(r, q, 1.6666666666666667e-01)
+    q = tl.fma(r, q, 0.5)
+    return k, tl.fma(r * r, q, r)
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as float32 for integer-valued k in [-126, 127], built from its exponent bits."""
+    return ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ratio_to_one_plus(scale, p):
+    """w = e / (1 + e) for e = scale * (1 + p) <= 1 (scale a power of two): a quotient of the
+    rounded e and 1 + e, corrected by its residual, which also holds the roundings of e and of
+    1 + e (each exact by an fma or Fast2Sum). The correction makes the quotient's own error
+    (the plain division, div.full.f32 compiled: 2 ulp) count only to second order."""
+    e = tl.fma(scale, p, scale)
+    e_low = tl.fma(scale, p, scale - e)  # scale - e is exact: e lies within [scale / 2, 2 scale]
+    d = 1.0 + e
+    d_low = (1.0 - d) + e + e_low  # 1 + e - d exactly (1 >= e), plus e_low
+    w = e / d
+    residual = tl.fma(-w, d, e) + e_low - w * d_low  # e + e_low - w (d + d_low)
+    return tl.fma(residual, 1.0 - w, w)  # 1 - w ~ 1 / (1 + e)
+
+
 @triton.jit
 def sigmoid(x):
-    # exp(-x) overflows to +inf below x ~ -88, and 1 / inf is exactly 0, as torch's.
-    return 1.0 / (1.0 + tl.exp(-x))
+    # Past |x| = 110 exp(-|x|) is below the smallest subnormal: e is 0 there, so sigmoid(-inf)
+    # is exactly 0 and sigmoid(inf) exactly 1. tl.minimum drops NaN (a = 110), hence the last select.
+    a = tl.minimum(tl.abs(x), 110.0)
+    k, p = _exp_reduced(-a)
+    k_half = tl.floor(k * 0.5)  # 2^k in two normal factors: k reaches -159, below the normal range
+    w = _ratio_to_one_plus(_pow2(k_half) * _pow2(k - k_half), p)
+    value = tl.where(x >= 0.0, 1.0 - w, w)
+    return tl.where(x == x, value, x)
 
 
 @triton.jit
 def tanh(x):
-    # (1 - e) / (1 + e) with e = exp(-2|x|) never overflows, but loses relative accuracy
-    # near 0 where 1 - e cancels; a short odd series (error < 2e-10 below 0.125) takes over.
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    far = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    near = ax * (1.0 + x2 * (-0.333333333333 + x2 * (0.133333333333 + x2 * -0.0539682539683)))
-    magnitude = tl.where(ax < 0.125, near, far)
-    return tl.where(x < 0.0, -magnitude, magnitude)
+    # tanh(10) rounds to 1 in float32 (so does anything past 9.02): a is clamped there, which
+    # keeps 2^k normal and gives tanh(+-inf) = +-1 exactly. NaN: as in sigmoid.
+    a = tl.minimum(tl.abs(x), 10.0)
+    k, p = _exp_reduced(-2.0 * a)
+    far = 1.0 - 2.0 * _ratio_to_one_plus(_pow2(k), p)
+    # below tanh = 1/2 (a < ln(3)/2): a + a^3 P(a^2), P fitted to (tanh(a) - a) / a^3 (relative
+    # error of the sum 2.5e-9 with these float32 coefficients)
+    s = a * a
+    poly = tl.fma(s, -0.006258251611143351, 0.021058546379208565)
+    poly = tl.fma(s, poly, -0.053848542273044586)
+    poly = tl.fma(s, poly, 0.13332542777061462)
+    poly = tl.fma(s, poly, -0.33333316445350647)
+    near = tl.fma(a * s, poly, a)
+    magnitude = tl.where(a < 0.5493061443340549, near, far)
+    value = tl.where(x < 0.0, -magnitude, magnitude)
+    return tl.where(x == x, value, x)
 
 
 @triton.jit
@@ -57,6 +119,92 @@ def rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS: tl.constexpr):
     else:
         valid = rows < batch
     return valid[:, None]
+
+
+# ---------------------------------------------------------------------------------------
+# Layer normalisation over a row held as one, three or four [BLOCK_B, BLOCK_N] tiles (the
+# gates of the sequence kernels): LN(x) = (x - mean) / sqrt(var + eps), biased variance,
+# over the `count` valid columns (cols_valid [1, BLOCK_N]; padded columns hold 0 and give 0).
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.sum(x, axis=1)[:, None]
+
+
+@triton.jit
+def layer_norm_rows(x0, x1, x2, x3, cols_valid, count, eps, TILES: tl.constexpr):
+    """LN over the row formed by the first TILES of x0..x3 -> (normalized tiles, rstd [BB, 1])."""
+    total = _row_sum(tl.where(cols_valid, x0, 0.0))
+    if TILES >= 3:
+        total += _row_sum(tl.where(cols_valid, x1, 0.0)) + _row_sum(tl.where(cols_valid, x2, 0.0))
+    if TILES == 4:
+        total += _row_sum(tl.where(cols_valid, x3, 0.0))
+    mean = total / count
+    d0 = tl.where(cols_valid, x0 - mean, 0.0)
+    d1 = tl.where(cols_valid, x1 - mean, 0.0)
+    d2 = tl.where(cols_valid, x2 - mean, 0.0)
+    d3 = tl.where(cols_valid, x3 - mean, 0.0)
+    squares = _row_sum(d0 * d0)
+    if TILES >= 3:
+        squares += _row_sum(d1 * d1) + _row_sum(d2 * d2)
+    if TILES == 4:
+        squares += _row_sum(d3 * d3)
+    rstd = 1.0 / tl.sqrt_rn(squares / count + eps)
+    return d0 * rstd, d1 * rstd, d2 * rstd, d3 * rstd, rstd
+
+
+@triton.jit
+def layer_norm_backward(dy0, dy1, dy2, dy3, n0, n1, n2, n3, rstd, cols_valid, count, TILES: tl.constexpr):
+    """dL/dx of n = LN(x) over the row of the first TILES tiles, from dL/dn (dy), n and rstd:
+    rstd * (dy - mean(dy) - n * mean(dy * n))."""
+    total = _row_sum(dy0)
+    dot = _row_sum(dy0 * n0)
+    if TILES >= 3:
+        total += _row_sum(dy1) + _row_sum(dy2)
+        dot += _row_sum(dy1 * n1) + _row_sum(dy2 * n2)
+    if TILES == 4:
+        total += _row_sum(dy3)
+        dot += _row_sum(dy3 * n3)
+    mean_dy = total / count
+    mean_dyn = dot / count
+    return (tl.where(cols_valid, rstd * (dy0 - mean_dy - n0 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy1 - mean_dy - n1 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy2 - mean_dy - n2 * mean_dyn), 0.0),
+            tl.where(cols_valid, rstd * (dy3 - mean_dy - n3 * mean_dyn), 0.0))
+
+
+@triton.jit
+def layer_norm_backward_means(dy0, dy1, dy2, n_ptrs, stride, mask, count):
+    """(mean(dy), mean(dy * n)) [BB, 1] over a three-tile row, the normalized tiles loaded from
+    n_ptrs + k * stride (float32); with layer_norm_backward_tile, layer_norm_backward one tile
+    at a time."""
+    total = _row_sum(dy0) + _row_sum(dy1) + _row_sum(dy2)
+    dot = (_row_sum(dy0 * tl.load(n_ptrs, mask=mask, other=0.0))
+           + _row_sum(dy1 * tl.load(n_ptrs + stride, mask=mask, other=0.0))
+           + _row_sum(dy2 * tl.load(n_ptrs + 2 * stride, mask=mask, other=0.0)))
+    return total / count, dot / count
+
+
+@triton.jit
+def layer_norm_backward_tile(dy, n_ptrs, mask, rstd, mean_dy, mean_dyn, cols_valid):
+    """One tile of dL/dx of n = LN(x): rstd * (dy - mean(dy) - n * mean(dy * n))."""
+    return tl.where(cols_valid, rstd * (dy - mean_dy - tl.load(n_ptrs, mask=mask, other=0.0) * mean_dyn), 0.0)
+
+
+@triton.jit
+def dot_float32_operand(a, w, DOT_DTYPE: tl.constexpr):
+    """a @ w, float32 [BB, K] x DOT_DTYPE [K, N] -> float32 [BB, N], a kept to about float32
+    accuracy: with a half DOT_DTYPE, a goes in as two parts of that dtype (a's rounding and what
+    it left), two tensor-core dots; w is exact in its dtype. For the operands whose rounding
+    layer normalisation's 1/std enlarges (h_{t-1} forward, dL/d(W_hh h) backward): rounded to
+    the half type once, they cost the error rule (docs/triton.md, "Layer normalisation")."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, w, input_precision="ieee")
+    high = a.to(DOT_DTYPE)
+    low = (a - high.to(tl.float32)).to(DOT_DTYPE)
+    return tl.dot(high, w, input_precision="ieee") + tl.dot(low, w, input_precision="ieee")
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,20 +273,28 @@ def lstm_hidden_backward(grad_carry, grad_out, h_raw, keep_h, valid, proj_clip, 
 
 
 @triton.jit
-def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, cell_clip, state_clip,
-                        gate_clip, CELL_CLIP: tl.constexpr, STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr,
-                        HAS_ZONEOUT_C: tl.constexpr):
+def lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_fresh, c_prev, c_raw, keep_c, valid, grad_c_normed,
+                        tanh_normed, cell_clip, state_clip, gate_clip, CELL_CLIP: tl.constexpr,
+                        STATE_CLIP: tl.constexpr, GATE_CLIP: tl.constexpr, HAS_ZONEOUT_C: tl.constexpr,
+                        CELL_NORM: tl.constexpr):
     """dL/dm_t and dL/dc_t from step t+1 -> dL/da (4 gates) and dL/dc_{t-1}. c_fresh: c~_t as
     h~_t read it (the carried c_t without zoneout). Under zoneout h~_t reads c~_t, not the
-    carried c_t, so the state clip applies to the carried gradient alone."""
-    tanh_c = tanh(c_fresh)
+    carried c_t, so the state clip applies to the carried gradient alone. With CELL_NORM
+    (layer normalisation, m = o * tanh(y), y = LN(c~_t) * g_c + b_c) the caller gives
+    tanh(y) and the part of dL/dc~_t through m (layer_norm_backward)."""
+    if CELL_NORM:
+        tanh_c = tanh_normed
+        grad_c_from_m = grad_c_normed
+    else:
+        tanh_c = tanh(c_fresh)
+        grad_c_from_m = grad_m * o * (1.0 - tanh_c * tanh_c)
     if HAS_ZONEOUT_C:
         grad_c = grad_c_carry
         if STATE_CLIP:
             grad_c = clamp(grad_c, state_clip)
-        grad_c_raw = tl.where(valid, (1.0 - keep_c) * grad_c + grad_m * o * (1.0 - tanh_c * tanh_c), 0.0)
+        grad_c_raw = tl.where(valid, (1.0 - keep_c) * grad_c + grad_c_from_m, 0.0)
     else:
-        grad_c = grad_c_carry + grad_m * o * (1.0 - tanh_c * tanh_c)
+        grad_c = grad_c_carry + grad_c_from_m
         if STATE_CLIP:
             grad_c = clamp(grad_c, state_clip)
         grad_c_raw = tl.where(valid, grad_c, 0.0)

@@ -14,12 +14,45 @@ class LstmReserve(NamedTuple):
     cell_pre_clip: Tensor    # [T, B, H] f*c_{t-1} + i*g before cell_clip (only with cell_clip)
     hidden_pre_clip: Tensor  # [T, B, P] h_t before proj_clip (only with proj_clip)
     fresh_cells: Tensor      # [T, B, H] c~_t after cell_clip, before zoneout: what h~_t reads (only with zoneout_c)
+    # only with layer normalisation (sequence strategy):
+    normalized_products: Tensor  # [T, B, 4H] LN(W_hh (mask * h_{t-1})) before its gain
+    product_rstd: Tensor         # [T, B] 1 / sqrt(var + eps) of that row
+    normalized_cells: Tensor     # [T, B, H] LN(c~_t) before its gain and bias
+    cell_rstd: Tensor            # [T, B]
 
 
 class GruReserve(NamedTuple):
     """What the GRU forward keeps for the backward, float32 (empty where not kept):"""
     gates: Tensor          # [T, B, 4H] r, z, n and W_hn h_{t-1} + b_hn (what the reset gate multiplies)
     hidden_states: Tensor  # [T, B, H] h_t as the recurrence carries it (zoned; kept past a row's length)
+    normalized_products: Tensor  # [T, B, 3H] LN(W_hh (mask * h_{t-1})) before its gain (only with layer norm)
+    product_rstd: Tensor         # [T, B] (only with layer norm)
+
+
+class LayerNormGains(NamedTuple):
+    """The recurrence's terms of layer normalisation (docs/semantics.md section 10), contiguous,
+    in the input dtype; LN(W_ih x_t) * g_ih is formed before the recurrence."""
+    hh: Tensor           # [G] gain of LN(W_hh h_{t-1}) (G = 4H LSTM, 3H GRU)
+    cell_weight: Tensor  # [H] gain of LN(c~_t) (LSTM; ones where the layer has none)
+    cell_bias: Tensor    # [H] bias of LN(c~_t) (LSTM; zeros where the layer has none)
+
+
+class LstmRecurrenceGradients(NamedTuple):
+    """What the LSTM backward recurrence gives the weight gradients, float32 (None where absent):"""
+    gates: Tensor                # [T, B, 4H] dL/da_t (gate pre-activations)
+    proj: Optional[Tensor]       # [T, B, P] dL/d(W_hr m_t) (with a projection)
+    h0: Tensor                   # [B, P]
+    c0: Tensor                   # [B, H]
+    products: Optional[Tensor]   # [T, B, 4H] dL/d(W_hh (mask * h_{t-1})) before LN (with layer norm)
+    cell_norm: Optional[Tensor]  # [T, B, H] dL/d(LN(c~_t) * g_c + b_c) (with layer norm)
+
+
+class GruRecurrenceGradients(NamedTuple):
+    """What the GRU backward recurrence gives the weight gradients, float32 (None where absent):"""
+    input_gates: Tensor         # [T, B, 3H] dL/da_r, dL/da_z, dL/da_n
+    hidden_gates: Tensor        # [T, B, 3H] dL/da_r, dL/da_z, r * dL/da_n: of W_hh h_{t-1} + b_hh as a whole
+    h0: Tensor                  # [B, H]
+    products: Optional[Tensor]  # [T, B, 3H] dL/d(W_hh (mask * h_{t-1})) before LN (with layer norm)
 
 
 class RnnReserve(NamedTuple):

@@ -14,10 +14,11 @@ shared memory than the architecture allows a block; tests/test_triton_compile.py
 architecture and dtype and prints the markdown table of docs/triton.md.
 
 Kernels are compiled with every boolean switch on (projection, clips, lengths, recurrent
-mask, zoneout, saving), their heaviest form. Uses the ptxas bundled with triton; needs no
-GPU and no CUDA driver, but TRITON_INTERPRET must be unset (the interpreter compiles
-nothing). Compiled kernels and ptxas reports are kept in triton's cache (TRITON_CACHE_DIR),
-so a second run is quick.
+mask, zoneout, saving), their heaviest form; the LSTM and GRU sequence kernels also with
+layer normalisation on (sequence_compilations). Uses the ptxas bundled
+with triton; needs no GPU and no CUDA driver, but TRITON_INTERPRET must be unset (the
+interpreter compiles nothing). Compiled kernels and ptxas reports are kept in triton's
+cache (TRITON_CACHE_DIR), so a second run is quick.
 """
 import argparse
 import hashlib
@@ -49,8 +50,9 @@ SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 # Pointer arguments in the input dtype (everything else is float32 reserve, or int64 lengths).
 _INPUT_DTYPE_POINTERS = {"input_gates_ptr", "weight_hh_ptr", "bias_hh_ptr", "weight_hr_ptr", "h0_ptr", "c0_ptr",
                          "recurrent_mask_ptr", "zoneout_ptr", "zoneout_h_ptr", "zoneout_c_ptr", "output_ptr", "h_n_ptr",
-                         "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr", "grad_c_n_ptr"}
-_FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip"}
+                         "c_n_ptr", "grad_output_ptr", "grad_h_n_ptr", "grad_c_n_ptr", "norm_hh_ptr",
+                         "cell_norm_weight_ptr", "cell_norm_bias_ptr"}
+_FLOAT_SCALARS = {"cell_clip", "proj_clip", "state_clip", "gate_clip", "norm_eps"}
 # Boolean switches that are not "on" in the heaviest form: the backward step kernels' first
 # step skips the K loop, and the direction changes only the order of the steps.
 _SWITCHES_OFF = {"FIRST": False, "REVERSE": False}
@@ -72,6 +74,8 @@ def _signature(fn, dtype_name: str, constexprs: Dict[str, object]) -> Dict[str, 
             signature[name] = "constexpr"
         elif name == "lengths_ptr":
             signature[name] = "*i64"
+        elif name == "input_gates_ptr" and constexprs.get("LAYER_NORM"):
+            signature[name] = "*fp32"  # the normalised input gates are float32 (ops._input_gates)
         elif name.endswith("_ptr"):
             signature[name] = f"*{dtype_name}" if name in _INPUT_DTYPE_POINTERS else "*fp32"
         elif name in _FLOAT_SCALARS:
@@ -128,7 +132,9 @@ def _heaviest(fn, **constexprs) -> Dict[str, object]:
 
 
 def sequence_compilations(dtype, width: int) -> List[Compilation]:
-    """The six sequence kernels at padded hidden = output width `width`."""
+    """The six sequence kernels at padded hidden = output width `width`; the LSTM and GRU ones
+    twice, without and with layer normalisation (tile "... layer_norm"): two different programs
+    (row reductions and float32 input gates with it), each in its heaviest form."""
     warps = config.sequence_num_warps()
     compilations = []
     for name, fn, blocks in [("lstm_forward_sequence", sequence.lstm_forward_sequence_kernel, ("BLOCK_H", "BLOCK_P")),
@@ -138,8 +144,12 @@ def sequence_compilations(dtype, width: int) -> List[Compilation]:
                              ("gru_backward_sequence", sequence.gru_backward_sequence_kernel, ("BLOCK_H",)),
                              ("rnn_forward_sequence", sequence.rnn_forward_sequence_kernel, ("BLOCK_H",)),
                              ("rnn_backward_sequence", sequence.rnn_backward_sequence_kernel, ("BLOCK_H",))]:
-        constexprs = _heaviest(fn, DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B, **{block: width for block in blocks})
-        compilations.append(Compilation(name, fn, constexprs, f"H=P={width}", warps))
+        fixed = dict(DOT_DTYPE=dtype, BLOCK_B=config.BLOCK_B, **{block: width for block in blocks})
+        if "LAYER_NORM" in fn.arg_names:
+            compilations.append(Compilation(name, fn, _heaviest(fn, LAYER_NORM=False, **fixed), f"H=P={width}", warps))
+            compilations.append(Compilation(name, fn, _heaviest(fn, **fixed), f"H=P={width} layer_norm", warps))
+        else:
+            compilations.append(Compilation(name, fn, _heaviest(fn, **fixed), f"H=P={width}", warps))
     return compilations
 
 

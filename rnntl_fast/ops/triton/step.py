@@ -15,8 +15,9 @@ from torch import Tensor
 from . import config
 from .cell_math import (gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward,
                         lstm_hidden_backward, lstm_hidden_forward, rnn_cell_backward, rnn_cell_forward, rows_valid)
-from .launch import (GruReserve, LstmReserve, RnnReserve, clip_switches, empty_reserve, float32_state,
-                     or_placeholder, processing_order, reserve, times_recurrent_mask)
+from .launch import (GruRecurrenceGradients, GruReserve, LayerNormGains, LstmRecurrenceGradients, LstmReserve,
+                     RnnReserve, clip_switches, empty_reserve, float32_state, or_placeholder, processing_order, reserve,
+                     times_recurrent_mask)
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -287,8 +288,8 @@ def lstm_backward_cell_step_kernel(
         keep_c = c_new  # unused
     valid = rows_valid(lengths_ptr, rows, batch, step, HAS_LENGTHS)
     d_i, d_f, d_g, d_o, grad_c_prev = lstm_cell_backward(grad_m, grad_c_carry, i, f, g, o, c_new, c_prev, c_raw,
-                                                          keep_c, valid, cell_clip, state_clip, gate_clip, CELL_CLIP,
-                                                          STATE_CLIP, GATE_CLIP, HAS_ZONEOUT_C)
+                                                          keep_c, valid, c_new, c_new, cell_clip, state_clip, gate_clip,
+                                                          CELL_CLIP, STATE_CLIP, GATE_CLIP, HAS_ZONEOUT_C, False)
     tl.store(grad_gates_ptr + offs_4h, d_i, mask=mask)
     tl.store(grad_gates_ptr + hidden + offs_4h, d_f, mask=mask)
     tl.store(grad_gates_ptr + 2 * hidden + offs_4h, d_g, mask=mask)
@@ -517,6 +518,13 @@ def rnn_backward_step_kernel(
 # ---------------------------------------------------------------------------------------
 
 
+def _refuse_layer_norm(norm) -> None:
+    """Layer normalisation takes statistics over a whole gate row, which no program of this
+    strategy holds (docs/triton.md); ops.py sends it to the sequence strategy."""
+    if norm is not None:
+        raise NotImplementedError("the Triton step strategy does not run layer_norm; it runs in the sequence strategy")
+
+
 def _grid(batch: int, columns: int):
     return lambda meta: (triton.cdiv(batch, config.BLOCK_B), triton.cdiv(columns, meta["BLOCK_N"]))
 
@@ -535,9 +543,11 @@ def _backward_walk(steps: int, reverse: bool) -> Iterator[Tuple[int, int, Option
 def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight_hr: Optional[Tensor],
                  h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
                  recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
-                 reverse: bool, cell_clip: float, proj_clip: float,
+                 norm: Optional[LayerNormGains], reverse: bool, cell_clip: float, proj_clip: float,
                  save: bool) -> Tuple[Tensor, Tensor, Tensor, LstmReserve]:
-    """LSTM forward, a launch per step; arguments and results as sequence.lstm_forward."""
+    """LSTM forward, a launch per step; arguments and results as sequence.lstm_forward, but
+    without layer normalisation (norm must be None)."""
+    _refuse_layer_norm(norm)
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 4
     out_size = weight_hh.shape[1]
@@ -585,16 +595,19 @@ def lstm_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, weight
     c_n = c_prev.to(dtype, copy=True)
     if not save:
         cells, hidden_states = empty_reserve(device), empty_reserve(device)
-    return output, h_n, c_n, LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells)
+    no_norm = [empty_reserve(device) for _ in range(4)]  # separate tensors: op results may not alias
+    return output, h_n, c_n, LstmReserve(gates, cells, hidden_states, cell_pre_clip, hidden_pre_clip, fresh_cells,
+                                         *no_norm)
 
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weight_hh: Tensor,
                   weight_hr: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor],
                   recurrent_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
-                  kept: LstmReserve, reverse: bool, cell_clip: float, proj_clip: float, state_clip: float,
-                  gate_clip: float) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+                  norm: Optional[LayerNormGains], kept: LstmReserve, reverse: bool, cell_clip: float,
+                  proj_clip: float, state_clip: float, gate_clip: float) -> LstmRecurrenceGradients:
     """LSTM backward recurrence, two launches per step; arguments and results as
-    sequence.lstm_backward."""
+    sequence.lstm_backward (norm must be None)."""
+    _refuse_layer_norm(norm)
     steps, batch, out_size = grad_output.shape
     hidden = kept.cells.shape[2]
     f32 = dict(device=grad_output.device, dtype=torch.float32)
@@ -641,13 +654,15 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, weigh
     # dL/dh0: what the first processed step passes back, as the kernels would for h_{-1}.
     grad_h0 = grad_keep[last] + times_recurrent_mask(grad_gates[first_step] @ weight_hh.float(), recurrent_mask)
     grad_c0 = grad_c_carry[last].clone()  # a fresh tensor, not a view into the carry buffer
-    return grad_gates, grad_proj, grad_h0, grad_c0
+    return LstmRecurrenceGradients(grad_gates, grad_proj, grad_h0, grad_c0, None, None)
 
 
 def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
-                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor], reverse: bool,
-                save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
-    """GRU forward, a launch per step; arguments and results as sequence.gru_forward."""
+                lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor],
+                norm_hh: Optional[Tensor], reverse: bool, save: bool) -> Tuple[Tensor, Tensor, GruReserve]:
+    """GRU forward, a launch per step; arguments and results as sequence.gru_forward (norm_hh
+    must be None)."""
+    _refuse_layer_norm(norm_hh)
     steps, batch, _ = input_gates.shape
     hidden = input_gates.shape[2] // 3
     device, dtype = input_gates.device, input_gates.dtype
@@ -669,15 +684,17 @@ def gru_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Opt
             DOT_DTYPE=config.dot_dtype(dtype), BLOCK_B=config.BLOCK_B)
         h_prev = hidden_states[slot]
     h_n = h_prev.to(dtype, copy=True)
-    return output, h_n, GruReserve(gates, hidden_states if save else empty_reserve(device))
+    return output, h_n, GruReserve(gates, hidden_states if save else empty_reserve(device), empty_reserve(device),
+                                   empty_reserve(device))
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: Optional[Tensor],
                  lengths: Optional[Tensor], recurrent_mask: Optional[Tensor], zoneout: Optional[Tensor],
-                 kept: GruReserve, reverse: bool, state_clip: float,
-                 gate_clip: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 norm_hh: Optional[Tensor], kept: GruReserve, reverse: bool, state_clip: float,
+                 gate_clip: float) -> GruRecurrenceGradients:
     """GRU backward recurrence, a launch per step; arguments and results as
-    sequence.gru_backward."""
+    sequence.gru_backward (norm_hh must be None)."""
+    _refuse_layer_norm(norm_hh)
     steps, batch, hidden = grad_output.shape
     f32 = dict(device=grad_output.device, dtype=torch.float32)
     unused = kept.gates  # fills the pointer slots of absent tensors (never read)
@@ -703,7 +720,7 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, weight_hh: Tensor, h0: O
     first_step = processing_order(steps, reverse)[0]
     grad_h0 = grad_keep[steps % 2] + times_recurrent_mask(grad_hidden_gates[first_step] @ weight_hh.float(),
                                                           recurrent_mask)
-    return grad_input_gates, grad_hidden_gates, grad_h0
+    return GruRecurrenceGradients(grad_input_gates, grad_hidden_gates, grad_h0, None)
 
 
 def rnn_forward(input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, h0: Optional[Tensor],
