@@ -35,6 +35,25 @@ RNNTL_VECTOR_CLONES void philox_block(int64_t first, uint32_t key0, uint32_t key
   }
 }
 
+// Counters [begin, end) of a draw of numel entries with `counters` counters. Word j of counter
+// n is entry j * counters + n: each word of a block of counters fills a contiguous run of the
+// output (vector compares and stores, no interleaving). Arguments by value: in the
+// parallel_for closure, captured references kept the compare-and-store loop scalar.
+template <typename T>
+void fill_counters(T* out, int64_t numel, int64_t counters, int64_t begin, int64_t end, uint32_t key0,
+                   uint32_t key1, uint32_t threshold, T value) {
+  uint32_t words[4][kLanes];
+  for (int64_t first = begin; first < end; first += kLanes) {
+    philox_block(first, key0, key1, words);
+    const int64_t lanes = std::min(kLanes, end - first);
+    for (int j = 0; j < 4; ++j) {
+      T* run = out + j * counters + first;
+      const int64_t count = std::min(lanes, numel - (j * counters + first));  // the last word's run ends early
+      for (int64_t lane = 0; lane < count; ++lane) run[lane] = (words[j][lane] >> 8) < threshold ? value : T(0);
+    }
+  }
+}
+
 template <typename T>
 void fill_draws(T* out, int64_t numel, double probability, T value, uint64_t seed) {
   const uint32_t key0 = uint32_t(seed), key1 = uint32_t(seed >> 32);
@@ -42,13 +61,8 @@ void fill_draws(T* out, int64_t numel, double probability, T value, uint64_t see
   // an integer compare, exact for every probability in [0, 1].
   const uint32_t threshold = uint32_t(std::ceil(probability * 16777216.0));
   const int64_t counters = (numel + 3) / 4;
-  at::parallel_for(0, counters, kCountersPerTask, [&](int64_t begin, int64_t end) {
-    uint32_t words[4][kLanes];
-    for (int64_t first = begin; first < end; first += kLanes) {
-      philox_block(first, key0, key1, words);
-      const int64_t base = 4 * first, count = std::min(4 * std::min(kLanes, end - first), numel - base);
-      for (int64_t k = 0; k < count; ++k) out[base + k] = (words[k % 4][k / 4] >> 8) < threshold ? value : T(0);
-    }
+  at::parallel_for(0, counters, kCountersPerTask, [=](int64_t begin, int64_t end) {
+    fill_counters(out, numel, counters, begin, end, key0, key1, threshold, value);
   });
 }
 

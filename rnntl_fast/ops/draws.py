@@ -1,13 +1,17 @@
 """The regularizers' random draws (docs/semantics.md section 10): masks and zoneout keep
 weights whose entries are `value` with probability `probability`, else 0.
 
-Entry i of a draw is a function of a seed and i alone (Philox-4x32-10, a counter-based
-generator, csrc/include/rnntl/philox.h):
+Entry i of a draw of numel entries is a function of a seed, numel and i alone
+(Philox-4x32-10, a counter-based generator, csrc/include/rnntl/philox.h); with
+C = ceil(numel / 4) counters:
 
     words(seed, n) = Philox-4x32-10(counter (n mod 2^32, n div 2^32, 0, 0),
                                     key (seed mod 2^32, seed div 2^32))
-    u_i = (words(seed, i div 4)[i mod 4] >> 8) / 2^24
+    u_i = (words(seed, i mod C)[i div C] >> 8) / 2^24
     draw_i = value if u_i < probability else 0
+
+(word j of every counter fills one contiguous quarter, which the CPU op writes with
+vector stores).
 
 The seed is one draw of `random_()` from torch's default generator of the device, so
 `torch.manual_seed` makes the masks reproducible, and every mask drawn moves the generator
@@ -59,7 +63,7 @@ def philox_draws(shape: Sequence[int], probability: float, value: float, seed: T
     seed = seed.to(device).reshape(())
     zero = torch.zeros_like(counters)
     words = philox4x32_10(counters & _LOW32, counters >> 32, zero, zero, seed & _LOW32, (seed >> 32) & _LOW32)
-    uniforms = (words.reshape(-1)[:numel] >> 8).to(torch.float64) / 2.0 ** 24
+    uniforms = (words.t().reshape(-1)[:numel] >> 8).to(torch.float64) / 2.0 ** 24  # entry j * C + n: word j of n
     values = torch.tensor([value, 0.0], dtype=torch.float64, device=device)  # float64: value is not rounded twice
     return values[(uniforms >= probability).long()].to(dtype).reshape(tuple(shape))
 

@@ -1,12 +1,13 @@
 // Counter-based random draws for the regularizers' masks (docs/semantics.md section 10):
 // Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
 // which turns a 128-bit counter and a 64-bit key into four 32-bit words. Entry i of a mask
-// is a pure function of (seed, i), so any number of threads (or GPU threads) can fill any
-// part of a mask and the result is the same bits.
+// of numel entries is a pure function of (seed, numel, i), so any number of threads (or GPU
+// threads) can fill any part of a mask and the result is the same bits. With
+// C = ceil(numel / 4) counters:
 //
 //   words(seed, n)  = Philox-4x32-10(counter = (n mod 2^32, n div 2^32, 0, 0),
 //                                    key = (seed mod 2^32, seed div 2^32))
-//   u_i            = (words(seed, i div 4)[i mod 4] >> 8) * 2^-24     (uniform in [0, 1))
+//   u_i            = (words(seed, i mod C)[i div C] >> 8) * 2^-24     (uniform in [0, 1))
 //   draw_i         = value if u_i < probability else 0
 //
 // No torch and no CUDA headers: the CPU op (csrc/cpu/bernoulli_cpu.cpp) includes it, and a
