@@ -59,6 +59,20 @@ class Case:
         return self.proj or self.H
 
 
+def triton_device_or_skip() -> str:
+    """Where the Triton tests run: "cpu" under TRITON_INTERPRET=1, "cuda" on a GPU; otherwise
+    the calling test module is skipped (call it at import, after importorskip("triton"))."""
+    import pytest
+    from rnntl_fast.ops.backend import triton_interpreted
+
+    if triton_interpreted():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("no GPU, and TRITON_INTERPRET=1 (which runs the Triton kernels on CPU tensors) was not set before "
+                "import", allow_module_level=True)
+
+
 @contextmanager
 def threads(count: int):
     """torch.set_num_threads(count) for the block, restored after it."""

@@ -20,18 +20,11 @@ pytest.importorskip("triton", reason="triton is not installed: the triton backen
 
 import rnntl_fast  # noqa: E402
 from rnntl_fast import ops  # noqa: E402
-from rnntl_fast.ops.backend import triton_interpreted  # noqa: E402
 from rnntl_fast.ops.options import sequence_options  # noqa: E402
-from parity import LEAVES, Case, assert_case_matches, make_tensors, run  # noqa: E402
+from parity import LEAVES, Case, assert_case_matches, make_tensors, run, triton_device_or_skip  # noqa: E402
 from tolerances import assert_within_error_rule  # noqa: E402
 
-if triton_interpreted():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("no GPU, and TRITON_INTERPRET=1 (which runs the Triton kernels on CPU tensors) was not set before "
-                "import", allow_module_level=True)
+DEVICE = triton_device_or_skip()
 
 from rnntl_fast.ops import triton as triton_ops  # noqa: E402
 from rnntl_fast.ops.triton import config  # noqa: E402

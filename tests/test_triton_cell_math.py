@@ -16,15 +16,9 @@ pytest.importorskip("triton", reason="triton is not installed: the triton backen
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from rnntl_fast.ops.backend import triton_interpreted  # noqa: E402
+from parity import triton_device_or_skip  # noqa: E402
 
-if triton_interpreted():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("no GPU, and TRITON_INTERPRET=1 (which runs the Triton kernels on CPU tensors) was not set before "
-                "import", allow_module_level=True)
+DEVICE = triton_device_or_skip()
 
 from rnntl_fast.ops.triton.cell_math import sigmoid, tanh  # noqa: E402
 
