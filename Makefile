@@ -10,6 +10,7 @@
 #   make bench      the benchmark table on this machine
 #   make info       versions and which backends can run here
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (build jobs),
+#   PYTEST_WORKERS (pytest processes, default 2),
 #   V=1 (show compiler, CMake, ninja and pip output in full; default: progress lines only).
 PYTHON ?= python3
 VENV ?= .venv
@@ -75,8 +76,11 @@ $(EXTENSION): $(EXTENSION_SOURCES) | $(VENV)/.editable
 	echo "build: done in $$(( $$(date +%s) - start )) s"
 	@touch $@
 
+# PYTEST_WORKERS: test processes (pytest-xdist; 0 runs them in this process). Two keep both
+# cores of a 2-core machine busy: most tests are small and run on one thread.
+PYTEST_WORKERS ?= 2
 pytest: build
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(PYTEST_WORKERS)
 
 ctest: build
 	@mkdir -p build/cmake
