@@ -19,6 +19,7 @@ on. On the CPU the native op `rnntl_fast::bernoulli_draws_` fills the tensor (ve
 on every torch thread); elsewhere, or without the extension, `philox_draws` computes the
 same bits with torch's integer ops on the tensor's device.
 """
+import math
 from typing import Sequence
 
 import torch
@@ -56,9 +57,7 @@ def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1
 def philox_draws(shape: Sequence[int], probability: float, value: float, seed: Tensor, dtype: torch.dtype,
                  device) -> Tensor:
     """The draws of `shape` in torch ops (the definition; what the native op must equal bit for bit)."""
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in shape)
     counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     seed = seed.to(device).reshape(())
     zero = torch.zeros_like(counters)
