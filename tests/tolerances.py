@@ -2,12 +2,15 @@
 
 A result of dtype D is compared with the float64 reference; its error must be at most
 2x the error that the baseline (torch.nn, or the reference loop, run in the same dtype D)
-makes against the same float64 reference, plus a small absolute slack for D.
+makes against the same float64 reference, plus a small slack for D, scaled by the largest
+magnitude of the reference where that exceeds 1 (a fixed absolute slack would be less than
+one float32 ulp for values above 8, where a change of summation order alone moves a result
+by an ulp or two).
 """
 import torch
 
-# Absolute slack per dtype, added to 2x the baseline's error.
-ABSOLUTE_SLACK = {
+# Slack per dtype, times max(1, largest |reference|), added to 2x the baseline's error.
+SLACK = {
     torch.float64: 1e-12,
     torch.float32: 1e-6,
     torch.float16: 1e-3,
@@ -28,7 +31,9 @@ def assert_within_error_rule(name, fast, baseline, reference64, dtype):
     """fast, baseline: results in `dtype`; reference64: the float64 oracle."""
     fast_error = max_error(fast, reference64)
     baseline_error = max_error(baseline, reference64)
-    bound = ERROR_FACTOR * baseline_error + ABSOLUTE_SLACK[dtype]
+    magnitude = max(1.0, reference64.abs().max().item()) if reference64 is not None and reference64.numel() else 1.0
+    slack = SLACK[dtype] * magnitude
+    bound = ERROR_FACTOR * baseline_error + slack
     assert fast_error <= bound, (f"{name}: error {fast_error:.3e} vs float64 reference exceeds "
-                                 f"{ERROR_FACTOR} x baseline error {baseline_error:.3e} + {ABSOLUTE_SLACK[dtype]:.0e}")
+                                 f"{ERROR_FACTOR} x baseline error {baseline_error:.3e} + {slack:.1e}")
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"

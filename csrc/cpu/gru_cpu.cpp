@@ -373,7 +373,7 @@ class GruBackward {
     // Each step's slots are contiguous compact rows, so dL/dgh of step t is written in place
     // where the recurrent product reads it; without a hidden-side weight gradient one
     // step's buffer is reused.
-    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : 2 * batch_, G}, options_);
+    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : batch_, G}, options_);
     // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
     input_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), 0, options_);
     hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_);
@@ -465,14 +465,15 @@ class GruBackward {
   }
 
   // The multi-core step loop (persistent_cpu.h), float32: worker w owns hidden units
-  // units[w]; per step it runs the pointwise pass on its units (its columns of dL/dgh_t and
-  // z * dL/dh_t), and after a barrier (dL/dgh_t complete) adds its columns of dL/dgh_t @ W_hh
-  // to dL/dh_{t-1}, which only it reads at the next step.
+  // units[w]; per step it adds the slices' partials of the recurrent product to its columns
+  // of dL/dh_t (see PartialRecurrentProduct), runs the pointwise pass on its units (its
+  // columns of dL/dgh_t and z * dL/dh_t) and multiplies its gate columns of dL/dgh_t by its
+  // rows of W_hh: its partial of dL/dh_{t-1}. One barrier ends the step.
   void run_steps_persistent(int64_t slices) {
     RECORD_FUNCTION("rnntl_fast::gru_backward_steps_persistent", std::vector<c10::IValue>());
     const int64_t B = batch_, H = hidden_, G = 3 * hidden_;
     const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
-    SlicedPanels recurrent_panels(units, 1, G);  // B[k][u] = W_hh[k][u]: columns of W_hh
+    PartialRecurrentProduct recurrent_product(units, 3, H, H, B);  // dL/dh_{t-1} += dL/dgh_t @ W_hh
     const at::Tensor weight_hh = weight_hh_.contiguous();
     const GruBackwardStep<float> common = backward_step<float>();
     float* const carry = common.grad_hidden_carry;
@@ -481,37 +482,35 @@ class GruBackward {
 
     run_persistent(slices, [&](const StepWorker& worker) {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
-      for (int64_t w = first; w < end; ++w) recurrent_panels.pack(w, 0, weight_hh.data_ptr<float>() + units[w], 1, H);
+      for (int64_t w = first; w < end; ++w) recurrent_product.pack(w, weight_hh.data_ptr<float>());
       GruBackwardStep<float> s = common;
       s.unit_begin = units[first];
       s.unit_end = units[end];
+      int64_t partial_rows = 0;  // rows of the partials of the previous processing step
       for (int64_t step = steps_ - 1; step >= 0; --step) {
         const int64_t t = sequence_.time_of(step, reverse_);
         const int64_t n = sequence_.active[t];
         s.t = t;
-        // Without a kept buffer, steps alternate between two: a worker may write the next
-        // step's rows while another still reads this step's in its product.
-        s.grad_hidden_gates = grad_hidden_gates + (keep ? sequence_.first_row[t] : (step & 1) * B) * G;
+        // A worker reads only its own columns of dL/dgh_t: without a kept buffer one step's rows do.
+        s.grad_hidden_gates = grad_hidden_gates + (keep ? sequence_.first_row[t] * G : 0);
+        if (partial_rows > 0)
+          recurrent_product.add_into(step + 1, partial_rows, s.unit_begin, s.unit_end, s.recurrent_mask, carry,
+                                     /*accumulate=*/true);
         if (n > 0) {
           gru_backward_rows_entry(s, 0, n);
-          worker.barrier();  // dL/dgh_t complete
           prefetch_own_rows(step - 1, s.unit_begin, s.unit_end);
-          if (s.recurrent_mask) {
-            float* product = recurrent_product_.data_ptr<float>();
-            for (int64_t w = first; w < end; ++w)
-              recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, product + units[w], H, false);
-            add_masked_rows(s.recurrent_mask, product, carry, n, H, s.unit_begin, s.unit_end);
-          } else {
-            for (int64_t w = first; w < end; ++w)
-              recurrent_panels.multiply(w, 0, s.grad_hidden_gates, G, n, carry + units[w], H, /*accumulate=*/true);
-          }
+          for (int64_t w = first; w < end; ++w) recurrent_product.multiply(w, s.grad_hidden_gates, G, n, step);
         }
+        partial_rows = n;
         // Rows past their length pass their state gradient through (clamped in state mode).
         if (s.state_clip > 0) {
           for (int64_t j = n; j < B; ++j)
             for (int64_t k = s.unit_begin; k < s.unit_end; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
         }
+        worker.barrier();  // the partials of dL/dh_{t-1} complete
       }
+      if (partial_rows > 0)  // dL/dh_0
+        recurrent_product.add_into(0, partial_rows, s.unit_begin, s.unit_end, s.recurrent_mask, carry, true);
     });
   }
 

@@ -172,7 +172,9 @@ struct LstmBackwardStep {
   int64_t column_begin, column_end;  // the columns of h_{t-1} [column_begin, column_end) it copies
 };
 
-template <typename T, bool kKeepUnprojected, bool kZoneoutCell>
+// kClips: any of cell_clip, state_clip, gate_clip set; without, the clamps are compiled out
+// (a clamp to a runtime limit costs a row a third more instructions).
+template <typename T, bool kKeepUnprojected, bool kZoneoutCell, bool kClips>
 RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j) {
   const int64_t H = s.hidden, G = 4 * s.hidden, P = s.out_size;
   const int64_t b = s.sequence->order[j];
@@ -185,14 +187,15 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   // c_{t-1}: c0 (not clipped), the saved zoned state, or the clip of the saved pre-clip cell.
   const T* __restrict__ cell_prev = first ? (s.c0 ? s.c0 + b * H : s.zeros)
                                           : (kZoneoutCell ? s.carried_cells : s.cells) + prev_compact * H;
-  const T prev_clip = first || kZoneoutCell ? T(0) : s.cell_clip;
+  const T prev_clip = first || kZoneoutCell || !kClips ? T(0) : s.cell_clip;
   const T* __restrict__ keep_c = kZoneoutCell ? s.zoneout_c + (s.t * s.batch + b) * H : nullptr;
   const T* __restrict__ act = s.gates + compact * G;
   const T* __restrict__ cell = s.cells + compact * H;
   const T* __restrict__ dm = s.grad_hidden_unprojected + j * H;
   T* __restrict__ dc = s.grad_cell_carry + j * H;
   T* __restrict__ da = s.grad_gates + j * G;
-  const T cell_clip = s.cell_clip, state_clip = s.state_clip, gate_clip = s.gate_clip;
+  const T cell_clip = kClips ? s.cell_clip : T(0), state_clip = kClips ? s.state_clip : T(0);
+  const T gate_clip = kClips ? s.gate_clip : T(0);
   // m = o * tanh(c) for dW_hr comes from the same tanh.
   T* __restrict__ m = kKeepUnprojected ? s.hidden_unprojected_all + compact * H : nullptr;
 #pragma omp simd
@@ -225,11 +228,18 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
 
 template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
+  const bool clips = s.cell_clip > T(0) || s.state_clip > T(0) || s.gate_clip > T(0);
   for (int64_t j = begin; j < end; ++j) {
-    if (s.zoneout_c)
-      s.hidden_unprojected_all ? lstm_backward_row<T, true, true>(s, j) : lstm_backward_row<T, false, true>(s, j);
-    else
-      s.hidden_unprojected_all ? lstm_backward_row<T, true, false>(s, j) : lstm_backward_row<T, false, false>(s, j);
+    if (s.zoneout_c) {
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, true, true>(s, j)
+                               : lstm_backward_row<T, false, true, true>(s, j);
+    } else if (clips) {
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, false, true>(s, j)
+                               : lstm_backward_row<T, false, false, true>(s, j);
+    } else {
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, false, false>(s, j)
+                               : lstm_backward_row<T, false, false, false>(s, j);
+    }
   }
 }
 
@@ -614,7 +624,7 @@ class LstmBackward {
     zoneout_c_ = zoneout_c.has_value() ? zoneout_c->contiguous() : at::Tensor();
     carried_cells_ = zoneout_c_.defined() ? carried_cells.contiguous() : at::Tensor();
     // With zoneout_h, dL/dh_{t-1} = d * dL/dh_t + (mask *) (dL/da @ W_hh): with a mask the
-    // product goes to a scratch first.
+    // step-at-a-time loop's product goes to a scratch first.
     if (zoneout_h_.defined() && recurrent_mask_.defined()) recurrent_product_ = at::empty({B, P}, options_);
   }
 
@@ -718,16 +728,17 @@ class LstmBackward {
 
   // The multi-core step loop (persistent_cpu.h), float32, mirroring the forward's: worker w
   // owns hidden units units[w] and columns columns[w] of h (the same without projection).
-  // Per step it forms dL/dh_t on its columns, (with projection: a barrier, then dL/dm on its
-  // units from all of dL/dh_t), runs the pointwise pass on its units, and after a barrier
-  // (dL/da_t complete) computes its columns of dL/dh_{t-1} = dL/da_t @ W_hh, which only it
-  // reads at the next step.
+  // Per step it adds up, on its columns, the slices' partials of dL/dh_t (see
+  // PartialRecurrentProduct), forms dL/dh_t there, (with projection: a barrier, then dL/dm
+  // on its units from all of dL/dh_t), runs the pointwise pass on its units and multiplies
+  // its gate columns of dL/da_t by its rows of W_hh: its partial of dL/dh_{t-1}. One barrier
+  // ends the step.
   void run_steps_persistent(int64_t slices) {
     RECORD_FUNCTION("rnntl_fast::lstm_backward_steps_persistent", std::vector<c10::IValue>());
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
     const std::vector<int64_t> units = split_units(H, slices, kPanelWidth);
     const std::vector<int64_t> columns = project_ ? split_units(P, slices, kPanelWidth) : units;
-    SlicedPanels recurrent_panels(columns, 1, G);  // B[k][c] = W_hh[k][c]: columns of W_hh
+    PartialRecurrentProduct recurrent_product(units, 4, H, P, B);  // dL/dh_{t-1} = dL/da_t @ W_hh
     c10::optional<SlicedPanels> projection_panels;
     if (project_) projection_panels.emplace(units, 1, P);  // B[k][u] = W_hr[k][u]: columns of W_hr
     const at::Tensor weight_hh = weight_hh_.contiguous();
@@ -743,7 +754,7 @@ class LstmBackward {
     run_persistent(slices, [&](const StepWorker& worker) {
       const int64_t first = worker.first_slice(), end = worker.end_slice();
       for (int64_t w = first; w < end; ++w) {
-        recurrent_panels.pack(w, 0, weight_hh.data_ptr<float>() + columns[w], 1, P);
+        recurrent_product.pack(w, weight_hh.data_ptr<float>());
         if (project_) projection_panels->pack(w, 0, weight_hr.data_ptr<float>() + units[w], 1, H);
       }
       const int64_t unit_begin = units[first], unit_end = units[end];
@@ -756,12 +767,20 @@ class LstmBackward {
       LstmHiddenGradientStep<float> d = common_hidden;
       d.column_begin = column_begin;
       d.column_end = column_end;
+      // dL/dh_{t-1} on this worker's columns, rows [0, rows) (the rows of the step that made
+      // the partials): (mask *) the partials, added to the carry's d * dL/dh_t with zoneout_h.
+      const auto add_partials = [&](int64_t parity, int64_t rows) {
+        recurrent_product.add_into(parity, rows, column_begin, column_end, s.recurrent_mask, carry_h,
+                                   /*accumulate=*/d.zoneout_h != nullptr);
+      };
+      int64_t partial_rows = 0;  // rows of the partials of the previous processing step
       for (int64_t step = steps_ - 1; step >= 0; --step) {
         const int64_t t = sequence_.time_of(step, reverse_);
         const int64_t n = sequence_.active[t], first_row = sequence_.first_row[t];
         s.t = d.t = t;
         s.grad_gates = grad_gates_data + first_row * G;
         d.first_row = first_row;
+        if (partial_rows > 0) add_partials(step + 1, partial_rows);
         if (n > 0) {
           lstm_hidden_gradient_rows_entry(d, 0, n);
           if (project_) {
@@ -773,20 +792,10 @@ class LstmBackward {
             s.grad_hidden_unprojected = d.grad_pre_clip;
           }
           lstm_backward_rows_entry(s, 0, n);
-          worker.barrier();  // dL/da_t complete
           prefetch_own_rows(step - 1, unit_begin, unit_end, column_begin, column_end);
-          if (d.zoneout_h && s.recurrent_mask) {  // carry holds d * dL/dh_t
-            float* product = recurrent_product_.data_ptr<float>();
-            for (int64_t w = first; w < end; ++w)
-              recurrent_panels.multiply(w, 0, s.grad_gates, G, n, product + columns[w], P, false);
-            add_masked_rows(s.recurrent_mask, product, carry_h, n, P, column_begin, column_end);
-          } else {
-            for (int64_t w = first; w < end; ++w)
-              recurrent_panels.multiply(w, 0, s.grad_gates, G, n, carry_h + columns[w], P,
-                                        /*accumulate=*/d.zoneout_h != nullptr);
-            if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, column_begin, column_end);
-          }
+          for (int64_t w = first; w < end; ++w) recurrent_product.multiply(w, s.grad_gates, G, n, step);
         }
+        partial_rows = n;
         // Rows past their length pass their state gradients through (clamped in state mode).
         if (state_limit > 0) {
           for (int64_t j = n; j < B; ++j) {
@@ -796,7 +805,9 @@ class LstmBackward {
               carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
           }
         }
+        worker.barrier();  // the partials of dL/dh_{t-1} complete
       }
+      if (partial_rows > 0) add_partials(0, partial_rows);  // dL/dh_0
     });
   }
 
@@ -816,6 +827,13 @@ class LstmBackward {
       for (int64_t g = 0; g < 4; ++g) prefetch_block(gates + compact * G + g * H + unit_begin, U);
       prefetch_block(cells + compact * H + unit_begin, U);
       prefetch_block(grad_output + (t * batch_ + sequence_.order[j]) * P + column_begin, column_end - column_begin);
+      float* grad_gates = grad_gates_all_.data_ptr<float>();
+      for (int64_t g = 0; g < 4; ++g) prefetch_block_for_write(grad_gates + compact * G + g * H + unit_begin, U);
+      float* operand = const_cast<WeightGradientOperand&>(*weight_operand_).hidden_columns<float>();
+      if (operand) {
+        prefetch_block_for_write(operand + compact * weight_operand_->width() + column_begin, column_end - column_begin);
+        if (step > 0) prefetch_block(output_.data_ptr<float>() + (SequenceOrder::previous_step(t, reverse_) * batch_ + sequence_.order[j]) * P + column_begin, column_end - column_begin);
+      }
     }
   }
 

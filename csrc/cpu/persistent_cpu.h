@@ -167,6 +167,117 @@ class GateRowSlices {
   SlicedPanels panels_;
 };
 
+// The backward's recurrent product dL/dh_{t-1} = dL/da_t @ W_hh in the multi-core loop,
+// where worker w has written only its units' gate columns of dL/da_t [n, gates * hidden].
+// Reading the other workers' columns would move all of dL/da_t between cores every step
+// (gates * hidden values per row); instead each slice multiplies its own gate columns by
+// its own rows of W_hh, a partial sum over all `width` columns of dL/dh_{t-1}, and after
+// the step's barrier the owner of a column adds the slices' partials: width values per
+// row cross cores, a quarter (LSTM) or a third (GRU) as many. Measured in docs/cpu.md.
+//
+// The partials alternate between two sets by step parity: a slice writes step t's partial
+// while other workers may still be adding up step t+1's (nothing orders them but the
+// barrier of the step after).
+class PartialRecurrentProduct {
+ public:
+  // units: slice bounds of [0, hidden); weight rows g * hidden + u (u in slice w) are slice
+  // w's; rows: the most rows of a step (the batch).
+  PartialRecurrentProduct(const std::vector<int64_t>& units, int64_t gates, int64_t hidden, int64_t width,
+                          int64_t rows)
+      : units_(units), gates_(gates), hidden_(hidden), width_(width), partial_stride_(round_up(rows * width)),
+        offset_(units.size(), 0) {
+    const int64_t slices = static_cast<int64_t>(units.size()) - 1;
+    // Per slice: its packed weight rows, then its gathered operand [rows, gates * U].
+    for (int64_t w = 0; w < slices; ++w) {
+      const int64_t depth = gates * (units[w + 1] - units[w]);
+      offset_[w + 1] = offset_[w] + round_up(packed_panels_size(width, depth)) + round_up(rows * depth);
+    }
+    // One allocation, 64-byte aligned: no two slices' partials (or panels) share a cache line.
+    storage_.reset(new float[offset_.back() + 2 * slices * partial_stride_ + kPanelWidth]);
+    const uintptr_t misalignment = (reinterpret_cast<uintptr_t>(storage_.get()) / sizeof(float)) % kPanelWidth;
+    base_ = storage_.get() + (kPanelWidth - misalignment) % kPanelWidth;
+  }
+
+  // weight: [gates * hidden, width] contiguous (W_hh). Called by the slice's owner. The
+  // slice's rows of all gates form one [gates * U, width] operand (row g * U + k is weight
+  // row g * hidden + units[slice] + k), packed as small_gemm_cpu.h's panels.
+  void pack(int64_t slice, const float* weight) {
+    const int64_t U = units_[slice + 1] - units_[slice], depth = gates_ * U;
+    float* packed = panels(slice);
+    for (int64_t p = 0; p < panel_count(width_); ++p) {
+      const int64_t first = p * kPanelWidth, cols = std::min(kPanelWidth, width_ - first);
+      for (int64_t g = 0; g < gates_; ++g)
+        for (int64_t k = 0; k < U; ++k) {
+          const float* row = weight + (g * hidden_ + units_[slice] + k) * width_ + first;
+          float* dst = packed + (p * depth + g * U + k) * kPanelWidth;
+          for (int64_t c = 0; c < kPanelWidth; ++c) dst[c] = c < cols ? row[c] : 0.0f;
+        }
+    }
+  }
+
+  // The slice's partial of step `parity`: its own gate columns of grad_gates [n, gates * hidden]
+  // (row stride ldg), gathered into one [n, gates * U] operand (in cache: one product over
+  // the whole depth instead of one per gate), times its rows of the weight.
+  void multiply(int64_t slice, const float* grad_gates, int64_t ldg, int64_t n, int64_t parity) {
+    const int64_t U = units_[slice + 1] - units_[slice], depth = gates_ * U;
+    if (U == 0 || n == 0) return;
+    float* operand = gathered(slice);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < gates_; ++g) {
+        const float* src = grad_gates + j * ldg + g * hidden_ + units_[slice];
+        std::copy(src, src + U, operand + j * depth + g * U);
+      }
+    small_gemm_panels(operand, depth, n, depth, panels(slice), width_, 0, panel_count(width_), partial(slice, parity),
+                      width_, false);
+  }
+
+  // carry [rows, width] (row stride width), rows j < n, columns [column_begin, column_end):
+  // carry = (accumulate ? carry : 0) + the sum of mask * each slice's partial of step `parity`,
+  // mask [rows, width] or nullptr (= 1). After the barrier that follows the partials.
+  void add_into(int64_t parity, int64_t n, int64_t column_begin, int64_t column_end, const float* mask,
+                float* carry, bool accumulate) const {
+    const int64_t slices = static_cast<int64_t>(units_.size()) - 1;
+    for (int64_t j = 0; j < n; ++j) {
+      float* __restrict__ out = carry + j * width_;
+      const float* __restrict__ m = mask ? mask + j * width_ : nullptr;
+      bool written = accumulate;  // out holds what the partials add to
+      for (int64_t w = 0; w < slices; ++w) {
+        if (units_[w + 1] == units_[w]) continue;  // an empty slice wrote no partial
+        const float* __restrict__ p = partial(w, parity) + j * width_;
+        // (mask * a sum as the sum of masked terms: separate loops, each of which vectorizes)
+        if (m && written) {
+          for (int64_t k = column_begin; k < column_end; ++k) out[k] += m[k] * p[k];
+        } else if (m) {
+          for (int64_t k = column_begin; k < column_end; ++k) out[k] = m[k] * p[k];
+        } else if (written) {
+          for (int64_t k = column_begin; k < column_end; ++k) out[k] += p[k];
+        } else {
+          std::copy(p + column_begin, p + column_end, out + column_begin);
+        }
+        written = true;
+      }
+      if (!written) std::fill(out + column_begin, out + column_end, 0.0f);
+    }
+  }
+
+ private:
+  static int64_t round_up(int64_t floats) { return (floats + kPanelWidth - 1) / kPanelWidth * kPanelWidth; }
+  int64_t depth(int64_t slice) const { return gates_ * (units_[slice + 1] - units_[slice]); }
+  float* panels(int64_t slice) const { return base_ + offset_[slice]; }
+  float* gathered(int64_t slice) const {
+    return base_ + offset_[slice] + round_up(packed_panels_size(width_, depth(slice)));
+  }
+  float* partial(int64_t slice, int64_t parity) const {
+    const int64_t slices = static_cast<int64_t>(units_.size()) - 1;
+    return base_ + offset_.back() + ((parity & 1) * slices + slice) * partial_stride_;
+  }
+  std::vector<int64_t> units_;
+  int64_t gates_, hidden_, width_, partial_stride_;
+  std::vector<int64_t> offset_;
+  std::unique_ptr<float[]> storage_;
+  float* base_ = nullptr;
+};
+
 // Runs worker(const StepWorker&) once per chunk of [0, slices) that launch(slices, chunk)
 // hands out, calling chunk(begin, end) for each chunk, all chunks at the same time (launch
 // must run them concurrently, or a worker would wait at the barrier for one that never

@@ -300,6 +300,14 @@ inline void prefetch_block(const T* data, int64_t count) {
   for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p, 0, 2);
 }
 
+template <typename T>
+inline void prefetch_block_for_write(T* data, int64_t count) {
+  if (data == nullptr || count <= 0) return;
+  char* begin = reinterpret_cast<char*>(data);
+  char* end = reinterpret_cast<char*>(data + count);
+  for (char* p = begin; p < end; p += 64) __builtin_prefetch(p, 1, 2);
+}
+
 inline void check_input_cpu(const at::Tensor& input) {
   check_input_shape(input);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,

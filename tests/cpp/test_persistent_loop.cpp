@@ -2,7 +2,7 @@
 // registration, the step barrier, the hidden-unit split and the sliced weight products,
 // driving a small recurrence the way the LSTM and GRU kernels do (double-buffered state,
 // one barrier per step, or two with a second, projection-like phase), against a serial
-// loop. Built twice by CMakeLists.txt: plainly and with ThreadSanitizer.
+// loop, and the backward's exchange of partial products. Built twice by CMakeLists.txt: plainly and with ThreadSanitizer.
 #include "persistent_cpu.h"
 
 #include <cmath>
@@ -122,6 +122,79 @@ void compare(const Recurrence& r, int threads) {
   check(worst < 1e-4, "parallel recurrence equals the serial loop (threads, hidden)", threads, r.hidden);
 }
 
+// The backward's exchange (PartialRecurrentProduct): a recurrence run backwards,
+// g_t = tanh(x_t) * c_t over `gates` blocks of H columns, c_{t-1} = keep * c_t (with
+// accumulate) + mask * (g_t @ W) [B, width], each worker making its slices' partials and
+// adding its own columns of everyone's after the step's barrier, against a serial loop in
+// double. Returns the largest difference over all steps' g_t and the final c.
+double partial_product_error(int threads, int64_t steps, int64_t batch, int64_t hidden, int64_t gates, bool masked,
+                             bool accumulate, unsigned seed) {
+  std::mt19937 generator(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  const int64_t B = batch, H = hidden, G = gates * hidden, width = H;
+  std::vector<float> x(steps * B * G), w(G * width), mask(B * width), c0(B * width);
+  for (float& v : x) v = uniform(generator);
+  for (float& v : w) v = uniform(generator) / std::sqrt(float(G));
+  for (float& v : mask) v = masked ? (uniform(generator) > 0 ? 1.5f : 0.0f) : 1.0f;
+  for (float& v : c0) v = uniform(generator);
+  const float keep = accumulate ? 0.5f : 0.0f;
+  // Serial, double.
+  std::vector<double> c(c0.begin(), c0.end()), g(B * G), g_all(steps * B * G);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < G; ++j) g[b * G + j] = std::tanh(double(x[(t * B + b) * G + j])) * c[b * width + j % H];
+    std::copy(g.begin(), g.end(), g_all.begin() + t * B * G);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < width; ++k) {
+        double sum = 0;
+        for (int64_t j = 0; j < G; ++j) sum += g[b * G + j] * double(w[j * width + k]);
+        c[b * width + k] = keep * c[b * width + k] + double(mask[b * width + k]) * sum;
+      }
+  }
+  // Parallel: worker-owned units; the carry's columns are the same units (width = H).
+  const std::vector<int64_t> units = split_units(H, threads, kPanelWidth);
+  PartialRecurrentProduct product(units, gates, H, width, B);
+  std::vector<float> carry(c0), grads(steps * B * G);
+  run_team(threads, ThreadTeam{threads}, [&](const StepWorker& worker) {
+    const int64_t first = worker.first_slice(), end = worker.end_slice();
+    for (int64_t s = first; s < end; ++s) product.pack(s, w.data());
+    const int64_t u0 = units[first], u1 = units[end];
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      if (t < steps - 1) {
+        for (int64_t b = 0; b < B; ++b)  // keep * c_t on own columns before the partials add
+          for (int64_t k = u0; k < u1; ++k) carry[b * width + k] *= keep;
+        product.add_into(t + 1, B, u0, u1, masked ? mask.data() : nullptr, carry.data(), accumulate);
+      }
+      float* gt = grads.data() + t * B * G;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t q = 0; q < gates; ++q)
+          for (int64_t u = u0; u < u1; ++u)
+            gt[b * G + q * H + u] = std::tanh(x[(t * B + b) * G + q * H + u]) * carry[b * width + u];
+      for (int64_t s = first; s < end; ++s) product.multiply(s, gt, G, B, t);
+      worker.barrier();
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = u0; k < u1; ++k) carry[b * width + k] *= keep;
+    product.add_into(0, B, u0, u1, masked ? mask.data() : nullptr, carry.data(), accumulate);
+  });
+  double worst = 0;
+  for (size_t i = 0; i < g_all.size(); ++i) worst = std::max(worst, std::fabs(g_all[i] - grads[i]));
+  for (size_t i = 0; i < c.size(); ++i) worst = std::max(worst, std::fabs(c[i] - carry[i]));
+  return worst;
+}
+
+void test_partial_recurrent_product() {
+  unsigned seed = 11;
+  for (int threads : {1, 2, 3, 5})
+    for (int64_t hidden : {16, 40, 100})
+      for (int64_t gates : {3, 4})
+        for (bool masked : {false, true})
+          for (bool accumulate : {false, true}) {
+            const double error = partial_product_error(threads, 9, 3, hidden, gates, masked, accumulate, ++seed);
+            check(error < 1e-4, "partial recurrent products equal the serial loop (threads, hidden)", threads, hidden);
+          }
+}
+
 void test_split_units() {
   const std::vector<int64_t> even = split_units(64, 2, 16);
   check(even.size() == 3 && even[0] == 0 && even[1] == 32 && even[2] == 64, "64 units in 2 slices");
@@ -138,6 +211,7 @@ void test_split_units() {
 
 int main() {
   test_split_units();
+  test_partial_recurrent_product();
   for (int threads : {1, 2, 3, 4, 8})  // more workers than cores: the barrier must yield
     for (int64_t hidden : {16, 40, 100})
       for (bool second_phase : {false, true}) compare(make(23, 3, hidden, second_phase, 7 + threads), threads);
