@@ -230,9 +230,12 @@ template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
   const bool clips = s.cell_clip > T(0) || s.state_clip > T(0) || s.gate_clip > T(0);
   for (int64_t j = begin; j < end; ++j) {
-    if (s.zoneout_c) {
+    if (s.zoneout_c && clips) {
       s.hidden_unprojected_all ? lstm_backward_row<T, true, true, true>(s, j)
                                : lstm_backward_row<T, false, true, true>(s, j);
+    } else if (s.zoneout_c) {
+      s.hidden_unprojected_all ? lstm_backward_row<T, true, true, false>(s, j)
+                               : lstm_backward_row<T, false, true, false>(s, j);
     } else if (clips) {
       s.hidden_unprojected_all ? lstm_backward_row<T, true, false, true>(s, j)
                                : lstm_backward_row<T, false, false, true>(s, j);
