@@ -271,7 +271,7 @@ class WeightGradientOperand {
   int64_t width() const { return width_; }
   // Where the caller writes h_{t-1} of row r: hidden_columns() + r * width().
   template <typename T>
-  T* hidden_columns() {
+  T* hidden_columns() const {
     return hidden_offset_ < 0 ? nullptr : matrix_.data_ptr<T>() + hidden_offset_;
   }
   // grad_gates [rows, G] -> the product [G, width], then its blocks.

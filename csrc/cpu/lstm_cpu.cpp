@@ -230,12 +230,11 @@ template <typename T>
 RNNTL_ROW_INLINE void lstm_backward_rows(const LstmBackwardStep<T>& s, int64_t begin, int64_t end) {
   const bool clips = s.cell_clip > T(0) || s.state_clip > T(0) || s.gate_clip > T(0);
   for (int64_t j = begin; j < end; ++j) {
-    if (s.zoneout_c && clips) {
+    // (zoneout of c keeps the clamps: without them its rounding with keep weights of 0
+    // would differ from the plain pass's, which tests compare bit for bit)
+    if (s.zoneout_c) {
       s.hidden_unprojected_all ? lstm_backward_row<T, true, true, true>(s, j)
                                : lstm_backward_row<T, false, true, true>(s, j);
-    } else if (s.zoneout_c) {
-      s.hidden_unprojected_all ? lstm_backward_row<T, true, true, false>(s, j)
-                               : lstm_backward_row<T, false, true, false>(s, j);
     } else if (clips) {
       s.hidden_unprojected_all ? lstm_backward_row<T, true, false, true>(s, j)
                                : lstm_backward_row<T, false, false, true>(s, j);
@@ -816,7 +815,8 @@ class LstmBackward {
 
   // The multi-core loop's prefetch_block (see there): a worker's units [unit_begin, unit_end)
   // of the saved gates and cells, and its columns of the output gradient, of processing
-  // step `step`, issued during the previous step's product.
+  // step `step`, issued during the previous step's product; and for writing, its units of
+  // that step's rows of dL/da and its columns of the weight-gradient operand's h_{t-1}.
   void prefetch_own_rows(int64_t step, int64_t unit_begin, int64_t unit_end, int64_t column_begin,
                          int64_t column_end) const {
     if (step < 0) return;
@@ -825,17 +825,21 @@ class LstmBackward {
     const float* gates = gates_.data_ptr<float>();
     const float* cells = cells_.data_ptr<float>();
     const float* grad_output = grad_out_.data_ptr<float>();
+    const float* output = output_.data_ptr<float>();
+    const float* grad_gates = grad_gates_all_.data_ptr<float>();
+    const float* operand = weight_operand_->hidden_columns<float>();
     for (int64_t j = 0; j < sequence_.active[t]; ++j) {
       const int64_t compact = sequence_.first_row[t] + j;
       for (int64_t g = 0; g < 4; ++g) prefetch_block(gates + compact * G + g * H + unit_begin, U);
       prefetch_block(cells + compact * H + unit_begin, U);
       prefetch_block(grad_output + (t * batch_ + sequence_.order[j]) * P + column_begin, column_end - column_begin);
-      float* grad_gates = grad_gates_all_.data_ptr<float>();
-      for (int64_t g = 0; g < 4; ++g) prefetch_block_for_write(grad_gates + compact * G + g * H + unit_begin, U);
-      float* operand = const_cast<WeightGradientOperand&>(*weight_operand_).hidden_columns<float>();
-      if (operand) {
-        prefetch_block_for_write(operand + compact * weight_operand_->width() + column_begin, column_end - column_begin);
-        if (step > 0) prefetch_block(output_.data_ptr<float>() + (SequenceOrder::previous_step(t, reverse_) * batch_ + sequence_.order[j]) * P + column_begin, column_end - column_begin);
+      for (int64_t g = 0; g < 4; ++g) prefetch_block<true>(grad_gates + compact * G + g * H + unit_begin, U);
+      if (operand) {  // h_{t-1} of the weight-gradient operand, from the output of step t - 1
+        prefetch_block<true>(operand + compact * weight_operand_->width() + column_begin, column_end - column_begin);
+        if (step > 0) {
+          const int64_t previous = SequenceOrder::previous_step(t, reverse_) * batch_ + sequence_.order[j];
+          prefetch_block(output + previous * P + column_begin, column_end - column_begin);
+        }
       }
     }
   }

@@ -292,20 +292,14 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
 // (which stop at 4 KB pages) start cold on every row and the pointwise pass waits (in the
 // forward pass, before its input gates were computed in blocks, the first load of each row
 // was the hottest instruction). Issued during the previous step's product, the loads overlap it.
-template <typename T>
+// kForWrite: the step will write the block (fresh rows of a gradient buffer): the lines are
+// asked for in a writable state.
+template <bool kForWrite = false, typename T>
 inline void prefetch_block(const T* data, int64_t count) {
   if (data == nullptr || count <= 0) return;
   const char* begin = reinterpret_cast<const char*>(data);
   const char* end = reinterpret_cast<const char*>(data + count);
-  for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p, 0, 2);
-}
-
-template <typename T>
-inline void prefetch_block_for_write(T* data, int64_t count) {
-  if (data == nullptr || count <= 0) return;
-  char* begin = reinterpret_cast<char*>(data);
-  char* end = reinterpret_cast<char*>(data + count);
-  for (char* p = begin; p < end; p += 64) __builtin_prefetch(p, 1, 2);
+  for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p, kForWrite ? 1 : 0, 2);
 }
 
 inline void check_input_cpu(const at::Tensor& input) {
