@@ -191,9 +191,9 @@ class GruForward {
         input_compact_(sequence_.compact_from_padded(input)),
         bias_ih_(bias_ih.has_value() ? c10::optional<at::Tensor>(bias_ih->contiguous()) : c10::nullopt),
         weight_ih_(weight_ih), weight_hh_(weight_hh),
-        workers_(persistent_workers(input, weight_hh, hidden_)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*row_split=*/false)),
         block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)) {
-    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+    if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       input_projection_.emplace(input_compact_, weight_ih, bias_ih_);  // [N, 3H], in blocks
       recurrent_.emplace(weight_hh, batch_);
     }
@@ -232,8 +232,8 @@ class GruForward {
     return s;
   }
 
-  // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   template <typename T>
   void run_steps() {
@@ -334,7 +334,7 @@ class GruForward {
   at::Tensor input_compact_;          // [N, I] the valid rows of the input
   c10::optional<at::Tensor> bias_ih_;  // [3H]
   at::Tensor weight_ih_, weight_hh_;
-  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  StepLoop loop_;
   int64_t block_rows_;
   c10::optional<RowProjection> input_projection_;
   c10::optional<StepWeight> recurrent_;
@@ -363,9 +363,9 @@ class GruBackward {
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
         sequence_(lengths64, steps_, batch_),
-        workers_(persistent_workers(input, weight_hh, hidden_)), weight_ih_(weight_ih), weight_hh_(weight_hh) {
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*row_split=*/false)), weight_ih_(weight_ih), weight_hh_(weight_hh) {
     // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh (the multi-core loop packs its own W_hh)
-    if (workers_ == 0) recurrent_back_.emplace(weight_hh.t(), batch_);
+    if (loop_.kind != StepLoop::units) recurrent_back_.emplace(weight_hh.t(), batch_);
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
@@ -416,8 +416,8 @@ class GruBackward {
     return s;
   }
 
-  // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   template <typename T>
   void run_steps() {
@@ -558,7 +558,7 @@ class GruBackward {
   std::array<bool, 6> mask_;
   at::TensorOptions options_;
   SequenceOrder sequence_;
-  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  StepLoop loop_;
   c10::optional<StepWeight> recurrent_back_;
   at::Tensor weight_ih_, weight_hh_;
   at::Tensor grad_out_;              // [T, B, H] padded

@@ -4,9 +4,11 @@
 // GEMM for the recurrent part (over the rows still running) and one fused pointwise pass; with
 // proj_size a second small GEMM and an epilogue. Backward mirrors it per step and ends
 // with the weight-gradient GEMMs over all steps, skipped for weights that need no grad.
-// Two step loops run it (docs/cpu.md, "Multi-core engine"): run_steps, a step at a time with
-// each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
-// region for the whole sequence in which each thread owns a slice of the hidden units.
+// Three step loops run it (sequence_cpu.h's step_loop; docs/cpu.md, "Multi-core engine"):
+// run_steps, a step at a time with each parallel pass forked over torch's threads;
+// run_steps_rows, in which each thread runs every step for its own batch rows; and
+// run_steps_persistent, one parallel region for the whole sequence in which each thread owns
+// a slice of the hidden units and the threads meet once per step.
 // Shapes: input [T, B, I]; weight_ih [4H, I]; weight_hh [4H, P]; weight_hr [P, H];
 // h0 [B, P]; c0 [B, H]; P = proj_size or H; recurrent_mask [B, P]; zoneout keep weights
 // zoneout_h [T, B, P], zoneout_c [T, B, H] (the carried state is d * previous + (1 - d) * new;
@@ -39,7 +41,8 @@ struct LstmForwardStep {
                              //             activations i,f,g,o overwrite them in place (the saved
                              //             `gates` [N, 4H] when saving for backward, first row 0)
   int64_t input_first_row;
-  const T* recurrent_gates;  // [B, 4H]     slot-major W_hh h_{t-1}
+  const T* recurrent_gates;  // [n, 4H]     W_hh h_{t-1} of slots recurrent_first_slot, ...
+  int64_t recurrent_first_slot;
   T* cell_state;             // [B, H]      slot-major
   T* hidden_state;           // [B, H]      slot-major, only without projection
   const T* hidden_previous;  // [B, P]      slot-major h_{t-1} (may be hidden_state), for zoneout_h
@@ -63,7 +66,7 @@ RNNTL_ROW_INLINE void lstm_forward_row(const LstmForwardStep<T>& s, int64_t j) {
   const int64_t compact = s.first_row + j;         // compact row (the whole-sequence buffers)
   // The activations overwrite the input gates in place.
   T* __restrict__ act = s.input_gates + (compact - s.input_first_row) * G;
-  const T* __restrict__ r = s.recurrent_gates + j * G;
+  const T* __restrict__ r = s.recurrent_gates + (j - s.recurrent_first_slot) * G;
   T* __restrict__ c = s.cell_state + j * H;
   T* __restrict__ cells = kSave ? s.cells + compact * H : nullptr;
   T* __restrict__ m = kProject ? s.hidden_unprojected + j * H : nullptr;
@@ -160,7 +163,8 @@ struct LstmBackwardStep {
   const T* h0;                      // [B, P] or nullptr
   const T* c0;                      // [B, H] or nullptr
   const T* zeros;                   // [max(H, P)] zeros, stands for an omitted h0 / c0
-  const T* grad_hidden_unprojected; // [B, H] slot-major dL/dm
+  const T* grad_hidden_unprojected; // [n, H] dL/dm of slots grad_hidden_first_slot, ...
+  int64_t grad_hidden_first_slot;
   T* grad_cell_carry;               // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
   T* grad_gates;                    // [n, 4H] dL/da of step t's slots: grad_gates_all's rows of step t
   T* hidden_prev_all;               // h_{t-1} of compact row r at r * hidden_prev_stride, or nullptr
@@ -191,7 +195,7 @@ RNNTL_ROW_INLINE void lstm_backward_row(const LstmBackwardStep<T>& s, int64_t j)
   const T* __restrict__ keep_c = kZoneoutCell ? s.zoneout_c + (s.t * s.batch + b) * H : nullptr;
   const T* __restrict__ act = s.gates + compact * G;
   const T* __restrict__ cell = s.cells + compact * H;
-  const T* __restrict__ dm = s.grad_hidden_unprojected + j * H;
+  const T* __restrict__ dm = s.grad_hidden_unprojected + (j - s.grad_hidden_first_slot) * H;
   T* __restrict__ dc = s.grad_cell_carry + j * H;
   T* __restrict__ da = s.grad_gates + j * G;
   const T cell_clip = kClips ? s.cell_clip : T(0), state_clip = kClips ? s.state_clip : T(0);
@@ -349,11 +353,11 @@ class LstmForward {
         cell_clip_(cell_clip), proj_clip_(proj_clip), sequence_(lengths64, steps_, batch_),
         input_compact_(sequence_.compact_from_padded(input)), bias_(combined_bias(bias_ih, bias_hh)),
         weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()),
-        workers_(persistent_workers(input, weight_hh, hidden_)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0))),
         block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
-    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+    if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       input_projection_.emplace(input_compact_, weight_ih, bias_);
       recurrent_.emplace(weight_hh, B);
       if (project_) projection_.emplace(*weight_hr, B);
@@ -369,10 +373,12 @@ class LstmForward {
     output_ = at::empty({steps_, B, P}, options);
     // The input gates of a block of steps go where their activations go: straight into the
     // saved gates when saving for backward (the activations overwrite them in place), else
-    // into a buffer of one block reused block after block.
+    // into a buffer of one block reused block after block (of every row for the row split,
+    // whose workers run all steps at once).
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
-    input_gates_block_ =
-        save ? at::Tensor() : at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
+                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
+    input_gates_block_ = save ? at::Tensor() : at::empty({block_capacity, G}, options);
     cells_ = save ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
     hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
     carried_cells_ = save && zoneout_c_.defined() ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
@@ -387,6 +393,7 @@ class LstmForward {
     s.order = sequence_.order;
     s.input_gates = save_ ? gates_.data_ptr<T>() : input_gates_block_.data_ptr<T>();
     s.input_first_row = 0;
+    s.recurrent_first_slot = 0;
     s.cell_state = cell_state_.data_ptr<T>();
     s.hidden_state = project_ ? nullptr : hidden_state_.data_ptr<T>();
     s.hidden_previous = hidden_state_.data_ptr<T>();
@@ -404,19 +411,20 @@ class LstmForward {
     return s;
   }
 
-  // With projection: h = clip(r) of slots [0, n), columns [column_begin, column_end), from
-  // r = W_hr m [n, P], into the state h [B, P], the output, and hidden_pre_clip when saved;
-  // with zoneout_h blended with h_previous [B, P] (which may be h).
+  // With projection: h = clip(r) of slots [slot_begin, slot_end), columns [column_begin,
+  // column_end), from r = W_hr m [slot_end - slot_begin, P] (from slot_begin), into the state h [B, P], the
+  // output, and hidden_pre_clip when saved; with zoneout_h blended with h_previous [B, P]
+  // (which may be h).
   template <typename T>
-  void projection_epilogue(const LstmForwardStep<T>& s, const T* r, int64_t n, T* h, const T* h_previous,
-                           int64_t column_begin, int64_t column_end) {
+  void projection_epilogue(const LstmForwardStep<T>& s, const T* r, int64_t slot_begin, int64_t slot_end, T* h,
+                           const T* h_previous, int64_t column_begin, int64_t column_end) {
     const int64_t P = out_size_;
     T* const out = output_.data_ptr<T>();
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = slot_begin; j < slot_end; ++j) {
       const int64_t row = s.t * batch_ + sequence_.order[j];  // padded (output, zoneout_h)
       const int64_t compact = s.first_row + j;                // compact (hidden_pre_clip)
       for (int64_t k = column_begin; k < column_end; ++k) {
-        const T v = r[j * P + k];
+        const T v = r[(j - slot_begin) * P + k];
         if (s.hidden_pre_clip) s.hidden_pre_clip[compact * P + k] = v;
         T hv = clip_value(v, s.proj_clip);
         if (s.zoneout_h) hv = zoneout_blend(s.zoneout_h[row * P + k], h_previous[j * P + k], hv);
@@ -426,25 +434,47 @@ class LstmForward {
     }
   }
 
-  // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::lstm_forward_steps", std::vector<c10::IValue>());
-    const int64_t B = batch_, P = out_size_, G = 4 * hidden_;
+    run_slots<T>(0, batch_, /*projected=*/false);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): the input projection of every row first,
+  // over all threads, then each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::lstm_forward_steps_rows", std::vector<c10::IValue>());
+    T* input_gates = save_ ? gates_.data_ptr<T>() : input_gates_block_.data_ptr<T>();
+    input_projection_->into(0, sequence_.valid_rows, input_gates);
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+  }
+
+  // Every step for the slots [slot_begin, slot_end): all of them in the step-at-a-time loop
+  // (each pass split over torch's threads), a worker's own in the row split (its passes run
+  // on its thread: parallel_for inside a parallel region runs inline). projected: the input
+  // gates of every row are already in place; else they are computed a block of steps at a time.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
+    const int64_t P = out_size_, H = hidden_, G = 4 * hidden_;
     LstmForwardStep<T> s = forward_step<T>();
     T* const input_gates = s.input_gates;
-    T* const recurrent_scratch = step_scratch_.data_ptr<T>();
-    T* const projected_scratch = recurrent_scratch + B * G;
+    T* const recurrent_scratch = step_scratch_.data_ptr<T>() + slot_begin * G;  // [n, G] from slot_begin
+    T* const projected_scratch = step_scratch_.data_ptr<T>() + batch_ * G;      // [B, P]
+    T* const hidden_state = hidden_state_.data_ptr<T>();
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder;
+    s.recurrent_first_slot = slot_begin;
     for (int64_t step = 0; step < steps_; ++step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t end = std::min(sequence_.active[t], slot_end), n = end - slot_begin;
       s.t = t;
       s.first_row = sequence_.first_row[t];
-      if (blocks.starts_at(step)) {
+      if (!projected && blocks.starts_at(step)) {
         if (save_) {  // in place in the saved gates: row r at input_gates + r * G
           input_projection_->into(blocks.first(), blocks.rows(), input_gates + blocks.first() * G);
         } else {
@@ -453,19 +483,21 @@ class LstmForward {
         }
       }
       if (n > 0) {
-        const T* product_input = hidden_state_.data_ptr<T>();
+        const T* product_input = hidden_state + slot_begin * P;
         if (recurrent_mask_.defined()) {
-          masked_rows(recurrent_mask_.data_ptr<T>(), product_input, masked_hidden_.data_ptr<T>(), n, P, 0, P);
-          product_input = masked_hidden_.data_ptr<T>();
+          T* masked = masked_hidden_.data_ptr<T>() + slot_begin * P;
+          masked_rows(recurrent_mask_.data_ptr<T>() + slot_begin * P, product_input, masked, n, P, 0, P);
+          product_input = masked;
         }
         s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch, product_holder);
-        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, j, j + 1, save_, project_); });
+        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_, project_); });
+        if (project_) {
+          const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>() + slot_begin * H, n,
+                                             projected_scratch + slot_begin * P, product_holder);
+          projection_epilogue(s, r, slot_begin, end, hidden_state, hidden_state, 0, P);
+        }
       }
-      if (project_ && n > 0) {
-        const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>(), n, projected_scratch, product_holder);
-        projection_epilogue(s, r, n, hidden_state_.data_ptr<T>(), hidden_state_.data_ptr<T>(), 0, P);
-      }
-      sequence_.zero_past_length(output_.data_ptr<T>(), P, t, 0, P);
+      sequence_.zero_past_length(output_.data_ptr<T>(), P, t, 0, P, slot_begin, slot_end);
     }
   }
 
@@ -531,7 +563,7 @@ class LstmForward {
             worker.barrier();  // m_t complete
             for (int64_t w = first; w < end; ++w)
               projection_panels->multiply(w, 0, s.hidden_unprojected, H, n, projected + columns[w], P, false);
-            projection_epilogue(s, projected, n, h, hidden.read(step), columns[first], columns[end]);
+            projection_epilogue(s, projected, 0, n, h, hidden.read(step), columns[first], columns[end]);
           }
           if (masked) masked_rows(mask, h, masked->write(step), n, P, columns[first], columns[end]);
         }
@@ -557,7 +589,7 @@ class LstmForward {
   at::Tensor input_compact_;            // [N, I] the valid rows of the input
   c10::optional<at::Tensor> bias_;      // [4H] b_ih + b_hh
   at::Tensor weight_ih_, weight_hh_, weight_hr_;
-  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  StepLoop loop_;
   int64_t block_rows_;
   c10::optional<RowProjection> input_projection_;  // [N, 4H] W_ih x + b_ih + b_hh, in blocks
   c10::optional<StepWeight> recurrent_, projection_;
@@ -592,10 +624,10 @@ class LstmBackward {
         out_size_(sizes.out_size), project_(weight_hr.has_value()), reverse_(reverse), cell_clip_(cell_clip),
         proj_clip_(proj_clip), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
-        workers_(persistent_workers(input, weight_hh, hidden_)), weight_ih_(weight_ih), weight_hh_(weight_hh),
-        weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0))),
+        weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
-    if (workers_ == 0) {  // the step-at-a-time loop's products (the multi-core loop packs its own)
+    if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       recurrent_back_.emplace(weight_hh.t(), B);                    // dL/dh_{t-1} = dL/da @ W_hh
       if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
     }
@@ -652,6 +684,7 @@ class LstmBackward {
     s.hidden_prev_all = weight_operand_->hidden_columns<T>();
     s.hidden_prev_stride = weight_operand_->width();
     s.recurrent_mask = recurrent_mask_.defined() ? recurrent_mask_.data_ptr<T>() : nullptr;
+    s.grad_hidden_first_slot = 0;
     s.hidden_unprojected_all = want_weight_hr() ? hidden_unprojected_all_.data_ptr<T>() : nullptr;
     s.cell_clip = static_cast<T>(cell_clip_);
     s.state_clip = static_cast<T>(state_clip_);
@@ -663,64 +696,90 @@ class LstmBackward {
     return s;
   }
 
-  // Runs the steps on the loop persistent_workers() chose for this sequence.
-  void run(at::ScalarType dtype) { run_chosen_loop(*this, workers_, dtype); }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::lstm_backward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::lstm_backward_steps_rows", std::vector<c10::IValue>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+  }
+
+  // Every step, last first, for the slots [slot_begin, slot_end): all of them in the
+  // step-at-a-time loop (each pass split over torch's threads), a worker's own in the row
+  // split (its passes run on its thread).
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end) {
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
     const T state_limit = static_cast<T>(state_clip_);
     LstmBackwardStep<T> s = backward_step<T>();
     T* const grad_gates_data = grad_gates_all_.data_ptr<T>();
     LstmHiddenGradientStep<T> d = hidden_gradient_step<T>();
     const T* go = d.grad_output;
-    T* carry_h = grad_hidden_carry_.data_ptr<T>();
-    T* carry_c = grad_cell_carry_.data_ptr<T>();
-    T* d_pre = d.grad_pre_clip;
+    T* const carry_h = grad_hidden_carry_.data_ptr<T>();
+    T* const carry_c = grad_cell_carry_.data_ptr<T>();
+    T* const own_carry_h = carry_h + slot_begin * P;
+    const T* const own_mask = s.recurrent_mask ? s.recurrent_mask + slot_begin * P : nullptr;
+    T* const d_pre = d.grad_pre_clip;
     T* const grad_unprojected = project_ ? grad_unprojected_.data_ptr<T>() : nullptr;
     at::Tensor product_holder;
+    const auto slots_at = [&](int64_t t) { return std::min(sequence_.active[t], slot_end) - slot_begin; };
     // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
     const auto prefetch_step = [&](int64_t step) {
       if (step < 0) return;
-      const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      const int64_t t = sequence_.time_of(step, reverse_), n = slots_at(t);
+      if (n <= 0) return;
+      const int64_t first = sequence_.first_row[t] + slot_begin;
       prefetch_block(s.gates + first * G, n * G);
       prefetch_block(s.cells + first * H, n * H);
-      prefetch_block(go + t * B * P, B * P);
+      for (int64_t j = slot_begin; j < slot_begin + n; ++j) prefetch_block(go + (t * B + sequence_.order[j]) * P, P);
       if (step > 0) {
-        const int64_t previous = SequenceOrder::previous_step(t, reverse_);
-        prefetch_block(s.cells + sequence_.first_row[previous] * H, sequence_.active[previous] * H);
+        const int64_t previous = SequenceOrder::previous_step(t, reverse_), previous_n = slots_at(previous);
+        prefetch_block(s.cells + (sequence_.first_row[previous] + slot_begin) * H, std::max<int64_t>(previous_n, 0) * H);
       }
     };
     prefetch_step(steps_ - 1);
 
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      const int64_t n = slots_at(t), first = sequence_.first_row[t];
       s.t = t;
       s.grad_gates = grad_gates_data + first * G;
       d.t = t;
       d.first_row = first;
       if (n > 0) {
-        parallel_rows(n, P, [&](int64_t j) { lstm_hidden_gradient_rows_entry(d, j, j + 1); });
-        s.grad_hidden_unprojected =
-            project_ ? projection_back_->multiply(d_pre, n, grad_unprojected, product_holder) : d_pre;  // [n, H]
-        parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, j, j + 1); });
-        prefetch_step(step - 1);
-        if (d.zoneout_h && s.recurrent_mask) {  // carry holds d * dL/dh_t
-          T* product = recurrent_product_.data_ptr<T>();
-          recurrent_back_->multiply_into(s.grad_gates, n, product);
-          add_masked_rows(s.recurrent_mask, product, carry_h, n, P, 0, P);
+        parallel_rows(n, P, [&](int64_t j) { lstm_hidden_gradient_rows_entry(d, slot_begin + j, slot_begin + j + 1); });
+        if (project_) {  // dL/dm [n, H] of the own slots
+          s.grad_hidden_unprojected = projection_back_->multiply(d_pre + slot_begin * P, n,
+                                                                 grad_unprojected + slot_begin * H, product_holder);
+          s.grad_hidden_first_slot = slot_begin;
         } else {
-          recurrent_back_->multiply_into(s.grad_gates, n, carry_h, /*accumulate=*/d.zoneout_h != nullptr);
-          if (s.recurrent_mask) masked_rows(s.recurrent_mask, carry_h, carry_h, n, P, 0, P);
+          s.grad_hidden_unprojected = d_pre;
+        }
+        parallel_rows(n, G, [&](int64_t j) { lstm_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
+        prefetch_step(step - 1);
+        const T* own_grad_gates = s.grad_gates + slot_begin * G;
+        if (d.zoneout_h && own_mask) {  // carry holds d * dL/dh_t
+          T* product = recurrent_product_.data_ptr<T>() + slot_begin * P;
+          recurrent_back_->multiply_into(own_grad_gates, n, product);
+          add_masked_rows(own_mask, product, own_carry_h, n, P, 0, P);
+        } else {
+          recurrent_back_->multiply_into(own_grad_gates, n, own_carry_h, /*accumulate=*/d.zoneout_h != nullptr);
+          if (own_mask) masked_rows(own_mask, own_carry_h, own_carry_h, n, P, 0, P);
         }
       }
       // Rows past their length pass their state gradients through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
       if (state_limit > 0) {
-        for (int64_t j = n; j < B; ++j) {
+        for (int64_t j = std::max(sequence_.active[t], slot_begin); j < slot_end; ++j) {
           for (int64_t k = 0; k < P; ++k) carry_h[j * P + k] = clip_value(carry_h[j * P + k], state_limit);
           for (int64_t k = 0; k < H; ++k) carry_c[j * H + k] = clip_value(carry_c[j * H + k], state_limit);
         }
@@ -892,7 +951,7 @@ class LstmBackward {
   std::array<bool, 7> mask_;
   at::TensorOptions options_;
   SequenceOrder sequence_;
-  int64_t workers_;  // of the multi-core loop, or 0 for the step-at-a-time loop
+  StepLoop loop_;
   c10::optional<StepWeight> recurrent_back_, projection_back_;
   at::Tensor weight_ih_, weight_hh_, weight_hr_;
   at::Tensor grad_out_;                // [T, B, P] padded

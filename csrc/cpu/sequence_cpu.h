@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -119,9 +120,11 @@ struct SequenceOrder {
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
   // Zero in the padded output [T, B, width] the columns [column_begin, column_end) of the rows
   // past their length at step t (as pad_packed_sequence gives).
+  // Slots [slot_begin, slot_end) only, where given (a row-split worker's).
   template <typename T>
-  void zero_past_length(T* output, int64_t width, int64_t t, int64_t column_begin, int64_t column_end) const {
-    for (int64_t j = active[t]; j < host.batch; ++j) {
+  void zero_past_length(T* output, int64_t width, int64_t t, int64_t column_begin, int64_t column_end,
+                        int64_t slot_begin = 0, int64_t slot_end = -1) const {
+    for (int64_t j = std::max(active[t], slot_begin); j < (slot_end < 0 ? host.batch : slot_end); ++j) {
       T* row = output + (t * host.batch + order[j]) * width;
       std::fill(row + column_begin, row + column_end, T(0));
     }
@@ -152,44 +155,120 @@ void run_persistent(int64_t slices, const F& worker) {
   run_team(slices, [](int64_t count, const auto& chunk) { at::parallel_for(0, count, 1, chunk); }, worker);
 }
 
-// Which step loop runs a float32 sequence: the multi-core one (persistent_cpu.h) wherever
-// it can run: the own product kernel enabled (RNNTL_CPU_GEMM unset or auto), more than one
-// torch thread, OpenMP, and at least two slices of hidden units to share. RNNTL_CPU_ENGINE
-// = stepwise keeps the step-at-a-time loop (docs/ENVIRONMENT.md); unset, empty or "auto"
-// is the automatic choice; any other value is an error.
-inline bool persistent_engine_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("RNNTL_CPU_ENGINE");
-    if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return true;
-    TORCH_CHECK(std::strcmp(value, "stepwise") == 0,
-                "rnntl_fast: the environment variable RNNTL_CPU_ENGINE must be auto or stepwise (or unset), got '",
-                value, "'");
-    return false;
-  }();
-  return enabled;
-}
-// The number of workers (hidden-unit slices) of the multi-core loop for a sequence, or 0
-// where the step-at-a-time loop runs it. weight_hh: [gates * hidden, depth]. A worker's
-// per-step product runs on the own kernel, so its slice of W_hh must suit that kernel
-// (own_step_kernel_suits: few rows, or a slice that stays in L2); bigger products are
-// faster through the libraries' multi-threaded kernels, step by step.
-inline int64_t persistent_workers(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden) {
-  if (input.scalar_type() != at::kFloat || !own_kernel_enabled() || !persistent_engine_enabled() ||
-      !persistent_workers_available())
-    return 0;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
-  if (workers < 2) return 0;
-  const int64_t batch = input.size(1), rows_per_worker = (weight_hh.size(0) + workers - 1) / workers;
-  return own_step_kernel_suits(batch, rows_per_worker, weight_hh.size(1)) ? workers : 0;
+// The step loops a sequence can run on (docs/cpu.md, "Multi-core engine"):
+//  * stepwise: a step at a time, each parallel pass of a step forked over torch's threads;
+//  * rows: each of torch's threads runs every step for its own slots (batch rows). A row's
+//    recurrence needs nothing from other rows, so the workers never wait for each other;
+//    each reads the whole W_hh, which must therefore stay in its core's L2;
+//  * units: the multi-core loop of persistent_cpu.h: each worker owns a slice of the hidden
+//    units (and of W_hh) and the workers meet at a barrier once per step: for few rows,
+//    where the row split has nothing to split.
+// RNNTL_CPU_ENGINE (read at each op call, docs/ENVIRONMENT.md): unset, empty or "auto" is
+// the automatic choice (step_loop below); "stepwise", "rows" or "units" asks for that loop
+// wherever it can run the sequence (the step-at-a-time loop elsewhere); any other value is
+// an error.
+enum class CpuEngine { automatic, stepwise, rows, units };
+inline CpuEngine cpu_engine() {
+  const char* value = std::getenv("RNNTL_CPU_ENGINE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return CpuEngine::automatic;
+  if (std::strcmp(value, "stepwise") == 0) return CpuEngine::stepwise;
+  if (std::strcmp(value, "rows") == 0) return CpuEngine::rows;
+  TORCH_CHECK(std::strcmp(value, "units") == 0,
+              "rnntl_fast: the environment variable RNNTL_CPU_ENGINE must be auto, stepwise, rows or units (or "
+              "unset), got '", value, "'");
+  return CpuEngine::units;
 }
 
-// Runs a sequence op class's steps on the loop chosen for its sequence: the multi-core loop
-// (op.run_steps_persistent) where workers > 0, else the step-at-a-time loop (op.run_steps<T>)
-// for the input's dtype.
+// The automatic choice's thresholds (measured: docs/cpu.md, "Multi-core engine"). The row
+// split needs enough slots per worker for the product kernel's row blocks, and the
+// per-step weights (W_hh, and W_hr with a projection) small enough to stay in each core's
+// L2 beside the step's rows.
+constexpr int64_t kRowSplitMinSlots = 1;
+constexpr int64_t kRowSplitMaxWeightBytes = int64_t(1) << 20;
+
+// The loop a sequence runs on, and its worker count (0 for the step-at-a-time loop).
+struct StepLoop {
+  enum Kind { stepwise, rows, units } kind = stepwise;
+  int64_t workers = 0;
+};
+
+// The loop for a sequence of `batch` slots with recurrent weight weight_hh [gates * hidden,
+// depth] and per-step weights of step_weight_floats floats in all (W_hh, plus W_hr).
+// row_split: whether the op has the row-split loop.
+inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden,
+                          int64_t step_weight_floats, bool row_split = true) {
+  StepLoop loop;
+  const CpuEngine engine = cpu_engine();
+  if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
+  const int64_t batch = input.size(1);
+  const bool float32_own_kernel = input.scalar_type() == at::kFloat && own_kernel_enabled();
+  // rows: at least one slot per worker; no barrier, so any thread backend serves.
+  const int64_t row_workers = std::min<int64_t>(at::get_num_threads(), batch);
+  const bool rows_suit = float32_own_kernel && batch / std::max<int64_t>(row_workers, 1) >= kRowSplitMinSlots &&
+                         step_weight_floats * int64_t(sizeof(float)) <= kRowSplitMaxWeightBytes;
+  if (row_split && row_workers >= 2 && (engine == CpuEngine::rows || (engine == CpuEngine::automatic && rows_suit))) {
+    loop.kind = StepLoop::rows;
+    loop.workers = row_workers;
+    return loop;
+  }
+  if (engine == CpuEngine::rows || !float32_own_kernel || !persistent_workers_available()) return loop;
+  // units: at least two slices of hidden units, each a W_hh slice that suits the own kernel.
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
+  if (workers < 2) return loop;
+  const int64_t rows_per_worker = (weight_hh.size(0) + workers - 1) / workers;
+  if (!own_step_kernel_suits(batch, rows_per_worker, weight_hh.size(1))) return loop;
+  loop.kind = StepLoop::units;
+  loop.workers = workers;
+  return loop;
+}
+
+// The slots [bound[w], bound[w + 1]) of each of `workers` row-split workers: contiguous
+// (the per-step products take consecutive rows), with about equal numbers of valid steps
+// (slots are sorted by length, longest first).
+inline std::vector<int64_t> split_slots(const SequenceOrder& sequence, int64_t workers) {
+  const int64_t batch = sequence.host.batch;
+  int64_t total = 0;
+  for (int64_t j = 0; j < batch; ++j) total += sequence.length[sequence.order[j]];
+  std::vector<int64_t> bound(workers + 1, batch);
+  bound[0] = 0;
+  int64_t j = 0, done = 0;
+  for (int64_t w = 1; w < workers; ++w) {
+    while (j < batch && done * workers < total * w) done += sequence.length[sequence.order[j++]];
+    bound[w] = j;
+  }
+  return bound;
+}
+
+// Runs worker(first_slot, end_slot) for each row-split worker on its own torch thread.
+template <typename F>
+void run_row_split(const SequenceOrder& sequence, int64_t workers, const F& worker) {
+  const std::vector<int64_t> bound = split_slots(sequence, workers);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    // The ops' products are internal to them (as on the calling thread): dispatch keys are
+    // per thread, and a library product on a worker would otherwise meet autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    worker(bound[begin], bound[end]);
+  });
+}
+
+// Runs a sequence op class's steps on the chosen loop: op.run_steps_persistent(workers)
+// (float32), or op.run_steps_rows<T>(workers) / the step-at-a-time op.run_steps<T>() for
+// the input's dtype.
+template <typename Op, typename = void>
+struct HasRowSplit : std::false_type {};
 template <typename Op>
-void run_chosen_loop(Op& op, int64_t workers, at::ScalarType dtype) {
-  if (workers > 0) return op.run_steps_persistent(workers);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] { op.template run_steps<scalar_t>(); });
+struct HasRowSplit<Op, std::void_t<decltype(&Op::template run_steps_rows<float>)>> : std::true_type {};
+
+template <typename Op>
+void run_chosen_loop(Op& op, const StepLoop& loop, at::ScalarType dtype) {
+  if (loop.kind == StepLoop::units) return op.run_steps_persistent(loop.workers);
+  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::rows || HasRowSplit<Op>::value, "row split chosen for an op without it");
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] {
+    if constexpr (HasRowSplit<Op>::value) {
+      if (loop.kind == StepLoop::rows) return op.template run_steps_rows<scalar_t>(loop.workers);
+    }
+    op.template run_steps<scalar_t>();
+  });
 }
 
 // The hidden state [B, W] (slot-major) of the multi-core loop, in two buffers: processing
