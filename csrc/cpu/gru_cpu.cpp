@@ -3,9 +3,9 @@
 // blocks of steps (ProjectionBlocks), per step a recurrent GEMM over the running rows and a
 // fused pointwise pass; backward per step, then the weight-gradient GEMMs over all steps for
 // the weights that need them.
-// Two step loops run it (docs/cpu.md, "Multi-core engine"): run_steps, a step at a time with
-// each parallel pass forked over torch's threads, and run_steps_persistent, one parallel
-// region for the whole sequence in which each thread owns a slice of the hidden units.
+// The same three step loops run it (sequence_cpu.h's step_loop; docs/cpu.md, "Multi-core
+// engine"): run_steps (a step at a time), run_steps_rows (each thread runs every step for
+// its own batch rows) and run_steps_persistent (each thread owns a slice of the hidden units).
 // Shapes: input [T, B, I]; weight_ih [3H, I]; weight_hh [3H, H]; biases [3H]; h0 [B, H];
 // recurrent_mask [B, H]; zoneout [T, B, H] keep weights d: h_t = d * h_{t-1} + (1 - d) * h~_t.
 // "Slot-major" buffers hold row order[j] in slot j. The whole-sequence buffers (input gates,
@@ -29,7 +29,9 @@ struct GruForwardStep {
   const int64_t* order;
   const T* input_gates;      // [rows, 3H] W_ih x + b_ih of compact rows input_first_row...
   int64_t input_first_row;
-  T* recurrent_gates;        // [B, 3H]    slot-major W_hh h_{t-1} (no bias); r, z written over it
+  T* recurrent_gates;        // [n, 3H]    W_hh h_{t-1} (no bias) of slots recurrent_first_slot, ...;
+                             //            r, z written over it
+  int64_t recurrent_first_slot;
   const T* bias_hh;          // [3H]       b_hh, or zeros
   const T* hidden_previous;  // [B, H]     slot-major h_{t-1} (may be hidden_state)
   T* hidden_state;           // [B, H]     slot-major h_t
@@ -48,8 +50,8 @@ RNNTL_ROW_INLINE void gru_forward_row(const GruForwardStep<T>& s, int64_t j) {
   const T* __restrict__ x = s.input_gates + (compact - s.input_first_row) * G;
   // r and z overwrite the recurrent product in place when not saved (element k is read
   // before it is written), so r is not __restrict__.
-  const T* r = s.recurrent_gates + j * G;
-  T* rz = kSave ? s.gates + compact * G : s.recurrent_gates + j * G;
+  const T* r = s.recurrent_gates + (j - s.recurrent_first_slot) * G;
+  T* rz = kSave ? s.gates + compact * G : s.recurrent_gates + (j - s.recurrent_first_slot) * G;
   const T* __restrict__ bias = s.bias_hh;
   const T* h_previous = s.hidden_previous + j * H;  // may be h: element k is read before it is written
   T* h = s.hidden_state + j * H;
@@ -191,7 +193,7 @@ class GruForward {
         input_compact_(sequence_.compact_from_padded(input)),
         bias_ih_(bias_ih.has_value() ? c10::optional<at::Tensor>(bias_ih->contiguous()) : c10::nullopt),
         weight_ih_(weight_ih), weight_hh_(weight_hh),
-        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*row_split=*/false)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel())),
         block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)) {
     if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       input_projection_.emplace(input_compact_, weight_ih, bias_ih_);  // [N, 3H], in blocks
@@ -199,7 +201,11 @@ class GruForward {
     }
     const auto options = input.options();
     const int64_t G = 3 * hidden_;
-    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    // One block of steps' input gates, reused block after block (every row's for the row
+    // split, whose workers run all steps at once).
+    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
+                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
+    input_gates_block_ = at::empty({block_capacity, G}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
@@ -220,6 +226,7 @@ class GruForward {
     s.order = sequence_.order;
     s.input_gates = input_gates_block_.data_ptr<T>();
     s.input_first_row = 0;
+    s.recurrent_first_slot = 0;
     s.bias_hh = bias_hh_.data_ptr<T>();
     s.hidden_previous = hidden_state_.data_ptr<T>();
     s.hidden_state = hidden_state_.data_ptr<T>();
@@ -238,30 +245,49 @@ class GruForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::gru_forward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_, /*projected=*/false);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): the input projection of every row first,
+  // over all threads, then each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::gru_forward_steps_rows", std::vector<c10::IValue>());
+    input_projection_->into(0, sequence_.valid_rows, input_gates_block_.data_ptr<T>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+  }
+
+  // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
+    const int64_t H = hidden_, G = 3 * hidden_;
     GruForwardStep<T> s = forward_step<T>();
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder;
+    s.recurrent_first_slot = slot_begin;
     for (int64_t step = 0; step < steps_; ++step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       s.first_row = sequence_.first_row[t];
-      if (blocks.starts_at(step)) {
+      if (!projected && blocks.starts_at(step)) {
         input_projection_->into(blocks.first(), blocks.rows(), input_gates_block_.data_ptr<T>());
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        const T* product_input = s.hidden_state;  // h_{t-1}, or mask * h_{t-1} with recurrent dropout
+        // h_{t-1}, or mask * h_{t-1} with recurrent dropout, of the own slots
+        const T* product_input = s.hidden_state + slot_begin * H;
         if (recurrent_mask_.defined()) {
-          masked_rows(recurrent_mask_.data_ptr<T>(), product_input, masked_hidden_.data_ptr<T>(), n, hidden_, 0,
-                      hidden_);
-          product_input = masked_hidden_.data_ptr<T>();
+          T* masked = masked_hidden_.data_ptr<T>() + slot_begin * H;
+          masked_rows(recurrent_mask_.data_ptr<T>() + slot_begin * H, product_input, masked, n, H, 0, H);
+          product_input = masked;
         }
-        s.recurrent_gates =
-            recurrent_->multiply(product_input, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, 3H]
-        parallel_rows(n, 3 * hidden_, [&](int64_t j) { gru_forward_rows_entry(s, j, j + 1, save_); });
+        s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+                                                 product_holder);  // [n, 3H]
+        parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_); });
       }
-      sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
+      sequence_.zero_past_length(s.output, H, t, 0, H, slot_begin, slot_end);
     }
   }
 
@@ -363,7 +389,7 @@ class GruBackward {
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), reverse_(reverse),
         state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask), options_(input.options()),
         sequence_(lengths64, steps_, batch_),
-        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*row_split=*/false)), weight_ih_(weight_ih), weight_hh_(weight_hh) {
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel())), weight_ih_(weight_ih), weight_hh_(weight_hh) {
     // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh (the multi-core loop packs its own W_hh)
     if (loop_.kind != StepLoop::units) recurrent_back_.emplace(weight_hh.t(), batch_);
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
@@ -422,44 +448,66 @@ class GruBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::gru_backward_steps", std::vector<c10::IValue>());
-    const int64_t G = 3 * hidden_;
+    run_slots<T>(0, batch_);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::gru_backward_steps_rows", std::vector<c10::IValue>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+  }
+
+  // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end) {
+    const int64_t H = hidden_, G = 3 * hidden_;
     GruBackwardStep<T> s = backward_step<T>();
     T* const carry = s.grad_hidden_carry;
+    T* const own_carry = carry + slot_begin * H;
+    const T* const own_mask = s.recurrent_mask ? s.recurrent_mask + slot_begin * H : nullptr;
     T* const grad_hidden_gates = grad_hidden_gates_all_.data_ptr<T>();
     const bool keep = keep_hidden_gates();
+    const auto slots_at = [&](int64_t t) { return std::min(sequence_.active[t], slot_end) - slot_begin; };
     // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
     const auto prefetch_step = [&](int64_t step) {
       if (step < 0) return;
-      const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t], first = sequence_.first_row[t];
+      const int64_t t = sequence_.time_of(step, reverse_), n = slots_at(t);
+      if (n <= 0) return;
+      const int64_t first = sequence_.first_row[t] + slot_begin;
       prefetch_block(s.gates + first * G, n * G);
-      prefetch_block(s.hidden_n + first * hidden_, n * hidden_);
-      prefetch_block(s.grad_output + t * batch_ * hidden_, batch_ * hidden_);
-      if (step > 0) prefetch_block(s.output + SequenceOrder::previous_step(t, reverse_) * batch_ * hidden_, batch_ * hidden_);
+      prefetch_block(s.hidden_n + first * H, n * H);
+      for (int64_t j = slot_begin; j < slot_begin + n; ++j) {
+        const int64_t row = t * batch_ + sequence_.order[j];
+        prefetch_block(s.grad_output + row * H, H);
+        if (step > 0) prefetch_block(s.output + (row + (SequenceOrder::previous_step(t, reverse_) - t) * batch_) * H, H);
+      }
     };
     prefetch_step(steps_ - 1);
 
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = slots_at(t);
       s.t = t;
       s.grad_hidden_gates = keep ? grad_hidden_gates + sequence_.first_row[t] * G : grad_hidden_gates;
       if (n > 0) {
-        parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, j, j + 1); });
+        parallel_rows(n, G, [&](int64_t j) { gru_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
         prefetch_step(step - 1);
-        if (s.recurrent_mask) {
-          T* product = recurrent_product_.data_ptr<T>();
-          recurrent_back_->multiply_into(s.grad_hidden_gates, n, product);
-          add_masked_rows(s.recurrent_mask, product, carry, n, hidden_, 0, hidden_);
+        const T* own_grad_hidden_gates = s.grad_hidden_gates + slot_begin * G;
+        if (own_mask) {
+          T* product = recurrent_product_.data_ptr<T>() + slot_begin * H;
+          recurrent_back_->multiply_into(own_grad_hidden_gates, n, product);
+          add_masked_rows(own_mask, product, own_carry, n, H, 0, H);
         } else {
-          recurrent_back_->multiply_into(s.grad_hidden_gates, n, carry, /*accumulate=*/true);
+          recurrent_back_->multiply_into(own_grad_hidden_gates, n, own_carry, /*accumulate=*/true);
         }
       }
       // Rows past their length pass their state gradient through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
       if (s.state_clip > 0) {
-        for (int64_t j = n; j < batch_; ++j)
-          for (int64_t k = 0; k < hidden_; ++k) carry[j * hidden_ + k] = clip_value(carry[j * hidden_ + k], s.state_clip);
+        for (int64_t j = std::max(sequence_.active[t], slot_begin); j < slot_end; ++j)
+          for (int64_t k = 0; k < H; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
       }
     }
   }

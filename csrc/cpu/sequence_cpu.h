@@ -194,9 +194,8 @@ struct StepLoop {
 
 // The loop for a sequence of `batch` slots with recurrent weight weight_hh [gates * hidden,
 // depth] and per-step weights of step_weight_floats floats in all (W_hh, plus W_hr).
-// row_split: whether the op has the row-split loop.
 inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden,
-                          int64_t step_weight_floats, bool row_split = true) {
+                          int64_t step_weight_floats) {
   StepLoop loop;
   const CpuEngine engine = cpu_engine();
   if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
@@ -206,7 +205,7 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
   const int64_t row_workers = std::min<int64_t>(at::get_num_threads(), batch);
   const bool rows_suit = float32_own_kernel && batch / std::max<int64_t>(row_workers, 1) >= kRowSplitMinSlots &&
                          step_weight_floats * int64_t(sizeof(float)) <= kRowSplitMaxWeightBytes;
-  if (row_split && row_workers >= 2 && (engine == CpuEngine::rows || (engine == CpuEngine::automatic && rows_suit))) {
+  if (row_workers >= 2 && (engine == CpuEngine::rows || (engine == CpuEngine::automatic && rows_suit))) {
     loop.kind = StepLoop::rows;
     loop.workers = row_workers;
     return loop;
