@@ -1,10 +1,13 @@
 """The CPU kernels at 1, 2 and 3 threads (3 oversubscribes a 2-core machine).
 
-At one thread the step-at-a-time loop runs; at two or more the multi-core loop of
-csrc/cpu/persistent_cpu.h (docs/cpu.md, "Multi-core engine"). Both must give the results of
-the float64 reference within the error rule (tests/tolerances.py), the one-thread run being
-the baseline, for every option the ops have: lengths, reverse, proj_size, clips, frozen
-weights. Each multi-thread case also checks that the multi-core loop really ran.
+At one thread the step-at-a-time loop runs; at two or more one of the two multi-core loops
+(docs/cpu.md, "Multi-core engine"): the row split (each thread runs every step for its own
+batch rows) or the unit split of csrc/cpu/persistent_cpu.h (each thread owns a slice of the
+hidden units; one barrier per step). Each multi-core loop, forced with RNNTL_CPU_ENGINE
+(read at every op call), must give the results of the float64 reference within the error
+rule (tests/tolerances.py), the one-thread run being the baseline, for every option the ops
+have: lengths, reverse, proj_size, clips, frozen weights; each case also checks that the
+loop it asked for really ran.
 """
 import os
 import subprocess
@@ -40,9 +43,17 @@ def run_recording_engine(case, tensors, dtype):
     """(results, names of the step loops that ran)"""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         results = run(case, tensors, dtype, backend="cpu")
-    loops = {event.name for event in profile.events() if event.name.endswith("_steps")
-             or event.name.endswith("_steps_persistent")}
+    loops = {event.name for event in profile.events() if event.name.endswith(LOOP_SUFFIXES)}
     return results, loops
+
+
+# The profiler names of each step loop: rnntl_fast::{cell}_{forward,backward}_steps{suffix}.
+LOOP_NAMES = {"stepwise": "_steps", "rows": "_steps_rows", "units": "_steps_persistent"}
+LOOP_SUFFIXES = tuple(LOOP_NAMES.values())
+
+
+def loop_names(cell, engine):
+    return {f"rnntl_fast::{cell}_{direction}{LOOP_NAMES[engine]}" for direction in ("forward", "backward")}
 
 
 # 3 threads (more workers than cores) on the cases with lengths, a projection or clips.
@@ -50,18 +61,34 @@ THREAD_CASES = [(case, 2) for case in CASES] + [(case, 3) for case in CASES if c
                                                   or case.grad_clip]
 
 
+@pytest.mark.parametrize("engine", ["rows", "units"])
 @pytest.mark.parametrize("case,thread_count", THREAD_CASES, ids=lambda v: v.id if isinstance(v, Case) else f"threads{v}")
-def test_threads_match_one_thread_and_reference(case, thread_count):
+def test_threads_match_one_thread_and_reference(case, thread_count, engine, monkeypatch):
     tensors = make_tensors(case, seed=3)
     reference64 = run(case, tensors, torch.float64, backend="reference")
+    monkeypatch.setenv("RNNTL_CPU_ENGINE", engine)
     with threads(1):
         one_thread, loops_one = run_recording_engine(case, tensors, torch.float32)
     with threads(thread_count):
         many_threads, loops_many = run_recording_engine(case, tensors, torch.float32)
-    assert not any(name.endswith("_persistent") for name in loops_one), loops_one
-    assert loops_many == {f"rnntl_fast::{case.cell}_forward_steps_persistent",
-                          f"rnntl_fast::{case.cell}_backward_steps_persistent"}, loops_many
+    assert loops_one == loop_names(case.cell, "stepwise"), loops_one
+    assert loops_many == loop_names(case.cell, engine), loops_many
     assert assert_case_matches(case, many_threads, one_thread, reference64, torch.float32)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("batch,hidden,engine", [(1, 64, "units"), (4, 64, "rows"), (16, 128, "rows"),
+                                                 (8, 512, "units"), (64, 600, "stepwise")],
+                         ids=lambda v: str(v))
+def test_automatic_choice_of_the_step_loop(cell, batch, hidden, engine, monkeypatch):
+    """The automatic choice (docs/cpu.md, "Multi-core engine"): the row split where every
+    thread gets a row and W_hh fits a core's L2 (1 MiB), else the unit split where its W_hh
+    slices suit the own product kernel, else the step-at-a-time loop."""
+    monkeypatch.delenv("RNNTL_CPU_ENGINE", raising=False)
+    case = Case(cell, T=2, B=batch, I=4, H=hidden)
+    with threads(2):
+        _, loops = run_recording_engine(case, make_tensors(case, seed=0), torch.float32)
+    assert loops == loop_names(cell, engine), loops
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -99,16 +126,15 @@ def _engine_probe(environment):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_engine_variable_selects_the_step_loop():
-    stepwise = _engine_probe({"RNNTL_CPU_ENGINE": "stepwise"})
-    assert stepwise.returncode == 0, stepwise.stderr
-    assert "['rnntl_fast::lstm_forward_steps']" in stepwise.stdout
-    automatic = _engine_probe({"RNNTL_CPU_ENGINE": "auto"})
-    assert automatic.returncode == 0, automatic.stderr
-    assert "['rnntl_fast::lstm_forward_steps_persistent']" in automatic.stdout
+@pytest.mark.parametrize("value,loop", [("stepwise", "_steps"), ("rows", "_steps_rows"),
+                                        ("units", "_steps_persistent"), ("auto", "_steps_rows")])
+def test_engine_variable_selects_the_step_loop(value, loop):
+    result = _engine_probe({"RNNTL_CPU_ENGINE": value})
+    assert result.returncode == 0, result.stderr
+    assert f"['rnntl_fast::lstm_forward{loop}']" in result.stdout
 
 
 def test_engine_variable_rejects_unknown_values():
     result = _engine_probe({"RNNTL_CPU_ENGINE": "fastest"})
     assert result.returncode != 0
-    assert "RNNTL_CPU_ENGINE must be auto or stepwise" in result.stderr
+    assert "RNNTL_CPU_ENGINE must be auto, stepwise, rows or units" in result.stderr

@@ -573,7 +573,7 @@ CLIPPED_POISONS = [("input", (1, 0, 2), float("nan")), ("input", (1, 1, 0), floa
                          ids=[f"{leaf}{list(index)}={value}" for leaf, index, value in CLIPPED_POISONS])
 @pytest.mark.parametrize("case", CLIPPED_NON_FINITE_CASES, ids=lambda c: c.id)
 def test_non_finite_values_through_clips_as_in_the_reference(case, leaf, index, value):
-    """With every clip on (H=40 runs the multi-core loop at 2+ threads): NaN and +-inf reach
+    """With every clip on (H=40 runs a multi-core loop at 2+ threads): NaN and +-inf reach
     outputs and gradients exactly where they reach the float64 reference's, a clamp keeps a
     NaN value, and a clamp's backward gives 0 where the clamp was active even for a NaN or
     infinite incoming gradient (torch.clamp's select, not a product with a 0/1 mask)."""

@@ -2,7 +2,8 @@
 docs/semantics.md section 10) in the CPU LSTM and GRU kernels, against the float64 reference.
 
 float64: the step-at-a-time loop, to 1e-10. float32: at 1 thread (the step-at-a-time loop)
-and at 2 threads (the multi-core loop, which each case checks really ran), within the error
+and at 2 threads on each multi-core loop (the row split and the unit split, each forced with
+RNNTL_CPU_ENGINE and checked to have really run), within the error
 rule of tests/tolerances.py with the float32 reference as the baseline. Every case draws
 its mask as the modules do (Bernoulli(1 - p) / (1 - p), p = 0.3) and its zoneout keep
 weights as training does (0/1 draws of Bernoulli(z)) or as evaluation does (every entry z),
@@ -39,7 +40,7 @@ def _case_id(c):
     return "-".join(parts)
 
 
-# H >= 33 so that two threads run the multi-core loop (at least two 16-unit slices).
+# H >= 33 so that two threads can run the unit split (at least two 16-unit slices).
 CASES = [
     _case("lstm", T=7, B=3, I=5, H=40),
     _case("lstm", T=9, B=4, I=6, H=48, lengths=(9, 5, 2, 7), reverse=True),
@@ -126,16 +127,22 @@ def test_float64_matches_the_reference(case):
         torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("thread_count", [1, 2], ids=["1thread-stepwise", "2threads-multicore"])
+# (threads, RNNTL_CPU_ENGINE, the profiler suffix of the loop that must run)
+LOOPS = {"1thread-stepwise": (1, "auto", "_steps"), "2threads-rows": (2, "rows", "_steps_rows"),
+         "2threads-units": (2, "units", "_steps_persistent")}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_float32_within_the_error_rule(case, thread_count):
+def test_float32_within_the_error_rule(case, loop, monkeypatch):
+    thread_count, engine, want = LOOPS[loop]
+    monkeypatch.setenv("RNNTL_CPU_ENGINE", engine)
     leaves, extras = _tensors(case)
     reference64, reference64_grads = _run(case, leaves, extras, F64, "reference")
     baseline, baseline_grads = _run(case, leaves, extras, torch.float32, "reference")
     with threads(thread_count), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         actual, actual_grads = _run(case, leaves, extras, torch.float32, "cpu")
-    loops = {e.name for e in profile.events() if e.name.endswith(("_steps", "_steps_persistent"))}
-    want = "_steps_persistent" if thread_count > 1 else "_steps"
+    loops = {e.name for e in profile.events() if e.name.endswith(("_steps", "_steps_rows", "_steps_persistent"))}
     assert loops and all(name.endswith(want) for name in loops), f"loops that ran: {sorted(loops)}"
     for name, a, b, r in zip(("output", "h_n", "c_n"), actual, baseline, reference64):
         assert_within_error_rule(name, a, b, r, torch.float32)
