@@ -6,6 +6,8 @@
 // blocks of steps (ProjectionBlocks), per step a recurrent GEMM over the running rows and a
 // fused pointwise pass; backward per step, then the whole-sequence products dL/dx and
 // dL/d[W_ih | W_hh] (one product: both weights' gradients share dL/da) for what is wanted.
+// Two step loops run it (sequence_cpu.h's step_loop): run_steps, a step at a time, and
+// run_steps_rows, in which each thread runs every step for its own batch rows.
 // Shapes: input [T, B, I]; weight_ih [H, I]; weight_hh [H, H]; biases [H]; h0 [B, H];
 // recurrent_mask [B, H]; zoneout [T, B, H]. "Slot-major" buffers hold row order[j] in slot j;
 // the whole-sequence buffers (saved activations, dL/da, the weight-gradient operand) hold
@@ -27,7 +29,8 @@ struct RnnForwardStep {
   const int64_t* order;
   const T* input_gates;       // [rows, H] W_ih x + b_ih of compact rows input_first_row...
   int64_t input_first_row;
-  const T* recurrent;         // [n, H]    W_hh (m * h_{t-1}) of step t's slots (no bias)
+  const T* recurrent;         // [n, H]    W_hh (m * h_{t-1}) of slots recurrent_first_slot, ... (no bias)
+  int64_t recurrent_first_slot;
   const T* bias_hh;           // [H]       b_hh, or zeros
   T* hidden_state;            // [B, H]    slot-major h_{t-1} in, h_t out
   const T* recurrent_mask;    // [B, H]    slot-major m, or nullptr
@@ -44,7 +47,7 @@ RNNTL_ROW_INLINE void rnn_forward_row(const RnnForwardStep<T>& s, int64_t j) {
   const int64_t row = s.t * s.batch + b;      // padded row (output, zoneout)
   const int64_t compact = s.first_row + j;    // compact row (the whole-sequence buffers)
   const T* __restrict__ x = s.input_gates + (compact - s.input_first_row) * H;
-  const T* __restrict__ r = s.recurrent + j * H;
+  const T* __restrict__ r = s.recurrent + (j - s.recurrent_first_slot) * H;
   const T* __restrict__ bias = s.bias_hh;
   T* __restrict__ h = s.hidden_state + j * H;
   T* __restrict__ out = s.output + row * H;
@@ -187,9 +190,13 @@ class RnnForward {
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, contiguous_or_none(bias_ih)),
         recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
-    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), hidden_}, options);
+    // One block of steps' input gates, reused (every row's for the row split).
+    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
+                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
+    input_gates_block_ = at::empty({block_capacity, hidden_}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({hidden_}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     // The first product's operand m * h0; each step then writes the next one.
@@ -203,6 +210,22 @@ class RnnForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::rnn_forward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_, /*projected=*/false);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): the input projection of every row first,
+  // then each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::rnn_forward_steps_rows", std::vector<c10::IValue>());
+    input_projection_.into(0, sequence_.valid_rows, input_gates_block_.data_ptr<T>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+  }
+
+  // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
     RnnForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -216,30 +239,31 @@ class RnnForward {
     s.zoneout = data_or_null<T>(zoneout_);
     s.output = output_.data_ptr<T>();
     s.activations = activations_.numel() ? activations_.data_ptr<T>() : nullptr;
-    // The product reads m * h_{t-1} with a mask, else h_{t-1}.
-    const T* operand = s.masked_state ? s.masked_state : s.hidden_state;
+    s.recurrent_first_slot = slot_begin;
+    // The product reads m * h_{t-1} with a mask, else h_{t-1} (the own slots' rows).
+    const T* operand = (s.masked_state ? s.masked_state : s.hidden_state) + slot_begin * hidden_;
+    T* const scratch = recurrent_scratch_.data_ptr<T>() + slot_begin * hidden_;
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder;
     for (int64_t step = 0; step < steps_; ++step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       s.first_row = sequence_.first_row[t];
-      if (blocks.starts_at(step)) {
+      if (!projected && blocks.starts_at(step)) {
         input_projection_.into(blocks.first(), blocks.rows(), input_gates_block_.data_ptr<T>());
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>(), product_holder);  // [n, H]
-        parallel_rows(n, hidden_, [&](int64_t j) { rnn_forward_rows_entry(s, j, j + 1, relu_); });
+        s.recurrent = recurrent_.multiply(operand, n, scratch, product_holder);  // [n, H]
+        parallel_rows(n, hidden_, [&](int64_t j) { rnn_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, relu_); });
       }
-      sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
+      sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_, slot_begin, slot_end);
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::rnn_forward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   // (output [T,B,H], h_n [B,H], activations [T,B,H] or [0]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> results() const {
@@ -253,6 +277,7 @@ class RnnForward {
   RowProjection input_projection_;  // [N, H] = x_compact W_ih^T + b_ih, in blocks
   StepWeight recurrent_;
   int64_t block_rows_;
+  StepLoop loop_;
   at::Tensor recurrent_mask_;      // [B, H] slot-major, or undefined
   c10::optional<at::Tensor> zoneout_;
   at::Tensor input_gates_block_;  // [block capacity, H] one block's input gates, reused
@@ -278,7 +303,7 @@ class RnnBackward {
         reverse_(reverse), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/da @ W_hh
-        weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)), weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_(contiguous_or_none(zoneout)) {
     const int64_t N = sequence_.valid_rows, H = hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, H}, options_);
@@ -298,6 +323,20 @@ class RnnBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::rnn_backward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::rnn_backward_steps_rows", std::vector<c10::IValue>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+  }
+
+  // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end) {
     const int64_t H = hidden_;
     RnnBackwardStep<T> s;
     s.batch = batch_;
@@ -317,42 +356,44 @@ class RnnBackward {
     s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
     T* const carry = s.grad_hidden_carry;
+    T* const own_carry = carry + slot_begin * H;
+    const T* const own_mask = s.recurrent_mask ? s.recurrent_mask + slot_begin * H : nullptr;
     T* const grad_preactivation = grad_preactivation_all_.data_ptr<T>();
-    T* const scratch = recurrent_scratch_.defined() ? recurrent_scratch_.data_ptr<T>() : nullptr;
+    T* const scratch = recurrent_scratch_.defined() ? recurrent_scratch_.data_ptr<T>() + slot_begin * H : nullptr;
     const bool keep = keep_preactivation_gradients(), zoneout = s.zoneout != nullptr;
 
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       s.grad_preactivation = keep ? grad_preactivation + sequence_.first_row[t] * H : grad_preactivation;
       if (n > 0) {
-        parallel_rows(n, H, [&](int64_t j) { rnn_backward_rows_entry(s, j, j + 1, relu_); });
-        if (s.recurrent_mask) {
+        parallel_rows(n, H, [&](int64_t j) { rnn_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1, relu_); });
+        const T* own_grad = s.grad_preactivation + slot_begin * H;
+        if (own_mask) {
           // dL/dh_{t-1} (+)= m * (dL/da @ W_hh): the mask is per row, so not inside the product.
-          recurrent_back_.multiply_into(s.grad_preactivation, n, scratch);
+          recurrent_back_.multiply_into(own_grad, n, scratch);
           if (zoneout) {
-            add_masked_rows(s.recurrent_mask, scratch, carry, n, H, 0, H);
+            add_masked_rows(own_mask, scratch, own_carry, n, H, 0, H);
           } else {
-            masked_rows(s.recurrent_mask, scratch, carry, n, H, 0, H);
+            masked_rows(own_mask, scratch, own_carry, n, H, 0, H);
           }
         } else {
           // Without zoneout the step's rows of dL/dh_{t-1} are the product alone.
-          recurrent_back_.multiply_into(s.grad_preactivation, n, carry, /*accumulate=*/zoneout);
+          recurrent_back_.multiply_into(own_grad, n, own_carry, /*accumulate=*/zoneout);
         }
       }
       // Rows past their length pass their state gradient through unchanged (clamped in
       // state mode, as the reference's hooks on the carried-over state do).
       if (s.state_clip > 0) {
-        for (int64_t j = n; j < batch_; ++j)
+        for (int64_t j = std::max(sequence_.active[t], slot_begin); j < slot_end; ++j)
           for (int64_t k = 0; k < H; ++k) carry[j * H + k] = clip_value(carry[j * H + k], s.state_clip);
       }
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::rnn_backward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   // (grad_input [T,B,I], grad_weight_ih [H,I], grad_weight_hh [H,H], grad_bias_ih [H],
   // grad_bias_hh [H], grad_h0 [B,H]); an entry whose output_mask is false is an empty tensor.
@@ -382,6 +423,7 @@ class RnnBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
+  StepLoop loop_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;          // [B, H] slot-major, or undefined
   c10::optional<at::Tensor> zoneout_;

@@ -194,8 +194,9 @@ struct StepLoop {
 
 // The loop for a sequence of `batch` slots with recurrent weight weight_hh [gates * hidden,
 // depth] and per-step weights of step_weight_floats floats in all (W_hh, plus W_hr).
+// unit_split: whether the op has the unit split (the Elman RNN has only the other two).
 inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden,
-                          int64_t step_weight_floats) {
+                          int64_t step_weight_floats, bool unit_split = true) {
   StepLoop loop;
   const CpuEngine engine = cpu_engine();
   if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
@@ -210,7 +211,7 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
     loop.workers = row_workers;
     return loop;
   }
-  if (engine == CpuEngine::rows || !float32_own_kernel || !persistent_workers_available()) return loop;
+  if (!unit_split || engine == CpuEngine::rows || !float32_own_kernel || !persistent_workers_available()) return loop;
   // units: at least two slices of hidden units, each a W_hh slice that suits the own kernel.
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
   if (workers < 2) return loop;
@@ -251,21 +252,21 @@ void run_row_split(const SequenceOrder& sequence, int64_t workers, const F& work
 }
 
 // Runs a sequence op class's steps on the chosen loop: op.run_steps_persistent(workers)
-// (float32), or op.run_steps_rows<T>(workers) / the step-at-a-time op.run_steps<T>() for
-// the input's dtype.
+// (float32, where the op has it), or op.run_steps_rows<T>(workers) / the step-at-a-time
+// op.run_steps<T>() for the input's dtype.
 template <typename Op, typename = void>
-struct HasRowSplit : std::false_type {};
+struct HasUnitSplit : std::false_type {};
 template <typename Op>
-struct HasRowSplit<Op, std::void_t<decltype(&Op::template run_steps_rows<float>)>> : std::true_type {};
+struct HasUnitSplit<Op, std::void_t<decltype(&Op::run_steps_persistent)>> : std::true_type {};
 
 template <typename Op>
 void run_chosen_loop(Op& op, const StepLoop& loop, at::ScalarType dtype) {
-  if (loop.kind == StepLoop::units) return op.run_steps_persistent(loop.workers);
-  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::rows || HasRowSplit<Op>::value, "row split chosen for an op without it");
+  if constexpr (HasUnitSplit<Op>::value) {
+    if (loop.kind == StepLoop::units) return op.run_steps_persistent(loop.workers);
+  }
+  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::units || HasUnitSplit<Op>::value, "unit split chosen for an op without it");
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] {
-    if constexpr (HasRowSplit<Op>::value) {
-      if (loop.kind == StepLoop::rows) return op.template run_steps_rows<scalar_t>(loop.workers);
-    }
+    if (loop.kind == StepLoop::rows) return op.template run_steps_rows<scalar_t>(loop.workers);
     op.template run_steps<scalar_t>();
   });
 }
