@@ -179,11 +179,9 @@ inline CpuEngine cpu_engine() {
   return CpuEngine::units;
 }
 
-// The automatic choice's thresholds (measured: docs/cpu.md, "Multi-core engine"). The row
-// split needs enough slots per worker for the product kernel's row blocks, and the
-// per-step weights (W_hh, and W_hr with a projection) small enough to stay in each core's
-// L2 beside the step's rows.
-constexpr int64_t kRowSplitMinSlots = 1;
+// The automatic choice's threshold (measured: docs/cpu.md, "Multi-core engine"): the row
+// split reads all of the per-step weights (W_hh, and W_hr with a projection) on every core,
+// so they must stay in each core's L2 beside the step's rows.
 constexpr int64_t kRowSplitMaxWeightBytes = int64_t(1) << 20;
 
 // The loop a sequence runs on, and its worker count (0 for the step-at-a-time loop).
@@ -200,11 +198,12 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
   StepLoop loop;
   const CpuEngine engine = cpu_engine();
   if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
-  const int64_t batch = input.size(1);
+  const int64_t batch = input.size(1), threads = at::get_num_threads();
   const bool float32_own_kernel = input.scalar_type() == at::kFloat && own_kernel_enabled();
-  // rows: at least one slot per worker; no barrier, so any thread backend serves.
-  const int64_t row_workers = std::min<int64_t>(at::get_num_threads(), batch);
-  const bool rows_suit = float32_own_kernel && batch / std::max<int64_t>(row_workers, 1) >= kRowSplitMinSlots &&
+  // rows: a worker per thread, each with at least one slot (fewer slots than threads would
+  // leave threads idle: the unit split uses them all); no barrier, so any thread backend serves.
+  const int64_t row_workers = std::min(threads, batch);
+  const bool rows_suit = float32_own_kernel && batch >= threads &&
                          step_weight_floats * int64_t(sizeof(float)) <= kRowSplitMaxWeightBytes;
   if (row_workers >= 2 && (engine == CpuEngine::rows || (engine == CpuEngine::automatic && rows_suit))) {
     loop.kind = StepLoop::rows;
