@@ -130,12 +130,12 @@ void write_hidden_operand(const T* mask, const T* h_prev, T* operand, int64_t wi
   }
 }
 
-// Rows past their length pass their state gradient through unchanged, clamped in state
-// mode as the reference's hooks on the carried-over states do.
+// Rows past their length (slots [first, end)) pass their state gradient through unchanged,
+// clamped in state mode as the reference's hooks on the carried-over states do.
 template <typename T>
-void clip_rows_past_length(T* carry, int64_t first, int64_t batch, int64_t width, T state_clip) {
+void clip_rows_past_length(T* carry, int64_t first, int64_t end, int64_t width, T state_clip) {
   if (state_clip <= T(0)) return;
-  for (int64_t j = first; j < batch; ++j)
+  for (int64_t j = first; j < end; ++j)
     for (int64_t k = 0; k < width; ++k) carry[j * width + k] = clip_value(carry[j * width + k], state_clip);
 }
 
@@ -152,7 +152,8 @@ struct LnLstmForwardStep {
   const int64_t* order;
   const T* input_product;      // [rows, 4H] W_ih x of compact rows input_first_row...
   int64_t input_first_row;
-  const T* recurrent_product;  // [n, 4H]    W_hh (m * h_{t-1}) of step t's slots
+  const T* recurrent_product;  // [n, 4H]    W_hh (m * h_{t-1}) of slots recurrent_first_slot, ...
+  int64_t recurrent_first_slot;
   const T *gain_ih, *gain_hh;  // [4H]
   const T* bias;               // [4H]       b_ih + b_hh
   const T *cell_gain, *cell_bias;  // [H]
@@ -201,7 +202,7 @@ RNNTL_ROW_INLINE void ln_lstm_forward_row(const LnLstmForwardStep<T>& s, int64_t
   const int64_t row = s.t * s.batch + s.order[j], compact = s.first_row + j;
   const int64_t r = s.saving ? compact : j;
   const T* __restrict__ xp = s.input_product + (compact - s.input_first_row) * G;
-  const T* __restrict__ hp = s.recurrent_product + j * G;
+  const T* __restrict__ hp = s.recurrent_product + (j - s.recurrent_first_slot) * G;
   T* __restrict__ xn = s.normalized + r * 2 * G;
   T* __restrict__ hn = xn + G;
   T* __restrict__ stats = s.inverse_std + r * 3;
@@ -273,7 +274,8 @@ struct LnLstmBackwardStep {
   T* grad_cell_carry;           // [B, H] slot-major dL/dc_t in, dL/dc_{t-1} out
   T* grad_fresh_hidden;         // dL/dh~ (after proj_clip's backward) of slot j at + row * P (projection)
   bool fresh_hidden_all;        // grad_fresh_hidden holds compact rows (for dW_hr), else slots
-  const T* grad_unprojected;    // [n, H] dL/dm of step t's slots (projection)
+  const T* grad_unprojected;    // [n, H] dL/dm of slots unprojected_first_slot, ... (projection)
+  int64_t unprojected_first_slot;
   T* unprojected_all;           // [N, H] compact m, for dW_hr, or nullptr
   T* cell_scratch;              // [B, 3H] slot-major: tanh(y) | work row | dL/dm (no projection)
   T* grad_preactivation;        // [N, 4H] compact dL/da
@@ -331,7 +333,8 @@ RNNTL_ROW_INLINE void ln_lstm_backward_row(const LnLstmBackwardStep<T>& s, int64
   T* __restrict__ work = tanh_cell + H;
   T* __restrict__ grad_m = tanh_cell + 2 * H;
   if constexpr (kProject) {
-    std::copy(s.grad_unprojected + j * H, s.grad_unprojected + (j + 1) * H, grad_m);
+    const T* grad_unprojected = s.grad_unprojected + (j - s.unprojected_first_slot) * H;
+    std::copy(grad_unprojected, grad_unprojected + H, grad_m);
   } else {
     ln_lstm_fresh_hidden_gradient<T, kZoneoutH>(s, j, grad_m);  // P == H
   }
@@ -421,12 +424,17 @@ class LnLstmForward {
         input_projection_(sequence_.compact_from_padded(input), weight_ih, c10::nullopt),
         recurrent_(weight_hh, batch_),
         block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
+                        /*unit_split=*/false)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_h_(contiguous_or_none(zoneout_h)),
         zoneout_c_(contiguous_or_none(zoneout_c)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
     if (project_) projection_.emplace(*weight_hr, B);
-    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    // One block of steps' input products, reused (every row's for the row split).
+    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
+                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
+    input_block_ = at::empty({block_capacity, G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ = summed_bias(bias_ih, bias_hh, G, options);
@@ -456,6 +464,22 @@ class LnLstmForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_, /*projected=*/false);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): a row's norms need only that row, so each
+  // worker runs every step for its own slots after the input products of every row.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps_rows", std::vector<c10::IValue>());
+    input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<T>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+  }
+
+  // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
     LnLstmForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -484,36 +508,38 @@ class LnLstmForward {
     s.hidden_pre_clip = data_or_null<T>(hidden_pre_clip_);
     s.cell_clip = static_cast<T>(cell_clip_);
     s.proj_clip = static_cast<T>(proj_clip_);
-    const T* operand = s.masked_state ? s.masked_state : s.hidden_state;  // the recurrent product reads it
-    const int64_t G = 4 * hidden_;
+    s.recurrent_first_slot = slot_begin;
+    const int64_t H = hidden_, P = out_size_, G = 4 * hidden_;
+    // The recurrent product reads the own slots of m * h (or h).
+    const T* operand = (s.masked_state ? s.masked_state : s.hidden_state) + slot_begin * P;
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder, projection_holder;
     for (int64_t step = 0; step < steps_; ++step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       s.first_row = sequence_.first_row[t];
-      if (blocks.starts_at(step)) {
+      if (!projected && blocks.starts_at(step)) {
         input_projection_.into(blocks.first(), blocks.rows(), input_block_.data_ptr<T>());
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>(), product_holder);
-        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_forward_rows_entry(s, j, j + 1, project_); });
+        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+                                                  product_holder);
+        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
         if (project_) {
-          const T* projected = projection_->multiply(s.hidden_unprojected, n, projected_scratch_.data_ptr<T>(),
+          const T* projected = projection_->multiply(s.hidden_unprojected + slot_begin * H, n,
+                                                     projected_scratch_.data_ptr<T>() + slot_begin * P,
                                                      projection_holder);  // [n, P]
-          parallel_rows(n, out_size_,
-                        [&](int64_t j) { ln_lstm_hidden_epilogue(s, j, projected + j * out_size_); });
+          parallel_rows(n, P, [&](int64_t j) { ln_lstm_hidden_epilogue(s, slot_begin + j, projected + j * P); });
         }
       }
-      sequence_.zero_past_length(s.output, out_size_, t, 0, out_size_);
+      sequence_.zero_past_length(s.output, P, t, 0, P, slot_begin, slot_end);
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::layer_norm_lstm_forward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   results() const {
@@ -532,6 +558,7 @@ class LnLstmForward {
   StepWeight recurrent_;
   c10::optional<StepWeight> projection_;
   int64_t block_rows_;
+  StepLoop loop_;
   at::Tensor recurrent_mask_;  // [B, P] slot-major, or undefined
   c10::optional<at::Tensor> zoneout_h_, zoneout_c_;
   at::Tensor input_block_;     // [block capacity, 4H]
@@ -563,6 +590,8 @@ class LnLstmBackward {
         proj_clip_(proj_clip), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/d(W_hh (m * h)) @ W_hh
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
+                        /*unit_split=*/false)),
         weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_h_(contiguous_or_none(zoneout_h)), zoneout_c_(contiguous_or_none(zoneout_c)) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows, G = 4 * H;
@@ -601,9 +630,22 @@ class LnLstmBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps", std::vector<c10::IValue>());
-    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
+    run_slots<T>(0, batch_);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps_rows", std::vector<c10::IValue>());
+    run_row_split(sequence_, workers, [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+  }
+
+  // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end) {
+    const int64_t H = hidden_, P = out_size_, G = 4 * H;
     LnLstmBackwardStep<T> s;
-    s.batch = B;
+    s.batch = batch_;
     s.hidden = H;
     s.out_size = P;
     s.reverse = reverse_;
@@ -641,40 +683,43 @@ class LnLstmBackward {
     s.proj_clip = static_cast<T>(proj_clip_);
     s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
-    T* const carry_h = s.grad_hidden_carry;
-    T* const scratch = product_scratch_.data_ptr<T>();
+    s.unprojected_first_slot = slot_begin;
+    T* const own_carry_h = s.grad_hidden_carry + slot_begin * P;
+    const T* const own_mask = s.recurrent_mask ? s.recurrent_mask + slot_begin * P : nullptr;
+    T* const scratch = product_scratch_.data_ptr<T>() + slot_begin * P;
     const bool zoneout_h = s.zoneout_h != nullptr;
     at::Tensor projection_holder;
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       if (n > 0) {
         if (project_) {
-          parallel_rows(n, P, [&](int64_t j) { ln_lstm_projection_rows_entry(s, j, j + 1); });
-          const T* fresh = s.grad_fresh_hidden + (s.fresh_hidden_all ? sequence_.first_row[t] * P : 0);
-          s.grad_unprojected =
-              projection_back_->multiply(fresh, n, grad_unprojected_.data_ptr<T>(), projection_holder);  // [n, H]
+          parallel_rows(n, P, [&](int64_t j) { ln_lstm_projection_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
+          const T* fresh = s.grad_fresh_hidden + ((s.fresh_hidden_all ? sequence_.first_row[t] : 0) + slot_begin) * P;
+          s.grad_unprojected = projection_back_->multiply(fresh, n, grad_unprojected_.data_ptr<T>() + slot_begin * H,
+                                                          projection_holder);  // [n, H]
         }
-        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_backward_rows_entry(s, j, j + 1, project_); });
-        const T* grad_recurrent = s.grad_recurrent_product + (s.recurrent_product_all ? sequence_.first_row[t] * G : 0);
-        if (s.recurrent_mask) {
+        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
+        const T* grad_recurrent =
+            s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
+        if (own_mask) {
           // dL/dh_{t-1} += m * (dL/d(W_hh (m * h)) @ W_hh): the mask is per row, so not in the product.
           recurrent_back_.multiply_into(grad_recurrent, n, scratch);
-          add_masked_rows(s.recurrent_mask, scratch, carry_h, n, P, 0, P);
+          add_masked_rows(own_mask, scratch, own_carry_h, n, P, 0, P);
         } else {
           // The carry holds zoneout's direct path, or nothing without zoneout.
-          recurrent_back_.multiply_into(grad_recurrent, n, carry_h, /*accumulate=*/zoneout_h);
+          recurrent_back_.multiply_into(grad_recurrent, n, own_carry_h, /*accumulate=*/zoneout_h);
         }
       }
-      clip_rows_past_length(carry_h, n, B, P, s.state_clip);
-      clip_rows_past_length(s.grad_cell_carry, n, B, H, s.state_clip);
+      const int64_t past = std::max(sequence_.active[t], slot_begin);
+      clip_rows_past_length(s.grad_hidden_carry, past, slot_end, P, s.state_clip);
+      clip_rows_past_length(s.grad_cell_carry, past, slot_end, H, s.state_clip);
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::layer_norm_lstm_backward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
              at::Tensor, at::Tensor, at::Tensor>
@@ -707,6 +752,7 @@ class LnLstmBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
+  StepLoop loop_;
   c10::optional<StepWeight> projection_back_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;  // [B, P] slot-major, or undefined
