@@ -786,7 +786,8 @@ struct LnGruForwardStep {
   const int64_t* order;
   const T* input_product;      // [rows, 3H] W_ih x of compact rows input_first_row...
   int64_t input_first_row;
-  const T* recurrent_product;  // [n, 3H] W_hh (m * h_{t-1}) of step t's slots
+  const T* recurrent_product;  // [n, 3H] W_hh (m * h_{t-1}) of slots recurrent_first_slot, ...
+  int64_t recurrent_first_slot;
   const T *gain_ih, *gain_hh, *bias_ih, *bias_hh;  // [3H]
   T* hidden_state;             // [B, H] slot-major h_{t-1} in, h_t out
   const T* recurrent_mask;     // [B, H] slot-major, or nullptr
@@ -805,7 +806,7 @@ RNNTL_ROW_INLINE void ln_gru_forward_row(const LnGruForwardStep<T>& s, int64_t j
   const int64_t row = s.t * s.batch + s.order[j], compact = s.first_row + j;
   const int64_t r = s.saving ? compact : j;
   const T* __restrict__ xp = s.input_product + (compact - s.input_first_row) * G;
-  const T* __restrict__ hp = s.recurrent_product + j * G;
+  const T* __restrict__ hp = s.recurrent_product + (j - s.recurrent_first_slot) * G;
   T* __restrict__ xn = s.normalized + r * 2 * G;
   T* __restrict__ hn = xn + G;
   T* __restrict__ stats = s.inverse_std + r * 2;
@@ -938,10 +939,14 @@ class LnGruForward {
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, c10::nullopt),
         recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
-    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_), G}, options);
+    // One block of steps' input products, reused (every row's for the row split).
+    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
+                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
+    input_block_ = at::empty({block_capacity, G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ih_ = given_or_filled(bias_ih, G, 0.0, options);
@@ -964,6 +969,21 @@ class LnGruForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps", std::vector<c10::IValue>());
+    run_slots<T>(0, batch_, /*projected=*/false);
+  }
+
+  // The row split (sequence_cpu.h, step_loop), as LnLstmForward::run_steps_rows.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps_rows", std::vector<c10::IValue>());
+    input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<T>());
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+  }
+
+  // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
     LnGruForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -983,29 +1003,31 @@ class LnGruForward {
     s.gates = gates_.data_ptr<T>();
     s.normalized = normalized_.data_ptr<T>();
     s.inverse_std = inverse_std_.data_ptr<T>();
-    const T* operand = s.masked_state ? s.masked_state : s.hidden_state;
+    s.recurrent_first_slot = slot_begin;
+    const int64_t H = hidden_, G = 3 * hidden_;
+    const T* operand = (s.masked_state ? s.masked_state : s.hidden_state) + slot_begin * H;
     ProjectionBlocks blocks(sequence_, reverse_, block_rows_);
     at::Tensor product_holder;
     for (int64_t step = 0; step < steps_; ++step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       s.first_row = sequence_.first_row[t];
-      if (blocks.starts_at(step)) {
+      if (!projected && blocks.starts_at(step)) {
         input_projection_.into(blocks.first(), blocks.rows(), input_block_.data_ptr<T>());
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>(), product_holder);
-        parallel_rows(n, 6 * hidden_, [&](int64_t j) { ln_gru_forward_rows_entry(s, j, j + 1); });
+        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+                                                  product_holder);
+        parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
       }
-      sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_);
+      sequence_.zero_past_length(s.output, H, t, 0, H, slot_begin, slot_end);
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::layer_norm_gru_forward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results() const {
     const auto reserve = [&](const at::Tensor& t) { return save_ ? t : at::empty({0}, output_.options()); };
@@ -1020,6 +1042,7 @@ class LnGruForward {
   RowProjection input_projection_;  // [N, 3H] W_ih x (no bias), in blocks
   StepWeight recurrent_;
   int64_t block_rows_;
+  StepLoop loop_;
   at::Tensor recurrent_mask_;
   c10::optional<at::Tensor> zoneout_;
   at::Tensor input_block_, gain_ih_, gain_hh_, bias_ih_, bias_hh_;
@@ -1042,7 +1065,8 @@ class LnGruBackward {
                 double state_clip, double gate_clip, std::array<bool, 8> output_mask)
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), reverse_(reverse), state_clip_(state_clip),
         gate_clip_(gate_clip), mask_(output_mask), options_(input.options()), sequence_(lengths64, steps_, batch_),
-        recurrent_back_(weight_hh.t(), batch_), weight_ih_(weight_ih),
+        recurrent_back_(weight_hh.t(), batch_),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const int64_t B = batch_, H = hidden_, N = sequence_.valid_rows, G = 3 * H;
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
@@ -1068,9 +1092,22 @@ class LnGruBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps", std::vector<c10::IValue>());
-    const int64_t B = batch_, H = hidden_, G = 3 * H;
+    run_slots<T>(0, batch_);
+  }
+
+  // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
+  template <typename T>
+  void run_steps_rows(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps_rows", std::vector<c10::IValue>());
+    run_row_split(sequence_, workers, [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+  }
+
+  // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
+  template <typename T>
+  void run_slots(int64_t slot_begin, int64_t slot_end) {
+    const int64_t H = hidden_, G = 3 * H;
     LnGruBackwardStep<T> s;
-    s.batch = B;
+    s.batch = batch_;
     s.hidden = H;
     s.reverse = reverse_;
     s.sequence = &sequence_;
@@ -1095,30 +1132,31 @@ class LnGruBackward {
     s.hidden_prev_all = data_or_null<T>(hidden_prev_all_);
     s.state_clip = static_cast<T>(state_clip_);
     s.gate_clip = static_cast<T>(gate_clip_);
-    T* const carry = s.grad_hidden_carry;
-    T* const scratch = product_scratch_.data_ptr<T>();
+    T* const own_carry = s.grad_hidden_carry + slot_begin * H;
+    const T* const own_mask = s.recurrent_mask ? s.recurrent_mask + slot_begin * H : nullptr;
+    T* const scratch = product_scratch_.data_ptr<T>() + slot_begin * H;
     for (int64_t step = steps_ - 1; step >= 0; --step) {
       const int64_t t = sequence_.time_of(step, reverse_);
-      const int64_t n = sequence_.active[t];
+      const int64_t n = std::min(sequence_.active[t], slot_end) - slot_begin;
       s.t = t;
       if (n > 0) {
-        parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_backward_rows_entry(s, j, j + 1); });
-        const T* grad_recurrent = s.grad_recurrent_product + (s.recurrent_product_all ? sequence_.first_row[t] * G : 0);
+        parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
+        const T* grad_recurrent =
+            s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         // The carry holds the direct path z * dL/dh~ (plus zoneout's); the product's path adds to it.
-        if (s.recurrent_mask) {
+        if (own_mask) {
           recurrent_back_.multiply_into(grad_recurrent, n, scratch);
-          add_masked_rows(s.recurrent_mask, scratch, carry, n, H, 0, H);
+          add_masked_rows(own_mask, scratch, own_carry, n, H, 0, H);
         } else {
-          recurrent_back_.multiply_into(grad_recurrent, n, carry, /*accumulate=*/true);
+          recurrent_back_.multiply_into(grad_recurrent, n, own_carry, /*accumulate=*/true);
         }
       }
-      clip_rows_past_length(carry, n, B, H, s.state_clip);
+      clip_rows_past_length(s.grad_hidden_carry, std::max(sequence_.active[t], slot_begin), slot_end, H, s.state_clip);
     }
   }
 
-  void run(at::ScalarType dtype) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast::layer_norm_gru_backward", [&] { run_steps<scalar_t>(); });
-  }
+  // Runs the steps on the loop step_loop() chose for this sequence.
+  void run(at::ScalarType dtype) { run_chosen_loop(*this, loop_, dtype); }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   gradients() {
@@ -1144,6 +1182,7 @@ class LnGruBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   StepWeight recurrent_back_;
+  StepLoop loop_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;
   c10::optional<at::Tensor> zoneout_;
