@@ -138,3 +138,49 @@ def test_engine_variable_rejects_unknown_values():
     result = _engine_probe({"RNNTL_CPU_ENGINE": "fastest"})
     assert result.returncode != 0
     assert "RNNTL_CPU_ENGINE must be auto, stepwise, rows or units" in result.stderr
+
+
+# Modules whose every option reaches the row split: lengths, reverse (bidirectional),
+# proj_size with clips, layer norm, the regularizers (in training, from one seed).
+ROW_SPLIT_MODULES = {
+    "lstm-proj-clips-bidir": lambda: __import__("rnntl_fast").LSTM(5, 40, proj_size=24, bidirectional=True,
+                                                                   cell_clip=0.8, proj_clip=0.6),
+    "lstm-zoneout-dropout": lambda: __import__("rnntl_fast").LSTM(5, 40, zoneout=0.2, recurrent_dropout=0.3,
+                                                                  grad_clip=0.05, grad_clip_mode="state"),
+    "lstm-layer-norm-proj": lambda: __import__("rnntl_fast").LSTM(5, 40, proj_size=20, layer_norm=True, zoneout=0.1),
+    "gru-bidir-dropout": lambda: __import__("rnntl_fast").GRU(5, 40, bidirectional=True, recurrent_dropout=0.3),
+    "gru-layer-norm-zoneout": lambda: __import__("rnntl_fast").GRU(5, 40, layer_norm=True, zoneout=0.2),
+    "rnn-relu-bidir-zoneout": lambda: __import__("rnntl_fast").RNN(5, 40, nonlinearity="relu", bidirectional=True,
+                                                                   zoneout=0.2),
+}
+
+
+@pytest.mark.parametrize("thread_count", [2, 3])
+@pytest.mark.parametrize("name", ROW_SPLIT_MODULES)
+def test_row_split_equals_the_step_at_a_time_loop_bit_for_bit(name, thread_count, monkeypatch):
+    """A row's products and pointwise math are the same in both loops (the own product kernel
+    sums each result row in one order whatever the row count), so the row split must give the
+    step-at-a-time loop's results exactly, with lengths, in training mode (masks from one seed)."""
+    torch.manual_seed(0)
+    module = ROW_SPLIT_MODULES[name]().train()
+    x = torch.randn(9, 5, 5)
+    lengths = torch.tensor([9, 4, 9, 1, 6])
+
+    def outputs(engine):
+        monkeypatch.setenv("RNNTL_CPU_ENGINE", engine)
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with threads(thread_count), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            output, _ = module(xi, lengths=lengths)
+            (output * torch.linspace(-1, 1, output.shape[-1])).sum().backward()
+        loops = {e.name for e in p.events() if e.name.endswith(LOOP_SUFFIXES)}
+        grads = [xi.grad] + [param.grad for param in module.parameters()]
+        return [output.detach()] + grads, loops
+
+    stepwise, loops_stepwise = outputs("stepwise")
+    rows, loops_rows = outputs("rows")
+    assert loops_stepwise and all(name.endswith("_steps") for name in loops_stepwise), loops_stepwise
+    assert loops_rows and all(name.endswith("_steps_rows") for name in loops_rows), loops_rows
+    for index, (a, b) in enumerate(zip(rows, stepwise)):
+        assert torch.equal(a, b), f"result {index}: max difference {(a - b).abs().max().item():.3e}"
