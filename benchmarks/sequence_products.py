@@ -11,8 +11,9 @@ their GFLOP/s, compared with a same-shape `torch.mm` timed in the same process:
                                                                   GRU: two, I and H)
 
 N = T*B rows, G = 4H (LSTM) or 3H (GRU). The step-at-a-time loop runs (RNNTL_CPU_ENGINE=
-stepwise), since the multi-core loop computes the input projection inside its workers,
-where the profiler cannot time it apart; both use the same product kernel.
+stepwise), which projects the input a block of steps at a time, as the product sizes here
+assume (the row split projects every row in one call; the unit split inside its workers,
+where the profiler cannot time it apart); all use the same product kernel.
 
     python benchmarks/sequence_products.py [--repeats 5] [--cell lstm,gru]
 """
@@ -22,7 +23,7 @@ import statistics
 import sys
 import time
 
-os.environ["RNNTL_CPU_ENGINE"] = "stepwise"  # read once, at the first CPU op
+os.environ["RNNTL_CPU_ENGINE"] = "stepwise"  # read at every CPU op call
 
 import torch  # noqa: E402
 
