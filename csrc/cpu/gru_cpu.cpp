@@ -481,7 +481,8 @@ class GruBackward {
       for (int64_t j = slot_begin; j < slot_begin + n; ++j) {
         const int64_t row = t * batch_ + sequence_.order[j];
         prefetch_block(s.grad_output + row * H, H);
-        if (step > 0) prefetch_block(s.output + (row + (SequenceOrder::previous_step(t, reverse_) - t) * batch_) * H, H);
+        const int64_t previous_row = row + (SequenceOrder::previous_step(t, reverse_) - t) * batch_;
+        if (step > 0) prefetch_block(s.output + previous_row * H, H);
       }
     };
     prefetch_step(steps_ - 1);

@@ -526,7 +526,8 @@ class LnLstmForward {
       if (n > 0) {
         s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                   product_holder);
-        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
+        parallel_rows(n, 2 * G,
+                      [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
         if (project_) {
           const T* projected = projection_->multiply(s.hidden_unprojected + slot_begin * H, n,
                                                      projected_scratch_.data_ptr<T>() + slot_begin * P,
@@ -637,7 +638,8 @@ class LnLstmBackward {
   template <typename T>
   void run_steps_rows(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps_rows", std::vector<c10::IValue>());
-    run_row_split(sequence_, workers, [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
   }
 
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
@@ -700,7 +702,8 @@ class LnLstmBackward {
           s.grad_unprojected = projection_back_->multiply(fresh, n, grad_unprojected_.data_ptr<T>() + slot_begin * H,
                                                           projection_holder);  // [n, H]
         }
-        parallel_rows(n, 2 * G, [&](int64_t j) { ln_lstm_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
+        parallel_rows(n, 2 * G,
+                      [&](int64_t j) { ln_lstm_backward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
         const T* grad_recurrent =
             s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         if (own_mask) {
@@ -1099,7 +1102,8 @@ class LnGruBackward {
   template <typename T>
   void run_steps_rows(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps_rows", std::vector<c10::IValue>());
-    run_row_split(sequence_, workers, [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+    run_row_split(sequence_, workers,
+                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
   }
 
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.

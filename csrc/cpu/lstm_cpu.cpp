@@ -490,7 +490,9 @@ class LstmForward {
           product_input = masked;
         }
         s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch, product_holder);
-        parallel_rows(n, G, [&](int64_t j) { lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_, project_); });
+        parallel_rows(n, G, [&](int64_t j) {
+          lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_, project_);
+        });
         if (project_) {
           const T* r = projection_->multiply(hidden_unprojected_.data_ptr<T>() + slot_begin * H, n,
                                              projected_scratch + slot_begin * P, product_holder);
@@ -743,7 +745,8 @@ class LstmBackward {
       for (int64_t j = slot_begin; j < slot_begin + n; ++j) prefetch_block(go + (t * B + sequence_.order[j]) * P, P);
       if (step > 0) {
         const int64_t previous = SequenceOrder::previous_step(t, reverse_), previous_n = slots_at(previous);
-        prefetch_block(s.cells + (sequence_.first_row[previous] + slot_begin) * H, std::max<int64_t>(previous_n, 0) * H);
+        prefetch_block(s.cells + (sequence_.first_row[previous] + slot_begin) * H,
+                       std::max<int64_t>(previous_n, 0) * H);
       }
     };
     prefetch_step(steps_ - 1);

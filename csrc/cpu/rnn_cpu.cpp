@@ -256,7 +256,8 @@ class RnnForward {
       }
       if (n > 0) {
         s.recurrent = recurrent_.multiply(operand, n, scratch, product_holder);  // [n, H]
-        parallel_rows(n, hidden_, [&](int64_t j) { rnn_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, relu_); });
+        parallel_rows(n, hidden_,
+                      [&](int64_t j) { rnn_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, relu_); });
       }
       sequence_.zero_past_length(s.output, hidden_, t, 0, hidden_, slot_begin, slot_end);
     }
@@ -303,7 +304,8 @@ class RnnBackward {
         reverse_(reverse), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/da @ W_hh
-        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)), weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)), weight_ih_(weight_ih),
+        recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_(contiguous_or_none(zoneout)) {
     const int64_t N = sequence_.valid_rows, H = hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, H}, options_);

@@ -263,7 +263,8 @@ void run_chosen_loop(Op& op, const StepLoop& loop, at::ScalarType dtype) {
   if constexpr (HasUnitSplit<Op>::value) {
     if (loop.kind == StepLoop::units) return op.run_steps_persistent(loop.workers);
   }
-  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::units || HasUnitSplit<Op>::value, "unit split chosen for an op without it");
+  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::units || HasUnitSplit<Op>::value,
+                        "unit split chosen for an op without it");
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] {
     if (loop.kind == StepLoop::rows) return op.template run_steps_rows<scalar_t>(loop.workers);
     op.template run_steps<scalar_t>();
