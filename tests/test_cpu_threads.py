@@ -184,25 +184,3 @@ def test_row_split_equals_the_step_at_a_time_loop_bit_for_bit(name, thread_count
     assert loops_rows and all(name.endswith("_steps_rows") for name in loops_rows), loops_rows
     for index, (a, b) in enumerate(zip(rows, stepwise)):
         assert torch.equal(a, b), f"result {index}: max difference {(a - b).abs().max().item():.3e}"
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_results_do_not_share_the_reused_workspaces(cell):
-    """The backward ops keep their scratch buffers from call to call (csrc/cpu/workspace_cpu.h):
-    every gradient of one call must stay as it was through the next calls, with other sizes,
-    so none of them is a view of a reused buffer."""
-    import rnntl_fast
-    torch.manual_seed(0)
-    module = {"lstm": rnntl_fast.LSTM, "gru": rnntl_fast.GRU, "rnn": rnntl_fast.RNN}[cell](6, 24, num_layers=2)
-
-    def gradients(steps, batch):
-        x = torch.randn(steps, batch, 6, requires_grad=True)
-        output, _ = module(x)
-        return torch.autograd.grad(output.square().sum(), [x, *module.parameters()])
-
-    first = gradients(7, 5)
-    kept = [g.clone() for g in first]
-    for steps, batch in [(7, 5), (9, 3), (4, 8)]:
-        gradients(steps, batch)
-    for index, (now, then) in enumerate(zip(first, kept)):
-        assert torch.equal(now, then), f"gradient {index} changed after later calls"

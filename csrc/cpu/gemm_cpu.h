@@ -22,7 +22,6 @@
 #include <ATen/record_function.h>
 
 #include "small_gemm_cpu.h"
-#include "workspace_cpu.h"
 
 #include <dlfcn.h>
 
@@ -253,10 +252,9 @@ inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
 // taken with at::sum, whose cascade summation is what torch.nn's are taken with.)
 class WeightGradientOperand {
  public:
-  // input: [rows, I] or undefined; hidden_width: P, or 0 when weight_hh needs no gradient;
-  // slot: the workspace (workspace_cpu.h) the operand lives in for the op call.
+  // input: [rows, I] or undefined; hidden_width: P, or 0 when weight_hh needs no gradient.
   WeightGradientOperand(int64_t rows, const at::Tensor& input, int64_t hidden_width,
-                        const at::TensorOptions& options, WorkspaceSlot slot = WorkspaceSlot::weight_operand) {
+                        const at::TensorOptions& options) {
     int64_t width = 0;
     if (input.defined()) {
       input_offset_ = width;
@@ -267,7 +265,7 @@ class WeightGradientOperand {
       width += hidden_width;
     }
     width_ = width;
-    matrix_ = workspace(slot, {rows, width}, options);
+    matrix_ = at::empty({rows, width}, options);
     if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
   }
   int64_t width() const { return width_; }

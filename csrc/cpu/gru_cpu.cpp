@@ -395,15 +395,14 @@ class GruBackward {
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
-    grad_input_gates_all_ = workspace(WorkspaceSlot::gate_gradients, {N, G}, options_);
+    grad_input_gates_all_ = at::empty({N, G}, options_);
     // Each step's slots are contiguous compact rows, so dL/dgh of step t is written in place
     // where the recurrent product reads it; without a hidden-side weight gradient one
     // step's buffer is reused.
-    grad_hidden_gates_all_ =
-        workspace(WorkspaceSlot::hidden_gate_gradients, {keep_hidden_gates() ? N : batch_, G}, options_);
+    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : batch_, G}, options_);
     // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
     input_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), 0, options_);
-    hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_, WorkspaceSlot::hidden_weight_operand);
+    hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_);
     zeros_ = at::zeros({hidden_}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     output_ = output.contiguous();

@@ -638,7 +638,7 @@ class LstmBackward {
     grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
     // Compact [N, ...]: each step's slots are contiguous rows, so dL/da of step t is written
     // in place where the recurrent product reads it.
-    grad_gates_all_ = workspace(WorkspaceSlot::gate_gradients, {N, 4 * H}, options_);
+    grad_gates_all_ = at::empty({N, 4 * H}, options_);
     grad_pre_clip_ = at::empty({B, P}, options_);  // dL/d(hidden before proj_clip), slot-major
     grad_unprojected_ = project_ ? at::empty({B, H}, options_) : at::Tensor();
     if (want_weight_hr()) {

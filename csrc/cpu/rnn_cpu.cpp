@@ -311,8 +311,7 @@ class RnnBackward {
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, H}, options_));
     // dL/da of every step where a whole-sequence product reads it, else one step's rows.
-    grad_preactivation_all_ =
-        workspace(WorkspaceSlot::gate_gradients, {keep_preactivation_gradients() ? N : batch_, H}, options_);
+    grad_preactivation_all_ = at::empty({keep_preactivation_gradients() ? N : batch_, H}, options_);
     if (recurrent_mask_.defined()) recurrent_scratch_ = at::empty({batch_, H}, options_);
     // dL/d[W_ih | W_hh] = (dL/da)^T @ [x | m * h_{t-1}] (m * h_{t-1} written by the steps).
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? H : 0,
