@@ -203,9 +203,7 @@ class GruForward {
     const int64_t G = 3 * hidden_;
     // One block of steps' input gates, reused block after block (every row's for the row
     // split, whose workers run all steps at once).
-    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
-                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
-    input_gates_block_ = at::empty({block_capacity, G}, options);
+    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);

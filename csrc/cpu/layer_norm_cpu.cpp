@@ -432,9 +432,7 @@ class LnLstmForward {
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
     if (project_) projection_.emplace(*weight_hr, B);
     // One block of steps' input products, reused (every row's for the row split).
-    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
-                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
-    input_block_ = at::empty({block_capacity, G}, options);
+    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ = summed_bias(bias_ih, bias_hh, G, options);
@@ -947,9 +945,7 @@ class LnGruForward {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
     // One block of steps' input products, reused (every row's for the row split).
-    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
-                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
-    input_block_ = at::empty({block_capacity, G}, options);
+    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ih_ = given_or_filled(bias_ih, G, 0.0, options);

@@ -376,9 +376,8 @@ class LstmForward {
     // into a buffer of one block reused block after block (of every row for the row split,
     // whose workers run all steps at once).
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
-    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
-                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
-    input_gates_block_ = save ? at::Tensor() : at::empty({block_capacity, G}, options);
+    input_gates_block_ =
+        save ? at::Tensor() : at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     cells_ = save ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
     hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
     carried_cells_ = save && zoneout_c_.defined() ? sequence_.saved_buffer(H, options) : at::empty({0}, options);

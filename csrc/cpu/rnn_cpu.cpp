@@ -194,9 +194,7 @@ class RnnForward {
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     // One block of steps' input gates, reused (every row's for the row split).
-    const int64_t block_capacity = loop_.kind == StepLoop::rows ? sequence_.valid_rows
-                                                                  : ProjectionBlocks::capacity(sequence_, block_rows_);
-    input_gates_block_ = at::empty({block_capacity, hidden_}, options);
+    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), hidden_}, options);
     bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({hidden_}, options);
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
     // The first product's operand m * h0; each step then writes the next one.

@@ -319,8 +319,10 @@ class ProjectionBlocks {
   }
   int64_t first() const { return first_; }
   int64_t rows() const { return rows_; }
-  // The most rows a block holds: a buffer this long takes any block.
-  static int64_t capacity(const SequenceOrder& sequence, int64_t block_rows) {
+  // The most rows a block holds on `loop`: a buffer this long takes any block (every row
+  // for the row split, which projects them all before its workers start).
+  static int64_t capacity(const SequenceOrder& sequence, int64_t block_rows, const StepLoop& loop) {
+    if (loop.kind == StepLoop::rows) return sequence.valid_rows;
     return std::min(std::max(block_rows, sequence.host.batch), sequence.valid_rows);
   }
 
