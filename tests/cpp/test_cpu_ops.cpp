@@ -100,6 +100,10 @@ void test_projection_blocks_cover_every_valid_row_once() {
   const at::Tensor lengths = at::tensor({3, 7, 1, 5}, at::kLong);
   const rnntl::cpu::SequenceOrder sequence(lengths, T, B);
   expect(sequence.valid_rows == 16 && !sequence.compact_is_padded, "valid rows of lengths 3, 7, 1, 5");
+  // The row split projects every row before its workers start: its buffer holds them all.
+  const rnntl::cpu::StepLoop row_split{rnntl::cpu::StepLoop::rows, 2};
+  expect(rnntl::cpu::ProjectionBlocks::capacity(sequence, 4, row_split) == sequence.valid_rows,
+         "the row split's buffer takes every valid row");
   for (bool reverse : {false, true}) {
     for (int64_t block_rows : {1, 4, 6, 9, 100}) {
       rnntl::cpu::ProjectionBlocks blocks(sequence, reverse, block_rows);
@@ -109,7 +113,8 @@ void test_projection_blocks_cover_every_valid_row_once() {
         const int64_t t = sequence.time_of(step, reverse);
         if (blocks.starts_at(step)) {
           expect(block_rows_seen == block_end - block_first, "a block's rows are its steps' rows");
-          expect(blocks.rows() <= rnntl::cpu::ProjectionBlocks::capacity(sequence, block_rows), "a block fits");
+          expect(blocks.rows() <= rnntl::cpu::ProjectionBlocks::capacity(sequence, block_rows, rnntl::cpu::StepLoop{}),
+                 "a block fits");
           block_first = blocks.first();
           block_end = block_first + blocks.rows();
           block_rows_seen = 0;
