@@ -351,6 +351,30 @@ def test_double_backward_raises_instead_of_silently_wrong():
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("module", [
+    pytest.param(lambda: rnntl_fast.LSTM(3, 4, proj_size=2), id="lstm-proj"),
+    pytest.param(lambda: rnntl_fast.GRU(3, 4), id="gru"),
+    pytest.param(lambda: rnntl_fast.RNN(3, 4, nonlinearity="relu"), id="rnn-relu"),
+    pytest.param(lambda: rnntl_fast.LSTM(3, 4, layer_norm=True), id="lstm-layer_norm"),
+    pytest.param(lambda: rnntl_fast.GRU(3, 4, layer_norm=True), id="gru-layer_norm"),
+])
+def test_native_autograd_kernel_skips_fill_defaults(module, monkeypatch):
+    """autograd.register_autograd's kernel (the native ops' schemas have no defaults) never calls
+    torch's per-call fill_defaults, which costs more than the op at small sizes; the
+    gradients are those of the same call without the patch."""
+    module = module()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out = module(x)[0]
+    expected = torch.autograd.grad(out.sum(), [x, *module.parameters()])
+
+    def refuse(*args):
+        raise AssertionError("fill_defaults called")
+    monkeypatch.setattr(torch._library.utils, "fill_defaults", refuse)
+    out = module(x)[0]
+    for got, want in zip(torch.autograd.grad(out.sum(), [x, *module.parameters()]), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_backward_works_in_eval_mode_and_under_no_grad_forward_saves_nothing():
     module = rnntl_fast.LSTM(3, 4).eval()
     x = torch.randn(2, 1, 3, requires_grad=True)

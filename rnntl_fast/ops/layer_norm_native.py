@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .autograd import _save, gru_gradients_like, lstm_gradients_like, needs_grad
+from .autograd import _save, gru_gradients_like, lstm_gradients_like, needs_grad, register_autograd
 from .native import HALF_DTYPES, _widened
 from .options import SequenceOptions
 from .reference import LayerNormWeights
@@ -165,11 +165,11 @@ def register(no_double_backward, no_double_backward_setup) -> None:
                                        "gru": (_gru_forward_fake, _gru_backward_fake)}[cell]
         torch.library.register_fake(f"rnntl_fast::layer_norm_{cell}_forward")(forward_fake)
         torch.library.register_fake(f"rnntl_fast::layer_norm_{cell}_backward")(backward_fake)
-        torch.library.register_autograd(f"rnntl_fast::layer_norm_{cell}_backward", no_double_backward,
+        register_autograd(f"rnntl_fast::layer_norm_{cell}_backward", no_double_backward,
                                         setup_context=no_double_backward_setup)
-    torch.library.register_autograd("rnntl_fast::layer_norm_lstm_forward", _lstm_backward,
+    register_autograd("rnntl_fast::layer_norm_lstm_forward", _lstm_backward,
                                     setup_context=_lstm_setup_context)
-    torch.library.register_autograd("rnntl_fast::layer_norm_gru_forward", _gru_backward,
+    register_autograd("rnntl_fast::layer_norm_gru_forward", _gru_backward,
                                     setup_context=_gru_setup_context)
 
 

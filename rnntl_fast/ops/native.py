@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _ext
 from .autograd import (gru_gradients_like, lstm_gradients_like, needs_grad, register_gru_autograd,
                        register_lstm_autograd)
-from .autograd import register_rnn_autograd, rnn_gradients_like
+from .autograd import register_autograd, register_rnn_autograd, rnn_gradients_like
 from .options import SequenceOptions
 
 REGISTERED = False
@@ -98,7 +98,7 @@ def register() -> None:
     torch.library.register_fake("rnntl_fast::rnn_backward")(_rnn_backward_fake)
     register_rnn_autograd("rnntl_fast::rnn_forward", lambda *args: torch.ops.rnntl_fast.rnn_backward(*args))
     for name in ("rnntl_fast::lstm_backward", "rnntl_fast::gru_backward", "rnntl_fast::rnn_backward"):
-        torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
+        register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     from . import layer_norm_native  # the layer-normalised cells' ops (imports this module)
     layer_norm_native.register(_no_double_backward, _no_double_backward_setup)
     REGISTERED = True
