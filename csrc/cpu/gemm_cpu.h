@@ -220,10 +220,13 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 
 // a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over the K valid rows.
 //
-// The K rows are summed in about sqrt(K) chunks of about sqrt(K) rows, each chunk's product
-// added to the result: a float32 sum then grows like 2*sqrt(K) additions deep instead of K
-// (or the library's K block), which keeps these gradients as accurate as torch.nn's
-// step-by-step accumulation. Each chunk is one addmm_ into the result (BLAS reads the
+// The K rows are summed in chunks of max(256, sqrt(K)) rows, each chunk's product added to
+// the result: a float32 sum then grows at most max(256, sqrt(K)) + K / 256 additions deep
+// instead of K, which keeps these gradients as accurate as torch.nn's (its GRU sums one
+// product per step, its LSTM takes one GEMM; docs/cpu.md gives the errors). Chunks of
+// sqrt(K) rows (56 at K = 3200) were as accurate but ran BLAS at 10-25% below one call's
+// rate at K = 3200 and far below at small K, from the call count and the short inner
+// dimension. Each chunk is one addmm_ into the result (BLAS reads the
 // transposed operand in place and adds with beta = 1, no transposed copies). A result
 // bigger than 4 MiB would be streamed through memory once per chunk; it is done in blocks
 // of its rows of about 2 MiB instead, each block taking all chunks in turn while it stays
@@ -231,7 +234,7 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
   RECORD_FUNCTION("rnntl_fast::weight_gradient", std::vector<c10::IValue>());
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  const int64_t chunk = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
+  const int64_t chunk = std::max<int64_t>(256, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
   const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));
   const int64_t block = M * row_bytes > (int64_t(4) << 20) ? std::max<int64_t>(64, (int64_t(2) << 20) / row_bytes) : M;
   at::Tensor result = at::zeros({M, N}, a.options());
