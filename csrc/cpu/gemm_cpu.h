@@ -106,6 +106,14 @@ struct MklPackedGemm {
   }
 };
 
+// MKL picks its own kernels by CPU vendor: on Intel CPUs its packed GEMM runs its AVX-512
+// kernels and beat oneDNN's matmul on the per-step products (no result copy, no per-call
+// primitive lookup: LSTM (50, 64, 512, 512) training 146 vs 154 ms, docs/cpu.md); on AMD it
+// took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
+inline bool mkl_packed_preferred(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kFloat && MklPackedGemm::get().available && __builtin_cpu_is("intel");
+}
+
 inline bool use_onednn(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && OneDnnOps::get().available;
 }
@@ -309,7 +317,7 @@ class StepWeight {
       // B = weight^T as column panels, read through the weight's strides (it may be a transposed view).
       panels_ = at::empty({packed_panels_size(N, K)}, weight.options());
       pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
-    } else if (use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
+    } else if (!mkl_packed_preferred(weight) && use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
       torch::jit::Stack stack;
       stack.emplace_back(weight.contiguous());
       stack.emplace_back(c10::IValue(batch));
