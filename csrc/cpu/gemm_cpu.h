@@ -108,7 +108,7 @@ struct MklPackedGemm {
 
 // MKL picks its own kernels by CPU vendor: on Intel CPUs its packed GEMM runs its AVX-512
 // kernels and beat oneDNN's matmul on the per-step products (no result copy, no per-call
-// primitive lookup: LSTM (50, 64, 512, 512) training 146 vs 154 ms, docs/cpu.md); on AMD it
+// primitive lookup: LSTM (50, 64, 512, 512) training 174-179 -> 152-159 ms, docs/cpu.md); on AMD it
 // took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
 inline bool mkl_packed_preferred(const at::Tensor& weight) {
   return weight.scalar_type() == at::kFloat && MklPackedGemm::get().available && __builtin_cpu_is("intel");
