@@ -38,12 +38,12 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     with defaults) gets torch.library.register_autograd itself.
     The dispatch key set rides as apply's last argument: backward functions pad their result
     with None up to len(ctx.needs_input_grad), which covers it."""
-    overload = None
-    if isinstance(op, str):
-        namespace, name = op.split("::")
-        overload = getattr(getattr(torch.ops, namespace), name).default
-        schema = overload._schema
-    if overload is None or any(a.kwarg_only or a.has_default_value() for a in schema.arguments):
+    if not isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+        return
+    namespace, name = op.split("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    if any(a.kwarg_only or a.has_default_value() for a in overload._schema.arguments):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         return
     below_autograd = torch._C._after_autograd_keyset

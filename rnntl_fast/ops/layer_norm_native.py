@@ -166,11 +166,9 @@ def register(no_double_backward, no_double_backward_setup) -> None:
         torch.library.register_fake(f"rnntl_fast::layer_norm_{cell}_forward")(forward_fake)
         torch.library.register_fake(f"rnntl_fast::layer_norm_{cell}_backward")(backward_fake)
         register_autograd(f"rnntl_fast::layer_norm_{cell}_backward", no_double_backward,
-                                        setup_context=no_double_backward_setup)
-    register_autograd("rnntl_fast::layer_norm_lstm_forward", _lstm_backward,
-                                    setup_context=_lstm_setup_context)
-    register_autograd("rnntl_fast::layer_norm_gru_forward", _gru_backward,
-                                    setup_context=_gru_setup_context)
+                          setup_context=no_double_backward_setup)
+    register_autograd("rnntl_fast::layer_norm_lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
+    register_autograd("rnntl_fast::layer_norm_gru_forward", _gru_backward, setup_context=_gru_setup_context)
 
 
 def lstm_layer_norm_native(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
