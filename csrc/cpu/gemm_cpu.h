@@ -111,7 +111,12 @@ struct MklPackedGemm {
 // primitive lookup: LSTM (50, 64, 512, 512) training 174-179 -> 152-159 ms, docs/cpu.md); on AMD it
 // took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
 inline bool mkl_packed_preferred(const at::Tensor& weight) {
-  return weight.scalar_type() == at::kFloat && MklPackedGemm::get().available && __builtin_cpu_is("intel");
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = __builtin_cpu_is("intel");
+#else
+  constexpr bool intel = false;  // MKL is x86-only: elsewhere the library path is oneDNN's
+#endif
+  return intel && weight.scalar_type() == at::kFloat && MklPackedGemm::get().available;
 }
 
 inline bool use_onednn(const at::Tensor& t) {
