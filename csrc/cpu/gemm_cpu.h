@@ -11,6 +11,8 @@
 //  * small per-step products without the own kernel: MKL's packed GEMM (cblas_sgemm_pack /
 //    cblas_sgemm_compute, looked up at run time in the loaded libtorch): the weight packed
 //    once, no dispatcher call on the path, where oneDNN's fixed per-call cost dominates;
+//  * the weight gradients (transposed_product): the own kernel on CPUs other than Intel's,
+//    BLAS (addmm_) on Intel's, in both cases K summed in chunks;
 //  * float64, and torch builds without those libraries: at::mm / at::addmm.
 // RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
 // on every product (docs/ENVIRONMENT.md).
@@ -231,6 +233,59 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
   return RowProjection(x, weight, c10::nullopt, profile_name).all();
 }
 
+// Whether the weight gradients use the own kernel (transposed_product_own_kernel) rather
+// than BLAS: not on Intel CPUs, where MKL runs its AVX-512 kernels (measured there at
+// 0.52-0.98 of a same-run torch.mm, docs/cpu.md); elsewhere MKL takes an AVX2-level path.
+inline bool own_kernel_for_weight_gradients() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = __builtin_cpu_is("intel");
+  return !intel;
+#else
+  return true;
+#endif
+}
+
+// a [K, M]^T @ b [K, N] -> [M, N] in float32 with small_gemm_cpu.h's kernel, K summed in
+// chunks of `chunk` rows as transposed_product does. b is packed into panels once (all
+// threads, a panel range each); each thread takes a range of the M result rows (no sums
+// across threads) and copies a block of them from a, transposed into a [K, rows] buffer
+// that stays in L2 (read in place, a's columns are K rows of G floats apart: one cache line
+// and usually one page per depth step, which ran the kernel at 0.4-0.7 of BLAS).
+inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at::Tensor& b, int64_t chunk) {
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1), lda = a.stride(0);
+  at::Tensor result = at::empty({M, N}, a.options());
+  if (K == 0 || M == 0 || N == 0) return result.zero_();
+  at::Tensor panels = at::empty({packed_panels_size(N, K)}, b.options());
+  const float* b_data = b.data_ptr<float>();
+  float* packed = panels.data_ptr<float>();
+  const int64_t stride_n = b.stride(1), stride_k = b.stride(0);
+  at::parallel_for(0, panel_count(N), 1, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kPanelWidth;
+    pack_panels(b_data + first * stride_n, std::min(N - first, (end - begin) * kPanelWidth), K, stride_n, stride_k,
+                packed + begin * K * kPanelWidth);
+  });
+  // Rows per block: its [K, rows] copy about 256 KB, 8 to 96 rows (a multiple of 8: whole
+  // register blocks); each block streams the packed b once.
+  const int64_t block_rows = std::clamp<int64_t>(((int64_t(64) << 10) / K) / 8 * 8, 8, 96);
+  const float* a_data = a.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(8, 4000000 / std::max<int64_t>(1, 2 * N * K));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(static_cast<size_t>(std::min(block_rows, end - begin) * K));
+    for (int64_t first = begin; first < end; first += block_rows) {
+      const int64_t rows = std::min(block_rows, end - first);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* from = a_data + k * lda + first;
+        float* to = block.data() + k * rows;
+        for (int64_t r = 0; r < rows; ++r) to[r] = from[r];
+      }
+      gemm_panels(block.data(), 1, rows, rows, K, packed, N, nullptr, out + first * N, N, false, chunk);
+    }
+  });
+  return result;
+}
+
 // a [K, M]^T @ b [K, N] -> [M, N]: the weight-gradient products, reducing over the K valid rows.
 //
 // The K rows are summed in chunks of max(256, sqrt(K)) rows, each chunk's product added to
@@ -239,7 +294,8 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // product per step, its LSTM takes one GEMM; docs/cpu.md gives the errors). Chunks of
 // sqrt(K) rows (56 at K = 3200) were as accurate but ran BLAS at 10-25% below one call's
 // rate at K = 3200 and far below at small K, from the call count and the short inner
-// dimension. Each chunk is one addmm_ into the result (BLAS reads the
+// dimension. The own kernel (transposed_product_own_kernel) takes the same chunks where it
+// serves; otherwise each chunk is one addmm_ into the result (BLAS reads the
 // transposed operand in place and adds with beta = 1, no transposed copies). A result
 // bigger than 4 MiB would be streamed through memory once per chunk; it is done in blocks
 // of its rows of about 2 MiB instead, each block taking all chunks in turn while it stays
@@ -248,6 +304,8 @@ inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
   RECORD_FUNCTION("rnntl_fast::weight_gradient", std::vector<c10::IValue>());
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t chunk = std::max<int64_t>(256, static_cast<int64_t>(std::sqrt(static_cast<double>(K))));
+  if (a.scalar_type() == at::kFloat && own_kernel_enabled() && own_kernel_for_weight_gradients())
+    return transposed_product_own_kernel(a, b, chunk);
   const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));
   const int64_t block = M * row_bytes > (int64_t(4) << 20) ? std::max<int64_t>(64, (int64_t(2) << 20) / row_bytes) : M;
   at::Tensor result = at::zeros({M, N}, a.options());

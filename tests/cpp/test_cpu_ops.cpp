@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <cstdio>
 
+#include "gemm_cpu.h"
 #include "kernels_cpu.h"
 #include "sequence_cpu.h"
 
@@ -132,6 +134,45 @@ void test_projection_blocks_cover_every_valid_row_once() {
   }
 }
 
+// The weight-gradient product a [K, M]^T @ b [K, N] on both of its float32 paths (the own
+// kernel, taken on non-Intel CPUs, and BLAS in chunks) against float64, whichever CPU runs
+// the test: shapes that leave partial register blocks, panels and depth chunks, strided
+// operands, threads, and K = 0.
+void test_weight_gradient_products() {
+  at::manual_seed(1);
+  struct Shape {
+    int64_t K, M, N;
+  };
+  for (const Shape shape : {Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{300, 37, 17}, Shape{700, 96, 48},
+                            Shape{3100, 200, 70}, Shape{0, 8, 16}}) {
+    for (bool strided : {false, true}) {
+      // strided: a and b are column slices of wider matrices (row strides M + 3 and N + 5)
+      const at::Tensor a_full = at::randn({shape.K, shape.M + (strided ? 3 : 0)});
+      const at::Tensor b_full = at::randn({shape.K, shape.N + (strided ? 5 : 0)});
+      const at::Tensor a = a_full.narrow(1, 0, shape.M), b = b_full.narrow(1, 0, shape.N);
+      const at::Tensor expected = at::mm(a.to(at::kDouble).t(), b.to(at::kDouble));
+      const int64_t chunk = std::max<int64_t>(256, static_cast<int64_t>(std::sqrt(double(shape.K))));
+      // float32 sums of at most `chunk` products, then K / chunk partial sums: well within 1e-5 * (chunk + K / chunk)
+      const double bound = 1e-5 * double(chunk + shape.K / chunk) * (1.0 + std::sqrt(double(shape.K)));
+      const at::Tensor own = rnntl::cpu::transposed_product_own_kernel(a, b, chunk);
+      const at::Tensor chosen = rnntl::cpu::transposed_product(a, b);
+      const double own_error = (own.to(at::kDouble) - expected).abs().max().item<double>();
+      const double chosen_error = (chosen.to(at::kDouble) - expected).abs().max().item<double>();
+      expect(own.sizes() == expected.sizes() && own_error <= bound, "own-kernel weight gradient equals float64");
+      expect(chosen.sizes() == expected.sizes() && chosen_error <= bound, "weight gradient equals float64");
+    }
+  }
+  // One thread and several give the same sums (each result row is summed by one thread, in one order).
+  const at::Tensor a = at::randn({900, 130}), b = at::randn({900, 40});
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const at::Tensor one = rnntl::cpu::transposed_product_own_kernel(a, b, 256);
+  at::set_num_threads(3);
+  const at::Tensor three = rnntl::cpu::transposed_product_own_kernel(a, b, 256);
+  at::set_num_threads(threads);
+  expect(at::equal(one, three), "own-kernel weight gradient: 1 and 3 threads equal bit for bit");
+}
+
 void test_bad_input_is_an_error_not_a_crash() {
   const at::Tensor x = at::randn({3, 2, 4});
   bool raised = false;
@@ -152,6 +193,7 @@ int main() {
   test_lstm_forward_matches_naive_loop();
   test_gru_backward_matches_finite_differences();
   test_projection_blocks_cover_every_valid_row_once();
+  test_weight_gradient_products();
   test_bad_input_is_an_error_not_a_crash();
   if (failures) {
     std::printf("%d checks failed\n", failures);
