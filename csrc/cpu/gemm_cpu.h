@@ -246,43 +246,50 @@ inline bool own_kernel_for_weight_gradients() {
 }
 
 // a [K, M]^T @ b [K, N] -> [M, N] in float32 with small_gemm_cpu.h's kernel, K summed in
-// chunks of `chunk` rows as transposed_product does. b is packed into panels once (all
-// threads, a panel range each); each thread takes a range of the M result rows (no sums
-// across threads) and copies a block of them from a, transposed into a [K, rows] buffer
-// that stays in L2 (read in place, a's columns are K rows of G floats apart: one cache line
-// and usually one page per depth step, which ran the kernel at 0.4-0.7 of BLAS).
+// chunks of `chunk` rows as transposed_product does. b is packed into panels (threads split
+// the panels); each thread then takes a range of the M result rows (no sums across threads)
+// and copies a block of them from a, transposed into a [K, rows] buffer that stays in L2
+// (read in place, a's columns are K rows of M floats apart: one cache line and usually one
+// page per depth step, which ran the kernel at 0.4-0.7 of BLAS). The packed copy of b is
+// kept to about 16 MB: a longer K goes in spans of whole chunks, each span's product added
+// to the result (the same sums in the same order as one span).
 inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at::Tensor& b, int64_t chunk) {
   const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1), lda = a.stride(0);
   at::Tensor result = at::empty({M, N}, a.options());
   if (K == 0 || M == 0 || N == 0) return result.zero_();
-  at::Tensor panels = at::empty({packed_panels_size(N, K)}, b.options());
-  const float* b_data = b.data_ptr<float>();
-  float* packed = panels.data_ptr<float>();
-  const int64_t stride_n = b.stride(1), stride_k = b.stride(0);
-  at::parallel_for(0, panel_count(N), 1, [&](int64_t begin, int64_t end) {
-    const int64_t first = begin * kPanelWidth;
-    pack_panels(b_data + first * stride_n, std::min(N - first, (end - begin) * kPanelWidth), K, stride_n, stride_k,
-                packed + begin * K * kPanelWidth);
-  });
-  // Rows per block: its [K, rows] copy about 256 KB, 8 to 96 rows (a multiple of 8: whole
-  // register blocks); each block streams the packed b once.
-  const int64_t block_rows = std::clamp<int64_t>(((int64_t(64) << 10) / K) / 8 * 8, 8, 96);
-  const float* a_data = a.data_ptr<float>();
-  float* out = result.data_ptr<float>();
+  const int64_t panel_floats = panel_count(N) * kPanelWidth;
+  const int64_t span = std::min(K, std::max<int64_t>(1, (int64_t(4) << 20) / panel_floats / chunk) * chunk);
+  at::Tensor panels = at::empty({span * panel_floats}, b.options());
+  // Rows per block: its [span, rows] copy about 256 KB, 8 to 96 rows (a multiple of 8:
+  // whole register blocks); each block streams the packed b once.
+  const int64_t block_rows = std::clamp<int64_t>(((int64_t(64) << 10) / span) / 8 * 8, 8, 96);
   const int64_t grain = std::max<int64_t>(8, 4000000 / std::max<int64_t>(1, 2 * N * K));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> block(static_cast<size_t>(std::min(block_rows, end - begin) * K));
-    for (int64_t first = begin; first < end; first += block_rows) {
-      const int64_t rows = std::min(block_rows, end - first);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* from = a_data + k * lda + first;
-        float* to = block.data() + k * rows;
-        for (int64_t r = 0; r < rows; ++r) to[r] = from[r];
+  const int64_t stride_n = b.stride(1), stride_k = b.stride(0);
+  float* packed = panels.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  for (int64_t k0 = 0; k0 < K; k0 += span) {
+    const int64_t depth = std::min(span, K - k0);
+    const float* b_rows = b.data_ptr<float>() + k0 * stride_k;
+    const float* a_rows = a.data_ptr<float>() + k0 * lda;
+    at::parallel_for(0, panel_count(N), 1, [&](int64_t begin, int64_t end) {
+      const int64_t first = begin * kPanelWidth;
+      pack_panels(b_rows + first * stride_n, std::min(N - first, (end - begin) * kPanelWidth), depth, stride_n,
+                  stride_k, packed + begin * depth * kPanelWidth);
+    });
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> block(static_cast<size_t>(std::min(block_rows, end - begin) * depth));
+      for (int64_t first = begin; first < end; first += block_rows) {
+        const int64_t rows = std::min(block_rows, end - first);
+        for (int64_t k = 0; k < depth; ++k) {
+          const float* from = a_rows + k * lda + first;
+          float* to = block.data() + k * rows;
+          for (int64_t r = 0; r < rows; ++r) to[r] = from[r];
+        }
+        gemm_panels(block.data(), 1, rows, rows, depth, packed, N, nullptr, out + first * N, N, k0 > 0, chunk);
       }
-      gemm_panels(block.data(), 1, rows, rows, K, packed, N, nullptr, out + first * N, N, false, chunk);
-    }
-  });
+    });
+  }
   return result;
 }
 

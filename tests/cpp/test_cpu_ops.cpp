@@ -137,14 +137,15 @@ void test_projection_blocks_cover_every_valid_row_once() {
 // The weight-gradient product a [K, M]^T @ b [K, N] on both of its float32 paths (the own
 // kernel, taken on non-Intel CPUs, and BLAS in chunks) against float64, whichever CPU runs
 // the test: shapes that leave partial register blocks, panels and depth chunks, strided
-// operands, threads, and K = 0.
+// operands, threads, K = 0, and a K long enough to be packed in several spans.
 void test_weight_gradient_products() {
   at::manual_seed(1);
   struct Shape {
     int64_t K, M, N;
   };
   for (const Shape shape : {Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{300, 37, 17}, Shape{700, 96, 48},
-                            Shape{3100, 200, 70}, Shape{0, 8, 16}}) {
+                            Shape{3100, 200, 70}, Shape{0, 8, 16},
+                            Shape{5000, 16, 2050}}) {  // the last: b packed in three spans of K
     for (bool strided : {false, true}) {
       // strided: a and b are column slices of wider matrices (row strides M + 3 and N + 5)
       const at::Tensor a_full = at::randn({shape.K, shape.M + (strided ? 3 : 0)});
