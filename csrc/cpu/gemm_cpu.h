@@ -112,13 +112,16 @@ struct MklPackedGemm {
 // kernels and beat oneDNN's matmul on the per-step products (no result copy, no per-call
 // primitive lookup: LSTM (50, 64, 512, 512) training 174-179 -> 152-159 ms, docs/cpu.md); on AMD it
 // took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
-inline bool mkl_packed_preferred(const at::Tensor& weight) {
+inline bool intel_cpu() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool intel = __builtin_cpu_is("intel");
+  return intel;
 #else
-  constexpr bool intel = false;  // MKL is x86-only: elsewhere the library path is oneDNN's
+  return false;  // MKL is x86-only: elsewhere the library paths are oneDNN's or torch's BLAS
 #endif
-  return intel && weight.scalar_type() == at::kFloat && MklPackedGemm::get().available;
+}
+inline bool mkl_packed_preferred(const at::Tensor& weight) {
+  return intel_cpu() && weight.scalar_type() == at::kFloat && MklPackedGemm::get().available;
 }
 
 inline bool use_onednn(const at::Tensor& t) {
@@ -236,21 +239,14 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // Whether the weight gradients use the own kernel (transposed_product_own_kernel) rather
 // than BLAS: not on Intel CPUs, where MKL runs its AVX-512 kernels (measured there at
 // 0.52-0.98 of a same-run torch.mm, docs/cpu.md); elsewhere MKL takes an AVX2-level path.
-inline bool own_kernel_for_weight_gradients() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool intel = __builtin_cpu_is("intel");
-  return !intel;
-#else
-  return true;
-#endif
-}
+inline bool own_kernel_for_weight_gradients() { return !intel_cpu(); }
 
 // a [K, M]^T @ b [K, N] -> [M, N] in float32 with small_gemm_cpu.h's kernel, K summed in
 // chunks of `chunk` rows as transposed_product does. b is packed into panels (threads split
 // the panels); each thread then takes a range of the M result rows (no sums across threads)
 // and copies a block of them from a, transposed into a [K, rows] buffer that stays in L2
-// (read in place, a's columns are K rows of M floats apart: one cache line and usually one
-// page per depth step, which ran the kernel at 0.4-0.7 of BLAS). The packed copy of b is
+// (read in place, consecutive depth steps of a column of a are a whole row of a apart: one
+// cache line and usually one page per depth step, which ran the kernel at 0.4-0.7 of BLAS). The packed copy of b is
 // kept to about 16 MB: a longer K goes in spans of whole chunks, each span's product added
 // to the result (the same sums in the same order as one span).
 inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at::Tensor& b, int64_t chunk) {
