@@ -108,10 +108,7 @@ struct MklPackedGemm {
   }
 };
 
-// MKL picks its own kernels by CPU vendor: on Intel CPUs its packed GEMM runs its AVX-512
-// kernels and beat oneDNN's matmul on the per-step products (no result copy, no per-call
-// primitive lookup: LSTM (50, 64, 512, 512) training 174-179 -> 152-159 ms, docs/cpu.md); on AMD it
-// took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
+// Whether this is an Intel CPU: MKL, which picks its kernels by vendor, serves two products there.
 inline bool intel_cpu() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool intel = __builtin_cpu_is("intel");
@@ -120,6 +117,11 @@ inline bool intel_cpu() {
   return false;  // MKL is x86-only: elsewhere the library paths are oneDNN's or torch's BLAS
 #endif
 }
+
+// MKL picks its own kernels by CPU vendor: on Intel CPUs its packed GEMM runs its AVX-512
+// kernels and beat oneDNN's matmul on the per-step products (no result copy, no per-call
+// primitive lookup: LSTM (50, 64, 512, 512) training 174-179 -> 152-159 ms, docs/cpu.md); on AMD it
+// took an AVX2-level path at 73 GFLOP/s against oneDNN's 188, so oneDNN serves there.
 inline bool mkl_packed_preferred(const at::Tensor& weight) {
   return intel_cpu() && weight.scalar_type() == at::kFloat && MklPackedGemm::get().available;
 }
@@ -246,9 +248,9 @@ inline bool own_kernel_for_weight_gradients() { return !intel_cpu(); }
 // the panels); each thread then takes a range of the M result rows (no sums across threads)
 // and copies a block of them from a, transposed into a [K, rows] buffer that stays in L2
 // (read in place, consecutive depth steps of a column of a are a whole row of a apart: one
-// cache line and usually one page per depth step, which ran the kernel at 0.4-0.7 of BLAS). The packed copy of b is
-// kept to about 16 MB: a longer K goes in spans of whole chunks, each span's product added
-// to the result (the same sums in the same order as one span).
+// cache line and usually one page per depth step, which ran the kernel at 0.4-0.7 of
+// BLAS). The packed copy of b is kept to about 16 MB: a longer K goes in spans of whole
+// chunks, each span's product added to the result (the same sums in the same order as one span).
 inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at::Tensor& b, int64_t chunk) {
   const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1), lda = a.stride(0);
