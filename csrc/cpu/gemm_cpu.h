@@ -239,9 +239,13 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // Whether the weight gradients use the own kernel (transposed_product_own_kernel) rather
-// than BLAS: not on Intel CPUs, where MKL runs its AVX-512 kernels (measured there at
-// 0.52-0.98 of a same-run torch.mm, docs/cpu.md); elsewhere MKL takes an AVX2-level path.
-inline bool own_kernel_for_weight_gradients() { return !intel_cpu(); }
+// than BLAS: on non-Intel CPUs with AVX-512, where MKL takes an AVX2-level path and the own
+// AVX-512 kernel is faster. On Intel CPUs MKL runs its AVX-512 kernels, and on AVX2-only
+// CPUs the own kernel's 6x16 register blocks lose to BLAS (whole training steps 1-13%
+// slower, docs/cpu.md).
+inline bool own_kernel_for_weight_gradients() {
+  return !intel_cpu() && std::strcmp(small_gemm_variant(), "avx512") == 0;
+}
 
 // a [K, M]^T @ b [K, N] -> [M, N] in float32 with small_gemm_cpu.h's kernel, K summed in
 // chunks of `chunk` rows as transposed_product does. b is packed into panels (threads split

@@ -43,7 +43,7 @@ void small_gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const 
 void gemm_panels(const float* a, int64_t row_stride, int64_t depth_stride, int64_t M, int64_t K, const float* packed,
                  int64_t N, const float* bias, float* out, int64_t ldo, bool accumulate, int64_t depth_chunk);
 
-// Which code small_gemm_panels runs on this CPU: "avx2" or "portable".
+// Which code small_gemm_panels runs on this CPU: "avx512", "avx2" or "portable".
 const char* small_gemm_variant();
 
 }  // namespace cpu
