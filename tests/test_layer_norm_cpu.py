@@ -322,6 +322,57 @@ def test_float32_on_two_threads_equals_one_thread():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _steps_loops_run(case, dtype):
+    """The results of run(case, "cpu", dtype) and the names of the step loops that ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        results = run(case, "cpu", dtype)
+    return results, {e.name for e in profile.events() if "_steps" in e.name}
+
+
+# Fewer rows than threads (the automatic choice) and more (forced), with every option.
+PRODUCTS_LOOP_CASES = [
+    Case(T=6, B=1, I=8, H=40, mask=True, zoneout="draws"),
+    Case(T=7, B=3, I=5, H=48, proj=16, reverse=True, lengths=(7, 2, 5), cell_clip=0.5, proj_clip=0.3, clip=0.05),
+    Case(T=5, B=2, I=4, H=36, frozen=("weight_ih", "weight_hh", "input"), clip=0.05, clip_mode="gates"),
+    Case(cell="gru", T=6, B=1, I=8, H=40, clip=0.05, clip_mode="gates", zoneout="fractions"),
+    Case(cell="gru", T=7, B=3, I=5, H=70, lengths=(7, 0, 4), reverse=True, mask=True, zoneout="draws"),
+]
+
+
+@pytest.mark.parametrize("thread_count", [2, 3], ids=["2threads", "3threads"])
+@pytest.mark.parametrize("case", PRODUCTS_LOOP_CASES, ids=[c.id for c in PRODUCTS_LOOP_CASES])
+def test_products_loop_matches_one_thread_and_reference(case, thread_count, monkeypatch):
+    """The products loop (RNNTL_CPU_ENGINE=units for these ops, docs/cpu.md): one worker runs
+    the steps while the team splits each step's recurrent product by columns. Within the
+    error rule of the float64 reference, and equal to the one-thread loop up to the rounding
+    of the whole-sequence library products (the step products are the same sums)."""
+    monkeypatch.setenv("RNNTL_CPU_ENGINE", "units")
+    oracle, baseline = run(case, "reference"), run(case, "reference", torch.float32)
+    with threads(1):
+        one, loops_one = _steps_loops_run(case, torch.float32)
+    with threads(thread_count):
+        many, loops_many = _steps_loops_run(case, torch.float32)
+    assert loops_one and all(name.endswith("_steps") for name in loops_one), loops_one
+    assert loops_many and all(name.endswith("_steps_products") for name in loops_many), loops_many
+    for name, a, b, e, o in zip(names_of(case), many, baseline, oracle, one):
+        if e is not None:
+            assert_within_error_rule(name, a, b, e, torch.float32)
+            torch.testing.assert_close(a, o, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("batch,hidden,loop", [(1, 64, "_steps_products"), (2, 64, "_steps_rows"),
+                                               (1, 8, "_steps"), (8, 600, "_steps")], ids=lambda v: str(v))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_automatic_choice_of_the_step_loop(cell, batch, hidden, loop, monkeypatch):
+    """At two threads: the row split where every thread gets a row and W_hh fits a core's L2,
+    the products loop for fewer rows than threads (where W_hh has at least two 16-column
+    slices), else the step-at-a-time loop."""
+    monkeypatch.delenv("RNNTL_CPU_ENGINE", raising=False)
+    with threads(2):
+        _, loops = _steps_loops_run(Case(cell, T=2, B=batch, I=4, H=hidden), torch.float32)
+    assert loops and all(name.endswith(loop) for name in loops), loops
+
+
 @pytest.mark.parametrize("cell,dtype", [("lstm", torch.float16), ("gru", torch.bfloat16)],
                          ids=["lstm-float16", "gru-bfloat16"])
 def test_half_dtypes_run_widened(cell, dtype):

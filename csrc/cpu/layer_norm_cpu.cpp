@@ -436,7 +436,7 @@ class LnLstmForward {
         recurrent_(weight_hh, batch_),
         block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
-                        /*unit_split=*/false)),
+                        FewRowsLoop::products)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_h_(contiguous_or_none(zoneout_h)),
         zoneout_c_(contiguous_or_none(zoneout_c)) {
     const auto options = input.options();
@@ -486,9 +486,18 @@ class LnLstmForward {
                   [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
   }
 
+  // The products loop (sequence_cpu.h, step_loop): every row's input product first, then
+  // every step on one worker while the team splits each step's recurrent product.
+  void run_steps_products(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps_products", std::vector<c10::IValue>());
+    input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<float>());
+    run_product_team(workers, recurrent_,
+                     [&](const StepProductRunner& products) { run_slots<float>(0, batch_, true, products); });
+  }
+
   // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products = {}) {
     LnLstmForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -533,7 +542,7 @@ class LnLstmForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+        s.recurrent_product = products.multiply(recurrent_, operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                   product_holder);
         parallel_rows(n, 2 * G,
                       [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
@@ -604,7 +613,7 @@ class LnLstmBackward {
                          output_mask[kCellBias]),
         recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/d(W_hh (m * h)) @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
-                        /*unit_split=*/false)),
+                        FewRowsLoop::products)),
         weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_h_(contiguous_or_none(zoneout_h)), zoneout_c_(contiguous_or_none(zoneout_c)) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows, G = 4 * H;
@@ -653,9 +662,17 @@ class LnLstmBackward {
                   [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
   }
 
+  // The products loop (sequence_cpu.h, step_loop): every step on one worker while the team
+  // splits each step's recurrent product.
+  void run_steps_products(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps_products", std::vector<c10::IValue>());
+    run_product_team(workers, recurrent_back_,
+                     [&](const StepProductRunner& products) { run_slots<float>(0, batch_, products); });
+  }
+
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products = {}) {
     const int64_t H = hidden_, P = out_size_, G = 4 * H;
     LnLstmBackwardStep<T> s;
     s.batch = batch_;
@@ -719,11 +736,11 @@ class LnLstmBackward {
             s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         if (own_mask) {
           // dL/dh_{t-1} += m * (dL/d(W_hh (m * h)) @ W_hh): the mask is per row, so not in the product.
-          recurrent_back_.multiply_into(grad_recurrent, n, scratch);
+          products.multiply_into(recurrent_back_, grad_recurrent, n, scratch);
           add_masked_rows(own_mask, scratch, own_carry_h, n, P, 0, P);
         } else {
           // The carry holds zoneout's direct path, or nothing without zoneout.
-          recurrent_back_.multiply_into(grad_recurrent, n, own_carry_h, /*accumulate=*/zoneout_h);
+          products.multiply_into(recurrent_back_, grad_recurrent, n, own_carry_h, /*accumulate=*/zoneout_h);
         }
       }
       const int64_t past = std::max(sequence_.active[t], slot_begin);
@@ -963,7 +980,7 @@ class LnGruForward {
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, c10::nullopt),
         recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
-        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
@@ -1003,9 +1020,18 @@ class LnGruForward {
                   [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
   }
 
+  // The products loop (sequence_cpu.h, step_loop): every row's input product first, then
+  // every step on one worker while the team splits each step's recurrent product.
+  void run_steps_products(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps_products", std::vector<c10::IValue>());
+    input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<float>());
+    run_product_team(workers, recurrent_,
+                     [&](const StepProductRunner& products) { run_slots<float>(0, batch_, true, products); });
+  }
+
   // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products = {}) {
     LnGruForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -1040,7 +1066,7 @@ class LnGruForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = recurrent_.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+        s.recurrent_product = products.multiply(recurrent_, operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                   product_holder);
         parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
       }
@@ -1091,7 +1117,7 @@ class LnGruBackward {
                      output_mask[kGruBiasIh] || output_mask[kGruBiasHh] || output_mask[kGruGainIh] ||
                          output_mask[kGruGainHh]),
         recurrent_back_(weight_hh.t(), batch_),
-        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), /*unit_split=*/false)), weight_ih_(weight_ih),
+        loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const int64_t B = batch_, H = hidden_, N = sequence_.valid_rows, G = 3 * H;
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
@@ -1128,9 +1154,17 @@ class LnGruBackward {
                   [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
   }
 
+  // The products loop (sequence_cpu.h, step_loop): every step on one worker while the team
+  // splits each step's recurrent product.
+  void run_steps_products(int64_t workers) {
+    RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps_products", std::vector<c10::IValue>());
+    run_product_team(workers, recurrent_back_,
+                     [&](const StepProductRunner& products) { run_slots<float>(0, batch_, products); });
+  }
+
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products = {}) {
     const int64_t H = hidden_, G = 3 * H;
     LnGruBackwardStep<T> s;
     s.batch = batch_;
@@ -1172,10 +1206,10 @@ class LnGruBackward {
             s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         // The carry holds the direct path z * dL/dh~ (plus zoneout's); the product's path adds to it.
         if (own_mask) {
-          recurrent_back_.multiply_into(grad_recurrent, n, scratch);
+          products.multiply_into(recurrent_back_, grad_recurrent, n, scratch);
           add_masked_rows(own_mask, scratch, own_carry, n, H, 0, H);
         } else {
-          recurrent_back_.multiply_into(grad_recurrent, n, own_carry, /*accumulate=*/true);
+          products.multiply_into(recurrent_back_, grad_recurrent, n, own_carry, /*accumulate=*/true);
         }
       }
       clip_rows_past_length(s.grad_hidden_carry, std::max(sequence_.active[t], slot_begin), slot_end, H, s.state_clip);

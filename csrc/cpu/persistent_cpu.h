@@ -278,6 +278,70 @@ class PartialRecurrentProduct {
   float* base_ = nullptr;
 };
 
+// The per-step product of the products loop (sequence_cpu.h, StepLoop::products), for ops
+// whose pointwise pass needs whole rows (the layer-normalised cells' norms): one worker,
+// the leader (the owner of slice 0), runs the steps; at each step's product it hands the
+// product to the team, which splits it by output columns. Each worker owns fixed slices
+// of the weight's panels, packed by it and kept in its core's cache, as in the unit split.
+// Two barrier crossings a product: one hands the request to the others, one hands the
+// results back to the leader.
+class StepProductTeam {
+ public:
+  // The product x [rows, depth] @ B, B [depth, width] with B[k][c] = weight[c * stride_c +
+  // k * stride_k] (x @ weight^T for a row-major weight [width, depth]: stride_c = depth,
+  // stride_k = 1), cut into `slices` column slices.
+  StepProductTeam(const float* weight, int64_t width, int64_t depth, int64_t stride_c, int64_t stride_k,
+                  int64_t slices)
+      : weight_(weight), width_(width), depth_(depth), stride_c_(stride_c), stride_k_(stride_k),
+        bound_(split_units(width, slices, kPanelWidth)), panels_(bound_, 1, depth) {}
+
+  // Every worker, once, before the first product (and a barrier after, before any product).
+  void pack(const StepWorker& me) {
+    for (int64_t w = me.first_slice(); w < me.end_slice(); ++w)
+      panels_.pack(w, 0, weight_ + bound_[w] * stride_c_, stride_c_, stride_k_);
+  }
+
+  // The leader: out [rows, width] = x [rows, depth] @ B, or += with accumulate (contiguous rows).
+  void multiply(const StepWorker& me, const float* x, int64_t rows, float* out, bool accumulate) {
+    request_ = Request{x, rows, out, accumulate, false};
+    me.barrier();  // the others read the request after this
+    run_own_slices(me);
+    me.barrier();  // every slice written
+  }
+  // The leader, after its last product: lets the others leave serve().
+  void finish(const StepWorker& me) {
+    request_.done = true;
+    me.barrier();
+  }
+  // The other workers: every product the leader asks for, until it finishes.
+  void serve(const StepWorker& me) {
+    while (true) {
+      me.barrier();
+      if (request_.done) return;
+      run_own_slices(me);
+      me.barrier();
+    }
+  }
+
+ private:
+  struct Request {
+    const float* x = nullptr;
+    int64_t rows = 0;
+    float* out = nullptr;
+    bool accumulate = false, done = false;
+  };
+  void run_own_slices(const StepWorker& me) const {
+    const Request r = request_;
+    for (int64_t w = me.first_slice(); w < me.end_slice(); ++w)
+      panels_.multiply(w, 0, r.x, depth_, r.rows, r.out + bound_[w], width_, r.accumulate);
+  }
+  const float* weight_;
+  int64_t width_, depth_, stride_c_, stride_k_;
+  std::vector<int64_t> bound_;
+  SlicedPanels panels_;
+  Request request_;  // written by the leader before a barrier, read by all after it
+};
+
 // Runs worker(const StepWorker&) once per chunk of [0, slices) that launch(slices, chunk)
 // hands out, calling chunk(begin, end) for each chunk, all chunks at the same time (launch
 // must run them concurrently, or a worker would wait at the barrier for one that never

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <type_traits>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 namespace rnntl {
@@ -162,11 +163,15 @@ void run_persistent(int64_t slices, const F& worker) {
 //    each reads the whole W_hh, which must therefore stay in its core's L2;
 //  * units: the multi-core loop of persistent_cpu.h: each worker owns a slice of the hidden
 //    units (and of W_hh) and the workers meet at a barrier once per step: for few rows,
-//    where the row split has nothing to split.
+//    where the row split has nothing to split;
+//  * products: for the ops whose pointwise pass needs whole rows (the layer-normalised
+//    cells), in place of the unit split: one worker runs the steps and a persistent team
+//    splits each step's recurrent product by columns (StepProductTeam, persistent_cpu.h),
+//    each worker's slice of W_hh kept in its core's cache.
 // RNNTL_CPU_ENGINE (read at each op call, docs/ENVIRONMENT.md): unset, empty or "auto" is
 // the automatic choice (step_loop below); "stepwise", "rows" or "units" asks for that loop
-// wherever it can run the sequence (the step-at-a-time loop elsewhere); any other value is
-// an error.
+// wherever it can run the sequence (the step-at-a-time loop elsewhere; "units" is the
+// products loop for the layer-normalised ops); any other value is an error.
 enum class CpuEngine { automatic, stepwise, rows, units };
 inline CpuEngine cpu_engine() {
   const char* value = std::getenv("RNNTL_CPU_ENGINE");
@@ -183,18 +188,24 @@ inline CpuEngine cpu_engine() {
 // split reads all of the per-step weights (W_hh, and W_hr with a projection) on every core,
 // so they must stay in each core's L2 beside the step's rows.
 constexpr int64_t kRowSplitMaxWeightBytes = int64_t(1) << 20;
+// The products loop's: below about 32 KiB of W_hh (H = 32 to 64 at batch 1) the step-at-a-time
+// loop measured as fast or faster.
+constexpr int64_t kProductsLoopMinWeightBytes = int64_t(32) << 10;
 
 // The loop a sequence runs on, and its worker count (0 for the step-at-a-time loop).
 struct StepLoop {
-  enum Kind { stepwise, rows, units } kind = stepwise;
+  enum Kind { stepwise, rows, units, products } kind = stepwise;
   int64_t workers = 0;
 };
 
+// The multi-core loop an op has for fewer rows than threads: the unit split, the products
+// loop (the layer-normalised cells), or neither (the Elman RNN).
+enum class FewRowsLoop { units, products, none };
+
 // The loop for a sequence of `batch` slots with recurrent weight weight_hh [gates * hidden,
 // depth] and per-step weights of step_weight_floats floats in all (W_hh, plus W_hr).
-// unit_split: whether the op has the unit split (the Elman RNN has only the other two).
 inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, int64_t hidden,
-                          int64_t step_weight_floats, bool unit_split = true) {
+                          int64_t step_weight_floats, FewRowsLoop few_rows = FewRowsLoop::units) {
   StepLoop loop;
   const CpuEngine engine = cpu_engine();
   if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
@@ -210,7 +221,22 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
     loop.workers = row_workers;
     return loop;
   }
-  if (!unit_split || engine == CpuEngine::rows || !float32_own_kernel || !persistent_workers_available()) return loop;
+  if (few_rows == FewRowsLoop::none || engine == CpuEngine::rows || !float32_own_kernel ||
+      !persistent_workers_available())
+    return loop;
+  if (few_rows == FewRowsLoop::products) {
+    // products: the pointwise pass runs on one worker, so only where the row split cannot
+    // give every thread a row, and where W_hh is big enough to pay for two barriers a step;
+    // at least two slices of W_hh's rows (16 each) that suit the own kernel.
+    const int64_t columns = weight_hh.size(0);
+    const int64_t workers = std::min<int64_t>(threads, (columns + kPanelWidth - 1) / kPanelWidth);
+    const bool products_suit = batch < threads && weight_hh.numel() * int64_t(sizeof(float)) >= kProductsLoopMinWeightBytes;
+    if (workers < 2 || (engine == CpuEngine::automatic && !products_suit)) return loop;
+    if (!own_step_kernel_suits(batch, (columns + workers - 1) / workers, weight_hh.size(1))) return loop;
+    loop.kind = StepLoop::products;
+    loop.workers = workers;
+    return loop;
+  }
   // units: at least two slices of hidden units, each a W_hh slice that suits the own kernel.
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (hidden + kPanelWidth - 1) / kPanelWidth);
   if (workers < 2) return loop;
@@ -258,17 +284,84 @@ struct HasUnitSplit : std::false_type {};
 template <typename Op>
 struct HasUnitSplit<Op, std::void_t<decltype(&Op::run_steps_persistent)>> : std::true_type {};
 
+template <typename Op, typename = void>
+struct HasProductsLoop : std::false_type {};
+template <typename Op>
+struct HasProductsLoop<Op, std::void_t<decltype(&Op::run_steps_products)>> : std::true_type {};
+
 template <typename Op>
 void run_chosen_loop(Op& op, const StepLoop& loop, at::ScalarType dtype) {
   if constexpr (HasUnitSplit<Op>::value) {
     if (loop.kind == StepLoop::units) return op.run_steps_persistent(loop.workers);
   }
+  if constexpr (HasProductsLoop<Op>::value) {
+    if (loop.kind == StepLoop::products) return op.run_steps_products(loop.workers);
+  }
   TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::units || HasUnitSplit<Op>::value,
                         "unit split chosen for an op without it");
+  TORCH_INTERNAL_ASSERT(loop.kind != StepLoop::products || HasProductsLoop<Op>::value,
+                        "products loop chosen for an op without it");
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnntl_fast CPU sequence op", [&] {
     if (loop.kind == StepLoop::rows) return op.template run_steps_rows<scalar_t>(loop.workers);
     op.template run_steps<scalar_t>();
   });
+}
+
+// Where a step loop's per-step recurrent product runs: by default on the calling thread
+// (StepWeight: the own kernel or a library, forked over torch's threads where worth it);
+// in the products loop, on the product team, asked for by its leader.
+class StepProductRunner {
+ public:
+  StepProductRunner() = default;
+  StepProductRunner(StepProductTeam& team, const StepWorker& leader) : team_(&team), leader_(&leader) {}
+
+  // x [rows, K] @ weight^T -> [rows, N]: `scratch`, or where StepWeight::multiply put it.
+  template <typename T>
+  const T* multiply(const StepWeight& weight, const T* x, int64_t rows, T* scratch, at::Tensor& holder) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (team_ != nullptr) {
+        team_->multiply(*leader_, x, rows, scratch, false);
+        return scratch;
+      }
+    }
+    return weight.multiply(x, rows, scratch, holder);
+  }
+  // out [rows, N] = x [rows, K] @ weight^T, or += with accumulate.
+  template <typename T>
+  void multiply_into(const StepWeight& weight, const T* x, int64_t rows, T* out, bool accumulate = false) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (team_ != nullptr) return team_->multiply(*leader_, x, rows, out, accumulate);
+    }
+    weight.multiply_into(x, rows, out, accumulate);
+  }
+
+ private:
+  StepProductTeam* team_ = nullptr;
+  const StepWorker* leader_ = nullptr;
+};
+
+// The products loop (StepLoop::products): `workers` workers of torch's threads pack their
+// slices of `weight`'s product, then leader(const StepProductRunner&) runs every step on
+// the owner of slice 0 while the others serve its products. A leader that throws still
+// releases the others; the exception is rethrown here.
+template <typename Leader>
+void run_product_team(int64_t workers, const StepWeight& weight, const Leader& leader) {
+  const at::Tensor& w = weight.weight();
+  StepProductTeam team(w.data_ptr<float>(), w.size(0), w.size(1), w.stride(0), w.stride(1), workers);
+  std::exception_ptr failure;
+  run_persistent(workers, [&](const StepWorker& me) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as run_row_split
+    team.pack(me);
+    me.barrier();
+    if (me.first_slice() != 0) return team.serve(me);
+    try {
+      leader(StepProductRunner(team, me));
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    team.finish(me);
+  });
+  if (failure) std::rethrow_exception(failure);
 }
 
 // The hidden state [B, W] (slot-major) of the multi-core loop, in two buffers: processing
@@ -329,7 +422,8 @@ class ProjectionBlocks {
   // The most rows a block holds on `loop`: a buffer this long takes any block (every row
   // for the row split, which projects them all before its workers start).
   static int64_t capacity(const SequenceOrder& sequence, int64_t block_rows, const StepLoop& loop) {
-    if (loop.kind == StepLoop::rows) return sequence.valid_rows;
+    // (the loops whose steps run inside a parallel region take every row's product first)
+    if (loop.kind == StepLoop::rows || loop.kind == StepLoop::products) return sequence.valid_rows;
     return std::min(std::max(block_rows, sequence.host.batch), sequence.valid_rows);
   }
 

@@ -2,7 +2,7 @@
 // registration, the step barrier, the hidden-unit split and the sliced weight products,
 // driving a small recurrence the way the LSTM and GRU kernels do (double-buffered state,
 // one barrier per step, or two with a second, projection-like phase), against a serial
-// loop, and the backward's exchange of partial products. Built twice by CMakeLists.txt: plainly and with ThreadSanitizer.
+// loop, the backward's exchange of partial products, and the products loop's team. Built twice by CMakeLists.txt: plainly and with ThreadSanitizer.
 #include "persistent_cpu.h"
 
 #include <cmath>
@@ -195,6 +195,63 @@ void test_partial_recurrent_product() {
           }
 }
 
+// The products loop's team (StepProductTeam): a leader runs a recurrence h_t = tanh(x_t +
+// h_{t-1} @ B) (plus, on odd steps, an accumulated second product), handing each product to
+// `threads` workers, against the same recurrence in double on one thread. transposed: B read
+// through a row-major weight [width, depth] (x @ weight^T) or a transposed view of one.
+double product_team_error(int threads, int64_t steps, int64_t rows, int64_t width, bool transposed, unsigned seed) {
+  std::mt19937 generator(seed);
+  std::uniform_real_distribution<float> uniform(-0.5f, 0.5f);
+  const int64_t depth = width;  // a recurrence: h [rows, width] is the next product's x
+  std::vector<float> weight(width * depth), x(steps * rows * width);
+  for (float& v : weight) v = uniform(generator);
+  for (float& v : x) v = uniform(generator);
+  // B[k][c] = weight[c * stride_c + k * stride_k]
+  const int64_t stride_c = transposed ? 1 : depth, stride_k = transposed ? width : 1;
+  std::vector<double> expected(rows * width, 0.0);
+  for (int64_t t = 0; t < steps; ++t) {
+    std::vector<double> next(rows * width);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < width; ++c) {
+        double sum = 0;
+        for (int64_t k = 0; k < depth; ++k) sum += expected[r * width + k] * weight[c * stride_c + k * stride_k];
+        if (t % 2 == 1) sum *= 2;  // the accumulated second product
+        next[r * width + c] = std::tanh(x[(t * rows + r) * width + c] + sum);
+      }
+    expected = next;
+  }
+  StepProductTeam team(weight.data(), width, depth, stride_c, stride_k, threads);
+  std::vector<float> h(rows * width, 0.0f), product(rows * width);
+  run_team(threads, ThreadTeam{threads}, [&](const StepWorker& worker) {
+    team.pack(worker);
+    worker.barrier();
+    if (worker.first_slice() != 0) return team.serve(worker);
+    for (int64_t t = 0; t < steps; ++t) {
+      team.multiply(worker, h.data(), rows, product.data(), false);
+      if (t % 2 == 1) team.multiply(worker, h.data(), rows, product.data(), true);
+      for (int64_t i = 0; i < rows * width; ++i) h[i] = std::tanh(x[t * rows * width + i] + product[i]);
+    }
+    team.finish(worker);
+  });
+  double worst = 0;
+  for (int64_t i = 0; i < rows * width; ++i) worst = std::max(worst, std::fabs(expected[i] - h[i]));
+  return worst;
+}
+
+void test_product_team() {
+  unsigned seed = 40;
+  for (int threads : {1, 2, 3, 5})  // 5 slices of 40 columns: some empty
+    for (int64_t width : {16, 40, 100})
+      for (int64_t rows : {1, 3})
+        for (bool transposed : {false, true}) {
+          const double error = product_team_error(threads, 7, rows, width, transposed, ++seed);
+          check(error < 1e-4, "the product team equals the serial recurrence (threads, width)", threads, width);
+        }
+  // Many short sequences in a row: a new team each, a product or two each.
+  for (int i = 0; i < 300; ++i)
+    check(product_team_error(2 + i % 2, 1 + i % 2, 1, 32, i % 3 == 0, 500 + i) < 1e-4, "short sequence", i);
+}
+
 void test_split_units() {
   const std::vector<int64_t> even = split_units(64, 2, 16);
   check(even.size() == 3 && even[0] == 0 && even[1] == 32 && even[2] == 64, "64 units in 2 slices");
@@ -212,6 +269,7 @@ void test_split_units() {
 int main() {
   test_split_units();
   test_partial_recurrent_product();
+  test_product_team();
   for (int threads : {1, 2, 3, 4, 8})  // more workers than cores: the barrier must yield
     for (int64_t hidden : {16, 40, 100})
       for (bool second_phase : {false, true}) compare(make(23, 3, hidden, second_phase, 7 + threads), threads);
