@@ -230,7 +230,8 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
     // at least two slices of W_hh's rows (16 each) that suit the own kernel.
     const int64_t columns = weight_hh.size(0);
     const int64_t workers = std::min<int64_t>(threads, (columns + kPanelWidth - 1) / kPanelWidth);
-    const bool products_suit = batch < threads && weight_hh.numel() * int64_t(sizeof(float)) >= kProductsLoopMinWeightBytes;
+    const bool products_suit =
+        batch < threads && weight_hh.numel() * int64_t(sizeof(float)) >= kProductsLoopMinWeightBytes;
     if (workers < 2 || (engine == CpuEngine::automatic && !products_suit)) return loop;
     if (!own_step_kernel_suits(batch, (columns + workers - 1) / workers, weight_hh.size(1))) return loop;
     loop.kind = StepLoop::products;
