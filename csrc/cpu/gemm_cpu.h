@@ -406,7 +406,6 @@ class StepWeight {
                1.0f, w.data_ptr<float>(), int(K), mkl_packed_.data_ptr<float>());
     }
   }
-  const at::Tensor& weight() const { return weight_; }  // [N, K], possibly a strided view
   // x [M, K] (contiguous rows) -> [M, N] (a new tensor)
   at::Tensor apply(const at::Tensor& x) const {
     if (onednn_packed_.defined()) return onednn_linear(x, onednn_packed_, c10::nullopt);

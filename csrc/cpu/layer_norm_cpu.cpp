@@ -433,14 +433,14 @@ class LnLstmForward {
         project_(weight_hr.has_value()), reverse_(reverse), save_(save), cell_clip_(cell_clip), proj_clip_(proj_clip),
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, c10::nullopt),
-        recurrent_(weight_hh, batch_),
-        block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
+        recurrent_weight_(weight_hh), block_rows_(projection_block_rows(4 * hidden_, sizes.input_size, batch_)),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
                         FewRowsLoop::products)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_h_(contiguous_or_none(zoneout_h)),
         zoneout_c_(contiguous_or_none(zoneout_c)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     if (project_) projection_.emplace(*weight_hr, B);
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
@@ -473,7 +473,7 @@ class LnLstmForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps", std::vector<c10::IValue>());
-    run_slots<T>(0, batch_, /*projected=*/false);
+    run_slots<T>(0, batch_, /*projected=*/false, StepProductRunner(*recurrent_));
   }
 
   // The row split (sequence_cpu.h, step_loop): a row's norms need only that row, so each
@@ -483,7 +483,9 @@ class LnLstmForward {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps_rows", std::vector<c10::IValue>());
     input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<T>());
     run_row_split(sequence_, workers,
-                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+                  [&](int64_t slot_begin, int64_t slot_end) {
+                    run_slots<T>(slot_begin, slot_end, true, StepProductRunner(*recurrent_));
+                  });
   }
 
   // The products loop (sequence_cpu.h, step_loop): every row's input product first, then
@@ -491,13 +493,13 @@ class LnLstmForward {
   void run_steps_products(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_forward_steps_products", std::vector<c10::IValue>());
     input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<float>());
-    run_product_team(workers, recurrent_,
+    run_product_team(workers, recurrent_weight_,
                      [&](const StepProductRunner& products) { run_slots<float>(0, batch_, true, products); });
   }
 
   // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products = {}) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products) {
     LnLstmForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -542,7 +544,7 @@ class LnLstmForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = products.multiply(recurrent_, operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+        s.recurrent_product = products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                   product_holder);
         parallel_rows(n, 2 * G,
                       [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
@@ -574,7 +576,8 @@ class LnLstmForward {
   double cell_clip_, proj_clip_;
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 4H] W_ih x (no bias), in blocks
-  StepWeight recurrent_;
+  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh
+  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
   c10::optional<StepWeight> projection_;
   int64_t block_rows_;
   StepLoop loop_;
@@ -611,12 +614,13 @@ class LnLstmBackward {
         column_sums_(batch_, kLstmSumsWidth * hidden_,
                      output_mask[kBias] || output_mask[kGainIh] || output_mask[kGainHh] || output_mask[kCellGain] ||
                          output_mask[kCellBias]),
-        recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/d(W_hh (m * h)) @ W_hh
+        recurrent_weight_(weight_hh.t()),  // dL/d(m * h_{t-1}) = dL/d(W_hh (m * h)) @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
                         FewRowsLoop::products)),
         weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_h_(contiguous_or_none(zoneout_h)), zoneout_c_(contiguous_or_none(zoneout_c)) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows, G = 4 * H;
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dh~ @ W_hr
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
@@ -651,7 +655,7 @@ class LnLstmBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps", std::vector<c10::IValue>());
-    run_slots<T>(0, batch_);
+    run_slots<T>(0, batch_, StepProductRunner(*recurrent_));
   }
 
   // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
@@ -659,20 +663,22 @@ class LnLstmBackward {
   void run_steps_rows(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps_rows", std::vector<c10::IValue>());
     run_row_split(sequence_, workers,
-                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+                  [&](int64_t slot_begin, int64_t slot_end) {
+                    run_slots<T>(slot_begin, slot_end, StepProductRunner(*recurrent_));
+                  });
   }
 
   // The products loop (sequence_cpu.h, step_loop): every step on one worker while the team
   // splits each step's recurrent product.
   void run_steps_products(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_lstm_backward_steps_products", std::vector<c10::IValue>());
-    run_product_team(workers, recurrent_back_,
+    run_product_team(workers, recurrent_weight_,
                      [&](const StepProductRunner& products) { run_slots<float>(0, batch_, products); });
   }
 
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products = {}) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products) {
     const int64_t H = hidden_, P = out_size_, G = 4 * H;
     LnLstmBackwardStep<T> s;
     s.batch = batch_;
@@ -736,11 +742,11 @@ class LnLstmBackward {
             s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         if (own_mask) {
           // dL/dh_{t-1} += m * (dL/d(W_hh (m * h)) @ W_hh): the mask is per row, so not in the product.
-          products.multiply_into(recurrent_back_, grad_recurrent, n, scratch);
+          products.multiply_into(grad_recurrent, n, scratch);
           add_masked_rows(own_mask, scratch, own_carry_h, n, P, 0, P);
         } else {
           // The carry holds zoneout's direct path, or nothing without zoneout.
-          products.multiply_into(recurrent_back_, grad_recurrent, n, own_carry_h, /*accumulate=*/zoneout_h);
+          products.multiply_into(grad_recurrent, n, own_carry_h, /*accumulate=*/zoneout_h);
         }
       }
       const int64_t past = std::max(sequence_.active[t], slot_begin);
@@ -780,7 +786,8 @@ class LnLstmBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 14H] the bias and gain gradients' sums (LstmSum)
-  StepWeight recurrent_back_;
+  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh^T
+  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
   StepLoop loop_;
   c10::optional<StepWeight> projection_back_;
   at::Tensor weight_ih_;
@@ -979,11 +986,12 @@ class LnGruForward {
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), reverse_(reverse), save_(save),
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, c10::nullopt),
-        recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
+        recurrent_weight_(weight_hh), block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
@@ -1008,7 +1016,7 @@ class LnGruForward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps", std::vector<c10::IValue>());
-    run_slots<T>(0, batch_, /*projected=*/false);
+    run_slots<T>(0, batch_, /*projected=*/false, StepProductRunner(*recurrent_));
   }
 
   // The row split (sequence_cpu.h, step_loop), as LnLstmForward::run_steps_rows.
@@ -1017,7 +1025,9 @@ class LnGruForward {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps_rows", std::vector<c10::IValue>());
     input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<T>());
     run_row_split(sequence_, workers,
-                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end, true); });
+                  [&](int64_t slot_begin, int64_t slot_end) {
+                    run_slots<T>(slot_begin, slot_end, true, StepProductRunner(*recurrent_));
+                  });
   }
 
   // The products loop (sequence_cpu.h, step_loop): every row's input product first, then
@@ -1025,13 +1035,13 @@ class LnGruForward {
   void run_steps_products(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_forward_steps_products", std::vector<c10::IValue>());
     input_projection_.into(0, sequence_.valid_rows, input_block_.data_ptr<float>());
-    run_product_team(workers, recurrent_,
+    run_product_team(workers, recurrent_weight_,
                      [&](const StepProductRunner& products) { run_slots<float>(0, batch_, true, products); });
   }
 
   // Every step for the slots [slot_begin, slot_end), as LstmForward::run_slots in lstm_cpu.cpp.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products = {}) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, bool projected, const StepProductRunner& products) {
     LnGruForwardStep<T> s;
     s.batch = batch_;
     s.hidden = hidden_;
@@ -1066,7 +1076,7 @@ class LnGruForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = products.multiply(recurrent_, operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
+        s.recurrent_product = products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                   product_holder);
         parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
       }
@@ -1088,7 +1098,8 @@ class LnGruForward {
   bool reverse_, save_;
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 3H] W_ih x (no bias), in blocks
-  StepWeight recurrent_;
+  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh
+  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
   int64_t block_rows_;
   StepLoop loop_;
   at::Tensor recurrent_mask_;
@@ -1116,10 +1127,11 @@ class LnGruBackward {
         column_sums_(batch_, kGruSumsWidth * 3 * hidden_,
                      output_mask[kGruBiasIh] || output_mask[kGruBiasHh] || output_mask[kGruGainIh] ||
                          output_mask[kGruGainHh]),
-        recurrent_back_(weight_hh.t(), batch_),
+        recurrent_weight_(weight_hh.t()),  // dL/dh_{t-1} = dL/d(W_hh h) @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const int64_t B = batch_, H = hidden_, N = sequence_.valid_rows, G = 3 * H;
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, H}, options_));
     grad_input_gates_ = at::empty({B, G}, options_);
@@ -1143,7 +1155,7 @@ class LnGruBackward {
   template <typename T>
   void run_steps() {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps", std::vector<c10::IValue>());
-    run_slots<T>(0, batch_);
+    run_slots<T>(0, batch_, StepProductRunner(*recurrent_));
   }
 
   // The row split (sequence_cpu.h, step_loop): each worker runs every step for its own slots.
@@ -1151,20 +1163,22 @@ class LnGruBackward {
   void run_steps_rows(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps_rows", std::vector<c10::IValue>());
     run_row_split(sequence_, workers,
-                  [&](int64_t slot_begin, int64_t slot_end) { run_slots<T>(slot_begin, slot_end); });
+                  [&](int64_t slot_begin, int64_t slot_end) {
+                    run_slots<T>(slot_begin, slot_end, StepProductRunner(*recurrent_));
+                  });
   }
 
   // The products loop (sequence_cpu.h, step_loop): every step on one worker while the team
   // splits each step's recurrent product.
   void run_steps_products(int64_t workers) {
     RECORD_FUNCTION("rnntl_fast::layer_norm_gru_backward_steps_products", std::vector<c10::IValue>());
-    run_product_team(workers, recurrent_back_,
+    run_product_team(workers, recurrent_weight_,
                      [&](const StepProductRunner& products) { run_slots<float>(0, batch_, products); });
   }
 
   // Every step, last first, for the slots [slot_begin, slot_end), as LstmBackward::run_slots.
   template <typename T>
-  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products = {}) {
+  void run_slots(int64_t slot_begin, int64_t slot_end, const StepProductRunner& products) {
     const int64_t H = hidden_, G = 3 * H;
     LnGruBackwardStep<T> s;
     s.batch = batch_;
@@ -1206,10 +1220,10 @@ class LnGruBackward {
             s.grad_recurrent_product + ((s.recurrent_product_all ? sequence_.first_row[t] : 0) + slot_begin) * G;
         // The carry holds the direct path z * dL/dh~ (plus zoneout's); the product's path adds to it.
         if (own_mask) {
-          products.multiply_into(recurrent_back_, grad_recurrent, n, scratch);
+          products.multiply_into(grad_recurrent, n, scratch);
           add_masked_rows(own_mask, scratch, own_carry, n, H, 0, H);
         } else {
-          products.multiply_into(recurrent_back_, grad_recurrent, n, own_carry, /*accumulate=*/true);
+          products.multiply_into(grad_recurrent, n, own_carry, /*accumulate=*/true);
         }
       }
       clip_rows_past_length(s.grad_hidden_carry, std::max(sequence_.active[t], slot_begin), slot_end, H, s.state_clip);
@@ -1242,7 +1256,8 @@ class LnGruBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 12H] the bias and gain gradients' sums (GruSum)
-  StepWeight recurrent_back_;
+  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh^T
+  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
   StepLoop loop_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;

@@ -308,47 +308,49 @@ void run_chosen_loop(Op& op, const StepLoop& loop, at::ScalarType dtype) {
   });
 }
 
-// Where a step loop's per-step recurrent product runs: by default on the calling thread
-// (StepWeight: the own kernel or a library, forked over torch's threads where worth it);
-// in the products loop, on the product team, asked for by its leader.
+// Where a step loop's per-step recurrent product runs: on the calling thread (StepWeight:
+// the own kernel or a library, forked over torch's threads where worth it), or, in the
+// products loop, on the product team, asked for by its leader.
 class StepProductRunner {
  public:
-  StepProductRunner() = default;
+  explicit StepProductRunner(const StepWeight& weight) : weight_(&weight) {}
   StepProductRunner(StepProductTeam& team, const StepWorker& leader) : team_(&team), leader_(&leader) {}
 
   // x [rows, K] @ weight^T -> [rows, N]: `scratch`, or where StepWeight::multiply put it.
   template <typename T>
-  const T* multiply(const StepWeight& weight, const T* x, int64_t rows, T* scratch, at::Tensor& holder) const {
+  const T* multiply(const T* x, int64_t rows, T* scratch, at::Tensor& holder) const {
     if constexpr (std::is_same_v<T, float>) {
       if (team_ != nullptr) {
         team_->multiply(*leader_, x, rows, scratch, false);
         return scratch;
       }
     }
-    return weight.multiply(x, rows, scratch, holder);
+    return weight_->multiply(x, rows, scratch, holder);
   }
   // out [rows, N] = x [rows, K] @ weight^T, or += with accumulate.
   template <typename T>
-  void multiply_into(const StepWeight& weight, const T* x, int64_t rows, T* out, bool accumulate = false) const {
+  void multiply_into(const T* x, int64_t rows, T* out, bool accumulate = false) const {
     if constexpr (std::is_same_v<T, float>) {
       if (team_ != nullptr) return team_->multiply(*leader_, x, rows, out, accumulate);
     }
-    weight.multiply_into(x, rows, out, accumulate);
+    weight_->multiply_into(x, rows, out, accumulate);
   }
 
  private:
+  const StepWeight* weight_ = nullptr;
   StepProductTeam* team_ = nullptr;
   const StepWorker* leader_ = nullptr;
 };
 
 // The products loop (StepLoop::products): `workers` workers of torch's threads pack their
-// slices of `weight`'s product, then leader(const StepProductRunner&) runs every step on
-// the owner of slice 0 while the others serve its products. A leader that throws still
-// releases the others; the exception is rethrown here.
+// slices of the step product x @ weight^T (weight [N, K] float32, possibly a strided view),
+// then leader(const StepProductRunner&) runs every step on the owner of slice 0 while the
+// others serve its products. A leader that throws still releases the others; the exception
+// is rethrown here.
 template <typename Leader>
-void run_product_team(int64_t workers, const StepWeight& weight, const Leader& leader) {
-  const at::Tensor& w = weight.weight();
-  StepProductTeam team(w.data_ptr<float>(), w.size(0), w.size(1), w.stride(0), w.stride(1), workers);
+void run_product_team(int64_t workers, const at::Tensor& weight, const Leader& leader) {
+  StepProductTeam team(weight.data_ptr<float>(), weight.size(0), weight.size(1), weight.stride(0), weight.stride(1),
+                       workers);
   std::exception_ptr failure;
   run_persistent(workers, [&](const StepWorker& me) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as run_row_split
