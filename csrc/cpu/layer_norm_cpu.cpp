@@ -544,8 +544,8 @@ class LnLstmForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
-                                                  product_holder);
+        s.recurrent_product =
+            products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G, product_holder);
         parallel_rows(n, 2 * G,
                       [&](int64_t j) { ln_lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, project_); });
         if (project_) {
@@ -576,8 +576,8 @@ class LnLstmForward {
   double cell_clip_, proj_clip_;
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 4H] W_ih x (no bias), in blocks
-  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh
-  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
+  at::Tensor recurrent_weight_;          // [4H, P] the step product's weight: x @ W_hh^T
+  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
   c10::optional<StepWeight> projection_;
   int64_t block_rows_;
   StepLoop loop_;
@@ -786,8 +786,8 @@ class LnLstmBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 14H] the bias and gain gradients' sums (LstmSum)
-  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh^T
-  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
+  at::Tensor recurrent_weight_;          // [P, 4H] the step product's weight: x @ W_hh
+  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
   StepLoop loop_;
   c10::optional<StepWeight> projection_back_;
   at::Tensor weight_ih_;
@@ -1076,8 +1076,8 @@ class LnGruForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
-        s.recurrent_product = products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
-                                                  product_holder);
+        s.recurrent_product =
+            products.multiply(operand, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G, product_holder);
         parallel_rows(n, 2 * G, [&](int64_t j) { ln_gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1); });
       }
       sequence_.zero_past_length(s.output, H, t, 0, H, slot_begin, slot_end);
@@ -1098,8 +1098,8 @@ class LnGruForward {
   bool reverse_, save_;
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 3H] W_ih x (no bias), in blocks
-  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh
-  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
+  at::Tensor recurrent_weight_;          // [3H, H] the step product's weight: x @ W_hh^T
+  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
   int64_t block_rows_;
   StepLoop loop_;
   at::Tensor recurrent_mask_;
@@ -1256,8 +1256,8 @@ class LnGruBackward {
   at::TensorOptions options_;
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 12H] the bias and gain gradients' sums (GruSum)
-  at::Tensor recurrent_weight_;            // [N, K] of the step product x @ weight^T: W_hh^T
-  std::optional<StepWeight> recurrent_;   // its packed form, but in the products loop
+  at::Tensor recurrent_weight_;          // [H, 3H] the step product's weight: x @ W_hh
+  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
   StepLoop loop_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;
