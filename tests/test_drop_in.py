@@ -80,8 +80,21 @@ def test_cpu_autocast_like_torch_nn(cell, form):
     x = torch.randn(6, 3, 4)
     inp = pack_padded_sequence(x, [6, 4, 2]) if form == "packed" else x
     with torch.autocast("cpu", torch.bfloat16):
-        expected_output, expected_state = reference(inp)
         output, state = fast(inp)
+        try:
+            expected_output, expected_state = reference(inp)
+        except RuntimeError as error:  # oneDNN without a bfloat16 LSTM primitive (AVX2-only CPUs)
+            if "primitive descriptor" not in str(error):
+                raise
+            expected_output = None
+    if expected_output is None:
+        # Still within bfloat16 rounding of torch.nn's float32 results; the dtypes have nothing to compare with.
+        expected_output, _ = reference(inp)
+        if form == "packed":
+            expected_output, output = expected_output.data, output.data
+        torch.testing.assert_close(output.float(), expected_output, atol=5e-2, rtol=5e-2)
+        pytest.skip(f"torch.nn's own {cell.upper()} does not run under bfloat16 autocast on this CPU (oneDNN has no "
+                    "bfloat16 primitive for it): its output dtypes cannot be compared")
     if form == "packed":
         expected_output, output = expected_output.data, output.data
     assert output.dtype == expected_output.dtype
