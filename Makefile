@@ -22,10 +22,12 @@ CUDA_CHECK = 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-# The editable install (pip install -e) runs again only when the package metadata or the build
-# script changed; it compiles the extension in a fresh temporary folder, so every later change
-# of the C++/CUDA sources goes through `setup.py build_ext --inplace` instead, whose ninja
-# build tree (build/temp.*) is kept: only what changed is recompiled.
+# The extension is compiled by `setup.py build_ext --inplace` only: its ninja build tree
+# (build/temp.*) is kept, so a later change of the C++ sources recompiles only what changed,
+# and the C++ tests (ctest) link the kernels' object files from there instead of compiling
+# them again. The editable install (pip install -e, for the `rnntl-fast` command) runs with
+# RNNTL_BUILD_EXTENSION=0, so it compiles nothing; it runs again only when the package
+# metadata or the build script changed.
 EXTENSION := rnntl_fast/_C$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 EXTENSION_SOURCES := $(shell find csrc -type f)
 BUILD_LOG := build/build.log
@@ -54,26 +56,21 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install -q --no-deps textgenrnn==2.0.0
 	touch $@
 
-build: $(EXTENSION)
+build: $(EXTENSION) $(VENV)/.editable
 
-$(VENV)/.editable: $(VENV)/.installed pyproject.toml setup.py
+$(EXTENSION): $(EXTENSION_SOURCES) setup.py $(VENV)/.installed
 	@mkdir -p build
-	@echo "build: pip install -e . (compiles rnntl_fast._C with ninja, $(MAX_JOBS) jobs; log $(BUILD_LOG))"
+	@echo "build: compiling rnntl_fast._C (setup.py build_ext --inplace: ninja, $(MAX_JOBS) jobs, only what changed; log $(BUILD_LOG))"
 	@start=$$(date +%s); \
-	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(BUILD_LOG) | $(SHOW_BUILD) \
-		|| { tail -40 $(BUILD_LOG); echo "build failed; full log: $(BUILD_LOG)" >&2; exit 1; }; \
-	echo "build: done in $$(( $$(date +%s) - start )) s"
-	@touch $@ $(EXTENSION)
-
-# (make decides to run this before the editable install above has built the file; the first
-# line then finds it up to date.)
-$(EXTENSION): $(EXTENSION_SOURCES) | $(VENV)/.editable
-	@if [ -e $@ ] && [ -z "$$(find $(EXTENSION_SOURCES) -newer $@)" ]; then exit 0; fi; \
-	echo "build: sources changed, recompiling rnntl_fast._C (ninja, incremental; log $(BUILD_LOG))"; \
-	start=$$(date +%s); \
 	$(PY) setup.py build_ext --inplace 2>&1 | tee $(BUILD_LOG) | $(SHOW_BUILD) \
 		|| { tail -40 $(BUILD_LOG); echo "build failed; full log: $(BUILD_LOG)" >&2; exit 1; }; \
 	echo "build: done in $$(( $$(date +%s) - start )) s"
+	@touch $@
+
+$(VENV)/.editable: pyproject.toml setup.py | $(EXTENSION)
+	@echo "build: pip install -e . (the package and the rnntl-fast command; no compiling)"
+	@RNNTL_BUILD_EXTENSION=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e . > build/install.log 2>&1 \
+		|| { tail -40 build/install.log; echo "pip install -e . failed; full log: build/install.log" >&2; exit 1; }
 	@touch $@
 
 # PYTEST_WORKERS: test processes (pytest-xdist; 0 runs them in this process). Two keep both
@@ -82,10 +79,14 @@ PYTEST_WORKERS ?= 2
 pytest: build
 	$(PY) -m pytest tests -q -p no:cacheprovider -n $(PYTEST_WORKERS)
 
+# The kernels' object files of the extension's build (empty: CMake compiles the kernels itself).
+KERNEL_OBJECTS = $(wildcard build/temp.$(shell $(PYTHON) -c 'import sys, sysconfig; print(sysconfig.get_platform() + "-" + sys.implementation.cache_tag)')/csrc/cpu/*.o)
+space := $(subst ,, )
 ctest: build
 	@mkdir -p build/cmake
 	@echo "ctest: configuring and building the C++ tests (log build/cmake/build.log)"
 	@cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DRNNTL_KERNEL_OBJECTS="$(subst $(space),;,$(strip $(KERNEL_OBJECTS)))" \
 		$(call QUIET_LOG,build/cmake/configure.log)
 	@cmake --build build/cmake -j $(MAX_JOBS) $(call QUIET_LOG,build/cmake/build.log)
 	ctest --test-dir build/cmake --output-on-failure

@@ -8,12 +8,14 @@
 // their length keep their state and produce zero output; reverse runs t = T-1 .. 0 with
 // each row starting at its own last step.
 #ifdef TORCH_EXTENSION_NAME
-#include <torch/extension.h>
+// The module is written against the Python C API, not pybind11: torch/extension.h alone
+// costs ~35 s of compile time, a third of this file's build.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 
 #include "cpu/small_gemm_cpu.h"
-#else  // built by CMake into the C++ tests: schemas only
+#endif  // (built by CMake into the C++ tests, the file holds the schemas only)
 #include <torch/library.h>
-#endif
 
 // recurrent_mask, when given, is [B, P] (P: the width of h): the recurrent product of every
 // step reads recurrent_mask * h_{t-1} instead of h_{t-1} (recurrent dropout, docs/semantics.md).
@@ -113,20 +115,41 @@ TORCH_LIBRARY(rnntl_fast, m) {
 }
 
 #ifdef TORCH_EXTENSION_NAME
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "rnntl_fast native kernels (ops are registered under torch.ops.rnntl_fast)";
+namespace {
+// The instruction set the own product kernel runs with on this CPU (avx512, avx2 or portable).
+PyObject* product_kernel(PyObject*, PyObject*) { return PyUnicode_FromString(rnntl::cpu::small_gemm_variant()); }
+
+PyMethodDef module_methods[] = {
+    {"product_kernel", product_kernel, METH_NOARGS, "instruction set of the CPU product kernel on this CPU"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C",
+                                 "rnntl_fast native kernels (ops are registered under torch.ops.rnntl_fast)", -1,
+                                 module_methods};
+
 #ifdef RNNTL_WITH_CUDA
-  module.attr("with_cuda") = true;
+constexpr bool kWithCuda = true;
 #else
-  module.attr("with_cuda") = false;
+constexpr bool kWithCuda = false;
 #endif
-  module.attr("compiler") = __VERSION__;
-  // The instruction set the own product kernel runs with on this CPU (avx512, avx2 or portable).
-  module.def("product_kernel", [] { return std::string(rnntl::cpu::small_gemm_variant()); });
 #ifdef _OPENMP
-  module.attr("openmp") = _OPENMP;
+constexpr long kOpenMP = _OPENMP;
 #else
-  module.attr("openmp") = 0;
+constexpr long kOpenMP = 0;
 #endif
+}  // namespace
+
+#define RNNTL_CONCAT_(a, b) a##b
+#define RNNTL_CONCAT(a, b) RNNTL_CONCAT_(a, b)
+PyMODINIT_FUNC RNNTL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)() {
+  PyObject* module = PyModule_Create(&module_definition);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddObject(module, "with_cuda", PyBool_FromLong(kWithCuda)) < 0 ||
+      PyModule_AddStringConstant(module, "compiler", __VERSION__) < 0 ||
+      PyModule_AddIntConstant(module, "openmp", kOpenMP) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 #endif
