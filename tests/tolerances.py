@@ -6,6 +6,13 @@ makes against the same float64 reference, plus a small slack for D, scaled by th
 magnitude of the reference where that exceeds 1 (a fixed absolute slack would be less than
 one float32 ulp for values above 8, where a change of summation order alone moves a result
 by an ulp or two).
+
+`baseline` may also be a list of baseline results: the rule then takes the largest of their
+errors. The layer-normalised LSTM tests pass the reference loop run on the inputs rounded to
+float32 to nearest and on three other roundings of the same float64 draw (each entry rounded
+down or up at random, so still within one float32 ulp of it): through a layer-normalised
+recurrence a float32 run's error is one sample of a wide distribution (docs/semantics.md
+section 7).
 """
 import torch
 
@@ -28,9 +35,11 @@ def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def assert_within_error_rule(name, fast, baseline, reference64, dtype):
-    """fast, baseline: results in `dtype`; reference64: the float64 oracle."""
+    """fast: a result in `dtype`; baseline: one baseline result in `dtype`, or a list of them
+    (the largest error counts); reference64: the float64 oracle."""
     fast_error = max_error(fast, reference64)
-    baseline_error = max_error(baseline, reference64)
+    baselines = baseline if isinstance(baseline, (list, tuple)) else [baseline]
+    baseline_error = max(max_error(b, reference64) for b in baselines)
     magnitude = max(1.0, reference64.abs().max().item()) if reference64 is not None and reference64.numel() else 1.0
     slack = SLACK[dtype] * magnitude
     bound = ERROR_FACTOR * baseline_error + slack
