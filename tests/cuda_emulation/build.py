@@ -42,13 +42,15 @@ def _build(name, flags):
     return target
 
 
+# -g1: line tables are all a sanitizer report or a backtrace names; full -g costs about
+# half again the compile time (25 s against 16 s for the TSan program on Zen 3).
 def build_library():
     """Path of the shared library with the ctypes entry points."""
-    return _build("librnntl_emulation.so", ["-O1", "-g", "-shared", "-fPIC"])
+    return _build("librnntl_emulation.so", ["-O1", "-g1", "-shared", "-fPIC"])
 
 
 def build_tsan_program():
-    return _build("rnntl_emulation_tsan", ["-O1", "-g", "-fsanitize=thread", "-DRNNTL_EMULATION_MAIN"])
+    return _build("rnntl_emulation_tsan", ["-O1", "-g1", "-fsanitize=thread", "-DRNNTL_EMULATION_MAIN"])
 
 
 def tsan_runtime_problem():
