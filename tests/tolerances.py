@@ -8,7 +8,7 @@ one float32 ulp for values above 8, where a change of summation order alone move
 by an ulp or two).
 
 `baseline` may also be a list of baseline results: the rule then takes the largest of their
-errors. The layer-normalised LSTM tests pass the reference loop run on the inputs rounded to
+errors. The layer-normalised cells' tests pass the reference loop run on the inputs rounded to
 float32 to nearest and on three other roundings of the same float64 draw (each entry rounded
 down or up at random, so still within one float32 ulp of it): through a layer-normalised
 recurrence a float32 run's error is one sample of a wide distribution (docs/semantics.md
