@@ -348,6 +348,10 @@ class WeightGradientOperand {
       width += hidden_width;
     }
     width_ = width;
+    if (input.defined() && hidden_width == 0 && input.is_contiguous()) {
+      matrix_ = input;  // x alone (the GRU's input side): read in place, nothing is written to it
+      return;
+    }
     matrix_ = at::empty({rows, width}, options);
     if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
   }
