@@ -349,7 +349,7 @@ class WeightGradientOperand {
     }
     width_ = width;
     if (input.defined() && hidden_width == 0 && input.is_contiguous()) {
-      matrix_ = input;  // x alone (the GRU's input side): read in place, nothing is written to it
+      matrix_ = input;  // x alone (the GRU's input side, or W_hh frozen): read in place, never written
       return;
     }
     matrix_ = at::empty({rows, width}, options);
