@@ -241,7 +241,7 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
 // Whether the weight gradients use the own kernel (transposed_product_own_kernel) rather
 // than BLAS: on non-Intel CPUs with AVX-512, where MKL takes an AVX2-level path and the own
 // AVX-512 kernel is faster. On Intel CPUs MKL runs its AVX-512 kernels (whole training steps
-// 0-12% slower with the own kernel on Sapphire Rapids, docs/cpu.md), and on AVX2-only
+// 0-13% slower with the own kernel on Sapphire Rapids, docs/cpu.md), and on AVX2-only
 // CPUs the own kernel's 6x16 register blocks lose to BLAS (whole training steps 1-13%
 // slower, docs/cpu.md).
 inline bool own_kernel_for_weight_gradients() {
