@@ -90,8 +90,8 @@ def extensions():
         return [CppExtension("rnntl_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    if _flag("RNNTL_CUDA_ONLY"):  # ops.cpp still reports the CPU's product kernel: keep that file
-        sources = ["csrc/ops.cpp", "csrc/cpu/small_gemm_cpu.cpp"]
+    if _flag("RNNTL_CUDA_ONLY"):  # ops.cpp still reports the CPU's product kernel and buffer blocks: keep those files
+        sources = ["csrc/ops.cpp", "csrc/cpu/small_gemm_cpu.cpp", "csrc/cpu/reusable_buffers_cpu.cpp"]
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
     # No --use_fast_math: the gate math must match the CPU/reference rounding closely.
     # The .cu files include no torch headers, so C++17 is enough there; the glue

@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "cpu/reusable_buffers_cpu.h"
 #include "cpu/small_gemm_cpu.h"
 #endif  // (built by CMake into the C++ tests, the file holds the schemas only)
 #include <torch/library.h>
@@ -119,8 +120,23 @@ namespace {
 // The instruction set the own product kernel runs with on this CPU (avx512, avx2 or portable).
 PyObject* product_kernel(PyObject*, PyObject*) { return PyUnicode_FromString(rnntl::cpu::small_gemm_variant()); }
 
+// Frees the CPU kernels' idle buffer blocks (csrc/cpu/reusable_buffers_cpu.h); -> bytes freed.
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  try {
+    return PyLong_FromLongLong(rnntl::cpu::release_reusable_buffers());
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+}
+
+// Bytes held in idle CPU buffer blocks now.
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(rnntl::cpu::idle_reusable_buffer_bytes()); }
+
 PyMethodDef module_methods[] = {
     {"product_kernel", product_kernel, METH_NOARGS, "instruction set of the CPU product kernel on this CPU"},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "free the CPU kernels' idle buffer blocks; -> bytes freed"},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "bytes held in the CPU kernels' idle buffer blocks"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C",

@@ -23,6 +23,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 
+#include "reusable_buffers_cpu.h"
 #include "small_gemm_cpu.h"
 
 #include <dlfcn.h>
@@ -168,7 +169,7 @@ class RowProjection {
     own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
     if (own_kernel_) {
       const int64_t N = weight.size(0), K = weight.size(1);
-      panels_ = at::empty({packed_panels_size(N, K)}, weight.options());
+      panels_ = reusable_empty({packed_panels_size(N, K)}, weight.options());
       pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
       if (bias.has_value()) bias_ = bias->contiguous();
     }
@@ -205,7 +206,7 @@ class RowProjection {
       RECORD_FUNCTION(profile_name_, std::vector<c10::IValue>());
       return library_product(x_);
     }
-    at::Tensor out = at::empty({rows(), width()}, x_.options());
+    at::Tensor out = reusable_empty({rows(), width()}, x_.options());
     into(0, rows(), out.data_ptr<float>());
     return out;
   }
@@ -259,11 +260,11 @@ inline bool own_kernel_for_weight_gradients() {
 inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at::Tensor& b, int64_t chunk) {
   const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1), lda = a.stride(0);
-  at::Tensor result = at::empty({M, N}, a.options());
+  at::Tensor result = reusable_empty({M, N}, a.options());
   if (K == 0 || M == 0 || N == 0) return result.zero_();
   const int64_t panel_floats = panel_count(N) * kPanelWidth;
   const int64_t span = std::min(K, std::max<int64_t>(1, (int64_t(4) << 20) / panel_floats / chunk) * chunk);
-  at::Tensor panels = at::empty({span * panel_floats}, b.options());
+  at::Tensor panels = reusable_empty({span * panel_floats}, b.options());
   // Rows per block: its [span, rows] copy about 256 KB, 8 to 96 rows (a multiple of 8:
   // whole register blocks); each block streams the packed b once.
   const int64_t block_rows = std::clamp<int64_t>(((int64_t(64) << 10) / span) / 8 * 8, 8, 96);
@@ -318,7 +319,7 @@ inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
     return transposed_product_own_kernel(a, b, chunk);
   const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));
   const int64_t block = M * row_bytes > (int64_t(4) << 20) ? std::max<int64_t>(64, (int64_t(2) << 20) / row_bytes) : M;
-  at::Tensor result = at::zeros({M, N}, a.options());
+  at::Tensor result = reusable_zeros({M, N}, a.options());
   for (int64_t first = 0; first < M; first += block) {
     const int64_t width = std::min(block, M - first);
     at::Tensor result_rows = result.narrow(0, first, width);
@@ -353,7 +354,7 @@ class WeightGradientOperand {
       matrix_ = input;  // x alone (the GRU's input side, or W_hh frozen): read in place, never written
       return;
     }
-    matrix_ = at::empty({rows, width}, options);
+    matrix_ = reusable_empty({rows, width}, options);
     if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
   }
   int64_t width() const { return width_; }
@@ -392,7 +393,7 @@ class StepWeight {
     const int64_t N = weight.size(0), K = weight.size(1);
     if (weight.scalar_type() == at::kFloat && own_kernel_enabled() && own_step_kernel_suits(batch, N, K)) {
       // B = weight^T as column panels, read through the weight's strides (it may be a transposed view).
-      panels_ = at::empty({packed_panels_size(N, K)}, weight.options());
+      panels_ = reusable_empty({packed_panels_size(N, K)}, weight.options());
       pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
     } else if (!mkl_packed_preferred(weight) && use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
       torch::jit::Stack stack;
@@ -406,7 +407,7 @@ class StepWeight {
       // B = weight^T (K x N), read from the row-major N x K weight as a transpose.
       // Uninitialized on purpose: MKL writes what it reads; zero-filling cost more than the packing.
       const int64_t bytes = static_cast<int64_t>(mkl.size(MklPackedGemm::kBMatrix, int(batch), int(N), int(K)));
-      mkl_packed_ = at::empty({bytes / int64_t(sizeof(float)) + 1}, w.options());
+      mkl_packed_ = reusable_empty({bytes / int64_t(sizeof(float)) + 1}, w.options());
       mkl.pack(MklPackedGemm::kRowMajor, MklPackedGemm::kBMatrix, MklPackedGemm::kTrans, int(batch), int(N), int(K),
                1.0f, w.data_ptr<float>(), int(K), mkl_packed_.data_ptr<float>());
     }
@@ -414,7 +415,7 @@ class StepWeight {
   // x [M, K] (contiguous rows) -> [M, N] (a new tensor)
   at::Tensor apply(const at::Tensor& x) const {
     if (onednn_packed_.defined()) return onednn_linear(x, onednn_packed_, c10::nullopt);
-    at::Tensor out = at::empty({x.size(0), weight_.size(0)}, x.options());
+    at::Tensor out = reusable_empty({x.size(0), weight_.size(0)}, x.options());
     apply_into(x, out);
     return out;
   }

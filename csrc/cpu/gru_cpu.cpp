@@ -203,14 +203,14 @@ class GruForward {
     const int64_t G = 3 * hidden_;
     // One block of steps' input gates, reused block after block (every row's for the row
     // split, whose workers run all steps at once).
-    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
-    bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({G}, options);
-    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
+    input_gates_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
+    bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : reusable_zeros({G}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({batch_, hidden_}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
-    if (recurrent_mask_.defined()) masked_hidden_ = at::empty({batch_, hidden_}, options);
+    if (recurrent_mask_.defined()) masked_hidden_ = reusable_empty({batch_, hidden_}, options);
     zoneout_ = zoneout.has_value() ? zoneout->contiguous() : at::Tensor();
-    recurrent_scratch_ = at::empty({batch_, G}, options);
-    output_ = at::empty({steps_, batch_, hidden_}, options);
+    recurrent_scratch_ = reusable_empty({batch_, G}, options);
+    output_ = reusable_empty({steps_, batch_, hidden_}, options);
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
     hidden_n_ = save ? sequence_.saved_buffer(hidden_, options) : at::empty({0}, options);
   }
@@ -393,15 +393,15 @@ class GruBackward {
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));
-    grad_input_gates_all_ = at::empty({N, G}, options_);
+    grad_input_gates_all_ = reusable_empty({N, G}, options_);
     // Each step's slots are contiguous compact rows, so dL/dgh of step t is written in place
     // where the recurrent product reads it; without a hidden-side weight gradient one
     // step's buffer is reused.
-    grad_hidden_gates_all_ = at::empty({keep_hidden_gates() ? N : batch_, G}, options_);
+    grad_hidden_gates_all_ = reusable_empty({keep_hidden_gates() ? N : batch_, G}, options_);
     // dW_ih = grad_input_gates^T @ x; dW_hh = grad_hidden_gates^T @ h_prev (h_prev written by the steps).
     input_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), 0, options_);
     hidden_operand_.emplace(N, at::Tensor(), mask_[2] ? hidden_ : 0, options_);
-    zeros_ = at::zeros({hidden_}, options_);
+    zeros_ = reusable_zeros({hidden_}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     output_ = output.contiguous();
     gates_ = gates.contiguous();
@@ -410,7 +410,7 @@ class GruBackward {
     // With recurrent dropout dL/dh_{t-1} = z * dL/dh_t + mask * (dL/dgh @ W_hh): the product
     // goes to a scratch first.
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
-    if (recurrent_mask_.defined()) recurrent_product_ = at::empty({batch_, hidden_}, options_);
+    if (recurrent_mask_.defined()) recurrent_product_ = reusable_empty({batch_, hidden_}, options_);
   }
 
   // The parts of the pointwise pass that are the same at every step (all units).

@@ -59,7 +59,7 @@ at::Tensor given_or_filled(const c10::optional<at::Tensor>& given, int64_t size,
 // b_ih + b_hh (each may be absent): both add after the norms, so they add up front.
 at::Tensor summed_bias(const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
                        int64_t size, const at::TensorOptions& options) {
-  at::Tensor sum = at::zeros({size}, options);
+  at::Tensor sum = reusable_zeros({size}, options);
   if (bias_ih.has_value()) sum.add_(*bias_ih);
   if (bias_hh.has_value()) sum.add_(*bias_hh);
   return sum;
@@ -75,13 +75,13 @@ class ColumnSums {
  public:
   // width: the columns of all sums together; wanted: false leaves it empty (no gradient asked).
   ColumnSums(int64_t batch, int64_t width, bool wanted) {
-    if (wanted) sums_ = at::zeros({batch, width}, at::kDouble);
+    if (wanted) sums_ = reusable_zeros({batch, width}, at::kDouble);
   }
   // The [width] sums of slot j, or nullptr when empty.
   double* slot(int64_t j) const { return sums_.defined() ? sums_.data_ptr<double>() + j * sums_.size(1) : nullptr; }
   // Columns [offset, offset + size) summed over the slots, as a [size] tensor of `options`.
   at::Tensor total(int64_t offset, int64_t size, const at::TensorOptions& options) const {
-    at::Tensor out = at::zeros({size}, at::kDouble);
+    at::Tensor out = reusable_zeros({size}, at::kDouble);
     double* __restrict__ o = out.data_ptr<double>();
     for (int64_t j = 0; j < sums_.size(0); ++j) {
       const double* __restrict__ row = slot(j) + offset;
@@ -443,29 +443,29 @@ class LnLstmForward {
     if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     if (project_) projection_.emplace(*weight_hr, B);
     // One block of steps' input products, reused (every row's for the row split).
-    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
+    input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ = summed_bias(bias_ih, bias_hh, G, options);
     cell_gain_ = given_or_filled(cell_weight, H, 1.0, options);
     cell_bias_ = given_or_filled(cell_bias, H, 0.0, options);
-    cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
-    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, P}, options);
+    cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : reusable_zeros({B, H}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({B, P}, options);
     if (recurrent_mask_.defined()) masked_state_ = hidden_state_ * recurrent_mask_;
-    recurrent_scratch_ = at::empty({B, G}, options);
-    hidden_unprojected_ = at::empty({B, H}, options);
-    projected_scratch_ = at::empty({B, P}, options);
-    output_ = at::empty({steps_, B, P}, options);
+    recurrent_scratch_ = reusable_empty({B, G}, options);
+    hidden_unprojected_ = reusable_empty({B, H}, options);
+    projected_scratch_ = reusable_empty({B, P}, options);
+    output_ = reusable_empty({steps_, B, P}, options);
     if (save_) {
       gates_ = sequence_.saved_buffer(G, options);
       normalized_ = sequence_.saved_buffer(2 * G, options);
       cells_ = sequence_.saved_buffer(3 * H, options);
       inverse_std_ = sequence_.saved_buffer(3, options);
     } else {  // one step's rows, by slot
-      gates_ = at::empty({B, G}, options);
-      normalized_ = at::empty({B, 2 * G}, options);
-      cells_ = at::empty({B, 3 * H}, options);
-      inverse_std_ = at::empty({B, 3}, options);
+      gates_ = reusable_empty({B, G}, options);
+      normalized_ = reusable_empty({B, 2 * G}, options);
+      cells_ = reusable_empty({B, 3 * H}, options);
+      inverse_std_ = reusable_empty({B, 3}, options);
     }
     hidden_pre_clip_ = save_ && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
   }
@@ -625,19 +625,19 @@ class LnLstmBackward {
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
     grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
-    grad_preactivation_ = at::empty({B, G}, options_);
-    if (mask_[kInput] || mask_[kWeightIh]) grad_input_product_ = at::empty({N, G}, options_);
-    grad_recurrent_product_ = at::empty({mask_[kWeightHh] ? N : B, G}, options_);
-    if (mask_[kWeightHh]) hidden_prev_all_ = at::empty({N, P}, options_);
+    grad_preactivation_ = reusable_empty({B, G}, options_);
+    if (mask_[kInput] || mask_[kWeightIh]) grad_input_product_ = reusable_empty({N, G}, options_);
+    grad_recurrent_product_ = reusable_empty({mask_[kWeightHh] ? N : B, G}, options_);
+    if (mask_[kWeightHh]) hidden_prev_all_ = reusable_empty({N, P}, options_);
     if (project_) {
-      grad_fresh_hidden_ = at::empty({want_weight_hr() ? N : B, P}, options_);
-      grad_unprojected_ = at::empty({B, H}, options_);
-      if (want_weight_hr()) unprojected_all_ = at::empty({N, H}, options_);
+      grad_fresh_hidden_ = reusable_empty({want_weight_hr() ? N : B, P}, options_);
+      grad_unprojected_ = reusable_empty({B, H}, options_);
+      if (want_weight_hr()) unprojected_all_ = reusable_empty({N, H}, options_);
     }
-    cell_scratch_ = at::empty({B, 3 * H}, options_);
-    product_scratch_ = at::empty({B, P}, options_);
+    cell_scratch_ = reusable_empty({B, 3 * H}, options_);
+    product_scratch_ = reusable_empty({B, P}, options_);
     if (mask_[kWeightIh]) input_compact_ = sequence_.compact_from_padded(input);
-    zeros_ = at::zeros({std::max(H, P)}, options_);
+    zeros_ = reusable_zeros({std::max(H, P)}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     c0_ = c0.has_value() ? c0->contiguous() : at::Tensor();
     gain_ih_ = layer_norm_ih.contiguous();
@@ -993,23 +993,23 @@ class LnGruForward {
     const int64_t B = batch_, H = hidden_, G = 3 * H;
     if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     // One block of steps' input products, reused (every row's for the row split).
-    input_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
+    input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();
     bias_ih_ = given_or_filled(bias_ih, G, 0.0, options);
     bias_hh_ = given_or_filled(bias_hh, G, 0.0, options);
-    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, H}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({B, H}, options);
     if (recurrent_mask_.defined()) masked_state_ = hidden_state_ * recurrent_mask_;
-    recurrent_scratch_ = at::empty({B, G}, options);
-    output_ = at::empty({steps_, B, H}, options);
+    recurrent_scratch_ = reusable_empty({B, G}, options);
+    output_ = reusable_empty({steps_, B, H}, options);
     if (save_) {
       gates_ = sequence_.saved_buffer(G, options);
       normalized_ = sequence_.saved_buffer(2 * G, options);
       inverse_std_ = sequence_.saved_buffer(2, options);
     } else {
-      gates_ = at::empty({B, G}, options);
-      normalized_ = at::empty({B, 2 * G}, options);
-      inverse_std_ = at::empty({B, 2}, options);
+      gates_ = reusable_empty({B, G}, options);
+      normalized_ = reusable_empty({B, 2 * G}, options);
+      inverse_std_ = reusable_empty({B, 2}, options);
     }
   }
 
@@ -1134,14 +1134,14 @@ class LnGruBackward {
     if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, H}, options_));
-    grad_input_gates_ = at::empty({B, G}, options_);
-    grad_hidden_gates_ = at::empty({B, G}, options_);
-    if (mask_[kGruInput] || mask_[kGruWeightIh]) grad_input_product_ = at::empty({N, G}, options_);
-    grad_recurrent_product_ = at::empty({mask_[kGruWeightHh] ? N : B, G}, options_);
-    if (mask_[kGruWeightHh]) hidden_prev_all_ = at::empty({N, H}, options_);
-    product_scratch_ = at::empty({B, H}, options_);
+    grad_input_gates_ = reusable_empty({B, G}, options_);
+    grad_hidden_gates_ = reusable_empty({B, G}, options_);
+    if (mask_[kGruInput] || mask_[kGruWeightIh]) grad_input_product_ = reusable_empty({N, G}, options_);
+    grad_recurrent_product_ = reusable_empty({mask_[kGruWeightHh] ? N : B, G}, options_);
+    if (mask_[kGruWeightHh]) hidden_prev_all_ = reusable_empty({N, H}, options_);
+    product_scratch_ = reusable_empty({B, H}, options_);
     if (mask_[kGruWeightIh]) input_compact_ = sequence_.compact_from_padded(input);
-    zeros_ = at::zeros({H}, options_);
+    zeros_ = reusable_zeros({H}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     gain_ih_ = layer_norm_ih.contiguous();
     gain_hh_ = layer_norm_hh.contiguous();

@@ -362,22 +362,22 @@ class LstmForward {
       recurrent_.emplace(weight_hh, B);
       if (project_) projection_.emplace(*weight_hr, B);
     }
-    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({B, P}, options);
-    cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : at::zeros({B, H}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({B, P}, options);
+    cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : reusable_zeros({B, H}, options);
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
-    if (recurrent_mask_.defined()) masked_hidden_ = at::empty({B, P}, options);
+    if (recurrent_mask_.defined()) masked_hidden_ = reusable_empty({B, P}, options);
     zoneout_h_ = zoneout_h.has_value() ? zoneout_h->contiguous() : at::Tensor();
     zoneout_c_ = zoneout_c.has_value() ? zoneout_c->contiguous() : at::Tensor();
-    hidden_unprojected_ = project_ ? at::empty({B, H}, options) : at::Tensor();
-    step_scratch_ = at::empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
-    output_ = at::empty({steps_, B, P}, options);
+    hidden_unprojected_ = project_ ? reusable_empty({B, H}, options) : at::Tensor();
+    step_scratch_ = reusable_empty({B, G + P}, options);  // per-step products: W_hh h, then W_hr m
+    output_ = reusable_empty({steps_, B, P}, options);
     // The input gates of a block of steps go where their activations go: straight into the
     // saved gates when saving for backward (the activations overwrite them in place), else
     // into a buffer of one block reused block after block (of every row for the row split,
     // whose workers run all steps at once).
     gates_ = save ? sequence_.saved_buffer(G, options) : at::empty({0}, options);
     input_gates_block_ =
-        save ? at::Tensor() : at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
+        save ? at::Tensor() : reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     cells_ = save ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
     hidden_pre_clip_ = save && proj_clip > 0 ? sequence_.saved_buffer(P, options) : at::empty({0}, options);
     carried_cells_ = save && zoneout_c_.defined() ? sequence_.saved_buffer(H, options) : at::empty({0}, options);
@@ -637,17 +637,17 @@ class LstmBackward {
     grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
     // Compact [N, ...]: each step's slots are contiguous rows, so dL/da of step t is written
     // in place where the recurrent product reads it.
-    grad_gates_all_ = at::empty({N, 4 * H}, options_);
-    grad_pre_clip_ = at::empty({B, P}, options_);  // dL/d(hidden before proj_clip), slot-major
-    grad_unprojected_ = project_ ? at::empty({B, H}, options_) : at::Tensor();
+    grad_gates_all_ = reusable_empty({N, 4 * H}, options_);
+    grad_pre_clip_ = reusable_empty({B, P}, options_);  // dL/d(hidden before proj_clip), slot-major
+    grad_unprojected_ = project_ ? reusable_empty({B, H}, options_) : at::Tensor();
     if (want_weight_hr()) {
-      grad_pre_clip_all_ = at::empty({N, P}, options_);
-      hidden_unprojected_all_ = at::empty({N, H}, options_);
+      grad_pre_clip_all_ = reusable_empty({N, P}, options_);
+      hidden_unprojected_all_ = reusable_empty({N, H}, options_);
     }
     // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev], over the valid rows.
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? P : 0,
                             options_);
-    zeros_ = at::zeros({std::max(H, P)}, options_);
+    zeros_ = reusable_zeros({std::max(H, P)}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     c0_ = c0.has_value() ? c0->contiguous() : at::Tensor();
     recurrent_mask_ = slot_major_or_undefined(sequence_, recurrent_mask);
@@ -660,7 +660,7 @@ class LstmBackward {
     carried_cells_ = zoneout_c_.defined() ? carried_cells.contiguous() : at::Tensor();
     // With zoneout_h, dL/dh_{t-1} = d * dL/dh_t + (mask *) (dL/da @ W_hh): with a mask the
     // step-at-a-time loop's product goes to a scratch first.
-    if (zoneout_h_.defined() && recurrent_mask_.defined()) recurrent_product_ = at::empty({B, P}, options_);
+    if (zoneout_h_.defined() && recurrent_mask_.defined()) recurrent_product_ = reusable_empty({B, P}, options_);
   }
 
   // The parts of the pointwise pass that are the same at every step (all units).

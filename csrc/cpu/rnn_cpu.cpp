@@ -194,13 +194,13 @@ class RnnForward {
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     // One block of steps' input gates, reused (every row's for the row split).
-    input_gates_block_ = at::empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), hidden_}, options);
-    bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : at::zeros({hidden_}, options);
-    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : at::zeros({batch_, hidden_}, options);
+    input_gates_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), hidden_}, options);
+    bias_hh_ = bias_hh.has_value() ? bias_hh->contiguous() : reusable_zeros({hidden_}, options);
+    hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({batch_, hidden_}, options);
     // The first product's operand m * h0; each step then writes the next one.
     if (recurrent_mask_.defined()) masked_state_ = hidden_state_ * recurrent_mask_;
-    recurrent_scratch_ = at::empty({batch_, hidden_}, options);
-    output_ = at::empty({steps_, batch_, hidden_}, options);
+    recurrent_scratch_ = reusable_empty({batch_, hidden_}, options);
+    output_ = reusable_empty({steps_, batch_, hidden_}, options);
     // Without zoneout h~_t is the output itself: nothing more to keep.
     activations_ = save && zoneout_.has_value() ? sequence_.saved_buffer(hidden_, options) : at::empty({0}, options);
   }
@@ -309,12 +309,12 @@ class RnnBackward {
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, H}, options_));
     // dL/da of every step where a whole-sequence product reads it, else one step's rows.
-    grad_preactivation_all_ = at::empty({keep_preactivation_gradients() ? N : batch_, H}, options_);
-    if (recurrent_mask_.defined()) recurrent_scratch_ = at::empty({batch_, H}, options_);
+    grad_preactivation_all_ = reusable_empty({keep_preactivation_gradients() ? N : batch_, H}, options_);
+    if (recurrent_mask_.defined()) recurrent_scratch_ = reusable_empty({batch_, H}, options_);
     // dL/d[W_ih | W_hh] = (dL/da)^T @ [x | m * h_{t-1}] (m * h_{t-1} written by the steps).
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? H : 0,
                             options_);
-    zeros_ = at::zeros({H}, options_);
+    zeros_ = reusable_zeros({H}, options_);
     h0_ = h0.has_value() ? h0->contiguous() : at::Tensor();
     output_ = output.contiguous();
     activations_ = zoneout_.has_value() ? activations.contiguous() : at::Tensor();

@@ -71,7 +71,7 @@ struct SequenceOrder {
     compact_is_padded = valid_rows == steps * batch;
     for (int64_t j = 0; j < batch && compact_is_padded; ++j) compact_is_padded = order[j] == j;
     if (!compact_is_padded) {
-      padded_rows = at::empty({valid_rows}, at::TensorOptions().dtype(at::kLong));
+      padded_rows = reusable_empty({valid_rows}, at::TensorOptions().dtype(at::kLong));
       int64_t* r = padded_rows.data_ptr<int64_t>();
       for (int64_t t = 0; t < steps; ++t)
         for (int64_t j = 0; j < active[t]; ++j) *r++ = t * batch + order[j];
@@ -89,7 +89,7 @@ struct SequenceOrder {
   at::Tensor padded_from_compact(const at::Tensor& compact) const {
     const int64_t W = compact.size(1);
     if (compact_is_padded) return compact.view({host.steps, host.batch, W});
-    return at::zeros({host.steps * host.batch, W}, compact.options())
+    return reusable_zeros({host.steps * host.batch, W}, compact.options())
         .index_copy_(0, padded_rows, compact)
         .view({host.steps, host.batch, W});
   }
@@ -97,7 +97,7 @@ struct SequenceOrder {
   // first (rows past N are zero so that the op's outputs are deterministic).
   at::Tensor saved_buffer(int64_t width, const at::TensorOptions& options) const {
     const int64_t all = host.steps * host.batch;
-    at::Tensor t = at::empty({all, width}, options);
+    at::Tensor t = reusable_empty({all, width}, options);
     if (valid_rows < all) t.narrow(0, valid_rows, all - valid_rows).zero_();
     return t.view({host.steps, host.batch, width});
   }
@@ -497,7 +497,7 @@ inline void check_input_cpu(const at::Tensor& input) {
 inline at::Tensor defined_or_zeros(const c10::optional<at::Tensor>& t, at::IntArrayRef sizes,
                                    const at::TensorOptions& options) {
   if (t.has_value() && t->defined()) return t->contiguous();
-  return at::zeros(sizes, options);
+  return reusable_zeros(sizes, options);
 }
 
 }  // namespace cpu

@@ -250,5 +250,24 @@ def rnn(
                                 nonlinearity=nonlinearity, **extras)
 
 
+def empty_cpu_cache() -> int:
+    """Frees the memory the CPU kernels keep for reuse and returns how many bytes that was.
+
+    The CPU kernels take their large tensors (saved reserves, outputs, whole-sequence
+    gradient buffers) from blocks that earlier steps gave back, so that a training step does
+    not fault in fresh pages (docs/cpu.md, "Memory"). Idle blocks are bounded by
+    RNNTL_CPU_BUFFER_CACHE_MB (docs/ENVIRONMENT.md); this frees them now, as
+    torch.cuda.empty_cache does for CUDA memory. 0 without the native extension."""
+    from .. import _ext
+    return int(_ext._C.empty_cpu_cache()) if _ext.HAS_CPU_KERNELS else 0
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes the CPU kernels hold in idle blocks for reuse now (see empty_cpu_cache)."""
+    from .. import _ext
+    return int(_ext._C.cpu_cache_bytes()) if _ext.HAS_CPU_KERNELS else 0
+
+
 __all__ = ["lstm", "gru", "rnn", "lstm_reference", "gru_reference", "rnn_reference", "LayerNormWeights",
-           "select_backend", "BACKENDS", "SequenceOptions", "sequence_options"]
+           "select_backend", "BACKENDS", "SequenceOptions", "sequence_options",
+           "empty_cpu_cache", "cpu_cache_bytes"]
