@@ -90,3 +90,29 @@ def test_a_bad_limit_is_an_error_naming_the_variable():
     result = run_with_limit("lots")
     assert result.returncode != 0
     assert "RNNTL_CPU_BUFFER_CACHE_MB" in result.stderr and "lots" in result.stderr
+
+
+def test_steps_in_concurrent_threads_match_the_same_steps_in_turn():
+    """The idle list is shared by the whole process: steps running at once in two Python
+    threads (torch releases the GIL inside the ops) give what they give one after the other."""
+    import threading
+    torch.manual_seed(1)
+    modules = [rnntl_fast.LSTM(I, H, layer_norm=True), rnntl_fast.GRU(I, H)]
+    inputs = [torch.randn(T, B, I), torch.randn(T, B, I)]
+    expected = [training_step(m, x) for m, x in zip(modules, inputs)]
+    results = [[None] * 4 for _ in modules]
+
+    def run(index):
+        for round in range(4):
+            results[index][round] = training_step(modules[index], inputs[index])
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, (output, grads) in enumerate(expected):
+        for got_output, got_grads in results[index]:
+            torch.testing.assert_close(got_output, output, rtol=0, atol=0)
+            for got, want in zip(got_grads, grads):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
