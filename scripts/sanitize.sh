@@ -3,8 +3,9 @@
 #   1. the C++ tests (CMakeLists.txt, tests/cpp) built with -DRNNTL_SANITIZE, run by ctest;
 #   2. the extension built with RNNTL_SANITIZE (setup.py) into build/sanitize/lib, and a
 #      fast subset of the op tests (tests/test_ops_cpu.py, tests/test_properties.py,
-#      tests/test_layer_norm_cpu.py, tests/test_regularizer_draws.py) run
-#      against it in a Python with libasan (and libstdc++) preloaded.
+#      tests/test_layer_norm_cpu.py, tests/test_regularizer_draws.py) and the tests of the
+#      reused CPU buffers (tests/test_reusable_buffers_cpu.py) run against it in a Python
+#      with libasan (and libstdc++) preloaded.
 # Everything goes to build/sanitize (incremental); the regular build is untouched. Any
 # sanitizer finding aborts the process, so the run fails.
 #
@@ -74,4 +75,6 @@ PY
 # --capture=sys: a sanitizer report (written to fd 2 just before the abort) reaches the log.
 "$PYTHON" -P -m pytest tests/test_ops_cpu.py tests/test_properties.py tests/test_layer_norm_cpu.py tests/test_regularizer_draws.py -q -p no:cacheprovider \
     --capture=sys -k "$TESTS"
+# The reused CPU buffers (idle blocks poisoned): every test, they take seconds.
+"$PYTHON" -P -m pytest tests/test_reusable_buffers_cpu.py -q -p no:cacheprovider --capture=sys
 echo "sanitize: passed in $(( $(date +%s) - start )) s"

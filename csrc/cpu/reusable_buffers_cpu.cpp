@@ -6,6 +6,17 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#if defined(__SANITIZE_ADDRESS__)  // (gcc's -fsanitize=address: scripts/sanitize.sh)
+#include <sanitizer/asan_interface.h>
+// Idle blocks, and a block's bytes past the tensor using it, are poisoned: a kernel that
+// touches a tensor's memory after its storage was freed, or past its end, is reported.
+#define RNNTL_POISON(data, bytes) ASAN_POISON_MEMORY_REGION(data, bytes)
+#define RNNTL_UNPOISON(data, bytes) ASAN_UNPOISON_MEMORY_REGION(data, bytes)
+#else
+#define RNNTL_POISON(data, bytes) ((void)(data), (void)(bytes))
+#define RNNTL_UNPOISON(data, bytes) ((void)(data), (void)(bytes))
+#endif
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -96,6 +107,7 @@ class ReusableBufferAllocator final : public c10::Allocator {
         idle_.erase(best);
         idle_bytes_ -= block->capacity;
         block->bytes = bytes;
+        RNNTL_UNPOISON(block->data, bytes);
         return block;
       }
     }
@@ -106,7 +118,7 @@ class ReusableBufferAllocator final : public c10::Allocator {
       release_idle();  // out of memory with idle blocks held: give them back and try once more
       data = c10::alloc_cpu(bytes);
     }
-    return new Block{data, bytes, bytes};
+    return new Block{data, bytes, bytes};  // (fresh memory: nothing poisoned)
   }
 
   // The deleter of every storage this allocator made: the block goes back to the idle list,
@@ -131,6 +143,7 @@ class ReusableBufferAllocator final : public c10::Allocator {
           freed.push_back(self.idle_[evicted++]);
         }
         self.idle_.erase(self.idle_.begin(), self.idle_.begin() + static_cast<std::ptrdiff_t>(evicted));
+        RNNTL_POISON(block->data, block->capacity);
         self.idle_.push_back(block);
         self.idle_bytes_ += block->capacity;
       }
@@ -144,6 +157,7 @@ class ReusableBufferAllocator final : public c10::Allocator {
     int64_t bytes = 0;
     for (Block* block : blocks) {
       bytes += static_cast<int64_t>(block->capacity);
+      RNNTL_UNPOISON(block->data, block->capacity);
       c10::free_cpu(block->data);
       delete block;
     }
