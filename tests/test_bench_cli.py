@@ -22,12 +22,25 @@ ROW_FIELDS = {"cell", "mode", "T", "B", "I", "H", "layers", "bidirectional", "pr
               "samples_ms", "calls_per_sample", "speedup_vs_torch", "speedup_vs_hooks", "speedup_vs_cells",
               "cost_vs_without", "flops", "gflops", "gemm_gflops",
               "gemm_fraction", "peak_memory_mb"}
-MACHINE_FIELDS = {"cpu", "cores", "threads", "torch", "rnntl_fast", "device", "torch_backend"}
+MACHINE_FIELDS = {"cpu", "cores", "threads", "torch", "rnntl_fast", "device", "torch_backend", "environment"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(*flags):
     return cli.main(["bench", *flags])
+
+
+def test_machine_line_names_the_settings_that_change_timings(monkeypatch):
+    from rnntl_fast.bench import report
+    monkeypatch.setenv("RNNTL_CPU_BUFFER_CACHE_MB", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "1")
+    info = report.machine_info("cpu")
+    assert info["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1"
+    assert info["environment"]["RNNTL_CPU_BUFFER_CACHE_MB"] == "0"
+    assert "UNRELATED_VARIABLE" not in info["environment"]
+    line = report.machine_line(info)
+    assert "RNNTL_CPU_BUFFER_CACHE_MB=0" in line and "GLIBC_TUNABLES=" in line and "UNRELATED" not in line
 
 
 def test_tiny_grid_writes_table_json_and_png(tmp_path, capsys):

@@ -33,7 +33,9 @@ allocator events (memory a library takes from malloc directly is not seen).
 JSON (--json FILE), schema "rnntl_fast.bench/1":
     schema: str; command: str (the flags, as a command that reproduces the run);
     machine: {cpu, cores, threads, torch, rnntl_fast, rnntl_fast_extension, device, python,
-        load_average (1-minute, at start), torch_backend[, gpu, cuda]};
+        load_average (1-minute, at start), torch_backend, environment (the variables set for the
+        run that change what is timed: RNNTL_CPU_*, the GPU strategies, TRITON_INTERPRET and
+        the allocator settings, docs/benchmarks.md)[, gpu, cuda]};
     settings: {grid, repeats, sample_ms, warmup_ms, seed, threads, providers,
         reference_max_steps, reference_max_forward_flops, clip_value};
     results: list of rows, one per (case, provider):

@@ -50,6 +50,17 @@ SUMMARY_COLUMNS = textwrap.fill("Columns: group = the kind of rows summarised (p
                    "rows).", 100)
 
 
+def timing_environment() -> dict:
+    """The environment variables set for this run that change what is timed: rnntl_fast's
+    kernel choices (docs/ENVIRONMENT.md: the CPU products, step loops and reused buffers, the
+    GPU strategies, Triton's interpreter) and glibc's and torch's allocator settings (page
+    faults: docs/cpu.md, "Memory")."""
+    names = ("RNNTL_CUDA_STRATEGY", "RNNTL_TRITON_STRATEGY", "TRITON_INTERPRET", "GLIBC_TUNABLES",
+             "THP_MEM_ALLOC_ENABLE")
+    return {name: value for name, value in sorted(os.environ.items())
+            if name.startswith(("RNNTL_CPU_", "MALLOC_")) or name in names}
+
+
 def machine_info(device: str) -> dict:
     """What the timings depend on: hardware, thread count, versions and torch's backend."""
     from .. import __version__, _ext
@@ -64,6 +75,7 @@ def machine_info(device: str) -> dict:
         "python": platform.python_version(),
         # Shared machines: the load when the run started says how much the numbers can be trusted.
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "environment": timing_environment(),
     }
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
@@ -80,7 +92,8 @@ def machine_line(info: dict) -> str:
     return (f"**Machine:** {where}CPU {info['cpu']}, {info['cores']} cores, {info['threads']} torch "
             f"thread{'s' if info['threads'] != 1 else ''}; "
             f"torch {info['torch']}, rnntl_fast {info['rnntl_fast']}; torch.nn backend {info['torch_backend']}; "
-            f"device {info['device']}; load average {info['load_average']} at start")
+            f"device {info['device']}; load average {info['load_average']} at start"
+            + "".join(f"; {name}={value}" for name, value in info.get("environment", {}).items()))
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
