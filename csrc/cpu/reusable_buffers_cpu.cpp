@@ -127,12 +127,13 @@ class ReusableBufferAllocator final : public c10::Allocator {
     if (context == nullptr) return;
     ReusableBufferAllocator& self = get();
     Block* block = static_cast<Block*>(context);
-    const c10::Device device(c10::DeviceType::CPU);
     std::vector<Block*> freed;
-    size_t live, reserved;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
-      live = self.live_bytes_ -= block->bytes;
+      self.live_bytes_ -= block->bytes;
+      // Told before the block is idle: once it is, another thread may take it and report it.
+      c10::reportMemoryUsageToProfiler(block->data, -static_cast<int64_t>(block->bytes), self.live_bytes_,
+                                       self.live_bytes_ + self.idle_bytes_, c10::Device(c10::DeviceType::CPU));
       const size_t limit = static_cast<size_t>(idle_limit_bytes());
       if (block->capacity > limit) {
         freed.push_back(block);
@@ -147,9 +148,7 @@ class ReusableBufferAllocator final : public c10::Allocator {
         self.idle_.push_back(block);
         self.idle_bytes_ += block->capacity;
       }
-      reserved = self.live_bytes_ + self.idle_bytes_;
     }
-    c10::reportMemoryUsageToProfiler(block->data, -static_cast<int64_t>(block->bytes), live, reserved, device);
     free_blocks(freed);
   }
 
