@@ -19,7 +19,6 @@
 
 #include <cerrno>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -59,13 +58,10 @@ class ReusableBufferAllocator final : public c10::Allocator {
     const c10::Device device(c10::DeviceType::CPU);
     if (bytes == 0) return {nullptr, nullptr, &release, device};
     Block* block = take(bytes);
-    size_t live, reserved;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      live = live_bytes_ += bytes;
-      reserved = live_bytes_ + idle_bytes_;
+      account(*block, static_cast<int64_t>(bytes));
     }
-    c10::reportMemoryUsageToProfiler(block->data, static_cast<int64_t>(bytes), live, reserved, device);
     return {block->data, block, &release, device};
   }
 
@@ -130,10 +126,8 @@ class ReusableBufferAllocator final : public c10::Allocator {
     std::vector<Block*> freed;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
-      self.live_bytes_ -= block->bytes;
-      // Told before the block is idle: once it is, another thread may take it and report it.
-      c10::reportMemoryUsageToProfiler(block->data, -static_cast<int64_t>(block->bytes), self.live_bytes_,
-                                       self.live_bytes_ + self.idle_bytes_, c10::Device(c10::DeviceType::CPU));
+      // Before the block is idle: once it is, another thread may take it and report it.
+      self.account(*block, -static_cast<int64_t>(block->bytes));
       const size_t limit = static_cast<size_t>(idle_limit_bytes());
       if (block->capacity > limit) {
         freed.push_back(block);
@@ -150,6 +144,14 @@ class ReusableBufferAllocator final : public c10::Allocator {
       }
     }
     free_blocks(freed);
+  }
+
+  // With mutex_ held: the bytes of live tensors change by `delta` (a storage made or freed
+  // on `block`), and torch's profiler is told, as torch's own CPU allocator tells it.
+  void account(const Block& block, int64_t delta) {
+    live_bytes_ = static_cast<size_t>(static_cast<int64_t>(live_bytes_) + delta);
+    c10::reportMemoryUsageToProfiler(block.data, delta, live_bytes_, live_bytes_ + idle_bytes_,
+                                     c10::Device(c10::DeviceType::CPU));
   }
 
   static int64_t free_blocks(const std::vector<Block*>& blocks) {

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from .. import _ext
 from . import layer_norm_native, native
 from .backend import BACKENDS, check_backend_runs, select_backend
 from .checks import (check_gru_arguments, check_layer_norm, check_lstm_arguments, check_recurrent_mask,
@@ -258,13 +259,11 @@ def empty_cpu_cache() -> int:
     not fault in fresh pages (docs/cpu.md, "Memory"). Idle blocks are bounded by
     RNNTL_CPU_BUFFER_CACHE_MB (docs/ENVIRONMENT.md); this frees them now, as
     torch.cuda.empty_cache does for CUDA memory. 0 without the native extension."""
-    from .. import _ext
     return int(_ext._C.empty_cpu_cache()) if _ext.HAS_CPU_KERNELS else 0
 
 
 def cpu_cache_bytes() -> int:
     """Bytes the CPU kernels hold in idle blocks for reuse now (see empty_cpu_cache)."""
-    from .. import _ext
     return int(_ext._C.cpu_cache_bytes()) if _ext.HAS_CPU_KERNELS else 0
 
 
