@@ -151,6 +151,29 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // Whether the float32 products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
 inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
+// pack_panels over torch's threads, a range of panels each (the packing otherwise runs on
+// one core while the others wait for the products it feeds). weight: [N, K] with strides
+// (stride_n, stride_k); packed: packed_panels_size(N, K) floats. Inside a parallel region
+// it runs on the calling thread.
+inline void pack_panels_parallel(const float* weight, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k,
+                                 float* packed) {
+  const int64_t panel_floats = std::max<int64_t>(1, K * kPanelWidth);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(16) << 10) / panel_floats);  // >= 64 KB of panels a task
+  at::parallel_for(0, panel_count(N), grain, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kPanelWidth;
+    pack_panels(weight + first * stride_n, std::min(N - first, (end - begin) * kPanelWidth), K, stride_n, stride_k,
+                packed + begin * panel_floats);
+  });
+}
+
+// pack_panels_parallel of a [N, K] tensor (any strides) into a new buffer.
+inline at::Tensor packed_weight_panels(const at::Tensor& weight) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor panels = reusable_empty({packed_panels_size(N, K)}, weight.options());
+  pack_panels_parallel(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels.data_ptr<float>());
+  return panels;
+}
+
 // x [M, K] @ weight [N, K]^T (+ bias [N]), computed a block of rows at a time into a
 // caller's buffer. The sequence kernels project each few steps' input rows just before
 // those steps run, into a buffer that stays in L2, instead of the whole [T*B, G] product up
@@ -168,9 +191,7 @@ class RowProjection {
       : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias), profile_name_(profile_name) {
     own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
     if (own_kernel_) {
-      const int64_t N = weight.size(0), K = weight.size(1);
-      panels_ = reusable_empty({packed_panels_size(N, K)}, weight.options());
-      pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
+      panels_ = packed_weight_panels(weight);
       if (bias.has_value()) bias_ = bias->contiguous();
     }
   }
@@ -276,11 +297,7 @@ inline at::Tensor transposed_product_own_kernel(const at::Tensor& a_in, const at
     const int64_t depth = std::min(span, K - k0);
     const float* b_rows = b.data_ptr<float>() + k0 * stride_k;
     const float* a_rows = a.data_ptr<float>() + k0 * lda;
-    at::parallel_for(0, panel_count(N), 1, [&](int64_t begin, int64_t end) {
-      const int64_t first = begin * kPanelWidth;
-      pack_panels(b_rows + first * stride_n, std::min(N - first, (end - begin) * kPanelWidth), depth, stride_n,
-                  stride_k, packed + begin * depth * kPanelWidth);
-    });
+    pack_panels_parallel(b_rows, N, depth, stride_n, stride_k, packed);
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> block(static_cast<size_t>(std::min(block_rows, end - begin) * depth));
       for (int64_t first = begin; first < end; first += block_rows) {
@@ -393,8 +410,7 @@ class StepWeight {
     const int64_t N = weight.size(0), K = weight.size(1);
     if (weight.scalar_type() == at::kFloat && own_kernel_enabled() && own_step_kernel_suits(batch, N, K)) {
       // B = weight^T as column panels, read through the weight's strides (it may be a transposed view).
-      panels_ = reusable_empty({packed_panels_size(N, K)}, weight.options());
-      pack_panels(weight.data_ptr<float>(), N, K, weight.stride(0), weight.stride(1), panels_.data_ptr<float>());
+      panels_ = packed_weight_panels(weight);
     } else if (!mkl_packed_preferred(weight) && use_onednn(weight) && big_enough_for_onednn(batch, N, K)) {
       torch::jit::Stack stack;
       stack.emplace_back(weight.contiguous());

@@ -146,6 +146,16 @@ void pack_panels(const float* weight, int64_t N, int64_t K, int64_t stride_n, in
       }
       continue;
     }
+    if (stride_n == 1 && cols == kPanelWidth) {
+      // A transposed view of a row-major matrix (the input gradient's W_ih): a panel's
+      // columns of one depth step are contiguous.
+      for (int64_t k = 0; k < K; ++k) {
+        const float* src = weight + first + k * stride_k;
+        float* dst = panel + k * kPanelWidth;
+        for (int64_t c = 0; c < kPanelWidth; ++c) dst[c] = src[c];
+      }
+      continue;
+    }
     for (int64_t k = 0; k < K; ++k) {
       float* dst = panel + k * kPanelWidth;
       const float* src = weight + first * stride_n + k * stride_k;
