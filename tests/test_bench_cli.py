@@ -21,7 +21,7 @@ ROW_FIELDS = {"cell", "mode", "T", "B", "I", "H", "layers", "bidirectional", "pr
               "device", "regularizer", "group", "label", "provider", "description", "status", "note", "time_ms",
               "samples_ms", "calls_per_sample", "speedup_vs_torch", "speedup_vs_hooks", "speedup_vs_cells",
               "cost_vs_without", "flops", "gflops", "gemm_gflops",
-              "gemm_fraction", "peak_memory_mb"}
+              "gemm_fraction", "peak_memory_mb", "page_faults_per_step"}
 MACHINE_FIELDS = {"cpu", "cores", "threads", "torch", "rnntl_fast", "device", "torch_backend", "environment"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -72,6 +72,7 @@ def test_tiny_grid_writes_table_json_and_png(tmp_path, capsys):
         assert len(row["samples_ms"]) >= 2 and row["time_ms"] > 0 and row["flops"] > 0
         assert row["speedup_vs_torch"] > 0 and row["gemm_gflops"] > 0
         assert row["peak_memory_mb"] is None or row["peak_memory_mb"] >= 0
+        assert row["page_faults_per_step"] is None or row["page_faults_per_step"] >= 0
     torch_rows = [row for row in rows if row["provider"] == "torch"]
     assert torch_rows and all(row["speedup_vs_torch"] == pytest.approx(1.0) for row in torch_rows)
     assert any(row["provider"] == "torch-hooks" and row["mode"] == "clip" for row in rows)
@@ -221,3 +222,25 @@ def test_ratio_helpers():
     assert timing.paired_ratio([2.0, 4.0, 6.0], [1.0, 1.0, 2.0]) == 3.0
     assert report.geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
     assert math.isnan(report.geometric_mean([]))
+
+
+@pytest.mark.skipif(timing.minor_page_faults() is None, reason="this OS does not count page faults")
+def test_interleaved_counts_the_page_faults_of_each_provider():
+    """A step that touches every page of a fresh 8 MiB mapping faults at least once per page;
+    one that touches nothing new hardly at all; each provider is charged its own."""
+    import mmap
+    page = mmap.PAGESIZE
+    size = (8 << 20) // page * page
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, size) as fresh:
+            for offset in range(0, size, page):
+                fresh[offset] = 1
+
+    faults = {}
+    steps = {"fresh": touch_fresh_pages, "nothing": lambda: None}
+    samples = timing.interleaved(steps, {"fresh": 1e-3, "nothing": 1e-6}, torch.device("cpu"), repeats=3,
+                                 sample_seconds=1e-3, provider_budget=1.0, faults=faults)
+    assert all(len(samples[name]) == 3 for name in steps)
+    assert min(faults["fresh"]) >= size // page
+    assert max(faults["nothing"]) < 50

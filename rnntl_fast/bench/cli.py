@@ -51,6 +51,8 @@ JSON (--json FILE), schema "rnntl_fast.bench/1":
         flops: FLOPs per step (as above); gflops: flops / median time;
         gemm_gflops: the same-run GEMM throughput; gemm_fraction: gflops / gemm_gflops;
         peak_memory_mb: MiB (training modes, else null);
+        page_faults_per_step: minor page faults of the process per step, median over the rounds
+            (null where the OS does not count them);
         speedup_vs_cells: regularizer rows, same against the cell loop with the regularizer, else
         null; cost_vs_without: regularizer rows, median per-round this/without-the-regularizer;
     summary: list of {group, cell, mode, regularizer, provider, rows, geomean_speedup_vs_torch

@@ -41,7 +41,8 @@ TABLE_COLUMNS = textwrap.fill(
     "= this time / the time without the regularizer; GFLOP/s = the recurrent layers' FLOPs per step / time; "
     "% of GEMM = that rate over a "
     "same-size torch.mm timed in the same rounds; peak MB = memory torch allocates during one step "
-    "(training modes only, else -).", 100)
+    "(training modes only, else -); faults/step = minor page faults of the process per step, median over "
+    "rounds (fresh pages touched: about 1 us each, part of the time; docs/benchmarks.md).", 100)
 SUMMARY_COLUMNS = textwrap.fill("Columns: group = the kind of rows summarised (plain, stack = 2-layer bidirectional, packed, "
                    "proj = proj_size, frozen, clip, ops = the op grid, regularizers, rnn = the Elman RNN, tiny = "
                    "the smoke-test grid, custom = size flags); rows = how many "
@@ -105,8 +106,8 @@ def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
 def markdown_table(rows: List[dict]) -> str:
     """One line per (case, provider). Speedup = torch.nn time / this time, median of the
     per-round ratios; > 1 means faster than torch.nn."""
-    lines = ["| case | mode | provider | time (ms) | speedup vs torch.nn | GFLOP/s | % of GEMM | peak MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | mode | provider | time (ms) | speedup vs torch.nn | GFLOP/s | % of GEMM | peak MB | faults/step |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for row in rows:
         if row["status"] != "ok":
@@ -121,7 +122,7 @@ def markdown_table(rows: List[dict]) -> str:
             speedup += f" ({', '.join(extra)})" if extra else ""
         lines.append(f"| {row['label']} | {row['mode']} | {row['description']} | {row['time_ms']:.3f} | {speedup} | "
                      f"{_fmt(row['gflops'], '.1f')} | {_fmt(row['gemm_fraction'], '.0%')} | "
-                     f"{_fmt(row['peak_memory_mb'], '.1f')} |")
+                     f"{_fmt(row['peak_memory_mb'], '.1f')} | {_fmt(row.get('page_faults_per_step'), '.0f')} |")
     if notes:
         lines += ["", "Not measured:"] + notes
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def _base_row(case: Case, provider: str) -> dict:
     row.update(label=case.label, provider=provider, description=provider_description(provider, case.device),
                status="ok", note="", time_ms=None, samples_ms=[], calls_per_sample=None, speedup_vs_torch=None,
                speedup_vs_hooks=None, speedup_vs_cells=None, cost_vs_without=None, flops=None, gflops=None, gemm_gflops=None, gemm_fraction=None,
-               peak_memory_mb=None)
+               peak_memory_mb=None, page_faults_per_step=None)
     return row
 
 
@@ -76,8 +76,9 @@ def run_case(case: Case, providers: List[str], settings: dict, measure_memory: b
         timed[GEMM] = gemm
     except UNSUPPORTED:  # e.g. a dtype without a matmul kernel on this device
         pass
+    faults = {}
     samples = timing.interleaved(timed, estimates, device, settings["repeats"], settings["sample_ms"] / 1000,
-                                 provider_budget=30.0)
+                                 provider_budget=30.0, faults=faults)
     gemm_gflops = gemm_flops / timing.median(samples[GEMM]) / 1e9 if GEMM in samples else None
     flops = workload.flops()
     for name, step in runnable.items():
@@ -87,6 +88,8 @@ def run_case(case: Case, providers: List[str], settings: dict, measure_memory: b
                    calls_per_sample=max(1, int(settings["sample_ms"] / 1000 / max(estimates[name], 1e-9))),
                    flops=flops, gflops=flops / seconds / 1e9, gemm_gflops=gemm_gflops)
         row["gemm_fraction"] = row["gflops"] / gemm_gflops if gemm_gflops else None
+        if name in faults:
+            row["page_faults_per_step"] = timing.median(faults[name])
         if TORCH in samples:
             row["speedup_vs_torch"] = timing.paired_ratio(samples[TORCH], samples[name])
         if HOOKS in samples:

@@ -18,6 +18,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -34,6 +39,16 @@ def _time_calls(step: Callable[[], None], calls: int, device: torch.device) -> f
     return (time.perf_counter() - start) / calls
 
 
+def minor_page_faults() -> Optional[int]:
+    """Minor page faults of this process so far, all threads (None where the OS does not say).
+    A fault is the kernel mapping a fresh page on first touch, ~1 us each on the machines of
+    docs/benchmarks.md: where a step allocates memory that glibc has just given back to the
+    OS, its time includes thousands of them."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def warm_up(step: Callable[[], None], device: torch.device, seconds: float) -> float:
     """Runs `step` at least twice and for about `seconds`; returns the last call's time."""
     start = time.perf_counter()
@@ -46,8 +61,10 @@ def warm_up(step: Callable[[], None], device: torch.device, seconds: float) -> f
 
 
 def interleaved(steps: Dict[str, Callable[[], None]], estimates: Dict[str, float], device: torch.device,
-                repeats: int, sample_seconds: float, provider_budget: float) -> Dict[str, List[float]]:
-    """Per provider, `repeats` samples of seconds per call, taken round-robin.
+                repeats: int, sample_seconds: float, provider_budget: float,
+                faults: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """Per provider, `repeats` samples of seconds per call, taken round-robin; `faults`, when
+    given, receives per provider the minor page faults per call of each sample.
 
     A sample repeats the step until it lasts about `sample_seconds` (short steps are
     below the timer's resolution and the noise otherwise). A provider whose samples would
@@ -67,7 +84,10 @@ def interleaved(steps: Dict[str, Callable[[], None]], estimates: Dict[str, float
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 if round_index < rounds[name]:
+                    faults_before = minor_page_faults()
                     samples[name].append(_time_calls(steps[name], calls[name], device))
+                    if faults is not None and faults_before is not None:
+                        faults.setdefault(name, []).append((minor_page_faults() - faults_before) / calls[name])
     finally:
         if gc_was_enabled:
             gc.enable()
