@@ -67,19 +67,36 @@ at::Tensor summed_bias(const c10::optional<at::Tensor>& bias_ih, const c10::opti
 
 // The gradients that are column sums over every valid row: the biases' (sums of dL/dy) and
 // the gains' (sums of dL/dy times the normalised values). Each row adds its terms in its
-// backward step, while they are in cache, into float64 sums of its slot; a [N, W] buffer of
-// dL/dy read back afterwards cost 4.4 ms of a 50 ms LSTM training step at (100, 32, 256,
-// 256). A slot's sums run over its steps in order and total() adds the slots in slot order,
-// so the result depends on neither the step loop nor the thread count.
+// backward step, while they are in cache, into sums of its slot in the op's dtype
+// (`partial`), which go into the slot's float64 sums every kPartialSumSteps steps and at the
+// row's last step (flush_partial_sums): a [N, W] buffer of dL/dy read back afterwards cost
+// 4.4 ms of a 50 ms LSTM training step at (100, 32, 256, 256), and float64 sums updated by
+// every row took a quarter of the layer-normalised LSTM's backward rows at (200, 16, 128,
+// 128) (their conversions, and 14H float64 values read and written per row). A float32
+// partial sums at most 8 terms, so the sums stay as accurate as float64 ones to float32
+// precision. A slot's sums run over its steps in order, flushed at steps fixed by the time
+// index, and total() adds the slots in slot order, so the result depends on neither the
+// step loop nor the thread count.
+constexpr int64_t kPartialSumSteps = 8;
+
 class ColumnSums {
  public:
   // width: the columns of all sums together; wanted: false leaves it empty (no gradient asked).
-  ColumnSums(int64_t batch, int64_t width, bool wanted) {
-    if (wanted) sums_ = reusable_zeros({batch, width}, at::kDouble);
+  ColumnSums(int64_t batch, int64_t width, bool wanted, const at::TensorOptions& options) {
+    if (wanted) {
+      sums_ = reusable_zeros({batch, width}, at::kDouble);
+      partial_ = reusable_zeros({batch, width}, options);
+    }
   }
-  // The [width] sums of slot j, or nullptr when empty.
+  // The [width] float64 sums of slot j, or nullptr when empty.
   double* slot(int64_t j) const { return sums_.defined() ? sums_.data_ptr<double>() + j * sums_.size(1) : nullptr; }
-  // Columns [offset, offset + size) summed over the slots, as a [size] tensor of `options`.
+  // The [width] partial sums of slot j, or nullptr when empty.
+  template <typename T>
+  T* partial_slot(int64_t j) const {
+    return partial_.defined() ? partial_.data_ptr<T>() + j * partial_.size(1) : nullptr;
+  }
+  // Columns [offset, offset + size) summed over the slots, as a [size] tensor of `options`
+  // (every partial sum flushed: each row flushes at its last step).
   at::Tensor total(int64_t offset, int64_t size, const at::TensorOptions& options) const {
     at::Tensor out = reusable_zeros({size}, at::kDouble);
     double* __restrict__ o = out.data_ptr<double>();
@@ -91,20 +108,33 @@ class ColumnSums {
   }
 
  private:
-  at::Tensor sums_;  // [B, width] float64, slot-major
+  at::Tensor sums_;     // [B, width] float64, slot-major
+  at::Tensor partial_;  // [B, width] the op's dtype, slot-major
 };
 
-// sums[k] += a[k] (* b[k]), k < n, in float64.
+// sums[k] += a[k] (* b[k]), k < n.
 template <typename T>
-RNNTL_ROW_INLINE void add_to_sums(double* __restrict__ sums, const T* __restrict__ a, int64_t n) {
+RNNTL_ROW_INLINE void add_to_sums(T* __restrict__ sums, const T* __restrict__ a, int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) sums[k] += double(a[k]);
+  for (int64_t k = 0; k < n; ++k) sums[k] += a[k];
 }
 template <typename T>
-RNNTL_ROW_INLINE void add_products_to_sums(double* __restrict__ sums, const T* __restrict__ a,
-                                           const T* __restrict__ b, int64_t n) {
+RNNTL_ROW_INLINE void add_products_to_sums(T* __restrict__ sums, const T* __restrict__ a, const T* __restrict__ b,
+                                           int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) sums[k] += double(a[k]) * double(b[k]);
+  for (int64_t k = 0; k < n; ++k) sums[k] += a[k] * b[k];
+}
+// A row's partial sums into its slot's float64 sums, at time step t of the backward (last:
+// the row's last step there, its first in time order), every kPartialSumSteps steps.
+template <typename T>
+RNNTL_ROW_INLINE void flush_partial_sums(T* __restrict__ partial, double* __restrict__ sums, int64_t n, int64_t t,
+                                         bool last) {
+  if (!last && t % kPartialSumSteps != 0) return;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    sums[k] += double(partial[k]);
+    partial[k] = T(0);
+  }
 }
 
 // h_{t-1} of slot j at step t (a valid step): the initial state on the row's first step,
@@ -282,7 +312,8 @@ struct LnLstmBackwardStep {
   T* unprojected_all;           // [N, H] compact m, for dW_hr, or nullptr
   T* cell_scratch;              // [B, 3H] slot-major: tanh(y) | work row | dL/dm (no projection)
   T* grad_preactivation;        // [B, 4H] slot-major dL/da of the step
-  double* gradient_sums;        // ColumnSums [B, 14H] (LstmSum), or nullptr
+  T* gradient_sums;             // ColumnSums' partial sums [B, 14H] (LstmSum), or nullptr
+  double* gradient_totals;      // ColumnSums' float64 sums [B, 14H]
   T* grad_input_product;        // [N, 4H] compact dL/d(W_ih x), or nullptr
   T* grad_recurrent_product;    // dL/d(W_hh (m * h)) of slot j at + row * 4H
   bool recurrent_product_all;   // grad_recurrent_product holds compact rows (for dW_hh), else slots
@@ -352,7 +383,7 @@ RNNTL_ROW_INLINE void ln_lstm_backward_row(const LnLstmBackwardStep<T>& s, int64
     work[k] = dy;
     if (m_saved) m_saved[k] = o * tc;
   }
-  double* const sums = s.gradient_sums ? s.gradient_sums + j * kLstmSumsWidth * H : nullptr;
+  T* const sums = s.gradient_sums ? s.gradient_sums + j * kLstmSumsWidth * H : nullptr;
   if (sums) {  // dL/dy of the cell's affine: its gain's and bias's terms
     add_products_to_sums(sums + kSumCellGain * H, work, cells + H, H);
     add_to_sums(sums + kSumCellBias * H, work, H);
@@ -378,6 +409,7 @@ RNNTL_ROW_INLINE void ln_lstm_backward_row(const LnLstmBackwardStep<T>& s, int64
     add_to_sums(sums + kSumBias * H, da, G);
     add_products_to_sums(sums + kSumGainIh * H, da, xn, G);
     add_products_to_sums(sums + kSumGainHh * H, da, hn, G);
+    flush_partial_sums(sums, s.gradient_totals + j * kLstmSumsWidth * H, kLstmSumsWidth * H, s.t, first);
   }
   if (s.grad_input_product) layer_norm_row_backward(da, s.gain_ih, xn, stats[0], s.grad_input_product + compact * G, G);
   T* grad_recurrent = s.grad_recurrent_product + (s.recurrent_product_all ? compact : j) * G;
@@ -613,7 +645,8 @@ class LnLstmBackward {
         options_(input.options()), sequence_(lengths64, steps_, batch_),
         column_sums_(batch_, kLstmSumsWidth * hidden_,
                      output_mask[kBias] || output_mask[kGainIh] || output_mask[kGainHh] || output_mask[kCellGain] ||
-                         output_mask[kCellBias]),
+                         output_mask[kCellBias],
+                     options_),
         recurrent_weight_(weight_hh.t()),  // dL/d(m * h_{t-1}) = dL/d(W_hh (m * h)) @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel() + (project_ ? weight_hr->numel() : 0),
                         FewRowsLoop::products)),
@@ -710,7 +743,8 @@ class LnLstmBackward {
     s.unprojected_all = data_or_null<T>(unprojected_all_);
     s.cell_scratch = cell_scratch_.data_ptr<T>();
     s.grad_preactivation = grad_preactivation_.data_ptr<T>();
-    s.gradient_sums = column_sums_.slot(0);
+    s.gradient_sums = column_sums_.partial_slot<T>(0);
+    s.gradient_totals = column_sums_.slot(0);
     s.grad_input_product = data_or_null<T>(grad_input_product_);
     s.grad_recurrent_product = grad_recurrent_product_.data_ptr<T>();
     s.recurrent_product_all = mask_[kWeightHh];
@@ -906,7 +940,8 @@ struct LnGruBackwardStep {
   T* grad_hidden_carry;         // [B, H] slot-major dL/dh_t in; out: the paths to h_{t-1} that skip W_hh
   T* grad_input_gates;          // [B, 3H] slot-major dL/dgx of the step
   T* grad_hidden_gates;         // [B, 3H] slot-major dL/dgh of the step
-  double* gradient_sums;        // ColumnSums [B, 12H] (GruSum), or nullptr
+  T* gradient_sums;             // ColumnSums' partial sums [B, 12H] (GruSum), or nullptr
+  double* gradient_totals;      // ColumnSums' float64 sums [B, 12H]
   T* grad_input_product;        // [N, 3H] compact dL/d(W_ih x), or nullptr
   T* grad_recurrent_product;    // dL/d(W_hh (m * h)) of slot j at + row * 3H
   bool recurrent_product_all;   // compact rows (for dW_hh), else slots
@@ -947,11 +982,13 @@ RNNTL_ROW_INLINE void ln_gru_backward_row(const LnGruBackwardStep<T>& s, int64_t
     carry[k] = e.grad_hidden_prev + g.direct;
   }
   if (s.gradient_sums) {
-    double* const sums = s.gradient_sums + j * kGruSumsWidth * G;
+    T* const sums = s.gradient_sums + j * kGruSumsWidth * G;
     add_to_sums(sums + kSumBiasIh * G, dgx, G);
     add_to_sums(sums + kSumBiasHh * G, dgh, G);
     add_products_to_sums(sums + kSumGruGainIh * G, dgx, xn, G);
     add_products_to_sums(sums + kSumGruGainHh * G, dgh, hn, G);
+    flush_partial_sums(sums, s.gradient_totals + j * kGruSumsWidth * G, kGruSumsWidth * G, s.t,
+                       sequence.is_first_step(sequence.order[j], s.t, s.reverse));
   }
   if (s.grad_input_product)
     layer_norm_row_backward(dgx, s.gain_ih, xn, stats[0], s.grad_input_product + compact * G, G);
@@ -1126,7 +1163,8 @@ class LnGruBackward {
         gate_clip_(gate_clip), mask_(output_mask), options_(input.options()), sequence_(lengths64, steps_, batch_),
         column_sums_(batch_, kGruSumsWidth * 3 * hidden_,
                      output_mask[kGruBiasIh] || output_mask[kGruBiasHh] || output_mask[kGruGainIh] ||
-                         output_mask[kGruGainHh]),
+                         output_mask[kGruGainHh],
+                     options_),
         recurrent_weight_(weight_hh.t()),  // dL/dh_{t-1} = dL/d(W_hh h) @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
@@ -1200,7 +1238,8 @@ class LnGruBackward {
     s.grad_hidden_carry = grad_hidden_carry_.data_ptr<T>();
     s.grad_input_gates = grad_input_gates_.data_ptr<T>();
     s.grad_hidden_gates = grad_hidden_gates_.data_ptr<T>();
-    s.gradient_sums = column_sums_.slot(0);
+    s.gradient_sums = column_sums_.partial_slot<T>(0);
+    s.gradient_totals = column_sums_.slot(0);
     s.grad_input_product = data_or_null<T>(grad_input_product_);
     s.grad_recurrent_product = grad_recurrent_product_.data_ptr<T>();
     s.recurrent_product_all = mask_[kGruWeightHh];
