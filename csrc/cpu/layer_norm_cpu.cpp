@@ -73,7 +73,7 @@ at::Tensor summed_bias(const c10::optional<at::Tensor>& bias_ih, const c10::opti
 // 4.4 ms of a 50 ms LSTM training step at (100, 32, 256, 256), and float64 sums updated by
 // every row took a quarter of the layer-normalised LSTM's backward rows at (200, 16, 128,
 // 128) (their conversions, and 14H float64 values read and written per row). A float32
-// partial sums at most 8 terms, so the sums stay as accurate as float64 ones to float32
+// partial sum adds at most 8 terms, so the totals stay as accurate as float64 sums to float32
 // precision. A slot's sums run over its steps in order, flushed at steps fixed by the time
 // index, and total() adds the slots in slot order, so the result depends on neither the
 // step loop nor the thread count.
