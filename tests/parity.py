@@ -13,6 +13,18 @@ from rnntl_fast import ops
 from tolerances import assert_within_error_rule
 
 
+def _lengths_id(lengths: tuple) -> str:
+    """3_7_1_5; past 8 rows runs of one length as 3x40 (3x40_2x20_0x4), to keep ids readable."""
+    if len(lengths) <= 8:
+        return "_".join(map(str, lengths))
+    runs = [[lengths[0], 0]]
+    for value in lengths:
+        if value != runs[-1][0]:
+            runs.append([value, 0])
+        runs[-1][1] += 1
+    return "_".join(f"{value}x{count}" if count > 1 else str(value) for value, count in runs)
+
+
 @dataclass(frozen=True)
 class Case:
     cell: str = "lstm"              # "lstm" or "gru"
@@ -39,7 +51,7 @@ class Case:
         if self.reverse:
             parts.append("rev")
         if self.lengths:
-            parts.append("len" + "_".join(map(str, self.lengths)))
+            parts.append("len" + _lengths_id(self.lengths))
         if not self.initial_state:
             parts.append("nostate")
         if not self.bias:
