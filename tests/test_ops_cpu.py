@@ -75,7 +75,7 @@ def _cases():
         Case("lstm", proj=3, frozen=("weight_hr",)),
         Case("lstm", proj=3, frozen=("weight_ih", "weight_hh", "bias_ih", "bias_hh")),
         Case("lstm", T=5, B=7, I=8, H=40, proj=17, lengths=(5, 4, 4, 3, 2, 1, 5)),
-        Case("lstm", T=3, B=64, I=16, H=520, proj=300),  # W_hh^T and W_hr^T packed in place by MKL (Intel)
+        Case("lstm", T=3, B=64, I=16, H=520, proj=300),  # W_hh^T [300, 2080] packed in place by MKL (Intel)
     ]
     return cases
 
