@@ -281,6 +281,7 @@ class GruForward {
           masked_rows(recurrent_mask_.data_ptr<T>() + slot_begin * H, product_input, masked, n, H, 0, H);
           product_input = masked;
         }
+        if (projected) sequence_.prefetch_step_rows(s.input_gates, G, step + 1, reverse_, slot_begin, slot_end);
         s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch_.data_ptr<T>() + slot_begin * G,
                                                  product_holder);  // [n, 3H]
         parallel_rows(n, G, [&](int64_t j) { gru_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_); });

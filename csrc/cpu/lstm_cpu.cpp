@@ -488,6 +488,7 @@ class LstmForward {
           masked_rows(recurrent_mask_.data_ptr<T>() + slot_begin * P, product_input, masked, n, P, 0, P);
           product_input = masked;
         }
+        if (projected) sequence_.prefetch_step_rows(input_gates, G, step + 1, reverse_, slot_begin, slot_end);
         s.recurrent_gates = recurrent_->multiply(product_input, n, recurrent_scratch, product_holder);
         parallel_rows(n, G, [&](int64_t j) {
           lstm_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, save_, project_);

@@ -253,6 +253,7 @@ class RnnForward {
         s.input_first_row = blocks.first();
       }
       if (n > 0) {
+        if (projected) sequence_.prefetch_step_rows(s.input_gates, hidden_, step + 1, reverse_, slot_begin, slot_end);
         s.recurrent = recurrent_.multiply(operand, n, scratch, product_holder);  // [n, H]
         parallel_rows(n, hidden_,
                       [&](int64_t j) { rnn_forward_rows_entry(s, slot_begin + j, slot_begin + j + 1, relu_); });

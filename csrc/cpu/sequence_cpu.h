@@ -119,6 +119,15 @@ struct SequenceOrder {
   }
   // Step processed just before t for a valid row (only meaningful when !is_first_step).
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
+  // Prefetches (prefetch_block) the compact rows of slots [slot_begin, slot_end) at processing
+  // step `step` of a whole-sequence buffer `rows` [N, width]; nothing past the last step.
+  // The row split's forward workers call it for the next step's input gates, which the
+  // projection of every row up front left in L3 or memory (the first load of each row was
+  // the pointwise pass's hottest instruction: LSTM inference (1000, 16, 128, 128) at 2
+  // threads 23.6 -> 20.9 ms with it).
+  template <typename T>
+  void prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
+                          int64_t slot_end) const;
   // Zero in the padded output [T, B, width] the columns [column_begin, column_end) of the rows
   // past their length at step t (as pad_packed_sequence gives).
   // Slots [slot_begin, slot_end) only, where given (a row-split worker's).
@@ -479,12 +488,30 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
 // was the hottest instruction). Issued during the previous step's product, the loads overlap it.
 // kForWrite: the step will write the block (fresh rows of a gradient buffer): the lines are
 // asked for in a writable state.
+// On x86 the prefetch is an asm statement: GCC models __builtin_prefetch as free of side
+// effects, so a function left holding only prefetches (this one, or a caller's lambda, when
+// not inlined) was marked const and every call to it deleted; the row split's prefetches
+// compiled to nothing that way (GCC 12, -O3), only the unit split's inlined ones ran.
 template <bool kForWrite = false, typename T>
 inline void prefetch_block(const T* data, int64_t count) {
   if (data == nullptr || count <= 0) return;
   const char* begin = reinterpret_cast<const char*>(data);
   const char* end = reinterpret_cast<const char*>(data + count);
-  for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p, kForWrite ? 1 : 0, 2);
+  for (const char* p = begin; p < end; p += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht1 %0" : : "m"(*p));  // to L2; without -mprfchw GCC emits this for writes too
+#else
+    __builtin_prefetch(p, kForWrite ? 1 : 0, 2);
+#endif
+  }
+}
+
+template <typename T>
+void SequenceOrder::prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
+                                       int64_t slot_end) const {
+  if (step >= host.steps) return;
+  const int64_t t = time_of(step, reverse), n = std::min(active[t], slot_end) - slot_begin;
+  if (n > 0) prefetch_block(rows + (first_row[t] + slot_begin) * width, n * width);
 }
 
 inline void check_input_cpu(const at::Tensor& input) {
