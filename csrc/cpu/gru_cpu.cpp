@@ -471,18 +471,10 @@ class GruBackward {
     const auto slots_at = [&](int64_t t) { return std::min(sequence_.active[t], slot_end) - slot_begin; };
     // The blocks the pointwise pass of processing step `step` reads (see prefetch_block).
     const auto prefetch_step = [&](int64_t step) {
-      if (step < 0) return;
-      const int64_t t = sequence_.time_of(step, reverse_), n = slots_at(t);
-      if (n <= 0) return;
-      const int64_t first = sequence_.first_row[t] + slot_begin;
-      prefetch_block(s.gates + first * G, n * G);
-      prefetch_block(s.hidden_n + first * H, n * H);
-      for (int64_t j = slot_begin; j < slot_begin + n; ++j) {
-        const int64_t row = t * batch_ + sequence_.order[j];
-        prefetch_block(s.grad_output + row * H, H);
-        const int64_t previous_row = row + (SequenceOrder::previous_step(t, reverse_) - t) * batch_;
-        if (step > 0) prefetch_block(s.output + previous_row * H, H);
-      }
+      sequence_.prefetch_step_rows(s.gates, G, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_rows(s.hidden_n, H, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_padded_rows(s.grad_output, H, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_padded_rows(s.output, H, step - 1, reverse_, slot_begin, slot_end);  // h_{t-1}
     };
     prefetch_step(steps_ - 1);
 

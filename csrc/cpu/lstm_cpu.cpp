@@ -720,7 +720,7 @@ class LstmBackward {
   // split (its passes run on its thread).
   template <typename T>
   void run_slots(int64_t slot_begin, int64_t slot_end) {
-    const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
+    const int64_t H = hidden_, P = out_size_, G = 4 * hidden_;
     const T state_limit = static_cast<T>(state_clip_);
     LstmBackwardStep<T> s = backward_step<T>();
     T* const grad_gates_data = grad_gates_all_.data_ptr<T>();
@@ -736,18 +736,10 @@ class LstmBackward {
     const auto slots_at = [&](int64_t t) { return std::min(sequence_.active[t], slot_end) - slot_begin; };
     // The blocks the pointwise passes of processing step `step` read (see prefetch_block).
     const auto prefetch_step = [&](int64_t step) {
-      if (step < 0) return;
-      const int64_t t = sequence_.time_of(step, reverse_), n = slots_at(t);
-      if (n <= 0) return;
-      const int64_t first = sequence_.first_row[t] + slot_begin;
-      prefetch_block(s.gates + first * G, n * G);
-      prefetch_block(s.cells + first * H, n * H);
-      for (int64_t j = slot_begin; j < slot_begin + n; ++j) prefetch_block(go + (t * B + sequence_.order[j]) * P, P);
-      if (step > 0) {
-        const int64_t previous = SequenceOrder::previous_step(t, reverse_), previous_n = slots_at(previous);
-        prefetch_block(s.cells + (sequence_.first_row[previous] + slot_begin) * H,
-                       std::max<int64_t>(previous_n, 0) * H);
-      }
+      sequence_.prefetch_step_rows(s.gates, G, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_rows(s.cells, H, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_padded_rows(go, P, step, reverse_, slot_begin, slot_end);
+      sequence_.prefetch_step_rows(s.cells, H, step - 1, reverse_, slot_begin, slot_end);  // c_{t-1}
     };
     prefetch_step(steps_ - 1);
 

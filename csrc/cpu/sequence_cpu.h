@@ -120,14 +120,18 @@ struct SequenceOrder {
   // Step processed just before t for a valid row (only meaningful when !is_first_step).
   static int64_t previous_step(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
   // Prefetches (prefetch_block) the compact rows of slots [slot_begin, slot_end) at processing
-  // step `step` of a whole-sequence buffer `rows` [N, width]; nothing past the last step.
-  // The row split's forward workers call it for the next step's input gates, which the
-  // projection of every row up front left in L3 or memory (the first load of each row was
-  // the pointwise pass's hottest instruction: LSTM inference (1000, 16, 128, 128) at 2
-  // threads 23.6 -> 20.9 ms with it).
+  // step `step` of a whole-sequence buffer `rows` [N, width]; nothing for a step outside
+  // [0, T). The row split's forward workers call it for the next step's input gates, which
+  // the projection of every row up front left in L3 or memory (the first load of each row
+  // was the pointwise pass's hottest instruction), and the backward for the saved rows of
+  // the step after the current one (docs/cpu.md, "Multi-core engine").
   template <typename T>
   void prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
                           int64_t slot_end) const;
+  // As prefetch_step_rows for a padded buffer [T, B, width] (the output gradient).
+  template <typename T>
+  void prefetch_step_padded_rows(const T* padded, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
+                                 int64_t slot_end) const;
   // Zero in the padded output [T, B, width] the columns [column_begin, column_end) of the rows
   // past their length at step t (as pad_packed_sequence gives).
   // Slots [slot_begin, slot_end) only, where given (a row-split worker's).
@@ -509,9 +513,17 @@ inline void prefetch_block(const T* data, int64_t count) {
 template <typename T>
 void SequenceOrder::prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
                                        int64_t slot_end) const {
-  if (step >= host.steps) return;
+  if (step < 0 || step >= host.steps) return;
   const int64_t t = time_of(step, reverse), n = std::min(active[t], slot_end) - slot_begin;
   if (n > 0) prefetch_block(rows + (first_row[t] + slot_begin) * width, n * width);
+}
+
+template <typename T>
+void SequenceOrder::prefetch_step_padded_rows(const T* padded, int64_t width, int64_t step, bool reverse,
+                                              int64_t slot_begin, int64_t slot_end) const {
+  if (step < 0 || step >= host.steps) return;
+  const int64_t t = time_of(step, reverse), end = std::min(active[t], slot_end);
+  for (int64_t j = slot_begin; j < end; ++j) prefetch_block(padded + (t * host.batch + order[j]) * width, width);
 }
 
 inline void check_input_cpu(const at::Tensor& input) {
