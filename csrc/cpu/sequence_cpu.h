@@ -513,7 +513,7 @@ inline void prefetch_block(const T* data, int64_t count) {
 template <typename T>
 void SequenceOrder::prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
                                        int64_t slot_end) const {
-  if (step < 0 || step >= host.steps) return;
+  if (rows == nullptr || step < 0 || step >= host.steps) return;
   const int64_t t = time_of(step, reverse), n = std::min(active[t], slot_end) - slot_begin;
   if (n > 0) prefetch_block(rows + (first_row[t] + slot_begin) * width, n * width);
 }
@@ -521,7 +521,7 @@ void SequenceOrder::prefetch_step_rows(const T* rows, int64_t width, int64_t ste
 template <typename T>
 void SequenceOrder::prefetch_step_padded_rows(const T* padded, int64_t width, int64_t step, bool reverse,
                                               int64_t slot_begin, int64_t slot_end) const {
-  if (step < 0 || step >= host.steps) return;
+  if (padded == nullptr || step < 0 || step >= host.steps) return;
   const int64_t t = time_of(step, reverse), end = std::min(active[t], slot_end);
   for (int64_t j = slot_begin; j < end; ++j) prefetch_block(padded + (t * host.batch + order[j]) * width, width);
 }
