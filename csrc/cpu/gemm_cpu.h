@@ -352,38 +352,59 @@ inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
   return result;
 }
 
-// The right-hand operands of dL/d(weights): dW_ih = grad_gates^T @ x and dW_hh = grad_gates^T
-// @ h_prev, one product each. x is read in place; h_prev [rows, P] is written by the
-// backward's steps. An operand whose weight needs no gradient is left out. (One product over
-// [x | h_prev] read grad_gates once but had to copy x into the joint operand and the result's
-// two column blocks out of it: 0.7 + 0.2 ms of an Elman RNN (50, 64, 512, 512) training step.)
-// (Bias gradients are column sums of grad_gates, taken with at::sum, whose cascade summation
-// is what torch.nn's are taken with.)
+// The right-hand operand of dL/d(weights) = grad_gates^T @ [x | h_prev]: the gradients of
+// weight_ih and weight_hh come out of one product (one pass over grad_gates). Blocks whose
+// gradient is not needed are left out. (Bias gradients are column sums of grad_gates,
+// taken with at::sum, whose cascade summation is what torch.nn's are taken with.) Two
+// products instead, x read in place and no copies, ran BLAS 15-24% slower at the ops
+// grid's small sizes (LSTM (200, 16, 128, 128) 225 -> 192 GFLOP/s, (100, 8, 64, 64) 161 ->
+// 123, 2 threads), more than the copies cost; docs/cpu.md "Backward, per sequence".
 class WeightGradientOperand {
  public:
   // input: [rows, I] or undefined; hidden_width: P, or 0 when weight_hh needs no gradient.
   WeightGradientOperand(int64_t rows, const at::Tensor& input, int64_t hidden_width,
                         const at::TensorOptions& options) {
-    if (input.defined()) input_ = input.is_contiguous() ? input : input.contiguous();
-    if (hidden_width > 0) hidden_ = reusable_empty({rows, hidden_width}, options);
+    int64_t width = 0;
+    if (input.defined()) {
+      input_offset_ = width;
+      width += input.size(1);
+    }
+    if (hidden_width > 0) {
+      hidden_offset_ = width;
+      width += hidden_width;
+    }
+    width_ = width;
+    if (input.defined() && hidden_width == 0 && input.is_contiguous()) {
+      matrix_ = input;  // x alone (the GRU's input side, or W_hh frozen): read in place, never written
+      return;
+    }
+    matrix_ = reusable_empty({rows, width}, options);
+    if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
   }
-  // Row stride of hidden_columns().
-  int64_t width() const { return hidden_.defined() ? hidden_.size(1) : 0; }
+  int64_t width() const { return width_; }
   // Where the caller writes h_{t-1} of row r: hidden_columns() + r * width().
   template <typename T>
   T* hidden_columns() const {
-    return hidden_.defined() ? hidden_.data_ptr<T>() : nullptr;
+    return hidden_offset_ < 0 ? nullptr : matrix_.data_ptr<T>() + hidden_offset_;
   }
-  // grad_gates [rows, G] -> dW_ih [G, I] and dW_hh [G, P] (those wanted).
+  // grad_gates [rows, G] -> the product [G, width], then its blocks.
   void multiply(const at::Tensor& grad_gates) {
-    if (input_.defined()) input_product_ = transposed_product(grad_gates, input_);
-    if (hidden_.defined()) hidden_product_ = transposed_product(grad_gates, hidden_);
+    if (width_ > 0) product_ = transposed_product(grad_gates, matrix_);
   }
-  at::Tensor input_block() const { return input_product_; }
-  at::Tensor hidden_block() const { return hidden_product_; }
+  at::Tensor input_block(int64_t size) const { return block(input_offset_, size); }
+  at::Tensor hidden_block(int64_t size) const { return block(hidden_offset_, size); }
 
  private:
-  at::Tensor input_, hidden_, input_product_, hidden_product_;
+  // A block of the product's columns as a contiguous tensor, in a reused buffer (a fresh one
+  // faulted in its pages: 2.1 ms for the two [2048, 512] blocks of LSTM (50, 64, 512, 512)).
+  at::Tensor block(int64_t offset, int64_t size) const {
+    if (offset < 0) return at::Tensor();
+    const at::Tensor columns = product_.narrow(1, offset, size);
+    if (columns.is_contiguous()) return columns;
+    return reusable_empty(columns.sizes(), columns.options()).copy_(columns);
+  }
+  at::Tensor matrix_, product_;
+  int64_t input_offset_ = -1, hidden_offset_ = -1, width_ = 0;
 };
 
 

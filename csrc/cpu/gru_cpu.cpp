@@ -581,10 +581,10 @@ class GruBackward {
     at::Tensor grad_input =
         mask_[0] ? sequence_.padded_from_compact(linear_rows(grad_input_gates, weight_ih_.t())) : none();
     input_operand_->multiply(grad_input_gates);
-    at::Tensor grad_weight_ih = mask_[1] ? input_operand_->input_block() : none();
+    at::Tensor grad_weight_ih = mask_[1] ? input_operand_->input_block(input_size_) : none();
     at::Tensor grad_bias_ih = mask_[3] ? grad_input_gates.sum(0) : none();
     if (keep_hidden_gates()) hidden_operand_->multiply(grad_hidden_gates_all_);
-    at::Tensor grad_weight_hh = mask_[2] ? hidden_operand_->hidden_block() : none();
+    at::Tensor grad_weight_hh = mask_[2] ? hidden_operand_->hidden_block(hidden_) : none();
     at::Tensor grad_bias_hh = mask_[4] ? grad_hidden_gates_all_.sum(0) : none();
     at::Tensor grad_h0 = mask_[5] ? sequence_.batch_major(grad_hidden_carry_) : none();
     return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0};

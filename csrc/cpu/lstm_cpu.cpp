@@ -645,7 +645,7 @@ class LstmBackward {
       grad_pre_clip_all_ = reusable_empty({N, P}, options_);
       hidden_unprojected_all_ = reusable_empty({N, H}, options_);
     }
-    // dW_ih = grad_gates^T @ x and dW_hh = grad_gates^T @ h_prev, over the valid rows.
+    // dW_ih and dW_hh come out of one product grad_gates^T @ [x | h_prev], over the valid rows.
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? P : 0,
                             options_);
     zeros_ = reusable_zeros({std::max(H, P)}, options_);
@@ -928,8 +928,8 @@ class LstmBackward {
     at::Tensor grad_input =
         mask_[0] ? sequence_.padded_from_compact(linear_rows(grad_gates, weight_ih_.t())) : none();
     weight_operand_->multiply(grad_gates);
-    at::Tensor grad_weight_ih = mask_[1] ? weight_operand_->input_block() : none();
-    at::Tensor grad_weight_hh = mask_[2] ? weight_operand_->hidden_block() : none();
+    at::Tensor grad_weight_ih = mask_[1] ? weight_operand_->input_block(input_size_) : none();
+    at::Tensor grad_weight_hh = mask_[2] ? weight_operand_->hidden_block(out_size_) : none();
     at::Tensor grad_bias = mask_[3] ? grad_gates.sum(0) : none();
     at::Tensor grad_weight_hr =
         want_weight_hr() ? transposed_product(grad_pre_clip_all_, hidden_unprojected_all_) : none();

@@ -312,7 +312,7 @@ class RnnBackward {
     // dL/da of every step where a whole-sequence product reads it, else one step's rows.
     grad_preactivation_all_ = reusable_empty({keep_preactivation_gradients() ? N : batch_, H}, options_);
     if (recurrent_mask_.defined()) recurrent_scratch_ = reusable_empty({batch_, H}, options_);
-    // dL/dW_ih = (dL/da)^T @ x, dL/dW_hh = (dL/da)^T @ (m * h_{t-1}) (m * h_{t-1} written by the steps).
+    // dL/d[W_ih | W_hh] = (dL/da)^T @ [x | m * h_{t-1}] (m * h_{t-1} written by the steps).
     weight_operand_.emplace(N, mask_[1] ? sequence_.compact_from_padded(input) : at::Tensor(), mask_[2] ? H : 0,
                             options_);
     zeros_ = reusable_zeros({H}, options_);
@@ -404,8 +404,8 @@ class RnnBackward {
     const at::Tensor& grad_a = grad_preactivation_all_;  // [N, H] when kept
     at::Tensor grad_input = mask_[0] ? sequence_.padded_from_compact(linear_rows(grad_a, weight_ih_.t())) : none();
     weight_operand_->multiply(grad_a);
-    at::Tensor grad_weight_ih = mask_[1] ? weight_operand_->input_block() : none();
-    at::Tensor grad_weight_hh = mask_[2] ? weight_operand_->hidden_block() : none();
+    at::Tensor grad_weight_ih = mask_[1] ? weight_operand_->input_block(input_size_) : none();
+    at::Tensor grad_weight_hh = mask_[2] ? weight_operand_->hidden_block(hidden_) : none();
     // Both biases receive dL/da; the second is a copy (outputs must not alias).
     at::Tensor grad_bias = mask_[3] || mask_[4] ? grad_a.sum(0) : at::Tensor();
     at::Tensor grad_bias_ih = mask_[3] ? grad_bias : none();
