@@ -124,7 +124,7 @@ struct SequenceOrder {
   // [0, T). The row split's forward workers call it for the next step's input gates, which
   // the projection of every row up front left in L3 or memory (the first load of each row
   // was the pointwise pass's hottest instruction), and the backward for the saved rows of
-  // the step after the current one (docs/cpu.md, "Multi-core engine").
+  // the step it processes next (docs/cpu.md, "Multi-core engine").
   template <typename T>
   void prefetch_step_rows(const T* rows, int64_t width, int64_t step, bool reverse, int64_t slot_begin,
                           int64_t slot_end) const;
@@ -491,7 +491,8 @@ inline void parallel_rows(int64_t rows, int64_t width, const F& f) {
 // forward pass, before its input gates were computed in blocks, the first load of each row
 // was the hottest instruction). Issued during the previous step's product, the loads overlap it.
 // kForWrite: the step will write the block (fresh rows of a gradient buffer): the lines are
-// asked for in a writable state.
+// asked for in a writable state where the target has such a prefetch (on x86 the same
+// prefetcht1: GCC emitted it for writes too, without -mprfchw).
 // On x86 the prefetch is an asm statement: GCC models __builtin_prefetch as free of side
 // effects, so a function left holding only prefetches (this one, or a caller's lambda, when
 // not inlined) was marked const and every call to it deleted; the row split's prefetches
@@ -503,7 +504,7 @@ inline void prefetch_block(const T* data, int64_t count) {
   const char* end = reinterpret_cast<const char*>(data + count);
   for (const char* p = begin; p < end; p += 64) {
 #if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht1 %0" : : "m"(*p));  // to L2; without -mprfchw GCC emits this for writes too
+    asm volatile("prefetcht1 %0" : : "m"(*p));  // into L2 (not L1); never faults
 #else
     __builtin_prefetch(p, kForWrite ? 1 : 0, 2);
 #endif
