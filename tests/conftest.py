@@ -5,6 +5,10 @@ backend runs on CPU tensors here (machines without a GPU). RNNTL_TEST_TRITON_COM
 leaves it unset, so tests/test_triton.py runs the compiled kernels on a GPU instead
 (`make gpu-check`); an explicit TRITON_INTERPRET is never overridden.
 
+RNNTL_CPU_PACKING: "always" unless already set, so that the CPU kernels pack their weights
+at the tests' small sizes too and the packed kernels and multi-core loops run there (by
+default short sequences skip packing; tests/test_short_sequences.py runs that default).
+
 RNNTL_HYPOTHESIS_PROFILE: the hypothesis settings of the property tests
 (tests/test_properties.py), "ci" (default) or "long"; see docs/ENVIRONMENT.md.
 """
@@ -12,6 +16,7 @@ import os
 
 if os.environ.get("RNNTL_TEST_TRITON_COMPILED", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("RNNTL_CPU_PACKING", "always")  # read by the CPU kernels at each op call
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -244,3 +244,16 @@ def test_interleaved_counts_the_page_faults_of_each_provider():
     assert all(len(samples[name]) == 3 for name in steps)
     assert min(faults["fresh"]) >= size // page
     assert max(faults["nothing"]) < 50
+
+
+def test_short_grid_times_one_step_of_every_cell(capsys):
+    """`--grid short`: one step at a time and short sequences, LSTM, GRU and the Elman RNN."""
+    cases = grids.named_grid("short", "cpu", ["float32"])
+    assert {case.cell for case in cases} == {"lstm", "gru", "rnn"}
+    assert {case.mode for case in cases} == {"inference", "training"}
+    assert {case.group for case in cases} == {"short"}
+    assert any(case.T == 1 and case.B == 1 for case in cases)
+    assert bench("--grid", "short", "--cell", "rnn", "--mode", "inference", "--backends", "cpu", "--no-memory",
+                 *FAST) == 0
+    out = capsys.readouterr().out
+    assert "RNN T=1 B=1 I=256 H=256" in out and "| short | rnn | inference | cpu | 6 |" in out

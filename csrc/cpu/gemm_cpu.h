@@ -151,6 +151,48 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, c
 // Whether the float32 products may use small_gemm_cpu.h's kernel (RNNTL_CPU_GEMM neither aten nor library).
 inline bool own_kernel_enabled() { return gemm_choice() == GemmChoice::automatic; }
 
+// Packing a weight (the own kernel's panels, MKL's or oneDNN's packed layouts, the
+// multi-core loops' per-worker slices) copies all of it once per op call: 0.36-1.5 ns a
+// float on the 2-core Xeon, as long as BLAS takes to multiply 30-100 rows by it. It pays
+// only where enough products read the packed copy afterwards; below, products read the
+// weight as it is (at::mm) and the sequence runs a step at a time. Without these rules a
+// call of one step (a token at a time) was mostly packing: GRU (T, B, H) = (1, 1, 1024)
+// inference took 5.4 ms against torch.nn's 0.75 ms. The thresholds are measured
+// (docs/cpu.md, "Short sequences"). RNNTL_CPU_PACKING (read at each op call,
+// docs/ENVIRONMENT.md): auto (these rules), always (pack at every size: the tests run so,
+// so that their short sequences exercise the packed kernels), never.
+enum class Packing { automatic, always, never };
+inline Packing packing_choice() {
+  const char* value = std::getenv("RNNTL_CPU_PACKING");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return Packing::automatic;
+  if (std::strcmp(value, "always") == 0) return Packing::always;
+  TORCH_CHECK(std::strcmp(value, "never") == 0,
+              "rnntl_fast: the environment variable RNNTL_CPU_PACKING must be auto, always or never (or unset), got '",
+              value, "'");
+  return Packing::never;
+}
+
+// A whole-sequence product x [rows, K] @ weight^T: from 256 rows on, packing costs at most
+// about a tenth of the product.
+constexpr int64_t kPackingMinRows = 256;
+inline bool packing_pays_for_rows(int64_t rows) {
+  const Packing choice = packing_choice();
+  return choice == Packing::always || (choice == Packing::automatic && rows >= kPackingMinRows);
+}
+
+// A per-step weight (W_hh, W_hr; `weight_bytes` in all) applied at each of `steps` steps to
+// at most `batch` rows. At a few rows a step the product streams the weight, and a packed
+// copy is faster only from each core's L2: a bigger one (per thread) is left as it is.
+constexpr int64_t kPackingMinSteps = 8, kPackingMinStepRows = 16, kPackingMinComputeBatch = 8;
+constexpr int64_t kPackingMaxStreamedBytesPerThread = int64_t(1) << 20;
+inline bool packing_pays_for_steps(int64_t steps, int64_t batch, int64_t weight_bytes) {
+  const Packing choice = packing_choice();
+  if (choice != Packing::automatic) return choice == Packing::always;
+  const bool cached = weight_bytes <= at::get_num_threads() * kPackingMaxStreamedBytesPerThread;
+  return steps >= kPackingMinSteps && steps * batch >= kPackingMinStepRows &&
+         (batch >= kPackingMinComputeBatch || cached);
+}
+
 // pack_panels over torch's threads, a range of panels each (the packing otherwise runs on
 // one core while the others wait for the products it feeds). weight: [N, K] with strides
 // (stride_n, stride_k); packed: packed_panels_size(N, K) floats. Inside a parallel region
@@ -189,7 +231,8 @@ class RowProjection {
   RowProjection(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                 const char* profile_name = "rnntl_fast::input_projection")
       : x_(x.stride(1) == 1 ? x : x.contiguous()), weight_(weight), bias_(bias), profile_name_(profile_name) {
-    own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled();
+    packing_ = packing_pays_for_rows(x.size(0));
+    own_kernel_ = x.scalar_type() == at::kFloat && own_kernel_enabled() && packing_;
     if (own_kernel_) {
       panels_ = packed_weight_panels(weight);
       if (bias.has_value()) bias_ = bias->contiguous();
@@ -234,14 +277,15 @@ class RowProjection {
 
  private:
   at::Tensor library_product(const at::Tensor& x) const {
-    if (use_onednn(x) && big_enough_for_onednn(x.size(0), weight_.size(0), x.size(1)))
+    // (oneDNN's matmul reorders the weight at each call: a packing too.)
+    if (packing_ && use_onednn(x) && big_enough_for_onednn(x.size(0), weight_.size(0), x.size(1)))
       return onednn_linear(x, weight_, bias_);
     return bias_.has_value() ? at::addmm(*bias_, x, weight_.t()) : at::mm(x, weight_.t());
   }
   at::Tensor x_, weight_, panels_;
   c10::optional<at::Tensor> bias_;
   const char* profile_name_;
-  bool own_kernel_ = false;
+  bool packing_ = false, own_kernel_ = false;
 };
 
 // Rows per block of a RowProjection that a sequence kernel consumes step by step: about
@@ -414,12 +458,14 @@ inline bool own_step_kernel_suits(int64_t batch, int64_t N, int64_t K) {
   return batch <= 32 || N * K * static_cast<int64_t>(sizeof(float)) <= (int64_t(1) << 20);
 }
 
-// A weight [N, K] applied at every step as x @ weight^T, x [M <= batch, K]: packed once
-// for the sequence by the kernel that suits the size.
+// A weight [N, K] applied at each of `steps` steps as x @ weight^T, x [M <= batch, K]:
+// packed once for the sequence by the kernel that suits the size, unless too few products
+// follow to pay for it (packing_pays_for_steps): then at::mm reads it as it is.
 class StepWeight {
  public:
-  StepWeight(const at::Tensor& weight, int64_t batch) : weight_(weight) {
+  StepWeight(const at::Tensor& weight, int64_t batch, int64_t steps) : weight_(weight) {
     const int64_t N = weight.size(0), K = weight.size(1);
+    if (!packing_pays_for_steps(steps, batch, weight.numel() * int64_t(weight.element_size()))) return;
     if (weight.scalar_type() == at::kFloat && own_kernel_enabled() && own_step_kernel_suits(batch, N, K)) {
       // B = weight^T as column panels, read through the weight's strides (it may be a transposed view).
       panels_ = packed_weight_panels(weight);

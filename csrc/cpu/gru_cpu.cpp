@@ -197,7 +197,7 @@ class GruForward {
         block_rows_(projection_block_rows(3 * hidden_, sizes.input_size, batch_)) {
     if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       input_projection_.emplace(input_compact_, weight_ih, bias_ih_);  // [N, 3H], in blocks
-      recurrent_.emplace(weight_hh, batch_);
+      recurrent_.emplace(weight_hh, batch_, sequence_.host.steps);
     }
     const auto options = input.options();
     const int64_t G = 3 * hidden_;
@@ -390,7 +390,7 @@ class GruBackward {
         sequence_(lengths64, steps_, batch_),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel())), weight_ih_(weight_ih), weight_hh_(weight_hh) {
     // dL/dh_{t-1} = z * dL/dh_t + dL/dgh @ W_hh (the multi-core loop packs its own W_hh)
-    if (loop_.kind != StepLoop::units) recurrent_back_.emplace(weight_hh.t(), batch_);
+    if (loop_.kind != StepLoop::units) recurrent_back_.emplace(weight_hh.t(), batch_, sequence_.host.steps);
     const int64_t N = sequence_.valid_rows, G = 3 * hidden_;
     grad_out_ = defined_or_zeros(grad_output, {steps_, batch_, hidden_}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {batch_, hidden_}, options_));

@@ -472,8 +472,8 @@ class LnLstmForward {
         zoneout_c_(contiguous_or_none(zoneout_c)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
-    if (project_) projection_.emplace(*weight_hr, B);
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    if (project_) projection_.emplace(*weight_hr, B, sequence_.host.steps);
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
@@ -653,8 +653,8 @@ class LnLstmBackward {
         weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_h_(contiguous_or_none(zoneout_h)), zoneout_c_(contiguous_or_none(zoneout_c)) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows, G = 4 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
-    if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dh~ @ W_hr
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    if (project_) projection_back_.emplace(weight_hr->t(), B, sequence_.host.steps);  // dL/dm = dL/dh~ @ W_hr
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
     grad_cell_carry_ = sequence_.slot_major(defined_or_zeros(grad_c_n, {B, H}, options_));
@@ -1028,7 +1028,7 @@ class LnGruForward {
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
@@ -1169,7 +1169,7 @@ class LnGruBackward {
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const int64_t B = batch_, H = hidden_, N = sequence_.valid_rows, G = 3 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B);  // (the team packs its own)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, H}, options_));
     grad_input_gates_ = reusable_empty({B, G}, options_);

@@ -359,8 +359,8 @@ class LstmForward {
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * hidden_;
     if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
       input_projection_.emplace(input_compact_, weight_ih, bias_);
-      recurrent_.emplace(weight_hh, B);
-      if (project_) projection_.emplace(*weight_hr, B);
+      recurrent_.emplace(weight_hh, B, sequence_.host.steps);
+      if (project_) projection_.emplace(*weight_hr, B, sequence_.host.steps);
     }
     hidden_state_ = h0.has_value() ? sequence_.slot_major(*h0) : reusable_zeros({B, P}, options);
     cell_state_ = c0.has_value() ? sequence_.slot_major(*c0) : reusable_zeros({B, H}, options);
@@ -630,8 +630,8 @@ class LstmBackward {
         weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
     if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
-      recurrent_back_.emplace(weight_hh.t(), B);                    // dL/dh_{t-1} = dL/da @ W_hh
-      if (project_) projection_back_.emplace(weight_hr->t(), B);  // dL/dm = dL/dr @ W_hr
+      recurrent_back_.emplace(weight_hh.t(), B, sequence_.host.steps);                    // dL/dh_{t-1} = dL/da @ W_hh
+      if (project_) projection_back_.emplace(weight_hr->t(), B, sequence_.host.steps);  // dL/dm = dL/dr @ W_hr
     }
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));

@@ -189,7 +189,7 @@ class RnnForward {
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), relu_(relu), reverse_(reverse),
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, contiguous_or_none(bias_ih)),
-        recurrent_(weight_hh, batch_), block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
+        recurrent_(weight_hh, batch_, sequence_.host.steps), block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::none)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
@@ -302,7 +302,7 @@ class RnnBackward {
       : steps_(sizes.steps), batch_(sizes.batch), input_size_(sizes.input_size), hidden_(sizes.hidden), relu_(relu),
         reverse_(reverse), state_clip_(state_clip), gate_clip_(gate_clip), mask_(output_mask),
         options_(input.options()), sequence_(lengths64, steps_, batch_),
-        recurrent_back_(weight_hh.t(), batch_),  // dL/d(m * h_{t-1}) = dL/da @ W_hh
+        recurrent_back_(weight_hh.t(), batch_, sequence_.host.steps),  // dL/d(m * h_{t-1}) = dL/da @ W_hh
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::none)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_(contiguous_or_none(zoneout)) {

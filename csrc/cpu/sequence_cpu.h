@@ -223,6 +223,8 @@ inline StepLoop step_loop(const at::Tensor& input, const at::Tensor& weight_hh, 
   const CpuEngine engine = cpu_engine();
   if (engine == CpuEngine::stepwise || at::get_num_threads() < 2 || at::in_parallel_region()) return loop;
   const int64_t batch = input.size(1), threads = at::get_num_threads();
+  // The other loops pack the per-step weights (whole, or a slice per worker).
+  if (!packing_pays_for_steps(input.size(0), batch, step_weight_floats * int64_t(input.element_size()))) return loop;
   const bool float32_own_kernel = input.scalar_type() == at::kFloat && own_kernel_enabled();
   // rows: a worker per thread, each with at least one slot (fewer slots than threads would
   // leave threads idle: the unit split uses them all); no barrier, so any thread backend serves.

@@ -5,6 +5,7 @@ report same-run speedups; `rnntl-fast bench` (also `python -m rnntl_fast bench`)
     rnntl-fast bench --grid ops              # the op grid, geometric means per cell/mode
     rnntl-fast bench --cell lstm --T 50,100 --B 16 --I 128 --H 128,256 --mode training
     rnntl-fast bench --grid regularizers     # each regularizer's cost and speedup vs the cell loop; Elman RNN rows
+    rnntl-fast bench --grid short            # one step at a time and short sequences (LSTM, GRU, Elman RNN)
     rnntl-fast bench --cell lstm --T 100 --B 32 --mode training --regularizer zoneout,layer_norm
     rnntl-fast bench --grid tiny --json out.json --plot out.png
 
@@ -121,7 +122,7 @@ def _boolean(text: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
-    parser.epilog = "Named grids: default, tiny, ops, regularizers. The JSON fields: docs/benchmarks.md."
+    parser.epilog = "Named grids: default, tiny, ops, regularizers, short. The JSON fields: docs/benchmarks.md."
     what = parser.add_argument_group("what to time (size flags take comma lists and form a grid)")
     what.add_argument("--grid", choices=sorted(grids.GRIDS), help="a named grid (default: 'default' unless "
                       "size flags are given); --cell and --mode filter it")

@@ -13,6 +13,10 @@ Named grids:
   10) at REGULARIZER_SIZES, LSTM and GRU, each timed with and without the regularizer and
   against the LSTMCell / GRUCell loop users write for it; plus the Elman RNN against
   torch.nn.RNN at OPS_SIZES.
+* ``short``: short sequences and one step at a time (a token at a time, as when sampling
+  from a language model) at SHORT_SIZES, LSTM, GRU and the Elman RNN, inference and
+  training: where packing the weights would cost more than the products that follow
+  (docs/cpu.md, "Short sequences").
 """
 import itertools
 from dataclasses import asdict, dataclass
@@ -29,6 +33,11 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 REGULARIZERS = {"recurrent_dropout": {"recurrent_dropout": 0.25}, "zoneout": {"zoneout": 0.1},
                 "weight_drop": {"weight_drop": 0.5}, "layer_norm": {"layer_norm": True}}
 REGULARIZER_SIZES = ((100, 32, 256, 256), (200, 16, 128, 128), (500, 1, 256, 256))
+
+# (T, B, I, H): one step at batch 1 and 16, a few steps, and 16 steps at batch 1, where the
+# automatic packing rules change their choice (gemm_cpu.h).
+SHORT_SIZES = ((1, 1, 256, 256), (1, 1, 1024, 1024), (1, 16, 256, 256), (4, 16, 1024, 1024), (16, 1, 256, 256),
+               (16, 1, 1024, 1024))
 
 # Issue 2's grid: (T, B, I, H).
 OPS_SIZES = ((100, 32, 256, 256), (200, 16, 128, 128), (100, 8, 64, 64), (500, 1, 256, 256), (50, 64, 512, 512))
@@ -49,7 +58,7 @@ class Case:
     regularizer: "" or a key of REGULARIZERS: the rnntl_fast module runs with it (torch.nn,
         which has none of them, runs without: the floor, as in clip mode).
     group: which summary the row belongs to ("ops", "stack", "packed", "proj", "frozen",
-        "clip", "plain", "regularizers", "rnn", "custom").
+        "clip", "plain", "regularizers", "rnn", "short", "custom").
     """
     cell: str
     mode: str
@@ -139,7 +148,14 @@ def regularizer_grid(device: str = "cpu", dtypes: Sequence[str] = ("float32",)) 
     return cases
 
 
-GRIDS = {"default": default_grid, "ops": ops_grid, "tiny": tiny_grid, "regularizers": regularizer_grid}
+def short_grid(device: str = "cpu", dtypes: Sequence[str] = ("float32",)) -> List[Case]:
+    return [Case(cell, mode, T, B, I, H, dtype=dtype, device=device, group="short")
+            for dtype in dtypes for cell in CELLS for mode in ("inference", "training")
+            for (T, B, I, H) in SHORT_SIZES]
+
+
+GRIDS = {"default": default_grid, "ops": ops_grid, "tiny": tiny_grid, "regularizers": regularizer_grid,
+         "short": short_grid}
 
 
 def named_grid(name: str, device: str, dtypes: Sequence[str]) -> List[Case]:

@@ -44,8 +44,8 @@ TABLE_COLUMNS = textwrap.fill(
     "(training modes only, else -); faults/step = minor page faults of the process per step, median over "
     "rounds (fresh pages touched: about 1 us each, part of the time; docs/benchmarks.md).", 100)
 SUMMARY_COLUMNS = textwrap.fill("Columns: group = the kind of rows summarised (plain, stack = 2-layer bidirectional, packed, "
-                   "proj = proj_size, frozen, clip, ops = the op grid, regularizers, rnn = the Elman RNN, tiny = "
-                   "the smoke-test grid, custom = size flags); rows = how many "
+                   "proj = proj_size, frozen, clip, ops = the op grid, regularizers, rnn = the Elman RNN, short = short "
+                   "sequences, tiny = the smoke-test grid, custom = size flags); rows = how many "
                    "cases; geomean speedup = geometric mean of those rows' speedups over torch.nn (and over "
                    "the per-step clamp-hook loop for clip rows, over the cell loop and the cost for regularizer "
                    "rows).", 100)
