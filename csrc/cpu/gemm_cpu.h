@@ -262,7 +262,13 @@ class RowProjection {
         return;
       }
     }
-    at::from_blob(out, {rows, N}, x_.options()).copy_(library_product(x_.narrow(0, first, rows)));
+    at::Tensor result = at::from_blob(out, {rows, N}, x_.options());
+    const at::Tensor block = x_.narrow(0, first, rows);
+    if (onednn_suits(block)) {
+      result.copy_(onednn_linear(block, weight_, bias_));
+    } else {  // BLAS writes the result in place
+      bias_.has_value() ? at::addmm_out(result, *bias_, block, weight_.t()) : at::mm_out(result, block, weight_.t());
+    }
   }
   // The whole product as a new [M, N] tensor.
   at::Tensor all() const {
@@ -276,10 +282,12 @@ class RowProjection {
   }
 
  private:
+  // oneDNN's matmul reorders the weight at each call: a packing too.
+  bool onednn_suits(const at::Tensor& x) const {
+    return packing_ && use_onednn(x) && big_enough_for_onednn(x.size(0), weight_.size(0), x.size(1));
+  }
   at::Tensor library_product(const at::Tensor& x) const {
-    // (oneDNN's matmul reorders the weight at each call: a packing too.)
-    if (packing_ && use_onednn(x) && big_enough_for_onednn(x.size(0), weight_.size(0), x.size(1)))
-      return onednn_linear(x, weight_, bias_);
+    if (onednn_suits(x)) return onednn_linear(x, weight_, bias_);
     return bias_.has_value() ? at::addmm(*bias_, x, weight_.t()) : at::mm(x, weight_.t());
   }
   at::Tensor x_, weight_, panels_;
@@ -402,12 +410,22 @@ inline at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
 // taken with at::sum, whose cascade summation is what torch.nn's are taken with.) Two
 // products instead, x read in place and no copies, ran BLAS 15-24% slower at the ops
 // grid's small sizes (LSTM (200, 16, 128, 128) 225 -> 192 GFLOP/s, (100, 8, 64, 64) 161 ->
-// 123, 2 threads), more than the copies cost; docs/cpu.md "Backward, per sequence".
+// 123, 2 threads), more than the copies cost; docs/cpu.md "Backward, per sequence". Below
+// packing_pays_for_rows's rows the products are small and the copies of the result's blocks
+// (the size of the weights, whatever the row count) are not: there it takes the two
+// products (Elman RNN, (T, B, H) = (1, 1, 1024): two 4 MB copies a training step).
 class WeightGradientOperand {
  public:
   // input: [rows, I] or undefined; hidden_width: P, or 0 when weight_hh needs no gradient.
   WeightGradientOperand(int64_t rows, const at::Tensor& input, int64_t hidden_width,
                         const at::TensorOptions& options) {
+    if (input.defined() && hidden_width > 0 && !packing_pays_for_rows(rows)) {
+      input_ = input;  // read in place by its own product
+      matrix_ = reusable_empty({rows, hidden_width}, options);
+      hidden_offset_ = 0;
+      width_ = hidden_width;
+      return;
+    }
     int64_t width = 0;
     if (input.defined()) {
       input_offset_ = width;
@@ -425,6 +443,7 @@ class WeightGradientOperand {
     matrix_ = reusable_empty({rows, width}, options);
     if (input.defined()) matrix_.narrow(1, input_offset_, input.size(1)).copy_(input);
   }
+  // The row stride of the operand's rows (those of h_{t-1} included).
   int64_t width() const { return width_; }
   // Where the caller writes h_{t-1} of row r: hidden_columns() + r * width().
   template <typename T>
@@ -433,9 +452,10 @@ class WeightGradientOperand {
   }
   // grad_gates [rows, G] -> the product [G, width], then its blocks.
   void multiply(const at::Tensor& grad_gates) {
+    if (input_.defined()) input_product_ = transposed_product(grad_gates, input_);
     if (width_ > 0) product_ = transposed_product(grad_gates, matrix_);
   }
-  at::Tensor input_block(int64_t size) const { return block(input_offset_, size); }
+  at::Tensor input_block(int64_t size) const { return input_.defined() ? input_product_ : block(input_offset_, size); }
   at::Tensor hidden_block(int64_t size) const { return block(hidden_offset_, size); }
 
  private:
@@ -448,6 +468,7 @@ class WeightGradientOperand {
     return reusable_empty(columns.sizes(), columns.options()).copy_(columns);
   }
   at::Tensor matrix_, product_;
+  at::Tensor input_, input_product_;  // x and its product, where x is not part of matrix_
   int64_t input_offset_ = -1, hidden_offset_ = -1, width_ = 0;
 };
 
