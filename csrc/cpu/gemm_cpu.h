@@ -3,8 +3,9 @@
 // Which code runs a float32 product depends on its size (the measurements behind each
 // choice: docs/cpu.md, "Matrix products"):
 //  * the library-free kernel of small_gemm_cpu.h: the whole-sequence products
-//    (RowProjection: input projection, dL/dx) always, the per-step ones (StepWeight) where
-//    the size suits it: the weight is packed once per sequence, so no call has setup cost;
+//    (RowProjection: input projection, dL/dx) from 256 rows on, the per-step ones
+//    (StepWeight) where the size suits it: the weight is packed once per sequence, so no
+//    call has setup cost;
 //  * big per-step products (>= 16 rows and >= 2 MFLOP): oneDNN's matmul (the op torch
 //    registers as mkldnn::_linear_pointwise; weights pre-packed once per sequence by
 //    mkldnn::_reorder_linear_weight), whose BLAS path at::mm does not take on every CPU;
@@ -13,7 +14,10 @@
 //    once, no dispatcher call on the path, where oneDNN's fixed per-call cost dominates;
 //  * the weight gradients (transposed_product): the own kernel on CPUs other than Intel's,
 //    BLAS (addmm_) on Intel's, in both cases K summed in chunks;
-//  * float64, and torch builds without those libraries: at::mm / at::addmm.
+//  * float64, and torch builds without those libraries: at::mm / at::addmm;
+//  * products too few to pay for packing their weight (short sequences, one step at a
+//    time: packing_pays_for_rows / packing_pays_for_steps): at::mm / at::addmm on the
+//    weight as it is.
 // RNNTL_CPU_GEMM=aten forces at::mm everywhere; RNNTL_CPU_GEMM=library keeps the libraries
 // on every product (docs/ENVIRONMENT.md).
 #pragma once
