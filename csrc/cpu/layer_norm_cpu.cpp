@@ -472,7 +472,8 @@ class LnLstmForward {
         zoneout_c_(contiguous_or_none(zoneout_c)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, P = out_size_, G = 4 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    // (the products loop's team packs its own slices)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);
     if (project_) projection_.emplace(*weight_hr, B, sequence_.host.steps);
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
@@ -609,7 +610,7 @@ class LnLstmForward {
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 4H] W_ih x (no bias), in blocks
   at::Tensor recurrent_weight_;          // [4H, P] the step product's weight: x @ W_hh^T
-  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
+  std::optional<StepWeight> recurrent_;  // none in the products loop (the team packs slices)
   c10::optional<StepWeight> projection_;
   int64_t block_rows_;
   StepLoop loop_;
@@ -653,7 +654,8 @@ class LnLstmBackward {
         weight_ih_(weight_ih), recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)),
         zoneout_h_(contiguous_or_none(zoneout_h)), zoneout_c_(contiguous_or_none(zoneout_c)) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows, G = 4 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    // (the products loop's team packs its own slices)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);
     if (project_) projection_back_.emplace(weight_hr->t(), B, sequence_.host.steps);  // dL/dm = dL/dh~ @ W_hr
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, P}, options_));
@@ -821,7 +823,7 @@ class LnLstmBackward {
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 14H] the bias and gain gradients' sums (LstmSum)
   at::Tensor recurrent_weight_;          // [P, 4H] the step product's weight: x @ W_hh
-  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
+  std::optional<StepWeight> recurrent_;  // none in the products loop (the team packs slices)
   StepLoop loop_;
   c10::optional<StepWeight> projection_back_;
   at::Tensor weight_ih_;
@@ -1028,7 +1030,8 @@ class LnGruForward {
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
     const int64_t B = batch_, H = hidden_, G = 3 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    // (the products loop's team packs its own slices)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);
     // One block of steps' input products, reused (every row's for the row split).
     input_block_ = reusable_empty({ProjectionBlocks::capacity(sequence_, block_rows_, loop_), G}, options);
     gain_ih_ = layer_norm_ih.contiguous();
@@ -1136,7 +1139,7 @@ class LnGruForward {
   SequenceOrder sequence_;
   RowProjection input_projection_;  // [N, 3H] W_ih x (no bias), in blocks
   at::Tensor recurrent_weight_;          // [3H, H] the step product's weight: x @ W_hh^T
-  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
+  std::optional<StepWeight> recurrent_;  // none in the products loop (the team packs slices)
   int64_t block_rows_;
   StepLoop loop_;
   at::Tensor recurrent_mask_;
@@ -1169,7 +1172,8 @@ class LnGruBackward {
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::products)), weight_ih_(weight_ih),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const int64_t B = batch_, H = hidden_, N = sequence_.valid_rows, G = 3 * H;
-    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);  // (the team packs its own)
+    // (the products loop's team packs its own slices)
+    if (loop_.kind != StepLoop::products) recurrent_.emplace(recurrent_weight_, B, sequence_.host.steps);
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, H}, options_);
     grad_hidden_carry_ = sequence_.slot_major(defined_or_zeros(grad_h_n, {B, H}, options_));
     grad_input_gates_ = reusable_empty({B, G}, options_);
@@ -1296,7 +1300,7 @@ class LnGruBackward {
   SequenceOrder sequence_;
   ColumnSums column_sums_;             // [B, 12H] the bias and gain gradients' sums (GruSum)
   at::Tensor recurrent_weight_;          // [H, 3H] the step product's weight: x @ W_hh
-  std::optional<StepWeight> recurrent_;  // it packed; none in the products loop (the team packs slices)
+  std::optional<StepWeight> recurrent_;  // none in the products loop (the team packs slices)
   StepLoop loop_;
   at::Tensor weight_ih_;
   at::Tensor recurrent_mask_;

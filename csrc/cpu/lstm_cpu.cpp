@@ -630,7 +630,7 @@ class LstmBackward {
         weight_ih_(weight_ih), weight_hh_(weight_hh), weight_hr_(weight_hr.has_value() ? *weight_hr : at::Tensor()) {
     const int64_t B = batch_, H = hidden_, P = out_size_, N = sequence_.valid_rows;
     if (loop_.kind != StepLoop::units) {  // the products of the other loops (the units loop packs its own)
-      recurrent_back_.emplace(weight_hh.t(), B, sequence_.host.steps);                    // dL/dh_{t-1} = dL/da @ W_hh
+      recurrent_back_.emplace(weight_hh.t(), B, sequence_.host.steps);                  // dL/dh_{t-1} = dL/da @ W_hh
       if (project_) projection_back_.emplace(weight_hr->t(), B, sequence_.host.steps);  // dL/dm = dL/dr @ W_hr
     }
     grad_out_ = defined_or_zeros(grad_output, {steps_, B, P}, options_);

@@ -189,7 +189,8 @@ class RnnForward {
       : steps_(sizes.steps), batch_(sizes.batch), hidden_(sizes.hidden), relu_(relu), reverse_(reverse),
         sequence_(lengths64, steps_, batch_),
         input_projection_(sequence_.compact_from_padded(input), weight_ih, contiguous_or_none(bias_ih)),
-        recurrent_(weight_hh, batch_, sequence_.host.steps), block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
+        recurrent_(weight_hh, batch_, sequence_.host.steps),
+        block_rows_(projection_block_rows(hidden_, sizes.input_size, batch_)),
         loop_(step_loop(input, weight_hh, hidden_, weight_hh.numel(), FewRowsLoop::none)),
         recurrent_mask_(slot_major_or_undefined(sequence_, recurrent_mask)), zoneout_(contiguous_or_none(zoneout)) {
     const auto options = input.options();
